@@ -33,7 +33,7 @@ Scope and choices:
   are the caller's.
 * Bit 12 of the qualification (NMI unblocking due to IRET) depends on the
   instruction being executed and is the caller's to OR in
-  (:data:`INTR_INFO_UNBLOCK_NMI`).
+  (``controls.INTR_INFO_UNBLOCK_NMI``).
 * ``read_mem(pa, n) -> bytes`` and ``write_mem(pa, data)`` are host-physical
   accessors such as :meth:`PhysMem.read` and :meth:`PhysMem.write`; an
   entry outside RAM raises whatever they raise
@@ -50,30 +50,15 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 from devirt_emu.platform.memory import PhysMem
+from devirt_emu.vmx.controls import (
+    MEMTYPE_WB, VMX_EPT_1GB_PAGE_BIT, VMX_EPT_2MB_PAGE_BIT,
+    VMX_EPT_ACCESS_BIT, VMX_EPT_AD_BIT, VMX_EPT_ADVANCED_EXIT_INFO_BIT, VMX_EPT_DIRTY_BIT,
+    VMX_EPT_EXECUTE_ONLY_BIT, VMX_EPT_IPAT_BIT, VMX_EPT_LARGE_PAGE_BIT, VMX_EPT_MT_EPTE_SHIFT,
+    VMX_EPT_RWX_MASK, VMX_EPTP_AD_ENABLE_BIT, VMX_EPTP_MT_WB, VMX_EPTP_PWL_4, VMX_EPTP_PWL_MASK)
 
-# --- EPTP (SDM "Format of Extended-Page-Table Pointer"; names as Linux vmx.h) ---
-VMX_EPTP_MT_MASK = 0x7          # bits 2:0: paging-structure memory type
-VMX_EPTP_MT_UC = 0x0
-VMX_EPTP_MT_WB = 0x6
-VMX_EPTP_PWL_MASK = 0x38        # bits 5:3: page-walk length minus 1
-VMX_EPTP_PWL_4 = 0x18
-VMX_EPTP_PWL_5 = 0x20
-VMX_EPTP_AD_ENABLE_BIT = 1 << 6  # bit 6: accessed and dirty flags enabled
-
-# --- EPT paging-structure entries (SDM "Format of an EPT ... Entry") ---
-VMX_EPT_READABLE_MASK = 0x1
-VMX_EPT_WRITABLE_MASK = 0x2
-VMX_EPT_EXECUTABLE_MASK = 0x4
-VMX_EPT_RWX_MASK = 0x7
-VMX_EPT_MT_EPTE_SHIFT = 3       # bits 5:3 of a leaf: EPT memory type
-VMX_EPT_IPAT_BIT = 1 << 6       # bit 6 of a leaf: ignore PAT
-VMX_EPT_PAGE_SIZE_BIT = 1 << 7  # bit 7 of a PDPTE/PDE: maps a page
-VMX_EPT_ACCESS_BIT = 1 << 8
-VMX_EPT_DIRTY_BIT = 1 << 9
-
-# EPT memory types (SDM "Memory types", also used by IA32_PAT).
-MT_UC, MT_WC, MT_WT, MT_WP, MT_WB = 0, 1, 4, 5, 6
-#: Memory-type values reserved in a leaf EPT entry (a misconfiguration).
+# EPT memory types (SDM "Memory Types and Their Properties"; UC and WB come
+# from controls.py: MEMTYPE_UC, MEMTYPE_WB).  Values 2, 3 and 7 are reserved in a leaf EPT entry.
+MEMTYPE_WC, MEMTYPE_WT, MEMTYPE_WP = 1, 4, 5
 RESERVED_EPT_MEMORY_TYPES = frozenset({2, 3, 7})
 
 # --- Exit qualification for EPT violations (SDM table of the same name) ---
@@ -91,18 +76,7 @@ EPT_VIOLATION_GVA_TRANSLATED = 1 << 8
 EPT_VIOLATION_GVA_USER = 1 << 9
 EPT_VIOLATION_GVA_WRITABLE = 1 << 10
 EPT_VIOLATION_GVA_EXECUTABLE = 1 << 11
-#: Bit 12: NMI unblocking due to IRET (the caller's to set).
-INTR_INFO_UNBLOCK_NMI = 1 << 12
-
-# --- IA32_VMX_EPT_VPID_CAP bits used here (SDM appendix "VPID and EPT
-#     Capabilities"; names as Linux vmx.h) ---
-VMX_EPT_EXECUTE_ONLY_BIT = 1 << 0
-VMX_EPT_PAGE_WALK_4_BIT = 1 << 6
-VMX_EPT_2MB_PAGE_BIT = 1 << 16
-VMX_EPT_1GB_PAGE_BIT = 1 << 17
-VMX_EPT_AD_BIT = 1 << 21
-#: Bit 22: advanced VM-exit information for EPT violations (no Linux name).
-VMX_EPT_ADVANCED_EXIT_INFO_BIT = 1 << 22
+# Bit 12 (NMI unblocking due to IRET) is INTR_INFO_UNBLOCK_NMI, the caller's to set.
 
 PAGE_4K = 1 << 12
 PAGE_2M = 1 << 21
@@ -265,8 +239,8 @@ def reserved_bits(level: int, leaf: bool, caps: EptCaps = DEFAULT_EPT_CAPS) -> i
     if not leaf:
         return mask | _bits(6, 3)
     if level == 3:
-        return mask | _bits(29, 12) | (0 if caps.pages_1g else VMX_EPT_PAGE_SIZE_BIT)
-    return mask | _bits(20, 12) | (0 if caps.pages_2m else VMX_EPT_PAGE_SIZE_BIT)
+        return mask | _bits(29, 12) | (0 if caps.pages_1g else VMX_EPT_LARGE_PAGE_BIT)
+    return mask | _bits(20, 12) | (0 if caps.pages_2m else VMX_EPT_LARGE_PAGE_BIT)
 
 
 def misconfiguration(entry: int, level: int, caps: EptCaps = DEFAULT_EPT_CAPS) -> Optional[str]:
@@ -282,7 +256,7 @@ def misconfiguration(entry: int, level: int, caps: EptCaps = DEFAULT_EPT_CAPS) -
         return f"{name} bits 2:0 = {rwx:03b}b: write without read is a misconfiguration"
     if rwx == 0b100 and not caps.execute_only:
         return f"{name} bits 2:0 = 100b: execute-only is not supported (IA32_VMX_EPT_VPID_CAP bit 0)"
-    leaf = level == 1 or (level in (2, 3) and bool(entry & VMX_EPT_PAGE_SIZE_BIT))
+    leaf = level == 1 or (level in (2, 3) and bool(entry & VMX_EPT_LARGE_PAGE_BIT))
     bad = entry & reserved_bits(level, leaf, caps)
     if bad:
         return f"{name} has reserved bits set: {bad:#x}"
@@ -348,7 +322,7 @@ def ept_walk(read_mem: Callable[[int, int], bytes],
         problem = misconfiguration(entry, level, caps)
         if problem is not None:
             return EptMisconfig(gpa, problem, tuple(path))
-        if level == 1 or entry & VMX_EPT_PAGE_SIZE_BIT:
+        if level == 1 or entry & VMX_EPT_LARGE_PAGE_BIT:
             break
         table = entry & caps.address_mask
         level -= 1
@@ -441,7 +415,7 @@ class EptBuilder:
         return pa
 
     def map(self, gpa: int, hpa: int, size: int, *, rights: int = VMX_EPT_RWX_MASK,
-            page_size: int = PAGE_4K, memory_type: int = MT_WB, ignore_pat: bool = False) -> None:
+            page_size: int = PAGE_4K, memory_type: int = MEMTYPE_WB, ignore_pat: bool = False) -> None:
         """Map ``[gpa, gpa + size)`` to ``[hpa, hpa + size)`` with leaves of
         ``page_size`` (4 KiB, 2 MiB or 1 GiB) carrying ``rights`` (bits 2:0)
         and ``memory_type``.  Existing leaves of the same size are replaced.
@@ -458,11 +432,11 @@ class EptBuilder:
         leaf_level = {PAGE_4K: 1, PAGE_2M: 2, PAGE_1G: 3}[page_size]
         flags = rights | (memory_type << VMX_EPT_MT_EPTE_SHIFT) | (VMX_EPT_IPAT_BIT if ignore_pat else 0)
         if leaf_level > 1:
-            flags |= VMX_EPT_PAGE_SIZE_BIT
+            flags |= VMX_EPT_LARGE_PAGE_BIT
         for off in range(0, size, page_size):
             slot = self._slot(gpa + off, leaf_level, create=True)
             old = self.mem.read_u64(slot)
-            if old & VMX_EPT_RWX_MASK and leaf_level > 1 and not old & VMX_EPT_PAGE_SIZE_BIT:
+            if old & VMX_EPT_RWX_MASK and leaf_level > 1 and not old & VMX_EPT_LARGE_PAGE_BIT:
                 raise EptBuildError(f"gpa {gpa + off:#x} is already mapped with smaller pages")
             self.mem.write_u64(slot, (hpa + off) | flags)
 
@@ -494,7 +468,7 @@ class EptBuilder:
             entry = self.mem.read_u64(slot)
             if not entry & VMX_EPT_RWX_MASK:
                 return None
-            if level == 1 or (level in (2, 3) and entry & VMX_EPT_PAGE_SIZE_BIT):
+            if level == 1 or (level in (2, 3) and entry & VMX_EPT_LARGE_PAGE_BIT):
                 return slot, level
             table = entry & self.caps.address_mask
         raise AssertionError("unreachable")
@@ -509,7 +483,7 @@ class EptBuilder:
         for lv in range(4, level, -1):
             slot = table + 8 * ((gpa >> _LEVEL_SHIFT[lv]) & 0x1FF)
             entry = self.mem.read_u64(slot)
-            if entry & VMX_EPT_PAGE_SIZE_BIT and lv in (2, 3) and entry & VMX_EPT_RWX_MASK:
+            if entry & VMX_EPT_LARGE_PAGE_BIT and lv in (2, 3) and entry & VMX_EPT_RWX_MASK:
                 raise EptBuildError(f"gpa {gpa:#x} is already mapped by a larger page ({_LEVEL_NAMES[lv]})")
             if not entry & VMX_EPT_RWX_MASK:
                 if not create:
