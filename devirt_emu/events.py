@@ -138,6 +138,8 @@ class Kind(str, enum.Enum):
     SIPI = "SIPI"
     TRIPLE_FAULT = "TRIPLE_FAULT"
     APIC_ACCESS = "APIC_ACCESS"      # xAPIC MMIO access
+    TASK_SWITCH = "TASK_SWITCH"      # attempted task switch: CALL/JMP to a TSS or task gate,
+                                     # IRET with NT=1, or a task gate in the IDT
 
 
 #: Register numbers as the SDM encodes them in exit qualifications and
