@@ -1,0 +1,364 @@
+"""The native machine: N cores, one RAM, local APICs, a UART and an exit port.
+
+Scheduling and time (deterministic mode, the default)
+-----------------------------------------------------
+Every core has a clock in virtual nanoseconds (one retired instruction is one
+nanosecond; the TSC and the LAPIC timers count the same nanoseconds).  The
+scheduler always runs the core whose clock is earliest (ties: lowest index),
+for at most ``quantum`` instructions beyond the earliest other runnable core,
+and never past that core's next timer expiry, so that timer interrupts arrive
+at the exact instruction.  A halted core sleeps until its next timer expiry or
+until another core's IPI reaches it (its clock then jumps to the sender's).
+The same program and options therefore give the same run, event for event.
+
+Fast mode (``fast=True``) runs a lone runnable core free, without Unicorn's
+instruction counting (about 10x faster); its instruction count and clock are
+then estimated from wall-clock time (one instruction per nanosecond).  While
+two or more cores are runnable, fast mode schedules exactly as deterministic
+mode does.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UcError
+
+from .cpu.scan import scan_page
+from .platform.core import Core, GuestError, State
+from .platform.debug_exit import DebugExit
+from .platform.lapic import ApicBus, LocalApic
+from .platform.memory import PAGE_SIZE, PhysMem
+from .platform.uart import Uart16550
+
+#: Where the machine puts things for the firmware (see docs/guest-abi.md).
+LOADER_GDT = 0x500
+BOOT_INFO = 0x5000
+MULTIBOOT_INFO = 0x6000
+BOOT_INFO_MAGIC = 0x4D455644   # "DVEM"
+MULTIBOOT_MAGIC = 0x2BADB002
+UART_BASE = 0x3F8
+DEBUG_EXIT_PORT = 0xF4
+TSC_HZ = 1_000_000_000
+
+VERDICTS = ("pass", "fail", "shutdown", "halted", "timeout", "error")
+
+
+@dataclass
+class RunResult:
+    """What a run produced (``to_json`` gives the CLI's ``--json`` object)."""
+
+    verdict: str
+    serial: str
+    cores: int
+    instructions: list[int]
+    virtual_ns: int
+    events: dict[str, int]
+    wall_s: float
+    exit_status: int
+    markers: list[list[list[int | None]]] = field(default_factory=list)
+    message: str = ""
+    mode: str = "deterministic"
+
+    @property
+    def mips(self) -> float:
+        return sum(self.instructions) / self.wall_s / 1e6 if self.wall_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["mips"] = round(self.mips, 3)
+        return d
+
+
+class Machine:
+    """A native (no hypervisor) x86-64 machine.
+
+    ``load_image`` / ``load_elf`` put a guest in RAM; ``run`` boots and runs it.
+    """
+
+    def __init__(self, cores: int = 1, mem_mb: int = 64, *, fast: bool = False,
+                 quantum: int = 20_000, max_ns: int = 5_000_000_000,
+                 wall_timeout_s: float = 300.0, trace=None, on_serial=None):
+        if not 1 <= cores <= 64:
+            raise ValueError(f"cores must be between 1 and 64, not {cores}")
+        if not 16 <= mem_mb <= 3072:
+            raise ValueError(f"memory must be between 16 and 3072 MiB, not {mem_mb}")
+        if quantum < 1:
+            raise ValueError("quantum must be at least 1 instruction")
+        self.mem = PhysMem(mem_mb << 20)
+        self.deterministic = not fast
+        self.fast = fast
+        self.quantum = quantum
+        self.max_ns = max_ns
+        self.wall_timeout_s = wall_timeout_s
+        self.trace = trace
+        self.uart = Uart16550(UART_BASE, on_byte=on_serial)
+        self.debug_exit = DebugExit(DEBUG_EXIT_PORT, iosize=4)
+        self.bus = ApicBus()
+        self.bus.on_deliver = self._on_deliver
+        self.code_pages: set[int] = set()
+        self._scans: dict[tuple[int, int, int], dict] = {}
+        self.cores: list[Core] = []
+        self.current: Core | None = None
+        for i in range(cores):
+            lapic = LocalApic(i, now=self._clock_of(i), bus=self.bus, bsp=(i == 0))
+            self.cores.append(Core(self, i, lapic))
+        self.verdict: str | None = None
+        self.message = ""
+        self.entry32: int | None = None
+
+    def _clock_of(self, i: int):
+        return lambda: self.cores[i].now() if i < len(self.cores) else 0
+
+    # ------------------------------------------------------------------ loading
+    def load_image(self, image) -> None:
+        """Load an assembled firmware image (devirt_emu.asm.Image)."""
+        self.write_phys(image.base, image.data)
+        self.entry32 = image.entry32
+
+    def load_elf(self, path: str | os.PathLike) -> int:
+        """Load an ELF executable's PT_LOAD segments at their physical addresses.
+
+        Returns the entry point; ``elf_class`` (32 or 64) is kept in ``self.elf_class``.
+        """
+        from elftools.elf.elffile import ELFFile
+        from elftools.common.exceptions import ELFError
+        try:
+            with open(path, "rb") as f:
+                elf = ELFFile(f)
+                if elf["e_machine"] not in ("EM_X86_64", "EM_386"):
+                    raise GuestError(f"{path}: not an x86 ELF ({elf['e_machine']})")
+                for seg in elf.iter_segments():
+                    if seg["p_type"] != "PT_LOAD":
+                        continue
+                    pa = seg["p_paddr"]
+                    data = seg.data()
+                    if not self.mem.contains(pa, seg["p_memsz"]):
+                        raise GuestError(f"{path}: segment at {pa:#x}+{seg['p_memsz']:#x} outside RAM")
+                    self.write_phys(pa, data + bytes(seg["p_memsz"] - len(data)))
+                self.elf_class = elf.elfclass
+                return elf["e_entry"]
+        except ELFError as e:
+            raise GuestError(f"{path}: not a valid ELF file: {e}") from None
+
+    def _write_boot_info(self, elf_entry: int = 0) -> None:
+        m = self.mem
+        m.write(BOOT_INFO, struct.pack("<IIQQQ", BOOT_INFO_MAGIC, len(self.cores), m.size,
+                                       elf_entry, TSC_HZ))
+        # multiboot v1 info: flags bit 0 -> mem_lower / mem_upper (KiB)
+        m.write(MULTIBOOT_INFO, struct.pack("<III", 1, 640, (m.size >> 10) - 1024))
+        # loader GDT: null, flat 32-bit code (0x08), flat data (0x10)
+        m.write(LOADER_GDT, struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF))
+
+    def _start_bsp(self, entry: int) -> None:
+        from unicorn import x86_const as X
+        bsp = self.cores[0]
+        uc = bsp.uc
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, LOADER_GDT, 0x17, 0))
+        uc.reg_write(X.UC_X86_REG_CR0, 0x11)
+        uc.reg_write(X.UC_X86_REG_CS, 0x08)      # still the 16-bit API: descriptor loads
+        for r in (X.UC_X86_REG_DS, X.UC_X86_REG_ES, X.UC_X86_REG_SS, X.UC_X86_REG_FS, X.UC_X86_REG_GS):
+            uc.reg_write(r, 0x10)
+        bsp.update_api_mode()
+        uc.reg_write(X.UC_X86_REG_EAX, MULTIBOOT_MAGIC)
+        uc.reg_write(X.UC_X86_REG_EBX, MULTIBOOT_INFO)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
+        uc.reg_write(X.UC_X86_REG_RIP, entry)
+        bsp.state = State.RUNNING
+
+    # ------------------------------------------------------------------ memory and code pages
+    def write_phys(self, pa: int, data: bytes) -> None:
+        """A store by the platform into RAM, keeping code-page scans honest."""
+        self.mem.write(pa, data)
+        first, last = pa & ~0xFFF, (pa + len(data) - 1) & ~0xFFF
+        for page in range(first, last + 1, PAGE_SIZE):
+            if page in self.code_pages:
+                self.invalidate_code_page(page)
+
+    def scan_cache(self, ppage: int, code: bytes, lpage: int, mode: int) -> dict:
+        key = (ppage, lpage, mode)
+        sites = self._scans.get(key)
+        if sites is None:
+            sites = scan_page(code, lpage, mode)
+            self._scans[key] = sites
+        return sites
+
+    def mark_code_page(self, ppage: int) -> None:
+        """A core executes from ``ppage``: write-protect it in every core."""
+        if ppage in self.code_pages:
+            return
+        self.code_pages.add(ppage)
+        for c in self.cores:
+            c.protect_page(ppage, writable=False)
+
+    def is_code_page(self, ppage: int) -> bool:
+        return ppage in self.code_pages
+
+    def invalidate_code_page(self, ppage: int) -> None:
+        """``ppage`` was written: drop every scan of it, make it writable again."""
+        self.code_pages.discard(ppage)
+        for key in [k for k in self._scans if k[0] == ppage]:
+            del self._scans[key]
+        for c in self.cores:
+            c.disarm_page(ppage)
+            c.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
+
+    # ------------------------------------------------------------------ devices
+    def io_read(self, core: Core, port: int, size: int) -> int:
+        if UART_BASE <= port < UART_BASE + 8:
+            return self.uart.io_read(port - UART_BASE, size)
+        return (1 << (8 * size)) - 1          # nothing there: the bus floats high
+
+    def io_write(self, core: Core, port: int, size: int, value: int) -> None:
+        if UART_BASE <= port < UART_BASE + 8:
+            self.uart.io_write(port - UART_BASE, size, value)
+        elif self.debug_exit.contains(port) and port + size <= self.debug_exit.port + 4:
+            self.debug_exit.io_write(port - self.debug_exit.port, size, value)
+            self.finish(self.debug_exit.verdict,
+                        f"core {core.index} wrote {value:#x} to the exit port {port:#x}")
+            core.request_stop("exit")
+
+    def _on_deliver(self, apic_id: int) -> None:
+        if apic_id >= len(self.cores):
+            return
+        target = self.cores[apic_id]
+        src = self.current
+        if src is not None and src is not target and target.state is not State.RUNNING:
+            target.clock = max(target.clock, src.now())
+        if src is not None and src is target and target._in_run:
+            target.request_stop("check")
+
+    # ------------------------------------------------------------------ outcomes
+    def finish(self, verdict: str, message: str = "") -> None:
+        if self.verdict is None:
+            self.verdict = verdict
+            self.message = message
+
+    def shutdown(self, core: Core, why: str) -> None:
+        self.finish("shutdown", f"core {core.index}: {why} at RIP {core.rip():#x}")
+
+    def guest_error(self, message: str) -> None:
+        self.finish("error", message)
+
+    # ------------------------------------------------------------------ running
+    def _wake_time(self, c: Core) -> int | None:
+        """When core ``c`` can next run, or None if nothing will wake it."""
+        if c.state is State.RUNNING:
+            return c.clock
+        if c.state is State.SHUTDOWN:
+            return None
+        if c.has_wakeup():
+            return c.clock
+        if c.state is State.HALTED:
+            d = c.lapic.next_event_ns()
+            if d is not None:
+                return max(c.clock, d)
+        return None
+
+    def run(self, *, entry32: int | None = None, elf_entry: int = 0) -> RunResult:
+        """Boot (BSP at ``entry32`` in 32-bit protected mode) and run to a verdict."""
+        entry = entry32 if entry32 is not None else self.entry32
+        if entry is None:
+            raise ValueError("nothing loaded: call load_image or pass entry32")
+        self._write_boot_info(elf_entry)
+        self._start_bsp(entry)
+        wall0 = time.perf_counter()
+        try:
+            self._loop(wall0)
+        except GuestError as e:
+            self.finish("error", str(e))
+        wall = time.perf_counter() - wall0
+        verdict = self.verdict or "error"
+        if verdict == "pass":
+            status = 0
+        elif verdict == "fail" and self.debug_exit.exited:
+            status = self.debug_exit.exit_status & 0xFF or 1
+        else:
+            status = {"shutdown": 3, "halted": 4, "timeout": 5, "fail": 1}.get(verdict, 2)
+        events: dict[str, int] = {}
+        for c in self.cores:
+            for k, v in c.events.items():
+                events[k] = events.get(k, 0) + v
+        return RunResult(
+            verdict=verdict, serial=self.uart.output.decode("latin-1"), cores=len(self.cores),
+            instructions=[c.icount for c in self.cores],
+            virtual_ns=max(c.clock for c in self.cores), events=dict(sorted(events.items())),
+            wall_s=wall, exit_status=status, markers=[c.markers for c in self.cores],
+            message=self.message, mode="fast" if self.fast else "deterministic")
+
+    def _loop(self, wall0: float) -> None:
+        cores = self.cores
+        while self.verdict is None:
+            best, best_t = None, None
+            runnable = 0
+            for c in cores:
+                t = self._wake_time(c)
+                if t is None:
+                    continue
+                if c.state is State.RUNNING:
+                    runnable += 1
+                if best_t is None or t < best_t:
+                    best, best_t = c, t
+            if best is None:
+                self.finish("halted", "every core is halted or waiting with nothing to wake it")
+                return
+            if best_t >= self.max_ns:
+                self.finish("timeout", f"virtual time limit of {self.max_ns} ns reached")
+                return
+            if time.perf_counter() - wall0 > self.wall_timeout_s:
+                self.finish("timeout", f"wall-clock limit of {self.wall_timeout_s} s reached")
+                return
+            c = best
+            c.clock = max(c.clock, best_t)
+            c.lapic.update(c.clock)
+            c.wake_check()
+            if c.state is not State.RUNNING:
+                if c.state is State.HALTED and self._wake_time(c) == c.clock:
+                    # a wake-up is pending but cannot be taken (e.g. IF=0 with a timer
+                    # interrupt): let virtual time move on to avoid spinning
+                    c.clock += 1
+                continue
+            others = [self._wake_time(o) for o in cores if o is not c]
+            others = [t for t in others if t is not None]
+            budget = self.quantum
+            if others:
+                budget = max(1, min(budget, min(others) + self.quantum - c.clock))
+            d = c.lapic.next_event_ns()
+            if d is not None and d > c.clock:
+                budget = min(budget, d - c.clock)
+            budget = max(1, min(budget, self.max_ns - c.clock))
+            self.current = c
+            if self.fast and not others:
+                wall_us = min(50_000, max(1, budget // 1000)) if d is not None else 50_000
+                c.run(None, wall_us)
+            else:
+                c.run(budget)
+            self.current = None
+
+
+def run_program(path: str | os.PathLike, cores: int = 1, **kwargs) -> RunResult:
+    """Assemble (or load, for an ELF) ``path`` with the firmware and run it."""
+    from .asm import build_image
+    path = Path(path)
+    m = Machine(cores=cores, **kwargs)
+    if is_elf(path):
+        entry = m.load_elf(path)
+        if m.elf_class == 32:
+            return m.run(entry32=entry)
+        image = build_image(None)
+        m.load_image(image)
+        return m.run(elf_entry=entry)
+    m.load_image(build_image(path))
+    return m.run()
+
+
+def is_elf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False

@@ -1,0 +1,1017 @@
+"""One x86-64 core: a Unicorn engine plus what Unicorn lacks.
+
+How guest code runs
+-------------------
+RAM is mapped readable and writable but not executable.  The first fetch
+from a page stops the engine (UC_ERR_FETCH_PROT); the core then scans the
+page with :mod:`devirt_emu.cpu.scan`, puts a UC_HOOK_CODE hook on the exact
+address of every sensitive instruction found, makes the page executable and
+write-protected in every core, and resumes.  Ordinary instructions never
+reach Python.  A store into a scanned page (self-modifying code, or data
+sharing a page with code) stops the engine (UC_ERR_WRITE_PROT); the scan is
+dropped in every core, the page becomes writable and non-executable again,
+and the store is retried.  Hooks are keyed by linear address and execute
+permission by physical page, so a second linear alias of a scanned page
+would run unhooked: the core therefore re-arms (drops execute permission
+everywhere) on CR3 loads, INVLPG and paging-mode changes.
+
+Pages first executed in 64-bit mode are scanned as 64-bit code only; pages
+first executed in real or protected mode (the boot path) are scanned for all
+three code sizes and their hooks check the mode each time they fire.
+
+What Unicorn gets wrong, the core does itself: interrupt and exception
+delivery through the guest IDT (IA-32e mode gates, IST, error codes from
+QEMU's state, #DF, triple fault), the interrupt shadow of STI / MOV SS /
+POP SS, NMI blocking until IRET, HLT, MSRs (an unknown MSR is #GP), CPUID,
+port I/O, the local APIC (x2APIC MSRs and the xAPIC MMIO page), CR8.
+
+Time
+----
+The core's clock is in virtual nanoseconds; one retired instruction is one
+nanosecond (a 1 GHz core retiring one instruction per cycle) and the TSC
+counts nanoseconds.  In deterministic mode every run is a counted
+``emu_start`` and the retired count is exact (see :mod:`ucinternals`).
+"""
+from __future__ import annotations
+
+import enum
+import struct
+import time
+
+from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED,
+                     UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED,
+                     UC_ERR_WRITE_PROT, UC_ERR_WRITE_UNMAPPED, UC_HOOK_CODE,
+                     UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT,
+                     UC_HOOK_MEM_WRITE_PROT, UC_MODE_16, UC_PROT_EXEC,
+                     UC_PROT_READ, UC_PROT_WRITE, Uc, UcError)
+from unicorn import x86_const as X
+
+from ..cpu.decode import decode_at, resolve_linear
+from ..cpu.scan import scan_page
+from ..events import GPR_NAMES, Event, Insn, Kind
+from . import cpuid as cpuid_model
+from .lapic import GeneralProtection
+from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
+from .msrs import check_read, check_write
+from .paging import PageFault, UnsupportedPaging, translate
+from .ucinternals import EngineProbe
+
+IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
+RFLAGS_IF = 1 << 9
+RFLAGS_TF = 1 << 8
+RFLAGS_NT = 1 << 14
+RFLAGS_RF = 1 << 16
+RFLAGS_VM = 1 << 17
+RFLAGS_AC = 1 << 18
+RFLAGS_DF = 1 << 10
+
+MSR_EFER = 0xC0000080
+MSR_IA32_TSC = 0x10
+MSR_IA32_APICBASE = 0x1B
+MSR_IA32_TSC_DEADLINE = 0x6E0
+
+GPR_IDS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX,
+           X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
+           X.UC_X86_REG_R8, X.UC_X86_REG_R9, X.UC_X86_REG_R10, X.UC_X86_REG_R11,
+           X.UC_X86_REG_R12, X.UC_X86_REG_R13, X.UC_X86_REG_R14, X.UC_X86_REG_R15)
+SEG_IDS = (X.UC_X86_REG_ES, X.UC_X86_REG_CS, X.UC_X86_REG_SS, X.UC_X86_REG_DS,
+           X.UC_X86_REG_FS, X.UC_X86_REG_GS)
+_REG_BY_NAME = {n: r for n, r in zip(GPR_NAMES, GPR_IDS)}
+_REG_BY_NAME.update(rip=X.UC_X86_REG_RIP, rflags=X.UC_X86_REG_EFLAGS, cr0=X.UC_X86_REG_CR0,
+                    cr2=X.UC_X86_REG_CR2, cr3=X.UC_X86_REG_CR3, cr4=X.UC_X86_REG_CR4)
+
+# Exception classes for the double-fault rule (SDM "Conditions for Generating a Double Fault").
+_CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
+_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+
+# Kinds that the modelled CPU does not implement natively: #UD.
+_NATIVE_UD = frozenset({
+    Kind.VMCALL, Kind.VMCLEAR, Kind.VMLAUNCH, Kind.VMRESUME, Kind.VMPTRLD, Kind.VMPTRST,
+    Kind.VMREAD, Kind.VMWRITE, Kind.VMXON, Kind.VMXOFF, Kind.INVEPT, Kind.INVVPID,
+    Kind.VMFUNC, Kind.ENCLS, Kind.ENCLU, Kind.ENCLV, Kind.VMRUN, Kind.VMMCALL, Kind.VMLOAD,
+    Kind.VMSAVE, Kind.STGI, Kind.CLGI, Kind.SKINIT, Kind.INVLPGA, Kind.MONITOR, Kind.MWAIT,
+    Kind.MONITORX, Kind.MWAITX, Kind.UMONITOR, Kind.UMWAIT, Kind.TPAUSE, Kind.XSAVES,
+    Kind.XRSTORS, Kind.INVPCID, Kind.GETSEC, Kind.RSM, Kind.RDPRU, Kind.INVLPGB,
+    Kind.TLBSYNC, Kind.MCOMMIT, Kind.UD2, Kind.XSETBV, Kind.INTO,
+})
+# Kinds Unicorn executes correctly itself: the core only counts them.
+_NATIVE_PASS = frozenset({
+    Kind.MOV_FROM_DR, Kind.MOV_TO_DR, Kind.CLTS, Kind.LMSW, Kind.SMSW, Kind.RDRAND, Kind.RDSEED,
+    Kind.PAUSE, Kind.INVD, Kind.WBINVD, Kind.WBNOINVD, Kind.LGDT, Kind.LIDT, Kind.SGDT,
+    Kind.SIDT, Kind.LLDT, Kind.LTR, Kind.SLDT, Kind.STR, Kind.PUSHF, Kind.CLI,
+})
+
+
+class State(enum.Enum):
+    WAIT_SIPI = "wait-for-SIPI"
+    RUNNING = "running"
+    HALTED = "halted"
+    SHUTDOWN = "shutdown"
+
+
+class GuestError(Exception):
+    """The guest did something the platform cannot model (not a Python bug)."""
+
+
+class _Fault(Exception):
+    """An exception raised while the core handles an instruction or delivers an event."""
+
+    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None):
+        super().__init__(vector)
+        self.vector = vector
+        self.error_code = error_code
+        self.cr2 = cr2
+
+
+class LazyRegs:
+    """The ``Event.regs`` mapping: reads a register on first use."""
+
+    __slots__ = ("core", "cache")
+
+    def __init__(self, core: "Core"):
+        self.core = core
+        self.cache: dict[str, int] = {}
+
+    def __getitem__(self, name: str) -> int:
+        v = self.cache.get(name)
+        if v is None:
+            v = self.core.read_reg(name)
+            self.cache[name] = v
+        return v
+
+    def get(self, name, default=None):
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+
+class Core:
+    """One logical processor of a :class:`~devirt_emu.machine.Machine`."""
+
+    def __init__(self, machine, index: int, lapic):
+        self.machine = machine
+        self.index = index
+        self.apic_id = index
+        self.lapic = lapic
+        self.mem = machine.mem
+        uc = Uc(UC_ARCH_X86, UC_MODE_16)
+        self.uc = uc
+        uc.mem_map_ptr(0, self.mem.size, UC_PROT_READ | UC_PROT_WRITE, self.mem.ptr)
+        uc.mmio_map(LAPIC_MMIO_BASE, PAGE_SIZE, self._mmio_read, None, self._mmio_write, None)
+        uc.hook_add(UC_HOOK_MEM_FETCH_PROT, self._on_fetch_prot)
+        uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot)
+        uc.hook_add(UC_HOOK_INTR, self._on_intr)
+        self.probe = EngineProbe(uc)
+        self.reset_context = uc.context_save()
+        self.real_api = True           # uc_struct.mode is UC_MODE_16
+        self.state = State.WAIT_SIPI
+        self.icount = 0                # retired instructions
+        self.clock = 0                 # virtual ns at the next instruction
+        self.tsc_offset = 0            # IA32_TSC writes
+        self.events: dict[str, int] = {}
+        self.markers: list[list[int]] = []     # [begin_icount, end_icount or None]
+        self.msr_store: dict[int, int] = {}
+        self.nmi_blocked = False
+        self.shadow_at = -1            # icount of the instruction in an interrupt shadow
+        self.virt = None               # the VMX/SVM layer, when one is attached
+        self.trace = machine.trace
+        # page scanning
+        self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
+        self.exec_pages: set[int] = set()     # physical pages executable in this engine
+        self.fetch_fault: int | None = None
+        self.write_fault: int | None = None
+        # per-run bookkeeping
+        self._budget = 0
+        self._uncount = 0
+        self._stop_reason: str | None = None
+        self._skip_once = -1
+        self._in_run = False
+        self._rearm_after_step = False
+        self._handlers = self._make_handlers()
+
+    # ------------------------------------------------------------------ registers
+    def reg(self, rid: int) -> int:
+        return self.uc.reg_read(rid)
+
+    def set_reg(self, rid: int, value: int) -> None:
+        self.uc.reg_write(rid, value)
+
+    def read_reg(self, name: str) -> int:
+        """A register by the names of :class:`~devirt_emu.events.Event` ``regs``."""
+        rid = _REG_BY_NAME.get(name)
+        if rid is not None:
+            return self.uc.reg_read(rid)
+        if name == "efer":
+            return self.rdmsr_raw(MSR_EFER)
+        if name == "cr8":
+            return self.lapic.read_cr8()
+        if name == "cpl":
+            return self.cpl()
+        if name == "mode":
+            return self.code_size()
+        raise KeyError(name)
+
+    def rip(self) -> int:
+        if self.real_api:
+            return self.uc.reg_read(X.UC_X86_REG_CS) * 16 + self.uc.reg_read(X.UC_X86_REG_IP)
+        return self.uc.reg_read(X.UC_X86_REG_RIP)
+
+    def set_rip(self, value: int) -> None:
+        if self.real_api:
+            self.uc.reg_write(X.UC_X86_REG_IP, (value - self.uc.reg_read(X.UC_X86_REG_CS) * 16) & 0xFFFF)
+        else:
+            self.uc.reg_write(X.UC_X86_REG_RIP, value)
+
+    def load_segment(self, rid: int, selector: int) -> None:
+        """Load a segment register as MOV Sreg does (descriptor from the GDT).
+
+        Measured: the engine's 64-bit register API only stores the selector;
+        its 16-bit API performs the descriptor load (protected mode) or sets
+        base = selector * 16 (real mode).  So the load goes through that API.
+        """
+        if self.real_api:
+            self.uc.reg_write(rid, selector)
+            return
+        self.probe.set_real_mode_api(True)
+        try:
+            self.uc.reg_write(rid, selector)
+        finally:
+            self.probe.set_real_mode_api(False)
+
+    def rdmsr_raw(self, index: int) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_MSR, index)
+
+    def cpl(self) -> int:
+        if not self.uc.reg_read(X.UC_X86_REG_CR0) & 1:
+            return 0
+        return self.uc.reg_read(X.UC_X86_REG_CS) & 3
+
+    def code_size(self) -> int:
+        """16, 32 or 64: the current code size (CS.L/CS.D in protected mode)."""
+        if not self.uc.reg_read(X.UC_X86_REG_CR0) & 1:
+            return 16
+        desc = self._descriptor(self.uc.reg_read(X.UC_X86_REG_CS))
+        if desc is None:
+            return 32
+        if (desc >> 53) & 1 and self.rdmsr_raw(MSR_EFER) & (1 << 10):
+            return 64
+        return 32 if (desc >> 54) & 1 else 16
+
+    def _descriptor(self, selector: int) -> int | None:
+        _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
+        idx = selector & ~7
+        if selector & 4 or idx + 7 > limit:
+            return None
+        try:
+            return struct.unpack("<Q", self.read_linear(base + idx, 8))[0]
+        except (PageFault, UnsupportedPaging):
+            return None
+
+    def update_api_mode(self) -> None:
+        """Keep the engine's register API in step with CR0.PE (see ucinternals)."""
+        real = not (self.uc.reg_read(X.UC_X86_REG_CR0) & 1)
+        if real != self.real_api:
+            pc = self.rip()
+            self.probe.set_real_mode_api(real)
+            self.real_api = real
+            self.set_rip(pc)
+
+    # ------------------------------------------------------------------ time
+    def retired_now(self) -> int:
+        """Retired instructions up to (not including) the instruction being handled."""
+        if self._in_run and self.machine.deterministic:
+            return self.icount + self.probe.executed() - 1 - self._uncount
+        return self.icount
+
+    def now(self) -> int:
+        """Virtual ns at the current instruction."""
+        if self._in_run:
+            if self.machine.deterministic:
+                return self.clock + (self.retired_now() - self.icount)
+            return self.clock + (time.perf_counter_ns() - self._run_wall0)
+        return self.clock
+
+    def tsc(self) -> int:
+        return (self.now() + self.tsc_offset) & 0xFFFF_FFFF_FFFF_FFFF
+
+    # ------------------------------------------------------------------ memory
+    def _paging_regs(self):
+        uc = self.uc
+        return (uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR3),
+                uc.reg_read(X.UC_X86_REG_CR4), self.rdmsr_raw(MSR_EFER))
+
+    def translate(self, linear: int, *, write=False, fetch=False, user=False) -> int:
+        cr0, cr3, cr4, efer = self._paging_regs()
+        return translate(self.mem, cr0, cr3, cr4, efer, linear, write=write, fetch=fetch, user=user)
+
+    def read_linear(self, linear: int, n: int) -> bytes:
+        out = bytearray()
+        while n:
+            chunk = min(n, PAGE_SIZE - (linear & 0xFFF))
+            pa = self.translate(linear)
+            if not self.mem.contains(pa, chunk):
+                raise GuestError(f"core {self.index}: platform read of physical {pa:#x} outside RAM")
+            out += self.mem.read(pa, chunk)
+            linear += chunk
+            n -= chunk
+        return bytes(out)
+
+    def write_linear(self, linear: int, data: bytes) -> None:
+        off = 0
+        while off < len(data):
+            chunk = min(len(data) - off, PAGE_SIZE - (linear & 0xFFF))
+            pa = self.translate(linear, write=True)
+            if not self.mem.contains(pa, chunk):
+                raise GuestError(f"core {self.index}: platform write of physical {pa:#x} outside RAM")
+            self.machine.write_phys(pa, data[off:off + chunk])
+            linear += chunk
+            off += chunk
+
+    # ------------------------------------------------------------------ page scanning
+    def _on_fetch_prot(self, uc, access, address, size, value, data):
+        self.fetch_fault = address
+        return False
+
+    def _on_write_prot(self, uc, access, address, size, value, data):
+        self.write_fault = address
+        self._uncount += 1
+        return False
+
+    def _scan_and_arm(self, linear: int) -> None:
+        try:
+            pa = self.translate(linear, fetch=True)
+        except PageFault as pf:
+            # Unicorn raised FETCH_PROT, so it found a mapping; our walker disagrees only
+            # if the guest changed its tables without invalidating.  Treat as a #PF.
+            raise _Fault(14, pf.error_code, linear) from None
+        ppage = pa & ~0xFFF
+        lpage = linear & ~0xFFF
+        if not self.mem.contains(ppage, PAGE_SIZE):
+            raise GuestError(f"core {self.index}: execution from physical {pa:#x} outside RAM")
+        mode = self.code_size()
+        code = self.mem.read(ppage, PAGE_SIZE)
+        try:
+            tail = self.read_linear(lpage + PAGE_SIZE, 15)
+        except (PageFault, UnsupportedPaging, GuestError):
+            tail = b""
+        modes = (64,) if mode == 64 else (16, 32, 64)
+        sites: dict[int, dict[int, Insn]] = {}
+        for m in modes:
+            for addr, insn in self.machine.scan_cache(ppage, code + tail, lpage, m).items():
+                sites.setdefault(addr, {})[m] = insn
+        handles = self.hooks.setdefault(ppage, [])
+        uc = self.uc
+        for addr, by_mode in sites.items():
+            if len(modes) == 1:
+                h = uc.hook_add(UC_HOOK_CODE, self._on_site, by_mode[64], addr, addr)
+            else:
+                h = uc.hook_add(UC_HOOK_CODE, self._on_site_mixed, by_mode, addr, addr)
+            handles.append(h)
+        self.machine.mark_code_page(ppage)
+        uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC)
+        self.exec_pages.add(ppage)
+
+    def disarm_page(self, ppage: int) -> None:
+        """Drop this engine's hooks and execute permission for one physical page."""
+        for h in self.hooks.pop(ppage, ()):
+            self.uc.hook_del(h)
+        self.exec_pages.discard(ppage)
+        self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
+
+    def rearm_all(self) -> None:
+        """Forget every scan of this engine (CR3 load, INVLPG, mode change)."""
+        for ppage in list(self.exec_pages):
+            self.disarm_page(ppage)
+            perms = UC_PROT_READ if self.machine.is_code_page(ppage) else UC_PROT_READ | UC_PROT_WRITE
+            self.uc.mem_protect(ppage, PAGE_SIZE, perms)
+
+    def protect_page(self, ppage: int, writable: bool) -> None:
+        if ppage in self.exec_pages:
+            return
+        self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | (UC_PROT_WRITE if writable else 0))
+
+    # ------------------------------------------------------------------ running
+    def run(self, budget: int | None, wall_timeout_us: int = 0) -> str | None:
+        """Run up to ``budget`` instructions (None: free-running, fast mode).
+
+        Returns the reason the core stopped early ("halt", "shutdown", "check",
+        "exit") or None when the budget was used up.
+        """
+        uc = self.uc
+        det = budget is not None
+        remaining = budget if det else 0
+        while True:
+            self._stop_reason = None
+            self._uncount = 0
+            self._budget = remaining
+            self.fetch_fault = self.write_fault = None
+            begin = self.rip()
+            self._in_run = True
+            self._run_wall0 = time.perf_counter_ns()
+            err = None
+            try:
+                if det:
+                    uc.emu_start(begin, IMPOSSIBLE_PC, 0, remaining)
+                else:
+                    uc.emu_start(begin, IMPOSSIBLE_PC, wall_timeout_us, 0)
+            except UcError as e:
+                err = e
+            finally:
+                if det:
+                    retired = min(self.probe.executed(), remaining) - self._uncount
+                else:
+                    retired = (time.perf_counter_ns() - self._run_wall0)
+                self._in_run = False
+            retired = max(retired, 0)
+            self.icount += retired
+            self.clock += retired
+            if det:
+                remaining -= retired
+            try:
+                if err is not None:
+                    self._handle_engine_error(err)
+            except _Fault as f:
+                self.deliver_exception(f.vector, f.error_code, f.cr2)
+            if self._stop_reason == "step":
+                self._stop_reason = None
+                if remaining or not det:
+                    # execute the instruction the hook stopped at, alone
+                    stepped = self._step_one()
+                    remaining -= stepped
+                if self._stop_reason is None:
+                    return "check"
+            if self._stop_reason is not None:
+                return self._stop_reason
+            if self.state is not State.RUNNING:
+                return "halt"
+            if not det:
+                if err is None:
+                    return None
+                continue
+            if remaining <= 0:
+                return None
+
+    def _step_one(self) -> int:
+        """Run exactly one instruction (the one a hook stopped at), then apply
+        what it may have changed: the paging mode and the register API."""
+        self._uncount = 0
+        self._budget = 1
+        self.fetch_fault = self.write_fault = None
+        self._in_run = True
+        err = None
+        try:
+            self.uc.emu_start(self.rip(), IMPOSSIBLE_PC, 0, 1)
+        except UcError as e:
+            err = e
+        finally:
+            retired = max(min(self.probe.executed(), 1) - self._uncount, 0)
+            self._in_run = False
+        self.icount += retired
+        self.clock += retired
+        try:
+            if err is not None:
+                self._handle_engine_error(err)
+        except _Fault as f:
+            self.deliver_exception(f.vector, f.error_code, f.cr2)
+        self.update_api_mode()
+        if self._rearm_after_step:
+            self._rearm_after_step = False
+            self.rearm_all()
+        return retired
+
+    def _handle_engine_error(self, err: UcError) -> None:
+        no = err.errno
+        if no == UC_ERR_FETCH_PROT and self.fetch_fault is not None:
+            self._scan_and_arm(self.fetch_fault)
+        elif no == UC_ERR_WRITE_PROT and self.write_fault is not None:
+            self.machine.invalidate_code_page(self.translate(self.write_fault, write=True) & ~0xFFF)
+        elif no == UC_ERR_INSN_INVALID:
+            raise _Fault(6)
+        elif no in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED):
+            raise GuestError(f"core {self.index}: access to a physical address outside RAM "
+                             f"near RIP {self.rip():#x} ({err})")
+        else:
+            raise GuestError(f"core {self.index}: engine error at RIP {self.rip():#x}: {err}")
+
+    def request_stop(self, reason: str) -> None:
+        """From a hook: stop the engine after the current instruction is dealt with."""
+        self._stop_reason = reason
+        self.uc.emu_stop()
+
+    # ------------------------------------------------------------------ hooks
+    def _on_site_mixed(self, uc, address, size, by_mode):
+        insn = by_mode.get(self.code_size())
+        if insn is not None:
+            self._on_site(uc, address, size, insn)
+
+    def _on_site(self, uc, address, size, insn: Insn):
+        if address == self._skip_once:
+            self._skip_once = -1
+            return
+        if self._budget and self.probe.executed() > self._budget:
+            return          # the count ran out here: this instruction runs next time
+        kind = insn.kind
+        ev = self.events
+        ev[kind.value] = ev.get(kind.value, 0) + 1
+        try:
+            if self.trace is not None or self.virt is not None:
+                event = Event(kind, self.index, address, insn, regs=LazyRegs(self))
+                if insn.mem is not None:
+                    event.linear = self.mem_operand_linear(insn, address)
+                if self.trace is not None:
+                    self.trace(self, event)
+                if self.virt is not None and self.virt.on_event(self, event):
+                    return
+            self._handlers[kind](address, insn)
+        except _Fault as f:
+            self._uncount += 1
+            self.deliver_exception(f.vector, f.error_code, f.cr2)
+        except GuestError as e:
+            self.machine.guest_error(str(e))
+            self._uncount += 1
+            self.request_stop("exit")
+
+    def mem_operand_linear(self, insn: Insn, address: int) -> int:
+        regs = LazyRegs(self)
+        return resolve_linear(insn.mem, regs, address + insn.length, self.segment_base)
+
+    def segment_base(self, seg: int) -> int:
+        if seg == 4:
+            return self.uc.reg_read(X.UC_X86_REG_FS_BASE)
+        if seg == 5:
+            return self.uc.reg_read(X.UC_X86_REG_GS_BASE)
+        if self.real_api:
+            return self.uc.reg_read(SEG_IDS[seg]) * 16
+        return 0  # 64-bit mode and our flat protected-mode segments
+
+    def _skip(self, address: int, insn: Insn) -> None:
+        """The core emulated the instruction: continue after it."""
+        self.set_rip(address + insn.length)
+
+    def _step_then_check(self, address: int) -> None:
+        """Stop before this instruction; the run loop executes it alone, then checks interrupts."""
+        self._skip_once = address
+        self._uncount += 1
+        self.request_stop("step")
+
+    def _on_intr(self, uc, intno, data):
+        # An exception raised by Unicorn (INT n and friends are hooked before they run).
+        self.probe.clear_fault_tracking()
+        self._uncount += 1
+        ec = self.probe.error_code() if intno in _ERROR_CODE_VECTORS else None
+        cr2 = uc.reg_read(X.UC_X86_REG_CR2) if intno == 14 else None
+        try:
+            self.deliver_exception(intno, ec, cr2)
+        except GuestError as e:
+            self.machine.guest_error(str(e))
+            self.request_stop("exit")
+
+    # ------------------------------------------------------------------ LAPIC MMIO
+    def _mmio_read(self, uc, offset, size, data):
+        self._count(Kind.APIC_ACCESS)
+        try:
+            return self.lapic.mmio_read(offset, size)
+        except GeneralProtection:
+            return 0
+
+    def _mmio_write(self, uc, offset, size, value, data):
+        self._count(Kind.APIC_ACCESS)
+        try:
+            self.lapic.mmio_write(offset, size, value)
+        except GeneralProtection:
+            pass
+        if self._in_run:
+            self.request_stop("check")
+
+    def _count(self, kind: Kind) -> None:
+        self.events[kind.value] = self.events.get(kind.value, 0) + 1
+
+    # ------------------------------------------------------------------ instruction semantics
+    def _make_handlers(self):
+        h = {}
+        for k in Kind:
+            if k in _NATIVE_UD:
+                h[k] = self._h_ud
+            elif k in _NATIVE_PASS:
+                h[k] = self._h_pass
+        h.update({
+            Kind.RDMSR: self._h_rdmsr, Kind.WRMSR: self._h_wrmsr, Kind.CPUID: self._h_cpuid,
+            Kind.RDTSC: self._h_rdtsc, Kind.RDTSCP: self._h_rdtscp, Kind.RDPMC: self._h_rdpmc,
+            Kind.HLT: self._h_hlt, Kind.IN: self._h_io, Kind.OUT: self._h_io,
+            Kind.INS: self._h_string_io, Kind.OUTS: self._h_string_io,
+            Kind.MOV_TO_CR: self._h_mov_to_cr, Kind.MOV_FROM_CR: self._h_mov_from_cr,
+            Kind.INVLPG: self._h_invlpg, Kind.STI: self._h_sti, Kind.POPF: self._h_step,
+            Kind.IRET: self._h_iret, Kind.MOV_SS: self._h_mov_ss, Kind.POP_SS: self._h_mov_ss,
+            Kind.INT: self._h_int, Kind.INT3: self._h_int, Kind.INT1: self._h_int,
+            Kind.MARKER_BEGIN: self._h_marker_begin, Kind.MARKER_END: self._h_marker_end,
+        })
+        return h
+
+    def _h_pass(self, address, insn):
+        pass
+
+    def _h_ud(self, address, insn):
+        raise _Fault(6)
+
+    def _require_cpl0(self):
+        if self.cpl() != 0:
+            raise _Fault(13, 0)
+
+    def _h_step(self, address, insn):
+        self._step_then_check(address)
+
+    def _h_rdmsr(self, address, insn):
+        self._require_cpl0()
+        uc = self.uc
+        index = uc.reg_read(X.UC_X86_REG_ECX)
+        value = self.rdmsr(index)
+        if value is None:
+            return          # Unicorn holds it: let the instruction run
+        uc.reg_write(X.UC_X86_REG_RAX, value & 0xFFFFFFFF)
+        uc.reg_write(X.UC_X86_REG_RDX, value >> 32)
+        self._skip(address, insn)
+
+    def rdmsr(self, index: int) -> int | None:
+        """The value of an MSR, None when Unicorn's own copy is authoritative; #GP if absent."""
+        try:
+            info = check_read(index)
+            owner = info.owner
+            if owner == "vmx":
+                raise _Fault(13, 0)   # CPUID.1:ECX.VMX is 0 natively: the VMX MSRs #GP
+            if owner == "lapic":
+                return self.lapic.rdmsr(index)
+            if owner == "tsc":
+                return self.tsc()
+            if owner == "store":
+                return self.msr_store.get(index, info.reset)
+        except GeneralProtection:
+            raise _Fault(13, 0) from None
+        return None
+
+    def _h_wrmsr(self, address, insn):
+        self._require_cpl0()
+        uc = self.uc
+        index = uc.reg_read(X.UC_X86_REG_ECX)
+        value = (uc.reg_read(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
+        if self.wrmsr(index, value):
+            self._skip(address, insn)
+        elif index == MSR_EFER:
+            self._h_step(address, insn)   # paging mode may change: re-arm after it
+
+    def wrmsr(self, index: int, value: int) -> bool:
+        """Write an MSR; False when Unicorn must execute the WRMSR itself; #GP as hardware."""
+        try:
+            info = check_write(index, value)
+            owner = info.owner
+            if owner == "vmx":
+                raise _Fault(13, 0)
+            if owner == "lapic":
+                self.lapic.wrmsr(index, value)
+                if self._in_run:
+                    self.request_stop("check")
+                return True
+            if owner == "tsc":
+                self.tsc_offset = (value - self.now()) & 0xFFFF_FFFF_FFFF_FFFF
+                return True
+            if owner == "store":
+                self.msr_store[index] = value
+                return True
+        except GeneralProtection:
+            raise _Fault(13, 0) from None
+        return False
+
+    def _h_cpuid(self, address, insn):
+        uc = self.uc
+        a, b, c, d = cpuid_model.cpuid(uc.reg_read(X.UC_X86_REG_EAX), uc.reg_read(X.UC_X86_REG_ECX),
+                                       self.apic_id, len(self.machine.cores))
+        uc.reg_write(X.UC_X86_REG_RAX, a)
+        uc.reg_write(X.UC_X86_REG_RBX, b)
+        uc.reg_write(X.UC_X86_REG_RCX, c)
+        uc.reg_write(X.UC_X86_REG_RDX, d)
+        self._skip(address, insn)
+
+    def _h_rdtsc(self, address, insn):
+        if self.uc.reg_read(X.UC_X86_REG_CR4) & (1 << 2) and self.cpl() != 0:
+            raise _Fault(13, 0)
+        t = self.tsc()
+        self.uc.reg_write(X.UC_X86_REG_RAX, t & 0xFFFFFFFF)
+        self.uc.reg_write(X.UC_X86_REG_RDX, t >> 32)
+        self._skip(address, insn)
+
+    def _h_rdtscp(self, address, insn):
+        self._h_rdtsc(address, insn)
+        self.uc.reg_write(X.UC_X86_REG_RCX, self.rdmsr_raw(0xC0000103) & 0xFFFFFFFF)
+
+    def _h_rdpmc(self, address, insn):
+        raise _Fault(13, 0)    # no performance counters are modelled (CPUID leaf 0xA is 0)
+
+    def _h_hlt(self, address, insn):
+        self._require_cpl0()
+        self._skip(address, insn)
+        self.state = State.HALTED
+        self.request_stop("halt")
+
+    def _io_permitted(self):
+        if self.cpl() > ((self.uc.reg_read(X.UC_X86_REG_EFLAGS) >> 12) & 3):
+            raise _Fault(13, 0)   # no I/O permission bitmap is modelled: CPL > IOPL faults
+
+    def _h_io(self, address, insn):
+        self._io_permitted()
+        uc = self.uc
+        port = insn.port if insn.port is not None else uc.reg_read(X.UC_X86_REG_DX)
+        size = insn.io_size
+        if insn.kind is Kind.IN:
+            v = self.machine.io_read(self, port, size)
+            if size == 4:
+                uc.reg_write(X.UC_X86_REG_RAX, v & 0xFFFFFFFF)
+            elif size == 2:
+                uc.reg_write(X.UC_X86_REG_AX, v & 0xFFFF)
+            else:
+                uc.reg_write(X.UC_X86_REG_AL, v & 0xFF)
+        else:
+            mask = (1 << (8 * size)) - 1
+            self.machine.io_write(self, port, size, uc.reg_read(X.UC_X86_REG_RAX) & mask)
+        self._skip(address, insn)
+
+    def _h_string_io(self, address, insn):
+        self._io_permitted()
+        uc = self.uc
+        port = uc.reg_read(X.UC_X86_REG_DX)
+        size = insn.io_size
+        amask = (1 << (8 * insn.addr_size)) - 1
+        creg = {8: X.UC_X86_REG_RCX, 4: X.UC_X86_REG_ECX, 2: X.UC_X86_REG_CX}[insn.addr_size]
+        count = uc.reg_read(creg) if insn.rep else 1
+        step = -size if uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_DF else size
+        is_in = insn.kind is Kind.INS
+        ireg = {8: X.UC_X86_REG_RDI, 4: X.UC_X86_REG_EDI, 2: X.UC_X86_REG_DI}[insn.addr_size] if is_in else \
+            {8: X.UC_X86_REG_RSI, 4: X.UC_X86_REG_ESI, 2: X.UC_X86_REG_SI}[insn.addr_size]
+        ptr = uc.reg_read(ireg)
+        seg = 0 if is_in else (insn.mem.seg if insn.mem is not None else 3)
+        base = self.segment_base(seg)
+        try:
+            while count:
+                lin = (base + ptr) & amask if self.real_api else (base + ptr)
+                if is_in:
+                    v = self.machine.io_read(self, port, size)
+                    self.write_linear(lin, v.to_bytes(size, "little"))
+                else:
+                    v = int.from_bytes(self.read_linear(lin, size), "little")
+                    self.machine.io_write(self, port, size, v)
+                ptr = (ptr + step) & amask
+                count -= 1
+        except PageFault as pf:
+            uc.reg_write(ireg, ptr)
+            if insn.rep:
+                uc.reg_write(creg, count)
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        uc.reg_write(ireg, ptr)
+        if insn.rep:
+            uc.reg_write(creg, 0)
+        self._skip(address, insn)
+
+    def _h_mov_to_cr(self, address, insn):
+        self._require_cpl0()
+        if insn.cr == 8:
+            try:
+                self.lapic.write_cr8(self.uc.reg_read(GPR_IDS[insn.gpr]))
+            except GeneralProtection:
+                raise _Fault(13, 0) from None
+            self._skip(address, insn)
+            self.request_stop("check")
+            return
+        # CR0/CR3/CR4: Unicorn executes it; afterwards re-arm (paging or mode may change).
+        self._step_then_check(address)
+        self._rearm_after_step = True
+
+    def _h_mov_from_cr(self, address, insn):
+        self._require_cpl0()
+        if insn.cr == 8:
+            self.uc.reg_write(GPR_IDS[insn.gpr], self.lapic.read_cr8())
+            self._skip(address, insn)
+
+    def _h_invlpg(self, address, insn):
+        self._require_cpl0()
+        self._step_then_check(address)
+        self._rearm_after_step = True
+
+    def _h_sti(self, address, insn):
+        self._require_iopl()
+        uc = self.uc
+        fl = uc.reg_read(X.UC_X86_REG_EFLAGS)
+        self._skip(address, insn)
+        if not fl & RFLAGS_IF:
+            uc.reg_write(X.UC_X86_REG_EFLAGS, fl | RFLAGS_IF)
+            self.shadow_at = self.retired_now() + 1
+            if self.lapic.pending_vector() is not None:
+                self.request_stop("check")
+
+    def _require_iopl(self):
+        if self.cpl() > ((self.uc.reg_read(X.UC_X86_REG_EFLAGS) >> 12) & 3):
+            raise _Fault(13, 0)
+
+    def _h_mov_ss(self, address, insn):
+        self.shadow_at = self.retired_now() + 1
+
+    def _h_iret(self, address, insn):
+        self.nmi_blocked = False
+        self._step_then_check(address)
+
+    def _h_int(self, address, insn):
+        # INT n / INT3 / INT1 retire once their handler is entered (a fault in
+        # delivery is raised as _Fault and then the INT does not retire).
+        kind = insn.kind
+        self.deliver_event(insn.vector, None, address + insn.length,
+                           soft=kind is not Kind.INT1)
+
+    def _h_marker_begin(self, address, insn):
+        self.markers.append([self.retired_now(), None])
+
+    def _h_marker_end(self, address, insn):
+        if self.markers and self.markers[-1][1] is None:
+            self.markers[-1][1] = self.retired_now()
+
+    # ------------------------------------------------------------------ event delivery
+    def deliver_exception(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
+        """Deliver a fault at the current RIP, applying the #DF and triple-fault rules."""
+        first = vector
+        while True:
+            try:
+                if cr2 is not None:
+                    self.uc.reg_write(X.UC_X86_REG_CR2, cr2)
+                self.deliver_event(vector, error_code, self.rip(), exception=True)
+                return
+            except _Fault as f:
+                if vector == 8:
+                    self.triple_fault()
+                    return
+                benign_first = first not in _CONTRIBUTORY and first != 14
+                if (first in _CONTRIBUTORY and f.vector in _CONTRIBUTORY) or \
+                        (first == 14 and (f.vector in _CONTRIBUTORY or f.vector == 14)):
+                    vector, error_code, cr2 = 8, 0, None
+                else:
+                    vector, error_code, cr2 = f.vector, f.error_code, f.cr2
+                first = vector if not benign_first else vector
+
+    def triple_fault(self) -> None:
+        self._count(Kind.TRIPLE_FAULT)
+        if self.virt is not None and self.virt.on_event(self, Event(Kind.TRIPLE_FAULT, self.index, self.rip())):
+            return
+        self.state = State.SHUTDOWN
+        self.machine.shutdown(self, "triple fault")
+        if self._in_run:
+            self.request_stop("shutdown")
+
+    def deliver_event(self, vector: int, error_code: int | None, return_rip: int, *,
+                      exception: bool = False, soft: bool = False,
+                      external: bool = False) -> None:
+        """Push an interrupt frame and enter the handler of ``vector`` (IA-32e mode IDT).
+
+        Raises _Fault for an exception during delivery (the caller applies #DF rules).
+        """
+        uc = self.uc
+        if self.real_api or not self.rdmsr_raw(MSR_EFER) & (1 << 10):
+            raise GuestError(f"core {self.index}: vector {vector} raised outside IA-32e mode "
+                             f"at {return_rip:#x}: only IA-32e mode interrupt delivery is modelled")
+        ext = 0 if soft else 1   # EXT: the event is not a software interrupt
+        _, idt_base, idt_limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
+        if vector * 16 + 15 > idt_limit:
+            raise _Fault(13, vector * 8 + 2 + ext)
+        try:
+            lo, hi = struct.unpack("<QQ", self.read_linear(idt_base + vector * 16, 16))
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        gtype = (lo >> 40) & 0xF
+        dpl = (lo >> 45) & 3
+        cpl = self.cpl()
+        if gtype not in (0xE, 0xF):
+            raise _Fault(13, vector * 8 + 2 + ext)
+        if soft and dpl < cpl:
+            raise _Fault(13, vector * 8 + 2)
+        if not (lo >> 47) & 1:
+            raise _Fault(11, vector * 8 + 2 + ext)
+        selector = (lo >> 16) & 0xFFFF
+        target = (lo & 0xFFFF) | ((lo >> 32) & 0xFFFF0000) | ((hi & 0xFFFFFFFF) << 32)
+        ist = (lo >> 32) & 7
+        desc = self._descriptor(selector)
+        if desc is None or not (desc >> 47) & 1 or not (desc >> 53) & 1:
+            raise _Fault(13, (selector & ~3) + ext)
+        new_cpl = (desc >> 45) & 3
+        old_ss = uc.reg_read(X.UC_X86_REG_SS)
+        old_rsp = uc.reg_read(X.UC_X86_REG_RSP)
+        old_cs = uc.reg_read(X.UC_X86_REG_CS)
+        rflags = uc.reg_read(X.UC_X86_REG_EFLAGS)
+        if ist or new_cpl < cpl:
+            _, tss_base, _, _ = uc.reg_read(X.UC_X86_REG_TR)
+            off = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * new_cpl
+            try:
+                rsp = struct.unpack("<Q", self.read_linear(tss_base + off, 8))[0]
+            except PageFault as pf:
+                raise _Fault(14, pf.error_code, pf.linear) from None
+        else:
+            rsp = old_rsp
+        rsp &= ~0xF
+        frame = [old_ss, old_rsp, rflags, old_cs, return_rip]
+        if error_code is not None:
+            frame.append(error_code)
+        rsp -= 8 * len(frame)
+        data = struct.pack(f"<{len(frame)}Q", *reversed(frame))
+        try:
+            self.write_linear(rsp, data)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        new_flags = rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
+        if gtype == 0xE:
+            new_flags &= ~RFLAGS_IF
+        if new_cpl < cpl:
+            self.load_segment(X.UC_X86_REG_SS, new_cpl)
+        if selector != old_cs:
+            self.load_segment(X.UC_X86_REG_CS, selector)
+        uc.reg_write(X.UC_X86_REG_RSP, rsp)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, new_flags)
+        uc.reg_write(X.UC_X86_REG_RIP, target)
+        if vector == 2 and not soft:
+            self.nmi_blocked = True
+        if exception:
+            self._count(Kind.EXCEPTION)
+            if self.trace is not None:
+                self.trace(self, Event(Kind.EXCEPTION, self.index, return_rip, vector=vector,
+                                       error_code=error_code))
+
+    # ------------------------------------------------------------------ interrupts at boundaries
+    def wake_check(self) -> None:
+        """Between runs: INIT/SIPI/NMI and LAPIC interrupts; wakes a halted core."""
+        lapic = self.lapic
+        if lapic.take_init():
+            self._count(Kind.INIT)
+            self.do_init()
+        vec = lapic.take_sipi()
+        if vec is not None:
+            self._count(Kind.SIPI)
+            if self.state is State.WAIT_SIPI:
+                self.do_sipi(vec)
+        if self.state in (State.WAIT_SIPI, State.SHUTDOWN):
+            return
+        if self.icount == self.shadow_at:
+            return          # interrupt shadow: one more instruction first
+        if not self.nmi_blocked and lapic.take_nmi():
+            self._count(Kind.NMI)
+            self._wake()
+            self._deliver_external(2, nmi=True)
+            return
+        if self.uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_IF:
+            vec = lapic.pending_vector()
+            if vec is not None:
+                self._count(Kind.INTERRUPT)
+                if self.virt is not None and self.virt.on_event(
+                        self, Event(Kind.INTERRUPT, self.index, self.rip(), vector=vec)):
+                    return
+                lapic.acknowledge()
+                self._wake()
+                self._deliver_external(vec)
+
+    def _wake(self):
+        if self.state is State.HALTED:
+            self.state = State.RUNNING
+
+    def _deliver_external(self, vector: int, nmi: bool = False) -> None:
+        try:
+            self.deliver_event(vector, None, self.rip(), external=True)
+            if self.trace is not None:
+                self.trace(self, Event(Kind.NMI if nmi else Kind.INTERRUPT, self.index, self.rip(),
+                                       vector=vector))
+        except _Fault as f:
+            self.deliver_exception(f.vector, f.error_code, f.cr2)
+
+    def has_wakeup(self) -> bool:
+        """Is there an event that takes this (halted or waiting) core out of its state now?"""
+        lapic = self.lapic
+        if self.state is State.WAIT_SIPI:
+            return lapic.init_pending or lapic.sipi_pending is not None
+        if self.state is State.HALTED:
+            if lapic.init_pending or (lapic.nmi_pending and not self.nmi_blocked):
+                return True
+            return bool(self.uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_IF) and \
+                lapic.pending_vector() is not None
+        return self.state is State.RUNNING
+
+    def do_init(self) -> None:
+        """INIT: back to the reset state, waiting for SIPI (the BSP included)."""
+        for ppage in list(self.exec_pages):
+            self.disarm_page(ppage)
+        self.uc.context_restore(self.reset_context)
+        if not self.real_api:
+            self.probe.set_real_mode_api(True)
+            self.real_api = True
+        for ppage in list(self.exec_pages):
+            self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
+        self.exec_pages.clear()
+        self.nmi_blocked = False
+        self.state = State.WAIT_SIPI
+
+    def do_sipi(self, vector: int) -> None:
+        """Start-up IPI: real mode at vector:0000."""
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_CS, vector << 8)
+        uc.reg_write(X.UC_X86_REG_IP, 0)
+        self.state = State.RUNNING

@@ -1,0 +1,228 @@
+"""Measured access to three pieces of Unicorn state its API does not expose.
+
+Unicorn 2.1 has no API for (a) the number of instructions executed by a
+counted ``emu_start``, (b) the error code of an exception it reports through
+UC_HOOK_INTR, (c) resetting QEMU's double-fault tracking, which Unicorn
+never clears (so after one hooked #PF the next #GP/#PF arrives as #DF; see
+DESIGN.md), or (d) changing the engine's mode: an engine created in
+UC_MODE_16 (needed to start at reset or SIPI) only lets Python read and write
+16/32-bit registers, and ``emu_start`` subtracts CS*16 from its start
+address, whatever the CPU's real mode; so once a core leaves real mode we
+switch ``uc_struct.mode`` to UC_MODE_64 (measured: 64-bit registers, RIP and
+``emu_start`` then behave as on an engine born in 64-bit mode).  All three live at fixed offsets of structures inside the
+library.  Rather than hard-coding offsets, :func:`calibrate` finds them once
+per process by experiment on scratch engines and verifies them:
+
+* ``uc_struct.mode``: the field that holds 2, 4, 8 for engines made in
+  UC_MODE_16, _32, _64.
+* ``uc_struct.emu_counter``: the field that holds ``count + 1`` after a
+  counted run that used up its budget, next to ``emu_count`` = ``count``.
+* ``CPUX86State``: reached through a pointer in ``uc_struct`` (found by
+  writing unique values into RAX/RCX and looking for them), then
+  ``error_code`` (a #PF write to a non-present page gives 2, a bad selector
+  load gives the selector) and ``old_exception`` (-1 at reset, the vector
+  after a hooked fault).
+
+If any experiment disagrees, :class:`CalibrationError` says so: a Unicorn
+build this code was not measured on is an error, never a silent guess.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+
+from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_16, UC_MODE_32,
+                     UC_MODE_64, Uc, UcError)
+from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4,
+                               UC_X86_REG_MSR, UC_X86_REG_RAX, UC_X86_REG_RCX,
+                               UC_X86_REG_RSP)
+
+
+class CalibrationError(RuntimeError):
+    """The Unicorn library does not behave as measured."""
+
+
+@dataclass(frozen=True)
+class Offsets:
+    mode: int           # uc_struct.mode
+    counter: int        # uc_struct.emu_counter
+    cpu_ptr: int        # uc_struct field pointing at the X86CPU object
+    env: int            # CPUX86State offset inside X86CPU
+    error_code: int     # CPUX86State.error_code
+    old_exception: int  # CPUX86State.old_exception
+
+
+_offsets: Offsets | None = None
+
+
+def _readable_ranges():
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            addr, perm = line.split()[:2]
+            if perm[0] == "r":
+                lo, hi = (int(x, 16) for x in addr.split("-"))
+                out.append((lo, hi))
+    return out
+
+
+def _u64(addr: int) -> int:
+    return ctypes.c_uint64.from_address(addr).value
+
+
+def _i32(addr: int) -> int:
+    return ctypes.c_int32.from_address(addr).value
+
+
+# A straight-line program: "add rax, 1" repeated.
+_ADD_LOOP = b"\x48\x83\xc0\x01" * 64
+
+
+def _find_counter() -> int:
+    found = None
+    for n in (7, 23, 41):
+        mu = Uc(UC_ARCH_X86, UC_MODE_64)
+        mu.mem_map(0, 0x1000)
+        mu.mem_write(0, _ADD_LOOP)
+        mu.emu_start(0, len(_ADD_LOOP), count=n)
+        base = mu._uch.value
+        cands = {off for off in range(8, 0x2000, 8)
+                 if _u64(base + off) == n + 1 and _u64(base + off + 8) == n}
+        found = cands if found is None else found & cands
+    if not found or len(found) != 1:
+        raise CalibrationError(f"emu_counter not found uniquely in uc_struct: {found}")
+    return found.pop()
+
+
+def _find_mode() -> int:
+    engines = {m: Uc(UC_ARCH_X86, m) for m in (UC_MODE_16, UC_MODE_32, UC_MODE_64)}
+    blobs = {m: ctypes.string_at(u._uch.value, 0x1000) for m, u in engines.items()}
+    cands = [o for o in range(0, 0x1000, 4)
+             if all(struct.unpack_from("<i", b, o)[0] == m for m, b in blobs.items())]
+    if len(cands) != 1:
+        raise CalibrationError(f"uc_struct.mode not found uniquely: {cands}")
+    return cands[0]
+
+
+def _find_env():
+    pat = struct.pack("<QQ", 0x1122334455667788, 0x99AABBCCDDEEFF00)
+    common = None
+    for _ in range(2):
+        mu = Uc(UC_ARCH_X86, UC_MODE_64)
+        mu.reg_write(UC_X86_REG_RAX, 0x1122334455667788)
+        mu.reg_write(UC_X86_REG_RCX, 0x99AABBCCDDEEFF00)
+        ranges = _readable_ranges()
+        base = mu._uch.value
+        pairs = set()
+        for off in range(0, 0x1000, 8):
+            p = _u64(base + off)
+            for lo, hi in ranges:
+                if lo <= p < hi:
+                    j = ctypes.string_at(p, min(0x40000, hi - p)).find(pat)
+                    if j >= 0:
+                        pairs.add((off, j))
+                    break
+        common = pairs if common is None else common & pairs
+    if not common:
+        raise CalibrationError("CPUX86State not found through uc_struct")
+    return min(common)
+
+
+def _paged_engine():
+    """A 64-bit engine with 4-level paging mapping 0-2 MiB (one 2 MiB page)."""
+    mu = Uc(UC_ARCH_X86, UC_MODE_64)
+    mu.mem_map(0, 0x200000)
+    mu.mem_write(0x1000, struct.pack("<Q", 0x2003))
+    mu.mem_write(0x2000, struct.pack("<Q", 0x3003))
+    mu.mem_write(0x3000, struct.pack("<Q", 0x83))
+    mu.reg_write(UC_X86_REG_CR3, 0x1000)
+    mu.reg_write(UC_X86_REG_CR4, mu.reg_read(UC_X86_REG_CR4) | 0x20)
+    mu.reg_write(UC_X86_REG_MSR, (0xC0000080, 0x500))
+    mu.reg_write(UC_X86_REG_CR0, mu.reg_read(UC_X86_REG_CR0) | 0x80010001)
+    mu.reg_write(UC_X86_REG_RSP, 0x8000)
+    return mu
+
+
+# mov qword ptr [0x40000008], 1  -> #PF, error code 2 (write, not present)
+_PF_WRITE = bytes.fromhex("48c70425080000400100000000")
+# mov ax, 0x1234 ; mov ds, ax     -> #GP, error code 0x1234 (selector)
+_GP_SEL = bytes.fromhex("66b834128ed8")
+
+
+def _fault_snapshot(cpu_ptr, env_off, code):
+    mu = _paged_engine()
+    env = _u64(mu._uch.value + cpu_ptr) + env_off
+    mu.reg_write(UC_X86_REG_RAX, 0x5A5A5A5A12345678)
+    if _u64(env) != 0x5A5A5A5A12345678:
+        raise CalibrationError("CPUX86State pointer does not hold RAX")
+    before = ctypes.string_at(env, 0x2000)
+    snap = {}
+
+    def hook(uc, intno, _):
+        snap["intno"] = intno
+        snap["after"] = ctypes.string_at(env, 0x2000)
+        uc.emu_stop()
+
+    mu.hook_add(UC_HOOK_INTR, hook)
+    mu.mem_write(0x10000, code + b"\xf4")
+    try:
+        mu.emu_start(0x10000, 0x10000 + len(code) + 1)
+    except UcError as e:
+        raise CalibrationError(f"calibration fault did not reach the hook: {e}") from None
+    return before, snap
+
+
+def calibrate() -> Offsets:
+    """Find (once per process) and return the offsets; raise CalibrationError."""
+    global _offsets
+    if _offsets is not None:
+        return _offsets
+    mode = _find_mode()
+    counter = _find_counter()
+    cpu_ptr, env_off = _find_env()
+    b1, s1 = _fault_snapshot(cpu_ptr, env_off, _PF_WRITE)
+    b2, s2 = _fault_snapshot(cpu_ptr, env_off, _GP_SEL)
+    if s1.get("intno") != 14 or s2.get("intno") != 13:
+        raise CalibrationError(f"calibration faults gave vectors {s1.get('intno')}, {s2.get('intno')}")
+    err = [o for o in range(0, 0x2000, 4)
+           if struct.unpack_from("<i", s1["after"], o)[0] == 2
+           and struct.unpack_from("<i", s2["after"], o)[0] == 0x1234]
+    old = [o for o in range(0, 0x2000, 4)
+           if struct.unpack_from("<i", b1, o)[0] == -1
+           and struct.unpack_from("<i", s1["after"], o)[0] == 14
+           and struct.unpack_from("<i", s2["after"], o)[0] == 13]
+    if len(err) != 1 or len(old) != 1:
+        raise CalibrationError(f"error_code candidates {err}, old_exception candidates {old}")
+    _offsets = Offsets(mode, counter, cpu_ptr, env_off, err[0], old[0])
+    return _offsets
+
+
+class EngineProbe:
+    """Fast reads and writes of one engine's hidden state (ctypes, no copies)."""
+
+    __slots__ = ("mode_addr", "counter_addr", "error_code_addr", "old_exception_addr")
+
+    def __init__(self, uc: Uc):
+        off = calibrate()
+        base = uc._uch.value
+        env = _u64(base + off.cpu_ptr) + off.env
+        self.mode_addr = base + off.mode
+        self.counter_addr = base + off.counter
+        self.error_code_addr = env + off.error_code
+        self.old_exception_addr = env + off.old_exception
+
+    def set_real_mode_api(self, real: bool) -> None:
+        """Make the engine's register API and start address real-mode (UC_MODE_16) or not."""
+        ctypes.c_int32.from_address(self.mode_addr).value = UC_MODE_16 if real else UC_MODE_64
+
+    def executed(self) -> int:
+        """Instructions counted by the current/last counted emu_start (see module doc)."""
+        return ctypes.c_uint64.from_address(self.counter_addr).value
+
+    def error_code(self) -> int:
+        return ctypes.c_int32.from_address(self.error_code_addr).value & 0xFFFFFFFF
+
+    def clear_fault_tracking(self) -> None:
+        """Tell QEMU no exception is in flight (we deliver exceptions ourselves)."""
+        ctypes.c_int32.from_address(self.old_exception_addr).value = -1
