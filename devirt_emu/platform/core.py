@@ -407,6 +407,7 @@ class Core:
             self._budget = remaining
             self.fetch_fault = self.write_fault = None
             begin = self.rip()
+            self.probe.clear_fault_tracking()
             self._in_run = True
             self._run_wall0 = time.perf_counter_ns()
             err = None
@@ -460,6 +461,7 @@ class Core:
         self.fetch_fault = self.write_fault = None
         self._in_run = True
         err = None
+        self.probe.clear_fault_tracking()
         try:
             self.uc.emu_start(self.rip(), IMPOSSIBLE_PC, 0, 1)
         except UcError as e:

@@ -1,0 +1,186 @@
+"""The ``devirt-emu`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+DESCRIPTION = """\
+devirt-emu: an instruction-level x86-64 emulator of the KVM-devirt CPU path.
+
+`run` boots the firmware on N emulated cores and runs a guest program on it:
+an Intel-syntax assembly file (.S, linked between firmware/boot.S and
+firmware/lib.S; see docs/guest-abi.md) or an ELF executable (a 64-bit ELF is
+called by the firmware in long mode; a 32-bit ELF is entered directly as a
+multiboot loader would).  The guest reports its own verdict through the
+isa-debug-exit port 0xF4 (0 = pass).
+"""
+
+RUN_EPILOG = """\
+verdicts: pass (guest wrote 0 to port 0xF4), fail (it wrote anything else),
+shutdown (triple fault), halted (every core halted with nothing to wake it),
+timeout (--max-time or --wall-timeout reached), error (the platform could not
+model what the guest did, e.g. interrupt delivery outside long mode).
+
+exit status: 0 only for pass; for fail, QEMU's (value << 1) | 1; 3 shutdown,
+4 halted, 5 timeout, 2 error or bad input.
+
+time: deterministic mode (the default) counts retired instructions exactly;
+one instruction is one virtual nanosecond, the TSC and the LAPIC timer input
+run at 1 GHz; the same program and options give the same trace. --fast lets a
+lone runnable core run without instruction counting (about 10x faster): its
+instruction count and virtual time are then estimated from wall time.
+
+--json prints one object: verdict, serial, cores, instructions (per core),
+virtual_ns, events (sensitive event kind -> count), wall_s, mips, exit_status,
+markers (per core: [begin, end] instruction counts of each steady-state
+window), message, mode.
+--trace FILE writes every event as one JSON object per line (core, kind, rip,
+instruction, icount, ...).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"devirt-emu: error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="devirt-emu", description=DESCRIPTION,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"devirt-emu {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    r = sub.add_parser("run", help="boot the firmware and run a guest program",
+                       description="Boot the firmware and run a guest program.",
+                       epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("program", help="guest program: assembly (.S) or ELF executable")
+    r.add_argument("--cores", type=_positive, default=1, help="number of cores (1-64, default 1)")
+    r.add_argument("--mem", type=_positive, default=64, metavar="MIB",
+                   help="RAM in MiB (16-3072, default 64)")
+    r.add_argument("--fast", action="store_true",
+                   help="let a lone runnable core run without instruction counting")
+    r.add_argument("--quantum", type=_positive, default=20_000, metavar="N",
+                   help="instructions a core may run ahead of the others (default 20000)")
+    r.add_argument("--max-time", type=_seconds, default=5.0, metavar="S",
+                   help="virtual seconds before the run ends with verdict timeout (default 5)")
+    r.add_argument("--wall-timeout", type=_seconds, default=300.0, metavar="S",
+                   help="wall-clock seconds before verdict timeout (default 300)")
+    r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    r.add_argument("--trace", metavar="FILE", help="write every event to FILE as JSON Lines")
+    return p
+
+
+def _summary(res) -> str:
+    lines = [
+        f"verdict      {res.verdict}" + (f"  ({res.message})" if res.message else ""),
+        f"cores        {res.cores}",
+        f"instructions {sum(res.instructions)}  per core: {', '.join(map(str, res.instructions))}"
+        + ("  (estimated: fast mode)" if res.mode == "fast" else ""),
+        f"virtual time {res.virtual_ns} ns",
+        f"wall time    {res.wall_s:.3f} s",
+        f"MIPS         {res.mips:.2f}",
+    ]
+    if res.events:
+        lines.append("events       " + ", ".join(f"{k} {v}" for k, v in res.events.items()))
+    for i, windows in enumerate(res.markers):
+        for b, e in windows:
+            lines.append(f"steady state core {i}: instructions {b} .. {e if e is not None else '(open)'}")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    from .asm import AsmError, build_image
+    from .machine import Machine, is_elf
+    from .platform.core import GuestError
+
+    path = Path(args.program)
+    if not path.is_file():
+        print(f"devirt-emu: error: no such file: {args.program}", file=sys.stderr)
+        return 2
+    trace_file = None
+    if args.trace:
+        try:
+            trace_file = open(args.trace, "w")
+        except OSError as e:
+            print(f"devirt-emu: error: cannot write trace file {args.trace}: {e.strerror}", file=sys.stderr)
+            return 2
+
+    def trace(core, event):
+        d = event.to_json()
+        d["icount"] = core.retired_now()
+        trace_file.write(json.dumps(d) + "\n")
+
+    def on_serial(byte: int):
+        sys.stdout.write(chr(byte))
+
+    try:
+        m = Machine(cores=args.cores, mem_mb=args.mem, fast=args.fast, quantum=args.quantum,
+                    max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
+                    trace=trace if trace_file else None,
+                    on_serial=None if args.json else on_serial)
+        if is_elf(path):
+            entry = m.load_elf(path)
+            if m.elf_class == 32:
+                res = m.run(entry32=entry)
+            else:
+                m.load_image(build_image(None))
+                res = m.run(elf_entry=entry)
+        else:
+            m.load_image(build_image(path))
+            res = m.run()
+    except (AsmError, GuestError, ValueError, OSError) as e:
+        print(f"devirt-emu: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("devirt-emu: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if trace_file:
+            trace_file.close()
+    if args.json:
+        print(json.dumps(res.to_json()))
+    else:
+        sys.stdout.flush()
+        if res.serial and not res.serial.endswith("\n"):
+            print()
+        print(_summary(res))
+    return res.exit_status
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "run":
+        return cmd_run(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
