@@ -45,6 +45,12 @@ UART_BASE = 0x3F8
 DEBUG_EXIT_PORT = 0xF4
 TSC_HZ = 1_000_000_000
 
+#: Instructions a lone core runs per counted emu_start (the wall-clock limit
+#: is checked between slices).
+LONE_CORE_SLICE = 20_000_000
+#: Fast mode: wall-clock microseconds of one free-running slice.
+FAST_SLICE_US = 200_000
+
 VERDICTS = ("pass", "fail", "shutdown", "halted", "timeout", "error")
 
 
@@ -324,16 +330,17 @@ class Machine:
                 continue
             others = [self._wake_time(o) for o in cores if o is not c]
             others = [t for t in others if t is not None]
-            budget = self.quantum
             if others:
-                budget = max(1, min(budget, min(others) + self.quantum - c.clock))
+                budget = max(1, min(self.quantum, min(others) + self.quantum - c.clock))
+            else:
+                budget = LONE_CORE_SLICE   # nobody to interleave with: only timers cut the run
             d = c.lapic.next_event_ns()
             if d is not None and d > c.clock:
                 budget = min(budget, d - c.clock)
             budget = max(1, min(budget, self.max_ns - c.clock))
             self.current = c
             if self.fast and not others:
-                wall_us = min(50_000, max(1, budget // 1000)) if d is not None else 50_000
+                wall_us = min(FAST_SLICE_US, max(1, budget // 1000))
                 c.run(None, wall_us)
             else:
                 c.run(budget)
