@@ -500,7 +500,8 @@ class LocalApic:
         ``trigger_level`` False: edge; True: level-triggered, and then
         ``level`` False is a de-assert message, which sets nothing.
         Vectors 0-15 are illegal: the ESR's "receive illegal vector" bit is
-        set and the interrupt is dropped.  Returns whether IRR was set.
+        set and the interrupt is dropped.  A hardware- or software-disabled
+        APIC drops it too.  Returns whether IRR was set.
         """
         if not 0 <= vector <= 0xFF:
             raise ValueError(f"interrupt vector must be 0..255, got {vector!r}")
@@ -584,7 +585,7 @@ class LocalApic:
     def _timer_count(self, t: int) -> int:
         """TMCCT at time ``t`` (0 when stopped, expired one-shot, or TSC-deadline mode)."""
         mode = self.timer_mode
-        if mode == TIMER_TSCDEADLINE or mode == TIMER_RESERVED or self._tmict == 0:
+        if mode == TIMER_TSCDEADLINE or self._tmict == 0:
             return 0
         ticks = max(0, t - self._t_base) // self._div
         if ticks < self._count_base:
