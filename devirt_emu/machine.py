@@ -166,10 +166,10 @@ class Machine:
         uc = bsp.uc
         uc.reg_write(X.UC_X86_REG_GDTR, (0, LOADER_GDT, 0x17, 0))
         uc.reg_write(X.UC_X86_REG_CR0, 0x11)
-        uc.reg_write(X.UC_X86_REG_CS, 0x08)      # still the 16-bit API: descriptor loads
-        for r in (X.UC_X86_REG_DS, X.UC_X86_REG_ES, X.UC_X86_REG_SS, X.UC_X86_REG_FS, X.UC_X86_REG_GS):
-            uc.reg_write(r, 0x10)
         bsp.update_api_mode()
+        bsp.load_segment(1, 0x08)
+        for seg in (0, 2, 3, 4, 5):
+            bsp.load_segment(seg, 0x10)
         uc.reg_write(X.UC_X86_REG_EAX, MULTIBOOT_MAGIC)
         uc.reg_write(X.UC_X86_REG_EBX, MULTIBOOT_INFO)
         uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)

@@ -102,6 +102,28 @@ _NATIVE_PASS = frozenset({
 })
 
 
+def flags_to_ar(flags: int) -> int:
+    """QEMU's SegmentCache.flags -> VMCS access rights (bit 16: unusable)."""
+    ar = ((flags >> 8) & 0xFF) | (((flags >> 20) & 0xF) << 12)
+    return ar if flags & (1 << 15) else ar | (1 << 16)
+
+
+def ar_to_flags(ar: int) -> int:
+    """VMCS access rights -> QEMU's SegmentCache.flags (unusable: not present)."""
+    if ar & (1 << 16):
+        return 0
+    return ((ar & 0xFF) << 8) | (((ar >> 12) & 0xF) << 20)
+
+
+def descriptor_cache(desc: int) -> tuple[int, int, int]:
+    """(base, byte-granular limit, flags) of an 8-byte segment descriptor."""
+    base = ((desc >> 16) & 0xFFFFFF) | ((desc >> 56) << 24)
+    limit = (desc & 0xFFFF) | ((desc >> 32) & 0xF0000)
+    if desc & (1 << 55):
+        limit = (limit << 12) | 0xFFF
+    return base, limit, (desc >> 32) & 0x00F0FF00
+
+
 class State(enum.Enum):
     WAIT_SIPI = "wait-for-SIPI"
     RUNNING = "running"
@@ -223,21 +245,38 @@ class Core:
         else:
             self.uc.reg_write(X.UC_X86_REG_RIP, value)
 
-    def load_segment(self, rid: int, selector: int) -> None:
-        """Load a segment register as MOV Sreg does (descriptor from the GDT).
+    def load_segment(self, index: int, selector: int) -> None:
+        """Load segment register ``index`` (ES, CS, SS, DS, FS, GS = 0..5) as a
+        MOV to it would: from the GDT in protected mode, base = selector * 16
+        in real mode.
 
-        Measured: the engine's 64-bit register API only stores the selector;
-        its 16-bit API performs the descriptor load (protected mode) or sets
-        base = selector * 16 (real mode).  So the load goes through that API.
+        Measured: Unicorn's register API does not do this (its 16-bit API gives
+        DS/ES/SS real-mode bases even with CR0.PE=1; its 64-bit API stores the
+        selector only), so the core writes QEMU's segment cache itself.
         """
-        if self.real_api:
-            self.uc.reg_write(rid, selector)
+        if not self.uc.reg_read(X.UC_X86_REG_CR0) & 1:
+            flags = 0x9B00 if index == 1 else 0x9300
+            self.write_segment(index, selector, selector << 4, 0xFFFF, flags_to_ar(flags))
             return
-        self.probe.set_real_mode_api(True)
-        try:
-            self.uc.reg_write(rid, selector)
-        finally:
-            self.probe.set_real_mode_api(False)
+        if selector & ~3 == 0:
+            self.write_segment(index, selector, 0, 0, 1 << 16)      # null: unusable
+            return
+        desc = self._descriptor(selector)
+        if desc is None:
+            raise GuestError(f"core {self.index}: selector {selector:#x} is outside the GDT")
+        base, limit, flags = descriptor_cache(desc)
+        self.write_segment(index, selector, base, limit, flags_to_ar(flags))
+
+    def read_segment(self, index: int) -> tuple[int, int, int, int]:
+        """(selector, base, limit, access rights in the VMCS format) of ES..GS (0..5),
+        LDTR (6) or TR (7)."""
+        sel, base, limit, flags = self.probe.segment(index)
+        return sel, base, limit, flags_to_ar(flags)
+
+    def write_segment(self, index: int, selector: int, base: int, limit: int, ar: int) -> None:
+        """Set a segment register's selector and hidden part (VMCS access-rights format)."""
+        self.probe.set_segment(index, selector, base, limit, ar_to_flags(ar))
+        self.probe.fix_hflags()
 
     def rdmsr_raw(self, index: int) -> int:
         return self.uc.reg_read(X.UC_X86_REG_MSR, index)
@@ -926,9 +965,9 @@ class Core:
         if gtype == 0xE:
             new_flags &= ~RFLAGS_IF
         if new_cpl < cpl:
-            self.load_segment(X.UC_X86_REG_SS, new_cpl)
+            self.load_segment(2, new_cpl)
         if selector != old_cs:
-            self.load_segment(X.UC_X86_REG_CS, selector)
+            self.load_segment(1, selector)
         uc.reg_write(X.UC_X86_REG_RSP, rsp)
         uc.reg_write(X.UC_X86_REG_EFLAGS, new_flags)
         uc.reg_write(X.UC_X86_REG_RIP, target)
@@ -1009,6 +1048,7 @@ class Core:
             self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
         self.exec_pages.clear()
         self.nmi_blocked = False
+        self.lapic.init_reset()
         self.state = State.WAIT_SIPI
 
     def do_sipi(self, vector: int) -> None:

@@ -9,8 +9,10 @@ instructions raise #UD/#GP here.  Leaf 0xB reports the x2APIC topology
 """
 from __future__ import annotations
 
-#: Physical-address width (CPUID 0x80000008 EAX[7:0]) and linear width.
-MAXPHYADDR = 39
+
+from .lapic import MAXPHYADDR  # physical-address width, one value for the whole platform
+
+#: Linear-address width (CPUID 0x80000008 EAX[15:8]): 4-level paging.
 LINEAR_BITS = 48
 
 _VENDOR = (0x756E6547, 0x6C65746E, 0x49656E69)  # "Genu", "ntel", "ineI" as EBX, ECX, EDX

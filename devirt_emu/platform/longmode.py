@@ -83,13 +83,14 @@ def enter(core, rip: int, rsp: int = STACK_TOP) -> None:
     uc.reg_write(X.UC_X86_REG_CR4, CR4)
     uc.reg_write(X.UC_X86_REG_MSR, (0xC0000080, EFER & ~0x400))
     uc.reg_write(X.UC_X86_REG_CR0, CR0)
-    core.load_segment(X.UC_X86_REG_CS, KERNEL_CS)
-    for r in (X.UC_X86_REG_SS, X.UC_X86_REG_DS, X.UC_X86_REG_ES):
-        core.load_segment(r, KERNEL_DS)
-    core.load_segment(X.UC_X86_REG_FS, 0)
-    core.load_segment(X.UC_X86_REG_GS, 0)
-    uc.reg_write(X.UC_X86_REG_TR, (TSS_SEL, TSS, 0x67, 0x8B))
     core.update_api_mode()
+    core.load_segment(1, KERNEL_CS)
+    for seg in (0, 2, 3):
+        core.load_segment(seg, KERNEL_DS)
+    core.load_segment(4, 0)
+    core.load_segment(5, 0)
+    core.write_segment(7, TSS_SEL, TSS, 0x67, 0x8B)      # busy 64-bit TSS
+    core.write_segment(6, 0, 0, 0, 1 << 16)               # LDTR unusable
     uc.reg_write(X.UC_X86_REG_RSP, rsp)
     uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
     uc.reg_write(X.UC_X86_REG_RIP, rip)

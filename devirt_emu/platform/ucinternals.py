@@ -39,6 +39,32 @@ from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4,
                                UC_X86_REG_RSP)
 
 
+#: CPUX86State layout (QEMU 5, as in Unicorn 2.1), verified by calibrate():
+#: regs[16], eip, eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags, hflags2,
+#: segs[6] (SegmentCache: u32 selector, u64 base, u32 limit, u32 flags), ldt,
+#: tr, gdt, idt, cr[5].
+ENV_HFLAGS = 176
+ENV_SEGS = 184
+SEG_STRIDE = 24
+ENV_LDT = ENV_SEGS + 6 * SEG_STRIDE
+ENV_TR = ENV_LDT + SEG_STRIDE
+ENV_GDT = ENV_TR + SEG_STRIDE
+ENV_IDT = ENV_GDT + SEG_STRIDE
+ENV_CR = ENV_IDT + SEG_STRIDE
+
+# QEMU hflags bits the segment loads affect.
+HF_CPL_MASK = 3
+HF_CS32 = 1 << 4
+HF_SS32 = 1 << 5
+HF_ADDSEG = 1 << 6
+HF_PE = 1 << 7
+HF_LMA = 1 << 14
+HF_CS64 = 1 << 15
+# SegmentCache.flags bits (the descriptor's high dword layout).
+DESC_B = 1 << 22
+DESC_L = 1 << 21
+
+
 class CalibrationError(RuntimeError):
     """The Unicorn library does not behave as measured."""
 
@@ -194,19 +220,41 @@ def calibrate() -> Offsets:
            and struct.unpack_from("<i", s2["after"], o)[0] == 13]
     if len(err) != 1 or len(old) != 1:
         raise CalibrationError(f"error_code candidates {err}, old_exception candidates {old}")
+    _verify_layout(cpu_ptr, env_off)
     _offsets = Offsets(mode, counter, cpu_ptr, env_off, err[0], old[0])
     return _offsets
+
+
+def _verify_layout(cpu_ptr: int, env_off: int) -> None:
+    from unicorn.x86_const import UC_X86_REG_GDTR, UC_X86_REG_IDTR, UC_X86_REG_TR
+    mu = _paged_engine()
+    env = _u64(mu._uch.value + cpu_ptr) + env_off
+    mu.reg_write(UC_X86_REG_GDTR, (0, 0x12345000, 0x7F, 0))
+    mu.reg_write(UC_X86_REG_IDTR, (0, 0x23456000, 0xFFF, 0))
+    mu.reg_write(UC_X86_REG_TR, (0x28, 0x34567000, 0x67, 0x8B))
+    checks = (
+        (ENV_GDT + 8, 0x12345000), (ENV_GDT + 16, 0x7F), (ENV_IDT + 8, 0x23456000),
+        (ENV_TR, 0x28), (ENV_TR + 8, 0x34567000), (ENV_TR + 16, 0x67),
+        (ENV_CR + 3 * 8, 0x1000),
+    )
+    for off, want in checks:
+        got = _u64(env + off) if off % 8 == 0 else ctypes.c_uint32.from_address(env + off).value
+        if off in (ENV_TR, ENV_TR + 16, ENV_GDT + 16):
+            got &= 0xFFFFFFFF
+        if got != want:
+            raise CalibrationError(f"CPUX86State layout differs at +{off:#x}: {got:#x} != {want:#x}")
 
 
 class EngineProbe:
     """Fast reads and writes of one engine's hidden state (ctypes, no copies)."""
 
-    __slots__ = ("mode_addr", "counter_addr", "error_code_addr", "old_exception_addr")
+    __slots__ = ("mode_addr", "counter_addr", "error_code_addr", "old_exception_addr", "env")
 
     def __init__(self, uc: Uc):
         off = calibrate()
         base = uc._uch.value
         env = _u64(base + off.cpu_ptr) + off.env
+        self.env = env
         self.mode_addr = base + off.mode
         self.counter_addr = base + off.counter
         self.error_code_addr = env + off.error_code
@@ -226,3 +274,43 @@ class EngineProbe:
     def clear_fault_tracking(self) -> None:
         """Tell QEMU no exception is in flight (we deliver exceptions ourselves)."""
         ctypes.c_int32.from_address(self.old_exception_addr).value = -1
+
+    # ----- segment caches ---------------------------------------------------
+    def segment(self, index: int) -> tuple[int, int, int, int]:
+        """(selector, base, limit, flags) of segs[index] (ES, CS, SS, DS, FS, GS;
+        6 = LDTR, 7 = TR, as the SDM's and QEMU's orders agree)."""
+        a = self.env + ENV_SEGS + SEG_STRIDE * index
+        return (ctypes.c_uint32.from_address(a).value, _u64(a + 8),
+                ctypes.c_uint32.from_address(a + 16).value,
+                ctypes.c_uint32.from_address(a + 20).value)
+
+    def set_segment(self, index: int, selector: int, base: int, limit: int, flags: int) -> None:
+        """Write a segment cache as a descriptor load would (call fix_hflags after)."""
+        a = self.env + ENV_SEGS + SEG_STRIDE * index
+        ctypes.c_uint32.from_address(a).value = selector
+        ctypes.c_uint64.from_address(a + 8).value = base
+        ctypes.c_uint32.from_address(a + 16).value = limit
+        ctypes.c_uint32.from_address(a + 20).value = flags
+
+    def fix_hflags(self) -> None:
+        """Recompute the hflags bits that depend on CS, SS and the data segment
+        bases (CPL, CS32, SS32, CS64, ADDSEG), after set_segment."""
+        h = ctypes.c_uint32.from_address(self.env + ENV_HFLAGS)
+        hf = h.value
+        cs_flags = self.segment(1)[3]
+        ss = self.segment(2)
+        hf &= ~(HF_CPL_MASK | HF_CS32 | HF_SS32 | HF_CS64 | HF_ADDSEG)
+        if hf & HF_PE:
+            hf |= (ss[3] >> 13) & 3
+        if hf & HF_LMA and cs_flags & DESC_L:
+            hf |= HF_CS32 | HF_SS32 | HF_CS64
+        else:
+            if cs_flags & DESC_B:
+                hf |= HF_CS32
+            if ss[3] & DESC_B:
+                hf |= HF_SS32
+            if not hf & HF_PE or not hf & HF_CS32:
+                hf |= HF_ADDSEG
+            elif self.segment(0)[1] | self.segment(2)[1] | self.segment(3)[1]:
+                hf |= HF_ADDSEG
+        h.value = hf
