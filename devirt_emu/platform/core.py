@@ -311,10 +311,9 @@ class Core:
         """Keep the engine's register API in step with CR0.PE (see ucinternals)."""
         real = not (self.uc.reg_read(X.UC_X86_REG_CR0) & 1)
         if real != self.real_api:
-            pc = self.rip()
+            # EIP itself is untouched: only how the API reads and starts it changes
             self.probe.set_real_mode_api(real)
             self.real_api = real
-            self.set_rip(pc)
 
     # ------------------------------------------------------------------ time
     def retired_now(self) -> int:
