@@ -158,7 +158,9 @@ def decode_offset(code: bytes, off: int, mode: int) -> Optional[Insn]:
             key = (mode, code[off:stop])
             insn = _CACHE.get(key)
             if insn is None:
-                insn = _build(row, code, off, j, mode, modrm, rex, rep, seg, p66, p67, lock)
+                insn = _build(row, code, off, j, stop, mode, modrm, rex, rep, seg, p66, p67, lock)
+                if insn is None:                    # a #UD CR/DR number
+                    return None
                 if len(_CACHE) >= _CACHE_MAX:
                     _CACHE.clear()
                 _CACHE[key] = insn
@@ -244,11 +246,12 @@ def _seg(seg_prefix: int, mode: int, default: int) -> tuple[int, bool]:
     return default, False
 
 
-def _build(row: Row, code: bytes, off: int, j: int, mode: int, modrm: int,
+def _build(row: Row, code: bytes, off: int, j: int, stop: int, mode: int, modrm: int,
            rex: int, rep: int, seg_prefix: int, p66: bool, p67: bool, lock: bool) -> Optional[Insn]:
     """Read the operands of ``row`` (opcode ends before ``j``) into an Insn.
 
-    The caller has checked with :func:`_end_of` that the bytes do not run out.
+    ``stop`` is the end of the instruction as :func:`_end_of` measured it
+    (the one length computation: the bytes up to it are all present).
     """
     ops = row.ops
     asz = _addr_size(mode, p67)
@@ -265,9 +268,9 @@ def _build(row: Row, code: bytes, off: int, j: int, mode: int, modrm: int,
             mod = 3                                  # "the mod field is ignored"
         if mod == 3:
             gpr_rm = rm | (8 if rex & REX_B else 0)
-            f["rm"] = _REG_NAMES.get(osz, _REG16)[gpr_rm]
+            f["rm"] = _REG_NAMES[osz][gpr_rm]
         else:
-            j, base, index, scale, disp, rip_rel, default_seg = _modrm_mem(
+            base, index, scale, disp, rip_rel, default_seg = _modrm_mem(
                 code, j, mod, rm, rex, asz, mode)
             segno, overridden = _seg(seg_prefix, mode, default_seg)
             if overridden:
@@ -295,7 +298,7 @@ def _build(row: Row, code: bytes, off: int, j: int, mode: int, modrm: int,
                 kw["gpr"] = gpr_rm
         elif ops is Ops.REG_RM:
             kw["gpr"] = reg_x
-            f["reg"] = _REG_NAMES.get(osz, _REG16)[reg_x]
+            f["reg"] = _REG_NAMES[osz][reg_x]
             if mod == 3:
                 kw["gpr2"] = gpr_rm
         elif ops is Ops.RM_ADDR:
@@ -308,7 +311,6 @@ def _build(row: Row, code: bytes, off: int, j: int, mode: int, modrm: int,
             raise AssertionError(f"row {row.fmt!r}: ModRM with operands {ops}")
     elif ops is Ops.IMM8 or ops is Ops.PORT_IMM8:
         imm = code[j]
-        j += 1
         if ops is Ops.IMM8:
             kw["vector"] = imm
             f["imm"] = hex(imm)
@@ -333,17 +335,16 @@ def _build(row: Row, code: bytes, off: int, j: int, mode: int, modrm: int,
     if row.vector is not None:
         kw["vector"] = row.vector
 
-    length = j - off
     text = row.fmt.format(**f)
     if kw.get("rep"):
         text = "rep " + text
-    return Insn(kind=row.kind, length=length, text=text, op_size=osz, addr_size=asz, **kw)
+    return Insn(kind=row.kind, length=stop - off, text=text, op_size=osz, addr_size=asz, **kw)
 
 
 def _modrm_mem(code: bytes, j: int, mod: int, rm: int, rex: int, asz: int, mode: int):
     """Parse SIB and displacement after a memory ModRM (j: first byte after ModRM).
 
-    Returns (next j, base, index, scale, disp, rip_relative, default segment).
+    Returns (base, index, scale, disp, rip_relative, default segment).
     """
     if asz == 2:
         if mod == 0 and rm == 6:
@@ -372,7 +373,7 @@ def _modrm_mem(code: bytes, j: int, mod: int, rm: int, rex: int, asz: int, mode:
             base = rm | (8 if rex & REX_B else 0)
         default_seg = SEG_SS if base in (4, 5) else SEG_DS
     disp = int.from_bytes(code[j:j + dsize], "little", signed=True) if dsize else 0
-    return j + dsize, base, index, scale, disp, rip_rel, default_seg
+    return base, index, scale, disp, rip_rel, default_seg
 
 
 def _mem_text(base, index, scale, disp, asz, rip_rel) -> str:

@@ -1,0 +1,130 @@
+"""Find every sensitive instruction that can start in a code page.
+
+The platform maps code pages without execute permission; on the first fetch
+from a page it calls :func:`scan_page` and hooks exactly the addresses
+returned.  The scan is a *superset* disassembly: every byte offset of the
+page is a possible instruction start (data mixed with code, jumps into the
+middle of what a linear sweep would see, the tail of an instruction crossing
+in from the previous page), so the result is exactly::
+
+    {base + off: decode_at(code[off:], base + off, mode)
+     for off in range(page length) if that decode is not None}
+
+computed without decoding all 4096 offsets:
+
+1. one compiled regular expression, generated from the table, finds every
+   position where a table opcode (with its ModRM byte, when the row
+   constrains it) occurs; a zero-width lookahead makes overlapping
+   occurrences visible;
+2. an instruction of the table that starts at ``s`` has its opcode at ``p``
+   with only prefix bytes (legacy, and REX in 64-bit mode) between, at most
+   14 of them; so the starts to try for an opcode at ``p`` are ``p`` and each
+   earlier offset reachable through prefix bytes;
+3. each such start is decoded with :func:`~devirt_emu.cpu.decode.decode_offset`,
+   the same function :func:`~devirt_emu.cpu.decode.decode_at` uses.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from devirt_emu.cpu.decode import LEGACY_PREFIXES, MAX_INSN_LEN, MODES, check_mode, decode_offset
+from devirt_emu.cpu.insn_table import TABLE, modrm_bytes
+from devirt_emu.events import Insn
+
+PAGE_SIZE = 4096
+
+
+def _char_class(values) -> str:
+    """A regex character class (as ``\\xNN`` escapes, with ranges) of byte values."""
+    vals = sorted(set(values))
+    parts, i = [], 0
+    while i < len(vals):
+        k = i
+        while k + 1 < len(vals) and vals[k + 1] == vals[k] + 1:
+            k += 1
+        parts.append(f"\\x{vals[i]:02x}" + (f"-\\x{vals[k]:02x}" if k > i else ""))
+        i = k + 1
+    return "[" + "".join(parts) + "]"
+
+
+def _alternation(seqs) -> str:
+    """A regex for a set of byte sequences, each a tuple of byte-value sets."""
+    ends: set[int] = set()
+    longer: dict[frozenset, set] = defaultdict(set)
+    for seq in seqs:
+        if len(seq) == 1:
+            ends |= seq[0]
+        else:
+            longer[seq[0]].add(seq[1:])
+    parts = [_char_class(ends)] if ends else []
+    for first, rests in sorted(longer.items(), key=lambda kv: sorted(kv[0])):
+        parts.append(_char_class(first) + "(?:" + _alternation(rests) + ")")
+    return "|".join(parts)
+
+
+def _opcode_regex() -> re.Pattern:
+    """A bytes regex matching (zero-width) at each table opcode occurrence.
+
+    Each row contributes its opcode bytes, followed by the set of ModRM bytes
+    its reg/mod constraints allow when it has a ModRM byte.
+    """
+    seqs = set()
+    for row in TABLE:
+        seq = tuple(frozenset({b}) for b in row.opcode)
+        if row.modrm:
+            seq += (modrm_bytes(row),)
+        seqs.add(seq)
+    return re.compile(("(?=" + _alternation(seqs) + ")").encode("ascii"), re.DOTALL)
+
+
+OPCODE_RE = _opcode_regex()
+
+#: Per mode, the one-byte instructions of the table (INT3, HLT, CLI, IN AL,DX...):
+#: byte value -> its Insn, so that an unprefixed one costs one dict lookup.
+_ONE_BYTE: dict[int, dict[int, Insn]] = {
+    mode: {b: insn for b in range(256)
+           if (insn := decode_offset(bytes([b]), 0, mode)) is not None}
+    for mode in MODES
+}
+
+_PREFIX_BYTES_LEGACY = frozenset(LEGACY_PREFIXES)
+_PREFIX_BYTES_64 = _PREFIX_BYTES_LEGACY | frozenset(range(0x40, 0x50))
+
+
+def scan_page(code: bytes, base: int, mode: int) -> dict[int, Insn]:
+    """Address -> Insn for every offset of the page where a sensitive instruction decodes.
+
+    ``code`` is the page (up to 4096 bytes) followed by up to 15 bytes of the
+    next page, so that instructions starting on this page and ending on the
+    next one are decoded; starts are reported only for the first
+    ``min(len(code), 4096)`` offsets.  ``base`` is the page's virtual address
+    (4 KiB aligned); ``mode`` the code size (16, 32 or 64).  Raises
+    ValueError on a bad mode, an unaligned base or ``code`` longer than a
+    page plus 15 bytes.
+    """
+    check_mode(mode)
+    if not isinstance(base, int) or base < 0 or base % PAGE_SIZE:
+        raise ValueError(f"base must be a 4 KiB-aligned address, not {base!r}")
+    if len(code) > PAGE_SIZE + MAX_INSN_LEN:
+        raise ValueError(f"code is {len(code)} bytes: at most a page plus {MAX_INSN_LEN}")
+    code = bytes(code)
+    page_len = min(len(code), PAGE_SIZE)
+    prefixes = _PREFIX_BYTES_64 if mode == 64 else _PREFIX_BYTES_LEGACY
+    one_byte = _ONE_BYTE[mode]
+    found: dict[int, Insn] = {}
+    for m in OPCODE_RE.finditer(code):
+        p = m.start()
+        s = p
+        low = max(0, p - (MAX_INSN_LEN - 1))
+        while True:
+            if s < page_len:
+                insn = one_byte.get(code[p]) if s == p else None
+                if insn is None:
+                    insn = decode_offset(code, s, mode)
+                if insn is not None:
+                    found[base + s] = insn
+            if s <= low or code[s - 1] not in prefixes:
+                break
+            s -= 1
+    return found
