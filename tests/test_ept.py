@@ -101,11 +101,21 @@ def test_memory_type_and_ignore_pat_reported():
 RIGHTS = [0b001, 0b011, 0b101, 0b111, 0b100]   # R, RW, RX, RWX, X (execute-only)
 
 
+EXEC_ONLY = EptCaps(execute_only=True)
+
+
+def test_modelled_cpu_caps():
+    # capabilities.py: no execute-only translations, 2M/1G pages and A/D flags.
+    caps = EptCaps.modelled()
+    assert (caps.execute_only, caps.pages_2m, caps.pages_1g, caps.ad_flags, caps.advanced_exit_info) == \
+        (False, True, True, True, False)
+
+
 @pytest.mark.parametrize("rights", RIGHTS)
 @pytest.mark.parametrize("access,bit", [(READ, 1), (WRITE, 2), (FETCH, 4)])
 def test_leaf_permissions(rights, access, bit):
     m = mem_with_tables(pte=0x00ABC000 | 0x30 | rights)
-    r = walk(m, access, gla=0x7000_0123, gla_is_translation=True)
+    r = walk(m, access, gla=0x7000_0123, gla_is_translation=True, caps=EXEC_ONLY)
     if rights & bit:
         assert isinstance(r, EptTranslation)
     else:
@@ -195,8 +205,8 @@ def test_write_without_read_is_misconfig_at_any_level(rwx, level):
 
 def test_execute_only_needs_the_capability():
     m = mem_with_tables(pte=0x00ABC000 | 0x30 | X)
-    assert isinstance(walk(m, FETCH), EptTranslation)
-    assert isinstance(walk(m, FETCH, caps=EptCaps(execute_only=False)), EptMisconfig)
+    assert isinstance(walk(m, FETCH, caps=EXEC_ONLY), EptTranslation)
+    assert isinstance(walk(m, FETCH), EptMisconfig)        # the modelled CPU: not supported
 
 
 @pytest.mark.parametrize("mt", [2, 3, 7])

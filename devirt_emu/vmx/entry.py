@@ -70,6 +70,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
+from devirt_emu.platform.lapic import MAXPHYADDR
 from devirt_emu.platform.memory import PhysicalAccessError
 from devirt_emu.vmx import capabilities as vcaps
 from devirt_emu.vmx import controls as c
@@ -173,7 +174,7 @@ class EntryCaps:
     cr4_fixed0: int
     cr4_fixed1: int
     ept_vpid_cap: int
-    maxphyaddr: int = 46
+    maxphyaddr: int = MAXPHYADDR
     linear_address_width: int = 48
     efer_defined: int = EFER_DEFINED_INTEL
     debugctl_defined: int = DEBUGCTL_DEFINED

@@ -49,7 +49,9 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
+from devirt_emu.platform.lapic import MAXPHYADDR
 from devirt_emu.platform.memory import PhysMem
+from devirt_emu.vmx import capabilities as _vcaps
 from devirt_emu.vmx.controls import (
     MEMTYPE_WB, VMX_EPT_1GB_PAGE_BIT, VMX_EPT_2MB_PAGE_BIT,
     VMX_EPT_ACCESS_BIT, VMX_EPT_AD_BIT, VMX_EPT_ADVANCED_EXIT_INFO_BIT, VMX_EPT_DIRTY_BIT,
@@ -111,11 +113,13 @@ class EptCaps:
 
     ``maxphyaddr`` is the physical-address width M (bits 51:M of every
     entry are reserved).  The flags mirror IA32_VMX_EPT_VPID_CAP bits 0,
-    16, 17, 21 and 22.
+    16, 17, 21 and 22.  :meth:`modelled` (and :data:`DEFAULT_EPT_CAPS`) is
+    the modelled CPU of ``capabilities.py``: no execute-only pages, no
+    advanced VM-exit information.
     """
 
-    maxphyaddr: int = 46
-    execute_only: bool = True
+    maxphyaddr: int = MAXPHYADDR
+    execute_only: bool = False
     pages_2m: bool = True
     pages_1g: bool = True
     ad_flags: bool = True
@@ -135,6 +139,11 @@ class EptCaps:
                    ad_flags=bool(ept_vpid_cap & VMX_EPT_AD_BIT),
                    advanced_exit_info=bool(ept_vpid_cap & VMX_EPT_ADVANCED_EXIT_INFO_BIT))
 
+    @classmethod
+    def modelled(cls) -> "EptCaps":
+        """The modelled CPU: its IA32_VMX_EPT_VPID_CAP and the platform's MAXPHYADDR."""
+        return cls.from_msr(_vcaps.VMX_CAPABILITY_MSRS[_vcaps.MSR_IA32_VMX_EPT_VPID_CAP], MAXPHYADDR)
+
     @property
     def address_mask(self) -> int:
         """Bits M-1:12: where an entry or the EPTP holds a physical address."""
@@ -146,7 +155,7 @@ class EptCaps:
         return _bits(51, self.maxphyaddr) if self.maxphyaddr < 52 else 0
 
 
-DEFAULT_EPT_CAPS = EptCaps()
+DEFAULT_EPT_CAPS = EptCaps.modelled()
 
 
 @dataclass(frozen=True)
