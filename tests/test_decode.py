@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import itertools
 
+import capstone
 import keystone
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from devirt_emu.cpu.decode import decode_at, resolve_linear
-from devirt_emu.cpu.insn_table import TABLE, modrm_bytes
+from devirt_emu.cpu.insn_table import TABLE, Ops, modrm_bytes
 from devirt_emu.events import Kind, MemOperand
 
 K = Kind
@@ -360,11 +362,6 @@ def test_resolve_32bit_address_needs_mode():
 
 
 # --- every row, with random extra prefixes and random ModRM/SIB/displacement bytes ---------
-
-import capstone  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from devirt_emu.cpu.insn_table import Ops  # noqa: E402
 
 _CS = {16: capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_16),
        32: capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32),

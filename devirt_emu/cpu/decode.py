@@ -5,8 +5,11 @@
 immediate that the row calls for, and returns an :class:`~devirt_emu.events.Insn`
 with every operand field that applies, or None when the bytes are not an
 instruction of the table.  It is its own decoder (no capstone): capstone 5
-does not know RDPRU, INVLPGB and TLBSYNC and reads MCOMMIT as MONITORX, and a
-Python call into it costs more than this parse of the few encodings we need.
+does not know RDPRU, INVLPGB, TLBSYNC or WRMSRNS, reads MCOMMIT as MONITORX
+and ignores a mandatory 66 prefix in 16-bit code, and its operands would
+still have to be mapped to the SDM's numbering.  The tests check every row's
+length against capstone where capstone decodes it.  Decoded Insns are cached
+by (mode, instruction bytes), so a repeated encoding costs one parse.
 
 Prefix rules (Intel SDM Vol. 2 chapter 2, AMD APM Vol. 3 chapter 1):
 
@@ -23,6 +26,27 @@ Prefix rules (Intel SDM Vol. 2 chapter 2, AMD APM Vol. 3 chapter 1):
   ``LOCK MOV CR0`` is AMD's alternative encoding of CR8 (CPUID
   AltMovCr8), decoded as ``cr=8``.  On Intel that encoding is #UD, which an
   Insn cannot express: the Intel rules see a CR8 access.
+
+Operand conventions (the Insn fields, beyond what events.py states):
+
+* ``op_size`` is the instruction's effective operand-size attribute (66,
+  REX.W and the code size applied by the row's rule); ``addr_size`` the
+  effective address size (67 and the code size).
+* MOV CR/DR: ``gpr`` is the general register (ModRM.rm), the direction is the
+  kind.  VMREAD/VMWRITE, INVEPT/INVVPID/INVPCID: ``gpr`` is ModRM.reg (the
+  field-encoding register, or the type register); ``gpr2`` is ModRM.rm when
+  it is a register, else ``mem`` is set.
+* ``rep`` is set for INS/OUTS only; a REP prefix on other instructions is a
+  mandatory prefix or ignored.  INS has ``mem`` = ES:[rDI] (no override),
+  OUTS ``mem`` = DS:[rSI] (overridable), size = ``io_size``.
+* MONITOR/MONITORX: ``mem`` = DS:[rAX] (overridable), size 1.  UMONITOR:
+  ``gpr`` and ``mem`` = DS:[gpr].  VMRUN/VMLOAD/VMSAVE/INVLPGA take rAX,
+  whose width is ``addr_size``.
+* memory sizes: LGDT/LIDT/SGDT/SIDT 6 bytes (10 in 64-bit mode), SMSW/LMSW/
+  SLDT/STR/LLDT/LTR/MOV SS 2, VMPTRLD/VMPTRST/VMCLEAR/VMXON 8, VMREAD/
+  VMWRITE 8 (4 outside 64-bit mode), INVEPT/INVVPID/INVPCID 16, INVLPG 1 (an
+  address, not an access), XSAVES/XRSTORS 0 (the XSAVE area: its size
+  depends on XCR0/XSS, not on the encoding).
 
 Mode checks done here are the static ones (code size, REX, CR/DR numbers
 that are #UD whatever the state: CR1, CR5-CR7, CR9-CR15, DR8-DR15); dynamic
