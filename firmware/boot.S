@@ -5,8 +5,8 @@
 ;     mode, paging off, flat CS = 0x08 / data 0x10 (the loader's GDT), IF = 0;
 ;   * an AP at ap_entry (image offset 0) in real mode after INIT-SIPI-SIPI with
 ;     SIPI vector 0x08 (CS = 0x0800, IP = 0).
-; Both go to long mode through the same 32-bit sequence (ENTER_LONG_MODE),
-; then set up their per-core state (cpu_init) and meet in run_guest.
+; Both fw_go to long mode through the same 32-bit sequence (fw_ENTER_LONG_MODE),
+; then set up their per-core state (fw_cpu_init) and meet in fw_run_guest.
 ; The layout and calling conventions are in docs/guest-abi.md.
 ;
 ; keystone quirks this file works around (see DESIGN.md):
@@ -22,21 +22,21 @@
 ; CR4.PAE, CR3, EFER.LME, then CR0.PG, immediately followed by a far jump to
 ; a 64-bit code segment.  Also enables SSE (CR4.OSFXSR/OSXMMEXCPT, CR0.MP,
 ; CR0.EM clear) so that compiled guest code may use it, and clears CD/NW.
-.set APIC_PDE, APIC_MMIO_BASE | _PAGE_PRESENT | _PAGE_RW | _PAGE_PSE | _PAGE_PCD | _PAGE_PWT
-.set APIC_PDE_OFFSET, (APIC_MMIO_BASE >> 21) * 8
-.set CR0_BOOT_CLEAR, 0xFFFFFFFF - (X86_CR0_EM | X86_CR0_NW | X86_CR0_CD)
-.macro ENTER_LONG_MODE target
+.set fw_APIC_PDE, APIC_MMIO_BASE | _PAGE_PRESENT | _PAGE_RW | _PAGE_PSE | _PAGE_PCD | _PAGE_PWT
+.set fw_APIC_PDE_OFFSET, (APIC_MMIO_BASE >> 21) * 8
+.set fw_CR0_BOOT_CLEAR, 0xFFFFFFFF - (X86_CR0_EM | X86_CR0_NW | X86_CR0_CD)
+.macro fw_ENTER_LONG_MODE target
     mov eax, cr4
     or eax, X86_CR4_PAE | X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT
     mov cr4, eax
-    mov eax, pml4
+    mov eax, fw_pml4
     mov cr3, eax
     mov ecx, MSR_EFER
     rdmsr
     or eax, EFER_LME
     wrmsr
     mov eax, cr0
-    and eax, CR0_BOOT_CLEAR
+    and eax, fw_CR0_BOOT_CLEAR
     or eax, X86_CR0_PG | X86_CR0_WP | X86_CR0_NE | X86_CR0_MP | X86_CR0_PE
     mov cr0, eax
     .byte 0xEA                  ; ljmp SEL_CODE64:\target
@@ -53,54 +53,60 @@ ap_entry:
     cld
     mov ax, cs
     mov ds, ax
-    mov bx, gdt_ptr - ap_entry
+    mov bx, fw_gdt_ptr - ap_entry
     .byte 0x66                  ; 32-bit operand: the full 32-bit GDT base
     lgdt [bx]
     mov eax, cr0
     or eax, X86_CR0_PE
     mov cr0, eax
-    .byte 0x66, 0xEA            ; ljmp SEL_CODE32:ap_protected (32-bit offset)
-    .long ap_protected
+    .byte 0x66, 0xEA            ; ljmp SEL_CODE32:fw_ap_protected (32-bit offset)
+    .long fw_ap_protected
     .word SEL_CODE32
 
 .balign 8
-gdt_ptr:                        ; read by lgdt in all three modes
+fw_gdt_ptr:                        ; read by lgdt in all three modes
     .word GDT_LIMIT
-    .quad gdt
-idt_ptr:
+    .quad fw_gdt
+fw_idt_ptr:
     .word 256 * 16 - 1
-    .quad idt
+    .quad fw_idt
 
 ; Each CPU mode gets its own code page, so that a page is only ever decoded
 ; in one mode (the platform scans a code page on its first fetch).
 .balign 4096, 0
 .code32
-ap_protected:
+fw_ap_protected:
     mov ax, SEL_DATA
     mov ds, ax
     mov es, ax
     mov ss, ax
     mov fs, ax
     mov gs, ax
-    ENTER_LONG_MODE ap_long
+    fw_ENTER_LONG_MODE fw_ap_long
 
 ; ============================================================================
 ; BSP entry, 32-bit protected mode, paging off
 _start32:
     cli
     cld
+    mov ax, SEL_DATA            ; reload the flat data selectors from the
+    mov ds, ax                  ; loader's GDT: never trust hidden bases
+    mov es, ax
+    mov ss, ax
+    mov fs, ax
+    mov gs, ax
     cmp dword ptr [BOOTINFO_MAGIC], BOOTINFO_MAGIC_VALUE
-    jne bad_bootinfo32
+    jne fw_bad_bootinfo32
     cmp dword ptr [BOOTINFO_RAM_BYTES + 4], 0       ; RAM must end below 4 GiB
-    jne bad_bootinfo32
+    jne fw_bad_bootinfo32
 
     ; Identity map: PML4[0] -> PDPT, PDPT[0..3] -> 4 page directories of
     ; 2 MiB pages covering RAM (rounded up to 2 MiB), plus the xAPIC page.
-    mov eax, pdpt
+    mov eax, fw_pdpt
     or eax, _PAGE_PRESENT | _PAGE_RW
-    mov dword ptr [pml4], eax
-    mov edi, pdpt
-    mov eax, pd
+    mov dword ptr [fw_pml4], eax
+    mov edi, fw_pdpt
+    mov eax, fw_pd
     or eax, _PAGE_PRESENT | _PAGE_RW
     mov ecx, 4
 1:  mov dword ptr [edi], eax
@@ -111,37 +117,37 @@ _start32:
 
     mov ecx, dword ptr [BOOTINFO_RAM_BYTES]
     add ecx, 0x1FFFFF
-    jc bad_bootinfo32
+    jc fw_bad_bootinfo32
     shr ecx, 21                 ; number of 2 MiB pages
-    jz bad_bootinfo32
-    mov edi, pd
+    jz fw_bad_bootinfo32
+    mov edi, fw_pd
     mov eax, _PAGE_PRESENT | _PAGE_RW | _PAGE_PSE
 2:  mov dword ptr [edi], eax
     add eax, 0x200000
     add edi, 8
     dec ecx
     jnz 2b
-    mov edi, pd
-    add edi, APIC_PDE_OFFSET
-    mov dword ptr [edi], APIC_PDE
+    mov edi, fw_pd
+    add edi, fw_APIC_PDE_OFFSET
+    mov dword ptr [edi], fw_APIC_PDE
 
-    .byte 0x0F, 0x01, 0x15      ; lgdt [gdt_ptr]
-    .long gdt_ptr
-    .byte 0xEA                  ; ljmp SEL_CODE32:bsp_protected
-    .long bsp_protected
+    .byte 0x0F, 0x01, 0x15      ; lgdt [fw_gdt_ptr]
+    .long fw_gdt_ptr
+    .byte 0xEA                  ; ljmp SEL_CODE32:fw_bsp_protected
+    .long fw_bsp_protected
     .word SEL_CODE32
-bsp_protected:
+fw_bsp_protected:
     mov ax, SEL_DATA
     mov ds, ax
     mov es, ax
     mov ss, ax
     mov fs, ax
     mov gs, ax
-    ENTER_LONG_MODE bsp_long
+    fw_ENTER_LONG_MODE fw_bsp_long
 
 ; no stack, no long mode: report on the UART and fail through the exit device
-bad_bootinfo32:
-    mov esi, msg_bad_bootinfo
+fw_bad_bootinfo32:
+    mov esi, fw_msg_bad_bootinfo
 3:  mov al, byte ptr [esi]
     test al, al
     jz 5f
@@ -162,7 +168,7 @@ bad_bootinfo32:
 ; ============================================================================
 .balign 4096, 0
 .code64
-bsp_long:
+fw_bsp_long:
     mov ax, SEL_DATA
     mov ds, ax
     mov es, ax
@@ -172,138 +178,138 @@ bsp_long:
 
     mov eax, dword ptr [BOOTINFO_NR_CPUS]
     test eax, eax
-    jz bad_cpu_count
+    jz fw_bad_cpu_count
     cmp eax, MAX_CPUS
-    ja bad_cpu_count
-    mov dword ptr [nr_cpus], eax
+    ja fw_bad_cpu_count
+    mov dword ptr [fw_nr_cpus], eax
     mov rax, qword ptr [BOOTINFO_TSC_HZ]
     test rax, rax
-    jz bad_tsc_hz
-    mov qword ptr [tsc_hz_value], rax
+    jz fw_bad_tsc_hz
+    mov qword ptr [fw_tsc_hz_value], rax
 
     ; stacks: CPU_STACK_SLOT bytes per core, downwards from the top of RAM
     mov rax, qword ptr [BOOTINFO_RAM_BYTES]
     and rax, -4096
-    mov qword ptr [stack_area_top], rax
-    mov ecx, dword ptr [nr_cpus]
+    mov qword ptr [fw_stack_area_top], rax
+    mov ecx, dword ptr [fw_nr_cpus]
     imul rcx, rcx, CPU_STACK_SLOT
     sub rax, rcx
-    jb ram_too_small
+    jb fw_ram_too_small
     mov rcx, _image_end
     cmp rax, rcx
-    jb ram_too_small
-    mov rsp, qword ptr [stack_area_top]
+    jb fw_ram_too_small
+    mov rsp, qword ptr [fw_stack_area_top]
 
     ; the core -> x2APIC ID table (the contract: core i has APIC ID i)
     xor ecx, ecx
-7:  mov dword ptr [apic_id_table + rcx * 4], ecx
+7:  mov dword ptr [fw_apic_id_table + rcx * 4], ecx
     inc ecx
-    cmp ecx, dword ptr [nr_cpus]
+    cmp ecx, dword ptr [fw_nr_cpus]
     jb 7b
 
-    call build_idt
+    call fw_build_idt
     xor edi, edi
-    call cpu_init
+    call fw_cpu_init
     mov ecx, X2APIC_ID
     rdmsr
-    cmp eax, dword ptr [apic_id_table]
-    jne bsp_not_core0
+    cmp eax, dword ptr [fw_apic_id_table]
+    jne fw_bsp_not_core0
     mov dword ptr gs:[PERCPU_ONLINE], 1
 
-    call start_aps
+    call fw_start_aps
 
-    mov dword ptr [go], 1
-    jmp run_guest
+    mov dword ptr [fw_go], 1
+    jmp fw_run_guest
 
-bad_cpu_count:
-    mov rdi, msg_bad_cpu_count
-    jmp boot_fatal
-bad_tsc_hz:
-    mov rdi, msg_bad_tsc_hz
-    jmp boot_fatal
-ram_too_small:
-    mov rdi, msg_ram_too_small
-    jmp boot_fatal
-bsp_not_core0:
-    mov rdi, msg_bsp_not_core0
-    jmp boot_fatal
-boot_fatal:                     ; rdi = message; needs a stack
-    mov rsp, boot_fatal_stack_top
+fw_bad_cpu_count:
+    mov rdi, fw_msg_bad_cpu_count
+    jmp fw_boot_fatal
+fw_bad_tsc_hz:
+    mov rdi, fw_msg_bad_tsc_hz
+    jmp fw_boot_fatal
+fw_ram_too_small:
+    mov rdi, fw_msg_ram_too_small
+    jmp fw_boot_fatal
+fw_bsp_not_core0:
+    mov rdi, fw_msg_bsp_not_core0
+    jmp fw_boot_fatal
+fw_boot_fatal:                     ; rdi = message; needs a stack
+    mov rsp, fw_boot_fatal_stack_top
     call print
     mov edi, 0xFE
     call fail
 
 ; ----------------------------------------------------------------------------
-; start_aps: INIT + SIPI to every AP (x2APIC ICR, physical destination), then
+; fw_start_aps: INIT + SIPI to every AP (x2APIC ICR, physical destination), then
 ; wait for each to come online; a second SIPI goes only to the APs that are
 ; not online after the first wait (an AP that already left wait-for-SIPI
 ; ignores it anyway).  An AP still missing after the second wait is fatal.
-start_aps:
+fw_start_aps:
     push rbx
     mov ebx, 1
-1:  cmp ebx, dword ptr [nr_cpus]
+1:  cmp ebx, dword ptr [fw_nr_cpus]
     jae 2f
-    mov edx, dword ptr [apic_id_table + rbx * 4]
+    mov edx, dword ptr [fw_apic_id_table + rbx * 4]
     mov eax, APIC_INT_ASSERT | APIC_DM_INIT
     mov ecx, X2APIC_ICR
     wrmsr
     mov edi, 10000              ; 10 us
     call delay_ns
     mov edi, ebx
-    call send_sipi
+    call fw_send_sipi
     inc ebx
     jmp 1b
 2:  mov edi, 10000000           ; up to 10 ms for all APs
-    call wait_aps_online
+    call fw_wait_aps_online
     test eax, eax
     jz 5f
     mov ebx, 1                  ; second SIPI to the missing ones
-3:  cmp ebx, dword ptr [nr_cpus]
+3:  cmp ebx, dword ptr [fw_nr_cpus]
     jae 4f
     mov rax, rbx
     imul rax, rax, PERCPU_SIZE
-    cmp dword ptr [percpu + rax + PERCPU_ONLINE], 0
+    cmp dword ptr [fw_percpu + rax + PERCPU_ONLINE], 0
     jne 31f
     mov edi, ebx
-    call send_sipi
+    call fw_send_sipi
 31: inc ebx
     jmp 3b
 4:  mov edi, 100000000          ; up to 100 ms more
-    call wait_aps_online
+    call fw_wait_aps_online
     test eax, eax
     jz 5f
     mov ebx, eax
-    mov rdi, msg_ap_missing
+    mov rdi, fw_msg_ap_missing
     call print
     mov edi, ebx
     call print_dec
-    mov rdi, msg_ap_missing2
-    jmp boot_fatal
+    mov rdi, fw_msg_ap_missing2
+    jmp fw_boot_fatal
 5:  pop rbx
     ret
 
-send_sipi:                      ; edi = core index
+fw_send_sipi:                      ; edi = core index
     mov edi, edi
-    mov edx, dword ptr [apic_id_table + rdi * 4]
+    mov edx, dword ptr [fw_apic_id_table + rdi * 4]
     mov eax, APIC_INT_ASSERT | APIC_DM_STARTUP | AP_SIPI_VECTOR
     mov ecx, X2APIC_ICR
     wrmsr
     ret
 
-; wait_aps_online(edi = timeout in ns): eax = 0 when every core is online,
+; fw_wait_aps_online(edi = timeout in ns): eax = 0 when every core is online,
 ; else the index of the first core that is not.
-wait_aps_online:
+fw_wait_aps_online:
     push rbx
     push r12
     mov r12, rdi
     call rdtsc64
     mov rbx, rax
 1:  mov ecx, 1
-2:  cmp ecx, dword ptr [nr_cpus]
+2:  cmp ecx, dword ptr [fw_nr_cpus]
     jae 4f
     mov rax, rcx
     imul rax, rax, PERCPU_SIZE
-    cmp dword ptr [percpu + rax + PERCPU_ONLINE], 0
+    cmp dword ptr [fw_percpu + rax + PERCPU_ONLINE], 0
     je 3f
     inc ecx
     jmp 2b
@@ -323,8 +329,8 @@ wait_aps_online:
 
 ; ----------------------------------------------------------------------------
 ; AP in long mode: find its core index by its x2APIC ID, take its stack,
-; set up, check in, wait for the BSP's go.
-ap_long:
+; set up, check in, wait for the BSP's fw_go.
+fw_ap_long:
     mov ax, SEL_DATA
     mov ds, ax
     mov es, ax
@@ -340,49 +346,49 @@ ap_long:
     mov ecx, X2APIC_ID
     rdmsr
     xor ebx, ebx
-1:  cmp ebx, dword ptr [nr_cpus]
-    jae ap_unknown
-    cmp dword ptr [apic_id_table + rbx * 4], eax
+1:  cmp ebx, dword ptr [fw_nr_cpus]
+    jae fw_ap_unknown
+    cmp dword ptr [fw_apic_id_table + rbx * 4], eax
     je 2f
     inc ebx
     jmp 1b
 2:  mov rax, rbx
     imul rax, rax, CPU_STACK_SLOT
-    mov rsp, qword ptr [stack_area_top]
+    mov rsp, qword ptr [fw_stack_area_top]
     sub rsp, rax
     mov edi, ebx
-    call cpu_init
+    call fw_cpu_init
     mov dword ptr gs:[PERCPU_ONLINE], 1
-3:  cmp dword ptr [go], 0
-    jne run_guest
+3:  cmp dword ptr [fw_go], 0
+    jne fw_run_guest
     pause
     jmp 3b
-ap_unknown:                     ; an APIC ID outside the table: stay offline
+fw_ap_unknown:                     ; an APIC ID outside the table: stay offline
     cli
     hlt
-    jmp ap_unknown
+    jmp fw_ap_unknown
 
 ; ----------------------------------------------------------------------------
-; cpu_init(edi = core index), on the core's own stack: per-core area and GS
+; fw_cpu_init(edi = core index), on the core's own stack: per-core area and GS
 ; base, TSS with IST1 and its GDT descriptor, LTR, LIDT, x2APIC mode, SVR
 ; software enable with the spurious vector, timer divide-by-1 and masked.
-cpu_init:
+fw_cpu_init:
     push rbx
     push r12
     mov r12d, edi
     mov rbx, r12
     imul rbx, rbx, PERCPU_SIZE
-    add rbx, percpu                     ; rbx = this core's area
+    add rbx, fw_percpu                     ; rbx = this core's area
     mov qword ptr [rbx + PERCPU_ID], r12
     mov qword ptr [rbx + PERCPU_SELF], rbx
-    mov rax, qword ptr [stack_area_top]
+    mov rax, qword ptr [fw_stack_area_top]
     mov rcx, r12
     imul rcx, rcx, CPU_STACK_SLOT
     sub rax, rcx
     mov qword ptr [rbx + PERCPU_STACK_TOP], rax
     sub rax, STACK_SIZE
     mov qword ptr [rbx + PERCPU_IST_TOP], rax
-    mov eax, dword ptr [apic_id_table + r12 * 4]
+    mov eax, dword ptr [fw_apic_id_table + r12 * 4]
     mov dword ptr [rbx + PERCPU_APIC_ID], eax
     mov ecx, MSR_GS_BASE
     mov rax, rbx
@@ -393,7 +399,7 @@ cpu_init:
     ; TSS: RSP0, IST1, no I/O bitmap (IOPB offset past the limit)
     mov rdi, r12
     shl rdi, 7                          ; 128 bytes per TSS
-    add rdi, tss_table
+    add rdi, fw_tss_table
     mov rax, qword ptr [rbx + PERCPU_STACK_TOP]
     mov qword ptr [rdi + TSS_RSP0], rax
     mov rax, qword ptr [rbx + PERCPU_IST_TOP]
@@ -414,7 +420,7 @@ cpu_init:
     or rax, rdx
     mov rcx, r12
     shl rcx, 4
-    add rcx, gdt + SEL_TSS0
+    add rcx, fw_gdt + SEL_TSS0
     mov qword ptr [rcx], rax
     mov rdx, rdi
     shr rdx, 32                         ; base 63:32
@@ -423,7 +429,7 @@ cpu_init:
     shl eax, 4
     add eax, SEL_TSS0
     ltr ax
-    lidt [idt_ptr]
+    lidt [fw_idt_ptr]
 
     ; x2APIC mode (xAPIC first, then x2APIC, as the SDM allows)
     mov ecx, MSR_IA32_APICBASE
@@ -447,11 +453,11 @@ cpu_init:
     ret
 
 ; ----------------------------------------------------------------------------
-; build_idt: 256 64-bit interrupt gates (type 0xE, P, DPL 0) on SEL_CODE64,
-; gate v -> isr_stubs + 16 * v; NMI and #DF on IST1.
-build_idt:
-    mov rsi, isr_stubs
-    mov rdi, idt
+; fw_build_idt: 256 64-bit interrupt gates (type 0xE, P, DPL 0) on SEL_CODE64,
+; gate v -> fw_isr_stubs + 16 * v; NMI and #DF on IST1.
+fw_build_idt:
+    mov rsi, fw_isr_stubs
+    mov rdi, fw_idt
     xor ecx, ecx
 1:  mov rax, rsi
     and eax, 0xFFFF                     ; offset 15:0
@@ -483,23 +489,23 @@ build_idt:
 ; Interrupt entry stubs, 16 bytes each.  Vectors without a CPU error code push
 ; a 0 in its place, so every frame has the same layout (FRAME_* in defs.S).
 .balign 16
-isr_stubs:
-.set isr_vec, 0
+fw_isr_stubs:
+.set fw_isr_vec, 0
 .rept 256
     .balign 16
-    .if (isr_vec == 8) || (isr_vec == 10) || (isr_vec == 11) || (isr_vec == 12) || (isr_vec == 13) || (isr_vec == 14) || (isr_vec == 17) || (isr_vec == 21) || (isr_vec == 29) || (isr_vec == 30)
+    .if (fw_isr_vec == 8) || (fw_isr_vec == 10) || (fw_isr_vec == 11) || (fw_isr_vec == 12) || (fw_isr_vec == 13) || (fw_isr_vec == 14) || (fw_isr_vec == 17) || (fw_isr_vec == 21) || (fw_isr_vec == 29) || (fw_isr_vec == 30)
     .else
     push 0
     .endif
-    push isr_vec
-    jmp isr_common
-    .set isr_vec, isr_vec + 1
+    push fw_isr_vec
+    jmp fw_isr_common
+    .set fw_isr_vec, fw_isr_vec + 1
 .endr
 
-; Saves the general registers (the frame), calls handler_table[vector] as
+; Saves the general registers (the frame), calls fw_handler_table[vector] as
 ; fn(vector, frame) on a 16-byte aligned stack, restores the registers from
 ; the frame (so a handler may change them, RIP included), IRETQ.
-isr_common:
+fw_isr_common:
     push r15
     push r14
     push r13
@@ -518,14 +524,14 @@ isr_common:
     cld
     mov rdi, qword ptr [rsp + FRAME_VECTOR]
     mov rsi, rsp
-    mov rax, qword ptr [handler_table + rdi * 8]
+    mov rax, qword ptr [fw_handler_table + rdi * 8]
     test rax, rax
-    jz isr_no_handler
+    jz fw_isr_no_handler
     mov rbp, rsp
     and rsp, -16
     call rax
     mov rsp, rbp
-isr_return:
+fw_isr_return:
     pop rax
     pop rbx
     pop rcx
@@ -544,29 +550,29 @@ isr_return:
     add rsp, 16                 ; vector, error code
     iretq
 
-isr_no_handler:
+fw_isr_no_handler:
     cmp edi, SPURIOUS_APIC_VECTOR   ; a spurious interrupt needs no EOI: ignore
-    je isr_return
+    je fw_isr_return
     mov rbx, rsp
     and rsp, -16
     call console_force_unlock
-    mov rdi, msg_unhandled
+    mov rdi, fw_msg_unhandled
     call print
     mov rdi, qword ptr [rbx + FRAME_VECTOR]
     call print_hex
-    mov rdi, msg_unhandled_rip
+    mov rdi, fw_msg_unhandled_rip
     call print
     mov rdi, qword ptr [rbx + FRAME_RIP]
     call print_hex
-    mov rdi, msg_unhandled_err
+    mov rdi, fw_msg_unhandled_err
     call print
     mov rdi, qword ptr [rbx + FRAME_ERROR]
     call print_hex
-    mov rdi, msg_unhandled_core
+    mov rdi, fw_msg_unhandled_core
     call print
     mov rdi, qword ptr gs:[PERCPU_ID]
     call print_dec
-    mov rdi, msg_close_paren
+    mov rdi, fw_msg_close_paren
     call print
     mov edi, 0xFD
     call fail
@@ -574,9 +580,9 @@ isr_no_handler:
 ; ----------------------------------------------------------------------------
 ; Every core: call the guest with (core id, number of cores, library table).
 ; The BSP reports the return value (0 = pass); an AP that returns is parked.
-run_guest:
+fw_run_guest:
     mov rdi, qword ptr gs:[PERCPU_ID]
-    mov esi, dword ptr [nr_cpus]
+    mov esi, dword ptr [fw_nr_cpus]
     mov rdx, lib_table
     mov rax, qword ptr [BOOTINFO_ELF_ENTRY]
     test rax, rax
@@ -584,59 +590,59 @@ run_guest:
     mov rax, guest_main
 1:  call rax
     cmp qword ptr gs:[PERCPU_ID], 0
-    jne park
+    jne fw_park
     mov edi, eax
     test eax, eax
     jnz 2f
     call pass
 2:  call fail
-park:
+fw_park:
     cli
     hlt
-    jmp park
+    jmp fw_park
 
 .rodata
-msg_bad_bootinfo:   .asciz "firmware: bad boot-info block at 0x5000 (magic or RAM size)\n"
-msg_bad_cpu_count:  .asciz "firmware: boot info: number of cores must be 1..64\n"
-msg_bad_tsc_hz:     .asciz "firmware: boot info: TSC frequency is 0\n"
-msg_ram_too_small:  .asciz "firmware: RAM too small for the image and the per-core stacks\n"
-msg_bsp_not_core0:  .asciz "firmware: the BSP's x2APIC ID is not core 0's\n"
-msg_ap_missing:     .asciz "firmware: core "
-msg_ap_missing2:    .asciz " did not come online after INIT-SIPI-SIPI\n"
-msg_unhandled:      .asciz "unhandled exception/interrupt "
-msg_unhandled_rip:  .asciz " at RIP "
-msg_unhandled_err:  .asciz " (error code "
-msg_unhandled_core: .asciz ", core "
-msg_close_paren:    .asciz ")\n"
+fw_msg_bad_bootinfo:   .asciz "firmware: bad boot-info block at 0x5000 (magic or RAM size)\n"
+fw_msg_bad_cpu_count:  .asciz "firmware: boot info: number of cores must be 1..64\n"
+fw_msg_bad_tsc_hz:     .asciz "firmware: boot info: TSC frequency is 0\n"
+fw_msg_ram_too_small:  .asciz "firmware: RAM too small for the image and the per-core stacks\n"
+fw_msg_bsp_not_core0:  .asciz "firmware: the BSP's x2APIC ID is not core 0's\n"
+fw_msg_ap_missing:     .asciz "firmware: core "
+fw_msg_ap_missing2:    .asciz " did not come online after INIT-SIPI-SIPI\n"
+fw_msg_unhandled:      .asciz "unhandled exception/interrupt "
+fw_msg_unhandled_rip:  .asciz " at RIP "
+fw_msg_unhandled_err:  .asciz " (error code "
+fw_msg_unhandled_core: .asciz ", core "
+fw_msg_close_paren:    .asciz ")\n"
 .text
 
 ; ============================================================================
 ; Written data: the .data pages, after all the code.
 .data
 .balign 4096
-pml4:           .space 4096
-pdpt:           .space 4096
-pd:             .space 4 * 4096     ; 4 GiB of 2 MiB pages
-idt:            .space 256 * 16
-handler_table:  .space 256 * 8      ; set_handler(); 0 = none
+fw_pml4:           .space 4096
+fw_pdpt:           .space 4096
+fw_pd:             .space 4 * 4096     ; 4 GiB of 2 MiB pages
+fw_idt:            .space 256 * 16
+fw_handler_table:  .space 256 * 8      ; set_handler(); 0 = none
 .balign 16
-gdt:
+fw_gdt:
     .quad 0                         ; null
     .quad 0x00AF9B000000FFFF        ; 0x08 64-bit code (accessed bit preset)
     .quad 0x00CF93000000FFFF        ; 0x10 flat data
     .quad 0x00CF9B000000FFFF        ; 0x18 flat 32-bit code
     .space 16 * MAX_CPUS            ; 0x20 + 16 i: core i's TSS
 .balign 128
-tss_table:      .space 128 * MAX_CPUS
+fw_tss_table:      .space 128 * MAX_CPUS
 .balign 64
-percpu:         .space PERCPU_SIZE * MAX_CPUS
-apic_id_table:  .space 4 * MAX_CPUS
+fw_percpu:         .space PERCPU_SIZE * MAX_CPUS
+fw_apic_id_table:  .space 4 * MAX_CPUS
 .balign 8
-nr_cpus:        .long 0
-go:             .long 0
-stack_area_top: .quad 0
-tsc_hz_value:   .quad 0
+fw_nr_cpus:        .long 0
+fw_go:             .long 0
+fw_stack_area_top: .quad 0
+fw_tsc_hz_value:   .quad 0
 .balign 16
-boot_fatal_stack: .space 1024
-boot_fatal_stack_top:
+fw_boot_fatal_stack: .space 1024
+fw_boot_fatal_stack_top:
 .text

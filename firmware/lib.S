@@ -32,10 +32,10 @@ putc:
 console_lock:
     mov ecx, dword ptr gs:[PERCPU_ID]
     inc ecx
-    cmp dword ptr [console_owner], ecx
+    cmp dword ptr [fw_console_owner], ecx
     je 2f
 1:  xor eax, eax
-    lock cmpxchg dword ptr [console_owner], ecx
+    lock cmpxchg dword ptr [fw_console_owner], ecx
     jz 3f
     pause
     jmp 1b
@@ -48,12 +48,12 @@ console_lock:
 console_unlock:
     test edi, edi
     jz 1f
-    mov dword ptr [console_owner], 0
+    mov dword ptr [fw_console_owner], 0
 1:  ret
 
 ; console_force_unlock(): for the fatal paths only.
 console_force_unlock:
-    mov dword ptr [console_owner], 0
+    mov dword ptr [fw_console_owner], 0
     ret
 
 ; print(const char *s): a NUL-terminated string, atomically w.r.t. other cores.
@@ -87,7 +87,7 @@ print_hex:
 1:  dec rbx
     mov ecx, eax
     and ecx, 15
-    movzx ecx, byte ptr [hex_digits + rcx]
+    movzx ecx, byte ptr [fw_hex_digits + rcx]
     mov byte ptr [rbx], cl
     shr rax, 4
     jnz 1b
@@ -123,29 +123,29 @@ print_dec:
     ret
 
 .rodata
-hex_digits: .ascii "0123456789abcdef"
+fw_hex_digits: .ascii "0123456789abcdef"
 .text
 
 ; ---------------------------------------------------------------- verdict
 ; pass(): prints "PASS", writes 0 to the exit device; does not return.
 pass:
     and rsp, -16
-    mov rdi, msg_pass
+    mov rdi, fw_msg_pass
     call print
     xor eax, eax
     out EXIT_PORT, al
-    jmp halt_forever
+    jmp fw_halt_forever
 
 ; fail(code): prints "FAIL <code>", writes the code to the exit device (one
 ; byte; a code outside 1..255 is written as 255); does not return.
 fail:
     and rsp, -16
     mov rbx, rdi
-    mov rdi, msg_fail
+    mov rdi, fw_msg_fail
     call print
     mov rdi, rbx
     call print_dec
-    mov rdi, msg_newline
+    mov rdi, fw_msg_newline
     call print
     mov rax, rbx
     test rax, rax
@@ -154,15 +154,23 @@ fail:
     jbe 2f
 1:  mov eax, 255
 2:  out EXIT_PORT, al
-halt_forever:
+fw_halt_forever:
     cli
     hlt
-    jmp halt_forever
+    jmp fw_halt_forever
+
+; fail_msg(const char *msg, code): print(msg), then fail(code).
+fail_msg:
+    and rsp, -16
+    mov rbx, rsi
+    call print
+    mov rdi, rbx
+    call fail
 
 .rodata
-msg_pass:    .asciz "PASS\n"
-msg_fail:    .asciz "FAIL "
-msg_newline: .asciz "\n"
+fw_msg_pass:    .asciz "PASS\n"
+fw_msg_fail:    .asciz "FAIL "
+fw_msg_newline: .asciz "\n"
 .text
 
 ; ---------------------------------------------------------------- time, identity
@@ -175,7 +183,7 @@ rdtsc64:
 
 ; tsc_hz(): TSC ticks per second, from the boot info.
 tsc_hz:
-    mov rax, qword ptr [tsc_hz_value]
+    mov rax, qword ptr [fw_tsc_hz_value]
     ret
 
 ; delay_ns(ns): busy-wait at least ns nanoseconds by the TSC.  Reads the TSC
@@ -183,7 +191,7 @@ tsc_hz:
 delay_ns:
     push rbx
     mov rax, rdi
-    mul qword ptr [tsc_hz_value]
+    mul qword ptr [fw_tsc_hz_value]
     mov rcx, 1000000000
     cmp rdx, rcx
     jae 3f                          ; more than 2**64 ticks: forever, as asked
@@ -210,7 +218,7 @@ this_cpu:
 
 ; num_cpus(): the number of cores.
 num_cpus:
-    mov eax, dword ptr [nr_cpus]
+    mov eax, dword ptr [fw_nr_cpus]
     ret
 
 ; ---------------------------------------------------------------- APIC
@@ -218,15 +226,15 @@ num_cpus:
 ; x2APIC ID, one WRMSR to the ICR.  A core outside 0..num_cpus-1 is fatal.
 send_ipi:
     mov edi, edi
-    cmp edi, dword ptr [nr_cpus]
+    cmp edi, dword ptr [fw_nr_cpus]
     jae 1f
-    mov edx, dword ptr [apic_id_table + rdi * 4]
+    mov edx, dword ptr [fw_apic_id_table + rdi * 4]
     movzx eax, sil
     mov ecx, X2APIC_ICR
     wrmsr
     ret
-1:  mov rdi, msg_bad_core
-    jmp lib_fatal
+1:  mov rdi, fw_msg_bad_core
+    jmp fw_lib_fatal
 
 ; eoi(): end of interrupt (x2APIC EOI register, value 0).
 eoi:
@@ -241,14 +249,14 @@ timer_oneshot:
     mov eax, esi
     and eax, 0xFF
     or eax, APIC_LVT_TIMER_ONESHOT
-    jmp timer_start
+    jmp fw_timer_start
 
 ; timer_periodic(u32 count, vector): LVTT periodic with vector, then TMICT.
 timer_periodic:
     mov eax, esi
     and eax, 0xFF
     or eax, APIC_LVT_TIMER_PERIODIC
-timer_start:
+fw_timer_start:
     mov ecx, X2APIC_LVTT
     xor edx, edx
     wrmsr
@@ -298,16 +306,16 @@ timer_divide:
     je 3f
     inc ecx
     jmp 1b
-2:  mov rdi, msg_bad_divisor
-    jmp lib_fatal
-3:  movzx eax, byte ptr [tdcr_codes + rcx]
+2:  mov rdi, fw_msg_bad_divisor
+    jmp fw_lib_fatal
+3:  movzx eax, byte ptr [fw_tdcr_codes + rcx]
     mov ecx, X2APIC_TDCR
     xor edx, edx
     wrmsr
     ret
 
 .rodata
-tdcr_codes: .byte APIC_TDR_DIV_1, APIC_TDR_DIV_2, APIC_TDR_DIV_4, APIC_TDR_DIV_8
+fw_tdcr_codes: .byte APIC_TDR_DIV_1, APIC_TDR_DIV_2, APIC_TDR_DIV_4, APIC_TDR_DIV_8
             .byte APIC_TDR_DIV_16, APIC_TDR_DIV_32, APIC_TDR_DIV_64, APIC_TDR_DIV_128
 .text
 
@@ -338,17 +346,17 @@ spin_unlock:
 ; barrier(): returns once every core has called it (sense-counting barrier;
 ; reusable).  Does not touch RFLAGS.IF.
 barrier:
-    mov ecx, dword ptr [barrier_generation]
+    mov ecx, dword ptr [fw_barrier_generation]
     mov eax, 1
-    lock xadd dword ptr [barrier_count], eax
+    lock xadd dword ptr [fw_barrier_count], eax
     inc eax
-    cmp eax, dword ptr [nr_cpus]
+    cmp eax, dword ptr [fw_nr_cpus]
     jne 2f
-    mov dword ptr [barrier_count], 0
-    lock inc dword ptr [barrier_generation]
+    mov dword ptr [fw_barrier_count], 0
+    lock inc dword ptr [fw_barrier_generation]
     ret
 2:  pause
-    cmp dword ptr [barrier_generation], ecx
+    cmp dword ptr [fw_barrier_generation], ecx
     je 2b
     ret
 
@@ -360,10 +368,10 @@ set_handler:
     cmp rdi, 255
     ja 1f
     mov rax, rsi
-    xchg rax, qword ptr [handler_table + rdi * 8]
+    xchg rax, qword ptr [fw_handler_table + rdi * 8]
     ret
-1:  mov rdi, msg_bad_vector
-    jmp lib_fatal
+1:  mov rdi, fw_msg_bad_vector
+    jmp fw_lib_fatal
 
 ; ---------------------------------------------------------------- markers
 steady_begin:
@@ -375,23 +383,23 @@ steady_end:
     ret
 
 ; ---------------------------------------------------------------- errors
-lib_fatal:                          ; rdi = message
+fw_lib_fatal:                          ; rdi = message
     and rsp, -16
     call print
     mov edi, 0xFC
     call fail
 
 .rodata
-msg_bad_core:    .asciz "send_ipi: no such core\n"
-msg_bad_divisor: .asciz "timer_divide: divisor must be 1, 2, 4, ..., 128\n"
-msg_bad_vector:  .asciz "set_handler: vector must be 0..255\n"
+fw_msg_bad_core:    .asciz "send_ipi: no such core\n"
+fw_msg_bad_divisor: .asciz "timer_divide: divisor must be 1, 2, 4, ..., 128\n"
+fw_msg_bad_vector:  .asciz "set_handler: vector must be 0..255\n"
 
 ; ---------------------------------------------------------------- ELF guests
 ; lib_table: rdx at an ELF guest's entry.  u64 number of entries, then the
 ; function addresses in this order (append only).
 .balign 8
 lib_table:
-    .quad 25
+    .quad 26
     .quad print, print_hex, print_dec, putc
     .quad pass, fail
     .quad rdtsc64, this_cpu, num_cpus
@@ -401,11 +409,12 @@ lib_table:
     .quad set_handler
     .quad steady_begin, steady_end
     .quad barrier, timer_divide, delay_ns, tsc_hz, timer_current
+    .quad fail_msg
 
 .data
 .balign 64
-console_owner:      .long 0         ; 0 = free, else core id + 1
+fw_console_owner:      .long 0         ; 0 = free, else core id + 1
 .balign 64
-barrier_count:      .long 0
-barrier_generation: .long 0
+fw_barrier_count:      .long 0
+fw_barrier_generation: .long 0
 .text

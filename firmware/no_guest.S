@@ -3,9 +3,9 @@
 ; boot info names no ELF entry, which is then an error.
 .text
 guest_main:
-    mov rdi, msg_no_guest
+    mov rdi, fw_msg_no_guest
     call print
     mov eax, 1
     ret
 .rodata
-msg_no_guest: .asciz "firmware: no guest program (built without one and the boot info names no ELF entry)\n"
+fw_msg_no_guest: .asciz "firmware: no guest program (built without one and the boot info names no ELF entry)\n"
