@@ -564,11 +564,20 @@ def _unknown_names(text: str, known: set[str]) -> list[str]:
             if w not in known and w.lower() not in _NOT_NAMES and not _REG_RE.match(w)]
 
 
-def _locate_error(lines: list[_Line], tail: list[str], base: int) -> AsmError:
-    """Find the first statement whose prefix fails to assemble; describe it."""
+def _locate_error(lines: list[_Line], tail: list[str], base: int,
+                  whole: keystone.KsError) -> AsmError:
+    """Find the first statement whose prefix fails to assemble; describe it.
+
+    A prefix is assembled with placeholders for the labels and constants the
+    rest of the unit defines.  Labels that only a macro expansion defines get
+    no placeholder, so while the whole unit fails for another reason, a
+    prefix failing with "undefined symbol" does not count as the error.
+    """
     defined_at: list[list[str]] = [_defined_names(ln.text) for ln in lines]
     all_names: set[str] = {n for names in defined_at for n in names}
     cuts = [i + 1 for i, ln in enumerate(lines) if ln.block_depth == 0]
+    missing = keystone.KS_ERR_ASM_SYMBOL_MISSING
+    looking_for_missing = whole.errno == missing
 
     def attempt(k: int) -> tuple[Optional[keystone.KsError], str]:
         seen = {n for names in defined_at[:k] for n in names}
@@ -581,25 +590,27 @@ def _locate_error(lines: list[_Line], tail: list[str], base: int) -> AsmError:
                     stubs.append(f"{n} = {base:#x}" if is_label else f"{n} = 0")
         text = "\n".join([ln.text for ln in lines[:k]] + stubs)
         _, err, llvm = _ks_run(text, base)
+        if err is not None and err.errno == missing and not looking_for_missing:
+            err = None
         return err, llvm
 
-    lo, hi = 0, len(cuts) - 1
     found = None
-    err_at_hi, llvm_hi = attempt(cuts[hi]) if cuts else (None, "")
-    if cuts and err_at_hi is not None:
-        found = (cuts[hi], err_at_hi, llvm_hi)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            err, llvm = attempt(cuts[mid])
-            if err is not None:
-                hi, found = mid, (cuts[mid], err, llvm)
-            else:
-                lo = mid + 1
+    if cuts:
+        lo, hi = 0, len(cuts) - 1
+        err, llvm = attempt(cuts[hi])
+        if err is not None:
+            found = (cuts[hi], err, llvm)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                err, llvm = attempt(cuts[mid])
+                if err is not None:
+                    hi, found = mid, (cuts[mid], err, llvm)
+                else:
+                    lo = mid + 1
     if found is None:
         # every statement assembles: the symbol table tail itself failed
-        whole = "\n".join([ln.text for ln in lines] + tail)
-        _, err, llvm = _ks_run(whole, base)
-        return AsmError(f"assembly failed: {_describe(err, llvm) if err else 'no output'}")
+        _, err, llvm = _ks_run("\n".join([ln.text for ln in lines] + tail), base)
+        return AsmError(f"assembly failed: {_describe(err or whole, llvm)}")
     k, err, llvm = found
     ln = lines[k - 1]
     # a block statement that fails is reported at the start of its block
@@ -610,10 +621,12 @@ def _locate_error(lines: list[_Line], tail: list[str], base: int) -> AsmError:
     if line.loc is None:
         return AsmError(f"assembly failed: {_describe(err, llvm)}")
     message = _describe(err, llvm)
-    if err.errno == keystone.KS_ERR_ASM_SYMBOL_MISSING:
+    if err.errno == missing:
         unknown = _unknown_names(ln.text, all_names)
         if unknown:
             message = "undefined symbol " + ", ".join(f"'{u}'" for u in dict.fromkeys(unknown))
+    elif err.errno == keystone.KS_ERR_ASM_INVALIDOPERAND:
+        message += " (or an immediate that does not fit the operand)"
     if start != k - 1:
         message += " (in the block starting here)"
     return AsmError(message, line.loc.filename, line.loc.line, line.loc.text)
@@ -685,7 +698,7 @@ def assemble(source: str, base: int, filename: str = "<source>") -> tuple[bytes,
 
     out, err, _ = _ks_run(text, base)
     if err is not None:
-        raise _locate_error(laid_out, tail, base)
+        raise _locate_error(laid_out, tail, base, err)
     table_size = 8 * len(names)
     if out is None or len(out) < table_size:
         raise AsmError("keystone produced no output for this source", filename)

@@ -187,7 +187,8 @@ tsc_hz:
     ret
 
 ; delay_ns(ns): busy-wait at least ns nanoseconds by the TSC.  Reads the TSC
-; once per 64 iterations of a plain loop, to keep timestamp reads rare.
+; once per 1024 iterations of a plain loop (a few microseconds), to keep
+; timestamp reads rare; so it may overshoot by that much.
 delay_ns:
     push rbx
     mov rax, rdi
@@ -200,7 +201,7 @@ delay_ns:
     call rdtsc64
     add rbx, rax                    ; deadline
     jc 3f
-1:  mov ecx, 64
+1:  mov ecx, 1024
 2:  dec ecx
     jnz 2b
     call rdtsc64
