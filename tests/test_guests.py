@@ -82,3 +82,43 @@ def test_unhandled_exception_is_reported(tmp_path):
     result = run_program(path, cores=1)
     assert result.verdict == "fail"
     assert "unhandled exception/interrupt 0x6 at RIP" in result.serial
+
+
+ELF_GUEST = r"""
+typedef unsigned long u64;
+/* lib_table: [0] = number of entries, then print, print_hex, print_dec, putc,
+   pass, fail, rdtsc64, this_cpu, ... (docs/guest-abi.md, section 3) */
+int entry(u64 core, u64 ncores, const u64 *lib)
+{
+    void (*print)(const char *) = (void (*)(const char *))lib[1];
+    void (*print_dec)(u64) = (void (*)(u64))lib[3];
+    u64 (*this_cpu)(void) = (u64 (*)(void))lib[8];
+    void (*barrier)(void) = (void (*)(void))lib[21];
+    if (this_cpu() != core)
+        return 3;
+    barrier();
+    if (core == 0) {
+        print("hello from an ELF guest on ");
+        print_dec(ncores);
+        print(" cores\n");
+    }
+    return lib[0] >= 26 ? 0 : 2;
+}
+"""
+
+
+def test_elf_guest_gets_the_library_table(tmp_path):
+    import shutil
+    import subprocess
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc to build an ELF guest")
+    src = tmp_path / "guest.c"
+    src.write_text(ELF_GUEST)
+    elf = tmp_path / "guest.elf"
+    subprocess.run([gcc, "-O2", "-ffreestanding", "-fno-pic", "-no-pie", "-nostdlib", "-static",
+                    "-mgeneral-regs-only", "-fno-stack-protector", "-Wl,-Ttext-segment=0x400000",
+                    "-Wl,-e,entry", "-o", str(elf), str(src)], check=True, capture_output=True)
+    result = run_program(elf, cores=2)
+    assert result.verdict == "pass", (result.message, result.serial)
+    assert "hello from an ELF guest on 2 cores\n" in result.serial
