@@ -25,6 +25,11 @@ errors.  This module adds them with a small preprocessor:
   for each label and reading the values back from the tail of the output
   (then dropping it).  Labels starting with ``.L``, numeric labels and labels
   inside ``.macro`` / ``.rept`` / ``.irp`` / ``.if`` blocks are not listed;
+* two workarounds for silent keystone mis-encodings: constants defined once
+  are substituted by their values (keystone garbles ``100 + K`` and
+  ``[table + K]``), and ``fs:[N]`` / ``gs:[N]`` in 64-bit code are spelled
+  so that keystone emits the absolute form (it emits a wrong RIP-relative
+  one);
 * errors: :class:`AsmError`, whose message names the original file and line.
   The failing line is found by assembling growing prefixes of the unit
   (bisected), with the labels defined further down replaced by placeholders,
@@ -99,13 +104,13 @@ class AsmError(Exception):
 class Image:
     """An assembled firmware + guest image.
 
-    ``data`` is loaded at physical ``base``.  ``[base, code_end)`` is code
-    only; ``[code_end, data_start)`` is read-only data (``.rodata``);
-    written data starts at ``data_start`` and ends at
-    ``symbols["_image_end"]`` (= ``base + len(data)``); all page aligned
-    except ``code_end`` when there is no read-only data.  ``entry32`` is where the BSP starts (32-bit
-    protected mode, as a multiboot loader leaves it); the APs start at image
-    offset 0 in real mode, CS = ``ap_sipi_vector << 8``, IP = 0.
+    ``data`` is loaded at physical ``base``.  ``[base, code_end)`` holds
+    code only; ``[code_end, data_start)`` read-only data (``.rodata``);
+    ``[data_start, base + len(data))`` written data (``symbols["_image_end"]``
+    is its end); all four bounds are page aligned.  ``entry32`` is where the
+    BSP starts (32-bit protected mode, as a multiboot loader leaves it); the
+    APs start at image offset 0 in real mode, CS = ``ap_sipi_vector << 8``,
+    IP = 0.
     """
 
     base: int

@@ -11,7 +11,6 @@ import keystone
 import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
-from devirt_emu import asm
 from devirt_emu.asm import FIRMWARE_DIR, IMAGE_BASE, AsmError, assemble, build_image
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest_tests"
