@@ -5,7 +5,7 @@
 ;     mode, paging off, flat CS = 0x08 / data 0x10 (the loader's GDT), IF = 0;
 ;   * an AP at ap_entry (image offset 0) in real mode after INIT-SIPI-SIPI with
 ;     SIPI vector 0x08 (CS = 0x0800, IP = 0).
-; Both fw_go to long mode through the same 32-bit sequence (fw_ENTER_LONG_MODE),
+; Both go to long mode through the same 32-bit sequence (fw_ENTER_LONG_MODE),
 ; then set up their per-core state (fw_cpu_init) and meet in fw_run_guest.
 ; The layout and calling conventions are in docs/guest-abi.md.
 ;
@@ -215,11 +215,23 @@ fw_bsp_long:
     cmp eax, dword ptr [fw_apic_id_table]
     jne fw_bsp_not_core0
     mov dword ptr gs:[PERCPU_ONLINE], 1
+    mov edi, FW_BOOT_IPI_VECTOR
+    mov rsi, fw_boot_ipi_handler
+    call set_handler
+    mov edi, FW_BOOT_TIMER_VECTOR
+    mov rsi, fw_boot_timer_handler
+    call set_handler
 
     call fw_start_aps
 
-    mov dword ptr [fw_go], 1
-    jmp fw_run_guest
+    mov ebx, 1                  ; go: one IPI to each AP
+8:  cmp ebx, dword ptr [fw_nr_cpus]
+    jae fw_run_guest
+    mov edi, ebx
+    mov esi, FW_BOOT_IPI_VECTOR
+    call send_ipi
+    inc ebx
+    jmp 8b
 
 fw_bad_cpu_count:
     mov rdi, fw_msg_bad_cpu_count
@@ -268,7 +280,8 @@ fw_start_aps:
     jae 4f
     mov rax, rbx
     imul rax, rax, PERCPU_SIZE
-    cmp dword ptr [fw_percpu + rax + PERCPU_ONLINE], 0
+    add rax, fw_percpu
+    cmp dword ptr [rax + PERCPU_ONLINE], 0
     jne 31f
     mov edi, ebx
     call fw_send_sipi
@@ -296,40 +309,70 @@ fw_send_sipi:                      ; edi = core index
     wrmsr
     ret
 
-; fw_wait_aps_online(edi = timeout in ns): eax = 0 when every core is online,
-; else the index of the first core that is not.
+; fw_wait_aps_online(edi = timeout in ns, below 2**32): sleeps (STI; HLT)
+; until every AP's online flag is set, or the LAPIC timer (one-shot, divide
+; by 1, so one count per ns) ends the wait.  An AP sends an IPI after setting
+; its flag only to wake the BSP: IPIs of one vector coalesce in the IRR, so
+; they are not counted.  eax = 0 when every core is online, else the index
+; of the first core that is not.
 fw_wait_aps_online:
-    push rbx
-    push r12
-    mov r12, rdi
-    call rdtsc64
-    mov rbx, rax
-1:  mov ecx, 1
-2:  cmp ecx, dword ptr [fw_nr_cpus]
-    jae 4f
+    mov dword ptr [fw_boot_timer_fired], 0
+    mov esi, FW_BOOT_TIMER_VECTOR
+    call timer_oneshot
+1:  cli
+    call fw_first_offline
+    test eax, eax
+    jz 2f
+    cmp dword ptr [fw_boot_timer_fired], 0
+    jne 2f
+    sti
+    hlt
+    jmp 1b
+2:  call timer_stop
+    sti                                 ; a boot interrupt that became pending
+    nop                                 ; meanwhile is taken here, by the
+    cli                                 ; firmware's handler
+    mov ecx, X2APIC_LVTT
+    mov eax, APIC_LVT_MASKED | LOCAL_TIMER_VECTOR
+    xor edx, edx
+    wrmsr
+    jmp fw_first_offline
+
+; fw_first_offline(): eax = index of the first core whose online flag is
+; clear, 0 if every core is online.
+fw_first_offline:
+    mov ecx, 1
+1:  cmp ecx, dword ptr [fw_nr_cpus]
+    jae 2f
     mov rax, rcx
     imul rax, rax, PERCPU_SIZE
-    cmp dword ptr [fw_percpu + rax + PERCPU_ONLINE], 0
+    add rax, fw_percpu
+    cmp dword ptr [rax + PERCPU_ONLINE], 0
     je 3f
     inc ecx
-    jmp 2b
-3:  push rcx
-    call rdtsc64
-    pop rcx
-    sub rax, rbx
-    cmp rax, r12
-    jae 5f
-    pause
     jmp 1b
-4:  xor ecx, ecx
-5:  mov eax, ecx
-    pop r12
-    pop rbx
+2:  xor ecx, ecx
+3:  mov eax, ecx
     ret
+
+; Boot vector FW_BOOT_IPI_VECTOR: on the BSP a wake-up from an AP that came
+; online, on an AP the BSP's "go".  Both handlers stay registered after boot
+; (guests may replace them), so a late boot interrupt never reaches the
+; unhandled path.
+fw_boot_ipi_handler:
+    cmp qword ptr gs:[PERCPU_ID], 0
+    je 1f
+    mov dword ptr gs:[PERCPU_GO], 1
+1:  jmp eoi
+
+fw_boot_timer_handler:
+    mov dword ptr [fw_boot_timer_fired], 1
+    jmp eoi
 
 ; ----------------------------------------------------------------------------
 ; AP in long mode: find its core index by its x2APIC ID, take its stack,
-; set up, check in, wait for the BSP's fw_go.
+; set up, check in (online flag and an IPI to the BSP), sleep until the
+; BSP's go IPI has been taken.
 fw_ap_long:
     mov ax, SEL_DATA
     mov ds, ax
@@ -359,9 +402,15 @@ fw_ap_long:
     mov edi, ebx
     call fw_cpu_init
     mov dword ptr gs:[PERCPU_ONLINE], 1
-3:  cmp dword ptr [fw_go], 0
+    mov edx, dword ptr [fw_apic_id_table]   ; the BSP's APIC ID
+    mov eax, FW_BOOT_IPI_VECTOR
+    mov ecx, X2APIC_ICR
+    wrmsr
+3:  cli
+    cmp dword ptr gs:[PERCPU_GO], 0
     jne fw_run_guest
-    pause
+    sti
+    hlt
     jmp 3b
 fw_ap_unknown:                     ; an APIC ID outside the table: stay offline
     cli
@@ -639,7 +688,7 @@ fw_percpu:         .space PERCPU_SIZE * MAX_CPUS
 fw_apic_id_table:  .space 4 * MAX_CPUS
 .balign 8
 fw_nr_cpus:        .long 0
-fw_go:             .long 0
+fw_boot_timer_fired: .long 0
 fw_stack_area_top: .quad 0
 fw_tsc_hz_value:   .quad 0
 .balign 16

@@ -31,6 +31,7 @@
 .set PERCPU_IST_TOP,        24              ; u64
 .set PERCPU_ONLINE,         32              ; u32, 1 once the core is up
 .set PERCPU_APIC_ID,        36              ; u32 this core's x2APIC ID
+.set PERCPU_GO,             40              ; u32, set when an AP took the BSP's go IPI
 
 ; ---- GDT selectors -----------------------------------------------------------
 .set SEL_CODE64,            0x08
@@ -95,6 +96,9 @@
 .set CALL_FUNCTION_VECTOR,  0xFB
 .set RESCHEDULE_VECTOR,     0xFD
 .set SPURIOUS_APIC_VECTOR,  0xFF
+; the firmware's boot-time vectors; their handlers stay registered (EOI only)
+.set FW_BOOT_IPI_VECTOR,    0xF0            ; AP -> BSP "online", BSP -> AP "go"
+.set FW_BOOT_TIMER_VECTOR,  0xF1            ; the BSP's bring-up timeout
 
 ; ---- control registers, EFER ---------------------------------------------------
 .set X86_CR0_PE,    1 << 0
