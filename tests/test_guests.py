@@ -122,3 +122,21 @@ def test_elf_guest_gets_the_library_table(tmp_path):
     result = run_program(elf, cores=2)
     assert result.verdict == "pass", (result.message, result.serial)
     assert "hello from an ELF guest on 2 cores\n" in result.serial
+
+
+def test_an_ap_that_never_starts_is_reported():
+    """Patch the AP trampoline into CLI; HLT: the BSP must give up after its
+    two waits (one SIPI, then a second SIPI to the missing AP) and fail."""
+    import dataclasses
+
+    from devirt_emu.asm import build_image
+    image = build_image(GUEST_DIR / "hello.S")
+    stuck = bytes([0xFA, 0xF4, 0xEB, 0xFD])          # cli; hlt; jmp back to hlt
+    image = dataclasses.replace(image, data=stuck + image.data[len(stuck):])
+    m = machine.Machine(cores=2)
+    m.load_image(image)
+    result = m.run()
+    assert result.verdict == "fail"
+    assert "firmware: core 1 did not come online after INIT-SIPI-SIPI" in result.serial
+    # both waits ran out: 10 ms after the first SIPI, 100 ms after the second
+    assert result.virtual_ns >= 110_000_000
