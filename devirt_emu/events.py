@@ -138,6 +138,7 @@ class Kind(str, enum.Enum):
     SIPI = "SIPI"
     TRIPLE_FAULT = "TRIPLE_FAULT"
     APIC_ACCESS = "APIC_ACCESS"      # xAPIC MMIO access
+    VM_EXIT = "VM_EXIT"              # a VM exit taken (traces and counts only; rules never see it)
     TASK_SWITCH = "TASK_SWITCH"      # attempted task switch: CALL/JMP to a TSS or task gate,
                                      # IRET with NT=1, or a task gate in the IDT
 

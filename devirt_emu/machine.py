@@ -69,6 +69,11 @@ class RunResult:
     markers: list[list[list[int | None]]] = field(default_factory=list)
     message: str = ""
     mode: str = "deterministic"
+    arch: str = "none"
+    config: str | None = None
+    exits: list[dict] = field(default_factory=list)
+    exit_counts: dict[str, int] = field(default_factory=dict)
+    window_exit_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def mips(self) -> float:
@@ -88,7 +93,8 @@ class Machine:
 
     def __init__(self, cores: int = 1, mem_mb: int = 64, *, fast: bool = False,
                  quantum: int = 20_000, max_ns: int = 5_000_000_000,
-                 wall_timeout_s: float = 300.0, trace=None, on_serial=None):
+                 wall_timeout_s: float = 300.0, trace=None, on_serial=None,
+                 arch: str = "none", config: str | None = None):
         if not 1 <= cores <= 64:
             raise ValueError(f"cores must be between 1 and 64, not {cores}")
         if not 16 <= mem_mb <= 3072:
@@ -116,6 +122,18 @@ class Machine:
         self.verdict: str | None = None
         self.message = ""
         self.entry32: int | None = None
+        self.exits: list = []
+        self.exit_counts: dict[str, int] = {}
+        self.window_exit_counts: dict[str, int] = {}
+        self.arch, self.config, self.l0 = arch, None, None
+        if arch == "vmx":
+            from .hypervisor.kvm import KvmL0
+            self.config = config or "stock"
+            self.l0 = KvmL0(self, self.config)
+        elif arch != "none":
+            raise ValueError(f"unknown architecture {arch!r} (have: none, vmx)")
+        elif config is not None:
+            raise ValueError("a configuration needs --arch vmx")
 
     def _clock_of(self, i: int):
         return lambda: self.cores[i].now() if i < len(self.cores) else 0
@@ -151,12 +169,24 @@ class Machine:
         except ELFError as e:
             raise GuestError(f"{path}: not a valid ELF file: {e}") from None
 
+    def guest_ram(self) -> int:
+        """Bytes of RAM the guest owns (under a hypervisor, the L0 keeps the top)."""
+        return self.l0.guest_ram if self.l0 is not None else self.mem.size
+
+    def record_exit(self, rec) -> None:
+        """Called by the VMX layer for every VM exit."""
+        self.exits.append(rec)
+        self.exit_counts[rec.name] = self.exit_counts.get(rec.name, 0) + 1
+        if rec.in_window:
+            self.window_exit_counts[rec.name] = self.window_exit_counts.get(rec.name, 0) + 1
+
     def _write_boot_info(self, elf_entry: int = 0) -> None:
         m = self.mem
-        m.write(BOOT_INFO, struct.pack("<IIQQQ", BOOT_INFO_MAGIC, len(self.cores), m.size,
+        ram = self.guest_ram()
+        m.write(BOOT_INFO, struct.pack("<IIQQQ", BOOT_INFO_MAGIC, len(self.cores), ram,
                                        elf_entry, TSC_HZ))
         # multiboot v1 info: flags bit 0 -> mem_lower / mem_upper (KiB)
-        m.write(MULTIBOOT_INFO, struct.pack("<III", 1, 640, (m.size >> 10) - 1024))
+        m.write(MULTIBOOT_INFO, struct.pack("<III", 1, 640, (ram >> 10) - 1024))
         # loader GDT: null, flat 32-bit code (0x08), flat data (0x10)
         m.write(LOADER_GDT, struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF))
 
@@ -166,7 +196,6 @@ class Machine:
         uc = bsp.uc
         uc.reg_write(X.UC_X86_REG_GDTR, (0, LOADER_GDT, 0x17, 0))
         uc.reg_write(X.UC_X86_REG_CR0, 0x11)
-        bsp.update_api_mode()
         bsp.load_segment(1, 0x08)
         for seg in (0, 2, 3, 4, 5):
             bsp.load_segment(seg, 0x10)
@@ -250,6 +279,13 @@ class Machine:
     def guest_error(self, message: str) -> None:
         self.finish("error", message)
 
+    def internal_error(self, core: Core, exc: BaseException) -> None:
+        """A Python exception inside the emulator: verdict error, with where it happened."""
+        import traceback
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        self.finish("error", f"internal error on core {core.index} at RIP {core.rip():#x}: "
+                             f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:{where.lineno})")
+
     # ------------------------------------------------------------------ running
     def _wake_time(self, c: Core) -> int | None:
         """When core ``c`` can next run, or None if nothing will wake it."""
@@ -274,9 +310,14 @@ class Machine:
         self._start_bsp(entry)
         wall0 = time.perf_counter()
         try:
+            if self.l0 is not None:
+                self.l0.attach()
+                self.l0.launch()
             self._loop(wall0)
         except GuestError as e:
             self.finish("error", str(e))
+        except Exception as e:      # a bug of ours: a verdict, not a traceback
+            self.internal_error(self.current or self.cores[0], e)
         wall = time.perf_counter() - wall0
         verdict = self.verdict or "error"
         if verdict == "pass":
@@ -294,7 +335,10 @@ class Machine:
             instructions=[c.icount for c in self.cores],
             virtual_ns=max(c.clock for c in self.cores), events=dict(sorted(events.items())),
             wall_s=wall, exit_status=status, markers=[c.markers for c in self.cores],
-            message=self.message, mode="fast" if self.fast else "deterministic")
+            message=self.message, mode="fast" if self.fast else "deterministic",
+            arch=self.arch, config=self.config, exits=[e.to_json() for e in self.exits],
+            exit_counts=dict(sorted(self.exit_counts.items())),
+            window_exit_counts=dict(sorted(self.window_exit_counts.items())))
 
     def _loop(self, wall0: float) -> None:
         cores = self.cores

@@ -48,13 +48,13 @@ from unicorn import x86_const as X
 
 from ..cpu.decode import decode_at, resolve_linear
 from ..cpu.scan import scan_page
-from ..events import GPR_NAMES, Event, Insn, Kind
+from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from . import cpuid as cpuid_model
 from .lapic import GeneralProtection
 from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
-from .ucinternals import EngineProbe
+from .ucinternals import HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
 RFLAGS_IF = 1 << 9
@@ -185,12 +185,16 @@ class Core:
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         self.probe = EngineProbe(uc)
+        # One register API for every CPU mode (see ucinternals): 64-bit registers,
+        # RIP = EIP, emu_start(begin) sets EIP; segments are written by the core.
+        self.probe.set_real_mode_api(False)
+        self._architectural_reset()
         self.reset_context = uc.context_save()
-        self.real_api = True           # uc_struct.mode is UC_MODE_16
         self.state = State.WAIT_SIPI
         self.icount = 0                # retired instructions
         self.clock = 0                 # virtual ns at the next instruction
         self.tsc_offset = 0            # IA32_TSC writes
+        self.tsc_adjust = 0            # added while a VMX guest's RDTSC is executed
         self.events: dict[str, int] = {}
         self.markers: list[list[int]] = []     # [begin_icount, end_icount or None]
         self.msr_store: dict[int, int] = {}
@@ -202,6 +206,7 @@ class Core:
         self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
         self.exec_pages: set[int] = set()     # physical pages executable in this engine
         self.fetch_fault: int | None = None
+        self._last_fetch_fault, self._last_fetch_icount = None, -1
         self.write_fault: int | None = None
         # per-run bookkeeping
         self._budget = 0
@@ -210,7 +215,25 @@ class Core:
         self._skip_once = -1
         self._in_run = False
         self._rearm_after_step = False
+        self._pending_rearm = False
         self._handlers = self._make_handlers()
+
+    def _architectural_reset(self) -> None:
+        """The state after power-up/RESET/INIT (SDM "Processor State Following
+        Power-up, Reset, or INIT"); Unicorn's own reset leaves CS:IP at 0:0."""
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_CR0, 0x60000010)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
+        uc.reg_write(X.UC_X86_REG_EDX, cpuid_model.cpuid(1, 0, 0, 1)[0])
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
+        uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0xFFFF, 0))
+        uc.reg_write(X.UC_X86_REG_DR7, 0x400)
+        for seg in (0, 2, 3, 4, 5):
+            self.write_segment(seg, 0, 0, 0xFFFF, 0x93)
+        self.write_segment(1, 0xF000, 0xFFFF0000, 0xFFFF, 0x9B)
+        self.write_segment(6, 0, 0, 0xFFFF, 0x82)
+        self.write_segment(7, 0, 0, 0xFFFF, 0x8B)
+        uc.reg_write(X.UC_X86_REG_IP, 0xFFF0)
 
     # ------------------------------------------------------------------ registers
     def reg(self, rid: int) -> int:
@@ -232,18 +255,25 @@ class Core:
             return self.cpl()
         if name == "mode":
             return self.code_size()
+        if name == "dr7":
+            return self.uc.reg_read(X.UC_X86_REG_DR7)
+        if name == "tsc":
+            return self.tsc()
+        if name == "xss":
+            return 0               # XSAVES is not supported: IA32_XSS is 0
         raise KeyError(name)
 
-    def rip(self) -> int:
-        if self.real_api:
-            return self.uc.reg_read(X.UC_X86_REG_CS) * 16 + self.uc.reg_read(X.UC_X86_REG_IP)
-        return self.uc.reg_read(X.UC_X86_REG_RIP)
+    def lazy_regs(self) -> "LazyRegs":
+        """A fresh ``Event.regs`` mapping for this core."""
+        return LazyRegs(self)
 
-    def set_rip(self, value: int) -> None:
-        if self.real_api:
-            self.uc.reg_write(X.UC_X86_REG_IP, (value - self.uc.reg_read(X.UC_X86_REG_CS) * 16) & 0xFFFF)
-        else:
-            self.uc.reg_write(X.UC_X86_REG_RIP, value)
+    def rip(self) -> int:
+        """The linear address of the next instruction (CS.base + RIP), as hooks see it."""
+        return (self.probe.segment(1)[1] + self.uc.reg_read(X.UC_X86_REG_RIP)) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def set_rip(self, linear: int) -> None:
+        """Continue at a linear address (RIP = linear - CS.base)."""
+        self.uc.reg_write(X.UC_X86_REG_RIP, (linear - self.probe.segment(1)[1]) & 0xFFFF_FFFF_FFFF_FFFF)
 
     def load_segment(self, index: int, selector: int) -> None:
         """Load segment register ``index`` (ES, CS, SS, DS, FS, GS = 0..5) as a
@@ -255,8 +285,7 @@ class Core:
         selector only), so the core writes QEMU's segment cache itself.
         """
         if not self.uc.reg_read(X.UC_X86_REG_CR0) & 1:
-            flags = 0x9B00 if index == 1 else 0x9300
-            self.write_segment(index, selector, selector << 4, 0xFFFF, flags_to_ar(flags))
+            self.write_segment(index, selector, selector << 4, 0xFFFF, 0x9B if index == 1 else 0x93)
             return
         if selector & ~3 == 0:
             self.write_segment(index, selector, 0, 0, 1 << 16)      # null: unusable
@@ -265,7 +294,8 @@ class Core:
         if desc is None:
             raise GuestError(f"core {self.index}: selector {selector:#x} is outside the GDT")
         base, limit, flags = descriptor_cache(desc)
-        self.write_segment(index, selector, base, limit, flags_to_ar(flags))
+        # a load marks a code/data descriptor accessed (the processor sets its A bit)
+        self.write_segment(index, selector, base, limit, flags_to_ar(flags | (1 << 8)))
 
     def read_segment(self, index: int) -> tuple[int, int, int, int]:
         """(selector, base, limit, access rights in the VMCS format) of ES..GS (0..5),
@@ -307,14 +337,6 @@ class Core:
         except (PageFault, UnsupportedPaging):
             return None
 
-    def update_api_mode(self) -> None:
-        """Keep the engine's register API in step with CR0.PE (see ucinternals)."""
-        real = not (self.uc.reg_read(X.UC_X86_REG_CR0) & 1)
-        if real != self.real_api:
-            # EIP itself is untouched: only how the API reads and starts it changes
-            self.probe.set_real_mode_api(real)
-            self.real_api = real
-
     # ------------------------------------------------------------------ time
     def retired_now(self) -> int:
         """Retired instructions up to (not including) the instruction being handled."""
@@ -331,7 +353,8 @@ class Core:
         return self.clock
 
     def tsc(self) -> int:
-        return (self.now() + self.tsc_offset) & 0xFFFF_FFFF_FFFF_FFFF
+        """The TSC as an RDTSC here reads it (``tsc_adjust``: VMX TSC offsetting)."""
+        return (self.now() + self.tsc_offset + self.tsc_adjust) & 0xFFFF_FFFF_FFFF_FFFF
 
     # ------------------------------------------------------------------ memory
     def _paging_regs(self):
@@ -444,7 +467,7 @@ class Core:
             self._uncount = 0
             self._budget = remaining
             self.fetch_fault = self.write_fault = None
-            begin = self.rip()
+            begin = self.uc.reg_read(X.UC_X86_REG_RIP)
             self.probe.clear_fault_tracking()
             self._in_run = True
             self._run_wall0 = time.perf_counter_ns()
@@ -472,6 +495,9 @@ class Core:
                     self._handle_engine_error(err)
             except _Fault as f:
                 self.deliver_exception(f.vector, f.error_code, f.cr2)
+            if self._pending_rearm:
+                self._pending_rearm = False
+                self.rearm_all()
             if self._stop_reason == "step":
                 self._stop_reason = None
                 if remaining or not det:
@@ -501,7 +527,7 @@ class Core:
         err = None
         self.probe.clear_fault_tracking()
         try:
-            self.uc.emu_start(self.rip(), IMPOSSIBLE_PC, 0, 1)
+            self.uc.emu_start(self.uc.reg_read(X.UC_X86_REG_RIP), IMPOSSIBLE_PC, 0, 1)
         except UcError as e:
             err = e
         finally:
@@ -514,7 +540,6 @@ class Core:
                 self._handle_engine_error(err)
         except _Fault as f:
             self.deliver_exception(f.vector, f.error_code, f.cr2)
-        self.update_api_mode()
         if self._rearm_after_step:
             self._rearm_after_step = False
             self.rearm_all()
@@ -523,6 +548,10 @@ class Core:
     def _handle_engine_error(self, err: UcError) -> None:
         no = err.errno
         if no == UC_ERR_FETCH_PROT and self.fetch_fault is not None:
+            if self.fetch_fault == self._last_fetch_fault and self.icount == self._last_fetch_icount:
+                raise GuestError(f"core {self.index}: instruction fetch at {self.fetch_fault:#x} "
+                                 "faults again after its page was made executable")
+            self._last_fetch_fault, self._last_fetch_icount = self.fetch_fault, self.icount
             self._scan_and_arm(self.fetch_fault)
         elif no == UC_ERR_WRITE_PROT and self.write_fault is not None:
             self.machine.invalidate_code_page(self.translate(self.write_fault, write=True) & ~0xFFF)
@@ -533,6 +562,22 @@ class Core:
                              f"near RIP {self.rip():#x} ({err})")
         else:
             raise GuestError(f"core {self.index}: engine error at RIP {self.rip():#x}: {err}")
+
+    def after_mode_change(self) -> None:
+        """CR0/CR3/CR4/EFER were written (by a VMX entry or a shadowed MOV to CR):
+        scans are re-armed outside the engine (changing page permissions from
+        inside a hook is not safe)."""
+        if self._in_run:
+            self._pending_rearm = True
+            self.request_stop("check")
+        else:
+            self.rearm_all()
+
+    def run_native(self, event: Event) -> None:
+        """Execute an instruction event with the platform's own semantics (what an L0
+        does to emulate it on the hardware).  Instructions Unicorn executes itself are
+        left to it: RIP stays at the instruction."""
+        self._handlers[event.kind](event.rip, event.insn)
 
     def request_stop(self, reason: str) -> None:
         """From a hook: stop the engine after the current instruction is dealt with."""
@@ -559,6 +604,9 @@ class Core:
                 event = Event(kind, self.index, address, insn, regs=LazyRegs(self))
                 if insn.mem is not None:
                     event.linear = self.mem_operand_linear(insn, address)
+                if kind in IO_KINDS:
+                    event.port = insn.port if insn.port is not None else \
+                        self.uc.reg_read(X.UC_X86_REG_DX) & 0xFFFF
                 if self.trace is not None:
                     self.trace(self, event)
                 if self.virt is not None and self.virt.on_event(self, event):
@@ -571,19 +619,19 @@ class Core:
             self.machine.guest_error(str(e))
             self._uncount += 1
             self.request_stop("exit")
+        except Exception as e:          # a bug of ours: end the run with verdict error
+            self.machine.internal_error(self, e)
+            self._uncount += 1
+            self.request_stop("exit")
 
     def mem_operand_linear(self, insn: Insn, address: int) -> int:
         regs = LazyRegs(self)
         return resolve_linear(insn.mem, regs, address + insn.length, self.segment_base)
 
     def segment_base(self, seg: int) -> int:
-        if seg == 4:
-            return self.uc.reg_read(X.UC_X86_REG_FS_BASE)
-        if seg == 5:
-            return self.uc.reg_read(X.UC_X86_REG_GS_BASE)
-        if self.real_api:
-            return self.uc.reg_read(SEG_IDS[seg]) * 16
-        return 0  # 64-bit mode and our flat protected-mode segments
+        if seg >= 4 or not self.probe.hflags() & HF_CS64:
+            return self.probe.segment(seg)[1]
+        return 0          # 64-bit mode: ES, CS, SS, DS bases are 0
 
     def _skip(self, address: int, insn: Insn) -> None:
         """The core emulated the instruction: continue after it."""
@@ -605,6 +653,9 @@ class Core:
             self.deliver_exception(intno, ec, cr2)
         except GuestError as e:
             self.machine.guest_error(str(e))
+            self.request_stop("exit")
+        except Exception as e:
+            self.machine.internal_error(self, e)
             self.request_stop("exit")
 
     # ------------------------------------------------------------------ LAPIC MMIO
@@ -791,7 +842,7 @@ class Core:
         base = self.segment_base(seg)
         try:
             while count:
-                lin = (base + ptr) & amask if self.real_api else (base + ptr)
+                lin = (base + ptr) & 0xFFFF_FFFF_FFFF_FFFF
                 if is_in:
                     v = self.machine.io_read(self, port, size)
                     self.write_linear(lin, v.to_bytes(size, "little"))
@@ -873,9 +924,12 @@ class Core:
 
     # ------------------------------------------------------------------ event delivery
     def deliver_exception(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
-        """Deliver a fault at the current RIP, applying the #DF and triple-fault rules."""
+        """Deliver a fault at the current RIP, applying the #DF and triple-fault rules
+        (a VMX layer first decides, by the exception bitmap, whether it exits)."""
         first = vector
         while True:
+            if self.virt is not None and self.virt.on_exception(self, vector, error_code, cr2):
+                return
             try:
                 if cr2 is not None:
                     self.uc.reg_write(X.UC_X86_REG_CR2, cr2)
@@ -895,7 +949,8 @@ class Core:
 
     def triple_fault(self) -> None:
         self._count(Kind.TRIPLE_FAULT)
-        if self.virt is not None and self.virt.on_event(self, Event(Kind.TRIPLE_FAULT, self.index, self.rip())):
+        if self.virt is not None and self.virt.on_event(
+                self, Event(Kind.TRIPLE_FAULT, self.index, self.rip(), regs=LazyRegs(self))):
             return
         self.state = State.SHUTDOWN
         self.machine.shutdown(self, "triple fault")
@@ -910,7 +965,7 @@ class Core:
         Raises _Fault for an exception during delivery (the caller applies #DF rules).
         """
         uc = self.uc
-        if self.real_api or not self.rdmsr_raw(MSR_EFER) & (1 << 10):
+        if not self.rdmsr_raw(MSR_EFER) & (1 << 10):
             raise GuestError(f"core {self.index}: vector {vector} raised outside IA-32e mode "
                              f"at {return_rip:#x}: only IA-32e mode interrupt delivery is modelled")
         ext = 0 if soft else 1   # EXT: the event is not a software interrupt
@@ -981,6 +1036,8 @@ class Core:
     # ------------------------------------------------------------------ interrupts at boundaries
     def wake_check(self) -> None:
         """Between runs: INIT/SIPI/NMI and LAPIC interrupts; wakes a halted core."""
+        if self.virt is not None and self.virt.boundary(self):
+            return
         lapic = self.lapic
         if lapic.take_init():
             self._count(Kind.INIT)
@@ -1025,6 +1082,10 @@ class Core:
 
     def has_wakeup(self) -> bool:
         """Is there an event that takes this (halted or waiting) core out of its state now?"""
+        if self.virt is not None:
+            w = self.virt.has_wakeup()
+            if w is not None:
+                return w
         lapic = self.lapic
         if self.state is State.WAIT_SIPI:
             return lapic.init_pending or lapic.sipi_pending is not None
@@ -1037,22 +1098,14 @@ class Core:
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""
-        for ppage in list(self.exec_pages):
-            self.disarm_page(ppage)
+        self.rearm_all()
         self.uc.context_restore(self.reset_context)
-        if not self.real_api:
-            self.probe.set_real_mode_api(True)
-            self.real_api = True
-        for ppage in list(self.exec_pages):
-            self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
-        self.exec_pages.clear()
         self.nmi_blocked = False
         self.lapic.init_reset()
         self.state = State.WAIT_SIPI
 
     def do_sipi(self, vector: int) -> None:
         """Start-up IPI: real mode at vector:0000."""
-        uc = self.uc
-        uc.reg_write(X.UC_X86_REG_CS, vector << 8)
-        uc.reg_write(X.UC_X86_REG_IP, 0)
+        self.write_segment(1, vector << 8, vector << 12, 0xFFFF, 0x9B)
+        self.uc.reg_write(X.UC_X86_REG_IP, 0)
         self.state = State.RUNNING

@@ -83,7 +83,6 @@ def enter(core, rip: int, rsp: int = STACK_TOP) -> None:
     uc.reg_write(X.UC_X86_REG_CR4, CR4)
     uc.reg_write(X.UC_X86_REG_MSR, (0xC0000080, EFER & ~0x400))
     uc.reg_write(X.UC_X86_REG_CR0, CR0)
-    core.update_api_mode()
     core.load_segment(1, KERNEL_CS)
     for seg in (0, 2, 3):
         core.load_segment(seg, KERNEL_DS)

@@ -292,6 +292,9 @@ class EngineProbe:
         ctypes.c_uint32.from_address(a + 16).value = limit
         ctypes.c_uint32.from_address(a + 20).value = flags
 
+    def hflags(self) -> int:
+        return ctypes.c_uint32.from_address(self.env + ENV_HFLAGS).value
+
     def fix_hflags(self) -> None:
         """Recompute the hflags bits that depend on CS, SS and the data segment
         bases (CPL, CS32, SS32, CS64, ADDSEG), after set_segment."""

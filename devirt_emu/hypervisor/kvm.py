@@ -1,0 +1,496 @@
+"""The L0: a model of what KVM does on each VM exit, then VM entry.
+
+One :class:`KvmL0` per machine runs one guest whose vCPU ``i`` is pinned to
+core ``i`` (KVM-devirt's partitioning: a bare-metal machine owns its cores).
+Guest-physical addresses are host-physical ones (identity); the L0's own
+structures (VMCSs, MSR bitmaps, EPT tables) live in a host-reserved area at
+the top of RAM that the guest is told is not its own (boot info RAM size).
+
+Exit handling follows KVM's ``kvm_vmx_exit_handlers``; what each handler does
+is documented on it.  The platform executes whatever the L0 emulates on the
+hardware (port I/O, MSRs the machine implements, x2APIC accesses on the
+core's physical local APIC), through the same code as native mode.
+"""
+from __future__ import annotations
+
+import struct
+
+from unicorn import x86_const as X
+
+from ..events import Event, Kind
+from ..platform import cpuid as cpuid_model
+from ..platform.core import GPR_IDS, State, _Fault
+from ..vmx import capabilities as caps
+from ..vmx import controls as C
+from ..vmx import exit_reasons as ER
+from ..vmx.ept import EptBuilder
+from ..vmx.fields import VmcsField as F
+from ..vmx.vcpu import CR4_VMXE, VmxVcpu
+from ..vmx.vmcs import Vmcs
+from .configs import (BOOT_CONFIG, KVM_FEATURE_DEVIRT, MSR_KVM_APIC_MAPS, MSR_KVM_DEVIRT,
+                      VMX_CONFIGS, VmxConfig)
+
+HOST_AREA = 4 << 20            # reserved at the top of RAM for the L0's structures
+KVM_CPUID_SIGNATURE = 0x40000000
+KVM_ENOSYS = 1000
+INIT_CR0 = 0x60000010          # CR0 after INIT (CD, NW, ET)
+
+# Host state that VM exits would load (a 64-bit Linux host, as KVM's vmx_set_constant_host_state).
+_HOST_STATE = {
+    F.HOST_CR0: 0x80050033, F.HOST_CR4: 0x3726E0 | CR4_VMXE, F.HOST_CS_SELECTOR: 0x10,
+    F.HOST_SS_SELECTOR: 0x18, F.HOST_DS_SELECTOR: 0, F.HOST_ES_SELECTOR: 0,
+    F.HOST_FS_SELECTOR: 0, F.HOST_GS_SELECTOR: 0, F.HOST_TR_SELECTOR: 0x40,
+    F.HOST_IA32_PAT: 0x0407050600070106, F.HOST_IA32_EFER: 0xD01,
+    F.HOST_RIP: 0xFFFFFFFF81000000, F.HOST_RSP: 0xFFFFC90000008000,
+    F.HOST_TR_BASE: 0xFFFFFE0000003000, F.HOST_GDTR_BASE: 0xFFFFFE0000001000,
+    F.HOST_IDTR_BASE: 0xFFFFFE0000000000,
+}
+
+
+class L0Error(Exception):
+    """The L0 met an exit it does not handle, or a VM entry failed."""
+
+
+class KvmL0:
+    """KVM's side of one guest on a machine, configuration ``stock`` or ``devirt``."""
+
+    def __init__(self, machine, config: str):
+        if config not in VMX_CONFIGS:
+            raise ValueError(f"unknown VMX configuration {config!r} (have: {', '.join(VMX_CONFIGS)})")
+        self.machine = machine
+        self.config_name = config
+        self.target = VMX_CONFIGS[config]
+        mem = machine.mem
+        if mem.size < 32 << 20:
+            raise ValueError("a VMX guest needs at least 32 MiB of RAM (4 MiB are the L0's)")
+        self.host_base = mem.size - HOST_AREA
+        self.guest_ram = self.host_base
+        self.vcpus: list[VmxVcpu] = []
+        self.pending: dict[int, list[int]] = {}        # core -> vectors to inject
+        self.devirtualized: set[int] = set()
+        self.apic_maps_gpa: int | None = None
+        self._bitmaps: dict[str, int] = {}
+        self._next_page = self.host_base
+        self.ept = EptBuilder(mem, self._alloc(64), 64 * 4096)
+        self.ept.map(0, 0, self.guest_ram, rights=7, page_size=2 << 20, memory_type=6) \
+            if self.guest_ram % (2 << 20) == 0 else self.ept.map(0, 0, self.guest_ram, rights=7)
+        self._handlers = self._make_handlers()
+
+    # ------------------------------------------------------------------ set-up
+    def _alloc(self, pages: int = 1) -> int:
+        pa = self._next_page
+        self._next_page += pages * 4096
+        if self._next_page > self.machine.mem.size:
+            raise L0Error("the L0's host area is full")
+        self.machine.write_phys(pa, bytes(pages * 4096))
+        return pa
+
+    def _msr_bitmap(self, cfg: VmxConfig) -> int:
+        """A 4 KiB MSR bitmap: every MSR exits but the configuration's passthrough ones."""
+        pa = self._bitmaps.get(cfg.name)
+        if pa is not None:
+            return pa
+        bm = bytearray(b"\xff" * 4096)
+
+        def clear(msr, write):
+            if msr <= 0x1FFF:
+                base, bit = (0x800 if write else 0), msr
+            else:
+                base, bit = (0xC00 if write else 0x400), msr - 0xC0000000
+            bm[base + bit // 8] &= ~(1 << (bit % 8))
+        for msr in cfg.msr_passthrough:
+            clear(msr, False)
+            clear(msr, True)
+        for msr in cfg.msr_passthrough_read:
+            clear(msr, False)
+        pa = self._alloc()
+        self.machine.write_phys(pa, bytes(bm))
+        self._bitmaps[cfg.name] = pa
+        return pa
+
+    def load_controls(self, vcpu: VmxVcpu, cfg: VmxConfig) -> None:
+        """Write a configuration's control set into a vCPU's VMCS (legal per the capability MSRs)."""
+        v = vcpu.vmcs
+        s = v.set
+        s(F.PIN_BASED_VM_EXEC_CONTROL, caps.make_legal("PINBASED", cfg.pin))
+        s(F.CPU_BASED_VM_EXEC_CONTROL, caps.make_legal("PROCBASED", cfg.primary))
+        s(F.SECONDARY_VM_EXEC_CONTROL, caps.make_legal("PROCBASED2", cfg.secondary))
+        s(F.VM_EXIT_CONTROLS, caps.make_legal("EXIT", cfg.exit))
+        ia32e = v.get(F.VM_ENTRY_CONTROLS) & C.VM_ENTRY_IA32E_MODE
+        s(F.VM_ENTRY_CONTROLS, caps.make_legal("ENTRY", cfg.entry) | ia32e)
+        s(F.EXCEPTION_BITMAP, cfg.exception_bitmap)
+        s(F.PAGE_FAULT_ERROR_CODE_MASK, 0)
+        s(F.PAGE_FAULT_ERROR_CODE_MATCH, 0)
+        s(F.CR3_TARGET_COUNT, 0)
+        s(F.MSR_BITMAP, self._msr_bitmap(cfg))
+        s(F.CR0_GUEST_HOST_MASK, cfg.cr0_mask)
+        s(F.CR4_GUEST_HOST_MASK, cfg.cr4_mask)
+        if cfg.secondary & C.SECONDARY_EXEC_ENABLE_EPT:
+            s(F.EPT_POINTER, self.ept.eptp)
+        if cfg.secondary & C.SECONDARY_EXEC_ENABLE_VPID:
+            s(F.VIRTUAL_PROCESSOR_ID, vcpu.core.index + 1)
+        s(F.PLE_GAP, cfg.ple_gap)
+        s(F.PLE_WINDOW, cfg.ple_window)
+        vcpu.controls_changed = True
+
+    def attach(self) -> None:
+        """Create a vCPU per core with a fresh VMCS, the boot-time controls, the
+        host state and the core's current state as the guest state."""
+        m = self.machine
+        boot = BOOT_CONFIG[self.config_name]
+        for core in m.cores:
+            vmcs_pa = self._alloc()
+            Vmcs.format(m.mem, vmcs_pa)
+            vcpu = VmxVcpu(core, vmcs_pa, self, record=m.record_exit)
+            v = vcpu.vmcs
+            for f, val in _HOST_STATE.items():
+                v.set(f, val)
+            v.set(F.HOST_CR3, self.host_base)
+            v.set(F.VMCS_LINK_POINTER, (1 << 64) - 1)
+            v.set(F.TSC_OFFSET, 0)
+            self.load_controls(vcpu, boot)
+            vcpu.save_guest_state()
+            cr0 = v.get(F.GUEST_CR0)
+            v.set(F.CR0_READ_SHADOW, cr0)
+            v.set(F.GUEST_CR0, cr0 | (1 << 5))       # CR0.NE is fixed to 1 in VMX operation
+            v.set(F.CR4_READ_SHADOW, v.get(F.GUEST_CR4) & ~CR4_VMXE)
+            core.virt = vcpu
+            self.vcpus.append(vcpu)
+            self.pending[core.index] = []
+
+    def launch(self) -> None:
+        """VMLAUNCH on every core (the APs sit in wait-for-SIPI)."""
+        for vcpu in self.vcpus:
+            if not vcpu.vm_entry(launch=True):
+                return
+
+    # ------------------------------------------------------------------ vCPU interface
+    def wants_entry(self, vcpu: VmxVcpu) -> bool:
+        return not vcpu.blocked and self.machine.verdict is None
+
+    def before_entry(self, vcpu: VmxVcpu) -> None:
+        """KVM's inject_pending_event: inject a queued interrupt if the guest can
+        take it, else ask for an interrupt-window exit."""
+        q = self.pending[vcpu.core.index]
+        v = vcpu.vmcs
+        primary = v.get(F.CPU_BASED_VM_EXEC_CONTROL)
+        if not q:
+            if primary & C.CPU_BASED_INTR_WINDOW_EXITING:
+                v.set(F.CPU_BASED_VM_EXEC_CONTROL, primary & ~C.CPU_BASED_INTR_WINDOW_EXITING)
+            return
+        if v.get(F.VM_ENTRY_INTR_INFO_FIELD) & C.INTR_INFO_VALID_MASK:
+            return
+        rflags = v.get(F.GUEST_RFLAGS)
+        blocked = v.get(F.GUEST_INTERRUPTIBILITY_INFO) & (C.GUEST_INTR_STATE_STI | C.GUEST_INTR_STATE_MOV_SS)
+        if rflags & (1 << 9) and not blocked:
+            vec = q.pop(0)
+            vcpu.inject(vec, C.INTR_TYPE_EXT_INTR)
+            if v.get(F.GUEST_ACTIVITY_STATE) == C.GUEST_ACTIVITY_HLT:
+                v.set(F.GUEST_ACTIVITY_STATE, C.GUEST_ACTIVITY_ACTIVE)
+        if q:
+            v.set(F.CPU_BASED_VM_EXEC_CONTROL, v.get(F.CPU_BASED_VM_EXEC_CONTROL)
+                  | C.CPU_BASED_INTR_WINDOW_EXITING)
+        elif primary & C.CPU_BASED_INTR_WINDOW_EXITING:
+            v.set(F.CPU_BASED_VM_EXEC_CONTROL, primary & ~C.CPU_BASED_INTR_WINDOW_EXITING)
+
+    def has_pending(self, vcpu: VmxVcpu) -> bool:
+        return bool(self.pending[vcpu.core.index])
+
+    def unblock(self, vcpu: VmxVcpu) -> bool:
+        """A vCPU blocked in HLT (host context) got an interrupt: the host takes
+        it (it is the guest's: queue it), then KVM re-enters the guest."""
+        lapic = vcpu.core.lapic
+        vec = lapic.pending_vector()
+        if vec is None and not self.pending[vcpu.core.index] and not lapic.nmi_pending:
+            return False
+        if vec is not None:
+            lapic.acknowledge()
+            self.pending[vcpu.core.index].append(vec)
+        vcpu.blocked = False
+        vcpu.core.state = State.RUNNING
+        vcpu.vmcs.set(F.GUEST_ACTIVITY_STATE, C.GUEST_ACTIVITY_ACTIVE)
+        vcpu.vm_entry()
+        return True
+
+    def entry_failed(self, vcpu: VmxVcpu, failure) -> None:
+        self.machine.guest_error(f"core {vcpu.core.index}: VM entry failed: {failure}")
+        vcpu.core.request_stop("exit") if vcpu.core._in_run else None
+
+    def handle_exit(self, vcpu: VmxVcpu, d, event: Event | None) -> None:
+        handler = self._handlers.get(d.reason)
+        if handler is None:
+            self._fatal(vcpu, f"the L0 has no handler for exit {d.name} at RIP "
+                              f"{vcpu.vmcs.get(F.GUEST_RIP):#x}")
+            return
+        try:
+            handler(vcpu, d, event)
+        except _Fault as f:
+            vcpu.inject(f.vector, C.INTR_TYPE_HARD_EXCEPTION, f.error_code)
+
+    def _fatal(self, vcpu: VmxVcpu, message: str) -> None:
+        self.machine.guest_error(f"core {vcpu.core.index}: {message}")
+        vcpu.blocked = True
+        if vcpu.core._in_run:
+            vcpu.core.request_stop("exit")
+
+    # ------------------------------------------------------------------ exit handlers
+    def _make_handlers(self):
+        R = ER
+        h = {
+            R.EXCEPTION_NMI: self.h_exception_nmi,
+            R.EXTERNAL_INTERRUPT: self.h_external_interrupt,
+            R.TRIPLE_FAULT: self.h_triple_fault,
+            R.INIT_SIGNAL: self.h_init,
+            R.SIPI_SIGNAL: self.h_sipi,
+            R.INTERRUPT_WINDOW: self.h_interrupt_window,
+            R.CPUID: self.h_cpuid,
+            R.HLT: self.h_hlt,
+            R.INVD: self.h_skip, R.WBINVD: self.h_skip,
+            R.MWAIT_INSTRUCTION: self.h_skip, R.MONITOR_INSTRUCTION: self.h_skip,
+            R.PAUSE_INSTRUCTION: self.h_skip,
+            R.RDPMC: self.h_gp,
+            R.VMCALL: self.h_vmcall,
+            R.CR_ACCESS: self.h_cr_access,
+            R.DR_ACCESS: self.h_native,
+            R.IO_INSTRUCTION: self.h_native,
+            R.MSR_READ: self.h_msr,
+            R.MSR_WRITE: self.h_msr,
+            R.XSETBV: self.h_gp,
+            R.EPT_VIOLATION: self.h_ept_violation,
+        }
+        for name in ("VMCLEAR", "VMLAUNCH", "VMPTRLD", "VMPTRST", "VMREAD", "VMRESUME", "VMWRITE",
+                     "VMOFF", "VMON", "INVEPT", "INVVPID", "VMFUNC"):
+            h[getattr(R, name)] = self.h_ud
+        return h
+
+    def h_skip(self, vcpu, d, event):
+        """INVD, WBINVD, MWAIT, MONITOR, PAUSE (PLE): nothing to do but skip it."""
+        vcpu.skip_instruction()
+
+    def h_gp(self, vcpu, d, event):
+        """RDPMC (no PMU is exposed), XSETBV: #GP(0) into the guest."""
+        vcpu.inject(13, C.INTR_TYPE_HARD_EXCEPTION, 0)
+
+    def h_ud(self, vcpu, d, event):
+        """VMX instructions: no nested VMX, #UD (KVM without nested=1)."""
+        vcpu.inject(6, C.INTR_TYPE_HARD_EXCEPTION)
+
+    def h_vmcall(self, vcpu, d, event):
+        """Hypercalls: none is implemented, RAX = -KVM_ENOSYS."""
+        vcpu.core.uc.reg_write(X.UC_X86_REG_RAX, (-KVM_ENOSYS) & ((1 << 64) - 1))
+        vcpu.skip_instruction()
+
+    def h_exception_nmi(self, vcpu, d, event):
+        """An NMI is the host's (KVM-devirt takes a core back with one): nothing for
+        the guest.  An exception in the bitmap is reflected back into the guest."""
+        info = d.interruption_info
+        itype = info & C.INTR_INFO_INTR_TYPE_MASK
+        if itype == C.INTR_TYPE_NMI_INTR:
+            return
+        vec = info & C.INTR_INFO_VECTOR_MASK
+        ec = d.error_code if info & C.INTR_INFO_DELIVER_CODE_MASK else None
+        if vec == 14 and event is not None and event.cr2 is not None:
+            vcpu.core.uc.reg_write(X.UC_X86_REG_CR2, event.cr2)
+        vcpu.inject(vec, itype, ec, d.instruction_length or 0)
+
+    def h_external_interrupt(self, vcpu, d, event):
+        """The interrupt was acknowledged on exit; it is the guest's: queue it for injection."""
+        vec = d.interruption_info & C.INTR_INFO_VECTOR_MASK
+        self.pending[vcpu.core.index].append(vec)
+
+    def h_interrupt_window(self, vcpu, d, event):
+        """The guest can take interrupts again: before_entry injects the queued one."""
+
+    def h_triple_fault(self, vcpu, d, event):
+        self.machine.shutdown(vcpu.core, "triple fault (VM exit)")
+        vcpu.blocked = True
+        vcpu.core.state = State.SHUTDOWN
+        if vcpu.core._in_run:
+            vcpu.core.request_stop("shutdown")
+
+    def h_init(self, vcpu, d, event):
+        """INIT: the vCPU is reset and waits for SIPI (kvm_vcpu_reset)."""
+        v = vcpu.vmcs
+        s = v.set
+        s(F.GUEST_CR0, INIT_CR0 | (1 << 5))
+        s(F.CR0_READ_SHADOW, INIT_CR0)
+        s(F.GUEST_CR4, CR4_VMXE)
+        s(F.CR4_READ_SHADOW, 0)
+        s(F.GUEST_CR3, 0)
+        s(F.GUEST_IA32_EFER, 0)
+        s(F.GUEST_RFLAGS, 2)
+        s(F.GUEST_RIP, 0xFFF0)
+        for seg in ("ES", "SS", "DS", "FS", "GS"):
+            s(F[f"GUEST_{seg}_SELECTOR"], 0)
+            s(F[f"GUEST_{seg}_BASE"], 0)
+            s(F[f"GUEST_{seg}_LIMIT"], 0xFFFF)
+            s(F[f"GUEST_{seg}_AR_BYTES"], 0x93)
+        s(F.GUEST_CS_SELECTOR, 0xF000)
+        s(F.GUEST_CS_BASE, 0xFFFF0000)
+        s(F.GUEST_CS_LIMIT, 0xFFFF)
+        s(F.GUEST_CS_AR_BYTES, 0x9B)
+        s(F.GUEST_GDTR_BASE, 0)
+        s(F.GUEST_GDTR_LIMIT, 0xFFFF)
+        s(F.GUEST_IDTR_BASE, 0)
+        s(F.GUEST_IDTR_LIMIT, 0xFFFF)
+        s(F.GUEST_INTERRUPTIBILITY_INFO, 0)
+        s(F.GUEST_ACTIVITY_STATE, C.GUEST_ACTIVITY_WAIT_SIPI)
+        ent = v.get(F.VM_ENTRY_CONTROLS)
+        s(F.VM_ENTRY_CONTROLS, ent & ~C.VM_ENTRY_IA32E_MODE)
+        vcpu.core.lapic.init_reset()
+        self.pending[vcpu.core.index].clear()
+        if vcpu.core.index in self.devirtualized:
+            self.devirtualized.discard(vcpu.core.index)
+            self.load_controls(vcpu, BOOT_CONFIG[self.config_name])
+
+    def h_sipi(self, vcpu, d, event):
+        """SIPI in wait-for-SIPI: real mode at vector:0000 (kvm_vcpu_deliver_sipi_vector)."""
+        vec = d.qualification & 0xFF
+        s = vcpu.vmcs.set
+        s(F.GUEST_CS_SELECTOR, vec << 8)
+        s(F.GUEST_CS_BASE, vec << 12)
+        s(F.GUEST_RIP, 0)
+        s(F.GUEST_ACTIVITY_STATE, C.GUEST_ACTIVITY_ACTIVE)
+
+    def h_cpuid(self, vcpu, d, event):
+        """CPUID: the platform's model plus the hypervisor bit and KVM's leaves."""
+        uc = vcpu.core.uc
+        leaf = uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
+        sub = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
+        if leaf == KVM_CPUID_SIGNATURE:
+            regs = (0x40000001, 0x4B4D564B, 0x564B4D56, 0x4D)   # "KVMKVMKVM\0\0\0"
+        elif leaf == KVM_CPUID_SIGNATURE + 1:
+            regs = (KVM_FEATURE_DEVIRT if self.config_name == "devirt" else 0, 0, 0, 0)
+        else:
+            a, b, c, dd = cpuid_model.cpuid(leaf, sub, vcpu.core.apic_id, len(self.machine.cores))
+            if leaf == 1:
+                c |= 1 << 31                      # hypervisor present
+            regs = (a, b, c, dd)
+        for rid, val in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX), regs):
+            uc.reg_write(rid, val)
+        vcpu.skip_instruction()
+
+    def h_hlt(self, vcpu, d, event):
+        """HLT: KVM blocks the vCPU until an interrupt is pending for it."""
+        vcpu.skip_instruction()
+        if self.pending[vcpu.core.index]:
+            return                                # something to inject: re-enter at once
+        vcpu.blocked = True
+        vcpu.core.state = State.HALTED
+        if vcpu.core._in_run:
+            vcpu.core.request_stop("halt")
+
+    def h_native(self, vcpu, d, event):
+        """I/O and MOV DR: the platform executes the instruction."""
+        vcpu.emulate_on_platform(event)
+
+    def h_msr(self, vcpu, d, event):
+        """RDMSR/WRMSR: KVM's paravirtual MSRs here; IA32_TSC with the TSC offset;
+        everything else on the platform (x2APIC on the physical local APIC)."""
+        uc = vcpu.core.uc
+        index = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
+        write = d.reason == ER.MSR_WRITE
+        if index in (MSR_KVM_APIC_MAPS, MSR_KVM_DEVIRT):
+            if not write:
+                vcpu.inject(13, C.INTR_TYPE_HARD_EXCEPTION, 0)
+                return
+            value = (uc.reg_read(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
+            if index == MSR_KVM_APIC_MAPS:
+                self.set_apic_maps(value)
+            else:
+                self.devirtualize(vcpu)
+            vcpu.skip_instruction()
+            return
+        if index == 0x10 and not write:
+            t = (vcpu.core.tsc() + vcpu.vmcs.get(F.TSC_OFFSET)) & ((1 << 64) - 1)
+            uc.reg_write(X.UC_X86_REG_RAX, t & 0xFFFFFFFF)
+            uc.reg_write(X.UC_X86_REG_RDX, t >> 32)
+            vcpu.skip_instruction()
+            return
+        vcpu.emulate_on_platform(event)
+
+    def h_cr_access(self, vcpu, d, event):
+        """MOV to/from CR0/CR3/CR4/CR8, CLTS, LMSW (KVM's handle_cr)."""
+        v = vcpu.vmcs
+        core = vcpu.core
+        uc = core.uc
+        q = d.qualification
+        cr, access, gpr = q & 0xF, (q >> 4) & 3, (q >> 8) & 0xF
+        if access == 0:                                   # MOV to CR
+            val = uc.reg_read(GPR_IDS[gpr])
+            if core.code_size() != 64:
+                val &= 0xFFFFFFFF
+            if cr == 0:
+                self.set_cr0(vcpu, val)
+            elif cr == 4:
+                v.set(F.CR4_READ_SHADOW, val)
+                v.set(F.GUEST_CR4, val | CR4_VMXE)
+            elif cr == 3:
+                v.set(F.GUEST_CR3, val)
+            elif cr == 8:
+                core.lapic.write_cr8(val)
+        elif access == 1:                                 # MOV from CR
+            if cr == 3:
+                val = v.get(F.GUEST_CR3)
+            elif cr == 8:
+                val = core.lapic.read_cr8()
+            else:
+                raise _Fault(6)
+            uc.reg_write(GPR_IDS[gpr], val)
+        elif access == 2:                                 # CLTS
+            v.set(F.CR0_READ_SHADOW, v.get(F.CR0_READ_SHADOW) & ~8)
+            v.set(F.GUEST_CR0, v.get(F.GUEST_CR0) & ~8)
+        else:                                             # LMSW
+            src = (q >> 16) & 0xFFFF
+            shadow = v.get(F.CR0_READ_SHADOW)
+            self.set_cr0(vcpu, (shadow & ~0xE) | (src & 0xF) | (shadow & 1))
+        vcpu.skip_instruction()
+
+    def set_cr0(self, vcpu: VmxVcpu, val: int) -> None:
+        """kvm_set_cr0 with unrestricted guest: the guest sees ``val``; the real CR0
+        keeps NE (and PE/PG as the guest wants); EFER.LMA follows PG with LME."""
+        v = vcpu.vmcs
+        unrestricted = v.get(F.SECONDARY_VM_EXEC_CONTROL) & C.SECONDARY_EXEC_UNRESTRICTED_GUEST
+        if not unrestricted and not (val & 1 and val >> 31):
+            # without unrestricted guest the guest must stay in paged protected mode
+            raise _Fault(13, 0)
+        v.set(F.CR0_READ_SHADOW, val)
+        v.set(F.GUEST_CR0, val | (1 << 5))
+        efer = v.get(F.GUEST_IA32_EFER)
+        ent = v.get(F.VM_ENTRY_CONTROLS)
+        if val >> 31 and efer & (1 << 8):
+            v.set(F.GUEST_IA32_EFER, efer | (1 << 10))
+            v.set(F.VM_ENTRY_CONTROLS, ent | C.VM_ENTRY_IA32E_MODE)
+        elif not val >> 31:
+            v.set(F.GUEST_IA32_EFER, efer & ~(1 << 10))
+            v.set(F.VM_ENTRY_CONTROLS, ent & ~C.VM_ENTRY_IA32E_MODE)
+
+    def h_ept_violation(self, vcpu, d, event):
+        """EPT violation: map the guest-physical page (identity) if it is guest RAM."""
+        gpa = d.guest_physical_address or 0
+        if gpa >= self.guest_ram:
+            self._fatal(vcpu, f"EPT violation at GPA {gpa:#x}, outside the guest's RAM")
+            return
+        page = gpa & ~0xFFF
+        self.ept.map(page, page, 4096, rights=7)
+
+    # ------------------------------------------------------------------ KVM-devirt
+    def devirtualize(self, vcpu: VmxVcpu) -> None:
+        """The guest asked to devirtualize this core: load the target control set."""
+        if self.config_name != "devirt" or vcpu.core.index in self.devirtualized:
+            return
+        v = vcpu.vmcs
+        if not (v.get(F.GUEST_CR0) & 1 and v.get(F.GUEST_CR0) >> 31):
+            raise _Fault(13, 0)                   # only from paged protected mode
+        self.load_controls(vcpu, self.target)
+        self.devirtualized.add(vcpu.core.index)
+
+    def set_apic_maps(self, gpa: int) -> None:
+        """Fill KVM-devirt's apic_maps page: per vCPU {u16 physical APIC ID, u16 physical
+        CPU, i32 status, u64 TSC offset}."""
+        if gpa & 0xFFF or gpa + 4096 > self.guest_ram:
+            raise _Fault(13, 0)
+        self.apic_maps_gpa = gpa
+        data = b"".join(struct.pack("<HHiQ", v.core.apic_id, v.core.index, 1, v.vmcs.get(F.TSC_OFFSET))
+                        for v in self.vcpus)
+        self.machine.write_phys(gpa, data)
