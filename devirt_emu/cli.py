@@ -38,7 +38,16 @@ instruction count and virtual time are then estimated from wall time.
 --json prints one object: verdict, serial, cores, instructions (per core),
 virtual_ns, events (sensitive event kind -> count), wall_s, mips, exit_status,
 markers (per core: [begin, end] instruction counts of each steady-state
-window), message, mode.
+window), message, mode, arch, config; and for --arch vmx: exits (one object per
+VM exit: core, reason (basic exit reason), name, entry_failure, qualification,
+instruction_length, rip, in_window), exit_counts and window_exit_counts (by
+exit name; window: inside a core's steady-state window).
+
+configurations (--arch vmx): stock is KVM's default VMCS with EPT and
+unrestricted guest, APICv off, PAUSE-loop exiting on; devirt is KVM-devirt:
+the guest boots under stock and each core asks for devirtualization at the end
+of boot (a paravirtual MSR write), after which external interrupts, HLT,
+MWAIT, PAUSE and the timer/IPI/EOI x2APIC MSRs no longer exit.
 --trace FILE writes every event as one JSON object per line (core, kind, rip,
 instruction, icount, ...).
 """
@@ -89,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtual seconds before the run ends with verdict timeout (default 5)")
     r.add_argument("--wall-timeout", type=_seconds, default=300.0, metavar="S",
                    help="wall-clock seconds before verdict timeout (default 300)")
+    r.add_argument("--arch", choices=("none", "vmx"), default="none",
+                   help="none: native, no hypervisor (default); vmx: the guest runs in VMX "
+                        "non-root operation under the L0 (a model of KVM)")
+    r.add_argument("--config", choices=("stock", "devirt"),
+                   help="with --arch vmx: stock KVM (default) or KVM-devirt")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     r.add_argument("--trace", metavar="FILE", help="write every event to FILE as JSON Lines")
     return p
@@ -106,6 +120,14 @@ def _summary(res) -> str:
     ]
     if res.events:
         lines.append("events       " + ", ".join(f"{k} {v}" for k, v in res.events.items()))
+    if res.arch != "none":
+        lines.append(f"hypervisor   {res.arch} {res.config}: {sum(res.exit_counts.values())} VM exits, "
+                     f"{sum(res.window_exit_counts.values())} inside steady-state windows")
+        if res.exit_counts:
+            width = max(len(k) for k in res.exit_counts)
+            lines.append(f"  {'exit reason'.ljust(width)}  {'total':>8}  {'in window':>9}")
+            for k, v in res.exit_counts.items():
+                lines.append(f"  {k.ljust(width)}  {v:>8}  {res.window_exit_counts.get(k, 0):>9}")
     for i, windows in enumerate(res.markers):
         for b, e in windows:
             lines.append(f"steady state core {i}: instructions {b} .. {e if e is not None else '(open)'}")
@@ -137,8 +159,12 @@ def cmd_run(args) -> int:
     def on_serial(byte: int):
         sys.stdout.write(chr(byte))
 
+    if args.config is not None and args.arch == "none":
+        print("devirt-emu: error: --config needs --arch vmx", file=sys.stderr)
+        return 2
     try:
         m = Machine(cores=args.cores, mem_mb=args.mem, fast=args.fast, quantum=args.quantum,
+                    arch=args.arch, config=args.config,
                     max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
                     trace=trace if trace_file else None,
                     on_serial=None if args.json else on_serial)

@@ -392,7 +392,10 @@ class Machine:
 
 
 def run_program(path: str | os.PathLike, cores: int = 1, **kwargs) -> RunResult:
-    """Assemble (or load, for an ELF) ``path`` with the firmware and run it."""
+    """Assemble (or load, for an ELF) ``path`` with the firmware and run it.
+
+    ``kwargs`` are :class:`Machine`'s (``arch="vmx", config="devirt"``, ``fast``...).
+    """
     from .asm import build_image
     path = Path(path)
     m = Machine(cores=cores, **kwargs)
