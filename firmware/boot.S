@@ -630,6 +630,7 @@ fw_isr_no_handler:
 ; Every core: call the guest with (core id, number of cores, library table).
 ; The BSP reports the return value (0 = pass); an AP that returns is parked.
 fw_run_guest:
+    call fw_devirt_request
     mov rdi, qword ptr gs:[PERCPU_ID]
     mov esi, dword ptr [fw_nr_cpus]
     mov rdx, lib_table
@@ -649,6 +650,35 @@ fw_park:
     cli
     hlt
     jmp fw_park
+
+; ----------------------------------------------------------------------------
+; End of boot under KVM-devirt: if a hypervisor is present (CPUID.1:ECX[31]),
+; is KVM (signature leaf) and offers devirtualization (KVM_FEATURE_DEVIRT),
+; ask it to devirtualize this core with a write of MSR_KVM_DEVIRT.  Natively
+; and under other hypervisors nothing is done.  These CPUIDs and the WRMSR are
+; the last exits of boot; the guest runs after them.
+fw_devirt_request:
+    push rbx
+    mov eax, 1
+    cpuid
+    bt ecx, 31
+    jnc 1f
+    mov eax, KVM_CPUID_SIGNATURE
+    cpuid
+    cmp ebx, KVM_SIGNATURE_EBX
+    jne 1f
+    cmp eax, KVM_CPUID_FEATURES
+    jb 1f
+    mov eax, KVM_CPUID_FEATURES
+    cpuid
+    bt eax, KVM_FEATURE_DEVIRT_BIT
+    jnc 1f
+    mov ecx, MSR_KVM_DEVIRT
+    xor eax, eax
+    xor edx, edx
+    wrmsr
+1:  pop rbx
+    ret
 
 .rodata
 fw_msg_bad_bootinfo:   .asciz "firmware: bad boot-info block at 0x5000 (magic or RAM size)\n"

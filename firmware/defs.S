@@ -200,3 +200,12 @@
 .macro STEADY_END
     xchg cx, cx
 .endm
+
+; Paravirtual interface of the L0 (devirt_emu/hypervisor/configs.py): KVM's
+; CPUID signature leaf, the feature bit by which it offers devirtualization,
+; and the MSR a core writes to ask for it.
+.set KVM_CPUID_SIGNATURE,     0x40000000      ; EBX,ECX,EDX = "KVMKVMKVM\0\0\0"
+.set KVM_CPUID_FEATURES,      0x40000001
+.set KVM_SIGNATURE_EBX,       0x4B4D564B      ; "KVMK"
+.set KVM_FEATURE_DEVIRT_BIT,  24
+.set MSR_KVM_DEVIRT,          0x4B564DBD

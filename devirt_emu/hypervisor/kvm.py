@@ -66,7 +66,11 @@ class KvmL0:
         self.host_base = mem.size - HOST_AREA
         self.guest_ram = self.host_base
         self.vcpus: list[VmxVcpu] = []
-        self.pending: dict[int, list[int]] = {}        # core -> vectors to inject
+        # KVM's share of each vCPU's local APIC: interrupts the host took on the
+        # guest's behalf wait in a virtual IRR, injected ones sit in a virtual ISR
+        # until the guest's EOI (see configs.py: the rest of the APIC is physical).
+        self.virr: dict[int, set[int]] = {}
+        self.visr: dict[int, list[int]] = {}
         self.devirtualized: set[int] = set()
         self.apic_maps_gpa: int | None = None
         self._bitmaps: dict[str, int] = {}
@@ -156,7 +160,8 @@ class KvmL0:
             v.set(F.CR4_READ_SHADOW, v.get(F.GUEST_CR4) & ~CR4_VMXE)
             core.virt = vcpu
             self.vcpus.append(vcpu)
-            self.pending[core.index] = []
+            self.virr[core.index] = set()
+            self.visr[core.index] = []
 
     def launch(self) -> None:
         """VMLAUNCH on every core (the APs sit in wait-for-SIPI)."""
@@ -168,44 +173,83 @@ class KvmL0:
     def wants_entry(self, vcpu: VmxVcpu) -> bool:
         return not vcpu.blocked and self.machine.verdict is None
 
+    # ----- the virtual IRR/ISR ---------------------------------------------
+    def take_for_guest(self, vcpu: VmxVcpu, vector: int) -> None:
+        """The host took a guest interrupt (acknowledged on exit or while the vCPU
+        was blocked): end it on the physical APIC, keep it in the virtual IRR."""
+        vcpu.core.lapic.eoi()
+        self.virr[vcpu.core.index].add(vector)
+
+    def deliverable(self, vcpu: VmxVcpu) -> int | None:
+        """The highest virtual-IRR vector whose priority class is above the virtual PPR."""
+        i = vcpu.core.index
+        if not self.virr[i]:
+            return None
+        vec = max(self.virr[i])
+        isrv = max(self.visr[i], default=0)
+        ppr = max(vcpu.core.lapic.tpr & 0xF0, isrv & 0xF0)
+        return vec if vec & 0xF0 > ppr else None
+
+    def guest_eoi(self, vcpu: VmxVcpu) -> bool:
+        """An exiting EOI write: ends the highest injected vector, if one is in service."""
+        visr = self.visr[vcpu.core.index]
+        if not visr:
+            return False
+        visr.remove(max(visr))
+        return True
+
+    def apic_register_read(self, vcpu: VmxVcpu, index: int) -> int | None:
+        """x2APIC IRR/ISR/PPR as the guest sees them (physical plus the virtual share)."""
+        i = vcpu.core.index
+        lapic = vcpu.core.lapic
+        if 0x820 <= index <= 0x827:
+            word = index - 0x820
+            bits = sum(1 << (v - 32 * word) for v in self.virr[i] if v // 32 == word)
+            return lapic.rdmsr(index) | bits
+        if 0x810 <= index <= 0x817:
+            word = index - 0x810
+            return sum(1 << (v - 32 * word) for v in self.visr[i] if v // 32 == word)
+        if index == 0x80A:
+            isrv = max(self.visr[i], default=0)
+            tpr = lapic.tpr
+            return tpr if tpr & 0xF0 >= isrv & 0xF0 else isrv & 0xF0
+        return None
+
     def before_entry(self, vcpu: VmxVcpu) -> None:
-        """KVM's inject_pending_event: inject a queued interrupt if the guest can
-        take it, else ask for an interrupt-window exit."""
-        q = self.pending[vcpu.core.index]
+        """KVM's inject_pending_event: inject the highest deliverable virtual-IRR
+        vector if the guest can take it, else ask for an interrupt-window exit."""
         v = vcpu.vmcs
         primary = v.get(F.CPU_BASED_VM_EXEC_CONTROL)
-        if not q:
-            if primary & C.CPU_BASED_INTR_WINDOW_EXITING:
-                v.set(F.CPU_BASED_VM_EXEC_CONTROL, primary & ~C.CPU_BASED_INTR_WINDOW_EXITING)
-            return
-        if v.get(F.VM_ENTRY_INTR_INFO_FIELD) & C.INTR_INFO_VALID_MASK:
-            return
-        rflags = v.get(F.GUEST_RFLAGS)
-        blocked = v.get(F.GUEST_INTERRUPTIBILITY_INFO) & (C.GUEST_INTR_STATE_STI | C.GUEST_INTR_STATE_MOV_SS)
-        if rflags & (1 << 9) and not blocked:
-            vec = q.pop(0)
-            vcpu.inject(vec, C.INTR_TYPE_EXT_INTR)
-            if v.get(F.GUEST_ACTIVITY_STATE) == C.GUEST_ACTIVITY_HLT:
-                v.set(F.GUEST_ACTIVITY_STATE, C.GUEST_ACTIVITY_ACTIVE)
-        if q:
-            v.set(F.CPU_BASED_VM_EXEC_CONTROL, v.get(F.CPU_BASED_VM_EXEC_CONTROL)
-                  | C.CPU_BASED_INTR_WINDOW_EXITING)
-        elif primary & C.CPU_BASED_INTR_WINDOW_EXITING:
-            v.set(F.CPU_BASED_VM_EXEC_CONTROL, primary & ~C.CPU_BASED_INTR_WINDOW_EXITING)
+        vec = self.deliverable(vcpu)
+        if vec is not None and not v.get(F.VM_ENTRY_INTR_INFO_FIELD) & C.INTR_INFO_VALID_MASK:
+            rflags = v.get(F.GUEST_RFLAGS)
+            blocked = v.get(F.GUEST_INTERRUPTIBILITY_INFO) & (C.GUEST_INTR_STATE_STI
+                                                              | C.GUEST_INTR_STATE_MOV_SS)
+            if rflags & (1 << 9) and not blocked:
+                i = vcpu.core.index
+                self.virr[i].discard(vec)
+                self.visr[i].append(vec)
+                vcpu.inject(vec, C.INTR_TYPE_EXT_INTR)
+                if v.get(F.GUEST_ACTIVITY_STATE) == C.GUEST_ACTIVITY_HLT:
+                    v.set(F.GUEST_ACTIVITY_STATE, C.GUEST_ACTIVITY_ACTIVE)
+                vec = self.deliverable(vcpu)
+        want_window = vec is not None
+        if want_window != bool(primary & C.CPU_BASED_INTR_WINDOW_EXITING):
+            v.set(F.CPU_BASED_VM_EXEC_CONTROL, primary ^ C.CPU_BASED_INTR_WINDOW_EXITING)
 
     def has_pending(self, vcpu: VmxVcpu) -> bool:
-        return bool(self.pending[vcpu.core.index])
+        return self.deliverable(vcpu) is not None
 
     def unblock(self, vcpu: VmxVcpu) -> bool:
         """A vCPU blocked in HLT (host context) got an interrupt: the host takes
-        it (it is the guest's: queue it), then KVM re-enters the guest."""
+        it for the guest, then KVM re-enters the guest, which takes it."""
         lapic = vcpu.core.lapic
         vec = lapic.pending_vector()
-        if vec is None and not self.pending[vcpu.core.index] and not lapic.nmi_pending:
+        if vec is None and self.deliverable(vcpu) is None and not lapic.nmi_pending:
             return False
         if vec is not None:
             lapic.acknowledge()
-            self.pending[vcpu.core.index].append(vec)
+            self.take_for_guest(vcpu, vec)
         vcpu.blocked = False
         vcpu.core.state = State.RUNNING
         vcpu.vmcs.set(F.GUEST_ACTIVITY_STATE, C.GUEST_ACTIVITY_ACTIVE)
@@ -295,8 +339,7 @@ class KvmL0:
 
     def h_external_interrupt(self, vcpu, d, event):
         """The interrupt was acknowledged on exit; it is the guest's: queue it for injection."""
-        vec = d.interruption_info & C.INTR_INFO_VECTOR_MASK
-        self.pending[vcpu.core.index].append(vec)
+        self.take_for_guest(vcpu, d.interruption_info & C.INTR_INFO_VECTOR_MASK)
 
     def h_interrupt_window(self, vcpu, d, event):
         """The guest can take interrupts again: before_entry injects the queued one."""
@@ -338,7 +381,8 @@ class KvmL0:
         ent = v.get(F.VM_ENTRY_CONTROLS)
         s(F.VM_ENTRY_CONTROLS, ent & ~C.VM_ENTRY_IA32E_MODE)
         vcpu.core.lapic.init_reset()
-        self.pending[vcpu.core.index].clear()
+        self.virr[vcpu.core.index].clear()
+        self.visr[vcpu.core.index].clear()
         if vcpu.core.index in self.devirtualized:
             self.devirtualized.discard(vcpu.core.index)
             self.load_controls(vcpu, BOOT_CONFIG[self.config_name])
@@ -373,7 +417,7 @@ class KvmL0:
     def h_hlt(self, vcpu, d, event):
         """HLT: KVM blocks the vCPU until an interrupt is pending for it."""
         vcpu.skip_instruction()
-        if self.pending[vcpu.core.index]:
+        if self.deliverable(vcpu) is not None:
             return                                # something to inject: re-enter at once
         vcpu.blocked = True
         vcpu.core.state = State.HALTED
@@ -399,6 +443,16 @@ class KvmL0:
                 self.set_apic_maps(value)
             else:
                 self.devirtualize(vcpu)
+            vcpu.skip_instruction()
+            return
+        if not write:
+            val = self.apic_register_read(vcpu, index) if vcpu.core.lapic.x2apic_enabled else None
+            if val is not None:
+                uc.reg_write(X.UC_X86_REG_RAX, val & 0xFFFFFFFF)
+                uc.reg_write(X.UC_X86_REG_RDX, val >> 32)
+                vcpu.skip_instruction()
+                return
+        elif index == 0x80B and self.guest_eoi(vcpu):
             vcpu.skip_instruction()
             return
         if index == 0x10 and not write:

@@ -57,6 +57,8 @@ from .paging import PageFault, UnsupportedPaging, translate
 from .ucinternals import HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
+#: Virtual nanoseconds one PAUSE takes (about 140 cycles on Skylake and later).
+PAUSE_NS = 140
 RFLAGS_IF = 1 << 9
 RFLAGS_TF = 1 << 8
 RFLAGS_NT = 1 << 14
@@ -97,7 +99,7 @@ _NATIVE_UD = frozenset({
 # Kinds Unicorn executes correctly itself: the core only counts them.
 _NATIVE_PASS = frozenset({
     Kind.MOV_FROM_DR, Kind.MOV_TO_DR, Kind.CLTS, Kind.LMSW, Kind.SMSW, Kind.RDRAND, Kind.RDSEED,
-    Kind.PAUSE, Kind.INVD, Kind.WBINVD, Kind.WBNOINVD, Kind.LGDT, Kind.LIDT, Kind.SGDT,
+    Kind.INVD, Kind.WBINVD, Kind.WBNOINVD, Kind.LGDT, Kind.LIDT, Kind.SGDT,
     Kind.SIDT, Kind.LLDT, Kind.LTR, Kind.SLDT, Kind.STR, Kind.PUSHF, Kind.CLI,
 })
 
@@ -214,6 +216,9 @@ class Core:
         self._stop_reason: str | None = None
         self._skip_once = -1
         self._in_run = False
+        self._counted = True           # the current run counts instructions exactly
+        self._extra_ns = 0             # virtual time beyond 1 ns per instruction (PAUSE)
+        self._time_limit = 0           # virtual ns at which the current run should yield
         self._rearm_after_step = False
         self._pending_rearm = False
         self._handlers = self._make_handlers()
@@ -340,16 +345,16 @@ class Core:
     # ------------------------------------------------------------------ time
     def retired_now(self) -> int:
         """Retired instructions up to (not including) the instruction being handled."""
-        if self._in_run and self.machine.deterministic:
+        if self._in_run and self._counted:
             return self.icount + self.probe.executed() - 1 - self._uncount
         return self.icount
 
     def now(self) -> int:
         """Virtual ns at the current instruction."""
         if self._in_run:
-            if self.machine.deterministic:
-                return self.clock + (self.retired_now() - self.icount)
-            return self.clock + (time.perf_counter_ns() - self._run_wall0)
+            if self._counted:
+                return self.clock + (self.retired_now() - self.icount) + self._extra_ns
+            return self.clock + (time.perf_counter_ns() - self._run_wall0) + self._extra_ns
         return self.clock
 
     def tsc(self) -> int:
@@ -462,6 +467,7 @@ class Core:
         uc = self.uc
         det = budget is not None
         remaining = budget if det else 0
+        self._time_limit = self.clock + budget if det else 1 << 62
         while True:
             self._stop_reason = None
             self._uncount = 0
@@ -469,6 +475,7 @@ class Core:
             self.fetch_fault = self.write_fault = None
             begin = self.uc.reg_read(X.UC_X86_REG_RIP)
             self.probe.clear_fault_tracking()
+            self._counted = det
             self._in_run = True
             self._run_wall0 = time.perf_counter_ns()
             err = None
@@ -487,7 +494,8 @@ class Core:
                 self._in_run = False
             retired = max(retired, 0)
             self.icount += retired
-            self.clock += retired
+            self.clock += retired + self._extra_ns
+            self._extra_ns = 0
             if det:
                 remaining -= retired
             try:
@@ -524,6 +532,7 @@ class Core:
         self._budget = 1
         self.fetch_fault = self.write_fault = None
         self._in_run = True
+        self._counted = True
         err = None
         self.probe.clear_fault_tracking()
         try:
@@ -534,7 +543,8 @@ class Core:
             retired = max(min(self.probe.executed(), 1) - self._uncount, 0)
             self._in_run = False
         self.icount += retired
-        self.clock += retired
+        self.clock += retired + self._extra_ns
+        self._extra_ns = 0
         try:
             if err is not None:
                 self._handle_engine_error(err)
@@ -695,6 +705,7 @@ class Core:
             Kind.INVLPG: self._h_invlpg, Kind.STI: self._h_sti, Kind.POPF: self._h_step,
             Kind.IRET: self._h_iret, Kind.MOV_SS: self._h_mov_ss, Kind.POP_SS: self._h_mov_ss,
             Kind.INT: self._h_int, Kind.INT3: self._h_int, Kind.INT1: self._h_int,
+            Kind.PAUSE: self._h_pause,
             Kind.MARKER_BEGIN: self._h_marker_begin, Kind.MARKER_END: self._h_marker_end,
         })
         return h
@@ -894,7 +905,7 @@ class Core:
         if not fl & RFLAGS_IF:
             uc.reg_write(X.UC_X86_REG_EFLAGS, fl | RFLAGS_IF)
             self.shadow_at = self.retired_now() + 1
-            if self.lapic.pending_vector() is not None:
+            if self._interrupt_wanted():
                 self.request_stop("check")
 
     def _require_iopl(self):
@@ -914,6 +925,15 @@ class Core:
         kind = insn.kind
         self.deliver_event(insn.vector, None, address + insn.length,
                            soft=kind is not Kind.INT1)
+
+    def _h_pause(self, address, insn):
+        """PAUSE takes PAUSE_NS of virtual time (the spin-wait hint's latency on
+        recent Intel cores); a spinning core yields once it reaches the end of
+        its slice, so that the core it waits for gets to run."""
+        self._skip(address, insn)
+        self._extra_ns += PAUSE_NS
+        if self.now() >= self._time_limit:
+            self.request_stop("yield")
 
     def _h_marker_begin(self, address, insn):
         self.markers.append([self.retired_now(), None])
@@ -1036,9 +1056,18 @@ class Core:
     # ------------------------------------------------------------------ interrupts at boundaries
     def wake_check(self) -> None:
         """Between runs: INIT/SIPI/NMI and LAPIC interrupts; wakes a halted core."""
+        lapic = self.lapic
+        if self.icount == self.shadow_at and self.state is State.RUNNING and self._interrupt_wanted():
+            # interrupt shadow (STI, MOV SS): the next instruction runs first
+            for _ in range(3):          # a fetch fault or a hook's stop retires nothing
+                self._stop_reason = None
+                if self._step_one():
+                    break
+            self._stop_reason = None
+            if self.state is not State.RUNNING or self.machine.verdict is not None:
+                return
         if self.virt is not None and self.virt.boundary(self):
             return
-        lapic = self.lapic
         if lapic.take_init():
             self._count(Kind.INIT)
             self.do_init()
@@ -1050,7 +1079,7 @@ class Core:
         if self.state in (State.WAIT_SIPI, State.SHUTDOWN):
             return
         if self.icount == self.shadow_at:
-            return          # interrupt shadow: one more instruction first
+            return
         if not self.nmi_blocked and lapic.take_nmi():
             self._count(Kind.NMI)
             self._wake()
@@ -1066,6 +1095,14 @@ class Core:
                 lapic.acknowledge()
                 self._wake()
                 self._deliver_external(vec)
+
+    def _interrupt_wanted(self) -> bool:
+        """Is something waiting for an interrupt window (pending interrupt or NMI,
+        or a VMX interrupt/NMI-window exit)?"""
+        lapic = self.lapic
+        if lapic.nmi_pending or lapic.pending_vector() is not None:
+            return True
+        return self.virt is not None and self.virt.wants_window()
 
     def _wake(self):
         if self.state is State.HALTED:

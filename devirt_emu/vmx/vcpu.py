@@ -137,6 +137,9 @@ class VmxVcpu:
                      F.GUEST_IDTR_BASE: ibase, F.GUEST_IDTR_LIMIT: ilimit})
         for idx, fsel, fbase, flimit, far in _SEG_FIELDS:
             sel, base, limit, ar = core.read_segment(idx)
+            if idx == 7 and ar & 0xF in (1, 9):
+                # LTR leaves TR busy; QEMU caches the descriptor's type from before LTR set it
+                ar |= 2
             vals.update({fsel: sel, fbase: base, flimit: limit & 0xFFFFFFFF, far: ar})
         for f, val in vals.items():
             v.set(f, val)
@@ -363,6 +366,14 @@ class VmxVcpu:
             self.vm_exit(out, ev)
             return True
         return False
+
+    def wants_window(self) -> bool:
+        """Is an interrupt-window or NMI-window exit armed (the core then checks
+        the boundary as soon as interrupts may open)?"""
+        if not self.active:
+            return False
+        return bool(self.vmcs.get(F.CPU_BASED_VM_EXEC_CONTROL)
+                    & (C.CPU_BASED_INTR_WINDOW_EXITING | C.CPU_BASED_NMI_WINDOW_EXITING))
 
     def has_wakeup(self) -> Optional[bool]:
         """Scheduler: does this halted/waiting core have something to do now?
