@@ -878,7 +878,7 @@ def _lmsw(ev, vmcs, rm, pl):
     shadow = vmcs.vmread(F.CR0_READ_SHADOW)
     cause = (f"CR0_GUEST_HOST_MASK[3:0]={mask & 0xF:#x}", f"CR0_READ_SHADOW[3:0]={shadow & 0xF:#x}",
              f"LMSW source[3:0]={source & 0xF:#x}")
-    sets_pe = mask & source & _CR0_PE
+    sets_pe = mask & source & _CR0_PE and not shadow & _CR0_PE
     changed = (source ^ shadow) & mask & 0xE
     if not sets_pe and not changed:
         return _no(*cause, "no masked bit would change (LMSW never clears PE)")
