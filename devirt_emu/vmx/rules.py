@@ -1305,6 +1305,11 @@ RULES: Mapping[Kind, Callable] = {
 }
 
 
+#: Event kinds that are records of what happened (traces, counts), not events
+#: a rule decides; :func:`decide` refuses them.
+RECORD_KINDS = frozenset({Kind.VM_EXIT})
+
+
 def decide(event: Event, vmcs, read_mem: ReadMem, *,
            pause_loop: Optional[PauseLoop] = None) -> Outcome:
     """Does ``event`` cause a VM exit under ``vmcs``?  See the module docstring.
