@@ -538,6 +538,8 @@ def test_mov_to_cr0_mask_and_shadow(m):
     # MOV CR0, RBX: qualification 0 | 0<<4 | 3<<8
     d = m.decide(mov_to_cr(0, RBX, rbx=0x80050031))          # MP cleared: masked bit differs
     assert_exit(d, 28, "CR_ACCESS", 0x300, 3)
+    # a masked bit above 31 differing also exits (the instruction would then #GP)
+    assert_exit(m.decide(mov_to_cr(0, rax=0x80050033 | 1 << 40)), 28, "CR_ACCESS", 0x000, 3)
 
 
 def test_mov_to_cr4_mask_and_shadow(m):
@@ -555,6 +557,9 @@ def test_mov_to_cr3_and_targets(m):
     assert_no_exit(m.decide(mov_to_cr(3, rax=0x5000)))        # equals target 2
     # target 3 is beyond CR3_TARGET_COUNT: not considered
     assert_exit(m.decide(mov_to_cr(3, RCX, rcx=0x9000)), 28, "CR_ACCESS", 0x103, 3)
+    m.set(CR3_TARGET_COUNT=4)
+    assert_no_exit(m.decide(mov_to_cr(3, RCX, rcx=0x9000)))   # now target 3 counts
+    assert_exit(m.decide(mov_to_cr(3, rax=0x7000)), 28, "CR_ACCESS", 0x003, 3)
     m.set(CR3_TARGET_COUNT=5)
     with pytest.raises(RuleInputError):
         m.decide(mov_to_cr(3, rax=0x5000))
@@ -614,6 +619,9 @@ def test_lmsw(m):
     assert_exit(m.decide(lmsw(0x1)), 28, "CR_ACCESS", 0x00010030, 3)
     m.set(CR0_READ_SHADOW=0x1)
     assert_no_exit(m.decide(lmsw(0x0)))                        # LMSW cannot clear PE
+    m.set(CR0_GUEST_HOST_MASK=0x8, CR0_READ_SHADOW=0x0)
+    m.set(CR0_GUEST_HOST_MASK=0x1, CR0_READ_SHADOW=0x1)
+    assert_no_exit(m.decide(lmsw(0x1)))                        # PE already set in the shadow
     m.set(CR0_GUEST_HOST_MASK=0x8, CR0_READ_SHADOW=0x0)
     assert_exit(m.decide(lmsw(0x8)), 28, "CR_ACCESS", 0x00080030, 3)   # TS differs
     assert_no_exit(m.decide(lmsw(0x6)))                        # MP/EM not masked
@@ -688,6 +696,14 @@ def test_io_bitmaps(m):
     assert_exit(m.decide(out_dx(0xFFFE, 4)), 30, "IO_INSTRUCTION", 0xFFFE0003, 1)
 
 
+def test_io_wrap_exits_with_empty_bitmaps(m):
+    m.set(CPU_BASED_VM_EXEC_CONTROL=P_IO_BITMAPS)
+    assert_no_exit(m.decide(out_dx(0xFFFF, 1)))
+    assert_no_exit(m.decide(out_dx(0xFFFC, 4)))                # ends exactly at 0xFFFF
+    assert_exit(m.decide(out_dx(0xFFFF, 2)), 30, "IO_INSTRUCTION", 0xFFFF0001, 1)
+    assert_exit(m.decide(out_dx(0xFFFD, 4)), 30, "IO_INSTRUCTION", 0xFFFD0003, 1)
+
+
 def test_io_string_info_and_linear_address(m):
     m.set(CPU_BASED_VM_EXEC_CONTROL=P_UNCOND_IO)
     ev = ievent(Kind.OUTS, 2, io_size=1, rep=True, port=0x3F8, linear=0x9000, addr_size=8,
@@ -706,6 +722,9 @@ def test_io_permission_fault_comes_first(m):
     allowed = out_dx(0x3F8, cpl=3)
     allowed.extra["io_permitted"] = True
     assert_exit(m.decide(allowed), 30, "IO_INSTRUCTION", 0x03F80000, 1)
+    # CPL 3 > IOPL 2: the TSS decides
+    with pytest.raises(RuleInputError, match="io_permitted"):
+        m.decide(out_dx(0x3F8, cpl=3, rflags=0x2002))
     # IOPL 3 allows CPL 3 without consulting the TSS
     assert_exit(m.decide(out_dx(0x3F8, cpl=3, rflags=0x3002)), 30, "IO_INSTRUCTION",
                 0x03F80000, 1)
