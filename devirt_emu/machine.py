@@ -48,8 +48,10 @@ TSC_HZ = 1_000_000_000
 #: Instructions a lone core runs per counted emu_start (the wall-clock limit
 #: is checked between slices).
 LONE_CORE_SLICE = 20_000_000
-#: Fast mode: wall-clock microseconds of one free-running slice.
+#: Fast mode: wall-clock microseconds of one free-running slice, and the counted
+#: instructions a lone core must run without an event before it runs free.
 FAST_SLICE_US = 200_000
+FAST_WARMUP = 1_000_000
 
 VERDICTS = ("pass", "fail", "shutdown", "halted", "timeout", "error")
 
@@ -104,6 +106,7 @@ class Machine:
         self.mem = PhysMem(mem_mb << 20)
         self.deterministic = not fast
         self.fast = fast
+        self.fast_rate = measure_raw_rate() if fast else 1.0
         self.quantum = quantum
         self.max_ns = max_ns
         self.wall_timeout_s = wall_timeout_s
@@ -264,8 +267,10 @@ class Machine:
         src = self.current
         if src is not None and src is not target and target.state is not State.RUNNING:
             target.clock = max(target.clock, src.now())
-        if src is not None and src is target and target._in_run:
-            target.request_stop("check")
+        if src is not None and src._in_run:
+            # the sender stops so that the scheduler plans again: the target may
+            # have woken (another core), or an interrupt be due here (self-IPI)
+            src.request_stop("check")
 
     # ------------------------------------------------------------------ outcomes
     def finish(self, verdict: str, message: str = "") -> None:
@@ -383,12 +388,38 @@ class Machine:
                 budget = min(budget, d - c.clock)
             budget = max(1, min(budget, self.max_ns - c.clock))
             self.current = c
-            if self.fast and not others:
-                wall_us = min(FAST_SLICE_US, max(1, budget // 1000))
-                c.run(None, wall_us)
+            if self.fast and not others and d is None and not c._interrupt_wanted():
+                # A lone core with no timer armed: nothing can interrupt it but itself.
+                # It runs free once a counted warm-up slice ran out without an event
+                # (compute-bound, code translated), and counts again after an event.
+                if c.free_running:
+                    c.free_running = c.run(None, FAST_SLICE_US) is None
+                else:
+                    c.free_running = c.run(min(budget, FAST_WARMUP)) is None
             else:
+                c.free_running = False
                 c.run(budget)
             self.current = None
+
+
+_raw_rate: float | None = None
+
+
+def measure_raw_rate() -> float:
+    """Instructions per wall nanosecond that raw Unicorn retires on this machine
+    (a tight loop, measured once per process): fast mode's time base."""
+    global _raw_rate
+    if _raw_rate is None:
+        from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+        code = bytes.fromhex("48c7c140420f00" "4801c8" "48ffc9" "75f8")  # mov rcx,1e6; add; dec; jnz
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.mem_map(0, 0x1000)
+        uc.mem_write(0, code)
+        uc.emu_start(0, len(code))               # warm the translation cache
+        t = time.perf_counter_ns()
+        uc.emu_start(0, len(code))
+        _raw_rate = (1 + 3 * 1_000_000) / max(1, time.perf_counter_ns() - t)
+    return _raw_rate
 
 
 def run_program(path: str | os.PathLike, cores: int = 1, **kwargs) -> RunResult:

@@ -217,8 +217,11 @@ class Core:
         self._skip_once = -1
         self._in_run = False
         self._counted = True           # the current run counts instructions exactly
+        self.free_running = False      # fast mode: the scheduler lets this core run uncounted
         self._extra_ns = 0             # virtual time beyond 1 ns per instruction (PAUSE)
         self._time_limit = 0           # virtual ns at which the current run should yield
+        self._hook_ns = 0              # wall ns spent in our hooks during the current run
+        self._run_wall0 = 0
         self._rearm_after_step = False
         self._pending_rearm = False
         self._handlers = self._make_handlers()
@@ -354,8 +357,15 @@ class Core:
         if self._in_run:
             if self._counted:
                 return self.clock + (self.retired_now() - self.icount) + self._extra_ns
-            return self.clock + (time.perf_counter_ns() - self._run_wall0) + self._extra_ns
+            return self.clock + self._free_run_estimate() + self._extra_ns
         return self.clock
+
+    def _free_run_estimate(self) -> int:
+        """Instructions a free-running (fast mode) run has retired so far, estimated
+        from the wall time spent emulating (our hooks' time excluded) at the raw
+        rate measured on this machine."""
+        emulating = time.perf_counter_ns() - self._run_wall0 - self._hook_ns
+        return max(0, int(emulating * self.machine.fast_rate))
 
     def tsc(self) -> int:
         """The TSC as an RDTSC here reads it (``tsc_adjust``: VMX TSC offsetting)."""
@@ -477,6 +487,7 @@ class Core:
             self.probe.clear_fault_tracking()
             self._counted = det
             self._in_run = True
+            self._hook_ns = 0
             self._run_wall0 = time.perf_counter_ns()
             err = None
             try:
@@ -490,7 +501,7 @@ class Core:
                 if det:
                     retired = min(self.probe.executed(), remaining) - self._uncount
                 else:
-                    retired = (time.perf_counter_ns() - self._run_wall0)
+                    retired = self._free_run_estimate()
                 self._in_run = False
             retired = max(retired, 0)
             self.icount += retired
@@ -564,7 +575,22 @@ class Core:
             self._last_fetch_fault, self._last_fetch_icount = self.fetch_fault, self.icount
             self._scan_and_arm(self.fetch_fault)
         elif no == UC_ERR_WRITE_PROT and self.write_fault is not None:
-            self.machine.invalidate_code_page(self.translate(self.write_fault, write=True) & ~0xFFF)
+            ppage = self.translate(self.write_fault, write=True) & ~0xFFF
+            self.machine.invalidate_code_page(ppage)
+            try:
+                here = self.translate(self.rip(), fetch=True) & ~0xFFF
+            except (PageFault, UnsupportedPaging):
+                here = None
+            if here == ppage:
+                # the store is on the page it writes: run it alone on the page made
+                # writable and executable (unhooked), then fetches from the page fault
+                # again and rescan it
+                self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
+                try:
+                    self._step_one()
+                finally:
+                    self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
+                    self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
         elif no == UC_ERR_INSN_INVALID:
             raise _Fault(6)
         elif no in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED):
@@ -609,6 +635,7 @@ class Core:
         kind = insn.kind
         ev = self.events
         ev[kind.value] = ev.get(kind.value, 0) + 1
+        t0 = time.perf_counter_ns()
         try:
             if self.trace is not None or self.virt is not None:
                 event = Event(kind, self.index, address, insn, regs=LazyRegs(self))
@@ -633,6 +660,8 @@ class Core:
             self.machine.internal_error(self, e)
             self._uncount += 1
             self.request_stop("exit")
+        finally:
+            self._hook_ns += time.perf_counter_ns() - t0
 
     def mem_operand_linear(self, insn: Insn, address: int) -> int:
         regs = LazyRegs(self)
