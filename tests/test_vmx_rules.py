@@ -849,6 +849,19 @@ def test_software_exceptions_have_length_and_type(m):
     assert d.interruption_info == 0x80000604 and d.instruction_length == 1
 
 
+def test_fault_during_software_interrupt_delivery_has_length(m):
+    # SDM: the instruction length is defined for exits due to faults during
+    # delivery of a software interrupt (INT 0x80 through a gate with DPL < CPL)
+    m.set(EXCEPTION_BITMAP=1 << 13)
+    d = m.decide(exc(13, error_code=0x402, insn=Insn(Kind.INT, 2, "int 0x80", vector=0x80),
+                     cpl=3))
+    assert_exit(d, 0, "EXCEPTION_NMI", 0, 2)
+    assert d.interruption_info == 0x80000B0D and d.error_code == 0x402
+    # a #GP from an ordinary instruction: undefined
+    d = m.decide(exc(13, error_code=0, insn=Insn(Kind.WRMSR, 2, "wrmsr")))
+    assert d.instruction_length is None
+
+
 def test_exception_nmi_unblocking_due_to_iret(m):
     m.set(EXCEPTION_BITMAP=1 << 13)
     ev = exc(13, error_code=0)

@@ -58,6 +58,13 @@ Event-specific inputs come from ``event.extra`` (:data:`EXTRA_KEYS`).
 Scope notes
 ===========
 
+* The rules describe VMX non-root operation.  Outside VMX operation the VMX
+  instructions are #UD and nothing exits; that is the platform's case.
+* The VMCS is read with ``vmread`` only for fields whose controls are on
+  (the secondary controls only when "activate secondary controls" is 1, the
+  PLE fields only with PAUSE-loop exiting, ...), so on a VMCS that passed
+  the VM-entry checks every read names a field the modelled CPU supports.
+
 * APIC-register virtualization, virtual-interrupt delivery and posted-
   interrupt processing are not modelled by these rules: an APIC access with
   APIC-register virtualization or virtual-interrupt delivery on raises
@@ -1043,9 +1050,18 @@ def _exception_exit(ev, vmcs, vector: int, itype: int, cause_prefix: tuple) -> O
         qual = xi.debug_exception_qualification(ev.extra.get("dr6", 0xFFFF0FF0))
     else:
         qual = 0
-    length = ev.insn.length if itype != xi.INTR_TYPE_HARD_EXCEPTION and ev.insn else None
+    # The length is defined for software exceptions (INT3, INTO, INT1) and for
+    # faults during delivery of a software interrupt or exception: INT n and
+    # those instructions do nothing but deliver, so any exception they raise
+    # is one.  (The IDT-vectoring information of that case is the caller's.)
+    length = (ev.insn.length if ev.insn is not None and
+              (itype != xi.INTR_TYPE_HARD_EXCEPTION or ev.insn.kind in _DELIVERY_KINDS)
+              else None)
     return _exit(er.EXCEPTION_NMI, ev, cause, qual, length=length, interruption=info,
                  error_code=error_code)
+
+
+_DELIVERY_KINDS = frozenset({Kind.INT, Kind.INT3, Kind.INTO, Kind.INT1})
 
 
 _SOFTWARE_EXCEPTION = {Kind.INT3: (3, xi.INTR_TYPE_SOFT_EXCEPTION),
