@@ -218,6 +218,16 @@ _U32 = 0xFFFFFFFF
 
 _NO_VMCS_SHADOW_CAUSE = "VMX instructions always exit in VMX non-root operation"
 
+# VMCS fields on the hot paths, bound once: a global lookup is cheaper than an
+# attribute access on the enum class.
+_PROC = F.CPU_BASED_VM_EXEC_CONTROL
+_PROC2 = F.SECONDARY_VM_EXEC_CONTROL
+_PIN = F.PIN_BASED_VM_EXEC_CONTROL
+_MSR_BITMAP = F.MSR_BITMAP
+_IO_BITMAP_A = F.IO_BITMAP_A
+_IO_BITMAP_B = F.IO_BITMAP_B
+_EXCEPTION_BITMAP = F.EXCEPTION_BITMAP
+
 
 # --------------------------------------------------------------------------
 # Small helpers
@@ -275,14 +285,14 @@ def _need_cpl0(ev: Event, what: str) -> Optional[Fault]:
 
 
 def _primary(vmcs) -> int:
-    return vmcs.vmread(F.CPU_BASED_VM_EXEC_CONTROL)
+    return vmcs.vmread(_PROC)
 
 
 def _secondary(vmcs, primary: int) -> int:
     """Secondary controls as they act: all 0 unless "activate secondary
     controls" is 1 (SDM, primary processor-based control bit 31)."""
     if primary & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS:
-        return vmcs.vmread(F.SECONDARY_VM_EXEC_CONTROL)
+        return vmcs.vmread(_PROC2)
     return 0
 
 
@@ -964,7 +974,7 @@ def _io(ev, vmcs, rm, pl):
             return _exit(er.IO_INSTRUCTION, ev, (c0, *seen, f"access {port:#x}+{size} wraps "
                                                               "past port 0xFFFF"), qual, info,
                          gla=gla)
-        which, field = ("A", F.IO_BITMAP_A) if p < 0x8000 else ("B", F.IO_BITMAP_B)
+        which, field = ("A", _IO_BITMAP_A) if p < 0x8000 else ("B", _IO_BITMAP_B)
         bit = _bitmap_bit(rm, vmcs.vmread(field), p & 0x7FFF)
         seen.append(f"I/O bitmap {which} bit {p:#x}={bit}")
         if bit:
@@ -993,7 +1003,7 @@ def _msr(ev, vmcs, rm, write: bool):
         return _exit(number, ev, (c0, f"MSR {ecx:#x} is outside 0-0x1FFF and "
                                       "0xC0000000-0xC0001FFF"))
     n = ecx & 0x1FFF
-    bit = _bitmap_bit(rm, vmcs.vmread(F.MSR_BITMAP) + offset, n)
+    bit = _bitmap_bit(rm, vmcs.vmread(_MSR_BITMAP) + offset, n)
     cause = (c0, f"MSR bitmap {quarter} bit {n:#x}={bit}")
     return _exit(number, ev, cause) if bit else _no(*cause)
 
@@ -1012,7 +1022,7 @@ def _wrmsr(ev, vmcs, rm, pl):
 def _exception_exit(ev, vmcs, vector: int, itype: int, cause_prefix: tuple) -> Outcome:
     """The exception-bitmap rule (with the #PF error-code mask/match) for an
     exception of ``vector`` and interruption type ``itype``."""
-    bitmap = vmcs.vmread(F.EXCEPTION_BITMAP)
+    bitmap = vmcs.vmread(_EXCEPTION_BITMAP)
     in_bitmap = bitmap >> vector & 1
     c0 = f"EXCEPTION_BITMAP bit {vector}={in_bitmap}"
     regs = ev.regs
@@ -1038,7 +1048,7 @@ def _exception_exit(ev, vmcs, vector: int, itype: int, cause_prefix: tuple) -> O
         cause = cause_prefix + (c0,)
     if not exits:
         return _no(*cause, "delivered through the guest IDT")
-    pin = vmcs.vmread(F.PIN_BASED_VM_EXEC_CONTROL)
+    pin = vmcs.vmread(_PIN)
     unblocked = (bool(ev.extra.get("iret_unblocked_nmi", False)) and vector != 8
                  and (not pin & C.PIN_BASED_NMI_EXITING or pin & C.PIN_BASED_VIRTUAL_NMIS))
     info = xi.interruption_info(vector, itype, error_code is not None, unblocked)
@@ -1094,7 +1104,7 @@ def _soft_exception(ev, vmcs, rm, pl):
 
 
 def _nmi(ev, vmcs, rm, pl):
-    pin = vmcs.vmread(F.PIN_BASED_VM_EXEC_CONTROL)
+    pin = vmcs.vmread(_PIN)
     if pin & C.PIN_BASED_NMI_EXITING:
         return _exit(er.EXCEPTION_NMI, ev, ("PIN_BASED_NMI_EXITING=1",),
                      interruption=xi.interruption_info(2, xi.INTR_TYPE_NMI))
@@ -1102,7 +1112,7 @@ def _nmi(ev, vmcs, rm, pl):
 
 
 def _interrupt(ev, vmcs, rm, pl):
-    pin = vmcs.vmread(F.PIN_BASED_VM_EXEC_CONTROL)
+    pin = vmcs.vmread(_PIN)
     if not pin & C.PIN_BASED_EXT_INTR_MASK:
         return _no("PIN_BASED_EXT_INTR_MASK=0", "interrupt delivered through the guest IDT")
     c0 = "PIN_BASED_EXT_INTR_MASK=1"
@@ -1375,7 +1385,7 @@ def boundary_exit(vmcs, *, rflags: int, interruptibility: int,
     primary = _primary(vmcs)
     if mtf_pending:
         return _exit(er.MONITOR_TRAP_FLAG, None, ("MTF VM exit pending",), length=None)
-    pin = vmcs.vmread(F.PIN_BASED_VM_EXEC_CONTROL)
+    pin = vmcs.vmread(_PIN)
     if preemption_timer_expired and pin & C.PIN_BASED_VMX_PREEMPTION_TIMER:
         return _exit(er.PREEMPTION_TIMER, None, ("PIN_BASED_VMX_PREEMPTION_TIMER=1",
                                                  "timer counted down to 0"), length=None)
