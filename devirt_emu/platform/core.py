@@ -644,6 +644,7 @@ class Core:
                 if kind in IO_KINDS:
                     event.port = insn.port if insn.port is not None else \
                         self.uc.reg_read(X.UC_X86_REG_DX) & 0xFFFF
+                    event.extra["io_permitted"] = False   # no TSS I/O bitmap is modelled
                 if self.trace is not None:
                     self.trace(self, event)
                 if self.virt is not None and self.virt.on_event(self, event):

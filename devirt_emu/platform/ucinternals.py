@@ -150,9 +150,22 @@ def _find_env():
                         pairs.add((off, j))
                     break
         common = pairs if common is None else common & pairs
-    if not common:
-        raise CalibrationError("CPUX86State not found through uc_struct")
-    return min(common)
+    # keep the pairs that hold on fresh engines too, for several distinct values
+    for off, j in sorted(common):
+        if all(_env_pair_holds(off, j, v) for v in (0x0123456789ABCDEF, 0x7EDCBA9876543210,
+                                                    0x5555AAAA3333CCCC)):
+            return off, j
+    raise CalibrationError("CPUX86State not found through uc_struct")
+
+
+def _env_pair_holds(cpu_ptr: int, env_off: int, value: int) -> bool:
+    mu = Uc(UC_ARCH_X86, UC_MODE_64)
+    mu.reg_write(UC_X86_REG_RAX, value)          # (the engine sets its CPU up lazily)
+    mu.reg_write(UC_X86_REG_RCX, value ^ 0xFFFF)
+    p = _u64(mu._uch.value + cpu_ptr)
+    if not any(lo <= p + env_off < hi - 16 for lo, hi in _readable_ranges()):
+        return False
+    return _u64(p + env_off) == value and _u64(p + env_off + 8) == value ^ 0xFFFF
 
 
 def _paged_engine():
