@@ -143,6 +143,12 @@ class Kind(str, enum.Enum):
                                      # IRET with NT=1, or a task gate in the IDT
 
 
+#: The kinds that are not instructions (no row in the instruction table).
+NON_INSTRUCTION_KINDS = frozenset({
+    Kind.EXCEPTION, Kind.INTERRUPT, Kind.NMI, Kind.INIT, Kind.SIPI, Kind.TRIPLE_FAULT,
+    Kind.APIC_ACCESS, Kind.TASK_SWITCH, Kind.VM_EXIT,
+})
+
 #: Register numbers as the SDM encodes them in exit qualifications and
 #: VM-exit instruction information (and as x86 ModRM does).
 GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
