@@ -1,0 +1,697 @@
+"""Direct VMX cases: run a few guest instructions under a VMCS you write, get the first VM exit.
+
+A *case* is guest code (Intel-syntax assembly or raw bytes), VMCS fields by
+their Linux names, MSR and I/O bitmap contents and initial guest registers.
+:func:`run_case` loads the code into a fresh 64-bit guest (see below),
+performs VMLAUNCH with the full SDM VM-entry checks and runs the guest on a
+real core until the first VM exit or a step limit, and returns a
+:class:`CaseResult`: the exit (:class:`CaseExit`), the VM-entry failure
+(:class:`~devirt_emu.vmx.entry.EntryFailure`) or why it stopped without an
+exit (:class:`NoExit`).  No L0 handles the exit: the case ends there.
+
+    >>> from devirt_emu.testing.vmx_case import run_case
+    >>> r = run_case("cpuid")
+    >>> r.exit.reason, r.exit.name, r.exit.instruction_length
+    (10, 'CPUID', 2)
+
+Control values are used as given: ``vmcs={"CPU_BASED_VM_EXEC_CONTROL": X}``
+writes X, even if VM entry then fails its allowed-settings check.  With
+``legal=True`` every control word you give is first made legal by the
+capability MSRs (the allowed-0 bits set, the bits not allowed to be 1
+cleared: :func:`legal_controls`), so ``{"CPU_BASED_VM_EXEC_CONTROL":
+CPU_BASED_HLT_EXITING}, legal=True`` means "HLT exiting and whatever the CPU
+forces".
+
+The fresh state (what you get before ``vmcs`` and ``regs`` are applied)
+-----------------------------------------------------------------------
+Guest: the state of :mod:`devirt_emu.platform.longmode` (64-bit mode, CPL 0,
+identity paging with 2 MiB pages over the 16 MiB of RAM, CR0 = 0x80010033,
+CR4 = 0x20, EFER = 0xD00, CS = 0x08, SS = DS = ES = 0x10, RFLAGS = 0x2,
+RSP = 0x9F000, every IDT gate not present), RIP = :data:`CODE_BASE`, every
+other GPR 0, DR7 = 0x400, interruptibility and activity state 0 (active),
+pending debug exceptions 0.  The code is followed by one HLT byte
+(:attr:`CaseResult.code_end` is its address).  An exception the exception
+bitmap does not intercept is delivered through the guest IDT, whose gates
+are all zero (an invalid gate type): delivery raises #GP(vector * 8 + 2 + EXT),
+and unless the bitmap intercepts one of them the guest goes on to #DF and a
+triple fault (exit reason 2).
+
+Controls (:data:`DEFAULT_CONTROLS`): each control word is what the
+capability MSRs force when 0 is requested (``make_legal(ctl, 0)``: no
+exiting control is set), plus "IA-32e mode guest" in the VM-entry controls
+and "host address-space size" in the VM-exit controls (the guest and the
+host are 64-bit); the secondary controls are 0 (and not activated).
+
+Other fields: EXCEPTION_BITMAP, PAGE_FAULT_ERROR_CODE_MASK/MATCH,
+CR3_TARGET_COUNT, CR0/CR4_GUEST_HOST_MASK, TSC_OFFSET are 0; the CR0 and CR4
+read shadows hold the guest's CR0 and CR4; VMCS_LINK_POINTER is all ones;
+MSR_BITMAP, IO_BITMAP_A and IO_BITMAP_B hold the addresses of the bitmaps
+below (written whether or not a control uses them); the host-state area is
+a 64-bit Linux host's (the one :mod:`devirt_emu.hypervisor.kvm` uses).
+
+Bitmaps: all zero (nothing intercepted) unless given.  ``msr_bitmap`` is 4096
+bytes or ``{"read": MSRs, "write": MSRs}`` (see :func:`msr_bitmap`);
+``io_bitmap_a`` / ``io_bitmap_b`` are 4096 bytes each or an iterable of the
+ports to intercept (0-0x7FFF in A, 0x8000-0xFFFF in B; see :func:`io_bitmaps`).
+
+Registers: ``regs`` maps "rax".."r15" (the engine's GPRs), "rip", "rflags"
+(written to GUEST_RIP / GUEST_RFLAGS; "rsp" goes to GUEST_RSP) and "cr2" to
+values.  Giving a register and its VMCS field both is an error.
+
+Memory map (physical = linear):
+
+==============  ========================================================
+0x0001_0000     GDT, TSS, IDT, page tables (rewritten for every case)
+0x0009_F000     top of the guest stack
+0x0010_0000     :data:`CODE_BASE`: the code (at most :data:`CODE_LIMIT` bytes)
+0x0040_0000     :data:`SCRATCH_BASE`: free for the guest (up to 0xF00000)
+0x00F0_0000     the VMCS, then the MSR bitmap, I/O bitmaps A and B
+==============  ========================================================
+
+Nothing stops the guest from writing anywhere in RAM (there is no EPT in
+the default controls): each case starts again from the state above.
+
+Steps and outcomes
+------------------
+``max_steps`` counts retired guest instructions.  The run stops at the first
+VM exit (an exiting instruction does not retire), at a VM-entry failure (then
+nothing runs), when the step limit is reached, when the guest halts (HLT
+without HLT exiting, or the HLT after the code) or when the machine ends the
+run for another reason (an OUT to the test-exit port 0xF4 that does not
+exit, a condition the platform does not model): see :class:`NoExit`.
+
+Reuse and speed
+---------------
+:func:`run_case` uses one :class:`CaseRunner` per process (one machine,
+reset for each case: the guest CPU context, the core's model state, the
+local APIC, the environment tables, a freshly formatted VMCS).  Assembly is
+cached by source text.  A runner is not thread-safe; make one per thread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Iterable, Mapping, Optional, Union
+
+from unicorn import x86_const as X
+
+from ..asm import AsmError, assemble
+from ..events import GPR_NAMES, Kind
+from ..platform import longmode
+from ..platform.core import GPR_IDS, GuestError, State
+from ..vmx import capabilities as caps
+from ..vmx import controls as C
+from ..vmx import exit_reasons
+from ..vmx.entry import EntryFailure
+from ..vmx.fields import VmcsField as F
+from ..vmx.fields import field_by_name, field_info
+from ..vmx.rules import Decision
+from ..vmx.vcpu import VmxVcpu
+from ..vmx.vmcs import Vmcs
+
+__all__ = [
+    "CODE_BASE", "CODE_LIMIT", "SCRATCH_BASE", "VMCS_PA", "MSR_BITMAP_PA", "IO_BITMAP_A_PA",
+    "IO_BITMAP_B_PA", "MEM_MB", "DEFAULT_CONTROLS", "CaseError", "CaseExit", "NoExit",
+    "CaseResult", "CaseRunner", "run_case", "legal_controls", "msr_bitmap", "io_bitmaps",
+]
+
+MEM_MB = 16
+CODE_BASE = 0x100000
+CODE_LIMIT = 0x10000
+SCRATCH_BASE = 0x400000
+VMCS_PA = 0xF00000
+MSR_BITMAP_PA = 0xF01000
+IO_BITMAP_A_PA = 0xF02000
+IO_BITMAP_B_PA = 0xF03000
+HOST_CR3 = 0xF04000
+BITMAP_SIZE = 4096
+HLT = b"\xf4"
+_U64 = (1 << 64) - 1
+
+#: The control words of a fresh case, by VMCS field name (see the module docstring).
+DEFAULT_CONTROLS: Mapping[str, int] = MappingProxyType({
+    "PIN_BASED_VM_EXEC_CONTROL": caps.make_legal("PINBASED", 0),
+    "CPU_BASED_VM_EXEC_CONTROL": caps.make_legal("PROCBASED", 0),
+    "SECONDARY_VM_EXEC_CONTROL": 0,
+    "VM_EXIT_CONTROLS": caps.make_legal("EXIT", C.VM_EXIT_HOST_ADDR_SPACE_SIZE),
+    "VM_ENTRY_CONTROLS": caps.make_legal("ENTRY", C.VM_ENTRY_IA32E_MODE),
+})
+
+# Control-word field name -> capability table name ("PINBASED", ...).
+_CONTROL_TABLE = {F(enc).name: table for table, enc in caps.CONTROL_FIELDS.items()}
+
+_MSR_LOW_MAX = 0x1FFF
+_MSR_HIGH_MIN, _MSR_HIGH_MAX = 0xC0000000, 0xC0001FFF
+
+
+class CaseError(ValueError):
+    """A case that cannot be run as given (unknown field, value too wide,
+    code that does not assemble, malformed bitmap or register)."""
+
+
+# --------------------------------------------------------------------------- helpers
+def legal_controls(vmcs: Mapping[str, int]) -> dict[str, int]:
+    """``vmcs`` with each control word made legal by the capability MSRs.
+
+    Control words are PIN_BASED_VM_EXEC_CONTROL, CPU_BASED_VM_EXEC_CONTROL,
+    SECONDARY_VM_EXEC_CONTROL, TERTIARY_VM_EXEC_CONTROL, VM_EXIT_CONTROLS,
+    SECONDARY_VM_EXIT_CONTROLS, VM_ENTRY_CONTROLS and VM_FUNCTION_CONTROL:
+    the must-be-1 bits are set and the bits that may not be 1 cleared
+    (the TRUE capability MSRs, as VM entry reads them).  Other fields are
+    returned unchanged.
+    """
+    out = {}
+    for name, value in vmcs.items():
+        key = _field_name(name)
+        table = _CONTROL_TABLE.get(key)
+        if table is not None:
+            _check_int(key, value)
+            value = caps.make_legal(table, value)
+        out[name] = value
+    return out
+
+
+def msr_bitmap(read: Iterable[int] = (), write: Iterable[int] = ()) -> bytes:
+    """A 4 KiB MSR bitmap intercepting RDMSR of ``read`` and WRMSR of ``write``.
+
+    SDM layout: read bitmap for MSRs 0-0x1FFF at byte 0, for
+    0xC0000000-0xC0001FFF at 1024; the write bitmaps at 2048 and 3072.  An
+    MSR outside those two ranges has no bit (RDMSR/WRMSR of it always
+    exits): naming one is a :class:`CaseError`.
+    """
+    bm = bytearray(BITMAP_SIZE)
+    for msrs, base in ((read, 0), (write, 2048)):
+        for msr in msrs:
+            _check_int("MSR number", msr)
+            if msr <= _MSR_LOW_MAX:
+                off, bit = base, msr
+            elif _MSR_HIGH_MIN <= msr <= _MSR_HIGH_MAX:
+                off, bit = base + 1024, msr - _MSR_HIGH_MIN
+            else:
+                raise CaseError(f"MSR {msr:#x} is outside the MSR bitmap's ranges "
+                                "(0-0x1FFF, 0xC0000000-0xC0001FFF): its RDMSR/WRMSR always exit")
+            bm[off + bit // 8] |= 1 << (bit % 8)
+    return bytes(bm)
+
+
+def io_bitmaps(ports: Iterable[int]) -> tuple[bytes, bytes]:
+    """I/O bitmaps A (ports 0-0x7FFF) and B (0x8000-0xFFFF) intercepting ``ports``."""
+    a, b = bytearray(BITMAP_SIZE), bytearray(BITMAP_SIZE)
+    for port in ports:
+        _check_int("port", port)
+        if not 0 <= port <= 0xFFFF:
+            raise CaseError(f"port {port:#x} is not a 16-bit I/O port")
+        bm = a if port < 0x8000 else b
+        p = port & 0x7FFF
+        bm[p // 8] |= 1 << (p % 8)
+    return bytes(a), bytes(b)
+
+
+def _check_int(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CaseError(f"{what}: expected an int, not {type(value).__name__}")
+    if value < 0:
+        raise CaseError(f"{what}: {value} is negative")
+
+
+def _field_name(key) -> str:
+    """The Linux name of a VMCS field given by name, VmcsField or encoding."""
+    if isinstance(key, str):
+        try:
+            return field_by_name(key).name
+        except KeyError:
+            raise CaseError(f"no VMCS field is named {key!r}") from None
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise CaseError(f"a VMCS field is a name or an encoding, not {key!r}")
+    try:
+        info = field_info(int(key))
+    except (ValueError, TypeError):
+        info = None
+    if info is None:
+        raise CaseError(f"{int(key):#x} is not a VMCS field encoding")
+    return info.name
+
+
+def _bitmap_bytes(what: str, value) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        if len(data) != BITMAP_SIZE:
+            raise CaseError(f"{what} is {BITMAP_SIZE} bytes, not {len(data)}")
+        return data
+    raise CaseError(f"{what}: expected {BITMAP_SIZE} bytes, not {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class CaseExit:
+    """The first VM exit, as the processor wrote it into the VMCS.
+
+    ``reason`` is the basic exit reason (bits 15:0 of VM_EXIT_REASON) and
+    ``exit_reason`` the whole field.  ``instruction_length`` and
+    ``instruction_info`` are None where the SDM leaves VM_EXIT_INSTRUCTION_LEN
+    / VMX_INSTRUCTION_INFO undefined for this exit; ``error_code`` is None
+    unless ``interruption_info`` has bits 31 and 11 set (an error code was
+    delivered), ``idt_vectoring_error_code`` likewise for
+    ``idt_vectoring_info``.  ``guest_rip`` is GUEST_RIP.  ``regs`` holds the
+    GPRs ("rax".."r15", RSP from GUEST_RSP) and "rip", "rflags", "cr0",
+    "cr3", "cr4" as saved in the guest-state area (the real CR0/CR4, not the
+    read shadows) and "cr2".  ``cause`` is what the exit rule looked at
+    (control bits, bitmap bits, mask and shadow); ``decision`` is the rule's
+    whole :class:`~devirt_emu.vmx.rules.Decision`.
+    """
+
+    reason: int
+    name: str
+    exit_reason: int
+    qualification: int
+    instruction_length: Optional[int]
+    instruction_info: Optional[int]
+    interruption_info: int
+    error_code: Optional[int]
+    idt_vectoring_info: int
+    idt_vectoring_error_code: Optional[int]
+    guest_linear_address: Optional[int]
+    guest_physical_address: Optional[int]
+    guest_rip: int
+    regs: Mapping[str, int]
+    cause: tuple
+    decision: Decision = field(repr=False)
+
+    def __str__(self) -> str:
+        parts = [f"exit {self.reason} {self.name}", f"qualification {self.qualification:#x}"]
+        if self.instruction_length is not None:
+            parts.append(f"length {self.instruction_length}")
+        if self.instruction_info is not None:
+            parts.append(f"instruction info {self.instruction_info:#x}")
+        if self.interruption_info:
+            parts.append(f"interruption info {self.interruption_info:#x}")
+        if self.error_code is not None:
+            parts.append(f"error code {self.error_code:#x}")
+        if self.idt_vectoring_info:
+            parts.append(f"IDT-vectoring info {self.idt_vectoring_info:#x}")
+        parts.append(f"at RIP {self.guest_rip:#x}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class NoExit:
+    """The run ended without a VM exit.
+
+    ``why`` is "step limit" (``max_steps`` instructions retired), "halted"
+    (the guest executed HLT without HLT exiting and nothing can wake it),
+    "shutdown" (the core shut down) or "stopped" (the machine ended the run:
+    ``message`` says why, e.g. a write to the test-exit port or a guest
+    action the platform does not model).  ``guest_rip`` is the RIP of the
+    next instruction; ``regs`` as in :class:`CaseExit` but read from the core.
+    """
+
+    why: str
+    guest_rip: int
+    regs: Mapping[str, int]
+    message: str = ""
+
+    def __str__(self) -> str:
+        tail = f": {self.message}" if self.message else ""
+        return f"no exit ({self.why}) at RIP {self.guest_rip:#x}{tail}"
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """What a case produced: exactly one of ``exit``, ``entry_failure``, ``no_exit``.
+
+    ``steps`` is the number of guest instructions retired.  ``vmcs`` is a
+    snapshot (name -> value) of every supported VMCS field after the run.
+    ``symbols`` are the labels of assembled code (empty for bytes);
+    ``code_end`` is the address of the HLT byte that follows the code.
+    """
+
+    exit: Optional[CaseExit]
+    entry_failure: Optional[EntryFailure]
+    no_exit: Optional[NoExit]
+    steps: int
+    vmcs: Mapping[str, int] = field(repr=False)
+    symbols: Mapping[str, int] = field(repr=False)
+    code_end: int = 0
+
+    @property
+    def outcome(self) -> str:
+        """"exit", "entry_failure" or "no_exit"."""
+        if self.exit is not None:
+            return "exit"
+        if self.entry_failure is not None:
+            return "entry_failure"
+        return "no_exit"
+
+    def __str__(self) -> str:
+        what = self.exit or self.no_exit or f"VM-entry failure: {self.entry_failure}"
+        return f"{what} after {self.steps} steps"
+
+
+# --------------------------------------------------------------------------- the L0 of a case
+class _RecordingL0:
+    """An L0 that takes the first VM exit (or VM-entry failure) and ends the run."""
+
+    def __init__(self, machine):
+        self.machine = machine
+        self.exit: Optional[CaseExit] = None
+        self.failure: Optional[EntryFailure] = None
+
+    def before_entry(self, vcpu) -> None:
+        pass
+
+    def wants_entry(self, vcpu) -> bool:
+        return False
+
+    def has_pending(self, vcpu) -> bool:
+        return False
+
+    def unblock(self, vcpu) -> bool:
+        return False
+
+    def entry_failed(self, vcpu, failure: EntryFailure) -> None:
+        self.failure = failure
+        self.machine.finish("pass", f"VM entry failed: {failure}")
+        if vcpu.core._in_run:
+            vcpu.core.request_stop("exit")
+
+    def handle_exit(self, vcpu, d: Decision, event) -> None:
+        if self.exit is None:
+            self.exit = _exit_from(vcpu, d)
+        self.machine.finish("pass", f"VM exit {d.name}")
+        core = vcpu.core
+        if core._in_run:
+            if event is not None and event.insn is not None and event.kind is not Kind.EXCEPTION:
+                # the exiting instruction did not execute: the core must not count it
+                # as retired (it does count an instruction its hook handled)
+                core._uncount += 1
+            core.request_stop("exit")
+
+
+def _exit_from(vcpu, d: Decision) -> CaseExit:
+    g = vcpu.vmcs.get
+    full = g(F.VM_EXIT_REASON)
+    intr = g(F.VM_EXIT_INTR_INFO)
+    idt = g(F.IDT_VECTORING_INFO_FIELD)
+    valid_ec = C.INTR_INFO_VALID_MASK | C.INTR_INFO_DELIVER_CODE_MASK
+    regs = _regs(vcpu.core, vcpu.vmcs)
+    return CaseExit(
+        reason=full & exit_reasons.BASIC_REASON_MASK,
+        name=exit_reasons.name_of(full),
+        exit_reason=full,
+        qualification=g(F.EXIT_QUALIFICATION),
+        instruction_length=None if d.instruction_length is None else g(F.VM_EXIT_INSTRUCTION_LEN),
+        instruction_info=None if d.instruction_info is None else g(F.VMX_INSTRUCTION_INFO),
+        interruption_info=intr,
+        error_code=g(F.VM_EXIT_INTR_ERROR_CODE) if intr & valid_ec == valid_ec else None,
+        idt_vectoring_info=idt,
+        idt_vectoring_error_code=g(F.IDT_VECTORING_ERROR_CODE) if idt & valid_ec == valid_ec else None,
+        guest_linear_address=d.guest_linear_address,
+        guest_physical_address=d.guest_physical_address,
+        guest_rip=g(F.GUEST_RIP),
+        regs=regs,
+        cause=tuple(d.cause),
+        decision=d,
+    )
+
+
+def _regs(core, vmcs: Optional[Vmcs]) -> Mapping[str, int]:
+    uc = core.uc
+    regs = {n: uc.reg_read(r) for n, r in zip(GPR_NAMES, GPR_IDS)}
+    if vmcs is not None:
+        g = vmcs.get
+        regs.update(rsp=g(F.GUEST_RSP), rip=g(F.GUEST_RIP), rflags=g(F.GUEST_RFLAGS),
+                    cr0=g(F.GUEST_CR0), cr3=g(F.GUEST_CR3), cr4=g(F.GUEST_CR4))
+    else:
+        regs.update(rip=uc.reg_read(X.UC_X86_REG_RIP), rflags=uc.reg_read(X.UC_X86_REG_EFLAGS),
+                    cr0=uc.reg_read(X.UC_X86_REG_CR0), cr3=uc.reg_read(X.UC_X86_REG_CR3),
+                    cr4=uc.reg_read(X.UC_X86_REG_CR4) | (1 << 13))
+    regs["cr2"] = uc.reg_read(X.UC_X86_REG_CR2)
+    return MappingProxyType(regs)
+
+
+# --------------------------------------------------------------------------- the runner
+_REG_FIELDS = {"rsp": "GUEST_RSP", "rip": "GUEST_RIP", "rflags": "GUEST_RFLAGS"}
+_CORE_REGS = {n: r for n, r in zip(GPR_NAMES, GPR_IDS) if n != "rsp"}
+_CORE_REGS["cr2"] = X.UC_X86_REG_CR2
+
+
+class CaseRunner:
+    """One machine that runs cases one after another (see :func:`run_case`)."""
+
+    def __init__(self):
+        from ..machine import Machine
+        self.machine = Machine(cores=1, mem_mb=MEM_MB)
+        self.core = self.machine.cores[0]
+        self._asm_cache: dict[str, tuple[bytes, dict[str, int]]] = {}
+        longmode.write_environment(self.machine)
+        longmode.enter(self.core, CODE_BASE)
+        self.core.uc.reg_write(X.UC_X86_REG_DR7, 0x400)
+        for rid in GPR_IDS:
+            if rid != X.UC_X86_REG_RSP:
+                self.core.uc.reg_write(rid, 0)
+        self._fresh_context = self.core.uc.context_save()
+        self._env_bytes = self.machine.mem.read(longmode.GDT, longmode.PML4 + 0x3000 - longmode.GDT)
+        self._bitmaps = {pa: bytes(BITMAP_SIZE) for pa in (MSR_BITMAP_PA, IO_BITMAP_A_PA, IO_BITMAP_B_PA)}
+        for pa, data in self._bitmaps.items():
+            self.machine.write_phys(pa, data)
+
+    # ----------------------------------------------------------------- inputs
+    def _code(self, code) -> tuple[bytes, dict[str, int]]:
+        if isinstance(code, str):
+            hit = self._asm_cache.get(code)
+            if hit is None:
+                try:
+                    hit = assemble(code, CODE_BASE, "<case>")
+                except AsmError as e:
+                    raise CaseError(f"the guest code does not assemble: {e}") from e
+                if len(self._asm_cache) > 4096:
+                    self._asm_cache.clear()
+                self._asm_cache[code] = hit
+            data, symbols = hit
+        elif isinstance(code, (bytes, bytearray, memoryview)):
+            data, symbols = bytes(code), {}
+        else:
+            raise CaseError(f"code is assembly text or bytes, not {type(code).__name__}")
+        if not data:
+            raise CaseError("the guest code is empty")
+        if len(data) + 1 > CODE_LIMIT:
+            raise CaseError(f"the guest code is {len(data)} bytes; at most {CODE_LIMIT - 1} fit")
+        return data, symbols
+
+    @staticmethod
+    def _fields(vmcs, legal: bool) -> dict[str, int]:
+        if vmcs is None:
+            return {}
+        if not isinstance(vmcs, Mapping):
+            raise CaseError(f"vmcs is a mapping of field names to values, not {type(vmcs).__name__}")
+        out: dict[str, int] = {}
+        for key, value in vmcs.items():
+            name = _field_name(key)
+            _check_int(name, value)
+            if field_by_name(name).read_only:
+                raise CaseError(f"{name} is a read-only VM-exit information field")
+            if not caps.is_field_supported(name):
+                raise CaseError(f"{name} is not a VMCS field of the modelled CPU")
+            if name in out:
+                raise CaseError(f"{name} is given twice")
+            out[name] = value
+        return legal_controls(out) if legal else out
+
+    def _bitmaps_for(self, msr_bm, io_a, io_b) -> dict[int, bytes]:
+        out = {}
+        if msr_bm is None:
+            out[MSR_BITMAP_PA] = bytes(BITMAP_SIZE)
+        elif isinstance(msr_bm, Mapping):
+            extra = set(msr_bm) - {"read", "write"}
+            if extra:
+                raise CaseError(f"msr_bitmap keys are 'read' and 'write', not {sorted(map(str, extra))}")
+            out[MSR_BITMAP_PA] = msr_bitmap(msr_bm.get("read", ()), msr_bm.get("write", ()))
+        else:
+            out[MSR_BITMAP_PA] = _bitmap_bytes("msr_bitmap", msr_bm)
+        for pa, value, what, lo in ((IO_BITMAP_A_PA, io_a, "io_bitmap_a", 0),
+                                    (IO_BITMAP_B_PA, io_b, "io_bitmap_b", 0x8000)):
+            if value is None:
+                out[pa] = bytes(BITMAP_SIZE)
+            elif isinstance(value, (bytes, bytearray, memoryview)):
+                out[pa] = _bitmap_bytes(what, value)
+            else:
+                try:
+                    ports = list(value)
+                except TypeError:
+                    raise CaseError(f"{what} is {BITMAP_SIZE} bytes or an iterable of ports, "
+                                    f"not {type(value).__name__}") from None
+                for p in ports:
+                    _check_int(f"{what} port", p)
+                    if not lo <= p <= lo + 0x7FFF:
+                        raise CaseError(f"port {p:#x} is not in {what}'s range "
+                                        f"{lo:#x}-{lo + 0x7FFF:#x}")
+                out[pa] = io_bitmaps(ports)[0 if lo == 0 else 1]
+        return out
+
+    @staticmethod
+    def _registers(regs, fields: dict[str, int]) -> dict[str, int]:
+        if regs is None:
+            return {}
+        if not isinstance(regs, Mapping):
+            raise CaseError(f"regs is a mapping of register names to values, not {type(regs).__name__}")
+        core_regs = {}
+        for name, value in regs.items():
+            _check_int(f"register {name!r}", value)
+            if value > _U64:
+                raise CaseError(f"register {name!r}: {value:#x} does not fit 64 bits")
+            if name in _REG_FIELDS:
+                f = _REG_FIELDS[name]
+                if f in fields:
+                    raise CaseError(f"{name!r} is given both in regs and as {f} in vmcs")
+                fields[f] = value
+            elif name in _CORE_REGS:
+                core_regs[name] = value
+            else:
+                raise CaseError(f"unknown register {name!r}; one of "
+                                f"{', '.join(list(GPR_NAMES) + ['rip', 'rflags', 'cr2'])}")
+        return core_regs
+
+    # ----------------------------------------------------------------- running
+    def run(self, code, *, vmcs: Optional[Mapping] = None,
+            msr_bitmap: Union[bytes, Mapping, None] = None,
+            io_bitmap_a: Union[bytes, Iterable[int], None] = None,
+            io_bitmap_b: Union[bytes, Iterable[int], None] = None,
+            regs: Optional[Mapping[str, int]] = None, max_steps: int = 10_000,
+            legal: bool = False) -> CaseResult:
+        """Run one case; see :func:`run_case`."""
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise CaseError(f"max_steps is a positive int, not {max_steps!r}")
+        data, symbols = self._code(code)
+        fields = self._fields(vmcs, legal)
+        core_regs = self._registers(regs, fields)
+        bitmaps = self._bitmaps_for(msr_bitmap, io_bitmap_a, io_bitmap_b)
+
+        m, core = self.machine, self.core
+        self._reset(data, bitmaps)
+        l0 = _RecordingL0(m)
+        Vmcs.format(m.mem, VMCS_PA)
+        vcpu = VmxVcpu(core, VMCS_PA, l0)
+        self._write_vmcs(vcpu, fields)
+        for name, value in core_regs.items():
+            core.uc.reg_write(_CORE_REGS[name], value)
+        core.virt = vcpu
+        icount0 = core.icount
+        try:
+            if vcpu.vm_entry(launch=True):
+                self._loop(max_steps, icount0)
+        except GuestError as e:           # the guest did something the platform does not model
+            m.finish("error", str(e))
+        finally:
+            core.virt = None
+        steps = core.icount - icount0
+        snapshot = MappingProxyType(dict(vcpu.vmcs.items()))
+        code_end = CODE_BASE + len(data)
+        if l0.exit is not None:
+            return CaseResult(l0.exit, None, None, steps, snapshot, symbols, code_end)
+        if l0.failure is not None:
+            return CaseResult(None, l0.failure, None, steps, snapshot, symbols, code_end)
+        if m.verdict is not None:
+            why, msg = "stopped", m.message
+        elif core.state is State.HALTED:
+            why, msg = "halted", ""
+        elif core.state is State.SHUTDOWN:
+            why, msg = "shutdown", ""
+        else:
+            why, msg = "step limit", ""
+        no = NoExit(why, core.rip(), _regs(core, None), msg)
+        return CaseResult(None, None, no, steps, snapshot, symbols, code_end)
+
+    def _reset(self, code: bytes, bitmaps: dict[int, bytes]) -> None:
+        m, core = self.machine, self.core
+        mem = m.mem
+        m.verdict, m.message = None, ""
+        # the environment tables and bitmaps, rewritten only where the last case changed them
+        env = self._env_bytes
+        if mem.read(longmode.GDT, len(env)) != env:
+            longmode.write_environment(m)
+        for pa, data in bitmaps.items():
+            if self._bitmaps.get(pa) != data or mem.read(pa, BITMAP_SIZE) != data:
+                m.write_phys(pa, data)
+                self._bitmaps[pa] = data
+        blob = code + HLT
+        if mem.read(CODE_BASE, len(blob)) != blob:
+            m.write_phys(CODE_BASE, blob)
+        # the core: CPU context, then the model state kept beside Unicorn
+        core.uc.context_restore(self._fresh_context)
+        core.rearm_all()
+        core.state = State.RUNNING
+        core.nmi_blocked = False
+        core.shadow_at = -1
+        core.msr_store.clear()
+        core.tsc_offset = 0
+        core.tsc_adjust = 0
+        core.markers.clear()
+        core._skip_once = -1
+        core._last_fetch_fault, core._last_fetch_icount = None, -1
+        core._pending_rearm = False
+        core._rearm_after_step = False
+        core._extra_ns = 0
+        core.free_running = False
+        core.lapic.reset()
+
+    def _write_vmcs(self, vcpu: VmxVcpu, fields: dict[str, int]) -> None:
+        from ..hypervisor.kvm import _HOST_STATE
+        v = vcpu.vmcs
+        s = v.set
+        for f, val in _HOST_STATE.items():
+            s(f, val)
+        s(F.HOST_CR3, HOST_CR3)
+        for name, val in DEFAULT_CONTROLS.items():
+            s(F[name], val)
+        s(F.VMCS_LINK_POINTER, _U64)
+        s(F.MSR_BITMAP, MSR_BITMAP_PA)
+        s(F.IO_BITMAP_A, IO_BITMAP_A_PA)
+        s(F.IO_BITMAP_B, IO_BITMAP_B_PA)
+        vcpu.save_guest_state()
+        s(F.CR0_READ_SHADOW, v.get(F.GUEST_CR0))
+        s(F.CR4_READ_SHADOW, v.get(F.GUEST_CR4) & ~(1 << 13))
+        for name, val in fields.items():
+            try:
+                s(F[name], val)
+            except ValueError as e:
+                raise CaseError(f"{name}: {e}") from None
+
+    def _loop(self, max_steps: int, icount0: int) -> None:
+        m, core = self.machine, self.core
+        while m.verdict is None and core.state is State.RUNNING:
+            left = max_steps - (core.icount - icount0)
+            if left <= 0:
+                return
+            core.wake_check()
+            if m.verdict is not None or core.state is not State.RUNNING:
+                return
+            core.run(left)
+
+
+_runner: Optional[CaseRunner] = None
+
+
+def run_case(code, *, vmcs: Optional[Mapping] = None,
+             msr_bitmap: Union[bytes, Mapping, None] = None,
+             io_bitmap_a: Union[bytes, Iterable[int], None] = None,
+             io_bitmap_b: Union[bytes, Iterable[int], None] = None,
+             regs: Optional[Mapping[str, int]] = None, max_steps: int = 10_000,
+             legal: bool = False) -> CaseResult:
+    """Run ``code`` as a VMX guest from the fresh 64-bit state until the first VM exit.
+
+    ``code``: Intel-syntax assembly (assembled at :data:`CODE_BASE`; labels are
+    in :attr:`CaseResult.symbols`) or raw bytes.  ``vmcs``: field name (or
+    encoding) -> value, written after the defaults with the processor's own
+    VMCS accesses (guest-state, host-state and control fields alike; the
+    VM-exit information fields are read-only here).  ``legal``: make the
+    control words given in ``vmcs`` legal first (:func:`legal_controls`).
+    ``msr_bitmap``, ``io_bitmap_a``, ``io_bitmap_b``, ``regs``: see the
+    module docstring.  ``max_steps``: guest instructions to run at most.
+
+    Raises :class:`CaseError` for input that cannot be run as given.
+    """
+    global _runner
+    if _runner is None:
+        _runner = CaseRunner()
+    return _runner.run(code, vmcs=vmcs, msr_bitmap=msr_bitmap, io_bitmap_a=io_bitmap_a,
+                       io_bitmap_b=io_bitmap_b, regs=regs, max_steps=max_steps, legal=legal)
