@@ -718,7 +718,8 @@ def assemble(source: str, base: int, filename: str = "<source>") -> tuple[bytes,
 def build_image(guest: "str | os.PathLike[str] | None") -> Image:
     """Assemble firmware + guest into the image the machine loads at 0x8000.
 
-    The unit is ``firmware/boot.S``, the guest program, ``firmware/lib.S``.
+    The unit is ``firmware/boot.S``, the guest program, ``firmware/lib.S``,
+    each starting on a fresh 4 KiB page.
     ``guest=None`` builds the firmware alone (``firmware/no_guest.S`` takes
     the guest's place): the firmware then calls the ELF entry named in the
     boot-info block.  Raises :class:`AsmError` (also for a missing file).
@@ -734,7 +735,10 @@ def build_image(guest: "str | os.PathLike[str] | None") -> Image:
     parts.append(FIRMWARE_DIR / "lib.S")
     root = []
     for p in parts:
-        root += [".text", ".code64", f'.include "{p}"']
+        # each part's code starts on a page of its own: a guest's loop then shares
+        # no page with firmware code, so few instruction hooks stay armed while it
+        # runs (they slow Unicorn's instruction counting, see platform/core.py)
+        root += [".text", ".code64", ".balign 4096, 0", f'.include "{p}"']
     root += [".data", ".balign 4096, 0", "_image_end:"]
     data, symbols = assemble("\n".join(root) + "\n", IMAGE_BASE, "<image>")
     for required in ("_start32", "_image_end"):

@@ -45,9 +45,10 @@ UART_BASE = 0x3F8
 DEBUG_EXIT_PORT = 0xF4
 TSC_HZ = 1_000_000_000
 
-#: Instructions a lone core runs per counted emu_start (the wall-clock limit
-#: is checked between slices).
-LONE_CORE_SLICE = 20_000_000
+#: Instructions a lone core runs per counted emu_start (the wall-clock limit is
+#: checked between slices, and a slice without events sheds idle code pages'
+#: hooks: see Core._keep_only_current_page).
+LONE_CORE_SLICE = 200_000
 #: Fast mode: wall-clock microseconds of one free-running slice, and the counted
 #: instructions a lone core must run without an event before it runs free.
 FAST_SLICE_US = 200_000
@@ -382,7 +383,9 @@ class Machine:
             if others:
                 budget = max(1, min(self.quantum, min(others) + self.quantum - c.clock))
             else:
-                budget = LONE_CORE_SLICE   # nobody to interleave with: only timers cut the run
+                # nobody to interleave with: only timers cut the run (the slices are
+                # short enough for a compute phase to shed the hooks of pages it left)
+                budget = LONE_CORE_SLICE
             d = c.lapic.next_event_ns()
             if d is not None and d > c.clock:
                 budget = min(budget, d - c.clock)
