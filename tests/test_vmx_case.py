@@ -454,6 +454,33 @@ def test_bytes_as_code():
     assert_exit(run_case(bytes.fromhex("90 0fa2")), CPUID, length=2, rip=CODE_BASE + 1)
 
 
+def interrupt_gate(handler):
+    """A 64-bit interrupt gate (SDM "64-Bit IDT Gate Descriptors"): selector 0x08, type 0xE, P."""
+    lo = (handler & 0xFFFF) | 0x08 << 16 | 0xE << 40 | 1 << 47 | ((handler >> 16) & 0xFFFF) << 48
+    return (lo | (handler >> 32) << 64).to_bytes(16, "little")
+
+
+IDT_BASE = 0x12000          # the fresh state's IDTR base
+
+
+def test_memory_installs_an_idt_gate_and_the_exception_is_delivered_without_exit():
+    # loading DS with 0x50 raises #GP(0x50); the handler pops the error code, then exits
+    src = "mov ax, 0x50\nmov ds, ax\nud2\nhandler: pop rax\nexit: cpuid"
+    sym = run_case(src).symbols
+    r = run_case(src, memory={IDT_BASE + 16 * GP: interrupt_gate(sym["handler"])})
+    e = assert_exit(r, CPUID, length=2, rip=sym["exit"])
+    assert e.regs["rax"] == 0x50                # the #GP error code, pushed by delivery
+    # the frame: error code, RIP, CS, RFLAGS, RSP, SS; the error code was popped
+    assert e.regs["rsp"] == 0x9F000 - 5 * 8
+
+
+def test_memory_outside_ram_or_over_the_vmcs_is_a_case_error():
+    with pytest.raises(CaseError, match="outside"):
+        run_case("nop", memory={(16 << 20) - 4: b"12345678"})
+    with pytest.raises(CaseError, match="overlaps"):
+        run_case("nop", memory={0xF00000: b"x"})
+
+
 def test_step_limit():
     r = run_case("spin: jmp spin", max_steps=500)
     n = assert_no_exit(r, "step limit")

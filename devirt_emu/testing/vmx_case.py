@@ -54,6 +54,9 @@ bytes or ``{"read": MSRs, "write": MSRs}`` (see :func:`msr_bitmap`);
 ``io_bitmap_a`` / ``io_bitmap_b`` are 4096 bytes each or an iterable of the
 ports to intercept (0-0x7FFF in A, 0x8000-0xFFFF in B; see :func:`io_bitmaps`).
 
+Memory: ``memory`` maps physical addresses to bytes written after the fresh
+state is set up: IDT gates for a handler in your code, EPT tables, data.
+
 Registers: ``regs`` maps "rax".."r15" (the engine's GPRs), "rip", "rflags"
 (written to GUEST_RIP / GUEST_RFLAGS; "rsp" goes to GUEST_RSP) and "cr2" to
 values.  Giving a register and its VMCS field both is an error.
@@ -65,7 +68,7 @@ Memory map (physical = linear):
 0x0009_F000     top of the guest stack
 0x0010_0000     :data:`CODE_BASE`: the code (at most :data:`CODE_LIMIT` bytes)
 0x0040_0000     :data:`SCRATCH_BASE`: free for the guest (up to 0xF00000)
-0x00F0_0000     the VMCS, then the MSR bitmap, I/O bitmaps A and B
+0x00F0_0000     the VMCS, then the MSR bitmap, I/O bitmaps A and B (to 0xF05000)
 ==============  ========================================================
 
 Nothing stops the guest from writing anywhere in RAM (there is no EPT in
@@ -124,6 +127,7 @@ MSR_BITMAP_PA = 0xF01000
 IO_BITMAP_A_PA = 0xF02000
 IO_BITMAP_B_PA = 0xF03000
 HOST_CR3 = 0xF04000
+RESERVED_END = 0xF05000
 BITMAP_SIZE = 4096
 HLT = b"\xf4"
 _U64 = (1 << 64) - 1
@@ -528,6 +532,26 @@ class CaseRunner:
                 out[pa] = io_bitmaps(ports)[0 if lo == 0 else 1]
         return out
 
+    def _memory(self, memory) -> list[tuple[int, bytes]]:
+        if memory is None:
+            return []
+        if not isinstance(memory, Mapping):
+            raise CaseError(f"memory maps physical addresses to bytes, not {type(memory).__name__}")
+        out = []
+        size = self.machine.mem.size
+        for pa, blob in memory.items():
+            _check_int("memory address", pa)
+            if not isinstance(blob, (bytes, bytearray, memoryview)):
+                raise CaseError(f"memory at {pa:#x}: expected bytes, not {type(blob).__name__}")
+            blob = bytes(blob)
+            if pa + len(blob) > size:
+                raise CaseError(f"memory at {pa:#x}+{len(blob):#x} is outside the {size >> 20} MiB of RAM")
+            if pa < RESERVED_END and pa + len(blob) > VMCS_PA:
+                raise CaseError(f"memory at {pa:#x}+{len(blob):#x} overlaps the VMCS and bitmaps "
+                                f"({VMCS_PA:#x}-{RESERVED_END:#x}): use vmcs= and the bitmap arguments")
+            out.append((pa, blob))
+        return out
+
     @staticmethod
     def _registers(regs, fields: dict[str, int]) -> dict[str, int]:
         if regs is None:
@@ -556,7 +580,8 @@ class CaseRunner:
             msr_bitmap: Union[bytes, Mapping, None] = None,
             io_bitmap_a: Union[bytes, Iterable[int], None] = None,
             io_bitmap_b: Union[bytes, Iterable[int], None] = None,
-            regs: Optional[Mapping[str, int]] = None, max_steps: int = 10_000,
+            regs: Optional[Mapping[str, int]] = None,
+            memory: Optional[Mapping[int, bytes]] = None, max_steps: int = 10_000,
             legal: bool = False) -> CaseResult:
         """Run one case; see :func:`run_case`."""
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
@@ -565,9 +590,12 @@ class CaseRunner:
         fields = self._fields(vmcs, legal)
         core_regs = self._registers(regs, fields)
         bitmaps = self._bitmaps_for(msr_bitmap, io_bitmap_a, io_bitmap_b)
+        writes = self._memory(memory)
 
         m, core = self.machine, self.core
         self._reset(data, bitmaps)
+        for pa, blob in writes:
+            m.write_phys(pa, blob)
         l0 = _RecordingL0(m)
         Vmcs.format(m.mem, VMCS_PA)
         vcpu = VmxVcpu(core, VMCS_PA, l0)
@@ -675,7 +703,8 @@ def run_case(code, *, vmcs: Optional[Mapping] = None,
              msr_bitmap: Union[bytes, Mapping, None] = None,
              io_bitmap_a: Union[bytes, Iterable[int], None] = None,
              io_bitmap_b: Union[bytes, Iterable[int], None] = None,
-             regs: Optional[Mapping[str, int]] = None, max_steps: int = 10_000,
+             regs: Optional[Mapping[str, int]] = None,
+             memory: Optional[Mapping[int, bytes]] = None, max_steps: int = 10_000,
              legal: bool = False) -> CaseResult:
     """Run ``code`` as a VMX guest from the fresh 64-bit state until the first VM exit.
 
@@ -686,7 +715,9 @@ def run_case(code, *, vmcs: Optional[Mapping] = None,
     VM-exit information fields are read-only here).  ``legal``: make the
     control words given in ``vmcs`` legal first (:func:`legal_controls`).
     ``msr_bitmap``, ``io_bitmap_a``, ``io_bitmap_b``, ``regs``: see the
-    module docstring.  ``max_steps``: guest instructions to run at most.
+    module docstring.  ``memory``: physical address -> bytes written into RAM
+    after the fresh state is set up (IDT gates, EPT tables, data; not over the
+    VMCS and bitmap pages).  ``max_steps``: guest instructions to run at most.
 
     Raises :class:`CaseError` for input that cannot be run as given.
     """
@@ -694,4 +725,5 @@ def run_case(code, *, vmcs: Optional[Mapping] = None,
     if _runner is None:
         _runner = CaseRunner()
     return _runner.run(code, vmcs=vmcs, msr_bitmap=msr_bitmap, io_bitmap_a=io_bitmap_a,
-                       io_bitmap_b=io_bitmap_b, regs=regs, max_steps=max_steps, legal=legal)
+                       io_bitmap_b=io_bitmap_b, regs=regs, memory=memory, max_steps=max_steps,
+                       legal=legal)
