@@ -57,6 +57,12 @@ from .paging import PageFault, UnsupportedPaging, translate
 from .ucinternals import HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
+#: Kinds whose native handling always completes the instruction in Python (or
+#: raises a fault): on a compute phase's page they are caught by Unicorn exits.
+EXIT_KINDS = frozenset({
+    Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS, Kind.CPUID, Kind.RDTSC, Kind.RDTSCP, Kind.HLT,
+    Kind.INT, Kind.INT3, Kind.INT1, Kind.PAUSE, Kind.RDPMC, Kind.STI,
+})
 #: A counted run of at least this many instructions that ended only because its
 #: budget ran out counts as a compute phase (see Core._keep_only_current_page).
 CALM_RUN = 20_000
@@ -210,6 +216,9 @@ class Core:
         # page scanning
         self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
         self.exec_pages: set[int] = set()     # physical pages executable in this engine
+        self._exit_sites: dict[int, Insn] = {}     # linear address -> site handled by exit
+        self._exit_pages: dict[int, list[int]] = {}
+        self._exits_enabled = False
         self.fetch_fault: int | None = None
         self._last_fetch_fault, self._last_fetch_icount = None, -1
         self.write_fault: int | None = None
@@ -443,18 +452,26 @@ class Core:
         uc = self.uc
         for addr, by_mode in sites.items():
             if len(modes) == 1:
-                h = uc.hook_add(UC_HOOK_CODE, self._on_site, by_mode[64], addr, addr)
+                insn = by_mode[64]
+                h = uc.hook_add(UC_HOOK_CODE, self._on_site, insn, addr, addr)
             else:
+                insn = None
                 h = uc.hook_add(UC_HOOK_CODE, self._on_site_mixed, by_mode, addr, addr)
-            handles.append(h)
+            handles.append((h, addr, insn))
         self.machine.mark_code_page(ppage)
         uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC)
         self.exec_pages.add(ppage)
 
     def disarm_page(self, ppage: int) -> None:
-        """Drop this engine's hooks and execute permission for one physical page."""
-        for h in self.hooks.pop(ppage, ()):
-            self.uc.hook_del(h)
+        """Drop this engine's hooks, exits and execute permission for one physical page."""
+        for h, _, _ in self.hooks.pop(ppage, ()):
+            if h is not None:
+                self.uc.hook_del(h)
+        gone = self._exit_pages.pop(ppage, None)
+        if gone:
+            for addr in gone:
+                self._exit_sites.pop(addr, None)
+            self.uc.ctl_set_exits(sorted(self._exit_sites) or [IMPOSSIBLE_PC])
         self.exec_pages.discard(ppage)
         self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
 
@@ -479,6 +496,47 @@ class Core:
             if ppage != here:
                 self.disarm_page(ppage)
                 self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ)   # still code: no writes
+        self._hooks_to_exits(here)
+
+    def _hooks_to_exits(self, ppage: int) -> None:
+        """Replace the hooks of the page a compute phase runs on by Unicorn exits
+        where the platform completes the instruction itself (EXIT_KINDS): exits are
+        checked when code is translated, not per counted instruction (measured:
+        3000 exits cost nothing).  The run stops before such an instruction and
+        the core handles it as the hook would have (see _take_exit)."""
+        new = []
+        keep = []
+        for h, addr, insn in self.hooks.get(ppage, ()):
+            if h is not None and insn is not None and insn.kind in EXIT_KINDS:
+                self.uc.hook_del(h)
+                self._exit_sites[addr] = insn
+                new.append(addr)
+                keep.append((None, addr, insn))
+            else:
+                keep.append((h, addr, insn))
+        if not new:
+            return
+        self.hooks[ppage] = keep
+        self._exit_pages.setdefault(ppage, []).extend(new)
+        if not self._exits_enabled:
+            self.uc.ctl_exits_enabled(True)
+            self._exits_enabled = True
+        self.uc.ctl_set_exits(sorted(self._exit_sites))
+        self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
+
+    def _take_exit(self) -> bool:
+        """The run stopped at an exit: handle the instruction there as its hook
+        would have.  Returns False if RIP is not at an exit site."""
+        address = self.rip()
+        insn = self._exit_sites.get(address)
+        if insn is None:
+            return False
+        before = self.uc.reg_read(X.UC_X86_REG_RIP)
+        self._dispatch(address, insn)
+        if self.uc.reg_read(X.UC_X86_REG_RIP) != before:
+            self.icount += 1          # completed by us (Unicorn stopped before counting it)
+            self.clock += 1
+        return True
 
     def protect_page(self, ppage: int, writable: bool) -> None:
         if ppage in self.exec_pages:
@@ -547,11 +605,22 @@ class Core:
                 return self._stop_reason
             if self.state is not State.RUNNING:
                 return "halt"
+            if err is None and self._exit_sites and (not det or remaining > 0) \
+                    and self._take_exit():
+                # stopped at an exit (see _hooks_to_exits): the instruction is done
+                if det:
+                    remaining -= 1
+                if self._stop_reason is not None:
+                    return self._stop_reason
+                if self.state is not State.RUNNING:
+                    return "halt"
+                continue
             if not det:
                 if err is None:
                     return None
                 continue
-            if err is None and retired >= CALM_RUN and len(self.exec_pages) > 1:
+            if err is None and retired >= CALM_RUN and (len(self.exec_pages) > 1 or (
+                    self.exec_pages and not self._exit_pages)):
                 self._keep_only_current_page()
             if remaining <= 0:
                 return None
@@ -559,6 +628,10 @@ class Core:
     def _step_one(self) -> int:
         """Run exactly one instruction (the one a hook stopped at), then apply
         what it may have changed: the paging mode and the register API."""
+        if self._exit_sites and self.rip() in self._exit_sites:
+            icount = self.icount
+            self._take_exit()
+            return self.icount - icount
         self._uncount = 0
         self._budget = 1
         self.fetch_fault = self.write_fault = None
@@ -652,6 +725,10 @@ class Core:
             return
         if self._budget and self.probe.executed() > self._budget:
             return          # the count ran out here: this instruction runs next time
+        self._dispatch(address, insn)
+
+    def _dispatch(self, address: int, insn: Insn) -> None:
+        """A sensitive instruction is about to execute (from its hook or an exit)."""
         kind = insn.kind
         ev = self.events
         ev[kind.value] = ev.get(kind.value, 0) + 1
