@@ -323,8 +323,6 @@ def test_gp_while_delivering_ud_through_an_invalid_gate():
     assert e.interruption_info == 0x80000B0D and e.error_code == 6 * 8 + 2 + 1
 
 
-@pytest.mark.xfail(strict=True, reason="the VMX layer writes 0 to IDT_VECTORING_INFO_FIELD "
-                                       "(vcpu._write_exit_info)")
 def test_idt_vectoring_information_of_an_exit_during_event_delivery():
     # SDM: an exit during delivery of #UD records the #UD in the IDT-vectoring information
     e = assert_exit(run_case("ud2", vmcs={"EXCEPTION_BITMAP": 1 << GP}), EXCEPTION_NMI)
@@ -338,8 +336,6 @@ def test_pf_exits_with_mask_and_match_zero():
     assert e.error_code == 0                       # not present, read, supervisor
 
 
-@pytest.mark.xfail(strict=True, reason="CR2 is written on a #PF that exits (Unicorn sets it when "
-                                       "raising the fault; vcpu.on_exception writes it again)")
 def test_pf_that_exits_does_not_update_cr2():
     # SDM "Architectural State Before a VM Exit": a page fault that causes a VM exit
     # directly does not update CR2
@@ -396,8 +392,6 @@ def test_control_bit_that_must_be_1_left_0_is_vmfail_valid_7():
     assert f.kind is FailureKind.VMFAIL_VALID and f.error == 7, str(f)
 
 
-@pytest.mark.xfail(strict=True, reason="VmxVcpu._entry_failed does not write VM_INSTRUCTION_ERROR "
-                                       "on VMfailValid")
 def test_vmfail_valid_writes_the_vm_instruction_error_field():
     # SDM "VMfailValid(ErrorNumber)": the error number goes into the current VMCS
     assert run_case("hlt", vmcs={PROC: HLT_EXITING}).vmcs["VM_INSTRUCTION_ERROR"] == 7

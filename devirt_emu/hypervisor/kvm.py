@@ -334,7 +334,8 @@ class KvmL0:
         vec = info & C.INTR_INFO_VECTOR_MASK
         ec = d.error_code if info & C.INTR_INFO_DELIVER_CODE_MASK else None
         if vec == 14 and event is not None and event.cr2 is not None:
-            vcpu.core.uc.reg_write(X.UC_X86_REG_CR2, event.cr2)
+            vcpu.core.uc.reg_write(X.UC_X86_REG_CR2, event.cr2)     # KVM sets CR2 to re-inject
+            vcpu.core.cr2 = event.cr2
         vcpu.inject(vec, itype, ec, d.instruction_length or 0)
 
     def h_external_interrupt(self, vcpu, d, event):

@@ -91,6 +91,10 @@ _REG_BY_NAME = {n: r for n, r in zip(GPR_NAMES, GPR_IDS)}
 _REG_BY_NAME.update(rip=X.UC_X86_REG_RIP, rflags=X.UC_X86_REG_EFLAGS, cr0=X.UC_X86_REG_CR0,
                     cr2=X.UC_X86_REG_CR2, cr3=X.UC_X86_REG_CR3, cr4=X.UC_X86_REG_CR4)
 
+# Interruption types (SDM "Format of the VM-Exit Interruption-Information Field").
+INTR_TYPE_EXT_INTR, INTR_TYPE_NMI, INTR_TYPE_HARD_EXCEPTION = 0, 2, 3
+INTR_TYPE_SOFT_INTR, INTR_TYPE_PRIV_SW_EXCEPTION, INTR_TYPE_SOFT_EXCEPTION = 4, 5, 6
+
 # Exception classes for the double-fault rule (SDM "Conditions for Generating a Double Fault").
 _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
@@ -229,6 +233,8 @@ class Core:
         self._skip_once = -1
         self._in_run = False
         self._counted = True           # the current run counts instructions exactly
+        self._delivering = None        # (vector, interruption type, error code) being delivered
+        self.cr2 = 0                   # CR2 as the architecture has it (see _on_intr)
         self.free_running = False      # fast mode: the scheduler lets this core run uncounted
         self._extra_ns = 0             # virtual time beyond 1 ns per instruction (PAUSE)
         self._time_limit = 0           # virtual ns at which the current run should yield
@@ -785,7 +791,12 @@ class Core:
         self.probe.clear_fault_tracking()
         self._uncount += 1
         ec = self.probe.error_code() if intno in _ERROR_CODE_VECTORS else None
-        cr2 = uc.reg_read(X.UC_X86_REG_CR2) if intno == 14 else None
+        cr2 = None
+        if intno == 14:
+            # QEMU has written CR2 already; architecturally only the #PF's delivery
+            # does (a #PF that causes a VM exit leaves CR2 alone)
+            cr2 = uc.reg_read(X.UC_X86_REG_CR2)
+            uc.reg_write(X.UC_X86_REG_CR2, self.cr2)
         try:
             self.deliver_exception(intno, ec, cr2)
         except GuestError as e:
@@ -1001,6 +1012,8 @@ class Core:
 
     def _h_mov_to_cr(self, address, insn):
         self._require_cpl0()
+        if insn.cr == 2:
+            self.cr2 = self.uc.reg_read(GPR_IDS[insn.gpr])
         if insn.cr == 8:
             try:
                 self.lapic.write_cr8(self.uc.reg_read(GPR_IDS[insn.gpr]))
@@ -1050,8 +1063,13 @@ class Core:
         # INT n / INT3 / INT1 retire once their handler is entered (a fault in
         # delivery is raised as _Fault and then the INT does not retire).
         kind = insn.kind
-        self.deliver_event(insn.vector, None, address + insn.length,
-                           soft=kind is not Kind.INT1)
+        itype = {Kind.INT: INTR_TYPE_SOFT_INTR, Kind.INT3: INTR_TYPE_SOFT_EXCEPTION}.get(
+            kind, INTR_TYPE_PRIV_SW_EXCEPTION)
+        self._delivering = (insn.vector, itype, None)
+        try:
+            self.deliver_event(insn.vector, None, address + insn.length, soft=kind is not Kind.INT1)
+        finally:
+            self._delivering = None
 
     def _h_pause(self, address, insn):
         """PAUSE takes PAUSE_NS of virtual time (the spin-wait hint's latency on
@@ -1072,27 +1090,43 @@ class Core:
     # ------------------------------------------------------------------ event delivery
     def deliver_exception(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
         """Deliver a fault at the current RIP, applying the #DF and triple-fault rules
-        (a VMX layer first decides, by the exception bitmap, whether it exits)."""
-        first = vector
-        while True:
-            if self.virt is not None and self.virt.on_exception(self, vector, error_code, cr2):
-                return
-            try:
-                if cr2 is not None:
-                    self.uc.reg_write(X.UC_X86_REG_CR2, cr2)
-                self.deliver_event(vector, error_code, self.rip(), exception=True)
-                return
-            except _Fault as f:
-                if vector == 8:
-                    self.triple_fault()
+        (a VMX layer first decides, by the exception bitmap, whether it exits).
+
+        While an event is being delivered, ``_delivering`` describes it, so that a VM
+        exit caused by a fault during its delivery reports it as IDT-vectoring
+        information (SDM "Information for VM Exits During Event Delivery")."""
+        outer = self._delivering
+        try:
+            while True:
+                if self.virt is not None and self.virt.on_exception(self, vector, error_code, cr2):
                     return
-                benign_first = first not in _CONTRIBUTORY and first != 14
-                if (first in _CONTRIBUTORY and f.vector in _CONTRIBUTORY) or \
-                        (first == 14 and (f.vector in _CONTRIBUTORY or f.vector == 14)):
-                    vector, error_code, cr2 = 8, 0, None
-                else:
-                    vector, error_code, cr2 = f.vector, f.error_code, f.cr2
-                first = vector if not benign_first else vector
+                try:
+                    if cr2 is not None:
+                        self.uc.reg_write(X.UC_X86_REG_CR2, cr2)
+                        self.cr2 = cr2
+                    self._delivering = (vector, INTR_TYPE_HARD_EXCEPTION, error_code)
+                    self.deliver_event(vector, error_code, self.rip(), exception=True)
+                    return
+                except _Fault as f:
+                    if vector == 8:
+                        self.triple_fault()
+                        return
+                    if (vector in _CONTRIBUTORY and f.vector in _CONTRIBUTORY) or \
+                            (vector == 14 and (f.vector in _CONTRIBUTORY or f.vector == 14)):
+                        vector, error_code, cr2 = 8, 0, None
+                    else:
+                        vector, error_code, cr2 = f.vector, f.error_code, f.cr2
+        finally:
+            self._delivering = outer
+
+    def vectoring_info(self) -> tuple[int, int]:
+        """(IDT-vectoring information, its error code) for a VM exit now: valid while
+        an event's delivery is under way, else (0, 0)."""
+        d = self._delivering
+        if d is None:
+            return 0, 0
+        vector, itype, ec = d
+        return (1 << 31) | (itype << 8) | vector | ((ec is not None) << 11), ec or 0
 
     def triple_fault(self) -> None:
         self._count(Kind.TRIPLE_FAULT)
@@ -1236,6 +1270,7 @@ class Core:
             self.state = State.RUNNING
 
     def _deliver_external(self, vector: int, nmi: bool = False) -> None:
+        self._delivering = (vector, INTR_TYPE_NMI if nmi else INTR_TYPE_EXT_INTR, None)
         try:
             self.deliver_event(vector, None, self.rip(), external=True)
             if self.trace is not None:
@@ -1243,6 +1278,8 @@ class Core:
                                        vector=vector))
         except _Fault as f:
             self.deliver_exception(f.vector, f.error_code, f.cr2)
+        finally:
+            self._delivering = None
 
     def has_wakeup(self) -> bool:
         """Is there an event that takes this (halted or waiting) core out of its state now?"""
@@ -1259,6 +1296,24 @@ class Core:
             return bool(self.uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_IF) and \
                 lapic.pending_vector() is not None
         return self.state is State.RUNNING
+
+    def reset_model_state(self) -> None:
+        """Forget the state the core keeps beside Unicorn's CPU context (scans, the
+        interrupt shadow, NMI blocking, MSRs it stores, TSC offsets, markers, CR2):
+        for a caller that restores a saved CPU context and starts afresh."""
+        self.rearm_all()
+        self.nmi_blocked = False
+        self.shadow_at = -1
+        self.msr_store.clear()
+        self.tsc_offset = self.tsc_adjust = 0
+        self.markers.clear()
+        self.cr2 = self.uc.reg_read(X.UC_X86_REG_CR2)
+        self._delivering = None
+        self._skip_once = -1
+        self._last_fetch_fault, self._last_fetch_icount = None, -1
+        self._pending_rearm = self._rearm_after_step = False
+        self._extra_ns = 0
+        self.free_running = False
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""

@@ -288,6 +288,15 @@ class EngineProbe:
         """Tell QEMU no exception is in flight (we deliver exceptions ourselves)."""
         ctypes.c_int32.from_address(self.old_exception_addr).value = -1
 
+    # ----- control and descriptor-table registers (no Unicorn call) ---------
+    def cr(self, n: int) -> int:
+        return _u64(self.env + ENV_CR + 8 * n)
+
+    def dtr(self, env_offset: int) -> tuple[int, int]:
+        """(base, limit) of GDTR (ENV_GDT) or IDTR (ENV_IDT)."""
+        a = self.env + env_offset
+        return _u64(a + 8), ctypes.c_uint32.from_address(a + 16).value
+
     # ----- segment caches ---------------------------------------------------
     def segment(self, index: int) -> tuple[int, int, int, int]:
         """(selector, base, limit, flags) of segs[index] (ES, CS, SS, DS, FS, GS;
@@ -296,6 +305,10 @@ class EngineProbe:
         return (ctypes.c_uint32.from_address(a).value, _u64(a + 8),
                 ctypes.c_uint32.from_address(a + 16).value,
                 ctypes.c_uint32.from_address(a + 20).value)
+
+    def segments_raw(self) -> bytes:
+        """The bytes of every segment cache (ES..GS, LDTR, TR): a cheap change test."""
+        return ctypes.string_at(self.env + ENV_SEGS, 8 * SEG_STRIDE)
 
     def set_segment(self, index: int, selector: int, base: int, limit: int, flags: int) -> None:
         """Write a segment cache as a descriptor load would (call fix_hflags after)."""

@@ -602,6 +602,8 @@ class CaseRunner:
         self._write_vmcs(vcpu, fields)
         for name, value in core_regs.items():
             core.uc.reg_write(_CORE_REGS[name], value)
+            if name == "cr2":
+                core.cr2 = value            # the architectural CR2 the core keeps
         core.virt = vcpu
         icount0 = core.icount
         try:
@@ -646,20 +648,8 @@ class CaseRunner:
             m.write_phys(CODE_BASE, blob)
         # the core: CPU context, then the model state kept beside Unicorn
         core.uc.context_restore(self._fresh_context)
-        core.rearm_all()
+        core.reset_model_state()
         core.state = State.RUNNING
-        core.nmi_blocked = False
-        core.shadow_at = -1
-        core.msr_store.clear()
-        core.tsc_offset = 0
-        core.tsc_adjust = 0
-        core.markers.clear()
-        core._skip_once = -1
-        core._last_fetch_fault, core._last_fetch_icount = None, -1
-        core._pending_rearm = False
-        core._rearm_after_step = False
-        core._extra_ns = 0
-        core.free_running = False
         core.lapic.reset()
 
     def _write_vmcs(self, vcpu: VmxVcpu, fields: dict[str, int]) -> None:

@@ -38,7 +38,8 @@ from . import controls as C
 from .entry import EntryCaps, EntryFailure, FailureKind, check_vm_entry
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
-from .vmcs import Vmcs
+from .vmcs import FIELD_SLOTS, Vmcs, _key
+from ..platform.ucinternals import ENV_GDT, ENV_IDT
 
 CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
 CR4_VMXE = 1 << 13
@@ -60,8 +61,34 @@ _TRACKED = (F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_CR0, F.GUEST_CR3, 
             F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT,
             *[f for row in _SEG_FIELDS for f in row[1:]])
 
+_TRACKED_SET = frozenset(int(f) for f in _TRACKED)
+
 MSR_IA32_CR_PAT = 0x277
 MSR_EFER = 0xC0000080
+
+
+class TrackedVmcs(Vmcs):
+    """A Vmcs that remembers which fields were written since the vCPU last looked
+    (``written``), so that VM entry loads only what the L0 changed."""
+
+    def __init__(self, mem, pa: int):
+        super().__init__(mem, pa)
+        self.written: set[int] = set()
+
+    def set(self, field, value: int) -> None:
+        super().set(field, value)
+        self.written.add(_key(field))
+
+    def put(self, enc: int, value: int) -> None:
+        """The processor's own write of a field it knows fits (no checks): the exit
+        path writes dozens per exit."""
+        off, st, mask = FIELD_SLOTS[enc]
+        self._write(off, st, value & mask)
+        self.written.add(enc)
+
+    def peek(self, enc: int) -> int:
+        off, st, _ = FIELD_SLOTS[enc]
+        return self._read(off, st)
 
 
 @dataclass
@@ -92,7 +119,7 @@ class VmxVcpu:
                  record=None):
         self.core = core
         self.mem = core.mem
-        self.vmcs = Vmcs(core.mem, vmcs_pa)
+        self.vmcs = TrackedVmcs(core.mem, vmcs_pa)
         self.l0 = l0
         self.caps = caps or EntryCaps.modelled()
         self.record = record            # callable(ExitRecord), the machine's exit log
@@ -100,16 +127,13 @@ class VmxVcpu:
         self.blocked = False            # the L0 halted this vCPU (HLT exit), host context
         self.controls_changed = True    # run the full entry checks at the next entry
         self.pause_loop = PauseLoop()
-        self._saved: dict[int, int] = {}
+        self._saved: dict[int, int] = {}     # tracked guest fields as the VMCS holds them
+        self._segs_raw = b""                  # QEMU's segment caches at the last save
         self.last_exit: Optional[Decision] = None
         self.last_failure: Optional[EntryFailure] = None
         self.read_mem = self.mem.read
 
     # ------------------------------------------------------------------ guest state
-    def _cr0_cr4_real(self):
-        uc = self.core.uc
-        return uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR4) | CR4_VMXE
-
     def save_guest_state(self, rip: int | None = None) -> None:
         """Store the processor's share of the guest state into the VMCS.
 
@@ -117,37 +141,46 @@ class VmxVcpu:
         holds the offset in CS, so CS.base is taken off); default: the current RIP.
         """
         core, uc, v = self.core, self.core.uc, self.vmcs
-        cr0, cr4 = self._cr0_cr4_real()
+        probe = core.probe
         eip = uc.reg_read(X.UC_X86_REG_RIP) if rip is None else \
             (rip - core.read_segment(1)[1]) & 0xFFFF_FFFF_FFFF_FFFF
+        gbase, glimit = probe.dtr(ENV_GDT)
+        ibase, ilimit = probe.dtr(ENV_IDT)
         vals = {
             F.GUEST_RIP: eip,
             F.GUEST_RSP: uc.reg_read(X.UC_X86_REG_RSP),
             F.GUEST_RFLAGS: uc.reg_read(X.UC_X86_REG_EFLAGS),
-            F.GUEST_CR0: cr0, F.GUEST_CR3: uc.reg_read(X.UC_X86_REG_CR3), F.GUEST_CR4: cr4,
+            F.GUEST_CR0: probe.cr(0), F.GUEST_CR3: probe.cr(3), F.GUEST_CR4: probe.cr(4) | CR4_VMXE,
             F.GUEST_DR7: uc.reg_read(X.UC_X86_REG_DR7),
             F.GUEST_INTERRUPTIBILITY_INFO: self._interruptibility(),
             F.GUEST_ACTIVITY_STATE: self._activity(),
             F.GUEST_IA32_EFER: core.rdmsr_raw(MSR_EFER),
             F.GUEST_IA32_PAT: core.rdmsr_raw(MSR_IA32_CR_PAT),
+            F.GUEST_GDTR_BASE: gbase, F.GUEST_GDTR_LIMIT: glimit,
+            F.GUEST_IDTR_BASE: ibase, F.GUEST_IDTR_LIMIT: ilimit,
         }
-        _, gbase, glimit, _ = uc.reg_read(X.UC_X86_REG_GDTR)
-        _, ibase, ilimit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
-        vals.update({F.GUEST_GDTR_BASE: gbase, F.GUEST_GDTR_LIMIT: glimit,
-                     F.GUEST_IDTR_BASE: ibase, F.GUEST_IDTR_LIMIT: ilimit})
-        for idx, fsel, fbase, flimit, far in _SEG_FIELDS:
-            sel, base, limit, ar = core.read_segment(idx)
-            if idx == 7 and ar & 0xF in (1, 9):
-                # LTR leaves TR busy; QEMU caches the descriptor's type from before LTR set it
-                ar |= 2
-            vals.update({fsel: sel, fbase: base, flimit: limit & 0xFFFFFFFF, far: ar})
+        segs = probe.segments_raw()
+        if segs != self._segs_raw or not self._saved:
+            self._segs_raw = segs
+            for idx, fsel, fbase, flimit, far in _SEG_FIELDS:
+                sel, base, limit, ar = core.read_segment(idx)
+                if idx == 7 and ar & 0xF in (1, 9):
+                    # LTR leaves TR busy; QEMU caches the descriptor's type from before LTR set it
+                    ar |= 2
+                vals.update({fsel: sel, fbase: base, flimit: limit & 0xFFFFFFFF, far: ar})
+        saved = self._saved
+        put = v.put
         for f, val in vals.items():
-            v.set(f, val)
+            if saved.get(f) != val:           # the VMCS holds what was saved or loaded last
+                put(f, val)
+                saved[f] = val
         # the exit control "save IA32_EFER" aside, IA-32e mode guest follows EFER.LMA
         ent = v.get(F.VM_ENTRY_CONTROLS)
-        lma = vals[F.GUEST_IA32_EFER] & EFER_LMA
-        v.set(F.VM_ENTRY_CONTROLS, ent | C.VM_ENTRY_IA32E_MODE if lma else ent & ~C.VM_ENTRY_IA32E_MODE)
-        self._saved = vals
+        want = ent | C.VM_ENTRY_IA32E_MODE if vals[F.GUEST_IA32_EFER] & EFER_LMA \
+            else ent & ~C.VM_ENTRY_IA32E_MODE
+        if want != ent:
+            v.set(F.VM_ENTRY_CONTROLS, want)
+        v.written.clear()
 
     def _interruptibility(self) -> int:
         core = self.core
@@ -172,11 +205,15 @@ class VmxVcpu:
         """Load into the engine every guest-state field that differs from what
         the last exit saved (all of them with ``full``)."""
         core, uc, v = self.core, self.core.uc, self.vmcs
-        saved = {} if full else self._saved
-        changed = {f for f in _TRACKED if saved.get(f) != v.get(f)}
+        saved = self._saved
+        candidates = _TRACKED if full else _TRACKED_SET & v.written
+        v.written.clear()
+        g = v.peek
+        changed = {f for f in candidates if full or saved.get(f) != g(f)}
         if not changed:
             return
-        g = v.get
+        for f in changed:
+            saved[f] = g(f)
         if changed & {F.GUEST_IA32_EFER, F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4}:
             efer = g(F.GUEST_IA32_EFER)
             uc.reg_write(X.UC_X86_REG_CR3, g(F.GUEST_CR3))
@@ -238,6 +275,8 @@ class VmxVcpu:
     def _entry_failed(self, failure: EntryFailure) -> bool:
         self.last_failure = failure
         self.active = False
+        if failure.kind is FailureKind.VMFAIL_VALID:
+            self.vmcs.vmfail_valid(failure.error)      # writes VM_INSTRUCTION_ERROR
         if failure.kind is FailureKind.ENTRY_FAILURE_EXIT:
             d = exit_decision(failure.basic_reason, (failure.check,),
                               qualification=failure.qualification)
@@ -270,19 +309,24 @@ class VmxVcpu:
     # ------------------------------------------------------------------ VM exit
     def _write_exit_info(self, d: Decision, reason_field: int) -> None:
         v = self.vmcs
-        v.set(F.VM_EXIT_REASON, reason_field)
-        v.set(F.EXIT_QUALIFICATION, d.qualification)
-        v.set(F.VM_EXIT_INSTRUCTION_LEN, d.instruction_length or 0)
-        v.set(F.VMX_INSTRUCTION_INFO, d.instruction_info or 0)
-        v.set(F.VM_EXIT_INTR_INFO, d.interruption_info)
-        v.set(F.VM_EXIT_INTR_ERROR_CODE, d.error_code or 0)
-        v.set(F.IDT_VECTORING_INFO_FIELD, 0)
+        put = v.put
+        put(F.VM_EXIT_REASON, reason_field)
+        put(F.EXIT_QUALIFICATION, d.qualification)
+        put(F.VM_EXIT_INSTRUCTION_LEN, d.instruction_length or 0)
+        put(F.VMX_INSTRUCTION_INFO, d.instruction_info or 0)
+        put(F.VM_EXIT_INTR_INFO, d.interruption_info)
+        put(F.VM_EXIT_INTR_ERROR_CODE, d.error_code or 0)
+        vinfo, vec_ec = self.core.vectoring_info()
+        put(F.IDT_VECTORING_INFO_FIELD, vinfo)
+        if vinfo:
+            put(F.IDT_VECTORING_ERROR_CODE, vec_ec)
         if d.guest_linear_address is not None:
-            v.set(F.GUEST_LINEAR_ADDRESS, d.guest_linear_address)
+            put(F.GUEST_LINEAR_ADDRESS, d.guest_linear_address)
         if d.guest_physical_address is not None:
-            v.set(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical_address)
-        info = v.get(F.VM_ENTRY_INTR_INFO_FIELD)
-        v.set(F.VM_ENTRY_INTR_INFO_FIELD, info & ~C.INTR_INFO_VALID_MASK)
+            put(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical_address)
+        info = v.peek(F.VM_ENTRY_INTR_INFO_FIELD)
+        if info & C.INTR_INFO_VALID_MASK:
+            put(F.VM_ENTRY_INTR_INFO_FIELD, info & ~C.INTR_INFO_VALID_MASK)
 
     def _log(self, d: Decision, rip: int, entry_failure: bool = False) -> None:
         core = self.core
@@ -331,11 +375,11 @@ class VmxVcpu:
         I/O, MSRs and the like), then keep the VMCS in step with the engine."""
         core = self.core
         core.run_native(event)
-        self.vmcs.set(F.GUEST_RIP, core.uc.reg_read(X.UC_X86_REG_RIP))
-        self._saved[F.GUEST_RIP] = self.vmcs.get(F.GUEST_RIP)
-        act = self._activity()
-        self.vmcs.set(F.GUEST_ACTIVITY_STATE, act)
-        self._saved[F.GUEST_ACTIVITY_STATE] = act
+        v = self.vmcs
+        for f, val in ((F.GUEST_RIP, core.uc.reg_read(X.UC_X86_REG_RIP)),
+                       (F.GUEST_ACTIVITY_STATE, self._activity())):
+            v.set(f, val)
+            self._saved[f] = val          # the engine already has it: nothing to load
 
     # ------------------------------------------------------------------ the core's virt interface
     def on_event(self, core, event: Event) -> bool:
@@ -361,9 +405,7 @@ class VmxVcpu:
                    error_code=error_code, cr2=cr2, regs=core.lazy_regs())
         out = decide(ev, self.vmcs, self.read_mem)
         if out.exit:
-            if cr2 is not None:
-                core.uc.reg_write(X.UC_X86_REG_CR2, cr2)
-            self.vm_exit(out, ev)
+            self.vm_exit(out, ev)      # a #PF that exits leaves CR2 alone: cr2 is the qualification
             return True
         return False
 
