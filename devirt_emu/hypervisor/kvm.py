@@ -399,9 +399,9 @@ class KvmL0:
 
     def h_cpuid(self, vcpu, d, event):
         """CPUID: the platform's model plus the hypervisor bit and KVM's leaves."""
-        uc = vcpu.core.uc
-        leaf = uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
-        sub = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
+        probe = vcpu.core.probe
+        leaf = probe.gpr(0) & 0xFFFFFFFF
+        sub = probe.gpr(1) & 0xFFFFFFFF
         if leaf == KVM_CPUID_SIGNATURE:
             regs = (0x40000001, 0x4B4D564B, 0x564B4D56, 0x4D)   # "KVMKVMKVM\0\0\0"
         elif leaf == KVM_CPUID_SIGNATURE + 1:
@@ -411,8 +411,8 @@ class KvmL0:
             if leaf == 1:
                 c |= 1 << 31                      # hypervisor present
             regs = (a, b, c, dd)
-        for rid, val in zip((X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX), regs):
-            uc.reg_write(rid, val)
+        for n, val in zip((0, 3, 1, 2), regs):            # RAX, RBX, RCX, RDX
+            probe.set_gpr(n, val)
         vcpu.skip_instruction()
 
     def h_hlt(self, vcpu, d, event):

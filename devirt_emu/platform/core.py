@@ -922,13 +922,11 @@ class Core:
         return False
 
     def _h_cpuid(self, address, insn):
-        uc = self.uc
-        a, b, c, d = cpuid_model.cpuid(uc.reg_read(X.UC_X86_REG_EAX), uc.reg_read(X.UC_X86_REG_ECX),
+        p = self.probe
+        a, b, c, d = cpuid_model.cpuid(p.gpr(0) & 0xFFFFFFFF, p.gpr(1) & 0xFFFFFFFF,
                                        self.apic_id, len(self.machine.cores))
-        uc.reg_write(X.UC_X86_REG_RAX, a)
-        uc.reg_write(X.UC_X86_REG_RBX, b)
-        uc.reg_write(X.UC_X86_REG_RCX, c)
-        uc.reg_write(X.UC_X86_REG_RDX, d)
+        for n, v in ((0, a), (3, b), (1, c), (2, d)):
+            p.set_gpr(n, v)
         self._skip(address, insn)
 
     def _h_rdtsc(self, address, insn):

@@ -43,6 +43,7 @@ from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4,
 #: regs[16], eip, eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags, hflags2,
 #: segs[6] (SegmentCache: u32 selector, u64 base, u32 limit, u32 flags), ldt,
 #: tr, gdt, idt, cr[5].
+ENV_EIP = 128
 ENV_HFLAGS = 176
 ENV_SEGS = 184
 SEG_STRIDE = 24
@@ -245,7 +246,12 @@ def _verify_layout(cpu_ptr: int, env_off: int) -> None:
     mu.reg_write(UC_X86_REG_GDTR, (0, 0x12345000, 0x7F, 0))
     mu.reg_write(UC_X86_REG_IDTR, (0, 0x23456000, 0xFFF, 0))
     mu.reg_write(UC_X86_REG_TR, (0x28, 0x34567000, 0x67, 0x8B))
+    from unicorn.x86_const import UC_X86_REG_R15, UC_X86_REG_RBX, UC_X86_REG_RIP
+    mu.reg_write(UC_X86_REG_RBX, 0x3333333333333333)
+    mu.reg_write(UC_X86_REG_R15, 0xFFFF15151515)
+    mu.reg_write(UC_X86_REG_RIP, 0x4242424242)
     checks = (
+        (3 * 8, 0x3333333333333333), (15 * 8, 0xFFFF15151515), (ENV_EIP, 0x4242424242),
         (ENV_GDT + 8, 0x12345000), (ENV_GDT + 16, 0x7F), (ENV_IDT + 8, 0x23456000),
         (ENV_TR, 0x28), (ENV_TR + 8, 0x34567000), (ENV_TR + 16, 0x67),
         (ENV_CR + 3 * 8, 0x1000),
@@ -287,6 +293,17 @@ class EngineProbe:
     def clear_fault_tracking(self) -> None:
         """Tell QEMU no exception is in flight (we deliver exceptions ourselves)."""
         ctypes.c_int32.from_address(self.old_exception_addr).value = -1
+
+    # ----- general registers (no Unicorn call: what uc_reg_read/write do) ---
+    def gpr(self, n: int) -> int:
+        """GPR ``n`` (SDM numbering: 0 = RAX ... 15 = R15)."""
+        return _u64(self.env + 8 * n)
+
+    def set_gpr(self, n: int, value: int) -> None:
+        ctypes.c_uint64.from_address(self.env + 8 * n).value = value & 0xFFFF_FFFF_FFFF_FFFF
+
+    def eip(self) -> int:
+        return _u64(self.env + ENV_EIP)
 
     # ----- control and descriptor-table registers (no Unicorn call) ---------
     def cr(self, n: int) -> int:

@@ -142,13 +142,13 @@ class VmxVcpu:
         """
         core, uc, v = self.core, self.core.uc, self.vmcs
         probe = core.probe
-        eip = uc.reg_read(X.UC_X86_REG_RIP) if rip is None else \
+        eip = probe.eip() if rip is None else \
             (rip - core.read_segment(1)[1]) & 0xFFFF_FFFF_FFFF_FFFF
         gbase, glimit = probe.dtr(ENV_GDT)
         ibase, ilimit = probe.dtr(ENV_IDT)
         vals = {
             F.GUEST_RIP: eip,
-            F.GUEST_RSP: uc.reg_read(X.UC_X86_REG_RSP),
+            F.GUEST_RSP: probe.gpr(4),
             F.GUEST_RFLAGS: uc.reg_read(X.UC_X86_REG_EFLAGS),
             F.GUEST_CR0: probe.cr(0), F.GUEST_CR3: probe.cr(3), F.GUEST_CR4: probe.cr(4) | CR4_VMXE,
             F.GUEST_DR7: uc.reg_read(X.UC_X86_REG_DR7),
