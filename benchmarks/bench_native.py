@@ -21,7 +21,6 @@ row.  Targets (issue 2): fast >= 0.8x raw, deterministic >= 0.8x count mode.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 import time

@@ -19,14 +19,13 @@ mode does.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UcError
+from unicorn import UC_PROT_READ, UC_PROT_WRITE
 
 from .cpu.scan import scan_page
 from .platform.core import Core, GuestError, State

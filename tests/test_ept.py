@@ -8,7 +8,6 @@ of the entries walked, bit 7 = guest linear address valid, bit 8 = access to
 the translation (not to a guest paging-structure entry); entry bit 7 = page
 size, bits 5:3 = memory type, bit 8 = accessed, bit 9 = dirty.
 """
-import struct
 
 import pytest
 from hypothesis import given, settings, strategies as st

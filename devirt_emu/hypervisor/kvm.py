@@ -17,7 +17,7 @@ import struct
 
 from unicorn import x86_const as X
 
-from ..events import Event, Kind
+from ..events import Event
 from ..platform import cpuid as cpuid_model
 from ..platform.core import GPR_IDS, State, _Fault
 from ..vmx import capabilities as caps
@@ -35,8 +35,8 @@ KVM_CPUID_SIGNATURE = 0x40000000
 KVM_ENOSYS = 1000
 INIT_CR0 = 0x60000010          # CR0 after INIT (CD, NW, ET)
 
-# Host state that VM exits would load (a 64-bit Linux host, as KVM's vmx_set_constant_host_state).
-_HOST_STATE = {
+#: Host state that VM exits would load (a 64-bit Linux host, as KVM's vmx_set_constant_host_state).
+HOST_STATE = {
     F.HOST_CR0: 0x80050033, F.HOST_CR4: 0x3726E0 | CR4_VMXE, F.HOST_CS_SELECTOR: 0x10,
     F.HOST_SS_SELECTOR: 0x18, F.HOST_DS_SELECTOR: 0, F.HOST_ES_SELECTOR: 0,
     F.HOST_FS_SELECTOR: 0, F.HOST_GS_SELECTOR: 0, F.HOST_TR_SELECTOR: 0x40,
@@ -45,6 +45,20 @@ _HOST_STATE = {
     F.HOST_TR_BASE: 0xFFFFFE0000003000, F.HOST_GDTR_BASE: 0xFFFFFE0000001000,
     F.HOST_IDTR_BASE: 0xFFFFFE0000000000,
 }
+
+
+def prepare_vmcs(vcpu: VmxVcpu, host_cr3: int) -> None:
+    """Fill a fresh VMCS as KVM's vcpu set-up does, controls aside (write them
+    first): the host state, no VMCS link, the core's current state as the guest
+    state, and CR0/CR4 read shadows showing the guest its own values."""
+    v = vcpu.vmcs
+    for f, val in HOST_STATE.items():
+        v.set(f, val)
+    v.set(F.HOST_CR3, host_cr3)
+    v.set(F.VMCS_LINK_POINTER, (1 << 64) - 1)
+    vcpu.save_guest_state()
+    v.set(F.CR0_READ_SHADOW, v.get(F.GUEST_CR0))
+    v.set(F.CR4_READ_SHADOW, v.get(F.GUEST_CR4) & ~CR4_VMXE)
 
 
 class L0Error(Exception):
@@ -147,17 +161,10 @@ class KvmL0:
             Vmcs.format(m.mem, vmcs_pa)
             vcpu = VmxVcpu(core, vmcs_pa, self, record=m.record_exit)
             v = vcpu.vmcs
-            for f, val in _HOST_STATE.items():
-                v.set(f, val)
-            v.set(F.HOST_CR3, self.host_base)
-            v.set(F.VMCS_LINK_POINTER, (1 << 64) - 1)
             v.set(F.TSC_OFFSET, 0)
             self.load_controls(vcpu, boot)
-            vcpu.save_guest_state()
-            cr0 = v.get(F.GUEST_CR0)
-            v.set(F.CR0_READ_SHADOW, cr0)
-            v.set(F.GUEST_CR0, cr0 | (1 << 5))       # CR0.NE is fixed to 1 in VMX operation
-            v.set(F.CR4_READ_SHADOW, v.get(F.GUEST_CR4) & ~CR4_VMXE)
+            prepare_vmcs(vcpu, self.host_base)
+            v.set(F.GUEST_CR0, v.get(F.GUEST_CR0) | (1 << 5))  # CR0.NE is fixed to 1 in VMX operation
             core.virt = vcpu
             self.vcpus.append(vcpu)
             self.virr[core.index] = set()

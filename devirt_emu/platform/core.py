@@ -46,8 +46,7 @@ from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED,
                      UC_PROT_READ, UC_PROT_WRITE, Uc, UcError)
 from unicorn import x86_const as X
 
-from ..cpu.decode import decode_at, resolve_linear
-from ..cpu.scan import scan_page
+from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from . import cpuid as cpuid_model
 from .lapic import GeneralProtection
@@ -73,20 +72,14 @@ RFLAGS_TF = 1 << 8
 RFLAGS_NT = 1 << 14
 RFLAGS_RF = 1 << 16
 RFLAGS_VM = 1 << 17
-RFLAGS_AC = 1 << 18
 RFLAGS_DF = 1 << 10
 
 MSR_EFER = 0xC0000080
-MSR_IA32_TSC = 0x10
-MSR_IA32_APICBASE = 0x1B
-MSR_IA32_TSC_DEADLINE = 0x6E0
 
 GPR_IDS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX,
            X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
            X.UC_X86_REG_R8, X.UC_X86_REG_R9, X.UC_X86_REG_R10, X.UC_X86_REG_R11,
            X.UC_X86_REG_R12, X.UC_X86_REG_R13, X.UC_X86_REG_R14, X.UC_X86_REG_R15)
-SEG_IDS = (X.UC_X86_REG_ES, X.UC_X86_REG_CS, X.UC_X86_REG_SS, X.UC_X86_REG_DS,
-           X.UC_X86_REG_FS, X.UC_X86_REG_GS)
 _REG_BY_NAME = {n: r for n, r in zip(GPR_NAMES, GPR_IDS)}
 _REG_BY_NAME.update(rip=X.UC_X86_REG_RIP, rflags=X.UC_X86_REG_EFLAGS, cr0=X.UC_X86_REG_CR0,
                     cr2=X.UC_X86_REG_CR2, cr3=X.UC_X86_REG_CR3, cr4=X.UC_X86_REG_CR4)

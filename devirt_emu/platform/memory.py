@@ -15,7 +15,6 @@ import ctypes
 import struct
 
 PAGE_SIZE = 4096
-PAGE_MASK = ~(PAGE_SIZE - 1)
 
 #: The local APIC's MMIO page (IA32_APIC_BASE default).  RAM never covers it.
 LAPIC_MMIO_BASE = 0xFEE00000

@@ -653,21 +653,14 @@ class CaseRunner:
         core.lapic.reset()
 
     def _write_vmcs(self, vcpu: VmxVcpu, fields: dict[str, int]) -> None:
-        from ..hypervisor.kvm import _HOST_STATE
-        v = vcpu.vmcs
-        s = v.set
-        for f, val in _HOST_STATE.items():
-            s(f, val)
-        s(F.HOST_CR3, HOST_CR3)
+        from ..hypervisor.kvm import prepare_vmcs
+        s = vcpu.vmcs.set
         for name, val in DEFAULT_CONTROLS.items():
             s(F[name], val)
-        s(F.VMCS_LINK_POINTER, _U64)
         s(F.MSR_BITMAP, MSR_BITMAP_PA)
         s(F.IO_BITMAP_A, IO_BITMAP_A_PA)
         s(F.IO_BITMAP_B, IO_BITMAP_B_PA)
-        vcpu.save_guest_state()
-        s(F.CR0_READ_SHADOW, v.get(F.GUEST_CR0))
-        s(F.CR4_READ_SHADOW, v.get(F.GUEST_CR4) & ~(1 << 13))
+        prepare_vmcs(vcpu, HOST_CR3)
         for name, val in fields.items():
             try:
                 s(F[name], val)

@@ -32,7 +32,7 @@ from typing import Optional
 
 from unicorn import x86_const as X
 
-from ..events import GPR_NAMES, Event, Kind
+from ..events import Event, Kind
 from ..platform.core import GPR_IDS, State, _Fault
 from . import controls as C
 from .entry import EntryCaps, EntryFailure, FailureKind, check_vm_entry
