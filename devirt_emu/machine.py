@@ -301,7 +301,7 @@ class Machine:
         if c.has_wakeup():
             return c.clock
         if c.state is State.HALTED:
-            d = c.lapic.next_event_ns()
+            d = c.next_event_ns()
             if d is not None:
                 return max(c.clock, d)
         return None
@@ -385,9 +385,11 @@ class Machine:
                 # nobody to interleave with: only timers cut the run (the slices are
                 # short enough for a compute phase to shed the hooks of pages it left)
                 budget = LONE_CORE_SLICE
-            d = c.lapic.next_event_ns()
+            d = c.next_event_ns()
             if d is not None and d > c.clock:
                 budget = min(budget, d - c.clock)
+            if c.virt is not None and c.virt.single_step():
+                budget = 1                     # monitor trap flag: a boundary after each one
             budget = max(1, min(budget, self.max_ns - c.clock))
             self.current = c
             if self.fast and not others and d is None and not c._interrupt_wanted():

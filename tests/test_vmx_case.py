@@ -515,3 +515,48 @@ def test_code_that_does_not_assemble_is_a_case_error():
         run_case("mov rax, nosuchregister")
     with pytest.raises(CaseError, match="empty"):
         run_case(b"")
+
+
+# --------------------------------------------------------------------------- MTF and the preemption timer
+MONITOR_TRAP_FLAG_EXIT, PREEMPTION_TIMER_EXIT = 37, 52
+MONITOR_TRAP_FLAG = 1 << 27           # primary processor-based control
+PIN = "PIN_BASED_VM_EXEC_CONTROL"
+PREEMPTION_TIMER = 1 << 6             # pin-based control
+EXIT_CONTROLS = "VM_EXIT_CONTROLS"
+SAVE_PREEMPTION_TIMER = 1 << 22       # VM-exit control
+HOST_ADDR_SPACE_SIZE = 1 << 9         # VM-exit control (the host is 64-bit)
+
+
+def test_monitor_trap_flag_exits_after_one_instruction():
+    # SDM "Monitor Trap Flag": an MTF VM exit occurs on the boundary after the first
+    # instruction in VMX non-root operation completes (here a 2-byte xor)
+    r = case("xor eax, eax\nxor ebx, ebx", MONITOR_TRAP_FLAG)
+    e = assert_exit(r, MONITOR_TRAP_FLAG_EXIT, rip=CODE_BASE + 2)
+    assert r.steps == 1
+    assert e.instruction_length is None          # undefined for MTF exits
+
+
+def test_no_mtf_exit_without_the_control():
+    assert_no_exit(case("xor eax, eax\nxor ebx, ebx"))
+
+
+def test_preemption_timer_zero_exits_before_the_first_instruction():
+    # SDM "VMX-Preemption Timer": with a value of 0 at VM entry, the exit occurs before
+    # any instruction executes
+    r = run_case("xor eax, eax", vmcs={PIN: PREEMPTION_TIMER, "VMX_PREEMPTION_TIMER_VALUE": 0},
+                 legal=True)
+    assert_exit(r, PREEMPTION_TIMER_EXIT, rip=CODE_BASE)
+    assert r.steps == 0
+
+
+def test_preemption_timer_counts_at_the_tsc_rate_shifted_by_misc():
+    # IA32_VMX_MISC[4:0] = 5: the timer decrements every 32 TSC ticks (here 1 tick per
+    # instruction), so a value of 10 expires after 320 instructions of a nop loop,
+    # and VM_EXIT_SAVE_VMX_PREEMPTION_TIMER stores the value 0
+    loop = "1:  nop\n    jmp 1b"
+    r = run_case(loop, vmcs={PIN: PREEMPTION_TIMER, "VMX_PREEMPTION_TIMER_VALUE": 10,
+                             EXIT_CONTROLS: SAVE_PREEMPTION_TIMER | HOST_ADDR_SPACE_SIZE},
+                 legal=True)
+    assert r.outcome == "exit" and r.exit.reason == PREEMPTION_TIMER_EXIT, str(r)
+    assert r.steps == 320
+    assert r.vmcs["VMX_PREEMPTION_TIMER_VALUE"] == 0

@@ -1272,6 +1272,15 @@ class Core:
         finally:
             self._delivering = None
 
+    def next_event_ns(self) -> int | None:
+        """The earliest timer expiry for this core: its LAPIC's, or a VMX layer's."""
+        d = self.lapic.next_event_ns()
+        if self.virt is not None:
+            v = self.virt.next_event_ns()
+            if v is not None and (d is None or v < d):
+                d = v
+        return d
+
     def has_wakeup(self) -> bool:
         """Is there an event that takes this (halted or waiting) core out of its state now?"""
         if self.virt is not None:

@@ -676,7 +676,13 @@ class CaseRunner:
             core.wake_check()
             if m.verdict is not None or core.state is not State.RUNNING:
                 return
-            core.run(left)
+            budget = left
+            d = core.next_event_ns()            # the VMX-preemption timer
+            if d is not None and d > core.clock:
+                budget = min(budget, d - core.clock)
+            if core.virt is not None and core.virt.single_step():
+                budget = 1                      # monitor trap flag
+            core.run(budget)
 
 
 _runner: Optional[CaseRunner] = None

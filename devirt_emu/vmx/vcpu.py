@@ -38,6 +38,7 @@ from . import controls as C
 from .entry import EntryCaps, EntryFailure, FailureKind, check_vm_entry
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
+from .capabilities import MSR_IA32_VMX_MISC, VMX_CAPABILITY_MSRS
 from .vmcs import FIELD_SLOTS, Vmcs, _key
 from ..platform.ucinternals import ENV_GDT, ENV_IDT
 
@@ -64,6 +65,8 @@ _TRACKED = (F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_CR0, F.GUEST_CR3, 
 _TRACKED_SET = frozenset(int(f) for f in _TRACKED)
 
 MSR_IA32_CR_PAT = 0x277
+#: The VMX-preemption timer's rate: it counts down once every 2^PTIMER_RATE TSC ticks.
+PTIMER_RATE = VMX_CAPABILITY_MSRS[MSR_IA32_VMX_MISC] & 0x1F
 MSR_EFER = 0xC0000080
 
 
@@ -127,6 +130,9 @@ class VmxVcpu:
         self.blocked = False            # the L0 halted this vCPU (HLT exit), host context
         self.controls_changed = True    # run the full entry checks at the next entry
         self.pause_loop = PauseLoop()
+        self._mtf = False                     # monitor trap flag armed at the last entry
+        self._entry_icount = 0
+        self._ptimer_deadline: Optional[int] = None   # VMX-preemption timer, virtual ns
         self._saved: dict[int, int] = {}     # tracked guest fields as the VMCS holds them
         self._segs_raw = b""                  # QEMU's segment caches at the last save
         self.last_exit: Optional[Decision] = None
@@ -264,10 +270,31 @@ class VmxVcpu:
         self.pause_loop = PauseLoop()
         self.active = True
         self.blocked = False
+        self._arm_timers()
         info = v.get(F.VM_ENTRY_INTR_INFO_FIELD)
         if info & C.INTR_INFO_VALID_MASK:
             self._inject(info)
         return True
+
+    def _arm_timers(self) -> None:
+        """At VM entry: the monitor trap flag and the VMX-preemption timer, which
+        counts down by 1 every 2^rate TSC ticks (rate = IA32_VMX_MISC[4:0])."""
+        v = self.vmcs
+        core = self.core
+        self._mtf = bool(v.peek(F.CPU_BASED_VM_EXEC_CONTROL) & C.CPU_BASED_MONITOR_TRAP_FLAG)
+        self._entry_icount = core.icount
+        if v.peek(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_VMX_PREEMPTION_TIMER:
+            self._ptimer_deadline = core.now() + (v.peek(F.VMX_PREEMPTION_TIMER_VALUE) << PTIMER_RATE)
+        else:
+            self._ptimer_deadline = None
+
+    def next_event_ns(self) -> Optional[int]:
+        """When the VMX-preemption timer expires (the scheduler cuts runs there)."""
+        return self._ptimer_deadline if self.active else None
+
+    def single_step(self) -> bool:
+        """The monitor trap flag is armed: the core must stop after every instruction."""
+        return self.active and self._mtf
 
     def _read_mem_safe(self, pa: int, n: int) -> bytes:
         return self.mem.read(pa, n)
@@ -343,6 +370,10 @@ class VmxVcpu:
         self.active = False
         self.last_exit = d
         self._write_exit_info(d, d.reason)
+        if self._ptimer_deadline is not None and \
+                self.vmcs.peek(F.VM_EXIT_CONTROLS) & C.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER:
+            left = max(0, self._ptimer_deadline - core.now()) >> PTIMER_RATE
+            self.vmcs.put(F.VMX_PREEMPTION_TIMER_VALUE, min(left, 0xFFFFFFFF))
         self.save_guest_state(rip)
         self._log(d, rip)
         core._count(Kind.VM_EXIT)
@@ -453,7 +484,10 @@ class VmxVcpu:
         v = self.vmcs
         d = boundary_exit(v, rflags=core.uc.reg_read(X.UC_X86_REG_EFLAGS),
                           interruptibility=self._interruptibility(),
-                          activity_state=self._activity())
+                          activity_state=self._activity(),
+                          mtf_pending=self._mtf and core.icount > self._entry_icount,
+                          preemption_timer_expired=self._ptimer_deadline is not None
+                          and core.now() >= self._ptimer_deadline)
         if d.exit:
             self.vm_exit(d, None)
             return True
