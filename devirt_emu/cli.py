@@ -29,10 +29,12 @@ exit status: 0 only for pass; for fail, QEMU's (value << 1) | 1; 3 shutdown,
 4 halted, 5 timeout, 2 error or bad input.
 
 time: deterministic mode (the default) counts retired instructions exactly;
-one instruction is one virtual nanosecond, the TSC and the LAPIC timer input
-run at 1 GHz; the same program and options give the same trace. --fast lets a
-lone runnable core run without instruction counting (about 10x faster): its
-instruction count and virtual time are then estimated from wall time.
+one instruction is one virtual nanosecond (a PAUSE 140), the TSC and the LAPIC
+timer input run at 1 GHz; the same program and options give the same trace.
+--fast lets a lone runnable core with no timer armed run without instruction
+counting once it is in a compute phase (about 10x faster): its instruction
+count and virtual time are then estimated from wall time at the raw rate
+measured on this machine.
 
 --json prints one object: verdict, serial, cores, instructions (per core),
 virtual_ns, events (sensitive event kind -> count), wall_s, mips, exit_status,
