@@ -63,6 +63,8 @@ _TRACKED = (F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_CR0, F.GUEST_CR3, 
             *[f for row in _SEG_FIELDS for f in row[1:]])
 
 _TRACKED_SET = frozenset(int(f) for f in _TRACKED)
+#: Guest-state fields whose load invalidates the cached EFER/PAT/DR7 (see save_guest_state).
+_MSR_STATE = frozenset({F.GUEST_IA32_EFER, F.GUEST_IA32_PAT, F.GUEST_DR7, F.GUEST_CR0})
 
 MSR_IA32_CR_PAT = 0x277
 #: The VMX-preemption timer's rate: it counts down once every 2^PTIMER_RATE TSC ticks.
@@ -135,6 +137,8 @@ class VmxVcpu:
         self._ptimer_deadline: Optional[int] = None   # VMX-preemption timer, virtual ns
         self._saved: dict[int, int] = {}     # tracked guest fields as the VMCS holds them
         self._segs_raw = b""                  # QEMU's segment caches at the last save
+        self._msr_epoch = None                # event counts when EFER/PAT/DR7 were read
+        self._entries = 0                     # VM entries that loaded EFER/PAT/DR7/CR0
         self.last_exit: Optional[Decision] = None
         self.last_failure: Optional[EntryFailure] = None
         self.read_mem = self.mem.read
@@ -157,14 +161,20 @@ class VmxVcpu:
             F.GUEST_RSP: probe.gpr(4),
             F.GUEST_RFLAGS: uc.reg_read(X.UC_X86_REG_EFLAGS),
             F.GUEST_CR0: probe.cr(0), F.GUEST_CR3: probe.cr(3), F.GUEST_CR4: probe.cr(4) | CR4_VMXE,
-            F.GUEST_DR7: uc.reg_read(X.UC_X86_REG_DR7),
             F.GUEST_INTERRUPTIBILITY_INFO: self._interruptibility(),
             F.GUEST_ACTIVITY_STATE: self._activity(),
-            F.GUEST_IA32_EFER: core.rdmsr_raw(MSR_EFER),
-            F.GUEST_IA32_PAT: core.rdmsr_raw(MSR_IA32_CR_PAT),
             F.GUEST_GDTR_BASE: gbase, F.GUEST_GDTR_LIMIT: glimit,
             F.GUEST_IDTR_BASE: ibase, F.GUEST_IDTR_LIMIT: ilimit,
         }
+        # EFER, PAT and DR7 change only through WRMSR, MOV to CR0 (EFER.LMA), MOV to
+        # DR and VM entry: read them (Unicorn calls) only when one of those happened
+        ev = core.events
+        epoch = (ev.get("WRMSR", 0), ev.get("MOV_TO_CR", 0), ev.get("MOV_TO_DR", 0), self._entries)
+        if epoch != self._msr_epoch or not self._saved:
+            self._msr_epoch = epoch
+            vals[F.GUEST_DR7] = uc.reg_read(X.UC_X86_REG_DR7)
+            vals[F.GUEST_IA32_EFER] = core.rdmsr_raw(MSR_EFER)
+            vals[F.GUEST_IA32_PAT] = core.rdmsr_raw(MSR_IA32_CR_PAT)
         segs = probe.segments_raw()
         if segs != self._segs_raw or not self._saved:
             self._segs_raw = segs
@@ -181,8 +191,8 @@ class VmxVcpu:
                 put(f, val)
                 saved[f] = val
         # the exit control "save IA32_EFER" aside, IA-32e mode guest follows EFER.LMA
-        ent = v.get(F.VM_ENTRY_CONTROLS)
-        want = ent | C.VM_ENTRY_IA32E_MODE if vals[F.GUEST_IA32_EFER] & EFER_LMA \
+        ent = v.peek(F.VM_ENTRY_CONTROLS)
+        want = ent | C.VM_ENTRY_IA32E_MODE if self._saved[F.GUEST_IA32_EFER] & EFER_LMA \
             else ent & ~C.VM_ENTRY_IA32E_MODE
         if want != ent:
             v.set(F.VM_ENTRY_CONTROLS, want)
@@ -218,6 +228,8 @@ class VmxVcpu:
         changed = {f for f in candidates if full or saved.get(f) != g(f)}
         if not changed:
             return
+        if changed & _MSR_STATE:
+            self._entries += 1
         for f in changed:
             saved[f] = g(f)
         if changed & {F.GUEST_IA32_EFER, F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4}:
