@@ -740,7 +740,13 @@ def build_image(guest: "str | os.PathLike[str] | None") -> Image:
         # runs (they slow Unicorn's instruction counting, see platform/core.py)
         root += [".text", ".code64", ".balign 4096, 0", f'.include "{p}"']
     root += [".data", ".balign 4096, 0", "_image_end:"]
-    data, symbols = assemble("\n".join(root) + "\n", IMAGE_BASE, "<image>")
+    try:
+        data, symbols = assemble("\n".join(root) + "\n", IMAGE_BASE, "<image>")
+    except AsmError as e:
+        if guest is not None and "undefined symbol 'guest_main'" in str(e):
+            raise AsmError("the guest program defines no guest_main (see docs/guest-abi.md)",
+                           str(guest)) from None
+        raise
     for required in ("_start32", "_image_end"):
         if required not in symbols:
             raise AsmError(f"the firmware defines no {required}", str(parts[0]))

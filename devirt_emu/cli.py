@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let a lone runnable core run without instruction counting")
     r.add_argument("--quantum", type=_positive, default=20_000, metavar="N",
                    help="instructions a core may run ahead of the others (default 20000)")
-    r.add_argument("--max-time", type=_seconds, default=5.0, metavar="S",
-                   help="virtual seconds before the run ends with verdict timeout (default 5)")
+    r.add_argument("--max-time", type=_seconds, default=1.0, metavar="S",
+                   help="virtual seconds before the run ends with verdict timeout (default 1)")
     r.add_argument("--wall-timeout", type=_seconds, default=300.0, metavar="S",
                    help="wall-clock seconds before verdict timeout (default 300)")
     r.add_argument("--arch", choices=("none", "vmx"), default="none",

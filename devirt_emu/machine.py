@@ -94,7 +94,7 @@ class Machine:
     """
 
     def __init__(self, cores: int = 1, mem_mb: int = 64, *, fast: bool = False,
-                 quantum: int = 20_000, max_ns: int = 5_000_000_000,
+                 quantum: int = 20_000, max_ns: int = 1_000_000_000,
                  wall_timeout_s: float = 300.0, trace=None, on_serial=None,
                  arch: str = "none", config: str | None = None):
         if not 1 <= cores <= 64:

@@ -104,3 +104,19 @@ def test_help_documents_the_options():
     for word in ("--cores", "--fast", "--json", "--trace", "--arch", "--config", "verdicts",
                  "exit status", "deterministic"):
         assert word in p.stdout
+
+
+def test_guest_without_guest_main(tmp_path):
+    prog = tmp_path / "nomain.S"
+    prog.write_text("start:\n    ret\n")
+    p = cli("run", prog)
+    assert p.returncode == 2
+    assert "defines no guest_main" in one_error_line(p)
+
+
+def test_a_spinning_guest_times_out(tmp_path):
+    prog = tmp_path / "spin.S"
+    prog.write_text("guest_main:\n1:  jmp 1b\n")
+    p = cli("run", prog, "--max-time", "0.01", "--json")
+    assert p.returncode == 5
+    assert json.loads(p.stdout)["verdict"] == "timeout"
