@@ -136,8 +136,8 @@ def _summary(res) -> str:
 
 
 def cmd_run(args) -> int:
-    from .asm import AsmError, build_image
-    from .machine import Machine, is_elf
+    from .asm import AsmError
+    from .machine import run_program
     from .platform.core import GuestError
 
     path = Path(args.program)
@@ -164,21 +164,11 @@ def cmd_run(args) -> int:
         print("devirt-emu: error: --config needs --arch vmx", file=sys.stderr)
         return 2
     try:
-        m = Machine(cores=args.cores, mem_mb=args.mem, fast=args.fast, quantum=args.quantum,
-                    arch=args.arch, config=args.config,
-                    max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
-                    trace=trace if trace_file else None,
-                    on_serial=None if args.json else on_serial)
-        if is_elf(path):
-            entry = m.load_elf(path)
-            if m.elf_class == 32:
-                res = m.run(entry32=entry)
-            else:
-                m.load_image(build_image(None))
-                res = m.run(elf_entry=entry)
-        else:
-            m.load_image(build_image(path))
-            res = m.run()
+        res = run_program(path, cores=args.cores, mem_mb=args.mem, fast=args.fast,
+                          quantum=args.quantum, arch=args.arch, config=args.config,
+                          max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
+                          trace=trace if trace_file else None,
+                          on_serial=None if args.json else on_serial)
     except (AsmError, GuestError, ValueError, OSError) as e:
         print(f"devirt-emu: error: {e}", file=sys.stderr)
         return 2

@@ -255,12 +255,6 @@ class Core:
         uc.reg_write(X.UC_X86_REG_IP, 0xFFF0)
 
     # ------------------------------------------------------------------ registers
-    def reg(self, rid: int) -> int:
-        return self.uc.reg_read(rid)
-
-    def set_reg(self, rid: int, value: int) -> None:
-        self.uc.reg_write(rid, value)
-
     def read_reg(self, name: str) -> int:
         """A register by the names of :class:`~devirt_emu.events.Event` ``regs``."""
         rid = _REG_BY_NAME.get(name)
@@ -943,12 +937,8 @@ class Core:
         self.state = State.HALTED
         self.request_stop("halt")
 
-    def _io_permitted(self):
-        if self.cpl() > ((self.uc.reg_read(X.UC_X86_REG_EFLAGS) >> 12) & 3):
-            raise _Fault(13, 0)   # no I/O permission bitmap is modelled: CPL > IOPL faults
-
     def _h_io(self, address, insn):
-        self._io_permitted()
+        self._require_iopl()
         uc = self.uc
         port = insn.port if insn.port is not None else uc.reg_read(X.UC_X86_REG_DX)
         size = insn.io_size
@@ -966,7 +956,7 @@ class Core:
         self._skip(address, insn)
 
     def _h_string_io(self, address, insn):
-        self._io_permitted()
+        self._require_iopl()
         uc = self.uc
         port = uc.reg_read(X.UC_X86_REG_DX)
         size = insn.io_size
@@ -1040,6 +1030,7 @@ class Core:
                 self.request_stop("check")
 
     def _require_iopl(self):
+        """STI and I/O at CPL > IOPL: #GP(0) (no TSS I/O permission bitmap is modelled)."""
         if self.cpl() > ((self.uc.reg_read(X.UC_X86_REG_EFLAGS) >> 12) & 3):
             raise _Fault(13, 0)
 

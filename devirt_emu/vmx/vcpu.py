@@ -272,7 +272,7 @@ class VmxVcpu:
         v = self.vmcs
         self.l0.before_entry(self)
         if launch or self.controls_changed:
-            failure = check_vm_entry(v, self.caps, self._read_mem_safe, launch=launch)
+            failure = check_vm_entry(v, self.caps, self.read_mem, launch=launch)
             if failure is not None:
                 return self._entry_failed(failure)
             self.controls_changed = False
@@ -307,9 +307,6 @@ class VmxVcpu:
     def single_step(self) -> bool:
         """The monitor trap flag is armed: the core must stop after every instruction."""
         return self.active and self._mtf
-
-    def _read_mem_safe(self, pa: int, n: int) -> bytes:
-        return self.mem.read(pa, n)
 
     def _entry_failed(self, failure: EntryFailure) -> bool:
         self.last_failure = failure
