@@ -149,7 +149,6 @@ class KvmL0:
             s(F.VIRTUAL_PROCESSOR_ID, vcpu.core.index + 1)
         s(F.PLE_GAP, cfg.ple_gap)
         s(F.PLE_WINDOW, cfg.ple_window)
-        vcpu.controls_changed = True
 
     def attach(self) -> None:
         """Create a vCPU per core with a fresh VMCS, the boot-time controls, the

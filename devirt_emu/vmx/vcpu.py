@@ -11,14 +11,15 @@ load, event injection: SDM "VM Entries").
 
 There is no host code to run: the L0 is Python.  The guest's registers stay
 in the Unicorn engine while the L0 runs, as KVM keeps them in its register
-cache: the L0 reads and writes the guest's GPRs on the core, and the VMCS
-guest-state area.  At each exit the processor's share of the guest state is
-saved into the VMCS (RIP, RSP, RFLAGS, CR0, CR3, CR4, DR7, the segment
-registers, GDTR/IDTR, interruptibility and activity state, EFER/PAT when the
-exit controls save them); at VM entry every guest-state field the L0 changed
-is loaded back into the engine, and the full set when the VMCS was written
-from outside (VMLAUNCH of a prepared VMCS).  The full VM-entry checks run on
-VMLAUNCH and whenever the L0 says it changed controls (``controls_changed``).
+cache, and so does the processor's share of the guest state: the VMCS is a
+:class:`TrackedVmcs`, whose guest-state fields are read from the engine when
+they are accessed (the SDM lets a processor hold the current VMCS's data
+inside it).  A VM exit writes the exit information and saves nothing else; a
+VM entry loads into the engine the guest-state fields written since the last
+one.  VMLAUNCH runs every VM-entry check; VMRESUME runs every check when a
+field other than the few an L0 writes on each exit (GUEST_RIP, GUEST_RFLAGS,
+the injection fields, activity and interruptibility state) was written, else
+the checks of the fields written.
 
 What VMX non-root operation changes for instructions that do not exit (SDM
 "Changes to Instruction Behavior in VMX Non-Root Operation") is done here:
@@ -35,12 +36,13 @@ from unicorn import x86_const as X
 from ..events import Event, Kind
 from ..platform.core import GPR_IDS, State, _Fault
 from . import controls as C
-from .entry import EntryCaps, EntryFailure, FailureKind, check_vm_entry
+from .entry import (EntryCaps, EntryFailure, FailureKind, check_event_injection,
+                    check_guest_non_register_state, check_guest_rip_rflags, check_vm_entry)
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
 from .capabilities import MSR_IA32_VMX_MISC, VMX_CAPABILITY_MSRS
 from .vmcs import FIELD_SLOTS, Vmcs, _key
-from ..platform.ucinternals import ENV_GDT, ENV_IDT
+from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_LMA
 
 CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
 CR4_VMXE = 1 << 13
@@ -55,16 +57,45 @@ _SEGMENTS = (
 _SEG_FIELDS = [(i, F[f"GUEST_{n}_SELECTOR"], F[f"GUEST_{n}_BASE"], F[f"GUEST_{n}_LIMIT"],
                 F[f"GUEST_{n}_AR_BYTES"]) for i, n in _SEGMENTS]
 
-#: Guest-state fields the vCPU saves at every exit and compares at entry.
+#: Guest-state fields kept in the engine while the VMCS is current (see TrackedVmcs).
 _TRACKED = (F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4,
             F.GUEST_DR7, F.GUEST_INTERRUPTIBILITY_INFO, F.GUEST_ACTIVITY_STATE,
             F.GUEST_IA32_EFER, F.GUEST_IA32_PAT, F.GUEST_GDTR_BASE, F.GUEST_GDTR_LIMIT,
             F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT,
             *[f for row in _SEG_FIELDS for f in row[1:]])
+#: ... with the high-half encodings of the 64-bit ones (an access to either half syncs the field).
+_TRACKED_ENCODINGS = frozenset(int(f) for f in _TRACKED) | {
+    int(F.GUEST_IA32_EFER) | 1, int(F.GUEST_IA32_PAT) | 1}
 
-_TRACKED_SET = frozenset(int(f) for f in _TRACKED)
-#: Guest-state fields whose load invalidates the cached EFER/PAT/DR7 (see save_guest_state).
-_MSR_STATE = frozenset({F.GUEST_IA32_EFER, F.GUEST_IA32_PAT, F.GUEST_DR7, F.GUEST_CR0})
+_HAS_HIGH = frozenset({int(F.GUEST_IA32_EFER), int(F.GUEST_IA32_PAT)})
+_HIGH_HALVES = frozenset(f | 1 for f in _HAS_HIGH)
+#: tracked encoding -> its group (the fields read from the engine together)
+_GROUP_OF: dict[int, tuple] = {}
+
+def _check_rip_rflags(vcpu):
+    return check_guest_rip_rflags(vcpu.vmcs, vcpu.caps)
+
+
+def _check_injection(vcpu):
+    return check_event_injection(vcpu.vmcs, vcpu.caps)
+
+
+def _check_non_register(vcpu):
+    return check_guest_non_register_state(vcpu.vmcs, vcpu.caps, vcpu.read_mem,
+                                          current_vmcs_pa=vcpu.vmcs.pa)
+
+
+#: Fields an L0 commonly writes between VM exit and VMRESUME -> the one group
+#: of VM-entry checks that reads them (any other written field: every check).
+_RESUME_CHECKS = {
+    int(F.GUEST_RIP): _check_rip_rflags, int(F.GUEST_RFLAGS): _check_rip_rflags,
+    int(F.VM_ENTRY_INTR_INFO_FIELD): _check_injection,
+    int(F.VM_ENTRY_EXCEPTION_ERROR_CODE): _check_injection,
+    int(F.VM_ENTRY_INSTRUCTION_LEN): _check_injection,
+    int(F.GUEST_ACTIVITY_STATE): _check_non_register,
+    int(F.GUEST_INTERRUPTIBILITY_INFO): _check_non_register,
+}
+_RESUME_CHECK_FIELDS = frozenset(_RESUME_CHECKS)
 
 MSR_IA32_CR_PAT = 0x277
 #: The VMX-preemption timer's rate: it counts down once every 2^PTIMER_RATE TSC ticks.
@@ -73,27 +104,86 @@ MSR_EFER = 0xC0000080
 
 
 class TrackedVmcs(Vmcs):
-    """A Vmcs that remembers which fields were written since the vCPU last looked
-    (``written``), so that VM entry loads only what the L0 changed."""
+    """The current VMCS of a core, as the processor holds it.
 
-    def __init__(self, mem, pa: int):
+    The SDM lets a processor keep the current VMCS's data in the processor
+    (only VMCLEAR guarantees the region in memory is up to date).  This model
+    keeps the guest-state fields of :data:`_TRACKED` in the Unicorn engine
+    while the vCPU has been entered: they are ``stale`` in the region, and an
+    access to one of them through the accessors (VMREAD/VMWRITE, get/set,
+    peek/put, items) first copies the engine's current value of its group
+    (a segment register's four fields, GDTR, ...) into the region, so every
+    reader sees the guest's live state; :meth:`flush` (also done by
+    :meth:`clear`) copies all of them.  A VM exit therefore saves nothing, and
+    a VM entry loads only the guest-state fields written since (``written``).
+    """
+
+    def __init__(self, mem, pa: int, fetch=None):
         super().__init__(mem, pa)
-        self.written: set[int] = set()
+        self.written: set[int] = set()     # encodings written since the vCPU last looked
+        self.stale: set[int] = set()       # tracked encodings whose value is in the engine
+        self._fetch = fetch                # fetch(enc): copy enc's group from the engine
+
+    def _sync(self, enc: int) -> None:
+        if enc in self.stale:
+            self._fetch(enc)
+
+    def flush(self) -> None:
+        """Copy every stale guest-state field from the engine into the region."""
+        while self.stale:
+            self._fetch(next(iter(self.stale)))
+
+    def clear(self) -> None:
+        self.flush()
+        super().clear()
+
+    def get(self, field) -> int:
+        enc = field if type(field) is F or type(field) is int else _key(field)
+        if enc in self.stale:
+            self._fetch(enc)
+        return super().get(enc)
+
+    def vmread(self, enc: int) -> int:
+        if enc in self.stale:
+            self._fetch(enc)
+        return super().vmread(enc)
+
+    def items(self):
+        self.flush()
+        return super().items()
 
     def set(self, field, value: int) -> None:
-        super().set(field, value)
-        self.written.add(_key(field))
+        enc = field if type(field) is F or type(field) is int else _key(field)
+        if enc in self.stale:
+            self._fetch(enc)
+        super().set(enc, value)
+        self.written.add(enc)
+
+    def vmwrite(self, enc: int, value: int) -> None:
+        if enc in self.stale:
+            self._fetch(enc)
+        super().vmwrite(enc, value)
+        self.written.add(enc)
 
     def put(self, enc: int, value: int) -> None:
-        """The processor's own write of a field it knows fits (no checks): the exit
-        path writes dozens per exit."""
+        """The processor's own write of a field it knows fits (no checks)."""
+        if enc in self.stale:
+            self._fetch(enc)
         off, st, mask = FIELD_SLOTS[enc]
         self._write(off, st, value & mask)
         self.written.add(enc)
 
     def peek(self, enc: int) -> int:
+        if enc in self.stale:
+            self._fetch(enc)
         off, st, _ = FIELD_SLOTS[enc]
         return self._read(off, st)
+
+    def store(self, enc: int, value: int) -> None:
+        """Write a field's slot with no sync and no ``written`` mark: the exit
+        information, and the engine's values copied in by a fetch."""
+        off, st, mask = FIELD_SLOTS[enc]
+        self._write(off, st, value & mask)
 
 
 @dataclass
@@ -124,79 +214,39 @@ class VmxVcpu:
                  record=None):
         self.core = core
         self.mem = core.mem
-        self.vmcs = TrackedVmcs(core.mem, vmcs_pa)
+        self.vmcs = TrackedVmcs(core.mem, vmcs_pa, fetch=self._fetch)
         self.l0 = l0
         self.caps = caps or EntryCaps.modelled()
         self.record = record            # callable(ExitRecord), the machine's exit log
         self.active = False             # in VMX non-root operation
         self.blocked = False            # the L0 halted this vCPU (HLT exit), host context
-        self.controls_changed = True    # run the full entry checks at the next entry
         self.pause_loop = PauseLoop()
         self._mtf = False                     # monitor trap flag armed at the last entry
         self._entry_icount = 0
         self._ptimer_deadline: Optional[int] = None   # VMX-preemption timer, virtual ns
-        self._saved: dict[int, int] = {}     # tracked guest fields as the VMCS holds them
-        self._segs_raw = b""                  # QEMU's segment caches at the last save
-        self._msr_epoch = None                # event counts when EFER/PAT/DR7 were read
-        self._entries = 0                     # VM entries that loaded EFER/PAT/DR7/CR0
         self.last_exit: Optional[Decision] = None
         self.last_failure: Optional[EntryFailure] = None
         self.read_mem = self.mem.read
 
     # ------------------------------------------------------------------ guest state
-    def save_guest_state(self, rip: int | None = None) -> None:
-        """Store the processor's share of the guest state into the VMCS.
+    def _fetch(self, enc: int) -> None:
+        """Copy the engine's current value of ``enc``'s group into the VMCS
+        region (the fields of the group still stale only)."""
+        v = self.vmcs
+        group = _GROUP_OF[enc]
+        stale = v.stale
+        for f, val in zip(group, self._GETTERS[group](self)):
+            if f in stale:
+                v.store(f, val)
+                stale.discard(f)
+                if f in _HAS_HIGH:
+                    stale.discard(f | 1)
 
-        ``rip``: the linear address of the instruction the exit is about (GUEST_RIP
-        holds the offset in CS, so CS.base is taken off); default: the current RIP.
-        """
-        core, uc, v = self.core, self.core.uc, self.vmcs
-        probe = core.probe
-        eip = probe.eip() if rip is None else \
-            (rip - core.read_segment(1)[1]) & 0xFFFF_FFFF_FFFF_FFFF
-        gbase, glimit = probe.dtr(ENV_GDT)
-        ibase, ilimit = probe.dtr(ENV_IDT)
-        vals = {
-            F.GUEST_RIP: eip,
-            F.GUEST_RSP: probe.gpr(4),
-            F.GUEST_RFLAGS: uc.reg_read(X.UC_X86_REG_EFLAGS),
-            F.GUEST_CR0: probe.cr(0), F.GUEST_CR3: probe.cr(3), F.GUEST_CR4: probe.cr(4) | CR4_VMXE,
-            F.GUEST_INTERRUPTIBILITY_INFO: self._interruptibility(),
-            F.GUEST_ACTIVITY_STATE: self._activity(),
-            F.GUEST_GDTR_BASE: gbase, F.GUEST_GDTR_LIMIT: glimit,
-            F.GUEST_IDTR_BASE: ibase, F.GUEST_IDTR_LIMIT: ilimit,
-        }
-        # EFER, PAT and DR7 change only through WRMSR, MOV to CR0 (EFER.LMA), MOV to
-        # DR and VM entry: read them (Unicorn calls) only when one of those happened
-        ev = core.events
-        epoch = (ev.get("WRMSR", 0), ev.get("MOV_TO_CR", 0), ev.get("MOV_TO_DR", 0), self._entries)
-        if epoch != self._msr_epoch or not self._saved:
-            self._msr_epoch = epoch
-            vals[F.GUEST_DR7] = uc.reg_read(X.UC_X86_REG_DR7)
-            vals[F.GUEST_IA32_EFER] = core.rdmsr_raw(MSR_EFER)
-            vals[F.GUEST_IA32_PAT] = core.rdmsr_raw(MSR_IA32_CR_PAT)
-        segs = probe.segments_raw()
-        if segs != self._segs_raw or not self._saved:
-            self._segs_raw = segs
-            for idx, fsel, fbase, flimit, far in _SEG_FIELDS:
-                sel, base, limit, ar = core.read_segment(idx)
-                if idx == 7 and ar & 0xF in (1, 9):
-                    # LTR leaves TR busy; QEMU caches the descriptor's type from before LTR set it
-                    ar |= 2
-                vals.update({fsel: sel, fbase: base, flimit: limit & 0xFFFFFFFF, far: ar})
-        saved = self._saved
-        put = v.put
-        for f, val in vals.items():
-            if saved.get(f) != val:           # the VMCS holds what was saved or loaded last
-                put(f, val)
-                saved[f] = val
-        # the exit control "save IA32_EFER" aside, IA-32e mode guest follows EFER.LMA
-        ent = v.peek(F.VM_ENTRY_CONTROLS)
-        want = ent | C.VM_ENTRY_IA32E_MODE if self._saved[F.GUEST_IA32_EFER] & EFER_LMA \
-            else ent & ~C.VM_ENTRY_IA32E_MODE
-        if want != ent:
-            v.set(F.VM_ENTRY_CONTROLS, want)
-        v.written.clear()
+    def _get_segment(self, idx: int) -> tuple:
+        sel, base, limit, ar = self.core.read_segment(idx)
+        if idx == 7 and ar & 0xF in (1, 9):
+            ar |= 2     # LTR leaves TR busy; QEMU caches the type from before LTR set it
+        return sel, base, limit & 0xFFFFFFFF, ar
 
     def _interruptibility(self) -> int:
         core = self.core
@@ -217,27 +267,63 @@ class VmxVcpu:
             return C.GUEST_ACTIVITY_SHUTDOWN
         return C.GUEST_ACTIVITY_ACTIVE
 
+    #: group of fields -> how to read it from the engine (a tuple in group order)
+    _GETTERS = {
+        (F.GUEST_RIP,): lambda self: (self.core.probe.eip(),),
+        (F.GUEST_RSP,): lambda self: (self.core.probe.gpr(4),),
+        (F.GUEST_RFLAGS,): lambda self: (self.core.uc.reg_read(X.UC_X86_REG_EFLAGS),),
+        (F.GUEST_CR0,): lambda self: (self.core.probe.cr(0),),
+        (F.GUEST_CR3,): lambda self: (self.core.probe.cr(3),),
+        (F.GUEST_CR4,): lambda self: (self.core.probe.cr(4) | CR4_VMXE,),
+        (F.GUEST_DR7,): lambda self: (self.core.uc.reg_read(X.UC_X86_REG_DR7),),
+        (F.GUEST_IA32_EFER,): lambda self: (self.core.rdmsr_raw(MSR_EFER),),
+        (F.GUEST_IA32_PAT,): lambda self: (self.core.rdmsr_raw(MSR_IA32_CR_PAT),),
+        (F.GUEST_GDTR_BASE, F.GUEST_GDTR_LIMIT): lambda self: self.core.probe.dtr(ENV_GDT),
+        (F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT): lambda self: self.core.probe.dtr(ENV_IDT),
+        (F.GUEST_INTERRUPTIBILITY_INFO,): lambda self: (self._interruptibility(),),
+        (F.GUEST_ACTIVITY_STATE,): lambda self: (self._activity(),),
+        **{row[1:]: (lambda i: lambda self: self._get_segment(i))(row[0]) for row in _SEG_FIELDS},
+    }
+
+    def save_guest_state(self) -> None:
+        """Copy the engine's whole current state into the VMCS guest-state area
+        (the L0 adopting a running core's state as its guest's)."""
+        self._engine_holds_guest_state()
+        self.vmcs.flush()
+        self._save_ia32e_mode()
+
+    def _save_ia32e_mode(self) -> None:
+        """A VM exit stores EFER.LMA into the "IA-32e mode guest" entry control
+        (SDM "Saving Control Registers, Debug Registers, and MSRs")."""
+        v = self.vmcs
+        ent = v.peek(F.VM_ENTRY_CONTROLS)
+        if bool(ent & C.VM_ENTRY_IA32E_MODE) != bool(self.core.probe.hflags() & HF_LMA):
+            v.store(F.VM_ENTRY_CONTROLS, ent ^ C.VM_ENTRY_IA32E_MODE)
+
+    def _engine_holds_guest_state(self) -> None:
+        """From now on the engine is the truth for every tracked field."""
+        self.vmcs.stale.update(_TRACKED_ENCODINGS)
+
     def load_guest_state(self, full: bool = False) -> None:
-        """Load into the engine every guest-state field that differs from what
-        the last exit saved (all of them with ``full``)."""
+        """Load into the engine the guest-state fields written since the engine
+        last held the guest state (all of them with ``full``)."""
         core, uc, v = self.core, self.core.uc, self.vmcs
-        saved = self._saved
-        candidates = _TRACKED if full else _TRACKED_SET & v.written
-        v.written.clear()
+        if full:
+            v.flush()          # stale fields hold what the engine has: nothing to load for them
+            changed = set(_TRACKED)
+        else:
+            changed = _TRACKED_ENCODINGS & v.written
+            if not changed:
+                return
+            changed = {f & ~1 if f in _HIGH_HALVES else f for f in changed}
         g = v.peek
-        changed = {f for f in candidates if full or saved.get(f) != g(f)}
-        if not changed:
-            return
-        if changed & _MSR_STATE:
-            self._entries += 1
-        for f in changed:
-            saved[f] = g(f)
         if changed & {F.GUEST_IA32_EFER, F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4}:
             efer = g(F.GUEST_IA32_EFER)
-            uc.reg_write(X.UC_X86_REG_CR3, g(F.GUEST_CR3))
-            uc.reg_write(X.UC_X86_REG_CR4, g(F.GUEST_CR4) & ~CR4_VMXE)
+            cr0, cr3, cr4 = g(F.GUEST_CR0), g(F.GUEST_CR3), g(F.GUEST_CR4)
+            uc.reg_write(X.UC_X86_REG_CR3, cr3)
+            uc.reg_write(X.UC_X86_REG_CR4, cr4 & ~CR4_VMXE)
             uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, efer & ~EFER_LMA))
-            uc.reg_write(X.UC_X86_REG_CR0, g(F.GUEST_CR0))
+            uc.reg_write(X.UC_X86_REG_CR0, cr0)
             core.after_mode_change()
         if F.GUEST_IA32_PAT in changed:
             uc.reg_write(X.UC_X86_REG_MSR, (MSR_IA32_CR_PAT, g(F.GUEST_IA32_PAT)))
@@ -271,12 +357,12 @@ class VmxVcpu:
         """VMLAUNCH/VMRESUME.  Returns False when the entry failed (the L0 is told)."""
         v = self.vmcs
         self.l0.before_entry(self)
-        if launch or self.controls_changed:
-            failure = check_vm_entry(v, self.caps, self.read_mem, launch=launch)
-            if failure is not None:
-                return self._entry_failed(failure)
-            self.controls_changed = False
+        failure = self._entry_checks(launch)
+        if failure is not None:
+            return self._entry_failed(failure)
         self.load_guest_state(full=launch)
+        v.written.clear()
+        self._engine_holds_guest_state()
         if launch:
             v.launch_state = "launched"
         self.pause_loop = PauseLoop()
@@ -287,6 +373,25 @@ class VmxVcpu:
         if info & C.INTR_INFO_VALID_MASK:
             self._inject(info)
         return True
+
+    def _entry_checks(self, launch: bool) -> Optional[EntryFailure]:
+        """The SDM's VM-entry checks.  VMLAUNCH runs them all; VMRESUME runs them
+        all when a field outside :data:`_RESUME_CHECKS` was written since the last
+        entry (the others passed then and are unchanged), else the checks that
+        read the fields written."""
+        v = self.vmcs
+        written = v.written
+        if launch or not written <= _RESUME_CHECK_FIELDS:
+            return check_vm_entry(v, self.caps, self.read_mem, launch=launch)
+        done = set()
+        for f in written:
+            check = _RESUME_CHECKS[f]
+            if check not in done:
+                done.add(check)
+                failure = check(self)
+                if failure is not None:
+                    return failure
+        return None
 
     def _arm_timers(self) -> None:
         """At VM entry: the monitor trap flag and the VMX-preemption timer, which
@@ -324,7 +429,7 @@ class VmxVcpu:
     def _inject(self, info: int) -> None:
         """Event injection (SDM "Event Injection"): deliver through the guest IDT now."""
         v = self.vmcs
-        v.set(F.VM_ENTRY_INTR_INFO_FIELD, info & ~C.INTR_INFO_VALID_MASK)
+        v.store(F.VM_ENTRY_INTR_INFO_FIELD, info & ~C.INTR_INFO_VALID_MASK)
         vector = info & C.INTR_INFO_VECTOR_MASK
         itype = info & C.INTR_INFO_INTR_TYPE_MASK
         ec = v.get(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if info & C.INTR_INFO_DELIVER_CODE_MASK else None
@@ -344,25 +449,26 @@ class VmxVcpu:
 
     # ------------------------------------------------------------------ VM exit
     def _write_exit_info(self, d: Decision, reason_field: int) -> None:
+        """The exit-information fields, as the processor writes them."""
         v = self.vmcs
-        put = v.put
-        put(F.VM_EXIT_REASON, reason_field)
-        put(F.EXIT_QUALIFICATION, d.qualification)
-        put(F.VM_EXIT_INSTRUCTION_LEN, d.instruction_length or 0)
-        put(F.VMX_INSTRUCTION_INFO, d.instruction_info or 0)
-        put(F.VM_EXIT_INTR_INFO, d.interruption_info)
-        put(F.VM_EXIT_INTR_ERROR_CODE, d.error_code or 0)
+        store = v.store
+        store(F.VM_EXIT_REASON, reason_field)
+        store(F.EXIT_QUALIFICATION, d.qualification)
+        store(F.VM_EXIT_INSTRUCTION_LEN, d.instruction_length or 0)
+        store(F.VMX_INSTRUCTION_INFO, d.instruction_info or 0)
+        store(F.VM_EXIT_INTR_INFO, d.interruption_info)
+        store(F.VM_EXIT_INTR_ERROR_CODE, d.error_code or 0)
         vinfo, vec_ec = self.core.vectoring_info()
-        put(F.IDT_VECTORING_INFO_FIELD, vinfo)
+        store(F.IDT_VECTORING_INFO_FIELD, vinfo)
         if vinfo:
-            put(F.IDT_VECTORING_ERROR_CODE, vec_ec)
+            store(F.IDT_VECTORING_ERROR_CODE, vec_ec)
         if d.guest_linear_address is not None:
-            put(F.GUEST_LINEAR_ADDRESS, d.guest_linear_address)
+            store(F.GUEST_LINEAR_ADDRESS, d.guest_linear_address)
         if d.guest_physical_address is not None:
-            put(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical_address)
+            store(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical_address)
         info = v.peek(F.VM_ENTRY_INTR_INFO_FIELD)
         if info & C.INTR_INFO_VALID_MASK:
-            put(F.VM_ENTRY_INTR_INFO_FIELD, info & ~C.INTR_INFO_VALID_MASK)
+            store(F.VM_ENTRY_INTR_INFO_FIELD, info & ~C.INTR_INFO_VALID_MASK)
 
     def _log(self, d: Decision, rip: int, entry_failure: bool = False) -> None:
         core = self.core
@@ -382,8 +488,8 @@ class VmxVcpu:
         if self._ptimer_deadline is not None and \
                 self.vmcs.peek(F.VM_EXIT_CONTROLS) & C.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER:
             left = max(0, self._ptimer_deadline - core.now()) >> PTIMER_RATE
-            self.vmcs.put(F.VMX_PREEMPTION_TIMER_VALUE, min(left, 0xFFFFFFFF))
-        self.save_guest_state(rip)
+            self.vmcs.store(F.VMX_PREEMPTION_TIMER_VALUE, min(left, 0xFFFFFFFF))
+        self._save_ia32e_mode()     # the rest of the guest state stays in the engine
         self._log(d, rip)
         core._count(Kind.VM_EXIT)
         if core.trace is not None:
@@ -412,14 +518,11 @@ class VmxVcpu:
 
     def emulate_on_platform(self, event: Event) -> None:
         """Let the platform execute the exiting instruction (the L0's emulation of
-        I/O, MSRs and the like), then keep the VMCS in step with the engine."""
-        core = self.core
-        core.run_native(event)
-        v = self.vmcs
-        for f, val in ((F.GUEST_RIP, core.uc.reg_read(X.UC_X86_REG_RIP)),
-                       (F.GUEST_ACTIVITY_STATE, self._activity())):
-            v.set(f, val)
-            self._saved[f] = val          # the engine already has it: nothing to load
+        I/O, MSRs and the like) on the guest state the engine holds (guest-state
+        fields the L0 wrote before are loaded into it first)."""
+        self.load_guest_state()
+        self.core.run_native(event)
+        self._engine_holds_guest_state()
 
     # ------------------------------------------------------------------ the core's virt interface
     def on_event(self, core, event: Event) -> bool:
@@ -578,3 +681,11 @@ class VmxVcpu:
         if cr == 0:
             return v.get(F.CR0_GUEST_HOST_MASK), v.get(F.CR0_READ_SHADOW)
         return v.get(F.CR4_GUEST_HOST_MASK), v.get(F.CR4_READ_SHADOW)
+
+
+for _group in VmxVcpu._GETTERS:
+    for _f in _group:
+        _GROUP_OF[int(_f)] = _group
+        if _f in _HAS_HIGH:
+            _GROUP_OF[int(_f) | 1] = _group
+assert set(_GROUP_OF) == _TRACKED_ENCODINGS, "every tracked field has one engine getter"
