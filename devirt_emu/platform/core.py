@@ -63,7 +63,8 @@ EXIT_KINDS = frozenset({
     Kind.INT, Kind.INT3, Kind.INT1, Kind.PAUSE, Kind.RDPMC, Kind.STI,
 })
 #: A counted run of at least this many instructions that ended only because its
-#: budget ran out counts as a compute phase (see Core._keep_only_current_page).
+#: budget ran out, with no event on the way, counts as a compute phase (see
+#: Core._keep_only_current_page).
 CALM_RUN = 20_000
 #: Virtual nanoseconds one PAUSE takes (about 140 cycles on Skylake and later).
 PAUSE_NS = 140
@@ -232,6 +233,7 @@ class Core:
         self._extra_ns = 0             # virtual time beyond 1 ns per instruction (PAUSE)
         self._time_limit = 0           # virtual ns at which the current run should yield
         self._hook_ns = 0              # wall ns spent in our hooks during the current run
+        self._run_events = 0           # events dispatched during the current run
         self._run_wall0 = 0
         self._rearm_after_step = False
         self._pending_rearm = False
@@ -286,7 +288,7 @@ class Core:
 
     def set_rip(self, linear: int) -> None:
         """Continue at a linear address (RIP = linear - CS.base)."""
-        self.uc.reg_write(X.UC_X86_REG_RIP, (linear - self.probe.segment(1)[1]) & 0xFFFF_FFFF_FFFF_FFFF)
+        self.probe.set_eip(linear - self.probe.segment(1)[1])
 
     def load_segment(self, index: int, selector: int) -> None:
         """Load segment register ``index`` (ES, CS, SS, DS, FS, GS = 0..5) as a
@@ -557,6 +559,7 @@ class Core:
             self._counted = det
             self._in_run = True
             self._hook_ns = 0
+            self._run_events = 0
             self._run_wall0 = time.perf_counter_ns()
             err = None
             try:
@@ -612,7 +615,7 @@ class Core:
                 if err is None:
                     return None
                 continue
-            if err is None and retired >= CALM_RUN and (len(self.exec_pages) > 1 or (
+            if err is None and retired >= CALM_RUN and not self._run_events and (len(self.exec_pages) > 1 or (
                     self.exec_pages and not self._exit_pages)):
                 self._keep_only_current_page()
             if remaining <= 0:
@@ -725,6 +728,7 @@ class Core:
         kind = insn.kind
         ev = self.events
         ev[kind.value] = ev.get(kind.value, 0) + 1
+        self._run_events += 1
         t0 = time.perf_counter_ns()
         try:
             if self.trace is not None or self.virt is not None:

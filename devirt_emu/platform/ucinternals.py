@@ -36,7 +36,8 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_16, UC_MODE_32,
                      UC_MODE_64, Uc, UcError)
 from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4,
                                UC_X86_REG_MSR, UC_X86_REG_RAX, UC_X86_REG_RCX,
-                               UC_X86_REG_RSP)
+                               UC_X86_REG_RIP, UC_X86_REG_RSP)
+from unicorn.unicorn_py3.unicorn import uclib   # the C library (the binding's wrappers cost ~3 us a call)
 
 
 #: CPUX86State layout (QEMU 5, as in Unicorn 2.1), verified by calibrate():
@@ -267,7 +268,8 @@ def _verify_layout(cpu_ptr: int, env_off: int) -> None:
 class EngineProbe:
     """Fast reads and writes of one engine's hidden state (ctypes, no copies)."""
 
-    __slots__ = ("mode_addr", "counter_addr", "error_code_addr", "old_exception_addr", "env")
+    __slots__ = ("mode_addr", "counter_addr", "error_code_addr", "old_exception_addr", "env",
+                 "_uch", "_pc_buf", "_pc_ref")
 
     def __init__(self, uc: Uc):
         off = calibrate()
@@ -278,6 +280,9 @@ class EngineProbe:
         self.counter_addr = base + off.counter
         self.error_code_addr = env + off.error_code
         self.old_exception_addr = env + off.old_exception
+        self._uch = uc._uch
+        self._pc_buf = ctypes.c_uint64(0)
+        self._pc_ref = ctypes.byref(self._pc_buf)
 
     def set_real_mode_api(self, real: bool) -> None:
         """Make the engine's register API and start address real-mode (UC_MODE_16) or not."""
@@ -304,6 +309,14 @@ class EngineProbe:
 
     def eip(self) -> int:
         return _u64(self.env + ENV_EIP)
+
+    def set_eip(self, value: int) -> None:
+        """RIP := value through uc_reg_write itself (not the Python binding's
+        wrapper): Unicorn must see the write, since from inside a hook it is what
+        makes the engine leave the current translation block and go on at RIP."""
+        self._pc_buf.value = value & 0xFFFF_FFFF_FFFF_FFFF
+        if uclib.uc_reg_write(self._uch, UC_X86_REG_RIP, self._pc_ref):
+            raise RuntimeError("uc_reg_write(RIP) failed")
 
     # ----- control and descriptor-table registers (no Unicorn call) ---------
     def cr(self, n: int) -> int:
