@@ -53,7 +53,7 @@ from .lapic import GeneralProtection
 from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
-from .ucinternals import HF_CS64, EngineProbe
+from .ucinternals import HF_CPL_MASK, HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
 #: Kinds whose native handling always completes the instruction in Python (or
@@ -261,7 +261,7 @@ class Core:
         """A register by the names of :class:`~devirt_emu.events.Event` ``regs``."""
         rid = _REG_BY_NAME.get(name)
         if rid is not None:
-            return self.uc.reg_read(rid)
+            return self.probe.reg(rid)
         if name == "efer":
             return self.rdmsr_raw(MSR_EFER)
         if name == "cr8":
@@ -271,7 +271,7 @@ class Core:
         if name == "mode":
             return self.code_size()
         if name == "dr7":
-            return self.uc.reg_read(X.UC_X86_REG_DR7)
+            return self.probe.reg(X.UC_X86_REG_DR7)
         if name == "tsc":
             return self.tsc()
         if name == "xss":
@@ -284,7 +284,7 @@ class Core:
 
     def rip(self) -> int:
         """The linear address of the next instruction (CS.base + RIP), as hooks see it."""
-        return (self.probe.segment(1)[1] + self.uc.reg_read(X.UC_X86_REG_RIP)) & 0xFFFF_FFFF_FFFF_FFFF
+        return (self.probe.segment(1)[1] + self.probe.reg(X.UC_X86_REG_RIP)) & 0xFFFF_FFFF_FFFF_FFFF
 
     def set_rip(self, linear: int) -> None:
         """Continue at a linear address (RIP = linear - CS.base)."""
@@ -299,7 +299,7 @@ class Core:
         DS/ES/SS real-mode bases even with CR0.PE=1; its 64-bit API stores the
         selector only), so the core writes QEMU's segment cache itself.
         """
-        if not self.uc.reg_read(X.UC_X86_REG_CR0) & 1:
+        if not self.probe.reg(X.UC_X86_REG_CR0) & 1:
             self.write_segment(index, selector, selector << 4, 0xFFFF, 0x9B if index == 1 else 0x93)
             return
         if selector & ~3 == 0:
@@ -327,15 +327,13 @@ class Core:
         return self.uc.reg_read(X.UC_X86_REG_MSR, index)
 
     def cpl(self) -> int:
-        if not self.uc.reg_read(X.UC_X86_REG_CR0) & 1:
-            return 0
-        return self.uc.reg_read(X.UC_X86_REG_CS) & 3
+        return self.probe.hflags() & HF_CPL_MASK      # QEMU keeps the CPL there (0 in real mode)
 
     def code_size(self) -> int:
         """16, 32 or 64: the current code size (CS.L/CS.D in protected mode)."""
-        if not self.uc.reg_read(X.UC_X86_REG_CR0) & 1:
+        if not self.probe.reg(X.UC_X86_REG_CR0) & 1:
             return 16
-        desc = self._descriptor(self.uc.reg_read(X.UC_X86_REG_CS))
+        desc = self._descriptor(self.probe.reg(X.UC_X86_REG_CS))
         if desc is None:
             return 32
         if (desc >> 53) & 1 and self.rdmsr_raw(MSR_EFER) & (1 << 10):
@@ -380,9 +378,8 @@ class Core:
 
     # ------------------------------------------------------------------ memory
     def _paging_regs(self):
-        uc = self.uc
-        return (uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR3),
-                uc.reg_read(X.UC_X86_REG_CR4), self.rdmsr_raw(MSR_EFER))
+        return (self.probe.reg(X.UC_X86_REG_CR0), self.probe.reg(X.UC_X86_REG_CR3),
+                self.probe.reg(X.UC_X86_REG_CR4), self.rdmsr_raw(MSR_EFER))
 
     def translate(self, linear: int, *, write=False, fetch=False, user=False) -> int:
         cr0, cr3, cr4, efer = self._paging_regs()
@@ -526,9 +523,9 @@ class Core:
         insn = self._exit_sites.get(address)
         if insn is None:
             return False
-        before = self.uc.reg_read(X.UC_X86_REG_RIP)
+        before = self.probe.reg(X.UC_X86_REG_RIP)
         self._dispatch(address, insn)
-        if self.uc.reg_read(X.UC_X86_REG_RIP) != before:
+        if self.probe.reg(X.UC_X86_REG_RIP) != before:
             self.icount += 1          # completed by us (Unicorn stopped before counting it)
             self.clock += 1
         return True
@@ -554,7 +551,7 @@ class Core:
             self._uncount = 0
             self._budget = remaining
             self.fetch_fault = self.write_fault = None
-            begin = self.uc.reg_read(X.UC_X86_REG_RIP)
+            begin = self.probe.reg(X.UC_X86_REG_RIP)
             self.probe.clear_fault_tracking()
             self._counted = det
             self._in_run = True
@@ -636,7 +633,7 @@ class Core:
         err = None
         self.probe.clear_fault_tracking()
         try:
-            self.uc.emu_start(self.uc.reg_read(X.UC_X86_REG_RIP), IMPOSSIBLE_PC, 0, 1)
+            self.uc.emu_start(self.probe.reg(X.UC_X86_REG_RIP), IMPOSSIBLE_PC, 0, 1)
         except UcError as e:
             err = e
         finally:
@@ -737,7 +734,7 @@ class Core:
                     event.linear = self.mem_operand_linear(insn, address)
                 if kind in IO_KINDS:
                     event.port = insn.port if insn.port is not None else \
-                        self.uc.reg_read(X.UC_X86_REG_DX) & 0xFFFF
+                        self.probe.reg(X.UC_X86_REG_DX) & 0xFFFF
                     event.extra["io_permitted"] = False   # no TSS I/O bitmap is modelled
                 if self.trace is not None:
                     self.trace(self, event)
@@ -786,7 +783,7 @@ class Core:
         if intno == 14:
             # QEMU has written CR2 already; architecturally only the #PF's delivery
             # does (a #PF that causes a VM exit leaves CR2 alone)
-            cr2 = uc.reg_read(X.UC_X86_REG_CR2)
+            cr2 = self.probe.reg(X.UC_X86_REG_CR2)
             uc.reg_write(X.UC_X86_REG_CR2, self.cr2)
         try:
             self.deliver_exception(intno, ec, cr2)
@@ -855,7 +852,7 @@ class Core:
     def _h_rdmsr(self, address, insn):
         self._require_cpl0()
         uc = self.uc
-        index = uc.reg_read(X.UC_X86_REG_ECX)
+        index = self.probe.reg(X.UC_X86_REG_ECX)
         value = self.rdmsr(index)
         if value is None:
             return          # Unicorn holds it: let the instruction run
@@ -882,9 +879,8 @@ class Core:
 
     def _h_wrmsr(self, address, insn):
         self._require_cpl0()
-        uc = self.uc
-        index = uc.reg_read(X.UC_X86_REG_ECX)
-        value = (uc.reg_read(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
+        index = self.probe.reg(X.UC_X86_REG_ECX)
+        value = (self.probe.reg(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (self.probe.reg(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
         if self.wrmsr(index, value):
             self._skip(address, insn)
         elif index == MSR_EFER:
@@ -921,7 +917,7 @@ class Core:
         self._skip(address, insn)
 
     def _h_rdtsc(self, address, insn):
-        if self.uc.reg_read(X.UC_X86_REG_CR4) & (1 << 2) and self.cpl() != 0:
+        if self.probe.reg(X.UC_X86_REG_CR4) & (1 << 2) and self.cpl() != 0:
             raise _Fault(13, 0)
         t = self.tsc()
         self.uc.reg_write(X.UC_X86_REG_RAX, t & 0xFFFFFFFF)
@@ -944,7 +940,7 @@ class Core:
     def _h_io(self, address, insn):
         self._require_iopl()
         uc = self.uc
-        port = insn.port if insn.port is not None else uc.reg_read(X.UC_X86_REG_DX)
+        port = insn.port if insn.port is not None else self.probe.reg(X.UC_X86_REG_DX)
         size = insn.io_size
         if insn.kind is Kind.IN:
             v = self.machine.io_read(self, port, size)
@@ -956,22 +952,22 @@ class Core:
                 uc.reg_write(X.UC_X86_REG_AL, v & 0xFF)
         else:
             mask = (1 << (8 * size)) - 1
-            self.machine.io_write(self, port, size, uc.reg_read(X.UC_X86_REG_RAX) & mask)
+            self.machine.io_write(self, port, size, self.probe.reg(X.UC_X86_REG_RAX) & mask)
         self._skip(address, insn)
 
     def _h_string_io(self, address, insn):
         self._require_iopl()
         uc = self.uc
-        port = uc.reg_read(X.UC_X86_REG_DX)
+        port = self.probe.reg(X.UC_X86_REG_DX)
         size = insn.io_size
         amask = (1 << (8 * insn.addr_size)) - 1
         creg = {8: X.UC_X86_REG_RCX, 4: X.UC_X86_REG_ECX, 2: X.UC_X86_REG_CX}[insn.addr_size]
-        count = uc.reg_read(creg) if insn.rep else 1
-        step = -size if uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_DF else size
+        count = self.probe.reg(creg) if insn.rep else 1
+        step = -size if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_DF else size
         is_in = insn.kind is Kind.INS
         ireg = {8: X.UC_X86_REG_RDI, 4: X.UC_X86_REG_EDI, 2: X.UC_X86_REG_DI}[insn.addr_size] if is_in else \
             {8: X.UC_X86_REG_RSI, 4: X.UC_X86_REG_ESI, 2: X.UC_X86_REG_SI}[insn.addr_size]
-        ptr = uc.reg_read(ireg)
+        ptr = self.probe.reg(ireg)
         seg = 0 if is_in else (insn.mem.seg if insn.mem is not None else 3)
         base = self.segment_base(seg)
         try:
@@ -998,10 +994,10 @@ class Core:
     def _h_mov_to_cr(self, address, insn):
         self._require_cpl0()
         if insn.cr == 2:
-            self.cr2 = self.uc.reg_read(GPR_IDS[insn.gpr])
+            self.cr2 = self.probe.reg(GPR_IDS[insn.gpr])
         if insn.cr == 8:
             try:
-                self.lapic.write_cr8(self.uc.reg_read(GPR_IDS[insn.gpr]))
+                self.lapic.write_cr8(self.probe.reg(GPR_IDS[insn.gpr]))
             except GeneralProtection:
                 raise _Fault(13, 0) from None
             self._skip(address, insn)
@@ -1025,7 +1021,7 @@ class Core:
     def _h_sti(self, address, insn):
         self._require_iopl()
         uc = self.uc
-        fl = uc.reg_read(X.UC_X86_REG_EFLAGS)
+        fl = self.probe.reg(X.UC_X86_REG_EFLAGS)
         self._skip(address, insn)
         if not fl & RFLAGS_IF:
             uc.reg_write(X.UC_X86_REG_EFLAGS, fl | RFLAGS_IF)
@@ -1035,7 +1031,7 @@ class Core:
 
     def _require_iopl(self):
         """STI and I/O at CPL > IOPL: #GP(0) (no TSS I/O permission bitmap is modelled)."""
-        if self.cpl() > ((self.uc.reg_read(X.UC_X86_REG_EFLAGS) >> 12) & 3):
+        if self.cpl() > ((self.probe.reg(X.UC_X86_REG_EFLAGS) >> 12) & 3):
             raise _Fault(13, 0)
 
     def _h_mov_ss(self, address, insn):
@@ -1159,10 +1155,10 @@ class Core:
         if desc is None or not (desc >> 47) & 1 or not (desc >> 53) & 1:
             raise _Fault(13, (selector & ~3) + ext)
         new_cpl = (desc >> 45) & 3
-        old_ss = uc.reg_read(X.UC_X86_REG_SS)
-        old_rsp = uc.reg_read(X.UC_X86_REG_RSP)
-        old_cs = uc.reg_read(X.UC_X86_REG_CS)
-        rflags = uc.reg_read(X.UC_X86_REG_EFLAGS)
+        old_ss = self.probe.reg(X.UC_X86_REG_SS)
+        old_rsp = self.probe.reg(X.UC_X86_REG_RSP)
+        old_cs = self.probe.reg(X.UC_X86_REG_CS)
+        rflags = self.probe.reg(X.UC_X86_REG_EFLAGS)
         if ist or new_cpl < cpl:
             _, tss_base, _, _ = uc.reg_read(X.UC_X86_REG_TR)
             off = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * new_cpl
@@ -1232,7 +1228,7 @@ class Core:
             self._wake()
             self._deliver_external(2, nmi=True)
             return
-        if self.uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_IF:
+        if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF:
             vec = lapic.pending_vector()
             if vec is not None:
                 self._count(Kind.INTERRUPT)
@@ -1288,7 +1284,7 @@ class Core:
         if self.state is State.HALTED:
             if lapic.init_pending or (lapic.nmi_pending and not self.nmi_blocked):
                 return True
-            return bool(self.uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_IF) and \
+            return bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF) and \
                 lapic.pending_vector() is not None
         return self.state is State.RUNNING
 
@@ -1302,7 +1298,7 @@ class Core:
         self.msr_store.clear()
         self.tsc_offset = self.tsc_adjust = 0
         self.markers.clear()
-        self.cr2 = self.uc.reg_read(X.UC_X86_REG_CR2)
+        self.cr2 = self.probe.reg(X.UC_X86_REG_CR2)
         self._delivering = None
         self._skip_once = -1
         self._last_fetch_fault, self._last_fetch_icount = None, -1

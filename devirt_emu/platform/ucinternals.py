@@ -269,7 +269,7 @@ class EngineProbe:
     """Fast reads and writes of one engine's hidden state (ctypes, no copies)."""
 
     __slots__ = ("mode_addr", "counter_addr", "error_code_addr", "old_exception_addr", "env",
-                 "_uch", "_pc_buf", "_pc_ref")
+                 "_uch", "_pc_buf", "_pc_ref", "_rd_buf", "_rd_ref")
 
     def __init__(self, uc: Uc):
         off = calibrate()
@@ -283,6 +283,8 @@ class EngineProbe:
         self._uch = uc._uch
         self._pc_buf = ctypes.c_uint64(0)
         self._pc_ref = ctypes.byref(self._pc_buf)
+        self._rd_buf = ctypes.c_uint64(0)
+        self._rd_ref = ctypes.byref(self._rd_buf)
 
     def set_real_mode_api(self, real: bool) -> None:
         """Make the engine's register API and start address real-mode (UC_MODE_16) or not."""
@@ -309,6 +311,15 @@ class EngineProbe:
 
     def eip(self) -> int:
         return _u64(self.env + ENV_EIP)
+
+    def reg(self, rid: int) -> int:
+        """uc_reg_read of a register that fits 64 bits (a GPR or part of one, RIP,
+        EFLAGS, CRn, DRn, a segment selector), without the binding's wrapper."""
+        buf = self._rd_buf
+        buf.value = 0              # narrower registers write only their own bytes
+        if uclib.uc_reg_read(self._uch, rid, self._rd_ref):
+            raise RuntimeError(f"uc_reg_read({rid}) failed")
+        return buf.value
 
     def set_eip(self, value: int) -> None:
         """RIP := value through uc_reg_write itself (not the Python binding's

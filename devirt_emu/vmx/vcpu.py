@@ -608,7 +608,7 @@ class VmxVcpu:
         if core.state in (State.WAIT_SIPI, State.SHUTDOWN):
             return False
         v = self.vmcs
-        d = boundary_exit(v, rflags=core.uc.reg_read(X.UC_X86_REG_EFLAGS),
+        d = boundary_exit(v, rflags=core.probe.reg(X.UC_X86_REG_EFLAGS),
                           interruptibility=self._interruptibility(),
                           activity_state=self._activity(),
                           mtf_pending=self._mtf and core.icount > self._entry_icount,
@@ -656,7 +656,7 @@ class VmxVcpu:
         insn = ev.insn
         if k is Kind.MOV_FROM_CR and insn.cr in (0, 4):
             mask, shadow = self._mask_shadow(insn.cr)
-            real = uc.reg_read(X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4)
+            real = core.probe.reg(X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4)
             if insn.cr == 4:
                 real |= CR4_VMXE
             uc.reg_write(GPR_IDS[insn.gpr], (real & ~mask) | (shadow & mask))
@@ -665,8 +665,8 @@ class VmxVcpu:
         if k is Kind.MOV_TO_CR and insn.cr in (0, 4):
             mask, _ = self._mask_shadow(insn.cr)
             rid = X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4
-            real = uc.reg_read(rid)
-            new = (real & mask) | (uc.reg_read(GPR_IDS[insn.gpr]) & ~mask)
+            real = core.probe.reg(rid)
+            new = (real & mask) | (core.probe.reg(GPR_IDS[insn.gpr]) & ~mask)
             if insn.cr == 4:
                 new &= ~CR4_VMXE
             uc.reg_write(rid, new)
@@ -709,11 +709,11 @@ def _segment_getters(idx, fsel, fbase, flimit, far):
 _GETTERS = {
     F.GUEST_RIP: lambda vcpu: vcpu.core.probe.eip(),
     F.GUEST_RSP: lambda vcpu: vcpu.core.probe.gpr(4),
-    F.GUEST_RFLAGS: lambda vcpu: vcpu.core.uc.reg_read(X.UC_X86_REG_EFLAGS),
+    F.GUEST_RFLAGS: lambda vcpu: vcpu.core.probe.reg(X.UC_X86_REG_EFLAGS),
     F.GUEST_CR0: lambda vcpu: vcpu.core.probe.cr(0),
     F.GUEST_CR3: lambda vcpu: vcpu.core.probe.cr(3),
     F.GUEST_CR4: lambda vcpu: vcpu.core.probe.cr(4) | CR4_VMXE,
-    F.GUEST_DR7: lambda vcpu: vcpu.core.uc.reg_read(X.UC_X86_REG_DR7),
+    F.GUEST_DR7: lambda vcpu: vcpu.core.probe.reg(X.UC_X86_REG_DR7),
     F.GUEST_IA32_EFER: lambda vcpu: vcpu.core.rdmsr_raw(MSR_EFER),
     F.GUEST_IA32_PAT: lambda vcpu: vcpu.core.rdmsr_raw(MSR_IA32_CR_PAT),
     F.GUEST_GDTR_BASE: lambda vcpu: vcpu.core.probe.dtr(ENV_GDT)[0],
