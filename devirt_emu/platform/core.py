@@ -81,9 +81,24 @@ GPR_IDS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RB
            X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
            X.UC_X86_REG_R8, X.UC_X86_REG_R9, X.UC_X86_REG_R10, X.UC_X86_REG_R11,
            X.UC_X86_REG_R12, X.UC_X86_REG_R13, X.UC_X86_REG_R14, X.UC_X86_REG_R15)
-_REG_BY_NAME = {n: r for n, r in zip(GPR_NAMES, GPR_IDS)}
-_REG_BY_NAME.update(rip=X.UC_X86_REG_RIP, rflags=X.UC_X86_REG_EFLAGS, cr0=X.UC_X86_REG_CR0,
-                    cr2=X.UC_X86_REG_CR2, cr3=X.UC_X86_REG_CR3, cr4=X.UC_X86_REG_CR4)
+#: Event.regs names -> how the core reads them (GPRs, RIP and CR0/3/4 straight
+#: from QEMU's state; RFLAGS is assembled by Unicorn from QEMU's lazy flags).
+_REG_READERS = {n: (lambda i: lambda core: core.probe.gpr(i))(i) for i, n in enumerate(GPR_NAMES)}
+_REG_READERS.update(
+    rip=lambda core: core.probe.eip(),
+    rflags=lambda core: core.probe.reg(X.UC_X86_REG_EFLAGS),
+    cr0=lambda core: core.probe.cr(0),
+    cr2=lambda core: core.probe.reg(X.UC_X86_REG_CR2),
+    cr3=lambda core: core.probe.cr(3),
+    cr4=lambda core: core.probe.cr(4),
+    efer=lambda core: core.rdmsr_raw(MSR_EFER),
+    cr8=lambda core: core.lapic.read_cr8(),
+    cpl=lambda core: core.cpl(),
+    mode=lambda core: core.code_size(),
+    dr7=lambda core: core.probe.reg(X.UC_X86_REG_DR7),
+    tsc=lambda core: core.tsc(),
+    xss=lambda core: 0,              # XSAVES is not supported: IA32_XSS is 0
+)
 
 # Interruption types (SDM "Format of the VM-Exit Interruption-Information Field").
 INTR_TYPE_EXT_INTR, INTR_TYPE_NMI, INTR_TYPE_HARD_EXCEPTION = 0, 2, 3
@@ -259,24 +274,10 @@ class Core:
     # ------------------------------------------------------------------ registers
     def read_reg(self, name: str) -> int:
         """A register by the names of :class:`~devirt_emu.events.Event` ``regs``."""
-        rid = _REG_BY_NAME.get(name)
-        if rid is not None:
-            return self.probe.reg(rid)
-        if name == "efer":
-            return self.rdmsr_raw(MSR_EFER)
-        if name == "cr8":
-            return self.lapic.read_cr8()
-        if name == "cpl":
-            return self.cpl()
-        if name == "mode":
-            return self.code_size()
-        if name == "dr7":
-            return self.probe.reg(X.UC_X86_REG_DR7)
-        if name == "tsc":
-            return self.tsc()
-        if name == "xss":
-            return 0               # XSAVES is not supported: IA32_XSS is 0
-        raise KeyError(name)
+        reader = _REG_READERS.get(name)
+        if reader is None:
+            raise KeyError(name)
+        return reader(self)
 
     def lazy_regs(self) -> "LazyRegs":
         """A fresh ``Event.regs`` mapping for this core."""
