@@ -21,9 +21,14 @@ Expectations are written here from the Intel SDM Vol. 3C as literals:
 * an "operation" is one iteration of a REP string instruction.
 """
 import struct
+import time
 
 import pytest
 
+from devirt_emu.asm import assemble
+from devirt_emu.events import Kind
+from devirt_emu.machine import Machine
+from devirt_emu.platform import longmode
 from devirt_emu.platform.core import PageAccess
 from devirt_emu.testing.vmx_case import (CODE_BASE, XAPIC_BASE, CaseRunner, run_case,
                                          xapic_mapping)
@@ -298,3 +303,70 @@ def test_watch_and_unwatch_directly(runner):
         core.watch_page(PAGE + 1, lambda c, a: None)
     assert seen == []
     assert PageAccess(PAGE, "read", 4).value is None
+
+
+class _ArmOnCpuid:
+    """A stand-in VMX layer: CPUID (a hooked instruction, handled inside the engine's
+    code hook) arms the watch; the watcher records the access and unwatches, so the
+    instruction then runs natively."""
+
+    def __init__(self, page):
+        self.page, self.seen = page, []
+
+    def on_event(self, core, event):
+        if event.kind is not Kind.CPUID:
+            return False
+        core.watch_page(self.page, self.watcher)
+        core.set_rip(event.rip + event.insn.length)
+        return True
+
+    def watcher(self, core, access):
+        self.seen.append((access, core.rip()))
+        core.unwatch_page(self.page)
+
+    def on_exception(self, core, vector, error_code, cr2, insn=None):
+        return False
+
+    def boundary(self, core):
+        return False
+
+    def wants_window(self):
+        return False
+
+    def has_wakeup(self):
+        return None
+
+    def next_event_ns(self):
+        return None
+
+    def single_step(self):
+        return False
+
+
+def test_a_watch_armed_inside_a_run_catches_the_next_instruction():
+    code, syms = assemble("cpuid\nload: mov eax, dword ptr [0x500300]\nmov al, 0\nout 0xf4, al",
+                          0x200000, "watch.S")
+    m = Machine(cores=1, max_ns=1_000_000, wall_timeout_s=60)
+    longmode.write_environment(m)
+    m.write_phys(0x200000, code)
+    m.write_phys(PAGE + 0x300, b"\x44\x33\x22\x11")
+    longmode.enter(m.cores[0], 0x200000)
+    virt = m.cores[0].virt = _ArmOnCpuid(PAGE)
+    m._loop(time.perf_counter())
+    assert m.verdict == "pass", m.message
+    assert virt.seen == [(PageAccess(PAGE + 0x300, "read", 4), syms["load"])]
+    assert m.cores[0].watched_pages() == frozenset()
+
+
+def test_after_the_vm_exit_the_page_is_ordinary_memory_again(runner):
+    # an APIC-access exit leaves the core in VMX root operation (the case's L0 does not
+    # re-enter); host code touching the page there runs normally
+    r = run(runner, "mov rbx, 0x500000\nmov eax, dword ptr [rbx+0x300]\nhlt", controls())
+    assert_exit(r, APIC_ACCESS, READ | 0x300, CODE_BASE + 7)
+    core = runner.core
+    assert core.watched_pages() == {PAGE}
+    for _ in range(3):                # the same instruction, now as host code, then the HLT
+        if core.run(10) == "halt":
+            break
+    assert core.watched_pages() == frozenset()
+    assert core.read_reg("rax") == 0x33333333
