@@ -56,16 +56,16 @@ from unicorn import x86_const as X
 
 from ..events import Event, Kind
 from ..platform.core import GPR_IDS, GuestError, State, _Fault
+from ..platform.memory import PhysicalAccessError
 from . import controls as C
+from . import exit_reasons as er
 from .entry import (EntryCaps, EntryFailure, FailureKind, check_event_injection,
                     check_guest_non_register_state, check_guest_rip_rflags, check_vm_entry)
-from .fields import VmcsField as F
-from . import exit_reasons as er
 from .exit_reasons import Timing
+from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
 from .capabilities import MSR_IA32_VMX_MISC, VMX_CAPABILITY_MSRS
 from .vmcs import FIELD_SLOTS, Vmcs, _key
-from ..platform.memory import PhysicalAccessError
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_LMA
 
 CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
