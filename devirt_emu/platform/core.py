@@ -25,6 +25,25 @@ QEMU's state, #DF, triple fault), the interrupt shadow of STI / MOV SS /
 POP SS, NMI blocking until IRET, HLT, MSRs (an unknown MSR is #GP), CPUID,
 port I/O, the local APIC (x2APIC MSRs and the xAPIC MMIO page), CR8.
 
+Watched physical pages
+----------------------
+A layer above (the VMX APIC-access page) can *watch* a physical page:
+:meth:`Core.watch_page` maps it with no access in this core's engine (a page
+outside RAM, the xAPIC MMIO page included, gets a private no-access page
+mapped in its place), so every engine access to it stops the engine before
+the instruction takes effect, with RIP at the instruction; the core then
+calls the watcher with a :class:`PageAccess`.  The watcher either leaves the
+instruction undone (a VM exit) or lets it run once over the page with
+:meth:`Core.step_watched`.  Measured on Unicorn 2.1.4 (see the methods):
+the protection hooks get the *physical* address and the access size (8 for
+a qword), a denied read or write leaves registers and memory unchanged (a
+REP string instruction keeps the iterations already done), and a denied
+fetch stops with RIP at the fetched address.  Two holes: a read that starts
+on the page before and crosses into the watched page is not seen at all, and
+a write crossing into it has already written its bytes on the page before.
+Accesses the platform performs itself in Python (IDT delivery, INS/OUTS,
+descriptor-table reads) do not look at watched pages.
+
 Time
 ----
 The core's clock is in virtual nanoseconds; one retired instruction is one
@@ -34,16 +53,20 @@ counts nanoseconds.  In deterministic mode every run is a counted
 """
 from __future__ import annotations
 
+import ctypes
 import enum
 import struct
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED,
                      UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED,
                      UC_ERR_WRITE_PROT, UC_ERR_WRITE_UNMAPPED, UC_HOOK_CODE,
-                     UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT,
-                     UC_HOOK_MEM_WRITE_PROT, UC_MODE_16, UC_PROT_EXEC,
-                     UC_PROT_READ, UC_PROT_WRITE, Uc, UcError)
+                     UC_ERR_READ_PROT, UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT,
+                     UC_HOOK_MEM_READ_PROT, UC_HOOK_MEM_WRITE_PROT, UC_MODE_16,
+                     UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc,
+                     UcError)
 from unicorn import x86_const as X
 
 from ..cpu.decode import resolve_linear
@@ -169,6 +192,32 @@ class _Fault(Exception):
         self.cr2 = cr2
 
 
+@dataclass(frozen=True)
+class PageAccess:
+    """An engine access to a watched page, stopped before it took effect.
+
+    ``pa`` is the physical address of the first byte on the watched page,
+    ``access`` "read", "write" or "fetch", ``size`` the access size in bytes
+    as the engine made it, ``value`` the data of a write (None otherwise)."""
+
+    pa: int
+    access: str
+    size: int
+    value: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class WatchStep:
+    """What :meth:`Core.step_watched` did.  ``retired``: instructions retired
+    (0 or 1); ``denied``: an access the permissions of the step refused (the
+    instruction then had no effect), else None; ``window``: the window's bytes
+    after the instruction (None if ``denied``)."""
+
+    retired: int
+    denied: Optional[PageAccess]
+    window: Optional[bytes]
+
+
 class LazyRegs:
     """The ``Event.regs`` mapping: reads a register on first use."""
 
@@ -204,7 +253,7 @@ class Core:
         uc = Uc(UC_ARCH_X86, UC_MODE_16)
         self.uc = uc
         uc.mem_map_ptr(0, self.mem.size, UC_PROT_READ | UC_PROT_WRITE, self.mem.ptr)
-        uc.mmio_map(LAPIC_MMIO_BASE, PAGE_SIZE, self._mmio_read, None, self._mmio_write, None)
+        self._map_lapic_mmio()
         uc.hook_add(UC_HOOK_MEM_FETCH_PROT, self._on_fetch_prot)
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
@@ -252,6 +301,14 @@ class Core:
         self._run_wall0 = 0
         self._rearm_after_step = False
         self._pending_rearm = False
+        # watched physical pages (see watch_page)
+        self._watched: dict[int, Callable] = {}          # page -> watcher(core, PageAccess)
+        self._watch_scratch: dict[int, ctypes.Array] = {}   # page outside RAM -> its stand-in
+        self._watch_queue: list[tuple[int, Optional[Callable]]] = []   # changes made in a run
+        self._watch_hit: Optional[PageAccess] = None
+        self._watch_denied: Optional[PageAccess] = None
+        self._watch_stepping = False
+        self._read_prot_hook = None
         self._handlers = self._make_handlers()
 
     def _architectural_reset(self) -> None:
@@ -411,12 +468,28 @@ class Core:
 
     # ------------------------------------------------------------------ page scanning
     def _on_fetch_prot(self, uc, access, address, size, value, data):
+        if self._watched and address & ~0xFFF in self._watched:
+            if self._watch_hit is None:
+                self._watch_hit = PageAccess(address, "fetch", size)
+            return False
         self.fetch_fault = address
         return False
 
     def _on_write_prot(self, uc, access, address, size, value, data):
+        if self._watched and address & ~0xFFF in self._watched:
+            if self._watch_hit is None:      # a write split in bytes calls this once per byte
+                self._watch_hit = PageAccess(address, "write", size, value)
+                self._uncount += 1
+            return False
         self.write_fault = address
         self._uncount += 1
+        return False
+
+    def _on_read_prot(self, uc, access, address, size, value, data):
+        # only watched pages are ever mapped without read permission
+        if self._watch_hit is None:
+            self._watch_hit = PageAccess(address, "read", size)
+            self._uncount += 1
         return False
 
     def _scan_and_arm(self, linear: int) -> None:
@@ -532,9 +605,146 @@ class Core:
         return True
 
     def protect_page(self, ppage: int, writable: bool) -> None:
-        if ppage in self.exec_pages:
+        if ppage in self.exec_pages or ppage in self._watched:
             return
         self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | (UC_PROT_WRITE if writable else 0))
+
+    # ------------------------------------------------------------------ watched pages
+    def watch_page(self, ppage: int, watcher: Callable[["Core", PageAccess], None]) -> None:
+        """Stop every engine access to physical page ``ppage`` before it takes
+        effect and call ``watcher(core, access)`` outside the engine, with RIP
+        at the instruction (which has had no effect; a REP string instruction
+        keeps the iterations it completed).  The watcher leaves it undone
+        (RIP may be moved, e.g. by a VM exit) or runs it with
+        :meth:`step_watched`.  A page outside RAM (the xAPIC MMIO page
+        included) is replaced in this core by a no-access stand-in page until
+        :meth:`unwatch_page`.  Called during a run (from a hook), the change
+        takes effect when the engine has stopped, which it is asked to do
+        before the next instruction."""
+        if ppage < 0 or ppage & 0xFFF:
+            raise ValueError(f"watch_page: {ppage:#x} is not a 4 KiB page address")
+        if self._in_run:
+            self._watch_queue.append((ppage, watcher))
+            self.request_stop("check")
+            return
+        if ppage in self._watched:
+            self._watched[ppage] = watcher
+            return
+        if self._read_prot_hook is None:
+            self._read_prot_hook = self.uc.hook_add(UC_HOOK_MEM_READ_PROT, self._on_read_prot)
+        if self.mem.contains(ppage, PAGE_SIZE):
+            if ppage in self.exec_pages:
+                self.disarm_page(ppage)
+            self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_NONE)
+        else:
+            stand_in = ctypes.create_string_buffer(PAGE_SIZE)
+            try:
+                if ppage == LAPIC_MMIO_BASE:
+                    self.uc.mem_unmap(ppage, PAGE_SIZE)
+                self.uc.mem_map_ptr(ppage, PAGE_SIZE, UC_PROT_NONE, ctypes.addressof(stand_in))
+            except UcError as e:
+                if ppage == LAPIC_MMIO_BASE:
+                    self._map_lapic_mmio()
+                raise GuestError(f"core {self.index}: cannot watch physical page {ppage:#x}: "
+                                 f"{e}") from None
+            self._watch_scratch[ppage] = stand_in
+        self._watched[ppage] = watcher
+
+    def unwatch_page(self, ppage: int) -> None:
+        """Undo :meth:`watch_page` (nothing if ``ppage`` is not watched)."""
+        if self._in_run:
+            self._watch_queue.append((ppage, None))
+            self.request_stop("check")
+            return
+        if self._watched.pop(ppage, None) is None:
+            return
+        stand_in = self._watch_scratch.pop(ppage, None)
+        if stand_in is None:
+            perms = UC_PROT_READ if self.machine.is_code_page(ppage) else UC_PROT_READ | UC_PROT_WRITE
+            self.uc.mem_protect(ppage, PAGE_SIZE, perms)
+        else:
+            self.uc.mem_unmap(ppage, PAGE_SIZE)
+            if ppage == LAPIC_MMIO_BASE:
+                self._map_lapic_mmio()
+
+    def watched_pages(self) -> frozenset[int]:
+        """The physical pages watched in this core now."""
+        return frozenset(self._watched)
+
+    def _apply_watch_queue(self) -> None:
+        queue, self._watch_queue = self._watch_queue, []
+        for ppage, watcher in queue:
+            if watcher is None:
+                self.unwatch_page(ppage)
+            else:
+                self.watch_page(ppage, watcher)
+
+    def _map_lapic_mmio(self) -> None:
+        self.uc.mmio_map(LAPIC_MMIO_BASE, PAGE_SIZE, self._mmio_read, None, self._mmio_write, None)
+
+    def _call_watcher(self, hit: PageAccess) -> None:
+        """An access to a watched page stopped the engine: hand it to the watcher,
+        then end the run so that the scheduler sees what the watcher did."""
+        watcher = self._watched.get(hit.pa & ~0xFFF)
+        if watcher is None:
+            return          # unwatched in the meantime: the instruction simply runs again
+        try:
+            watcher(self, hit)
+        except _Fault as f:
+            self.deliver_exception(f.vector, f.error_code, f.cr2)
+        except GuestError as e:
+            self.machine.guest_error(str(e))
+            self._stop_reason = "exit"
+        except Exception as e:          # a bug of ours: end the run with verdict error
+            self.machine.internal_error(self, e)
+            self._stop_reason = "exit"
+        if self._stop_reason is None:
+            self._stop_reason = "check"
+
+    def _page_view(self, ppage: int) -> memoryview:
+        stand_in = self._watch_scratch.get(ppage)
+        if stand_in is None:
+            return self.mem.view[ppage:ppage + PAGE_SIZE]
+        return memoryview(stand_in).cast("B")
+
+    def step_watched(self, ppage: int, window: Optional[tuple[int, bytes]] = None, *,
+                     writable: bool = False) -> WatchStep:
+        """From a watcher: execute the instruction at RIP once with the watched
+        page ``ppage`` readable (and writable if ``writable``), its bytes
+        ``[offset, offset + len(data))`` replaced by ``window = (offset, data)``
+        for the duration; then the page is no-access and its bytes are as
+        before again.  An access the step's permissions refuse (a write when
+        not ``writable``, a fetch) stops the instruction before it takes effect
+        and is returned as ``denied``.  With the page open, further reads of
+        it by the same instruction are not checked.  Exceptions the instruction
+        raises are delivered as usual."""
+        if ppage not in self._watched:
+            raise ValueError(f"step_watched: page {ppage:#x} is not watched")
+        if self._in_run:
+            raise RuntimeError("step_watched is for watchers, which run outside the engine")
+        view = self._page_view(ppage)
+        offset, data = window if window is not None else (0, b"")
+        if offset < 0 or offset + len(data) > PAGE_SIZE:
+            raise ValueError(f"step_watched: window {offset:#x}+{len(data)} is outside the page")
+        saved = bytes(view[offset:offset + len(data)])
+        view[offset:offset + len(data)] = data
+        self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | (UC_PROT_WRITE if writable else 0))
+        address = self.rip()
+        self._skip_once = address       # its code hook, if any, already ran before the stop
+        self._watch_stepping = True
+        self._watch_denied = None
+        try:
+            retired = self._step_one()
+        finally:
+            self._watch_stepping = False
+            if self._skip_once == address:
+                self._skip_once = -1
+            after = bytes(view[offset:offset + len(data)])
+            view[offset:offset + len(data)] = saved
+            if ppage in self._watched:
+                self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_NONE)
+        denied, self._watch_denied = self._watch_denied, None
+        return WatchStep(retired, denied, None if denied is not None else after)
 
     # ------------------------------------------------------------------ running
     def run(self, budget: int | None, wall_timeout_us: int = 0) -> str | None:
@@ -552,6 +762,7 @@ class Core:
             self._uncount = 0
             self._budget = remaining
             self.fetch_fault = self.write_fault = None
+            self._watch_hit = None
             begin = self.probe.reg(X.UC_X86_REG_RIP)
             self.probe.clear_fault_tracking()
             self._counted = det
@@ -587,6 +798,8 @@ class Core:
             if self._pending_rearm:
                 self._pending_rearm = False
                 self.rearm_all()
+            if self._watch_queue:
+                self._apply_watch_queue()
             if self._stop_reason == "step":
                 self._stop_reason = None
                 if remaining or not det:
@@ -629,6 +842,7 @@ class Core:
         self._uncount = 0
         self._budget = 1
         self.fetch_fault = self.write_fault = None
+        self._watch_hit = None
         self._in_run = True
         self._counted = True
         err = None
@@ -651,10 +865,20 @@ class Core:
         if self._rearm_after_step:
             self._rearm_after_step = False
             self.rearm_all()
+        if self._watch_queue:
+            self._apply_watch_queue()
         return retired
 
     def _handle_engine_error(self, err: UcError) -> None:
         no = err.errno
+        if self._watch_hit is not None and no in (UC_ERR_READ_PROT, UC_ERR_WRITE_PROT,
+                                                  UC_ERR_FETCH_PROT):
+            hit, self._watch_hit = self._watch_hit, None
+            if self._watch_stepping:
+                self._watch_denied = hit        # step_watched reports it to its caller
+            else:
+                self._call_watcher(hit)
+            return
         if no == UC_ERR_FETCH_PROT and self.fetch_fault is not None:
             if self.fetch_fault == self._last_fetch_fault and self.icount == self._last_fetch_icount:
                 raise GuestError(f"core {self.index}: instruction fetch at {self.fetch_fault:#x} "
@@ -1306,6 +1530,9 @@ class Core:
         self._pending_rearm = self._rearm_after_step = False
         self._extra_ns = 0
         self.free_running = False
+        self._watch_queue.clear()
+        for ppage in list(self._watched):
+            self.unwatch_page(ppage)
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""

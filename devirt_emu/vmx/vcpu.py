@@ -25,6 +25,27 @@ What VMX non-root operation changes for instructions that do not exit (SDM
 "Changes to Instruction Behavior in VMX Non-Root Operation") is done here:
 reads of CR0/CR4 see the read shadows for host-owned bits, writes leave the
 host-owned bits alone, CLTS/LMSW likewise, and RDTSC/RDTSCP add TSC_OFFSET.
+
+APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts", with
+the controls the modelled CPU has: "use TPR shadow" and "virtualize APIC
+accesses", no APIC-register virtualization or virtual-interrupt delivery):
+
+* with "use TPR shadow", MOV from CR8 reads VTPR[7:4] (byte 80H of the
+  virtual-APIC page) and MOV to CR8 writes VTPR (bits 7:4 from the source,
+  the rest of the 32-bit VTPR cleared), then TPR virtualization: a trap-like
+  TPR-below-threshold exit if VTPR[7:4] < TPR_THRESHOLD[3:0].  The local
+  APIC's TPR is not touched.
+* with "virtualize APIC accesses", the core watches the APIC-access page
+  (:meth:`~devirt_emu.platform.core.Core.watch_page`, armed at VM entry
+  when the control or APIC_ACCESS_ADDR changed): an access to it is an
+  APIC-access exit (fault-like) unless the rule virtualizes it (a read or
+  write of at most 32 bits at offset 080H with "use TPR shadow"), in which
+  case the instruction runs with offsets 080H-083H of the page backed by
+  VTPR; a virtualized write then clears VTPR bytes 3:1 and performs TPR
+  virtualization (SDM "APIC-Write Emulation").
+* with both, a VM entry is followed by a TPR-below-threshold exit, before
+  any instruction and before any other event, if TPR_THRESHOLD[3:0] >
+  VTPR[7:4] (SDM "VM Exits Induced by the TPR Threshold").
 """
 from __future__ import annotations
 
@@ -34,11 +55,14 @@ from typing import Optional
 from unicorn import x86_const as X
 
 from ..events import Event, Kind
-from ..platform.core import GPR_IDS, State, _Fault, flags_to_ar
+from ..platform.core import GPR_IDS, GuestError, State, _Fault, flags_to_ar
+from ..platform.memory import PhysicalAccessError
 from . import controls as C
+from . import exit_reasons as er
 from .entry import (EntryCaps, EntryFailure, FailureKind, check_event_injection,
                     check_guest_non_register_state, check_guest_rflags, check_guest_rip,
                     check_vm_entry)
+from .exit_reasons import Timing
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
 from .capabilities import MSR_IA32_VMX_MISC, VMX_CAPABILITY_MSRS
@@ -115,6 +139,11 @@ _PAUSE_LOOP_AT_ENTRY = PauseLoop()
 _VM_EXIT = Kind.VM_EXIT.value
 
 MSR_IA32_CR_PAT = 0x277
+#: VTPR: the task-priority register's offset on the virtual-APIC and APIC-access pages.
+APIC_TASKPRI = 0x80
+#: Fields whose change can move or switch the APIC-access page (re-examined at VM entry).
+_APIC_PAGE_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL),
+                               int(F.APIC_ACCESS_ADDR), int(F.APIC_ACCESS_ADDR) | 1})
 #: The VMX-preemption timer's rate: it counts down once every 2^PTIMER_RATE TSC ticks.
 PTIMER_RATE = VMX_CAPABILITY_MSRS[MSR_IA32_VMX_MISC] & 0x1F
 MSR_EFER = 0xC0000080
@@ -254,6 +283,10 @@ class VmxVcpu:
         self.last_exit: Optional[Decision] = None
         self.last_failure: Optional[EntryFailure] = None
         self.read_mem = self.mem.read
+        self._apic_page: Optional[int] = None      # the APIC-access page the core watches
+        self._apic_stale = True                    # re-examine the APIC controls at next entry
+        self._tpr_entry_check = False              # "use TPR shadow" and "virtualize APIC accesses"
+        self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
 
     # ------------------------------------------------------------------ guest state
     def _fetch(self, enc: int) -> None:
@@ -374,6 +407,7 @@ class VmxVcpu:
             return self._entry_failed(failure)
         self.load_guest_state(full=launch)
         timers_changed = launch or not v.written.isdisjoint(_TIMER_CONTROLS)
+        self._apic_at_entry(launch)
         v.written.clear()
         self._engine_holds_guest_state()
         if launch:
@@ -550,6 +584,11 @@ class VmxVcpu:
         if out.pause_loop is not None:
             self.pause_loop = out.pause_loop
         if out.exit:
+            if out.timing is Timing.TRAP:
+                # TPR below threshold after a MOV to CR8: the instruction completes first
+                self._nonroot(event)
+                self.vm_exit(out, None)
+                return True
             self.vm_exit(out, event)
             return True
         return self._nonroot(event)
@@ -595,6 +634,13 @@ class VmxVcpu:
             return self.l0.unblock(self)
         if not self.active:
             return False
+        if self._tpr_exit_pending is not None:
+            threshold, vtpr = self._tpr_exit_pending
+            self._tpr_exit_pending = None
+            self.vm_exit(exit_decision(er.TPR_BELOW_THRESHOLD, (
+                "CPU_BASED_TPR_SHADOW=1", "SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES=1",
+                f"TPR_THRESHOLD[3:0]={threshold:#x} > VTPR[7:4]={vtpr >> 4:#x} at VM entry")), None)
+            return True
         lapic = core.lapic
         if lapic.take_init():
             core._count(Kind.INIT)
@@ -654,6 +700,8 @@ class VmxVcpu:
         core = self.core
         uc = core.uc
         insn = ev.insn
+        if k in (Kind.MOV_FROM_CR, Kind.MOV_TO_CR) and insn.cr == 8:
+            return self._cr8_tpr_shadow(ev)
         if k is Kind.MOV_FROM_CR and insn.cr in (0, 4):
             mask, shadow = self._mask_shadow(insn.cr)
             real = core.probe.reg(X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4)
@@ -689,6 +737,108 @@ class VmxVcpu:
                     core.tsc_adjust = 0
                 return True
         return False
+
+    # ------------------------------------------------------------------ APIC virtualization
+    def _vapic_read(self, offset: int, n: int) -> bytes:
+        """Bytes of the virtual-APIC page (outside RAM they read as all ones)."""
+        try:
+            return self.mem.read(self.vmcs.peek(F.VIRTUAL_APIC_PAGE_ADDR) + offset, n)
+        except PhysicalAccessError:
+            return b"\xff" * n
+
+    def _vapic_write(self, offset: int, data: bytes) -> None:
+        """A store into the virtual-APIC page (outside RAM it is lost)."""
+        pa = self.vmcs.peek(F.VIRTUAL_APIC_PAGE_ADDR) + offset
+        if self.mem.contains(pa, len(data)):
+            self.core.machine.write_phys(pa, data)
+
+    def _cr8_tpr_shadow(self, ev: Event) -> bool:
+        """MOV from/to CR8 that did not exit, with "use TPR shadow" 1 (SDM
+        "Virtualizing CR8-Based TPR Accesses"); False without it (the
+        platform accesses the TPR)."""
+        if not self.vmcs.peek(F.CPU_BASED_VM_EXEC_CONTROL) & C.CPU_BASED_TPR_SHADOW:
+            return False
+        insn = ev.insn
+        uc = self.core.uc
+        if ev.kind is Kind.MOV_FROM_CR:
+            uc.reg_write(GPR_IDS[insn.gpr], self._vapic_read(APIC_TASKPRI, 1)[0] >> 4)
+        else:
+            value = uc.reg_read(GPR_IDS[insn.gpr]) & 0xF     # the rule made 63:4 set a #GP
+            self._vapic_write(APIC_TASKPRI, (value << 4).to_bytes(4, "little"))
+        self.core.set_rip(ev.rip + insn.length)
+        return True
+
+    def _apic_at_entry(self, launch: bool) -> None:
+        """At VM entry: watch the APIC-access page if "virtualize APIC accesses"
+        is 1 (re-examined when a control or APIC_ACCESS_ADDR was written), and
+        with "use TPR shadow" too, arm the TPR-threshold exit that follows the
+        entry when TPR_THRESHOLD[3:0] > VTPR[7:4] (not in the shutdown or
+        wait-for-SIPI state; it wakes the HLT state)."""
+        v = self.vmcs
+        core = self.core
+        if launch or self._apic_stale or not v.written.isdisjoint(_APIC_PAGE_FIELDS):
+            self._apic_stale = False
+            primary = v.peek(F.CPU_BASED_VM_EXEC_CONTROL)
+            secondary = v.peek(F.SECONDARY_VM_EXEC_CONTROL) \
+                if primary & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS else 0
+            page = v.peek(F.APIC_ACCESS_ADDR) & ~0xFFF \
+                if secondary & C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES else None
+            if page != self._apic_page:
+                if self._apic_page is not None:
+                    core.unwatch_page(self._apic_page)
+                if page is not None:
+                    core.watch_page(page, self._on_apic_page_access)
+                self._apic_page = page
+            self._tpr_entry_check = page is not None and bool(primary & C.CPU_BASED_TPR_SHADOW) \
+                and not secondary & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY
+        self._tpr_exit_pending = None
+        if self._tpr_entry_check and core.state not in (State.WAIT_SIPI, State.SHUTDOWN):
+            threshold = v.peek(F.TPR_THRESHOLD) & 0xF
+            vtpr = self._vapic_read(APIC_TASKPRI, 1)[0]
+            if threshold > vtpr >> 4:
+                self._tpr_exit_pending = (threshold, vtpr)
+                if core.state is State.HALTED:
+                    core.state = State.RUNNING
+                if core._in_run:
+                    core.request_stop("check")
+
+    def _on_apic_page_access(self, core, access) -> None:
+        """The core's watcher of the APIC-access page (SDM "Virtualizing
+        Memory-Mapped APIC Accesses"): called with RIP at the instruction,
+        which has had no effect yet."""
+        page = access.pa & ~0xFFF
+        if not self.active:
+            # not in VMX non-root operation: the page is ordinary memory again
+            core.unwatch_page(page)
+            self._apic_page, self._apic_stale = None, True
+            return
+        core._count(Kind.APIC_ACCESS)
+        for _ in range(3):      # at most: read, then write, of one instruction
+            extra = {"gpa": access.pa, "access": access.access, "size": access.size}
+            if access.value is not None:
+                extra["value"] = access.value
+            ev = Event(Kind.APIC_ACCESS, core.index, core.rip(), regs=core.lazy_regs(), extra=extra)
+            if core.trace is not None:
+                core.trace(core, ev)
+            out = decide(ev, self.vmcs, self.read_mem)
+            if out.exit and out.reason == er.APIC_ACCESS:
+                self.vm_exit(out, ev)             # fault-like: the instruction has no effect
+                return
+            # virtualized: run the instruction with VTPR at offset 080H of the page
+            write = access.access == "write"
+            step = core.step_watched(page, (APIC_TASKPRI, self._vapic_read(APIC_TASKPRI, 4)),
+                                     writable=write)
+            if step.denied is not None:
+                access = step.denied              # e.g. the write of a read-modify-write
+                continue
+            if write and step.retired:
+                # APIC-write emulation for 080H: VTPR bytes 3:1 cleared, then TPR virtualization
+                self._vapic_write(APIC_TASKPRI, step.window[:1] + bytes(3))
+                if out.exit:
+                    self.vm_exit(out, None)       # TPR below threshold: trap-like
+            return
+        raise GuestError(f"core {core.index}: an instruction at {core.rip():#x} accesses the "
+                         "APIC-access page more often than the model handles")
 
     def _mask_shadow(self, cr: int):
         v = self.vmcs
