@@ -61,7 +61,7 @@ from . import controls as C
 from . import exit_reasons as er
 from .entry import (EntryCaps, EntryFailure, FailureKind, check_event_injection,
                     check_guest_non_register_state, check_guest_rflags, check_guest_rip,
-                    check_vm_entry)
+                    check_launch_state, check_vm_entry)
 from .exit_reasons import Timing
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
@@ -424,12 +424,15 @@ class VmxVcpu:
     def _entry_checks(self, launch: bool) -> Optional[EntryFailure]:
         """The SDM's VM-entry checks.  VMLAUNCH runs them all; VMRESUME runs them
         all when a field outside :data:`_RESUME_CHECKS` was written since the last
-        entry (the others passed then and are unchanged), else the checks that
-        read the fields written."""
+        entry (the others passed then and are unchanged), else the launch-state
+        check and the checks that read the fields written."""
         v = self.vmcs
         written = v.written
         if launch or not written <= _RESUME_CHECK_FIELDS:
             return check_vm_entry(v, self.caps, self.read_mem, launch=launch)
+        failure = check_launch_state(False, v.launch_state)
+        if failure is not None:
+            return failure
         done = set()
         for f in written:
             check = _RESUME_CHECKS[f]
