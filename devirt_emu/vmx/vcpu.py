@@ -66,7 +66,7 @@ from .exit_reasons import Timing
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
 from .capabilities import MSR_IA32_VMX_MISC, VMX_CAPABILITY_MSRS
-from .vmcs import FIELD_SLOTS, Vmcs, _key
+from .vmcs import _READABLE, FIELD_SLOTS, Vmcs, _key
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_LMA
 
 CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
@@ -127,8 +127,8 @@ _RESUME_CHECKS = {
 }
 _RESUME_CHECK_FIELDS = frozenset(_RESUME_CHECKS)
 
-#: The exit-information fields every VM exit writes (Vmcs slots, in _write_exit_info's order).
-_EXIT_INFO_SLOTS = tuple(FIELD_SLOTS[f] for f in (
+#: The exit-information fields every VM exit writes (in _write_exit_info's order).
+_EXIT_INFO_FIELDS = tuple(int(f) for f in (
     F.VM_EXIT_REASON, F.EXIT_QUALIFICATION, F.VM_EXIT_INSTRUCTION_LEN, F.VMX_INSTRUCTION_INFO,
     F.VM_EXIT_INTR_INFO, F.VM_EXIT_INTR_ERROR_CODE, F.IDT_VECTORING_INFO_FIELD))
 
@@ -166,6 +166,13 @@ class TrackedVmcs(Vmcs):
 
     def __init__(self, mem, pa: int, fetch=None):
         super().__init__(mem, pa)
+        if self._view is None:
+            raise ValueError("a core's VMCS lives in the machine's RAM (PhysMem)")
+        # encoding -> (unpack_from, pack_into, offset in RAM, mask): the accessors run
+        # dozens of times per VM exit, so the slot arithmetic is done once here
+        self._abs = {enc: (st.unpack_from, st.pack_into, pa + off, mask)
+                     for enc, (off, st, mask) in FIELD_SLOTS.items()}
+        self._readable = frozenset(_READABLE)
         self.written: set[int] = set()     # encodings written since the vCPU last looked
         self.live = False                  # the engine holds the tracked guest-state fields
         self.fresh: set[int] = set()       # tracked encodings copied from the engine since
@@ -190,7 +197,10 @@ class TrackedVmcs(Vmcs):
         enc = field if type(field) is F or type(field) is int else _key(field)
         if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        return super().get(enc)
+        if enc not in self._readable:
+            return super().get(enc)        # (raises the error)
+        unpack, _, off, _ = self._abs[enc]
+        return unpack(self._view, off)[0]
 
     def vmread(self, enc: int) -> int:
         if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
@@ -218,27 +228,28 @@ class TrackedVmcs(Vmcs):
         """The processor's own write of a field it knows fits (no checks)."""
         if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        off, st, mask = FIELD_SLOTS[enc]
-        self._write(off, st, value & mask)
+        _, pack, off, mask = self._abs[enc]
+        pack(self._view, off, value & mask)
         self.written.add(enc)
 
     def peek(self, enc: int) -> int:
         if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        off, st, _ = FIELD_SLOTS[enc]
-        return self._read(off, st)
+        unpack, _, off, _ = self._abs[enc]
+        return unpack(self._view, off)[0]
 
-    def store_all(self, slots, values) -> None:
-        """``store`` of several fields given by their FIELD_SLOTS entries."""
-        write = self._write
-        for (off, st, mask), value in zip(slots, values):
-            write(off, st, value & mask)
+    def store_all(self, fields, values) -> None:
+        """``store`` of several fields."""
+        view, slots = self._view, self._abs
+        for enc, value in zip(fields, values):
+            _, pack, off, mask = slots[enc]
+            pack(view, off, value & mask)
 
     def store(self, enc: int, value: int) -> None:
         """Write a field's slot with no sync and no ``written`` mark: the exit
         information, and the engine's values copied in by a fetch."""
-        off, st, mask = FIELD_SLOTS[enc]
-        self._write(off, st, value & mask)
+        _, pack, off, mask = self._abs[enc]
+        pack(self._view, off, value & mask)
 
 
 @dataclass(slots=True)
@@ -507,7 +518,7 @@ class VmxVcpu:
         """The exit-information fields, as the processor writes them."""
         v = self.vmcs
         vinfo, vec_ec = self.core.vectoring_info()
-        v.store_all(_EXIT_INFO_SLOTS, (reason_field, d.qualification, d.instruction_length or 0,
+        v.store_all(_EXIT_INFO_FIELDS, (reason_field, d.qualification, d.instruction_length or 0,
                                        d.instruction_info or 0, d.interruption_info,
                                        d.error_code or 0, vinfo))
         store = v.store
