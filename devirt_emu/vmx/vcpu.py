@@ -49,6 +49,7 @@ accesses", no APIC-register virtualization or virtual-interrupt delivery):
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -127,10 +128,15 @@ _RESUME_CHECKS = {
 }
 _RESUME_CHECK_FIELDS = frozenset(_RESUME_CHECKS)
 
-#: The exit-information fields every VM exit writes (in _write_exit_info's order).
-_EXIT_INFO_FIELDS = tuple(int(f) for f in (
-    F.VM_EXIT_REASON, F.EXIT_QUALIFICATION, F.VM_EXIT_INSTRUCTION_LEN, F.VMX_INSTRUCTION_INFO,
-    F.VM_EXIT_INTR_INFO, F.VM_EXIT_INTR_ERROR_CODE, F.IDT_VECTORING_INFO_FIELD))
+#: The 32-bit exit-information fields every VM exit writes, consecutive 8-byte
+#: slots of the region (vmcs.py lays slots out in encoding order): one pack.
+_EXIT_INFO_FIELDS = (F.VM_EXIT_REASON, F.VM_EXIT_INTR_INFO, F.VM_EXIT_INTR_ERROR_CODE,
+                     F.IDT_VECTORING_INFO_FIELD, F.IDT_VECTORING_ERROR_CODE,
+                     F.VM_EXIT_INSTRUCTION_LEN, F.VMX_INSTRUCTION_INFO)
+_EXIT_INFO_BLOCK = struct.Struct("<" + "I4x" * (len(_EXIT_INFO_FIELDS) - 1) + "I")
+assert [FIELD_SLOTS[f][0] for f in _EXIT_INFO_FIELDS] == \
+    [FIELD_SLOTS[_EXIT_INFO_FIELDS[0]][0] + 8 * i for i in range(len(_EXIT_INFO_FIELDS))], \
+    "the exit-information slots are consecutive"
 
 #: Controls _arm_timers reads.
 _TIMER_CONTROLS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.PIN_BASED_VM_EXEC_CONTROL)})
@@ -238,12 +244,9 @@ class TrackedVmcs(Vmcs):
         unpack, _, off, _ = self._abs[enc]
         return unpack(self._view, off)[0]
 
-    def store_all(self, fields, values) -> None:
-        """``store`` of several fields."""
-        view, slots = self._view, self._abs
-        for enc, value in zip(fields, values):
-            _, pack, off, mask = slots[enc]
-            pack(view, off, value & mask)
+    def store_block(self, first: int, block: struct.Struct, *values) -> None:
+        """``store`` of consecutive slots from ``first``'s, packed by ``block``."""
+        block.pack_into(self._view, self._abs[first][2], *values)
 
     def store(self, enc: int, value: int) -> None:
         """Write a field's slot with no sync and no ``written`` mark: the exit
@@ -518,12 +521,11 @@ class VmxVcpu:
         """The exit-information fields, as the processor writes them."""
         v = self.vmcs
         vinfo, vec_ec = self.core.vectoring_info()
-        v.store_all(_EXIT_INFO_FIELDS, (reason_field, d.qualification, d.instruction_length or 0,
-                                       d.instruction_info or 0, d.interruption_info,
-                                       d.error_code or 0, vinfo))
+        v.store_block(_EXIT_INFO_FIELDS[0], _EXIT_INFO_BLOCK,
+                      reason_field, d.interruption_info, d.error_code or 0, vinfo, vec_ec,
+                      d.instruction_length or 0, d.instruction_info or 0)
         store = v.store
-        if vinfo:
-            store(F.IDT_VECTORING_ERROR_CODE, vec_ec)
+        store(F.EXIT_QUALIFICATION, d.qualification)
         if d.guest_linear_address is not None:
             store(F.GUEST_LINEAR_ADDRESS, d.guest_linear_address)
         if d.guest_physical_address is not None:
