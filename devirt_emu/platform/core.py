@@ -49,11 +49,12 @@ from unicorn import x86_const as X
 from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from . import cpuid as cpuid_model
+from . import tasks
 from .lapic import GeneralProtection
 from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
-from .ucinternals import HF_CS64, EngineProbe
+from .ucinternals import HF_CS64, HF_LMA, HF_PE, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
 #: Kinds whose native handling always completes the instruction in Python (or
@@ -91,6 +92,10 @@ INTR_TYPE_SOFT_INTR, INTR_TYPE_PRIV_SW_EXCEPTION, INTR_TYPE_SOFT_EXCEPTION = 4, 
 # Exception classes for the double-fault rule (SDM "Conditions for Generating a Double Fault").
 _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+
+# Instructions that may attempt a task switch (see Core._task_switch_insn).
+_TASK_SWITCH_INSNS = frozenset({Kind.JMP_FAR, Kind.CALL_FAR, Kind.IRET})
+_TASK_SWITCH_SOURCE = {Kind.JMP_FAR: "JMP", Kind.CALL_FAR: "CALL", Kind.IRET: "IRET"}
 
 # Kinds that the modelled CPU does not implement natively: #UD.
 _NATIVE_UD = frozenset({
@@ -723,6 +728,8 @@ class Core:
     def _dispatch(self, address: int, insn: Insn) -> None:
         """A sensitive instruction is about to execute (from its hook or an exit)."""
         kind = insn.kind
+        if kind in _TASK_SWITCH_INSNS and self._task_switch_insn(address, insn):
+            return          # an ordinary far JMP/CALL (Unicorn's), or a task-switch attempt
         ev = self.events
         ev[kind.value] = ev.get(kind.value, 0) + 1
         t0 = time.perf_counter_ns()
@@ -753,6 +760,122 @@ class Core:
             self.request_stop("exit")
         finally:
             self._hook_ns += time.perf_counter_ns() - t0
+
+    # ------------------------------------------------------------------ task switches
+    def _task_switch_insn(self, address: int, insn: Insn) -> bool:
+        """A far JMP/CALL or an IRET is about to execute: does it attempt a task switch?
+
+        Only outside IA-32e mode, in protected mode (not virtual-8086): a far
+        JMP/CALL whose selector names a TSS descriptor or a task gate, an IRET
+        with RFLAGS.NT = 1 (a task return).  The checks made before the switch
+        (:mod:`devirt_emu.platform.tasks`) may fault; if they pass, the attempt
+        is a TASK_SWITCH event (counted, traced, offered to the VMX layer, where
+        it is a VM exit), else the switch is Unicorn's (measured: Unicorn 2.1.4
+        performs JMP, CALL, task-gate and IRET task switches as the SDM says),
+        followed by a re-arm of the scans since the new task's CR3 may differ.
+
+        Returns False for an IRET that is not a task return (its usual path
+        follows), True otherwise: an ordinary far transfer is left to Unicorn,
+        which also raises its faults, and so is every far transfer in real,
+        virtual-8086 and IA-32e mode (where a TSS or task gate is #GP).
+        """
+        kind = insn.kind
+        hf = self.probe.hflags()
+        if not hf & HF_PE or hf & HF_LMA:
+            return kind is not Kind.IRET
+        uc = self.uc
+        fl = uc.reg_read(X.UC_X86_REG_EFLAGS)
+        if fl & RFLAGS_VM:
+            return kind is not Kind.IRET
+        if kind is Kind.IRET and not fl & RFLAGS_NT:
+            return False
+        t0 = time.perf_counter_ns()
+        try:
+            try:
+                tss_selector = self._task_switch_target(address, insn)
+            except (PageFault, UnsupportedPaging) as e:
+                # the operand, the TSS link or a descriptor cannot be read by the platform
+                # (legacy paging is not modelled): natively Unicorn decides; a VMX layer
+                # needs to know whether this is a task switch
+                if self.virt is not None:
+                    raise GuestError(f"core {self.index}: {insn.text} at {address:#x}: cannot "
+                                     f"tell whether it switches tasks ({e})") from None
+                tss_selector = -1
+            if tss_selector is None:
+                return True         # an ordinary far transfer
+            if tss_selector < 0:
+                self._step_then_check(address)
+                self._rearm_after_step = True
+                return True
+            self._count(Kind.TASK_SWITCH)
+            event = Event(Kind.TASK_SWITCH, self.index, address, insn, regs=LazyRegs(self),
+                          extra={"tss_selector": tss_selector,
+                                 "task_switch_source": _TASK_SWITCH_SOURCE[kind]})
+            if self.trace is not None:
+                self.trace(self, event)
+            if self.virt is not None and self.virt.on_event(self, event):
+                return True
+            if kind is Kind.IRET:
+                self.nmi_blocked = False
+            self._step_then_check(address)
+            self._rearm_after_step = True
+        except tasks.TaskFault as f:
+            self._uncount += 1
+            self.deliver_exception(f.vector, f.error_code)
+        except _Fault as f:
+            self._uncount += 1
+            self.deliver_exception(f.vector, f.error_code, f.cr2)
+        except GuestError as e:
+            self.machine.guest_error(str(e))
+            self._uncount += 1
+            self.request_stop("exit")
+        except Exception as e:          # a bug of ours: end the run with verdict error
+            self.machine.internal_error(self, e)
+            self._uncount += 1
+            self.request_stop("exit")
+        finally:
+            self._hook_ns += time.perf_counter_ns() - t0
+        return True
+
+    def _task_switch_target(self, address: int, insn: Insn) -> int | None:
+        """The selector of the TSS a far JMP/CALL or a task-return IRET switches to,
+        after the checks made before the switch (raises TaskFault); None when the
+        far transfer is not a task switch, or its selector is null or beyond its
+        descriptor table (Unicorn raises that #GP itself).  Reading the operand or
+        a table may raise PageFault or UnsupportedPaging."""
+        read_gdt = self._gdt_entry
+        if insn.kind is Kind.IRET:
+            _, tss_base, _, _ = self.probe.segment(7)
+            link = struct.unpack("<H", self.read_linear(tss_base, 2))[0]
+            return tasks.task_return_tss(link, read_gdt)
+        selector = insn.selector
+        if selector is None:             # FF /3, FF /5: m16:16 or m16:32, the selector last
+            linear = self.mem_operand_linear(insn, address)
+            selector = struct.unpack("<H", self.read_linear(linear + insn.op_size, 2))[0]
+        if selector & ~3 == 0:
+            return None
+        desc = self._ldt_entry(selector) if selector & 4 else read_gdt(selector)
+        if desc is None or not tasks.is_task_descriptor(desc):
+            return None
+        return tasks.far_transfer_tss(selector, desc, self.cpl(), read_gdt)
+
+    def _gdt_entry(self, selector: int) -> int | None:
+        """The GDT entry of ``selector`` (its TI bit ignored), None beyond the GDT limit."""
+        _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
+        return self._table_entry(base, limit, selector)
+
+    def _ldt_entry(self, selector: int) -> int | None:
+        """The LDT entry of ``selector``, None beyond the LDT limit (or without an LDT)."""
+        _, base, limit, flags = self.probe.segment(6)
+        if not flags & (1 << 15):         # LDTR not present: null or unusable
+            return None
+        return self._table_entry(base, limit, selector)
+
+    def _table_entry(self, base: int, limit: int, selector: int) -> int | None:
+        idx = selector & ~7
+        if idx + 7 > limit:
+            return None
+        return struct.unpack("<Q", self.read_linear(base + idx, 8))[0]
 
     def mem_operand_linear(self, insn: Insn, address: int) -> int:
         regs = LazyRegs(self)
