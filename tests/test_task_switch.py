@@ -41,6 +41,7 @@ CATCH_TS_NP_GP = (1 << 10) | (1 << 11) | (1 << 13)
 # --- guest memory (physical = linear) ---------------------------------------------------
 GDT, LDT, EPT = 0x500000, 0x504000, 0x600000
 TSS_A, TSS_B, TSS_C, TSS_16 = 0x501000, 0x502000, 0x503000, 0x505000
+IDT = 0x506000                             # 256 8-byte gates (protected mode)
 STACK = 0x90000
 
 
@@ -81,6 +82,12 @@ SEL = {  # selector -> descriptor
 }
 GDT_LIMIT = 0x8F
 LDT_ENTRIES = [task_gate(0x20), seg(TSS_B, 0x67, TSS32_AVAIL)]   # selectors 0x04, 0x0C
+IDT_GATES = {  # vector -> gate; every other gate is zero (not present)
+    0x40: task_gate(0x20),
+    0x41: task_gate(0x20, present=False),
+    6: task_gate(0x20),                    # #UD
+    13: task_gate(0x30),                   # #GP: to a busy TSS
+}
 
 
 def tss(link: int = 0) -> bytes:
@@ -93,8 +100,11 @@ def guest_memory(link: int = 0) -> dict[int, bytes]:
     gdt = bytearray(GDT_LIMIT + 1)
     for sel, d in SEL.items():
         struct.pack_into("<Q", gdt, sel, d)
+    idt = bytearray(256 * 8)
+    for vector, gate in IDT_GATES.items():
+        struct.pack_into("<Q", idt, vector * 8, gate)
     return {
-        GDT: bytes(gdt), LDT: struct.pack("<2Q", *LDT_ENTRIES),
+        GDT: bytes(gdt), LDT: struct.pack("<2Q", *LDT_ENTRIES), IDT: bytes(idt),
         TSS_A: tss(link), TSS_B: tss(), TSS_C: tss(), TSS_16: bytes(0x2C),
         EPT: struct.pack("<Q", (EPT + 0x1000) | 7),        # PML4E: RWX -> PDPT
         EPT + 0x1000: struct.pack("<Q", 0x80 | 0x30 | 7),  # 1-GiB page at 0, WB, RWX
@@ -114,6 +124,7 @@ def pm32_fields(rflags: int = 0x2, exceptions: int = 0) -> dict[str, int]:
         "GUEST_CR0": 0x31, "CR0_READ_SHADOW": 0x31,           # PE, ET, NE
         "GUEST_CR4": 1 << 13, "CR4_READ_SHADOW": 0, "GUEST_IA32_EFER": 0,
         "GUEST_GDTR_BASE": GDT, "GUEST_GDTR_LIMIT": GDT_LIMIT,
+        "GUEST_IDTR_BASE": IDT, "GUEST_IDTR_LIMIT": 256 * 8 - 1,
         "GUEST_CS_SELECTOR": 0x08, "GUEST_CS_BASE": 0, "GUEST_CS_LIMIT": 0xFFFFFFFF,
         "GUEST_CS_AR_BYTES": 0xC09B,
         "GUEST_TR_SELECTOR": 0x18, "GUEST_TR_BASE": TSS_A, "GUEST_TR_LIMIT": 0x67,
@@ -301,7 +312,51 @@ def test_fault_before_task_switch_without_exception_exiting_is_not_an_exit():
     # models in IA-32e mode only; what matters is that no TASK_SWITCH exit happened
     r = run32(ljmp(0x30))
     assert r.outcome == "no_exit" and r.no_exit.why == "stopped", str(r)
-    assert "vector 13" in r.no_exit.message
+    assert "outside IA-32e mode" in r.no_exit.message
+    assert r.vmcs["GUEST_TR_SELECTOR"] == 0x18
+
+
+# =========================================================================== IDT task gates
+# IDT-vectoring information: bits 7:0 vector, 10:8 type (3 hardware exception,
+# 4 software interrupt), bit 11 error code valid, bit 31 valid.
+def test_int_n_through_task_gate_exits_with_source_idt():
+    r = run32("nop\nthere: int 0x40")
+    e = assert_task_switch(r, 0xC0000020, 2, r.symbols["there"])   # 3 << 30 | TSS; CD ib
+    assert e.idt_vectoring_info == 0x80000440                      # software interrupt 0x40
+    assert r.steps == 1                                            # the INT did not retire
+
+
+def test_exception_through_task_gate_exits_with_vectoring_info():
+    r = run32("there: ud2")
+    e = assert_task_switch(r, 0xC0000020, None, r.symbols["there"])
+    assert e.idt_vectoring_info == 0x80000306                      # hardware exception 6
+    assert e.instruction_length is None                            # not a software event
+
+
+def test_task_gate_faults_during_delivery():
+    # INT 0x41: gate not present: #NP(0x41 * 8 + 2), EXT = 0 for INT n
+    r = fault32("there: int 0x41")
+    assert r.exit.reason == EXCEPTION_NMI, str(r)
+    assert r.exit.interruption_info == HW_EXC_EC | NP and r.exit.error_code == 0x20A, str(r)
+    assert r.exit.idt_vectoring_info == 0x80000441, str(r)
+    # #GP(0x30) from a JMP to a busy TSS goes through IDT gate 13, whose TSS (0x30) is
+    # busy: #GP(0x30 | EXT), a contributory fault during a contributory one: #DF(0)
+    r = run32(ljmp(0x30), exceptions=1 << 8)
+    assert r.exit.reason == EXCEPTION_NMI, str(r)
+    assert r.exit.interruption_info == HW_EXC_EC | 8 and r.exit.error_code == 0, str(r)
+    # the same with #GP intercepted: the first #GP exits
+    r = run32(ljmp(0x30), exceptions=1 << GP)
+    assert r.exit.error_code == 0x30 and r.exit.idt_vectoring_info == 0, str(r)
+
+
+def test_ud_through_busy_tss_gate_gp_has_ext():
+    # #UD through gate 6 to TSS 0x20 is fine (exit); point it at the busy TSS instead
+    mem = guest_memory()
+    mem[IDT] = mem[IDT][:6 * 8] + struct.pack("<Q", task_gate(0x30)) + mem[IDT][7 * 8:]
+    r = run_case(".code32\nthere: ud2", vmcs=pm32_fields(exceptions=1 << GP), memory=mem)
+    assert r.exit.reason == EXCEPTION_NMI, str(r)
+    assert r.exit.interruption_info == HW_EXC_EC | GP and r.exit.error_code == 0x31, str(r)
+    assert r.exit.idt_vectoring_info == 0x80000306, str(r)
 
 
 # =========================================================================== IA-32e mode
@@ -347,6 +402,7 @@ def run_native(source: str, link: int = 0) -> Machine:
     from devirt_emu.platform.core import State
     uc = core.uc
     uc.reg_write(X.UC_X86_REG_GDTR, (0, GDT, GDT_LIMIT, 0))
+    uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT, 256 * 8 - 1, 0))
     uc.reg_write(X.UC_X86_REG_CR0, 0x31)
     core.load_segment(1, 0x08)
     for s in (0, 2, 3, 4, 5):
@@ -387,7 +443,69 @@ def test_native_call_and_iret_switch_and_return():
     assert m.cores[0].events.get("TASK_SWITCH") == 2           # the CALL and the IRET
 
 
+def test_native_task_gate_in_idt_is_a_clear_error():
+    m = run_native("int 0x40\ntask_b:\n")
+    assert m.verdict == "error"
+    assert "task gate" in m.message and "not performed" in m.message
+
+
 def test_native_ordinary_far_jmp_is_not_an_event():
     m = run_native(ljmp(0x08, "t") + "ud2\nt:\n" + REPORT + "task_b:\n")
     assert m.verdict == "pass", m.message
     assert "TASK_SWITCH" not in m.cores[0].events and "JMP_FAR" not in m.cores[0].events
+
+
+def test_int_n_fault_in_64bit_mode_records_the_int_as_idt_vectoring_info():
+    # every gate of the fresh 64-bit IDT is zero: delivering INT 0x40 is #GP(0x40 * 8 + 2),
+    # EXT = 0; the exit on that #GP reports the software interrupt being delivered
+    r = run_case("there: int 0x40", vmcs={"EXCEPTION_BITMAP": 1 << GP})
+    assert r.exit.reason == EXCEPTION_NMI, str(r)
+    assert r.exit.interruption_info == HW_EXC_EC | GP and r.exit.error_code == 0x202, str(r)
+    assert r.exit.idt_vectoring_info == 0x80000440 and r.exit.guest_rip == r.symbols["there"]
+
+
+# =========================================================================== the checks alone
+from devirt_emu.platform import tasks  # noqa: E402
+
+
+def _gdt(entries: dict[int, int]):
+    return lambda sel: entries.get(sel & ~7, 0) if sel & ~7 <= 0x40 else None
+
+
+def _fault(fn, *args, **kw):
+    try:
+        fn(*args, **kw)
+    except tasks.TaskFault as f:
+        return f.vector, f.error_code
+    return None
+
+
+def test_tss_limits_32_and_16_bit():
+    # 32-bit TSS: limit 67H is valid, 66H is #TS; 16-bit TSS (type 1): 2BH valid, 2AH #TS
+    for access, good, bad in ((0x89, 0x67, 0x66), (0x81, 0x2B, 0x2A)):
+        assert tasks.far_transfer_tss(0x20, seg(0, good, access), 0, _gdt({})) == 0x20
+        assert _fault(tasks.far_transfer_tss, 0x20, seg(0, bad, access), 0, _gdt({})) == (TS, 0x20)
+    # a page-granular limit (G = 1): 0 pages means limit FFFH
+    assert tasks.far_transfer_tss(0x20, seg(0, 0, 0x89, 0x8), 0, _gdt({})) == 0x20
+
+
+def test_privilege_checks_at_cpl3():
+    tss3 = seg(0, 0x67, 0x89 | 0x60)                      # DPL 3
+    assert tasks.far_transfer_tss(0x23, tss3, 3, _gdt({})) == 0x23
+    assert _fault(tasks.far_transfer_tss, 0x20, seg(0, 0x67, 0x89), 3, _gdt({})) == (GP, 0x20)
+    gdt = {0x20: seg(0, 0x67, 0x89)}
+    assert tasks.far_transfer_tss(0x2B, task_gate(0x20, dpl=3), 3, _gdt(gdt)) == 0x20
+    assert _fault(tasks.far_transfer_tss, 0x28, task_gate(0x20, dpl=2), 3, _gdt(gdt)) == (GP, 0x28)
+
+
+def test_idt_task_gate_checks():
+    gdt = {0x20: seg(0, 0x67, 0x89), 0x30: seg(0, 0x67, 0x8B)}
+    gate0 = task_gate(0x20)                               # DPL 0
+    # INT n at CPL 3 through a DPL-0 gate: #GP(vector * 8 + 2); a hardware event is not checked
+    assert _fault(tasks.idt_task_gate_tss, 0x40, gate0, 3, _gdt(gdt), soft=True) == (GP, 0x202)
+    assert tasks.idt_task_gate_tss(0x40, gate0, 3, _gdt(gdt), soft=False) == 0x20
+    # not present: #NP(vector * 8 + 2 + EXT)
+    gate_np = task_gate(0x20, present=False)
+    assert _fault(tasks.idt_task_gate_tss, 0x21, gate_np, 0, _gdt(gdt), soft=False) == (NP, 0x10B)
+    # busy TSS: #GP(TSS selector + EXT)
+    assert _fault(tasks.idt_task_gate_tss, 8, task_gate(0x30), 0, _gdt(gdt), soft=False) == (GP, 0x31)

@@ -232,6 +232,7 @@ class Core:
         self._in_run = False
         self._counted = True           # the current run counts instructions exactly
         self._delivering = None        # (vector, interruption type, error code) being delivered
+        self._soft_insn: Insn | None = None   # the INT n / INT3 / INT1 being delivered
         self.cr2 = 0                   # CR2 as the architecture has it (see _on_intr)
         self.free_running = False      # fast mode: the scheduler lets this core run uncounted
         self._extra_ns = 0             # virtual time beyond 1 ns per instruction (PAUSE)
@@ -859,6 +860,48 @@ class Core:
             return None
         return tasks.far_transfer_tss(selector, desc, self.cpl(), read_gdt)
 
+    def _idt_task_switch(self, vector: int, soft: bool, hardware: bool) -> bool:
+        """Delivery of ``vector`` in protected mode outside IA-32e mode: if its IDT gate
+        is a task gate, the task switch it attempts, after the checks made before it
+        (raised as _Fault; the caller applies the double-fault rules).  Returns True
+        when a VMX layer took it as a VM exit, False when the gate is not a task gate
+        (interrupt and trap gates outside IA-32e mode are not modelled).  Natively a
+        task switch through the IDT is a GuestError: the platform does not perform it.
+
+        ``soft``: INT n or INT3 (the gate's DPL is checked, EXT is 0); ``hardware``:
+        an exception or external interrupt (no instruction length); otherwise INT1.
+        """
+        uc = self.uc
+        if not self.probe.hflags() & HF_PE or uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_VM:
+            return False
+        _, idt_base, idt_limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
+        if vector * 8 + 7 > idt_limit:
+            raise _Fault(13, vector * 8 + 2 + (0 if soft else 1))
+        try:
+            gate = struct.unpack("<Q", self.read_linear(idt_base + vector * 8, 8))[0]
+            if (gate >> 44) & 1 or (gate >> 40) & 0xF != tasks.TASK_GATE:
+                return False
+            tss_selector = tasks.idt_task_gate_tss(vector, gate, self.cpl(), self._gdt_entry,
+                                                   soft=soft)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        except UnsupportedPaging:
+            return False
+        except tasks.TaskFault as f:
+            raise _Fault(f.vector, f.error_code) from None
+        self._count(Kind.TASK_SWITCH)
+        insn = None if hardware else self._soft_insn     # the INT n / INT3 / INT1 delivered
+        event = Event(Kind.TASK_SWITCH, self.index, self.rip(), insn, vector=vector,
+                      regs=LazyRegs(self),
+                      extra={"tss_selector": tss_selector, "task_switch_source": "IDT"})
+        if self.trace is not None:
+            self.trace(self, event)
+        if self.virt is not None and self.virt.on_event(self, event):
+            return True
+        raise GuestError(f"core {self.index}: vector {vector} at {self.rip():#x} goes through a "
+                         f"task gate (TSS {tss_selector:#x}): task switches through the IDT are "
+                         "not performed by the platform")
+
     def _gdt_entry(self, selector: int) -> int | None:
         """The GDT entry of ``selector`` (its TI bit ignored), None beyond the GDT limit."""
         _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
@@ -1171,10 +1214,18 @@ class Core:
         itype = {Kind.INT: INTR_TYPE_SOFT_INTR, Kind.INT3: INTR_TYPE_SOFT_EXCEPTION}.get(
             kind, INTR_TYPE_PRIV_SW_EXCEPTION)
         self._delivering = (insn.vector, itype, None)
+        self._soft_insn = insn
         try:
             self.deliver_event(insn.vector, None, address + insn.length, soft=kind is not Kind.INT1)
+        except _Fault as f:
+            # delivered while the INT is still being delivered, so that a VM exit on it
+            # records the INT as IDT-vectoring information (SDM "Information for VM
+            # Exits During Event Delivery")
+            self._uncount += 1
+            self.deliver_exception(f.vector, f.error_code, f.cr2)
         finally:
             self._delivering = None
+            self._soft_insn = None
 
     def _h_pause(self, address, insn):
         """PAUSE takes PAUSE_NS of virtual time (the spin-wait hint's latency on
@@ -1252,6 +1303,8 @@ class Core:
         """
         uc = self.uc
         if not self.rdmsr_raw(MSR_EFER) & (1 << 10):
+            if self._idt_task_switch(vector, soft, exception or external):
+                return
             raise GuestError(f"core {self.index}: vector {vector} raised outside IA-32e mode "
                              f"at {return_rip:#x}: only IA-32e mode interrupt delivery is modelled")
         ext = 0 if soft else 1   # EXT: the event is not a software interrupt
