@@ -25,8 +25,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from unicorn import UC_PROT_READ, UC_PROT_WRITE
-
 from .cpu.scan import scan_page
 from .platform.core import Core, GuestError, State
 from .platform.debug_exit import DebugExit
@@ -243,7 +241,7 @@ class Machine:
             del self._scans[key]
         for c in self.cores:
             c.disarm_page(ppage)
-            c.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
+            c.protect_page(ppage, writable=True)    # (a page a core watches keeps no access)
 
     # ------------------------------------------------------------------ devices
     def io_read(self, core: Core, port: int, size: int) -> int:

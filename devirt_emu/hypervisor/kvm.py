@@ -439,13 +439,14 @@ class KvmL0:
         """RDMSR/WRMSR: KVM's paravirtual MSRs here; IA32_TSC with the TSC offset;
         everything else on the platform (x2APIC on the physical local APIC)."""
         uc = vcpu.core.uc
-        index = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
+        uc_reg = vcpu.core.probe.reg
+        index = uc_reg(X.UC_X86_REG_ECX) & 0xFFFFFFFF
         write = d.reason == ER.MSR_WRITE
         if index in (MSR_KVM_APIC_MAPS, MSR_KVM_DEVIRT):
             if not write:
                 vcpu.inject(13, C.INTR_TYPE_HARD_EXCEPTION, 0)
                 return
-            value = (uc.reg_read(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
+            value = (uc_reg(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (uc_reg(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
             if index == MSR_KVM_APIC_MAPS:
                 self.set_apic_maps(value)
             else:
@@ -475,10 +476,11 @@ class KvmL0:
         v = vcpu.vmcs
         core = vcpu.core
         uc = core.uc
+        uc_reg = core.probe.reg
         q = d.qualification
         cr, access, gpr = q & 0xF, (q >> 4) & 3, (q >> 8) & 0xF
         if access == 0:                                   # MOV to CR
-            val = uc.reg_read(GPR_IDS[gpr])
+            val = uc_reg(GPR_IDS[gpr])
             if core.code_size() != 64:
                 val &= 0xFFFFFFFF
             if cr == 0:

@@ -25,6 +25,25 @@ QEMU's state, #DF, triple fault), the interrupt shadow of STI / MOV SS /
 POP SS, NMI blocking until IRET, HLT, MSRs (an unknown MSR is #GP), CPUID,
 port I/O, the local APIC (x2APIC MSRs and the xAPIC MMIO page), CR8.
 
+Watched physical pages
+----------------------
+A layer above (the VMX APIC-access page) can *watch* a physical page:
+:meth:`Core.watch_page` maps it with no access in this core's engine (a page
+outside RAM, the xAPIC MMIO page included, gets a private no-access page
+mapped in its place), so every engine access to it stops the engine before
+the instruction takes effect, with RIP at the instruction; the core then
+calls the watcher with a :class:`PageAccess`.  The watcher either leaves the
+instruction undone (a VM exit) or lets it run once over the page with
+:meth:`Core.step_watched`.  Measured on Unicorn 2.1.4 (see the methods):
+the protection hooks get the *physical* address and the access size (8 for
+a qword), a denied read or write leaves registers and memory unchanged (a
+REP string instruction keeps the iterations already done), and a denied
+fetch stops with RIP at the fetched address.  Two holes: a read that starts
+on the page before and crosses into the watched page is not seen at all, and
+a write crossing into it has already written its bytes on the page before.
+Accesses the platform performs itself in Python (IDT delivery, INS/OUTS,
+descriptor-table reads) do not look at watched pages.
+
 Time
 ----
 The core's clock is in virtual nanoseconds; one retired instruction is one
@@ -34,16 +53,20 @@ counts nanoseconds.  In deterministic mode every run is a counted
 """
 from __future__ import annotations
 
+import ctypes
 import enum
 import struct
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED,
                      UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED,
                      UC_ERR_WRITE_PROT, UC_ERR_WRITE_UNMAPPED, UC_HOOK_CODE,
-                     UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT,
-                     UC_HOOK_MEM_WRITE_PROT, UC_MODE_16, UC_PROT_EXEC,
-                     UC_PROT_READ, UC_PROT_WRITE, Uc, UcError)
+                     UC_ERR_READ_PROT, UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT,
+                     UC_HOOK_MEM_READ_PROT, UC_HOOK_MEM_WRITE_PROT, UC_MODE_16,
+                     UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc,
+                     UcError)
 from unicorn import x86_const as X
 
 from ..cpu.decode import resolve_linear
@@ -54,7 +77,7 @@ from .lapic import GeneralProtection
 from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
-from .ucinternals import HF_CS64, HF_LMA, HF_PE, EngineProbe
+from .ucinternals import HF_CPL_MASK, HF_CS64, HF_LMA, HF_PE, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
 #: Kinds whose native handling always completes the instruction in Python (or
@@ -64,7 +87,8 @@ EXIT_KINDS = frozenset({
     Kind.INT, Kind.INT3, Kind.INT1, Kind.PAUSE, Kind.RDPMC, Kind.STI,
 })
 #: A counted run of at least this many instructions that ended only because its
-#: budget ran out counts as a compute phase (see Core._keep_only_current_page).
+#: budget ran out, with no event on the way, counts as a compute phase (see
+#: Core._keep_only_current_page).
 CALM_RUN = 20_000
 #: Virtual nanoseconds one PAUSE takes (about 140 cycles on Skylake and later).
 PAUSE_NS = 140
@@ -81,9 +105,24 @@ GPR_IDS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RB
            X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
            X.UC_X86_REG_R8, X.UC_X86_REG_R9, X.UC_X86_REG_R10, X.UC_X86_REG_R11,
            X.UC_X86_REG_R12, X.UC_X86_REG_R13, X.UC_X86_REG_R14, X.UC_X86_REG_R15)
-_REG_BY_NAME = {n: r for n, r in zip(GPR_NAMES, GPR_IDS)}
-_REG_BY_NAME.update(rip=X.UC_X86_REG_RIP, rflags=X.UC_X86_REG_EFLAGS, cr0=X.UC_X86_REG_CR0,
-                    cr2=X.UC_X86_REG_CR2, cr3=X.UC_X86_REG_CR3, cr4=X.UC_X86_REG_CR4)
+#: Event.regs names -> how the core reads them (GPRs, RIP and CR0/3/4 straight
+#: from QEMU's state; RFLAGS is assembled by Unicorn from QEMU's lazy flags).
+_REG_READERS = {n: (lambda i: lambda core: core.probe.gpr(i))(i) for i, n in enumerate(GPR_NAMES)}
+_REG_READERS.update(
+    rip=lambda core: core.probe.eip(),
+    rflags=lambda core: core.probe.reg(X.UC_X86_REG_EFLAGS),
+    cr0=lambda core: core.probe.cr(0),
+    cr2=lambda core: core.probe.reg(X.UC_X86_REG_CR2),
+    cr3=lambda core: core.probe.cr(3),
+    cr4=lambda core: core.probe.cr(4),
+    efer=lambda core: core.rdmsr_raw(MSR_EFER),
+    cr8=lambda core: core.lapic.read_cr8(),
+    cpl=lambda core: core.cpl(),
+    mode=lambda core: core.code_size(),
+    dr7=lambda core: core.probe.reg(X.UC_X86_REG_DR7),
+    tsc=lambda core: core.tsc(),
+    xss=lambda core: 0,              # XSAVES is not supported: IA32_XSS is 0
+)
 
 # Interruption types (SDM "Format of the VM-Exit Interruption-Information Field").
 INTR_TYPE_EXT_INTR, INTR_TYPE_NMI, INTR_TYPE_HARD_EXCEPTION = 0, 2, 3
@@ -158,6 +197,32 @@ class _Fault(Exception):
         self.cr2 = cr2
 
 
+@dataclass(frozen=True)
+class PageAccess:
+    """An engine access to a watched page, stopped before it took effect.
+
+    ``pa`` is the physical address of the first byte on the watched page,
+    ``access`` "read", "write" or "fetch", ``size`` the access size in bytes
+    as the engine made it, ``value`` the data of a write (None otherwise)."""
+
+    pa: int
+    access: str
+    size: int
+    value: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class WatchStep:
+    """What :meth:`Core.step_watched` did.  ``retired``: instructions retired
+    (0 or 1); ``denied``: an access the permissions of the step refused (the
+    instruction then had no effect), else None; ``window``: the window's bytes
+    after the instruction (None if ``denied``)."""
+
+    retired: int
+    denied: Optional[PageAccess]
+    window: Optional[bytes]
+
+
 class LazyRegs:
     """The ``Event.regs`` mapping: reads a register on first use."""
 
@@ -193,7 +258,7 @@ class Core:
         uc = Uc(UC_ARCH_X86, UC_MODE_16)
         self.uc = uc
         uc.mem_map_ptr(0, self.mem.size, UC_PROT_READ | UC_PROT_WRITE, self.mem.ptr)
-        uc.mmio_map(LAPIC_MMIO_BASE, PAGE_SIZE, self._mmio_read, None, self._mmio_write, None)
+        self._map_lapic_mmio()
         uc.hook_add(UC_HOOK_MEM_FETCH_PROT, self._on_fetch_prot)
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
@@ -238,9 +303,18 @@ class Core:
         self._extra_ns = 0             # virtual time beyond 1 ns per instruction (PAUSE)
         self._time_limit = 0           # virtual ns at which the current run should yield
         self._hook_ns = 0              # wall ns spent in our hooks during the current run
+        self._run_events = 0           # events dispatched during the current run
         self._run_wall0 = 0
         self._rearm_after_step = False
         self._pending_rearm = False
+        # watched physical pages (see watch_page)
+        self._watched: dict[int, Callable] = {}          # page -> watcher(core, PageAccess)
+        self._watch_scratch: dict[int, ctypes.Array] = {}   # page outside RAM -> its stand-in
+        self._watch_queue: list[tuple[int, Optional[Callable]]] = []   # changes made in a run
+        self._watch_hit: Optional[PageAccess] = None
+        self._watch_denied: Optional[PageAccess] = None
+        self._watch_stepping = False
+        self._read_prot_hook = None
         self._handlers = self._make_handlers()
 
     def _architectural_reset(self) -> None:
@@ -263,24 +337,10 @@ class Core:
     # ------------------------------------------------------------------ registers
     def read_reg(self, name: str) -> int:
         """A register by the names of :class:`~devirt_emu.events.Event` ``regs``."""
-        rid = _REG_BY_NAME.get(name)
-        if rid is not None:
-            return self.uc.reg_read(rid)
-        if name == "efer":
-            return self.rdmsr_raw(MSR_EFER)
-        if name == "cr8":
-            return self.lapic.read_cr8()
-        if name == "cpl":
-            return self.cpl()
-        if name == "mode":
-            return self.code_size()
-        if name == "dr7":
-            return self.uc.reg_read(X.UC_X86_REG_DR7)
-        if name == "tsc":
-            return self.tsc()
-        if name == "xss":
-            return 0               # XSAVES is not supported: IA32_XSS is 0
-        raise KeyError(name)
+        reader = _REG_READERS.get(name)
+        if reader is None:
+            raise KeyError(name)
+        return reader(self)
 
     def lazy_regs(self) -> "LazyRegs":
         """A fresh ``Event.regs`` mapping for this core."""
@@ -288,11 +348,11 @@ class Core:
 
     def rip(self) -> int:
         """The linear address of the next instruction (CS.base + RIP), as hooks see it."""
-        return (self.probe.segment(1)[1] + self.uc.reg_read(X.UC_X86_REG_RIP)) & 0xFFFF_FFFF_FFFF_FFFF
+        return (self.probe.segment(1)[1] + self.probe.reg(X.UC_X86_REG_RIP)) & 0xFFFF_FFFF_FFFF_FFFF
 
     def set_rip(self, linear: int) -> None:
         """Continue at a linear address (RIP = linear - CS.base)."""
-        self.uc.reg_write(X.UC_X86_REG_RIP, (linear - self.probe.segment(1)[1]) & 0xFFFF_FFFF_FFFF_FFFF)
+        self.probe.set_eip(linear - self.probe.segment(1)[1])
 
     def load_segment(self, index: int, selector: int) -> None:
         """Load segment register ``index`` (ES, CS, SS, DS, FS, GS = 0..5) as a
@@ -303,7 +363,7 @@ class Core:
         DS/ES/SS real-mode bases even with CR0.PE=1; its 64-bit API stores the
         selector only), so the core writes QEMU's segment cache itself.
         """
-        if not self.uc.reg_read(X.UC_X86_REG_CR0) & 1:
+        if not self.probe.reg(X.UC_X86_REG_CR0) & 1:
             self.write_segment(index, selector, selector << 4, 0xFFFF, 0x9B if index == 1 else 0x93)
             return
         if selector & ~3 == 0:
@@ -331,15 +391,13 @@ class Core:
         return self.uc.reg_read(X.UC_X86_REG_MSR, index)
 
     def cpl(self) -> int:
-        if not self.uc.reg_read(X.UC_X86_REG_CR0) & 1:
-            return 0
-        return self.uc.reg_read(X.UC_X86_REG_CS) & 3
+        return self.probe.hflags() & HF_CPL_MASK      # QEMU keeps the CPL there (0 in real mode)
 
     def code_size(self) -> int:
         """16, 32 or 64: the current code size (CS.L/CS.D in protected mode)."""
-        if not self.uc.reg_read(X.UC_X86_REG_CR0) & 1:
+        if not self.probe.reg(X.UC_X86_REG_CR0) & 1:
             return 16
-        desc = self._descriptor(self.uc.reg_read(X.UC_X86_REG_CS))
+        desc = self._descriptor(self.probe.reg(X.UC_X86_REG_CS))
         if desc is None:
             return 32
         if (desc >> 53) & 1 and self.rdmsr_raw(MSR_EFER) & (1 << 10):
@@ -384,9 +442,8 @@ class Core:
 
     # ------------------------------------------------------------------ memory
     def _paging_regs(self):
-        uc = self.uc
-        return (uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR3),
-                uc.reg_read(X.UC_X86_REG_CR4), self.rdmsr_raw(MSR_EFER))
+        return (self.probe.reg(X.UC_X86_REG_CR0), self.probe.reg(X.UC_X86_REG_CR3),
+                self.probe.reg(X.UC_X86_REG_CR4), self.rdmsr_raw(MSR_EFER))
 
     def translate(self, linear: int, *, write=False, fetch=False, user=False) -> int:
         cr0, cr3, cr4, efer = self._paging_regs()
@@ -417,12 +474,28 @@ class Core:
 
     # ------------------------------------------------------------------ page scanning
     def _on_fetch_prot(self, uc, access, address, size, value, data):
+        if self._watched and address & ~0xFFF in self._watched:
+            if self._watch_hit is None:
+                self._watch_hit = PageAccess(address, "fetch", size)
+            return False
         self.fetch_fault = address
         return False
 
     def _on_write_prot(self, uc, access, address, size, value, data):
+        if self._watched and address & ~0xFFF in self._watched:
+            if self._watch_hit is None:      # a write split in bytes calls this once per byte
+                self._watch_hit = PageAccess(address, "write", size, value)
+                self._uncount += 1
+            return False
         self.write_fault = address
         self._uncount += 1
+        return False
+
+    def _on_read_prot(self, uc, access, address, size, value, data):
+        # only watched pages are ever mapped without read permission
+        if self._watch_hit is None:
+            self._watch_hit = PageAccess(address, "read", size)
+            self._uncount += 1
         return False
 
     def _scan_and_arm(self, linear: int) -> None:
@@ -530,17 +603,154 @@ class Core:
         insn = self._exit_sites.get(address)
         if insn is None:
             return False
-        before = self.uc.reg_read(X.UC_X86_REG_RIP)
+        before = self.probe.reg(X.UC_X86_REG_RIP)
         self._dispatch(address, insn)
-        if self.uc.reg_read(X.UC_X86_REG_RIP) != before:
+        if self.probe.reg(X.UC_X86_REG_RIP) != before:
             self.icount += 1          # completed by us (Unicorn stopped before counting it)
             self.clock += 1
         return True
 
     def protect_page(self, ppage: int, writable: bool) -> None:
-        if ppage in self.exec_pages:
+        if ppage in self.exec_pages or ppage in self._watched:
             return
         self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | (UC_PROT_WRITE if writable else 0))
+
+    # ------------------------------------------------------------------ watched pages
+    def watch_page(self, ppage: int, watcher: Callable[["Core", PageAccess], None]) -> None:
+        """Stop every engine access to physical page ``ppage`` before it takes
+        effect and call ``watcher(core, access)`` outside the engine, with RIP
+        at the instruction (which has had no effect; a REP string instruction
+        keeps the iterations it completed).  The watcher leaves it undone
+        (RIP may be moved, e.g. by a VM exit) or runs it with
+        :meth:`step_watched`.  A page outside RAM (the xAPIC MMIO page
+        included) is replaced in this core by a no-access stand-in page until
+        :meth:`unwatch_page`.  Called during a run (from a hook), the change
+        takes effect when the engine has stopped, which it is asked to do
+        before the next instruction."""
+        if ppage < 0 or ppage & 0xFFF:
+            raise ValueError(f"watch_page: {ppage:#x} is not a 4 KiB page address")
+        if self._in_run:
+            self._watch_queue.append((ppage, watcher))
+            self.request_stop("check")
+            return
+        if ppage in self._watched:
+            self._watched[ppage] = watcher
+            return
+        if self._read_prot_hook is None:
+            self._read_prot_hook = self.uc.hook_add(UC_HOOK_MEM_READ_PROT, self._on_read_prot)
+        if self.mem.contains(ppage, PAGE_SIZE):
+            if ppage in self.exec_pages:
+                self.disarm_page(ppage)
+            self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_NONE)
+        else:
+            stand_in = ctypes.create_string_buffer(PAGE_SIZE)
+            try:
+                if ppage == LAPIC_MMIO_BASE:
+                    self.uc.mem_unmap(ppage, PAGE_SIZE)
+                self.uc.mem_map_ptr(ppage, PAGE_SIZE, UC_PROT_NONE, ctypes.addressof(stand_in))
+            except UcError as e:
+                if ppage == LAPIC_MMIO_BASE:
+                    self._map_lapic_mmio()
+                raise GuestError(f"core {self.index}: cannot watch physical page {ppage:#x}: "
+                                 f"{e}") from None
+            self._watch_scratch[ppage] = stand_in
+        self._watched[ppage] = watcher
+
+    def unwatch_page(self, ppage: int) -> None:
+        """Undo :meth:`watch_page` (nothing if ``ppage`` is not watched)."""
+        if self._in_run:
+            self._watch_queue.append((ppage, None))
+            self.request_stop("check")
+            return
+        if self._watched.pop(ppage, None) is None:
+            return
+        stand_in = self._watch_scratch.pop(ppage, None)
+        if stand_in is None:
+            perms = UC_PROT_READ if self.machine.is_code_page(ppage) else UC_PROT_READ | UC_PROT_WRITE
+            self.uc.mem_protect(ppage, PAGE_SIZE, perms)
+        else:
+            self.uc.mem_unmap(ppage, PAGE_SIZE)
+            if ppage == LAPIC_MMIO_BASE:
+                self._map_lapic_mmio()
+
+    def watched_pages(self) -> frozenset[int]:
+        """The physical pages watched in this core now."""
+        return frozenset(self._watched)
+
+    def _apply_watch_queue(self) -> None:
+        queue, self._watch_queue = self._watch_queue, []
+        for ppage, watcher in queue:
+            if watcher is None:
+                self.unwatch_page(ppage)
+            else:
+                self.watch_page(ppage, watcher)
+
+    def _map_lapic_mmio(self) -> None:
+        self.uc.mmio_map(LAPIC_MMIO_BASE, PAGE_SIZE, self._mmio_read, None, self._mmio_write, None)
+
+    def _call_watcher(self, hit: PageAccess) -> None:
+        """An access to a watched page stopped the engine: hand it to the watcher,
+        then end the run so that the scheduler sees what the watcher did."""
+        watcher = self._watched.get(hit.pa & ~0xFFF)
+        if watcher is None:
+            return          # unwatched in the meantime: the instruction simply runs again
+        try:
+            watcher(self, hit)
+        except _Fault as f:
+            self.deliver_exception(f.vector, f.error_code, f.cr2)
+        except GuestError as e:
+            self.machine.guest_error(str(e))
+            self._stop_reason = "exit"
+        except Exception as e:          # a bug of ours: end the run with verdict error
+            self.machine.internal_error(self, e)
+            self._stop_reason = "exit"
+        if self._stop_reason is None:
+            self._stop_reason = "check"
+
+    def _page_view(self, ppage: int) -> memoryview:
+        stand_in = self._watch_scratch.get(ppage)
+        if stand_in is None:
+            return self.mem.view[ppage:ppage + PAGE_SIZE]
+        return memoryview(stand_in).cast("B")
+
+    def step_watched(self, ppage: int, window: Optional[tuple[int, bytes]] = None, *,
+                     writable: bool = False) -> WatchStep:
+        """From a watcher: execute the instruction at RIP once with the watched
+        page ``ppage`` readable (and writable if ``writable``), its bytes
+        ``[offset, offset + len(data))`` replaced by ``window = (offset, data)``
+        for the duration; then the page is no-access and its bytes are as
+        before again.  An access the step's permissions refuse (a write when
+        not ``writable``, a fetch) stops the instruction before it takes effect
+        and is returned as ``denied``.  With the page open, further reads of
+        it by the same instruction are not checked.  Exceptions the instruction
+        raises are delivered as usual."""
+        if ppage not in self._watched:
+            raise ValueError(f"step_watched: page {ppage:#x} is not watched")
+        if self._in_run:
+            raise RuntimeError("step_watched is for watchers, which run outside the engine")
+        view = self._page_view(ppage)
+        offset, data = window if window is not None else (0, b"")
+        if offset < 0 or offset + len(data) > PAGE_SIZE:
+            raise ValueError(f"step_watched: window {offset:#x}+{len(data)} is outside the page")
+        saved = bytes(view[offset:offset + len(data)])
+        view[offset:offset + len(data)] = data
+        self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | (UC_PROT_WRITE if writable else 0))
+        address = self.rip()
+        self._skip_once = address       # its code hook, if any, already ran before the stop
+        self._watch_stepping = True
+        self._watch_denied = None
+        try:
+            retired = self._step_one()
+        finally:
+            self._watch_stepping = False
+            if self._skip_once == address:
+                self._skip_once = -1
+            after = bytes(view[offset:offset + len(data)])
+            view[offset:offset + len(data)] = saved
+            if ppage in self._watched:
+                self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_NONE)
+        denied, self._watch_denied = self._watch_denied, None
+        return WatchStep(retired, denied, None if denied is not None else after)
 
     # ------------------------------------------------------------------ running
     def run(self, budget: int | None, wall_timeout_us: int = 0) -> str | None:
@@ -558,11 +768,13 @@ class Core:
             self._uncount = 0
             self._budget = remaining
             self.fetch_fault = self.write_fault = None
-            begin = self.uc.reg_read(X.UC_X86_REG_RIP)
+            self._watch_hit = None
+            begin = self.probe.reg(X.UC_X86_REG_RIP)
             self.probe.clear_fault_tracking()
             self._counted = det
             self._in_run = True
             self._hook_ns = 0
+            self._run_events = 0
             self._run_wall0 = time.perf_counter_ns()
             err = None
             try:
@@ -592,6 +804,8 @@ class Core:
             if self._pending_rearm:
                 self._pending_rearm = False
                 self.rearm_all()
+            if self._watch_queue:
+                self._apply_watch_queue()
             if self._stop_reason == "step":
                 self._stop_reason = None
                 if remaining or not det:
@@ -618,7 +832,7 @@ class Core:
                 if err is None:
                     return None
                 continue
-            if err is None and retired >= CALM_RUN and (len(self.exec_pages) > 1 or (
+            if err is None and retired >= CALM_RUN and not self._run_events and (len(self.exec_pages) > 1 or (
                     self.exec_pages and not self._exit_pages)):
                 self._keep_only_current_page()
             if remaining <= 0:
@@ -634,12 +848,13 @@ class Core:
         self._uncount = 0
         self._budget = 1
         self.fetch_fault = self.write_fault = None
+        self._watch_hit = None
         self._in_run = True
         self._counted = True
         err = None
         self.probe.clear_fault_tracking()
         try:
-            self.uc.emu_start(self.uc.reg_read(X.UC_X86_REG_RIP), IMPOSSIBLE_PC, 0, 1)
+            self.uc.emu_start(self.probe.reg(X.UC_X86_REG_RIP), IMPOSSIBLE_PC, 0, 1)
         except UcError as e:
             err = e
         finally:
@@ -656,10 +871,20 @@ class Core:
         if self._rearm_after_step:
             self._rearm_after_step = False
             self.rearm_all()
+        if self._watch_queue:
+            self._apply_watch_queue()
         return retired
 
     def _handle_engine_error(self, err: UcError) -> None:
         no = err.errno
+        if self._watch_hit is not None and no in (UC_ERR_READ_PROT, UC_ERR_WRITE_PROT,
+                                                  UC_ERR_FETCH_PROT):
+            hit, self._watch_hit = self._watch_hit, None
+            if self._watch_stepping:
+                self._watch_denied = hit        # step_watched reports it to its caller
+            else:
+                self._call_watcher(hit)
+            return
         if no == UC_ERR_FETCH_PROT and self.fetch_fault is not None:
             if self.fetch_fault == self._last_fetch_fault and self.icount == self._last_fetch_icount:
                 raise GuestError(f"core {self.index}: instruction fetch at {self.fetch_fault:#x} "
@@ -733,6 +958,7 @@ class Core:
             return          # an ordinary far JMP/CALL (Unicorn's), or a task-switch attempt
         ev = self.events
         ev[kind.value] = ev.get(kind.value, 0) + 1
+        self._run_events += 1
         t0 = time.perf_counter_ns()
         try:
             if self.trace is not None or self.virt is not None:
@@ -741,7 +967,7 @@ class Core:
                     event.linear = self.mem_operand_linear(insn, address)
                 if kind in IO_KINDS:
                     event.port = insn.port if insn.port is not None else \
-                        self.uc.reg_read(X.UC_X86_REG_DX) & 0xFFFF
+                        self.probe.reg(X.UC_X86_REG_DX) & 0xFFFF
                     event.extra["io_permitted"] = False   # no TSS I/O bitmap is modelled
                 if self.trace is not None:
                     self.trace(self, event)
@@ -784,8 +1010,7 @@ class Core:
         hf = self.probe.hflags()
         if not hf & HF_PE or hf & HF_LMA:
             return kind is not Kind.IRET
-        uc = self.uc
-        fl = uc.reg_read(X.UC_X86_REG_EFLAGS)
+        fl = self.probe.reg(X.UC_X86_REG_EFLAGS)
         if fl & RFLAGS_VM:
             return kind is not Kind.IRET
         if kind is Kind.IRET and not fl & RFLAGS_NT:
@@ -809,6 +1034,7 @@ class Core:
                 self._rearm_after_step = True
                 return True
             self._count(Kind.TASK_SWITCH)
+            self._run_events += 1
             event = Event(Kind.TASK_SWITCH, self.index, address, insn, regs=LazyRegs(self),
                           extra={"tss_selector": tss_selector,
                                  "task_switch_source": _TASK_SWITCH_SOURCE[kind]})
@@ -872,7 +1098,7 @@ class Core:
         an exception or external interrupt (no instruction length); otherwise INT1.
         """
         uc = self.uc
-        if not self.probe.hflags() & HF_PE or uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_VM:
+        if not self.probe.hflags() & HF_PE or self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_VM:
             return False
         _, idt_base, idt_limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
         if vector * 8 + 7 > idt_limit:
@@ -890,6 +1116,7 @@ class Core:
         except tasks.TaskFault as f:
             raise _Fault(f.vector, f.error_code) from None
         self._count(Kind.TASK_SWITCH)
+        self._run_events += 1
         insn = None if hardware else self._soft_insn     # the INT n / INT3 / INT1 delivered
         event = Event(Kind.TASK_SWITCH, self.index, self.rip(), insn, vector=vector,
                       regs=LazyRegs(self),
@@ -948,7 +1175,7 @@ class Core:
         if intno == 14:
             # QEMU has written CR2 already; architecturally only the #PF's delivery
             # does (a #PF that causes a VM exit leaves CR2 alone)
-            cr2 = uc.reg_read(X.UC_X86_REG_CR2)
+            cr2 = self.probe.reg(X.UC_X86_REG_CR2)
             uc.reg_write(X.UC_X86_REG_CR2, self.cr2)
         try:
             self.deliver_exception(intno, ec, cr2)
@@ -1017,7 +1244,7 @@ class Core:
     def _h_rdmsr(self, address, insn):
         self._require_cpl0()
         uc = self.uc
-        index = uc.reg_read(X.UC_X86_REG_ECX)
+        index = self.probe.reg(X.UC_X86_REG_ECX)
         value = self.rdmsr(index)
         if value is None:
             return          # Unicorn holds it: let the instruction run
@@ -1044,9 +1271,8 @@ class Core:
 
     def _h_wrmsr(self, address, insn):
         self._require_cpl0()
-        uc = self.uc
-        index = uc.reg_read(X.UC_X86_REG_ECX)
-        value = (uc.reg_read(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
+        index = self.probe.reg(X.UC_X86_REG_ECX)
+        value = (self.probe.reg(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (self.probe.reg(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
         if self.wrmsr(index, value):
             self._skip(address, insn)
         elif index == MSR_EFER:
@@ -1083,7 +1309,7 @@ class Core:
         self._skip(address, insn)
 
     def _h_rdtsc(self, address, insn):
-        if self.uc.reg_read(X.UC_X86_REG_CR4) & (1 << 2) and self.cpl() != 0:
+        if self.probe.reg(X.UC_X86_REG_CR4) & (1 << 2) and self.cpl() != 0:
             raise _Fault(13, 0)
         t = self.tsc()
         self.uc.reg_write(X.UC_X86_REG_RAX, t & 0xFFFFFFFF)
@@ -1106,7 +1332,7 @@ class Core:
     def _h_io(self, address, insn):
         self._require_iopl()
         uc = self.uc
-        port = insn.port if insn.port is not None else uc.reg_read(X.UC_X86_REG_DX)
+        port = insn.port if insn.port is not None else self.probe.reg(X.UC_X86_REG_DX)
         size = insn.io_size
         if insn.kind is Kind.IN:
             v = self.machine.io_read(self, port, size)
@@ -1118,22 +1344,22 @@ class Core:
                 uc.reg_write(X.UC_X86_REG_AL, v & 0xFF)
         else:
             mask = (1 << (8 * size)) - 1
-            self.machine.io_write(self, port, size, uc.reg_read(X.UC_X86_REG_RAX) & mask)
+            self.machine.io_write(self, port, size, self.probe.reg(X.UC_X86_REG_RAX) & mask)
         self._skip(address, insn)
 
     def _h_string_io(self, address, insn):
         self._require_iopl()
         uc = self.uc
-        port = uc.reg_read(X.UC_X86_REG_DX)
+        port = self.probe.reg(X.UC_X86_REG_DX)
         size = insn.io_size
         amask = (1 << (8 * insn.addr_size)) - 1
         creg = {8: X.UC_X86_REG_RCX, 4: X.UC_X86_REG_ECX, 2: X.UC_X86_REG_CX}[insn.addr_size]
-        count = uc.reg_read(creg) if insn.rep else 1
-        step = -size if uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_DF else size
+        count = self.probe.reg(creg) if insn.rep else 1
+        step = -size if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_DF else size
         is_in = insn.kind is Kind.INS
         ireg = {8: X.UC_X86_REG_RDI, 4: X.UC_X86_REG_EDI, 2: X.UC_X86_REG_DI}[insn.addr_size] if is_in else \
             {8: X.UC_X86_REG_RSI, 4: X.UC_X86_REG_ESI, 2: X.UC_X86_REG_SI}[insn.addr_size]
-        ptr = uc.reg_read(ireg)
+        ptr = self.probe.reg(ireg)
         seg = 0 if is_in else (insn.mem.seg if insn.mem is not None else 3)
         base = self.segment_base(seg)
         try:
@@ -1160,10 +1386,10 @@ class Core:
     def _h_mov_to_cr(self, address, insn):
         self._require_cpl0()
         if insn.cr == 2:
-            self.cr2 = self.uc.reg_read(GPR_IDS[insn.gpr])
+            self.cr2 = self.probe.reg(GPR_IDS[insn.gpr])
         if insn.cr == 8:
             try:
-                self.lapic.write_cr8(self.uc.reg_read(GPR_IDS[insn.gpr]))
+                self.lapic.write_cr8(self.probe.reg(GPR_IDS[insn.gpr]))
             except GeneralProtection:
                 raise _Fault(13, 0) from None
             self._skip(address, insn)
@@ -1187,7 +1413,7 @@ class Core:
     def _h_sti(self, address, insn):
         self._require_iopl()
         uc = self.uc
-        fl = uc.reg_read(X.UC_X86_REG_EFLAGS)
+        fl = self.probe.reg(X.UC_X86_REG_EFLAGS)
         self._skip(address, insn)
         if not fl & RFLAGS_IF:
             uc.reg_write(X.UC_X86_REG_EFLAGS, fl | RFLAGS_IF)
@@ -1197,7 +1423,7 @@ class Core:
 
     def _require_iopl(self):
         """STI and I/O at CPL > IOPL: #GP(0) (no TSS I/O permission bitmap is modelled)."""
-        if self.cpl() > ((self.uc.reg_read(X.UC_X86_REG_EFLAGS) >> 12) & 3):
+        if self.cpl() > ((self.probe.reg(X.UC_X86_REG_EFLAGS) >> 12) & 3):
             raise _Fault(13, 0)
 
     def _h_mov_ss(self, address, insn):
@@ -1331,10 +1557,10 @@ class Core:
         if desc is None or not (desc >> 47) & 1 or not (desc >> 53) & 1:
             raise _Fault(13, (selector & ~3) + ext)
         new_cpl = (desc >> 45) & 3
-        old_ss = uc.reg_read(X.UC_X86_REG_SS)
-        old_rsp = uc.reg_read(X.UC_X86_REG_RSP)
-        old_cs = uc.reg_read(X.UC_X86_REG_CS)
-        rflags = uc.reg_read(X.UC_X86_REG_EFLAGS)
+        old_ss = self.probe.reg(X.UC_X86_REG_SS)
+        old_rsp = self.probe.reg(X.UC_X86_REG_RSP)
+        old_cs = self.probe.reg(X.UC_X86_REG_CS)
+        rflags = self.probe.reg(X.UC_X86_REG_EFLAGS)
         if ist or new_cpl < cpl:
             _, tss_base, _, _ = uc.reg_read(X.UC_X86_REG_TR)
             off = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * new_cpl
@@ -1404,7 +1630,7 @@ class Core:
             self._wake()
             self._deliver_external(2, nmi=True)
             return
-        if self.uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_IF:
+        if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF:
             vec = lapic.pending_vector()
             if vec is not None:
                 self._count(Kind.INTERRUPT)
@@ -1460,7 +1686,7 @@ class Core:
         if self.state is State.HALTED:
             if lapic.init_pending or (lapic.nmi_pending and not self.nmi_blocked):
                 return True
-            return bool(self.uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_IF) and \
+            return bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF) and \
                 lapic.pending_vector() is not None
         return self.state is State.RUNNING
 
@@ -1474,13 +1700,16 @@ class Core:
         self.msr_store.clear()
         self.tsc_offset = self.tsc_adjust = 0
         self.markers.clear()
-        self.cr2 = self.uc.reg_read(X.UC_X86_REG_CR2)
+        self.cr2 = self.probe.reg(X.UC_X86_REG_CR2)
         self._delivering = None
         self._skip_once = -1
         self._last_fetch_fault, self._last_fetch_icount = None, -1
         self._pending_rearm = self._rearm_after_step = False
         self._extra_ns = 0
         self.free_running = False
+        self._watch_queue.clear()
+        for ppage in list(self._watched):
+            self.unwatch_page(ppage)
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""

@@ -36,7 +36,8 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_16, UC_MODE_32,
                      UC_MODE_64, Uc, UcError)
 from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4,
                                UC_X86_REG_MSR, UC_X86_REG_RAX, UC_X86_REG_RCX,
-                               UC_X86_REG_RSP)
+                               UC_X86_REG_RIP, UC_X86_REG_RSP)
+from unicorn.unicorn_py3.unicorn import uclib   # the C library (the binding's wrappers cost ~3 us a call)
 
 
 #: CPUX86State layout (QEMU 5, as in Unicorn 2.1), verified by calibrate():
@@ -47,6 +48,8 @@ ENV_EIP = 128
 ENV_HFLAGS = 176
 ENV_SEGS = 184
 SEG_STRIDE = 24
+#: One SegmentCache: u32 selector, (pad), u64 base, u32 limit, u32 flags.
+_SEG_CACHE = struct.Struct("<I4xQII")
 ENV_LDT = ENV_SEGS + 6 * SEG_STRIDE
 ENV_TR = ENV_LDT + SEG_STRIDE
 ENV_GDT = ENV_TR + SEG_STRIDE
@@ -267,7 +270,9 @@ def _verify_layout(cpu_ptr: int, env_off: int) -> None:
 class EngineProbe:
     """Fast reads and writes of one engine's hidden state (ctypes, no copies)."""
 
-    __slots__ = ("mode_addr", "counter_addr", "error_code_addr", "old_exception_addr", "env")
+    __slots__ = ("mode_addr", "counter_addr", "error_code_addr", "old_exception_addr", "env",
+                 "_uch", "_pc_buf", "_pc_ref", "_rd_buf", "_rd_ref",
+                 "_gprs", "_eip", "_hflags", "_crs", "_counter", "_segs")
 
     def __init__(self, uc: Uc):
         off = calibrate()
@@ -278,6 +283,18 @@ class EngineProbe:
         self.counter_addr = base + off.counter
         self.error_code_addr = env + off.error_code
         self.old_exception_addr = env + off.old_exception
+        self._uch = uc._uch
+        self._pc_buf = ctypes.c_uint64(0)
+        self._pc_ref = ctypes.byref(self._pc_buf)
+        self._rd_buf = ctypes.c_uint64(0)
+        self._rd_ref = ctypes.byref(self._rd_buf)
+        # typed views of the engine's state, made once (a from_address per access costs ~0.5 us)
+        self._gprs = (ctypes.c_uint64 * 16).from_address(env)
+        self._eip = ctypes.c_uint64.from_address(env + ENV_EIP)
+        self._hflags = ctypes.c_uint32.from_address(env + ENV_HFLAGS)
+        self._crs = (ctypes.c_uint64 * 5).from_address(env + ENV_CR)
+        self._counter = ctypes.c_uint64.from_address(self.counter_addr)
+        self._segs = (ctypes.c_uint8 * (8 * SEG_STRIDE)).from_address(env + ENV_SEGS)
 
     def set_real_mode_api(self, real: bool) -> None:
         """Make the engine's register API and start address real-mode (UC_MODE_16) or not."""
@@ -285,7 +302,7 @@ class EngineProbe:
 
     def executed(self) -> int:
         """Instructions counted by the current/last counted emu_start (see module doc)."""
-        return ctypes.c_uint64.from_address(self.counter_addr).value
+        return self._counter.value
 
     def error_code(self) -> int:
         return ctypes.c_int32.from_address(self.error_code_addr).value & 0xFFFFFFFF
@@ -297,17 +314,34 @@ class EngineProbe:
     # ----- general registers (no Unicorn call: what uc_reg_read/write do) ---
     def gpr(self, n: int) -> int:
         """GPR ``n`` (SDM numbering: 0 = RAX ... 15 = R15)."""
-        return _u64(self.env + 8 * n)
+        return self._gprs[n]
 
     def set_gpr(self, n: int, value: int) -> None:
-        ctypes.c_uint64.from_address(self.env + 8 * n).value = value & 0xFFFF_FFFF_FFFF_FFFF
+        self._gprs[n] = value & 0xFFFF_FFFF_FFFF_FFFF
 
     def eip(self) -> int:
-        return _u64(self.env + ENV_EIP)
+        return self._eip.value
+
+    def reg(self, rid: int) -> int:
+        """uc_reg_read of a register that fits 64 bits (a GPR or part of one, RIP,
+        EFLAGS, CRn, DRn, a segment selector), without the binding's wrapper."""
+        buf = self._rd_buf
+        buf.value = 0              # narrower registers write only their own bytes
+        if uclib.uc_reg_read(self._uch, rid, self._rd_ref):
+            raise RuntimeError(f"uc_reg_read({rid}) failed")
+        return buf.value
+
+    def set_eip(self, value: int) -> None:
+        """RIP := value through uc_reg_write itself (not the Python binding's
+        wrapper): Unicorn must see the write, since from inside a hook it is what
+        makes the engine leave the current translation block and go on at RIP."""
+        self._pc_buf.value = value & 0xFFFF_FFFF_FFFF_FFFF
+        if uclib.uc_reg_write(self._uch, UC_X86_REG_RIP, self._pc_ref):
+            raise RuntimeError("uc_reg_write(RIP) failed")
 
     # ----- control and descriptor-table registers (no Unicorn call) ---------
     def cr(self, n: int) -> int:
-        return _u64(self.env + ENV_CR + 8 * n)
+        return self._crs[n]
 
     def dtr(self, env_offset: int) -> tuple[int, int]:
         """(base, limit) of GDTR (ENV_GDT) or IDTR (ENV_IDT)."""
@@ -318,10 +352,7 @@ class EngineProbe:
     def segment(self, index: int) -> tuple[int, int, int, int]:
         """(selector, base, limit, flags) of segs[index] (ES, CS, SS, DS, FS, GS;
         6 = LDTR, 7 = TR, as the SDM's and QEMU's orders agree)."""
-        a = self.env + ENV_SEGS + SEG_STRIDE * index
-        return (ctypes.c_uint32.from_address(a).value, _u64(a + 8),
-                ctypes.c_uint32.from_address(a + 16).value,
-                ctypes.c_uint32.from_address(a + 20).value)
+        return _SEG_CACHE.unpack_from(self._segs, SEG_STRIDE * index)
 
     def segments_raw(self) -> bytes:
         """The bytes of every segment cache (ES..GS, LDTR, TR): a cheap change test."""
@@ -336,7 +367,7 @@ class EngineProbe:
         ctypes.c_uint32.from_address(a + 20).value = flags
 
     def hflags(self) -> int:
-        return ctypes.c_uint32.from_address(self.env + ENV_HFLAGS).value
+        return self._hflags.value
 
     def fix_hflags(self) -> None:
         """Recompute the hflags bits that depend on CS, SS and the data segment

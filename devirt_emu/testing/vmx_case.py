@@ -116,6 +116,7 @@ __all__ = [
     "CODE_BASE", "CODE_LIMIT", "SCRATCH_BASE", "VMCS_PA", "MSR_BITMAP_PA", "IO_BITMAP_A_PA",
     "IO_BITMAP_B_PA", "MEM_MB", "DEFAULT_CONTROLS", "CaseError", "CaseExit", "NoExit",
     "CaseResult", "CaseRunner", "run_case", "legal_controls", "msr_bitmap", "io_bitmaps",
+    "XAPIC_BASE", "XAPIC_PD", "xapic_mapping",
 ]
 
 MEM_MB = 16
@@ -131,6 +132,10 @@ RESERVED_END = 0xF05000
 BITMAP_SIZE = 4096
 HLT = b"\xf4"
 _U64 = (1 << 64) - 1
+#: The local APIC's xAPIC MMIO page (the default IA32_APIC_BASE), where KVM puts APIC_ACCESS_ADDR.
+XAPIC_BASE = 0xFEE00000
+#: The page directory :func:`xapic_mapping` uses (the last scratch page).
+XAPIC_PD = 0xEFF000
 
 #: The control words of a fresh case, by VMCS field name (see the module docstring).
 DEFAULT_CONTROLS: Mapping[str, int] = MappingProxyType({
@@ -209,6 +214,19 @@ def io_bitmaps(ports: Iterable[int]) -> tuple[bytes, bytes]:
         p = port & 0x7FFF
         bm[p // 8] |= 1 << (p % 8)
     return bytes(a), bytes(b)
+
+
+def xapic_mapping() -> dict[int, bytes]:
+    """``memory`` entries that map the xAPIC page :data:`XAPIC_BASE` at the
+    same linear address, which the fresh state leaves unmapped: PDPT entry 3
+    points to a page directory at :data:`XAPIC_PD` whose entry for
+    0xFEE00000 is a 2 MiB page (present, writable).  Add your own entries
+    beside them: ``memory={**xapic_mapping(), ...}``."""
+    pdpt = longmode.PML4 + 0x1000
+    gib = XAPIC_BASE >> 30
+    pde = (XAPIC_BASE >> 21) & 0x1FF
+    return {pdpt + 8 * gib: (XAPIC_PD | 3).to_bytes(8, "little"),
+            XAPIC_PD + 8 * pde: ((XAPIC_BASE & ~0x1FFFFF) | 0x83).to_bytes(8, "little")}
 
 
 def _check_int(what: str, value) -> None:

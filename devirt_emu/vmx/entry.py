@@ -981,16 +981,22 @@ def check_guest_descriptor_tables(vmcs, caps: EntryCaps) -> Optional[EntryFailur
     return None
 
 
-def check_guest_rip_rflags(vmcs, caps: EntryCaps) -> Optional[EntryFailure]:
-    """SDM "Checks on Guest RIP, RFLAGS, and SSP" (SSP not modelled)."""
+def check_guest_rip(vmcs, caps: EntryCaps) -> Optional[EntryFailure]:
+    """SDM "Checks on Guest RIP, RFLAGS, and SSP": the RIP checks."""
     v = _Fields(vmcs)
-    ia32e = bool(v["VM_ENTRY_CONTROLS"] & c.VM_ENTRY_IA32E_MODE)
     rip = v["GUEST_RIP"]
-    if ia32e and v["GUEST_CS_AR_BYTES"] & VMX_AR_L_MASK:
+    if v["VM_ENTRY_CONTROLS"] & c.VM_ENTRY_IA32E_MODE and v["GUEST_CS_AR_BYTES"] & VMX_AR_L_MASK:
         if not is_canonical(rip, caps.linear_address_width):
             return _guest(f"GUEST_RIP {rip:#x} is not canonical (64-bit guest)", "GUEST_RIP")
     elif rip >> 32:
         return _guest(f"GUEST_RIP {rip:#x}: bits 63:32 must be 0 unless the guest is in 64-bit mode", "GUEST_RIP")
+    return None
+
+
+def check_guest_rflags(vmcs, caps: EntryCaps) -> Optional[EntryFailure]:
+    """SDM "Checks on Guest RIP, RFLAGS, and SSP": the RFLAGS checks."""
+    v = _Fields(vmcs)
+    ia32e = bool(v["VM_ENTRY_CONTROLS"] & c.VM_ENTRY_IA32E_MODE)
     rflags = v["GUEST_RFLAGS"]
     if rflags & RFLAGS_RESERVED:
         return _guest(f"GUEST_RFLAGS {rflags:#x}: reserved {_bit_list(rflags & RFLAGS_RESERVED)} must be 0",
@@ -1003,6 +1009,12 @@ def check_guest_rip_rflags(vmcs, caps: EntryCaps) -> Optional[EntryFailure]:
     if valid and itype == c.INTR_TYPE_EXT_INTR and not rflags & X86_EFLAGS_IF:
         return _guest("GUEST_RFLAGS.IF must be 1 to inject an external interrupt", "GUEST_RFLAGS")
     return None
+
+
+def check_guest_rip_rflags(vmcs, caps: EntryCaps) -> Optional[EntryFailure]:
+    """SDM "Checks on Guest RIP, RFLAGS, and SSP" (SSP not modelled)."""
+    v = _Fields(vmcs)
+    return check_guest_rip(v, caps) or check_guest_rflags(v, caps)
 
 
 def _injection_allowed_in(activity: int, itype: int, vector: int) -> bool:

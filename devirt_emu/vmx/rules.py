@@ -1196,13 +1196,15 @@ def _apic_access(ev, vmcs, rm, pl):
     offset = gpa & 0xFFF
     size = ev.extra.get("size", 4)
     c1 = f"{access} of {size} byte(s) at APIC-page offset {offset:#x}"
+    # SDM "Virtualizing Reads from the APIC-Access Page" / "Determining Whether a
+    # Write Access is Virtualized", with APIC-register virtualization and
+    # virtual-interrupt delivery 0: a read or write of at most 32 bits whose page
+    # offset is 080H is virtualized; 081H-083H and every other offset exit.
     if atype != xi.APIC_ACCESS_LINEAR_FETCH and primary & C.CPU_BASED_TPR_SHADOW \
-            and _APIC_TPR <= offset and offset + size <= _APIC_TPR + 4:
-        c2 = "CPU_BASED_TPR_SHADOW=1: a TPR access is virtualized"
+            and offset == _APIC_TPR and size <= 4:
+        c2 = "CPU_BASED_TPR_SHADOW=1: an access of at most 32 bits at offset 080H is virtualized"
         if atype == xi.APIC_ACCESS_LINEAR_READ:
             return _no(c0, c1, c2, "read from the virtual-APIC page")
-        if offset != _APIC_TPR:
-            return _no(c0, c1, c2, "bytes 81H-83H written on the virtual-APIC page")
         value = _need_extra(ev, "value")
         return _tpr_shadow_write(ev, vmcs, primary, (value & 0xFF) >> 4, (c0, c1, c2))
     if ev.extra.get("during_delivery", False):

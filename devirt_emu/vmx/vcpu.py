@@ -25,6 +25,27 @@ What VMX non-root operation changes for instructions that do not exit (SDM
 "Changes to Instruction Behavior in VMX Non-Root Operation") is done here:
 reads of CR0/CR4 see the read shadows for host-owned bits, writes leave the
 host-owned bits alone, CLTS/LMSW likewise, and RDTSC/RDTSCP add TSC_OFFSET.
+
+APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts", with
+the controls the modelled CPU has: "use TPR shadow" and "virtualize APIC
+accesses", no APIC-register virtualization or virtual-interrupt delivery):
+
+* with "use TPR shadow", MOV from CR8 reads VTPR[7:4] (byte 80H of the
+  virtual-APIC page) and MOV to CR8 writes VTPR (bits 7:4 from the source,
+  the rest of the 32-bit VTPR cleared), then TPR virtualization: a trap-like
+  TPR-below-threshold exit if VTPR[7:4] < TPR_THRESHOLD[3:0].  The local
+  APIC's TPR is not touched.
+* with "virtualize APIC accesses", the core watches the APIC-access page
+  (:meth:`~devirt_emu.platform.core.Core.watch_page`, armed at VM entry
+  when the control or APIC_ACCESS_ADDR changed): an access to it is an
+  APIC-access exit (fault-like) unless the rule virtualizes it (a read or
+  write of at most 32 bits at offset 080H with "use TPR shadow"), in which
+  case the instruction runs with offsets 080H-083H of the page backed by
+  VTPR; a virtualized write then clears VTPR bytes 3:1 and performs TPR
+  virtualization (SDM "APIC-Write Emulation").
+* with both, a VM entry is followed by a TPR-below-threshold exit, before
+  any instruction and before any other event, if TPR_THRESHOLD[3:0] >
+  VTPR[7:4] (SDM "VM Exits Induced by the TPR Threshold").
 """
 from __future__ import annotations
 
@@ -34,14 +55,18 @@ from typing import Optional
 from unicorn import x86_const as X
 
 from ..events import Event, Kind
-from ..platform.core import GPR_IDS, State, _Fault
+from ..platform.core import GPR_IDS, GuestError, State, _Fault, flags_to_ar
+from ..platform.memory import PhysicalAccessError
 from . import controls as C
+from . import exit_reasons as er
 from .entry import (EntryCaps, EntryFailure, FailureKind, check_event_injection,
-                    check_guest_non_register_state, check_guest_rip_rflags, check_vm_entry)
+                    check_guest_non_register_state, check_guest_rflags, check_guest_rip,
+                    check_launch_state, check_vm_entry)
+from .exit_reasons import Timing
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
 from .capabilities import MSR_IA32_VMX_MISC, VMX_CAPABILITY_MSRS
-from .vmcs import FIELD_SLOTS, Vmcs, _key
+from .vmcs import _READABLE, FIELD_SLOTS, Vmcs, _key
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_LMA
 
 CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
@@ -67,17 +92,22 @@ _TRACKED = (F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_CR0, F.GUEST_CR3, 
 _TRACKED_ENCODINGS = frozenset(int(f) for f in _TRACKED) | {
     int(F.GUEST_IA32_EFER) | 1, int(F.GUEST_IA32_PAT) | 1}
 
-_HAS_HIGH = frozenset({int(F.GUEST_IA32_EFER), int(F.GUEST_IA32_PAT)})
-_HIGH_HALVES = frozenset(f | 1 for f in _HAS_HIGH)
-#: tracked encoding -> its group (the fields read from the engine together)
-_GROUP_OF: dict[int, tuple] = {}
+_HIGH_HALVES = frozenset({int(F.GUEST_IA32_EFER) | 1, int(F.GUEST_IA32_PAT) | 1})
 
-def _check_rip_rflags(vcpu):
-    return check_guest_rip_rflags(vcpu.vmcs, vcpu.caps)
+def _check_rip(vcpu):
+    if not vcpu.vmcs.peek(F.GUEST_RIP) >> 32:
+        return None       # bits 63:32 clear: canonical, and fine outside 64-bit mode too
+    return check_guest_rip(vcpu.vmcs, vcpu.caps)
+
+
+def _check_rflags(vcpu):
+    return check_guest_rflags(vcpu.vmcs, vcpu.caps)
 
 
 def _check_injection(vcpu):
-    return check_event_injection(vcpu.vmcs, vcpu.caps)
+    # the injection checks, and those of the guest state they involve
+    return (check_event_injection(vcpu.vmcs, vcpu.caps) or _check_rflags(vcpu)
+            or _check_non_register(vcpu))
 
 
 def _check_non_register(vcpu):
@@ -88,7 +118,7 @@ def _check_non_register(vcpu):
 #: Fields an L0 commonly writes between VM exit and VMRESUME -> the one group
 #: of VM-entry checks that reads them (any other written field: every check).
 _RESUME_CHECKS = {
-    int(F.GUEST_RIP): _check_rip_rflags, int(F.GUEST_RFLAGS): _check_rip_rflags,
+    int(F.GUEST_RIP): _check_rip, int(F.GUEST_RFLAGS): _check_rflags,
     int(F.VM_ENTRY_INTR_INFO_FIELD): _check_injection,
     int(F.VM_ENTRY_EXCEPTION_ERROR_CODE): _check_injection,
     int(F.VM_ENTRY_INSTRUCTION_LEN): _check_injection,
@@ -97,7 +127,23 @@ _RESUME_CHECKS = {
 }
 _RESUME_CHECK_FIELDS = frozenset(_RESUME_CHECKS)
 
+#: The exit-information fields every VM exit writes (in _write_exit_info's order).
+_EXIT_INFO_FIELDS = tuple(int(f) for f in (
+    F.VM_EXIT_REASON, F.EXIT_QUALIFICATION, F.VM_EXIT_INSTRUCTION_LEN, F.VMX_INSTRUCTION_INFO,
+    F.VM_EXIT_INTR_INFO, F.VM_EXIT_INTR_ERROR_CODE, F.IDT_VECTORING_INFO_FIELD))
+
+#: Controls _arm_timers reads.
+_TIMER_CONTROLS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.PIN_BASED_VM_EXEC_CONTROL)})
+
+_PAUSE_LOOP_AT_ENTRY = PauseLoop()
+_VM_EXIT = Kind.VM_EXIT.value
+
 MSR_IA32_CR_PAT = 0x277
+#: VTPR: the task-priority register's offset on the virtual-APIC and APIC-access pages.
+APIC_TASKPRI = 0x80
+#: Fields whose change can move or switch the APIC-access page (re-examined at VM entry).
+_APIC_PAGE_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL),
+                               int(F.APIC_ACCESS_ADDR), int(F.APIC_ACCESS_ADDR) | 1})
 #: The VMX-preemption timer's rate: it counts down once every 2^PTIMER_RATE TSC ticks.
 PTIMER_RATE = VMX_CAPABILITY_MSRS[MSR_IA32_VMX_MISC] & 0x1F
 MSR_EFER = 0xC0000080
@@ -109,29 +155,39 @@ class TrackedVmcs(Vmcs):
     The SDM lets a processor keep the current VMCS's data in the processor
     (only VMCLEAR guarantees the region in memory is up to date).  This model
     keeps the guest-state fields of :data:`_TRACKED` in the Unicorn engine
-    while the vCPU has been entered: they are ``stale`` in the region, and an
-    access to one of them through the accessors (VMREAD/VMWRITE, get/set,
-    peek/put, items) first copies the engine's current value of its group
-    (a segment register's four fields, GDTR, ...) into the region, so every
-    reader sees the guest's live state; :meth:`flush` (also done by
-    :meth:`clear`) copies all of them.  A VM exit therefore saves nothing, and
-    a VM entry loads only the guest-state fields written since (``written``).
+    while the vCPU has been entered (``live``): in the region they are stale
+    until an access to one of them through the accessors (VMREAD/VMWRITE,
+    get/set, peek/put, items) copies the engine's current value in first
+    (``fresh`` lists those copied since), so every reader sees the guest's
+    live state; :meth:`flush` (also done by :meth:`clear`) copies all of them.
+    A VM exit therefore saves nothing, and a VM entry loads only the
+    guest-state fields written since the last one (``written``).
     """
 
     def __init__(self, mem, pa: int, fetch=None):
         super().__init__(mem, pa)
+        if self._view is None:
+            raise ValueError("a core's VMCS lives in the machine's RAM (PhysMem)")
+        # encoding -> (unpack_from, pack_into, offset in RAM, mask): the accessors run
+        # dozens of times per VM exit, so the slot arithmetic is done once here
+        self._abs = {enc: (st.unpack_from, st.pack_into, pa + off, mask)
+                     for enc, (off, st, mask) in FIELD_SLOTS.items()}
+        self._readable = frozenset(_READABLE)
         self.written: set[int] = set()     # encodings written since the vCPU last looked
-        self.stale: set[int] = set()       # tracked encodings whose value is in the engine
-        self._fetch = fetch                # fetch(enc): copy enc's group from the engine
+        self.live = False                  # the engine holds the tracked guest-state fields
+        self.fresh: set[int] = set()       # tracked encodings copied from the engine since
+        self._fetch = fetch                # fetch(enc): copy enc from the engine, add it to fresh
 
-    def _sync(self, enc: int) -> None:
-        if enc in self.stale:
-            self._fetch(enc)
+    def stale(self, enc: int) -> bool:
+        """Is the region's copy of ``enc`` older than the engine's value?"""
+        return self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh
 
     def flush(self) -> None:
         """Copy every stale guest-state field from the engine into the region."""
-        while self.stale:
-            self._fetch(next(iter(self.stale)))
+        if self.live:
+            for enc in _TRACKED_ENCODINGS - self.fresh:
+                if enc not in self.fresh:
+                    self._fetch(enc)
 
     def clear(self) -> None:
         self.flush()
@@ -139,12 +195,15 @@ class TrackedVmcs(Vmcs):
 
     def get(self, field) -> int:
         enc = field if type(field) is F or type(field) is int else _key(field)
-        if enc in self.stale:
+        if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        return super().get(enc)
+        if enc not in self._readable:
+            return super().get(enc)        # (raises the error)
+        unpack, _, off, _ = self._abs[enc]
+        return unpack(self._view, off)[0]
 
     def vmread(self, enc: int) -> int:
-        if enc in self.stale:
+        if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
         return super().vmread(enc)
 
@@ -154,39 +213,46 @@ class TrackedVmcs(Vmcs):
 
     def set(self, field, value: int) -> None:
         enc = field if type(field) is F or type(field) is int else _key(field)
-        if enc in self.stale:
+        if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
         super().set(enc, value)
         self.written.add(enc)
 
     def vmwrite(self, enc: int, value: int) -> None:
-        if enc in self.stale:
+        if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
         super().vmwrite(enc, value)
         self.written.add(enc)
 
     def put(self, enc: int, value: int) -> None:
         """The processor's own write of a field it knows fits (no checks)."""
-        if enc in self.stale:
+        if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        off, st, mask = FIELD_SLOTS[enc]
-        self._write(off, st, value & mask)
+        _, pack, off, mask = self._abs[enc]
+        pack(self._view, off, value & mask)
         self.written.add(enc)
 
     def peek(self, enc: int) -> int:
-        if enc in self.stale:
+        if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        off, st, _ = FIELD_SLOTS[enc]
-        return self._read(off, st)
+        unpack, _, off, _ = self._abs[enc]
+        return unpack(self._view, off)[0]
+
+    def store_all(self, fields, values) -> None:
+        """``store`` of several fields."""
+        view, slots = self._view, self._abs
+        for enc, value in zip(fields, values):
+            _, pack, off, mask = slots[enc]
+            pack(view, off, value & mask)
 
     def store(self, enc: int, value: int) -> None:
         """Write a field's slot with no sync and no ``written`` mark: the exit
         information, and the engine's values copied in by a fetch."""
-        off, st, mask = FIELD_SLOTS[enc]
-        self._write(off, st, value & mask)
+        _, pack, off, mask = self._abs[enc]
+        pack(self._view, off, value & mask)
 
 
-@dataclass
+@dataclass(slots=True)
 class ExitRecord:
     """One VM exit as the CLI reports it (``--json`` ``exits``)."""
 
@@ -224,29 +290,29 @@ class VmxVcpu:
         self._mtf = False                     # monitor trap flag armed at the last entry
         self._entry_icount = 0
         self._ptimer_deadline: Optional[int] = None   # VMX-preemption timer, virtual ns
+        self._timer_controls: Optional[tuple] = None  # (MTF, preemption timer) at the last entry
         self.last_exit: Optional[Decision] = None
         self.last_failure: Optional[EntryFailure] = None
         self.read_mem = self.mem.read
+        self._apic_page: Optional[int] = None      # the APIC-access page the core watches
+        self._apic_stale = True                    # re-examine the APIC controls at next entry
+        self._tpr_entry_check = False              # "use TPR shadow" and "virtualize APIC accesses"
+        self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
 
     # ------------------------------------------------------------------ guest state
     def _fetch(self, enc: int) -> None:
-        """Copy the engine's current value of ``enc``'s group into the VMCS
-        region (the fields of the group still stale only)."""
+        """Copy the engine's current value of the stale field ``enc`` into the VMCS region."""
         v = self.vmcs
-        group = _GROUP_OF[enc]
-        stale = v.stale
-        for f, val in zip(group, self._GETTERS[group](self)):
-            if f in stale:
-                v.store(f, val)
-                stale.discard(f)
-                if f in _HAS_HIGH:
-                    stale.discard(f | 1)
+        full = enc & ~1 if enc in _HIGH_HALVES else enc
+        v.store(full, _GETTERS[full](self))
+        v.fresh.add(full)
+        v.fresh.add(full | 1)     # (the high half of EFER/PAT; no tracked field is there otherwise)
 
-    def _get_segment(self, idx: int) -> tuple:
-        sel, base, limit, ar = self.core.read_segment(idx)
+    def _segment_ar(self, idx: int) -> int:
+        ar = flags_to_ar(self.core.probe.segment(idx)[3])
         if idx == 7 and ar & 0xF in (1, 9):
             ar |= 2     # LTR leaves TR busy; QEMU caches the type from before LTR set it
-        return sel, base, limit & 0xFFFFFFFF, ar
+        return ar
 
     def _interruptibility(self) -> int:
         core = self.core
@@ -267,24 +333,6 @@ class VmxVcpu:
             return C.GUEST_ACTIVITY_SHUTDOWN
         return C.GUEST_ACTIVITY_ACTIVE
 
-    #: group of fields -> how to read it from the engine (a tuple in group order)
-    _GETTERS = {
-        (F.GUEST_RIP,): lambda self: (self.core.probe.eip(),),
-        (F.GUEST_RSP,): lambda self: (self.core.probe.gpr(4),),
-        (F.GUEST_RFLAGS,): lambda self: (self.core.uc.reg_read(X.UC_X86_REG_EFLAGS),),
-        (F.GUEST_CR0,): lambda self: (self.core.probe.cr(0),),
-        (F.GUEST_CR3,): lambda self: (self.core.probe.cr(3),),
-        (F.GUEST_CR4,): lambda self: (self.core.probe.cr(4) | CR4_VMXE,),
-        (F.GUEST_DR7,): lambda self: (self.core.uc.reg_read(X.UC_X86_REG_DR7),),
-        (F.GUEST_IA32_EFER,): lambda self: (self.core.rdmsr_raw(MSR_EFER),),
-        (F.GUEST_IA32_PAT,): lambda self: (self.core.rdmsr_raw(MSR_IA32_CR_PAT),),
-        (F.GUEST_GDTR_BASE, F.GUEST_GDTR_LIMIT): lambda self: self.core.probe.dtr(ENV_GDT),
-        (F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT): lambda self: self.core.probe.dtr(ENV_IDT),
-        (F.GUEST_INTERRUPTIBILITY_INFO,): lambda self: (self._interruptibility(),),
-        (F.GUEST_ACTIVITY_STATE,): lambda self: (self._activity(),),
-        **{row[1:]: (lambda i: lambda self: self._get_segment(i))(row[0]) for row in _SEG_FIELDS},
-    }
-
     def save_guest_state(self) -> None:
         """Copy the engine's whole current state into the VMCS guest-state area
         (the L0 adopting a running core's state as its guest's)."""
@@ -302,55 +350,63 @@ class VmxVcpu:
 
     def _engine_holds_guest_state(self) -> None:
         """From now on the engine is the truth for every tracked field."""
-        self.vmcs.stale.update(_TRACKED_ENCODINGS)
+        v = self.vmcs
+        v.live = True
+        v.fresh.clear()
 
     def load_guest_state(self, full: bool = False) -> None:
         """Load into the engine the guest-state fields written since the engine
         last held the guest state (all of them with ``full``)."""
-        core, uc, v = self.core, self.core.uc, self.vmcs
+        v = self.vmcs
         if full:
             v.flush()          # stale fields hold what the engine has: nothing to load for them
-            changed = set(_TRACKED)
+            loaders = range(len(_LOADERS))
         else:
-            changed = _TRACKED_ENCODINGS & v.written
-            if not changed:
+            loaders = {_LOADER_OF[f] for f in v.written if f in _LOADER_OF}
+            if not loaders:
                 return
-            changed = {f & ~1 if f in _HIGH_HALVES else f for f in changed}
-        g = v.peek
-        if changed & {F.GUEST_IA32_EFER, F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4}:
-            efer = g(F.GUEST_IA32_EFER)
-            cr0, cr3, cr4 = g(F.GUEST_CR0), g(F.GUEST_CR3), g(F.GUEST_CR4)
-            uc.reg_write(X.UC_X86_REG_CR3, cr3)
-            uc.reg_write(X.UC_X86_REG_CR4, cr4 & ~CR4_VMXE)
-            uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, efer & ~EFER_LMA))
-            uc.reg_write(X.UC_X86_REG_CR0, cr0)
-            core.after_mode_change()
-        if F.GUEST_IA32_PAT in changed:
-            uc.reg_write(X.UC_X86_REG_MSR, (MSR_IA32_CR_PAT, g(F.GUEST_IA32_PAT)))
-        if changed & {F.GUEST_GDTR_BASE, F.GUEST_GDTR_LIMIT}:
-            uc.reg_write(X.UC_X86_REG_GDTR, (0, g(F.GUEST_GDTR_BASE), g(F.GUEST_GDTR_LIMIT), 0))
-        if changed & {F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT}:
-            uc.reg_write(X.UC_X86_REG_IDTR, (0, g(F.GUEST_IDTR_BASE), g(F.GUEST_IDTR_LIMIT), 0))
-        for idx, fsel, fbase, flimit, far in _SEG_FIELDS:
-            if changed & {fsel, fbase, flimit, far}:
-                core.write_segment(idx, g(fsel), g(fbase), g(flimit), g(far))
-        if F.GUEST_DR7 in changed:
-            uc.reg_write(X.UC_X86_REG_DR7, g(F.GUEST_DR7))
-        if F.GUEST_RSP in changed:
-            uc.reg_write(X.UC_X86_REG_RSP, g(F.GUEST_RSP))
-        if F.GUEST_RFLAGS in changed:
-            uc.reg_write(X.UC_X86_REG_EFLAGS, g(F.GUEST_RFLAGS))
-        if F.GUEST_RIP in changed:
-            uc.reg_write(X.UC_X86_REG_RIP, g(F.GUEST_RIP))
-        if F.GUEST_INTERRUPTIBILITY_INFO in changed:
-            st = g(F.GUEST_INTERRUPTIBILITY_INFO)
-            core.shadow_at = core.icount if st & (C.GUEST_INTR_STATE_STI | C.GUEST_INTR_STATE_MOV_SS) else -1
-            core.nmi_blocked = bool(st & C.GUEST_INTR_STATE_NMI)
-        if F.GUEST_ACTIVITY_STATE in changed:
-            act = g(F.GUEST_ACTIVITY_STATE)
-            core.state = {C.GUEST_ACTIVITY_HLT: State.HALTED,
-                          C.GUEST_ACTIVITY_WAIT_SIPI: State.WAIT_SIPI,
-                          C.GUEST_ACTIVITY_SHUTDOWN: State.SHUTDOWN}.get(act, State.RUNNING)
+            if len(loaders) > 1:
+                loaders = sorted(loaders)
+        for i in loaders:
+            _LOADERS[i][1](self)
+
+    def _load_control_registers(self) -> None:
+        g, uc = self.vmcs.peek, self.core.uc
+        efer = g(F.GUEST_IA32_EFER)
+        cr0, cr3, cr4 = g(F.GUEST_CR0), g(F.GUEST_CR3), g(F.GUEST_CR4)
+        uc.reg_write(X.UC_X86_REG_CR3, cr3)
+        uc.reg_write(X.UC_X86_REG_CR4, cr4 & ~CR4_VMXE)
+        uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, efer & ~EFER_LMA))
+        uc.reg_write(X.UC_X86_REG_CR0, cr0)
+        self.core.after_mode_change()
+
+    def _load_pat(self) -> None:
+        self.core.uc.reg_write(X.UC_X86_REG_MSR, (MSR_IA32_CR_PAT, self.vmcs.peek(F.GUEST_IA32_PAT)))
+
+    def _load_gdtr(self) -> None:
+        g = self.vmcs.peek
+        self.core.uc.reg_write(X.UC_X86_REG_GDTR, (0, g(F.GUEST_GDTR_BASE), g(F.GUEST_GDTR_LIMIT), 0))
+
+    def _load_idtr(self) -> None:
+        g = self.vmcs.peek
+        self.core.uc.reg_write(X.UC_X86_REG_IDTR, (0, g(F.GUEST_IDTR_BASE), g(F.GUEST_IDTR_LIMIT), 0))
+
+    def _load_segment(self, idx: int) -> None:
+        _, fsel, fbase, flimit, far = _SEG_FIELDS[idx]
+        g = self.vmcs.peek
+        self.core.write_segment(idx, g(fsel), g(fbase), g(flimit), g(far))
+
+    def _load_interruptibility(self) -> None:
+        core = self.core
+        st = self.vmcs.peek(F.GUEST_INTERRUPTIBILITY_INFO)
+        core.shadow_at = core.icount if st & (C.GUEST_INTR_STATE_STI | C.GUEST_INTR_STATE_MOV_SS) else -1
+        core.nmi_blocked = bool(st & C.GUEST_INTR_STATE_NMI)
+
+    def _load_activity(self) -> None:
+        act = self.vmcs.peek(F.GUEST_ACTIVITY_STATE)
+        self.core.state = {C.GUEST_ACTIVITY_HLT: State.HALTED,
+                           C.GUEST_ACTIVITY_WAIT_SIPI: State.WAIT_SIPI,
+                           C.GUEST_ACTIVITY_SHUTDOWN: State.SHUTDOWN}.get(act, State.RUNNING)
 
     # ------------------------------------------------------------------ VM entry
     def vm_entry(self, *, launch: bool = False) -> bool:
@@ -361,14 +417,16 @@ class VmxVcpu:
         if failure is not None:
             return self._entry_failed(failure)
         self.load_guest_state(full=launch)
+        timers_changed = launch or not v.written.isdisjoint(_TIMER_CONTROLS)
+        self._apic_at_entry(launch)
         v.written.clear()
         self._engine_holds_guest_state()
         if launch:
             v.launch_state = "launched"
-        self.pause_loop = PauseLoop()
+        self.pause_loop = _PAUSE_LOOP_AT_ENTRY
         self.active = True
         self.blocked = False
-        self._arm_timers()
+        self._arm_timers(timers_changed)
         info = v.get(F.VM_ENTRY_INTR_INFO_FIELD)
         if info & C.INTR_INFO_VALID_MASK:
             self._inject(info)
@@ -377,12 +435,15 @@ class VmxVcpu:
     def _entry_checks(self, launch: bool) -> Optional[EntryFailure]:
         """The SDM's VM-entry checks.  VMLAUNCH runs them all; VMRESUME runs them
         all when a field outside :data:`_RESUME_CHECKS` was written since the last
-        entry (the others passed then and are unchanged), else the checks that
-        read the fields written."""
+        entry (the others passed then and are unchanged), else the launch-state
+        check and the checks that read the fields written."""
         v = self.vmcs
         written = v.written
         if launch or not written <= _RESUME_CHECK_FIELDS:
             return check_vm_entry(v, self.caps, self.read_mem, launch=launch)
+        failure = check_launch_state(False, v.launch_state)
+        if failure is not None:
+            return failure
         done = set()
         for f in written:
             check = _RESUME_CHECKS[f]
@@ -393,14 +454,19 @@ class VmxVcpu:
                     return failure
         return None
 
-    def _arm_timers(self) -> None:
+    def _arm_timers(self, controls_changed: bool) -> None:
         """At VM entry: the monitor trap flag and the VMX-preemption timer, which
-        counts down by 1 every 2^rate TSC ticks (rate = IA32_VMX_MISC[4:0])."""
+        counts down by 1 every 2^rate TSC ticks (rate = IA32_VMX_MISC[4:0]) from
+        VMX_PREEMPTION_TIMER_VALUE, loaded at every entry."""
         v = self.vmcs
         core = self.core
-        self._mtf = bool(v.peek(F.CPU_BASED_VM_EXEC_CONTROL) & C.CPU_BASED_MONITOR_TRAP_FLAG)
         self._entry_icount = core.icount
-        if v.peek(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_VMX_PREEMPTION_TIMER:
+        if controls_changed or self._timer_controls is None:
+            self._timer_controls = (
+                bool(v.peek(F.CPU_BASED_VM_EXEC_CONTROL) & C.CPU_BASED_MONITOR_TRAP_FLAG),
+                bool(v.peek(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_VMX_PREEMPTION_TIMER))
+        self._mtf, ptimer = self._timer_controls
+        if ptimer:
             self._ptimer_deadline = core.now() + (v.peek(F.VMX_PREEMPTION_TIMER_VALUE) << PTIMER_RATE)
         else:
             self._ptimer_deadline = None
@@ -451,15 +517,11 @@ class VmxVcpu:
     def _write_exit_info(self, d: Decision, reason_field: int) -> None:
         """The exit-information fields, as the processor writes them."""
         v = self.vmcs
-        store = v.store
-        store(F.VM_EXIT_REASON, reason_field)
-        store(F.EXIT_QUALIFICATION, d.qualification)
-        store(F.VM_EXIT_INSTRUCTION_LEN, d.instruction_length or 0)
-        store(F.VMX_INSTRUCTION_INFO, d.instruction_info or 0)
-        store(F.VM_EXIT_INTR_INFO, d.interruption_info)
-        store(F.VM_EXIT_INTR_ERROR_CODE, d.error_code or 0)
         vinfo, vec_ec = self.core.vectoring_info()
-        store(F.IDT_VECTORING_INFO_FIELD, vinfo)
+        v.store_all(_EXIT_INFO_FIELDS, (reason_field, d.qualification, d.instruction_length or 0,
+                                       d.instruction_info or 0, d.interruption_info,
+                                       d.error_code or 0, vinfo))
+        store = v.store
         if vinfo:
             store(F.IDT_VECTORING_ERROR_CODE, vec_ec)
         if d.guest_linear_address is not None:
@@ -491,7 +553,7 @@ class VmxVcpu:
             self.vmcs.store(F.VMX_PREEMPTION_TIMER_VALUE, min(left, 0xFFFFFFFF))
         self._save_ia32e_mode()     # the rest of the guest state stays in the engine
         self._log(d, rip)
-        core._count(Kind.VM_EXIT)
+        core.events[_VM_EXIT] = core.events.get(_VM_EXIT, 0) + 1
         if core.trace is not None:
             core.trace(core, Event(Kind.VM_EXIT, core.index, rip,
                                    extra={"reason": d.reason, "name": d.name,
@@ -504,7 +566,7 @@ class VmxVcpu:
     def skip_instruction(self) -> None:
         """GUEST_RIP += VM-exit instruction length (KVM's skip_emulated_instruction)."""
         v = self.vmcs
-        v.set(F.GUEST_RIP, v.get(F.GUEST_RIP) + v.get(F.VM_EXIT_INSTRUCTION_LEN))
+        v.put(F.GUEST_RIP, v.peek(F.GUEST_RIP) + v.peek(F.VM_EXIT_INSTRUCTION_LEN))
 
     def inject(self, vector: int, itype: int, error_code: int | None = None, length: int = 0) -> None:
         """Ask the next VM entry to inject an event (VM-entry interruption information)."""
@@ -536,6 +598,11 @@ class VmxVcpu:
         if out.pause_loop is not None:
             self.pause_loop = out.pause_loop
         if out.exit:
+            if out.timing is Timing.TRAP:
+                # TPR below threshold after a MOV to CR8: the instruction completes first
+                self._nonroot(event)
+                self.vm_exit(out, None)
+                return True
             self.vm_exit(out, event)
             return True
         return self._nonroot(event)
@@ -581,6 +648,13 @@ class VmxVcpu:
             return self.l0.unblock(self)
         if not self.active:
             return False
+        if self._tpr_exit_pending is not None:
+            threshold, vtpr = self._tpr_exit_pending
+            self._tpr_exit_pending = None
+            self.vm_exit(exit_decision(er.TPR_BELOW_THRESHOLD, (
+                "CPU_BASED_TPR_SHADOW=1", "SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES=1",
+                f"TPR_THRESHOLD[3:0]={threshold:#x} > VTPR[7:4]={vtpr >> 4:#x} at VM entry")), None)
+            return True
         lapic = core.lapic
         if lapic.take_init():
             core._count(Kind.INIT)
@@ -594,7 +668,7 @@ class VmxVcpu:
         if core.state in (State.WAIT_SIPI, State.SHUTDOWN):
             return False
         v = self.vmcs
-        d = boundary_exit(v, rflags=core.uc.reg_read(X.UC_X86_REG_EFLAGS),
+        d = boundary_exit(v, rflags=core.probe.reg(X.UC_X86_REG_EFLAGS),
                           interruptibility=self._interruptibility(),
                           activity_state=self._activity(),
                           mtf_pending=self._mtf and core.icount > self._entry_icount,
@@ -640,9 +714,11 @@ class VmxVcpu:
         core = self.core
         uc = core.uc
         insn = ev.insn
+        if k in (Kind.MOV_FROM_CR, Kind.MOV_TO_CR) and insn.cr == 8:
+            return self._cr8_tpr_shadow(ev)
         if k is Kind.MOV_FROM_CR and insn.cr in (0, 4):
             mask, shadow = self._mask_shadow(insn.cr)
-            real = uc.reg_read(X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4)
+            real = core.probe.reg(X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4)
             if insn.cr == 4:
                 real |= CR4_VMXE
             uc.reg_write(GPR_IDS[insn.gpr], (real & ~mask) | (shadow & mask))
@@ -651,8 +727,8 @@ class VmxVcpu:
         if k is Kind.MOV_TO_CR and insn.cr in (0, 4):
             mask, _ = self._mask_shadow(insn.cr)
             rid = X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4
-            real = uc.reg_read(rid)
-            new = (real & mask) | (uc.reg_read(GPR_IDS[insn.gpr]) & ~mask)
+            real = core.probe.reg(rid)
+            new = (real & mask) | (core.probe.reg(GPR_IDS[insn.gpr]) & ~mask)
             if insn.cr == 4:
                 new &= ~CR4_VMXE
             uc.reg_write(rid, new)
@@ -676,6 +752,108 @@ class VmxVcpu:
                 return True
         return False
 
+    # ------------------------------------------------------------------ APIC virtualization
+    def _vapic_read(self, offset: int, n: int) -> bytes:
+        """Bytes of the virtual-APIC page (outside RAM they read as all ones)."""
+        try:
+            return self.mem.read(self.vmcs.peek(F.VIRTUAL_APIC_PAGE_ADDR) + offset, n)
+        except PhysicalAccessError:
+            return b"\xff" * n
+
+    def _vapic_write(self, offset: int, data: bytes) -> None:
+        """A store into the virtual-APIC page (outside RAM it is lost)."""
+        pa = self.vmcs.peek(F.VIRTUAL_APIC_PAGE_ADDR) + offset
+        if self.mem.contains(pa, len(data)):
+            self.core.machine.write_phys(pa, data)
+
+    def _cr8_tpr_shadow(self, ev: Event) -> bool:
+        """MOV from/to CR8 that did not exit, with "use TPR shadow" 1 (SDM
+        "Virtualizing CR8-Based TPR Accesses"); False without it (the
+        platform accesses the TPR)."""
+        if not self.vmcs.peek(F.CPU_BASED_VM_EXEC_CONTROL) & C.CPU_BASED_TPR_SHADOW:
+            return False
+        insn = ev.insn
+        uc = self.core.uc
+        if ev.kind is Kind.MOV_FROM_CR:
+            uc.reg_write(GPR_IDS[insn.gpr], self._vapic_read(APIC_TASKPRI, 1)[0] >> 4)
+        else:
+            value = uc.reg_read(GPR_IDS[insn.gpr]) & 0xF     # the rule made 63:4 set a #GP
+            self._vapic_write(APIC_TASKPRI, (value << 4).to_bytes(4, "little"))
+        self.core.set_rip(ev.rip + insn.length)
+        return True
+
+    def _apic_at_entry(self, launch: bool) -> None:
+        """At VM entry: watch the APIC-access page if "virtualize APIC accesses"
+        is 1 (re-examined when a control or APIC_ACCESS_ADDR was written), and
+        with "use TPR shadow" too, arm the TPR-threshold exit that follows the
+        entry when TPR_THRESHOLD[3:0] > VTPR[7:4] (not in the shutdown or
+        wait-for-SIPI state; it wakes the HLT state)."""
+        v = self.vmcs
+        core = self.core
+        if launch or self._apic_stale or not v.written.isdisjoint(_APIC_PAGE_FIELDS):
+            self._apic_stale = False
+            primary = v.peek(F.CPU_BASED_VM_EXEC_CONTROL)
+            secondary = v.peek(F.SECONDARY_VM_EXEC_CONTROL) \
+                if primary & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS else 0
+            page = v.peek(F.APIC_ACCESS_ADDR) & ~0xFFF \
+                if secondary & C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES else None
+            if page != self._apic_page:
+                if self._apic_page is not None:
+                    core.unwatch_page(self._apic_page)
+                if page is not None:
+                    core.watch_page(page, self._on_apic_page_access)
+                self._apic_page = page
+            self._tpr_entry_check = page is not None and bool(primary & C.CPU_BASED_TPR_SHADOW) \
+                and not secondary & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY
+        self._tpr_exit_pending = None
+        if self._tpr_entry_check and core.state not in (State.WAIT_SIPI, State.SHUTDOWN):
+            threshold = v.peek(F.TPR_THRESHOLD) & 0xF
+            vtpr = self._vapic_read(APIC_TASKPRI, 1)[0]
+            if threshold > vtpr >> 4:
+                self._tpr_exit_pending = (threshold, vtpr)
+                if core.state is State.HALTED:
+                    core.state = State.RUNNING
+                if core._in_run:
+                    core.request_stop("check")
+
+    def _on_apic_page_access(self, core, access) -> None:
+        """The core's watcher of the APIC-access page (SDM "Virtualizing
+        Memory-Mapped APIC Accesses"): called with RIP at the instruction,
+        which has had no effect yet."""
+        page = access.pa & ~0xFFF
+        if not self.active:
+            # not in VMX non-root operation: the page is ordinary memory again
+            core.unwatch_page(page)
+            self._apic_page, self._apic_stale = None, True
+            return
+        core._count(Kind.APIC_ACCESS)
+        for _ in range(3):      # at most: read, then write, of one instruction
+            extra = {"gpa": access.pa, "access": access.access, "size": access.size}
+            if access.value is not None:
+                extra["value"] = access.value
+            ev = Event(Kind.APIC_ACCESS, core.index, core.rip(), regs=core.lazy_regs(), extra=extra)
+            if core.trace is not None:
+                core.trace(core, ev)
+            out = decide(ev, self.vmcs, self.read_mem)
+            if out.exit and out.reason == er.APIC_ACCESS:
+                self.vm_exit(out, ev)             # fault-like: the instruction has no effect
+                return
+            # virtualized: run the instruction with VTPR at offset 080H of the page
+            write = access.access == "write"
+            step = core.step_watched(page, (APIC_TASKPRI, self._vapic_read(APIC_TASKPRI, 4)),
+                                     writable=write)
+            if step.denied is not None:
+                access = step.denied              # e.g. the write of a read-modify-write
+                continue
+            if write and step.retired:
+                # APIC-write emulation for 080H: VTPR bytes 3:1 cleared, then TPR virtualization
+                self._vapic_write(APIC_TASKPRI, step.window[:1] + bytes(3))
+                if out.exit:
+                    self.vm_exit(out, None)       # TPR below threshold: trap-like
+            return
+        raise GuestError(f"core {core.index}: an instruction at {core.rip():#x} accesses the "
+                         "APIC-access page more often than the model handles")
+
     def _mask_shadow(self, cr: int):
         v = self.vmcs
         if cr == 0:
@@ -683,9 +861,63 @@ class VmxVcpu:
         return v.get(F.CR4_GUEST_HOST_MASK), v.get(F.CR4_READ_SHADOW)
 
 
-for _group in VmxVcpu._GETTERS:
-    for _f in _group:
-        _GROUP_OF[int(_f)] = _group
-        if _f in _HAS_HIGH:
-            _GROUP_OF[int(_f) | 1] = _group
-assert set(_GROUP_OF) == _TRACKED_ENCODINGS, "every tracked field has one engine getter"
+
+def _segment_getters(idx, fsel, fbase, flimit, far):
+    return {fsel: lambda vcpu: vcpu.core.probe.segment(idx)[0],
+            fbase: lambda vcpu: vcpu.core.probe.segment(idx)[1],
+            flimit: lambda vcpu: vcpu.core.probe.segment(idx)[2],
+            far: lambda vcpu: vcpu._segment_ar(idx)}
+
+
+#: tracked field -> how to read its current value from the engine
+_GETTERS = {
+    F.GUEST_RIP: lambda vcpu: vcpu.core.probe.eip(),
+    F.GUEST_RSP: lambda vcpu: vcpu.core.probe.gpr(4),
+    F.GUEST_RFLAGS: lambda vcpu: vcpu.core.probe.reg(X.UC_X86_REG_EFLAGS),
+    F.GUEST_CR0: lambda vcpu: vcpu.core.probe.cr(0),
+    F.GUEST_CR3: lambda vcpu: vcpu.core.probe.cr(3),
+    F.GUEST_CR4: lambda vcpu: vcpu.core.probe.cr(4) | CR4_VMXE,
+    F.GUEST_DR7: lambda vcpu: vcpu.core.probe.reg(X.UC_X86_REG_DR7),
+    F.GUEST_IA32_EFER: lambda vcpu: vcpu.core.rdmsr_raw(MSR_EFER),
+    F.GUEST_IA32_PAT: lambda vcpu: vcpu.core.rdmsr_raw(MSR_IA32_CR_PAT),
+    F.GUEST_GDTR_BASE: lambda vcpu: vcpu.core.probe.dtr(ENV_GDT)[0],
+    F.GUEST_GDTR_LIMIT: lambda vcpu: vcpu.core.probe.dtr(ENV_GDT)[1],
+    F.GUEST_IDTR_BASE: lambda vcpu: vcpu.core.probe.dtr(ENV_IDT)[0],
+    F.GUEST_IDTR_LIMIT: lambda vcpu: vcpu.core.probe.dtr(ENV_IDT)[1],
+    F.GUEST_INTERRUPTIBILITY_INFO: VmxVcpu._interruptibility,
+    F.GUEST_ACTIVITY_STATE: VmxVcpu._activity,
+}
+for _row in _SEG_FIELDS:
+    _GETTERS.update(_segment_getters(*_row))
+assert set(_GETTERS) | _HIGH_HALVES == _TRACKED_ENCODINGS, "every tracked field has an engine getter"
+
+def _reg_loader(field, reg):
+    def load(vcpu):
+        vcpu.core.uc.reg_write(reg, vcpu.vmcs.peek(field))
+    return load
+
+
+def _enc_set(*fields) -> frozenset:
+    return frozenset(e for f in fields for e in (int(f), int(f) | 1) if e in _TRACKED_ENCODINGS)
+
+
+#: (guest-state fields, how VM entry loads them), in the order of SDM "Loading
+#: Guest State": control registers and EFER first (they set the mode the rest
+#: is loaded in), then PAT, descriptor tables, segments, DR7, RSP/RIP/RFLAGS,
+#: then the non-register state.
+_LOADERS = (
+    (_enc_set(F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4, F.GUEST_IA32_EFER), VmxVcpu._load_control_registers),
+    (_enc_set(F.GUEST_IA32_PAT), VmxVcpu._load_pat),
+    (_enc_set(F.GUEST_GDTR_BASE, F.GUEST_GDTR_LIMIT), VmxVcpu._load_gdtr),
+    (_enc_set(F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT), VmxVcpu._load_idtr),
+    *((_enc_set(*row[1:]), (lambda i: lambda vcpu: vcpu._load_segment(i))(row[0])) for row in _SEG_FIELDS),
+    (_enc_set(F.GUEST_DR7), _reg_loader(F.GUEST_DR7, X.UC_X86_REG_DR7)),
+    (_enc_set(F.GUEST_RSP), _reg_loader(F.GUEST_RSP, X.UC_X86_REG_RSP)),
+    (_enc_set(F.GUEST_RFLAGS), _reg_loader(F.GUEST_RFLAGS, X.UC_X86_REG_EFLAGS)),
+    (_enc_set(F.GUEST_RIP), lambda vcpu: vcpu.core.probe.set_eip(vcpu.vmcs.peek(F.GUEST_RIP))),
+    (_enc_set(F.GUEST_INTERRUPTIBILITY_INFO), VmxVcpu._load_interruptibility),
+    (_enc_set(F.GUEST_ACTIVITY_STATE), VmxVcpu._load_activity),
+)
+#: tracked field -> index of its loader in _LOADERS
+_LOADER_OF = {f: i for i, (fields, _) in enumerate(_LOADERS) for f in fields}
+assert set(_LOADER_OF) == _TRACKED_ENCODINGS, "every tracked field is loaded"

@@ -158,9 +158,13 @@ _ERR_FIELD = int(f.VmcsField.VM_INSTRUCTION_ERROR)
 FieldKey = Union[int, str]
 
 
+_ENC_BY_NAME = {info.name: info.encoding for info in f.ALL_FIELDS}
+
+
 def _key(field: FieldKey) -> int:
     if isinstance(field, str):
-        return f.field_by_name(field).encoding
+        enc = _ENC_BY_NAME.get(field)
+        return enc if enc is not None else f.field_by_name(field).encoding
     if isinstance(field, bool) or not isinstance(field, int):
         raise TypeError(f"a VMCS field is an encoding or a name, not {type(field).__name__}")
     if field < 0:

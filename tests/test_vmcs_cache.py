@@ -1,0 +1,145 @@
+"""The current VMCS as the processor holds it (vmx/vcpu.py TrackedVmcs).
+
+While a vCPU has been entered, the guest-state fields live in the engine and
+the VMCS region is synced on access (the SDM lets a processor cache the
+current VMCS; only VMCLEAR guarantees memory is up to date).  What users of
+the VMCS must see regardless:
+
+- a read of a guest-state field after a VM exit gives the guest's state at
+  the exit (SDM "Saving Guest State");
+- after VMCLEAR the region in memory holds it too;
+- a guest-state field the L0 writes before VMRESUME is what the guest runs
+  with (SDM "Loading Guest State");
+- VMRESUME checks every field written since the last entry: a non-canonical
+  GUEST_RIP of a 64-bit guest is a VM-entry failure with exit reason 33
+  (invalid guest state) and bit 31 set; a control outside its allowed
+  settings is VMfailValid with error 7 (SDM "Checks on VMX Controls",
+  "Checks on Guest RIP, RFLAGS, and SSP", VM-instruction error numbers).
+"""
+from __future__ import annotations
+
+import struct
+import time
+
+from devirt_emu.asm import assemble
+from devirt_emu.machine import Machine
+from devirt_emu.platform import longmode as LM
+from devirt_emu.vmx import exit_reasons as ER
+from devirt_emu.vmx.fields import VmcsField as F
+from devirt_emu.vmx.vmcs import FIELD_SLOTS
+
+CODE = 0x200000
+STACK = 0x180000
+
+# Two CPUID exits, then the test-exit port (an I/O exit the L0 emulates: verdict pass).
+GUEST = f"""
+    mov rsp, {STACK}
+    mov rbx, 0x1122334455667788
+    push rbx
+    xor eax, eax
+    cpuid
+    mov r9, rsp
+    xor eax, eax
+    cpuid
+    mov al, 0
+    out 0xf4, al
+"""
+CPUID_0_AT = 7 + 10 + 1 + 2   # offset of the first CPUID: mov rsp (7) + mov rbx (10) + push (1) + xor (2)
+
+
+def machine_with(handler):
+    """One core under the stock L0 at CODE, with ``handler(vcpu, d, event)``
+    in front of the L0's CPUID handler (it may return False to skip the L0's)."""
+    code, _ = assemble(GUEST, CODE, "vmcs-cache")
+    m = Machine(cores=1, arch="vmx", config="stock", max_ns=10**9)
+    LM.write_environment(m)
+    m.write_phys(CODE, code)
+    LM.enter(m.cores[0], CODE)
+    m.l0.attach()
+    l0_cpuid = m.l0._handlers[ER.CPUID]
+
+    def cpuid(vcpu, d, event):
+        if handler(vcpu, d, event) is not False:
+            l0_cpuid(vcpu, d, event)
+    m.l0._handlers[ER.CPUID] = cpuid
+    return m
+
+
+def run(m):
+    m.l0.launch()
+    m._loop(time.perf_counter())
+    return m
+
+
+def test_guest_state_read_at_an_exit_is_the_state_at_the_exit():
+    seen = []
+
+    def look(vcpu, d, event):
+        v = vcpu.vmcs
+        seen.append((v.get(F.GUEST_RIP), v.get(F.GUEST_RSP), v.vmread(F.GUEST_CS_SELECTOR),
+                     v.get("GUEST_CR3"), v.peek(F.GUEST_IA32_EFER)))
+    m = run(machine_with(look))
+    assert m.verdict == "pass", m.message
+    rip, rsp, cs, cr3, efer = seen[0]
+    assert rip == CODE + CPUID_0_AT           # fault-like: RIP of the CPUID itself
+    assert rsp == STACK - 8                   # after the push
+    assert cs == 0x08 and cr3 == LM.PML4
+    assert efer & (1 << 10) and efer & (1 << 8)   # LMA and LME of a 64-bit guest
+    assert seen[1][0] == CODE + CPUID_0_AT + 2 + 3 + 2   # cpuid, mov r9 rsp, xor
+
+
+def test_vmclear_writes_the_guest_state_back_to_memory():
+    raw = {}
+
+    def clear_and_read(vcpu, d, event):
+        if raw:
+            return
+        v = vcpu.vmcs
+        v.clear()
+        for f in (F.GUEST_RSP, F.GUEST_RIP):
+            off, st, _ = FIELD_SLOTS[f]
+            raw[f] = struct.unpack_from("<Q", vcpu.mem.read(v.pa + off, 8))[0]
+        v.launch_state = "launched"      # (the L0 goes on with VMRESUME, as after VMPTRLD + VMLAUNCH)
+    m = run(machine_with(clear_and_read))
+    assert m.verdict == "pass", m.message
+    assert raw[F.GUEST_RSP] == STACK - 8
+    assert raw[F.GUEST_RIP] == CODE + CPUID_0_AT
+
+
+def test_a_guest_state_field_written_by_the_l0_is_loaded_at_vmresume():
+    def move_stack(vcpu, d, event):
+        if vcpu.vmcs.get(F.GUEST_RIP) == CODE + CPUID_0_AT:
+            vcpu.vmcs.set(F.GUEST_RSP, STACK - 0x100)
+    m = run(machine_with(move_stack))
+    assert m.verdict == "pass", m.message
+    # the guest copied RSP into R9 after the first exit
+    assert m.cores[0].probe.gpr(9) == STACK - 0x100
+
+
+def test_vmresume_checks_a_guest_rip_the_l0_wrote():
+    def bad_rip(vcpu, d, event):
+        vcpu.vmcs.set(F.GUEST_RIP, 0x0000_8000_0000_0000)   # not canonical (48-bit linear addresses)
+        return False
+    m = run(machine_with(bad_rip))
+    assert m.verdict == "error"
+    assert "INVALID_STATE" in m.message and "0x80000021" in m.message and "GUEST_RIP" in m.message
+
+
+def test_vmresume_checks_a_control_the_l0_wrote():
+    def bad_control(vcpu, d, event):
+        v = vcpu.vmcs
+        # bit 1 of the primary processor-based controls is a default1 bit: must be 1
+        v.set(F.CPU_BASED_VM_EXEC_CONTROL, v.get(F.CPU_BASED_VM_EXEC_CONTROL) & ~0x2)
+    m = run(machine_with(bad_control))
+    assert m.verdict == "error"
+    assert "VM entry failed" in m.message
+    assert m.l0.vcpus[0].vmcs.get(F.VM_INSTRUCTION_ERROR) == 7
+
+
+def test_vmresume_of_a_clear_vmcs_fails():
+    def clear(vcpu, d, event):
+        vcpu.vmcs.clear()            # VMCLEAR without a new VMLAUNCH
+    m = run(machine_with(clear))
+    assert m.verdict == "error"
+    # VMfailValid, error 5: VMRESUME with non-launched VMCS
+    assert m.l0.vcpus[0].vmcs.get(F.VM_INSTRUCTION_ERROR) == 5
