@@ -77,7 +77,7 @@ from .lapic import GeneralProtection
 from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
-from .ucinternals import HF_CPL_MASK, HF_CS64, HF_LMA, HF_PE, EngineProbe
+from .ucinternals import ENV_GDT, HF_CPL_MASK, HF_CS64, HF_LMA, HF_PE, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
 #: Kinds whose native handling always completes the instruction in Python (or
@@ -1073,12 +1073,12 @@ class Core:
         read_gdt = self._gdt_entry
         if insn.kind is Kind.IRET:
             _, tss_base, _, _ = self.probe.segment(7)
-            link = struct.unpack("<H", self.read_linear(tss_base, 2))[0]
+            link = struct.unpack("<H", self._read_system(tss_base, 2))[0]
             return tasks.task_return_tss(link, read_gdt)
         selector = insn.selector
         if selector is None:             # FF /3, FF /5: m16:16 or m16:32, the selector last
             linear = self.mem_operand_linear(insn, address)
-            selector = struct.unpack("<H", self.read_linear(linear + insn.op_size, 2))[0]
+            selector = struct.unpack("<H", self._read_system(linear + insn.op_size, 2))[0]
         if selector & ~3 == 0:
             return None
         desc = self._ldt_entry(selector) if selector & 4 else read_gdt(selector)
@@ -1104,7 +1104,7 @@ class Core:
         if vector * 8 + 7 > idt_limit:
             raise _Fault(13, vector * 8 + 2 + (0 if soft else 1))
         try:
-            gate = struct.unpack("<Q", self.read_linear(idt_base + vector * 8, 8))[0]
+            gate = struct.unpack("<Q", self._read_system(idt_base + vector * 8, 8))[0]
             if (gate >> 44) & 1 or (gate >> 40) & 0xF != tasks.TASK_GATE:
                 return False
             tss_selector = tasks.idt_task_gate_tss(vector, gate, self.cpl(), self._gdt_entry,
@@ -1131,7 +1131,7 @@ class Core:
 
     def _gdt_entry(self, selector: int) -> int | None:
         """The GDT entry of ``selector`` (its TI bit ignored), None beyond the GDT limit."""
-        _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
+        base, limit = self.probe.dtr(ENV_GDT)
         return self._table_entry(base, limit, selector)
 
     def _ldt_entry(self, selector: int) -> int | None:
@@ -1145,7 +1145,17 @@ class Core:
         idx = selector & ~7
         if idx + 7 > limit:
             return None
-        return struct.unpack("<Q", self.read_linear(base + idx, 8))[0]
+        return struct.unpack("<Q", self._read_system(base + idx, 8))[0]
+
+    def _read_system(self, linear: int, n: int) -> bytes:
+        """read_linear, without the page walk (and its register reads) when paging is
+        off: a far transfer's operand and descriptors (measured: 19 us per descriptor
+        through read_linear, 2 us this way)."""
+        if not self.probe.cr(0) & (1 << 31):
+            pa = linear & 0xFFFFFFFF
+            if self.mem.contains(pa, n):
+                return self.mem.read(pa, n)
+        return self.read_linear(linear, n)
 
     def mem_operand_linear(self, insn: Insn, address: int) -> int:
         regs = LazyRegs(self)
