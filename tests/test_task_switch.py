@@ -211,6 +211,26 @@ def test_far_jmp_and_call_through_memory_operand():
     assert_task_switch(r, 0x00000020, 3, r.symbols["there"])
 
 
+def test_far_pointer_beyond_its_segment_limit_is_gp0_or_ss0():
+    # DS and SS with a byte-granular limit of FFFFFH (AR: G = 0).  The 6-byte far pointer
+    # at FFFFAH ends at the limit: the task switch exits; at FFFFBH its last byte is
+    # beyond it: #GP(0) through DS, #SS(0) through SS, before any task switch.
+    fields = pm32_fields(exceptions=CATCH_TS_NP_GP | (1 << 12))
+    for s in ("DS", "SS"):
+        fields[f"GUEST_{s}_LIMIT"], fields[f"GUEST_{s}_AR_BYTES"] = 0xFFFFF, 0x4093
+
+    def code(at: int, far: str) -> str:
+        return (f".code32\nmov dword ptr es:[{at:#x}], 0\nmov word ptr es:[{at + 4:#x}], 0x20\n"
+                f"mov eax, {at:#x}\nthere: {far}")
+    r = run_case(code(0xFFFFA, "ljmp [eax]"), vmcs=fields, memory=guest_memory())
+    assert_task_switch(r, 0x80000020, 2, r.symbols["there"])
+    r = run_case(code(0xFFFFB, "ljmp [eax]"), vmcs=fields, memory=guest_memory())
+    assert_fault(r, GP, 0, r.symbols["there"])
+    r = run_case(code(0xFFFFB, "ljmp ss:[eax]"), vmcs=fields, memory=guest_memory())
+    assert r.exit.reason == EXCEPTION_NMI and r.exit.interruption_info == HW_EXC_EC | 12, str(r)
+    assert r.exit.error_code == 0 and r.exit.guest_rip == r.symbols["there"], str(r)
+
+
 def test_far_jmp_16bit_operand_size():
     # 66 EA: JMP ptr16:16 (offset word, selector word): 6 bytes
     r = run32("there: .byte 0x66, 0xEA, 0x00, 0x00, 0x20, 0x00")
@@ -239,7 +259,7 @@ def test_iret_with_nt_is_a_task_return():
     assert_task_switch(r, 0x40000030, 1, r.symbols["there"])   # 1 << 30 | back link
 
 
-def test_task_switch_is_counted_in_the_vmcs_order_of_events():
+def test_instructions_before_the_task_switch_retire():
     # instructions before the task switch retire; the exit reports the guest state then
     r = run32("mov eax, 0x1234\nmov ecx, 5\nthere:\n" + ljmp(0x20))
     e = assert_task_switch(r, 0x80000020, 7, r.symbols["there"])

@@ -1078,6 +1078,7 @@ class Core:
         selector = insn.selector
         if selector is None:             # FF /3, FF /5: m16:16 or m16:32, the selector last
             linear = self.mem_operand_linear(insn, address)
+            self._check_segment_limit(insn, linear)
             selector = struct.unpack("<H", self._read_system(linear + insn.op_size, 2))[0]
         if selector & ~3 == 0:
             return None
@@ -1128,6 +1129,25 @@ class Core:
         raise GuestError(f"core {self.index}: vector {vector} at {self.rip():#x} goes through a "
                          f"task gate (TSS {tss_selector:#x}): task switches through the IDT are "
                          "not performed by the platform")
+
+    def _check_segment_limit(self, insn: Insn, linear: int) -> None:
+        """The far pointer must lie within its segment: #GP(0), or #SS(0) for SS (SDM
+        JMP/CALL "Protected Mode Exceptions"); a null (unusable) segment is #GP(0).
+        Measured: Unicorn 2.1.4 does not check data-segment limits in protected mode
+        (a MOV from beyond a 1-MiB DS limit reads memory), so the core does it here."""
+        seg = insn.mem.seg
+        _, base, limit, flags = self.probe.segment(seg)
+        if not flags & (1 << 15):
+            raise _Fault(13, 0)
+        first = (linear - base) & 0xFFFFFFFF
+        last = first + insn.mem.size - 1
+        if flags & (1 << 12) and not flags & (1 << 11) and flags & (1 << 10):
+            # expand-down data segment: valid offsets are limit+1 .. FFFFH or FFFFFFFFH (B bit)
+            outside = first <= limit or last > (0xFFFFFFFF if flags & (1 << 22) else 0xFFFF)
+        else:
+            outside = last > limit
+        if outside:
+            raise _Fault(12 if seg == 2 else 13, 0)
 
     def _gdt_entry(self, selector: int) -> int | None:
         """The GDT entry of ``selector`` (its TI bit ignored), None beyond the GDT limit."""
