@@ -997,9 +997,10 @@ class Core:
         with RFLAGS.NT = 1 (a task return).  The checks made before the switch
         (:mod:`devirt_emu.platform.tasks`) may fault; if they pass, the attempt
         is a TASK_SWITCH event (counted, traced, offered to the VMX layer, where
-        it is a VM exit), else the switch is Unicorn's (measured: Unicorn 2.1.4
-        performs JMP, CALL, task-gate and IRET task switches as the SDM says),
-        followed by a re-arm of the scans since the new task's CR3 may differ.
+        it is a VM exit).  Without a VM exit Unicorn performs the switch (measured:
+        Unicorn 2.1.4 does JMP, CALL, task-gate and IRET task switches as the SDM
+        says), and the scans are re-armed after it since the new task's CR3 may
+        differ.
 
         Returns False for an IRET that is not a task return (its usual path
         follows), True otherwise: an ordinary far transfer is left to Unicorn,
