@@ -98,6 +98,9 @@ class Kind(str, enum.Enum):
     STI = "STI"
     MOV_SS = "MOV_SS"
     POP_SS = "POP_SS"
+    # --- far transfers: sensitive only when they attempt a task switch ------
+    JMP_FAR = "JMP_FAR"    # EA cp, FF /5 m16:16/32 (outside 64-bit mode)
+    CALL_FAR = "CALL_FAR"  # 9A cp, FF /3 m16:16/32 (outside 64-bit mode)
     # --- VMX instructions ---------------------------------------------------
     VMCALL = "VMCALL"
     VMCLEAR = "VMCLEAR"
@@ -194,6 +197,7 @@ class Insn:
     ``io_size``  I/O access size in bytes (1, 2, 4)
     ``rep``      a REP/REPE/REPNE prefix is present
     ``vector``   INT n's immediate
+    ``selector`` the segment selector of a direct far JMP/CALL (EA/9A ptr16:16/32)
     ``op_size``  operand size in bytes
     ``addr_size`` address size in bytes
     """
@@ -212,6 +216,7 @@ class Insn:
     vector: Optional[int] = None
     op_size: int = 4
     addr_size: int = 8
+    selector: Optional[int] = None
 
     @property
     def is_io(self) -> bool:

@@ -180,6 +180,20 @@ CASES = [
     (64, h("8E 13"), dict(kind=K.MOV_SS, length=2, mem=mem(DS, RBX, size=2))),
     (32, h("17"), dict(kind=K.POP_SS, length=1)),
     (16, h("17"), dict(kind=K.POP_SS, length=1)),
+    # --- far JMP/CALL (SDM "JMP", "CALL"): EA/9A cd = ptr16:16, cp = ptr16:32 (offset,
+    # then selector); FF /5 (JMP) and FF /3 (CALL) m16:16 / m16:32; not valid in 64-bit mode
+    (32, h("EA 00 10 00 00 28 00"), dict(kind=K.JMP_FAR, length=7, selector=0x28, op_size=4,
+                                          mem=None, text="ljmp 0x28:0x1000")),
+    (16, h("EA 34 12 30 00"), dict(kind=K.JMP_FAR, length=5, selector=0x30, op_size=2)),
+    (16, h("66 EA 00 10 00 00 28 00"), dict(kind=K.JMP_FAR, length=8, selector=0x28, op_size=4)),
+    (32, h("66 EA 00 10 28 00"), dict(kind=K.JMP_FAR, length=6, selector=0x28, op_size=2)),
+    (32, h("9A 78 56 34 12 38 00"), dict(kind=K.CALL_FAR, length=7, selector=0x38,
+                                          text="lcall 0x38:0x12345678")),
+    (32, h("FF 2D 00 10 00 00"), dict(kind=K.JMP_FAR, length=6, selector=None, op_size=4,
+                                       mem=mem(DS, None, disp=0x1000, addr_size=4, size=6))),
+    (32, h("66 FF 18"), dict(kind=K.CALL_FAR, length=3, op_size=2, mem=mem(DS, RAX, addr_size=4, size=4))),
+    (32, h("FF 5D 08"), dict(kind=K.CALL_FAR, length=3, mem=mem(SS, RBP, disp=8, addr_size=4, size=6))),
+    (16, h("FF 2F"), dict(kind=K.JMP_FAR, length=2, op_size=2, mem=mem(DS, RBX, addr_size=2, size=4))),
     # --- VMX
     (64, h("0F 01 C1"), dict(kind=K.VMCALL, length=3, text="vmcall")),
     (64, h("0F 01 C2"), dict(kind=K.VMLAUNCH, length=3)),
@@ -272,6 +286,13 @@ NOT_SENSITIVE = [
     (64, h("66 87 D9")),                # xchg bx, cx
     (32, h("48 CF")),                   # 32-bit: 48 is DEC EAX, so the instruction here is DEC
     (64, h("66" * 13 + "0F 01 C1")),    # 16 bytes: longer than 15
+    (64, h("EA 00 10 00 00 28 00")),    # direct far JMP/CALL: #UD in 64-bit mode
+    (64, h("9A 00 10 00 00 28 00")),
+    (64, h("FF 28")),                   # far JMP m16:32 in 64-bit mode: not a task switch
+    (32, h("FF E8")),                   # FF /5 with a register operand: #UD
+    (32, h("FF 20")),                   # FF /4: near JMP
+    (32, h("FF 10")),                   # FF /2: near CALL
+    (32, h("F0 EA 00 10 00 00 28 00")), # LOCK: #UD
 ]
 
 
@@ -403,8 +424,10 @@ def test_row_decodes_to_its_kind_and_capstone_agrees_on_length(case):
         mine = insn.text.replace("rep ", "").split()[0]
         their_mn = theirs[0].mnemonic.split()[-1]
         # capstone reads F3 REX.W 90 as XCHG RAX,RAX, F3 0F 01 FA as MONITORX,
-        # ignores a mandatory 66 in 16-bit code (66 0F C7 /6 as VMPTRLD), and lets
-        # 66 beat REX.W on PUSHF/POPF (the SDM: REX.W wins, section 2.2.1.2).
+        # ignores a mandatory 66 in 16-bit code (66 0F C7 /6 as VMPTRLD), lets
+        # 66 beat REX.W on PUSHF/POPF (the SDM: REX.W wins, section 2.2.1.2), and
+        # names FF /3, FF /5 with a 32-bit operand "call"/"jmp" (ours: lcall/ljmp).
         if not (row.kind in (K.PAUSE, K.MCOMMIT) or (mode == 16 and mandatory == "66")
-                or (row.kind in (K.PUSHF, K.POPF) and rex & 8 and 0x66 in pre)):
+                or (row.kind in (K.PUSHF, K.POPF) and rex & 8 and 0x66 in pre)
+                or (row.opcode == b"\xff" and insn.op_size == 4)):
             assert mine == their_mn, (code.hex(), theirs[0].mnemonic, insn.text)

@@ -46,7 +46,10 @@ Operand conventions (the Insn fields, beyond what events.py states):
   SLDT/STR/LLDT/LTR/MOV SS 2, VMPTRLD/VMPTRST/VMCLEAR/VMXON 8, VMREAD/
   VMWRITE 8 (4 outside 64-bit mode), INVEPT/INVVPID/INVPCID 16, INVLPG 1 (an
   address, not an access), XSAVES/XRSTORS 0 (the XSAVE area: its size
-  depends on XCR0/XSS, not on the encoding).
+  depends on XCR0/XSS, not on the encoding), far JMP/CALL m16:16 4 and
+  m16:32 6 (offset, then selector).
+* direct far JMP/CALL (EA/9A): ``selector`` is the pointer's selector; the
+  offset (2 or 4 bytes by operand size) is only in the text.
 
 Mode checks done here are the static ones (code size, REX, CR/DR numbers
 that are #UD whatever the state: CR1, CR5-CR7, CR9-CR15, DR8-DR15); dynamic
@@ -57,7 +60,7 @@ from __future__ import annotations
 from typing import Callable, Mapping, Optional
 
 from devirt_emu.cpu.insn_table import (
-    MSZ_IO, MSZ_PSEUDO_DESC, MSZ_XSAVE, MSZ_Y, REX_B, REX_R, REX_W, REX_X,
+    MSZ_FAR_PTR, MSZ_IO, MSZ_PSEUDO_DESC, MSZ_XSAVE, MSZ_Y, REX_B, REX_R, REX_W, REX_X,
     TABLE, Mod, Ops, Osz, Row,
 )
 from devirt_emu.events import GPR_NAMES, SEG_NAMES, Insn, MemOperand
@@ -176,7 +179,7 @@ def decode_offset(code: bytes, off: int, mode: int) -> Optional[Insn]:
                     continue
             if lock and row.ops is not Ops.CR:
                 return None
-            stop = _end_of(row, code, j, end, modrm, p67, mode)
+            stop = _end_of(row, code, j, end, modrm, p67, mode, p66)
             if stop < 0:
                 return None
             key = (mode, code[off:stop])
@@ -199,7 +202,8 @@ _CACHE: dict[tuple[int, bytes], Insn] = {}
 _CACHE_MAX = 1 << 16
 
 
-def _end_of(row: Row, code: bytes, j: int, end: int, modrm: int, p67: bool, mode: int) -> int:
+def _end_of(row: Row, code: bytes, j: int, end: int, modrm: int, p67: bool, mode: int,
+            p66: bool) -> int:
     """Offset just past the instruction whose opcode ends before ``j``; -1 if truncated."""
     if modrm >= 0:
         j += 1
@@ -218,6 +222,8 @@ def _end_of(row: Row, code: bytes, j: int, end: int, modrm: int, p67: bool, mode
                 j += (4 if rm == 5 else 0, 1, 4)[mod]
     elif row.ops is Ops.IMM8 or row.ops is Ops.PORT_IMM8:
         j += 1
+    elif row.ops is Ops.FAR_PTR:                   # offset (operand size) + selector
+        j += _op_size(row.osz, mode, p66, 0, 0) + 2
     return j if j <= end else -1
 
 
@@ -246,7 +252,8 @@ def _op_size(rule: Osz, mode: int, p66: bool, rex: int, asz: int) -> int:
     return {Osz.B: 1, Osz.W: 2, Osz.D: 4}[rule]
 
 
-def _mem_size(row: Row, mode: int, io_size: Optional[int]) -> int:
+def _mem_size(row: Row, mode: int, osz: Optional[int]) -> int:
+    """Memory-operand size in bytes; ``osz`` is the operand size (the I/O size for INS/OUTS)."""
     msz = row.msz
     if isinstance(msz, int):
         return msz
@@ -255,9 +262,11 @@ def _mem_size(row: Row, mode: int, io_size: Optional[int]) -> int:
     if msz == MSZ_Y:
         return 8 if mode == 64 else 4
     if msz == MSZ_IO:
-        return io_size
+        return osz
     if msz == MSZ_XSAVE:
         return 0
+    if msz == MSZ_FAR_PTR:       # offset (operand size) + 16-bit selector
+        return osz + 2
     raise AssertionError(f"row {row.fmt!r}: no memory size rule")
 
 
@@ -300,7 +309,7 @@ def _build(row: Row, code: bytes, off: int, j: int, stop: int, mode: int, modrm:
             if overridden:
                 seg_text = SEG_NAMES[segno] + ":"
             kw["mem"] = MemOperand(segno, base, index, scale, disp, asz,
-                                   _mem_size(row, mode, None), rip_rel)
+                                   _mem_size(row, mode, osz), rip_rel)
             f["rm"] = seg_text + _mem_text(base, index, scale, disp, asz, rip_rel)
         reg_x = reg | (8 if rex & REX_R else 0)
 
@@ -353,6 +362,10 @@ def _build(row: Row, code: bytes, off: int, j: int, stop: int, mode: int, modrm:
         kw["rep"] = bool(rep)
         kw["mem"] = MemOperand(segno, base, None, 1, 0, asz, _mem_size(row, mode, osz))
         f["bwd"] = _BWD[osz]
+    elif ops is Ops.FAR_PTR:
+        offset = int.from_bytes(code[j:j + osz], "little")
+        kw["selector"] = int.from_bytes(code[j + osz:j + osz + 2], "little")
+        f["ptr"] = f"{kw['selector']:#x}:{offset:#x}"
     elif ops is Ops.RAX_ADDR:
         segno = _seg(seg_prefix, mode, SEG_DS)[0]
         kw["mem"] = MemOperand(segno, 0, None, 1, 0, asz, _mem_size(row, mode, None))

@@ -24,7 +24,11 @@ disjoint ``pfx`` sets, so at most one row matches an encoding.
 ``modes`` lists the code sizes (16, 32, 64) in which the encoding exists.
 This is a static property: an instruction that decodes but faults at run
 time (LLDT in real mode, VMXON outside VMX-capable state, MOV CR at CPL 3)
-is still listed; the dynamic checks belong to the rules.
+is still listed; the dynamic checks belong to the rules.  One exception: the
+far JMP/CALL rows list only 16- and 32-bit code.  A far transfer is sensitive
+only when it attempts a task switch, and task switching does not exist in
+IA-32e mode (a far JMP/CALL to a TSS or task gate there is a #GP, which
+Unicorn raises itself), so 64-bit code never needs their hooks.
 
 Not in the table (not interceptable, or newer than the Kind list): PCONFIG,
 SEAMCALL/TDCALL, RDMSRLIST/WRMSRLIST, LOADIWKEY, ENQCMD(S), SWAPGS, RDPID.
@@ -79,6 +83,7 @@ class Ops(enum.Enum):
     REG_RM = "reg_rm"        # ModRM.reg -> gpr; ModRM.rm -> gpr2 or mem
     RAX_ADDR = "rax_addr"    # implicit seg:[rAX] (DS by default): MONITOR(X)
     RM_ADDR = "rm_addr"      # ModRM.rm register holding an address (DS by default): UMONITOR
+    FAR_PTR = "far_ptr"      # immediate far pointer: offset (operand size), then selector (2 bytes)
 
 
 class Osz(enum.Enum):
@@ -99,6 +104,7 @@ MSZ_PSEUDO_DESC = "pseudo_desc"  # LGDT/SGDT...: 6 bytes, 10 in 64-bit mode
 MSZ_Y = "y"                      # VMREAD/VMWRITE: 8 in 64-bit mode, 4 otherwise
 MSZ_IO = "io"                    # INS/OUTS: the I/O size
 MSZ_XSAVE = "xsave"              # XSAVES/XRSTORS: the XSAVE area, size 0 = variable
+MSZ_FAR_PTR = "far_ptr"          # far JMP/CALL m16:16/m16:32: offset (operand size) + selector
 
 Msz = Union[int, str, None]
 
@@ -112,7 +118,8 @@ class Row:
     ``{cr}``, ``{dr}``, ``{port}`` (immediate or ``dx``), ``{acc}``
     (AL/AX/EAX by I/O size), ``{ax}`` (rAX by address size), ``{imm}``,
     ``{dq}`` ("" / "d" / "q" by operand size 16/32/64), ``{bwd}``
-    ("b"/"w"/"d" by I/O size), ``{w64}`` ("64" with REX.W).
+    ("b"/"w"/"d" by I/O size), ``{w64}`` ("64" with REX.W), ``{ptr}``
+    (an immediate far pointer, ``selector:offset``).
     ``rex_clear`` is a mask of REX bits that must be 0 (PAUSE: REX.B turns
     ``90`` into XCHG r8; the markers: exactly ``66 87 DB``/``66 87 C9``).
     ``vector`` is the fixed vector of INT3/INT1/INTO.
@@ -228,6 +235,13 @@ TABLE: tuple[Row, ...] = (
     _r(K.STI, "sti", "FB"),
     _r(K.MOV_SS, "mov ss, {rm}", "8E", modrm=True, reg=2, ops=Ops.RM, osz=Osz.W, msz=2),
     _r(K.POP_SS, "pop ss", "17", modes=LEGACY_MODES),
+    # --- far transfers: sensitive only as task switches (see the module docstring)
+    _r(K.JMP_FAR, "ljmp {ptr}", "EA", ops=Ops.FAR_PTR, osz=Osz.Z, modes=LEGACY_MODES),
+    _r(K.CALL_FAR, "lcall {ptr}", "9A", ops=Ops.FAR_PTR, osz=Osz.Z, modes=LEGACY_MODES),
+    _r(K.JMP_FAR, "ljmp {rm}", "FF", modrm=True, reg=5, mod=M, ops=Ops.RM, osz=Osz.Z,
+       msz=MSZ_FAR_PTR, modes=LEGACY_MODES),
+    _r(K.CALL_FAR, "lcall {rm}", "FF", modrm=True, reg=3, mod=M, ops=Ops.RM, osz=Osz.Z,
+       msz=MSZ_FAR_PTR, modes=LEGACY_MODES),
     # --- VMX -----------------------------------------------------------------
     _r(K.VMCALL, "vmcall", "0F 01 C1", pfx=NO_REP),
     _r(K.VMLAUNCH, "vmlaunch", "0F 01 C2", pfx=NO_REP),

@@ -12,10 +12,11 @@ in from the previous page), so the result is exactly::
 
 computed without decoding all 4096 offsets:
 
-1. one compiled regular expression, generated from the table, finds every
-   position where a table opcode (with its ModRM byte, when the row
-   constrains it) occurs; a zero-width lookahead makes overlapping
-   occurrences visible;
+1. one compiled regular expression per code size, generated from the rows of
+   the table that exist in it, finds every position where such an opcode
+   (with its ModRM byte, when the row constrains it) occurs; a zero-width
+   lookahead makes overlapping occurrences visible (64-bit pages thus never
+   try the legacy-only far JMP/CALL opcodes EA, 9A and FF /3, /5);
 2. an instruction of the table that starts at ``s`` has its opcode at ``p``
    with only prefix bytes (legacy, and REX in 64-bit mode) between, at most
    14 of them; so the starts to try for an opcode at ``p`` are ``p`` and each
@@ -63,14 +64,17 @@ def _alternation(seqs) -> str:
     return "|".join(parts)
 
 
-def _opcode_regex() -> re.Pattern:
-    """A bytes regex matching (zero-width) at each table opcode occurrence.
+def _opcode_regex(mode: int) -> re.Pattern:
+    """A bytes regex matching (zero-width) at each occurrence of the opcode of
+    a table row that exists in code size ``mode``.
 
     Each row contributes its opcode bytes, followed by the set of ModRM bytes
     its reg/mod constraints allow when it has a ModRM byte.
     """
     seqs = set()
     for row in TABLE:
+        if mode not in row.modes:
+            continue
         seq = tuple(frozenset({b}) for b in row.opcode)
         if row.modrm:
             seq += (modrm_bytes(row),)
@@ -78,7 +82,8 @@ def _opcode_regex() -> re.Pattern:
     return re.compile(("(?=" + _alternation(seqs) + ")").encode("ascii"), re.DOTALL)
 
 
-OPCODE_RE = _opcode_regex()
+#: Per code size, the regex of :func:`_opcode_regex`.
+OPCODE_RES: dict[int, re.Pattern] = {mode: _opcode_regex(mode) for mode in MODES}
 
 #: Per mode, the one-byte instructions of the table (INT3, HLT, CLI, IN AL,DX...):
 #: byte value -> its Insn, so that an unprefixed one costs one dict lookup.
@@ -113,7 +118,7 @@ def scan_page(code: bytes, base: int, mode: int) -> dict[int, Insn]:
     prefixes = _PREFIX_BYTES_64 if mode == 64 else _PREFIX_BYTES_LEGACY
     one_byte = _ONE_BYTE[mode]
     found: dict[int, Insn] = {}
-    for m in OPCODE_RE.finditer(code):
+    for m in OPCODE_RES[mode].finditer(code):
         p = m.start()
         s = p
         low = max(0, p - (MAX_INSN_LEN - 1))

@@ -1287,13 +1287,18 @@ RULES: Mapping[Kind, Callable] = {
     Kind.INT3: _soft_exception,
     Kind.INTO: _soft_exception,
     Kind.INT1: _soft_exception,
-    Kind.IRET: _never("IRET does not cause VM exits (it changes NMI blocking)"),
+    Kind.IRET: _never("IRET does not cause VM exits (it changes NMI blocking); a task "
+                      "return (NT=1) does (the core reports it as a TASK_SWITCH event)"),
     Kind.PUSHF: _never("PUSHF does not cause VM exits"),
     Kind.POPF: _never("POPF does not cause VM exits"),
     Kind.CLI: _never("CLI does not cause VM exits"),
     Kind.STI: _never("STI does not cause VM exits"),
     Kind.MOV_SS: _never("MOV SS does not cause VM exits"),
     Kind.POP_SS: _never("POP SS does not cause VM exits"),
+    Kind.JMP_FAR: _never("a far JMP does not cause VM exits; a task switch it attempts "
+                         "does (the core reports it as a TASK_SWITCH event)"),
+    Kind.CALL_FAR: _never("a far CALL does not cause VM exits; a task switch it attempts "
+                          "does (the core reports it as a TASK_SWITCH event)"),
     Kind.VMCALL: _vmcall,
     Kind.VMCLEAR: _vmx_insn,
     Kind.VMLAUNCH: _vmx_insn,
