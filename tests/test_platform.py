@@ -301,6 +301,16 @@ done:
     assert m.verdict == "pass"              # eax was 0: the patched instruction ran
 
 
+def test_store_into_its_own_bytes_is_a_clear_error_not_a_hang():
+    # Unicorn never completes such a store (measured): the run must end, saying why
+    m = run64("""
+    lea rax, [rip]
+    mov byte ptr [rax], 0x48       ; stores into its own first byte (no change in value)
+""" + PASS)
+    assert m.verdict == "error"
+    assert "stores into its own bytes" in m.message
+
+
 def test_two_runs_give_identical_traces(tmp_path):
     from pathlib import Path
     guest = Path(__file__).resolve().parent.parent / "guest_tests" / "ipi_pingpong.S"

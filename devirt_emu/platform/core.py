@@ -67,6 +67,7 @@ from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED,
                      UC_HOOK_MEM_READ_PROT, UC_HOOK_MEM_WRITE_PROT, UC_MODE_16,
                      UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc,
                      UcError)
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from unicorn import x86_const as X
 
 from ..cpu.decode import resolve_linear
@@ -74,7 +75,7 @@ from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from . import cpuid as cpuid_model
 from . import tasks
 from .lapic import GeneralProtection
-from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
+from .memory import LAPIC_MMIO_BASE, PAGE_SIZE, PhysicalAccessError
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
 from .ucinternals import ENV_GDT, HF_CPL_MASK, HF_CS64, HF_LMA, HF_PE, EngineProbe
@@ -902,6 +903,7 @@ class Core:
                 # the store is on the page it writes: run it alone on the page made
                 # writable and executable (unhooked), then fetches from the page fault
                 # again and rescan it
+                self._refuse_store_into_itself(self.write_fault)
                 self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
                 try:
                     self._step_one()
@@ -915,6 +917,23 @@ class Core:
                              f"near RIP {self.rip():#x} ({err})")
         else:
             raise GuestError(f"core {self.index}: engine error at RIP {self.rip():#x}: {err}")
+
+    def _refuse_store_into_itself(self, address: int) -> None:
+        """An instruction that stores into its own bytes is a guest error here.
+        Measured on Unicorn 2.1.4: executing it never returns (QEMU retranslates
+        the modified instruction and retries the store forever), even with a
+        wall-clock timeout."""
+        rip = self.rip()
+        mode = {16: CS_MODE_16, 32: CS_MODE_32}.get(self.code_size(), CS_MODE_64)
+        try:
+            code = self.mem.read(self.translate(rip, fetch=True), 15)
+        except (PageFault, UnsupportedPaging, PhysicalAccessError):
+            return
+        insn = next(Cs(CS_ARCH_X86, mode).disasm(code, rip, 1), None)
+        if insn is not None and rip <= address < rip + insn.size:
+            raise GuestError(f"core {self.index}: the instruction at {rip:#x} ({insn.mnemonic} "
+                             f"{insn.op_str}) stores into its own bytes at {address:#x}, which "
+                             "the engine cannot execute")
 
     def after_mode_change(self) -> None:
         """CR0/CR3/CR4/EFER were written (by a VMX entry or a shadowed MOV to CR):
