@@ -38,7 +38,7 @@ import enum
 import struct
 import time
 
-from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED,
+from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED,
                      UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED,
                      UC_ERR_WRITE_PROT, UC_ERR_WRITE_UNMAPPED, UC_HOOK_CODE,
                      UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT,
@@ -53,6 +53,8 @@ from .lapic import GeneralProtection
 from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
+from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, Stage2Fault,
+                  VirtualTlb)
 from .ucinternals import HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
@@ -209,6 +211,9 @@ class Core:
         self.nmi_blocked = False
         self.shadow_at = -1            # icount of the instruction in an interrupt shadow
         self.virt = None               # the VMX/SVM layer, when one is attached
+        self.vtlb: VirtualTlb | None = None    # virtual-TLB mode (a second stage), made on first use
+        self.iret_unblocked_nmi = False        # the IRET being stepped unblocked NMIs
+        self._straddle_exit: int | None = None  # temporary engine exit (see _straddle_fetch)
         self.trace = machine.trace
         # page scanning
         self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
@@ -346,7 +351,7 @@ class Core:
         if selector & 4 or idx + 7 > limit:
             return None
         try:
-            return struct.unpack("<Q", self.read_linear(base + idx, 8))[0]
+            return struct.unpack("<Q", self.read_linear(base + idx, 8, peek=True))[0]
         except (PageFault, UnsupportedPaging):
             return None
 
@@ -382,15 +387,24 @@ class Core:
         return (uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR3),
                 uc.reg_read(X.UC_X86_REG_CR4), self.rdmsr_raw(MSR_EFER))
 
-    def translate(self, linear: int, *, write=False, fetch=False, user=False) -> int:
+    def translate(self, linear: int, *, write=False, fetch=False, user=False, peek=False) -> int:
+        """Linear -> physical for an access the platform makes for the guest.  With
+        a second stage (virtual-TLB mode) the walk is two-stage and has the
+        guest access's side effects (accessed/dirty flags; a second-stage fault
+        is a VM exit, taken now: AccessAborted); ``peek`` asks for none of them
+        (any failure is then a PageFault)."""
+        vt = self.vtlb
+        if vt is not None and vt.active:
+            return self._translate2(linear, ACC_WRITE if write else ACC_FETCH if fetch else ACC_READ,
+                                    user, peek)
         cr0, cr3, cr4, efer = self._paging_regs()
         return translate(self.mem, cr0, cr3, cr4, efer, linear, write=write, fetch=fetch, user=user)
 
-    def read_linear(self, linear: int, n: int) -> bytes:
+    def read_linear(self, linear: int, n: int, *, peek: bool = False) -> bytes:
         out = bytearray()
         while n:
             chunk = min(n, PAGE_SIZE - (linear & 0xFFF))
-            pa = self.translate(linear)
+            pa = self.translate(linear, peek=peek)
             if not self.mem.contains(pa, chunk):
                 raise GuestError(f"core {self.index}: platform read of physical {pa:#x} outside RAM")
             out += self.mem.read(pa, chunk)
@@ -409,6 +423,108 @@ class Core:
             linear += chunk
             off += chunk
 
+    # ------------------------------------------------------------------ second stage
+    def set_second_stage(self, stage2) -> None:
+        """Translate this core's accesses through the guest's page tables and then
+        ``stage2`` (virtual-TLB mode, :mod:`devirt_emu.platform.tlb`), or with
+        QEMU's own one-stage walker again when ``stage2`` is None.  Either way
+        the engine's TLB is flushed."""
+        if stage2 is None:
+            if self.vtlb is not None:
+                self.vtlb.disable()
+            return
+        if self.vtlb is None:
+            self.vtlb = VirtualTlb(self)
+        self.vtlb.enable(stage2)
+
+    def flush_tlb(self) -> None:
+        """Drop the engine's cached translations (virtual-TLB mode only: QEMU's
+        own walker flushes itself as the architecture says)."""
+        if self.vtlb is not None and self.vtlb.active:
+            self.vtlb.flush()
+
+    def _translate2(self, linear: int, access: int, user: bool, peek: bool) -> int:
+        try:
+            return self.vtlb.translate(linear, access, user=user, peek=peek)
+        except Stage2Fault as s:
+            if peek:
+                raise PageFault(linear, 0) from None
+            self._stage2_exit(s)            # now, while the event being delivered is known
+            raise AccessAborted() from None
+        except NonCanonical:
+            if peek:
+                raise PageFault(linear, 0) from None
+            raise _Fault(13, 0) from None
+        except UnsupportedPaging as e:
+            if peek:
+                raise
+            raise GuestError(f"core {self.index}: {e}") from None
+
+    def _stage2_exit(self, fault: Stage2Fault) -> None:
+        """A second-stage fault: the VMX layer takes the VM exit."""
+        if self.virt is None or not self.virt.on_stage2_fault(self, fault):
+            raise GuestError(f"core {self.index}: second-stage fault outside VMX non-root "
+                             f"operation: {fault.info}")
+
+    def _tlb_refusal(self) -> None:
+        """The engine stopped because our TLB-fill hook refused an access: walk it
+        again with the full address and raise what it is (#PF, #GP, a VM exit)."""
+        vt = self.vtlb
+        bug = vt.take_error()
+        if bug is not None:
+            raise bug
+        r = vt.refused()
+        if r is None:
+            raise GuestError(f"core {self.index}: the engine reported an unhandled CPU exception "
+                             f"at RIP {self.rip():#x} with no refused translation")
+        linear, access, user = r
+        if access == ACC_FETCH and (linear ^ self.rip()) & ~0xFFF and self._straddle_fetch():
+            return
+        self._drop_straddle_exit()
+        try:
+            vt.translate(linear, access, user=user)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        except NonCanonical:
+            raise _Fault(13, 0) from None
+        except UnsupportedPaging as e:
+            raise GuestError(f"core {self.index}: {e}") from None
+        except Stage2Fault as s:
+            self._stage2_exit(s)
+        # else the translation changed since the refusal (another core, the L0): retry
+
+    def _straddle_fetch(self) -> bool:
+        """A refused fetch on the page after RIP's: QEMU failed to translate the
+        whole block from RIP (measured), so the instructions before the one that
+        straddles the page end have not run.  Stop the engine in front of that
+        instruction (a temporary exit) and let the run go on: the fetch then
+        faults with RIP at it.  False when RIP is already there."""
+        rip = self.rip()
+        end = (rip | 0xFFF) + 1
+        try:
+            code = self.read_linear(rip, end - rip, peek=True)
+        except (PageFault, UnsupportedPaging, GuestError):
+            return False
+        from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
+        mode = {16: CS_MODE_16, 32: CS_MODE_32, 64: CS_MODE_64}[self.code_size()]
+        at = rip
+        for insn in Cs(CS_ARCH_X86, mode).disasm(code, rip):
+            at = insn.address + insn.size
+        if at == rip or at >= end:
+            return False
+        self._straddle_exit = at
+        if not self._exits_enabled:
+            self.uc.ctl_exits_enabled(True)
+            self._exits_enabled = True
+        self.uc.ctl_set_exits(sorted(set(self._exit_sites) | {at}))
+        self.uc.ctl_remove_cache(rip & ~0xFFF, end)
+        return True
+
+    def _drop_straddle_exit(self) -> None:
+        if self._straddle_exit is not None:
+            self._straddle_exit = None
+            self.uc.ctl_set_exits(sorted(self._exit_sites) or [IMPOSSIBLE_PC])
+
     # ------------------------------------------------------------------ page scanning
     def _on_fetch_prot(self, uc, access, address, size, value, data):
         self.fetch_fault = address
@@ -421,7 +537,7 @@ class Core:
 
     def _scan_and_arm(self, linear: int) -> None:
         try:
-            pa = self.translate(linear, fetch=True)
+            pa = self.translate(linear, fetch=True, peek=True)
         except PageFault as pf:
             # Unicorn raised FETCH_PROT, so it found a mapping; our walker disagrees only
             # if the guest changed its tables without invalidating.  Treat as a #PF.
@@ -433,7 +549,7 @@ class Core:
         mode = self.code_size()
         code = self.mem.read(ppage, PAGE_SIZE)
         try:
-            tail = self.read_linear(lpage + PAGE_SIZE, 15)
+            tail = self.read_linear(lpage + PAGE_SIZE, 15, peek=True)
         except (PageFault, UnsupportedPaging, GuestError):
             tail = b""
         modes = (64,) if mode == 64 else (16, 32, 64)
@@ -469,7 +585,11 @@ class Core:
         self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
 
     def rearm_all(self) -> None:
-        """Forget every scan of this engine (CR3 load, INVLPG, mode change)."""
+        """Forget every scan of this engine (CR3 load, INVLPG, mode change); in
+        virtual-TLB mode also every cached translation (EFER writes and
+        register loads by a VM entry do not flush QEMU's TLB: measured)."""
+        if self.vtlb is not None and self.vtlb.active:
+            self.vtlb.flush()
         for ppage in list(self.exec_pages):
             self.disarm_page(ppage)
             perms = UC_PROT_READ if self.machine.is_code_page(ppage) else UC_PROT_READ | UC_PROT_WRITE
@@ -482,7 +602,7 @@ class Core:
         the pages this core is not executing now are disarmed; they are scanned
         (from the cache) and hooked again on their next fetch."""
         try:
-            here = self.translate(self.rip(), fetch=True) & ~0xFFF
+            here = self.translate(self.rip(), fetch=True, peek=True) & ~0xFFF
         except (PageFault, UnsupportedPaging):
             return
         for ppage in list(self.exec_pages):
@@ -650,10 +770,25 @@ class Core:
         if self._rearm_after_step:
             self._rearm_after_step = False
             self.rearm_all()
+        self.iret_unblocked_nmi = False
         return retired
 
     def _handle_engine_error(self, err: UcError) -> None:
         no = err.errno
+        vt = self.vtlb
+        phys_write = False
+        if vt is not None and vt.active:
+            if no == UC_ERR_EXCEPTION:
+                self._tlb_refusal()
+                return
+            # FETCH_PROT and WRITE_PROT report physical addresses in this mode (measured)
+            if no == UC_ERR_FETCH_PROT and self.fetch_fault is not None:
+                linear = vt.fetch_linear(self.fetch_fault, self.rip())
+                if linear is None:
+                    raise GuestError(f"core {self.index}: fetch from physical {self.fetch_fault:#x} "
+                                     f"near RIP {self.rip():#x} maps to no linear address")
+                self.fetch_fault = linear
+            phys_write = True
         if no == UC_ERR_FETCH_PROT and self.fetch_fault is not None:
             if self.fetch_fault == self._last_fetch_fault and self.icount == self._last_fetch_icount:
                 raise GuestError(f"core {self.index}: instruction fetch at {self.fetch_fault:#x} "
@@ -661,10 +796,13 @@ class Core:
             self._last_fetch_fault, self._last_fetch_icount = self.fetch_fault, self.icount
             self._scan_and_arm(self.fetch_fault)
         elif no == UC_ERR_WRITE_PROT and self.write_fault is not None:
-            ppage = self.translate(self.write_fault, write=True) & ~0xFFF
+            if phys_write:
+                ppage = self.write_fault & ~0xFFF
+            else:
+                ppage = self.translate(self.write_fault, write=True) & ~0xFFF
             self.machine.invalidate_code_page(ppage)
             try:
-                here = self.translate(self.rip(), fetch=True) & ~0xFFF
+                here = self.translate(self.rip(), fetch=True, peek=True) & ~0xFFF
             except (PageFault, UnsupportedPaging):
                 here = None
             if here == ppage:
@@ -676,9 +814,14 @@ class Core:
                     self._step_one()
                 finally:
                     self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
-                    self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
+                    # (Unicorn takes a linear range: in virtual-TLB mode, RIP's page)
+                    cpage = self.rip() & ~0xFFF if phys_write else ppage
+                    self.uc.ctl_remove_cache(cpage, cpage + PAGE_SIZE)
         elif no == UC_ERR_INSN_INVALID:
             raise _Fault(6)
+        elif no == UC_ERR_FETCH_UNMAPPED and vt is not None and vt.active and \
+                vt.drop_placeholder(self.rip()):
+            return          # a placeholder TLB entry (see VirtualTlb._placeholder): walk again
         elif no in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED):
             raise GuestError(f"core {self.index}: access to a physical address outside RAM "
                              f"near RIP {self.rip():#x} ({err})")
@@ -743,6 +886,12 @@ class Core:
         except _Fault as f:
             self._uncount += 1
             self.deliver_exception(f.vector, f.error_code, f.cr2)
+        except AccessAborted:
+            # a second-stage fault during the instruction was a VM exit, taken: the
+            # instruction did not retire and runs again from its start (hooked) after it
+            self._uncount += 1
+            if self._in_run:
+                self.request_stop("check")
         except GuestError as e:
             self.machine.guest_error(str(e))
             self._uncount += 1
@@ -1038,6 +1187,7 @@ class Core:
         self.shadow_at = self.retired_now() + 1
 
     def _h_iret(self, address, insn):
+        self.iret_unblocked_nmi = self.nmi_blocked     # for an EPT exit during the IRET
         self.nmi_blocked = False
         self._step_then_check(address)
 
@@ -1089,6 +1239,8 @@ class Core:
                     self._delivering = (vector, INTR_TYPE_HARD_EXCEPTION, error_code)
                     self.deliver_event(vector, error_code, self.rip(), exception=True)
                     return
+                except AccessAborted:
+                    return          # the delivery ended in a VM exit (taken)
                 except _Fault as f:
                     if vector == 8:
                         self.triple_fault()
@@ -1260,6 +1412,8 @@ class Core:
                                        vector=vector))
         except _Fault as f:
             self.deliver_exception(f.vector, f.error_code, f.cr2)
+        except AccessAborted:
+            pass            # the delivery ended in a VM exit (taken)
         finally:
             self._delivering = None
 
@@ -1305,6 +1459,10 @@ class Core:
         self._pending_rearm = self._rearm_after_step = False
         self._extra_ns = 0
         self.free_running = False
+        self.iret_unblocked_nmi = False
+        if self.vtlb is not None:
+            self.vtlb.disable()
+        self._drop_straddle_exit()
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""
