@@ -316,6 +316,8 @@ class VirtualTlb:
         # RIP's page or the next, may be refused.
         guest = self.core._in_run and (
             access != ACC_FETCH or ((vaddr - ((p.segment(1)[1] + p.eip()) & ~0xFFF)) & _U64_MASK) in (0, 0x1000))
+        if not guest and vaddr in self._placeholders:
+            return self._placeholder(vaddr, entry)     # (measured: asked again after every run)
         try:
             hpa, perms = self._walk(vaddr, access, user, not guest)
         except (PageFault, Stage2Fault, NonCanonical, UnsupportedPaging):
