@@ -668,6 +668,8 @@ class Core:
         remaining = budget if det else 0
         self._time_limit = self.clock + budget if det else 1 << 62
         while True:
+            if self._straddle_exit is not None and self.rip() == self._straddle_exit:
+                self._drop_straddle_exit()      # stopped in front of it: now run it
             self._stop_reason = None
             self._uncount = 0
             self._budget = remaining
@@ -745,6 +747,8 @@ class Core:
             icount = self.icount
             self._take_exit()
             return self.icount - icount
+        if self._straddle_exit is not None and self.rip() == self._straddle_exit:
+            self._drop_straddle_exit()
         self._uncount = 0
         self._budget = 1
         self.fetch_fault = self.write_fault = None

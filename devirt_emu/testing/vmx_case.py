@@ -768,7 +768,7 @@ class CaseRunner:
         # the environment tables and bitmaps, rewritten only where the last case changed them
         env = self._env_bytes
         if mem.read(longmode.GDT, len(env)) != env:
-            longmode.write_environment(m)
+            m.write_phys(longmode.GDT, env)     # byte for byte (a case may have added entries)
         for pa, data in bitmaps.items():
             if self._bitmaps.get(pa) != data or mem.read(pa, BITMAP_SIZE) != data:
                 m.write_phys(pa, data)

@@ -1,0 +1,446 @@
+"""EPT at run time: real guest instructions under a VMCS that enables EPT.
+
+Every expectation is written here from the Intel SDM Vol. 3C as literals:
+exit reasons 48 (EPT violation) and 49 (EPT misconfiguration) (Appendix C);
+the exit qualification from the table "Exit Qualification for EPT
+Violations" (bit 0 data read, bit 1 data write, bit 2 instruction fetch,
+bits 3/4/5 the AND of the R/W/X bits of the EPT entries used, bit 7 the
+guest-linear-address field is valid, bit 8 the access is to the translation
+of that linear address (clear: to one of the guest's paging-structure
+entries), bit 12 NMI unblocking due to IRET); section "EPT Violations"
+(guest paging-structure reads are data reads; with EPTP bit 6 they are
+treated as writes; updates of the guest's accessed/dirty flags are data
+writes); "Accessed and Dirty Flags for EPT" (bit 8 accessed, bit 9 dirty of
+the EPT entries); the #PF error code of chapter "Paging" (bit 0 P, 1 W/R,
+2 U/S, 3 RSVD, 4 I/D); "Guest-physical address" and "Guest-linear address"
+in "Basic VM-Exit Information".  EPT violations and misconfigurations are
+fault-like: the instruction has not executed and GUEST_RIP is its address.
+
+The guest runs from the fresh 64-bit state of devirt_emu.testing.vmx_case:
+identity paging with 2 MiB guest pages (PML4 0x20000, PDPT 0x21000, PD
+0x22000), stack top 0x9F000, code at 0x100000, scratch from 0x400000.
+"""
+import struct
+
+import pytest
+
+from devirt_emu.testing.vmx_case import (CODE_BASE, EPT_POOL, SCRATCH_BASE, CaseError, CaseRunner,
+                                         EptEntry, EptMap, run_case)
+
+EPT_VIOLATION, EPT_MISCONFIG, EXCEPTION_NMI, CPUID = 48, 49, 0, 10
+# exit qualification for EPT violations
+Q_READ, Q_WRITE, Q_FETCH = 1 << 0, 1 << 1, 1 << 2
+Q_R, Q_W, Q_X = 1 << 3, 1 << 4, 1 << 5
+Q_GLA, Q_TRANSLATION = 1 << 7, 1 << 8
+Q_NMI_UNBLOCK = 1 << 12
+# EPT entry rights and flags
+R, W, X = 1, 2, 4
+EPT_A, EPT_D = 1 << 8, 1 << 9
+# guest paging-structure entry flags (chapter "Paging")
+P_A, P_D = 1 << 5, 1 << 6
+
+PML4, PDPT, PD = 0x20000, 0x21000, 0x22000
+STACK_TOP = 0x9F000
+IDT = 0x12000
+PAGE = 0x1000
+PF, UD = 14, 6
+PIN = "PIN_BASED_VM_EXEC_CONTROL"
+
+
+def identity_except(*pages):
+    """Identity EPT over the case's RAM, with (gpa, rights[, hpa]) overrides."""
+    out = {}
+    for gpa, rights, *hpa in pages:
+        out[gpa] = (hpa[0] if hpa else gpa, rights)
+    return ["identity", out]
+
+
+def ept_exit(r, reason, *, rip=CODE_BASE):
+    assert r.outcome == "exit", str(r)
+    e = r.exit
+    assert e.reason == reason and e.exit_reason == reason, str(r)
+    assert e.guest_rip == rip, str(r)
+    return e
+
+
+def interrupt_gate(handler):
+    """A 64-bit interrupt gate (SDM "64-Bit IDT Gate Descriptors"): selector 0x08, type 0xE, P."""
+    lo = (handler & 0xFFFF) | 0x08 << 16 | 0xE << 40 | 1 << 47 | ((handler >> 16) & 0xFFFF) << 48
+    return (lo | (handler >> 32) << 64).to_bytes(16, "little")
+
+
+# --- the identity EPT changes nothing ------------------------------------------------
+
+def test_identity_ept_runs_the_guest_to_its_exit():
+    r = run_case("mov rax, [rbx]\nmov qword ptr [rbx + 8], 7\nmov rcx, [rbx + 8]\nexit: cpuid",
+                 regs={"rbx": SCRATCH_BASE}, memory={SCRATCH_BASE: (0x1122).to_bytes(8, "little")},
+                 ept="identity")
+    e = ept_exit(r, CPUID, rip=r.symbols["exit"])
+    assert e.regs["rcx"] == 7 and r.steps == 3
+    assert r.vmcs["SECONDARY_VM_EXEC_CONTROL"] & 2          # "enable EPT" set by ept=
+
+
+def test_translation_goes_through_the_ept():
+    # GPA 0x500000 is mapped to HPA 0x600000: the read sees what is there
+    r = run_case("mov rax, [rbx]\nexit: cpuid", regs={"rbx": 0x500010},
+                 memory={0x500010: (0xAAAA).to_bytes(8, "little"),
+                         0x600010: (0xBBBB).to_bytes(8, "little")},
+                 ept=identity_except((0x500000, R | W | X, 0x600000)))
+    assert ept_exit(r, CPUID, rip=r.symbols["exit"]).regs["rax"] == 0xBBBB
+
+
+# --- EPT violations on the final access ---------------------------------------------
+
+@pytest.mark.parametrize("insn, access", [
+    ("mov rax, [rbx]", Q_READ),
+    ("mov [rbx], rax", Q_WRITE),
+])
+def test_data_access_to_an_unmapped_gpa(insn, access):
+    gla = SCRATCH_BASE + 0x123
+    r = run_case(f"{insn}\ncpuid", regs={"rbx": gla, "rax": 5},
+                 ept=identity_except((SCRATCH_BASE, 0)))
+    e = ept_exit(r, EPT_VIOLATION)
+    # not present: rights bits 5:3 are 0; the linear address is valid and translates to it
+    assert e.qualification == access | Q_GLA | Q_TRANSLATION
+    assert e.guest_physical_address == gla and e.guest_linear_address == gla
+    assert e.instruction_length is None and e.interruption_info == 0
+    assert r.steps == 0                                       # fault-like
+
+
+def test_fetch_from_an_unmapped_gpa():
+    target = SCRATCH_BASE + 0x40
+    r = run_case("mov eax, 1\njmp rbx", regs={"rbx": target}, ept=identity_except((SCRATCH_BASE, 0)))
+    e = ept_exit(r, EPT_VIOLATION, rip=target)                # RIP at the fetch
+    assert e.qualification == Q_FETCH | Q_GLA | Q_TRANSLATION
+    assert e.guest_physical_address == target == e.guest_linear_address
+    assert e.regs["rax"] == 1 and r.steps == 2                # mov and jmp retired
+
+
+def test_write_to_a_read_only_page_does_not_happen():
+    gla = SCRATCH_BASE + 0x808
+    r = run_case("mov qword ptr [rbx], 0x55\ncpuid", regs={"rbx": gla},
+                 memory={gla: (0x77).to_bytes(8, "little")}, ept=identity_except((SCRATCH_BASE, R)))
+    e = ept_exit(r, EPT_VIOLATION)
+    assert e.qualification == Q_WRITE | Q_R | Q_GLA | Q_TRANSLATION
+    assert e.guest_physical_address == gla == e.guest_linear_address
+    runner_mem = struct.unpack("<Q", _read(gla, 8))[0]
+    assert runner_mem == 0x77                                 # the store did not happen
+
+
+def _read(pa, n):
+    from devirt_emu.testing import vmx_case
+    return vmx_case._runner.machine.mem.read(pa, n)
+
+
+def test_push_onto_a_read_only_stack_leaves_rsp():
+    r = run_case("push rax\ncpuid", ept=identity_except((STACK_TOP - PAGE, R | X)))
+    e = ept_exit(r, EPT_VIOLATION)
+    assert e.qualification == Q_WRITE | Q_R | Q_X | Q_GLA | Q_TRANSLATION
+    assert e.guest_physical_address == STACK_TOP - 8
+    assert e.regs["rsp"] == STACK_TOP                         # PUSH did not execute
+
+
+def test_fetch_from_a_non_executable_page():
+    target = SCRATCH_BASE + 0x10
+    r = run_case("jmp rbx", regs={"rbx": target}, memory={target: b"\x90\x0f\xa2"},
+                 ept=identity_except((SCRATCH_BASE, R | W)))
+    e = ept_exit(r, EPT_VIOLATION, rip=target)
+    assert e.qualification == Q_FETCH | Q_R | Q_W | Q_GLA | Q_TRANSLATION
+    assert e.guest_physical_address == target
+
+
+def test_fetch_straddling_into_a_non_executable_page_reports_the_straddling_instruction():
+    # "mov rax, imm64" (10 bytes) starts 4 bytes before a page whose EPT entry is RW:
+    # the instructions before it execute, the exit is at it, the GLA is the next page
+    page = CODE_BASE + PAGE
+    pad = PAGE - 4 - 5 - 2            # up to 4 bytes before the page: mov ecx, imm32 + nops
+    code = b"\xb9\x01\x00\x00\x00" + b"\x90" * (pad + 2) + b"\x48\xb8" + bytes(range(1, 9)) + b"\x0f\xa2"
+    assert len(code) == PAGE - 4 + 12
+    r = run_case(code, ept=identity_except((page, R | W)))
+    e = ept_exit(r, EPT_VIOLATION, rip=page - 4)
+    assert e.qualification == Q_FETCH | Q_R | Q_W | Q_GLA | Q_TRANSLATION
+    assert e.guest_linear_address == page == e.guest_physical_address
+    assert e.regs["rcx"] == 1 and r.steps == 1 + pad + 2
+
+
+def test_two_mib_ept_page():
+    # GPA 0x400000-0x5FFFFF -> HPA 0xA00000 with one 2 MiB leaf, read/execute only
+    big = EptMap(SCRATCH_BASE, 0xA00000, size=2 << 20, rights=R | X, page_size=2 << 20)
+    r = run_case("mov rax, [rbx]\nw: mov [rbx + 0x1000], rax\ncpuid", regs={"rbx": SCRATCH_BASE + 0x1F8},
+                 memory={0xA001F8: (0xC0FFEE).to_bytes(8, "little")}, ept=["identity", big])
+    e = ept_exit(r, EPT_VIOLATION, rip=r.symbols["w"])
+    assert e.regs["rax"] == 0xC0FFEE                          # read through the 2 MiB page
+    assert e.qualification == Q_WRITE | Q_R | Q_X | Q_GLA | Q_TRANSLATION
+    assert e.guest_physical_address == SCRATCH_BASE + 0x11F8
+
+
+def test_one_gib_ept_page():
+    # the guest maps linear 1 GiB with a 1 GiB page to GPA 1 GiB (its PDPTE 1); the EPT
+    # maps GPA 1 GiB to HPA 0 with a 1 GiB leaf, read-only
+    guest_pdpte = 0x4000_0000 | 0x83                          # P, R/W, PS
+    giant = EptMap(0x4000_0000, 0, size=1 << 30, rights=R, page_size=1 << 30)
+    gla = 0x4000_0000 + SCRATCH_BASE + 0x20
+    r = run_case("mov rax, [rbx]\nw: mov [rbx], rax\ncpuid", regs={"rbx": gla},
+                 memory={PDPT + 8: guest_pdpte.to_bytes(8, "little"),
+                         SCRATCH_BASE + 0x20: (0xFACE).to_bytes(8, "little")},
+                 ept=["identity", giant])
+    e = ept_exit(r, EPT_VIOLATION, rip=r.symbols["w"])
+    assert e.regs["rax"] == 0xFACE
+    assert e.qualification == Q_WRITE | Q_R | Q_GLA | Q_TRANSLATION
+    assert e.guest_physical_address == gla and e.guest_linear_address == gla
+
+
+# --- accesses to the guest's own paging structures ----------------------------------
+
+GLA_1G = 0x4000_0000 + 0x1234           # translated through the guest's PDPTE 1 -> a PD of its own
+GUEST_PD_1G = 0x500000                  # that PD (guest-physical)
+
+
+def guest_pd_at_1g():
+    """Guest page tables: PDPTE 1 -> PD at 0x500000, whose entry 0 maps a 2 MiB page at 0x600000."""
+    return {PDPT + 8: (GUEST_PD_1G | 0x3).to_bytes(8, "little"),
+            GUEST_PD_1G: (0x600000 | 0x83).to_bytes(8, "little")}
+
+
+def test_guest_paging_structure_not_in_the_ept():
+    r = run_case("mov rax, [rbx]\ncpuid", regs={"rbx": GLA_1G}, memory=guest_pd_at_1g(),
+                 ept=identity_except((GUEST_PD_1G, 0)))
+    e = ept_exit(r, EPT_VIOLATION)
+    # a read of a paging-structure entry: bit 0, GLA valid, bit 8 clear; GPA = the PDE
+    assert e.qualification == Q_READ | Q_GLA
+    assert e.guest_physical_address == GUEST_PD_1G + 0       # PD index 0
+    assert e.guest_linear_address == GLA_1G
+
+
+def test_guest_paging_structure_read_only_without_ept_ad_needs_write_for_the_accessed_flag():
+    # reading the PDE is allowed; setting its accessed flag is a data write: a violation
+    r = run_case("mov rax, [rbx]\ncpuid", regs={"rbx": GLA_1G}, memory=guest_pd_at_1g(),
+                 ept=identity_except((GUEST_PD_1G, R)))
+    e = ept_exit(r, EPT_VIOLATION)
+    assert e.qualification == Q_WRITE | Q_R | Q_GLA
+    assert e.guest_physical_address == GUEST_PD_1G
+
+
+def test_guest_paging_structure_read_only_with_accessed_flag_already_set_is_enough():
+    mem = guest_pd_at_1g()
+    mem[GUEST_PD_1G] = (0x600000 | 0x83 | P_A).to_bytes(8, "little")
+    mem[0x600000 + 0x1234] = (0x5151).to_bytes(8, "little")
+    r = run_case("mov rax, [rbx]\nexit: cpuid", regs={"rbx": GLA_1G}, memory=mem,
+                 ept=identity_except((GUEST_PD_1G, R)))
+    assert ept_exit(r, CPUID, rip=r.symbols["exit"]).regs["rax"] == 0x5151
+
+
+def test_guest_paging_structure_read_only_with_ept_ad_is_a_write():
+    # EPTP bit 6: paging-structure accesses are treated as writes (bits 0 and 1 reported)
+    mem = guest_pd_at_1g()
+    mem[GUEST_PD_1G] = (0x600000 | 0x83 | P_A).to_bytes(8, "little")
+    r = run_case("mov rax, [rbx]\ncpuid", regs={"rbx": GLA_1G}, memory=mem,
+                 ept=identity_except((GUEST_PD_1G, R)), ept_ad=True)
+    e = ept_exit(r, EPT_VIOLATION)
+    assert e.qualification == Q_READ | Q_WRITE | Q_R | Q_GLA
+    assert e.guest_physical_address == GUEST_PD_1G
+
+
+def test_guest_accessed_and_dirty_flags_are_set_by_the_walk():
+    runner = CaseRunner()
+    r = runner.run("mov rax, [rbx]\nmov [rcx], rax\nexit: cpuid",
+                   regs={"rbx": SCRATCH_BASE, "rcx": 0x600000}, ept="identity")
+    ept_exit(r, CPUID, rip=r.symbols["exit"])
+    mem = runner.machine.mem
+    pde = lambda i: mem.read_u64(PD + 8 * i)
+    assert pde(2) & (P_A | P_D) == P_A             # 0x400000: read only
+    assert pde(3) & (P_A | P_D) == P_A | P_D       # 0x600000: written
+    assert pde(4) & (P_A | P_D) == 0               # 0x800000: not used
+    assert mem.read_u64(PML4) & P_A and mem.read_u64(PDPT) & P_A
+
+
+# --- EPT accessed and dirty flags ----------------------------------------------------
+
+def test_ept_accessed_and_dirty_flags():
+    runner = CaseRunner()
+    r = runner.run("mov rax, [rbx]\nmov [rcx], rax\nexit: cpuid",
+                   regs={"rbx": SCRATCH_BASE, "rcx": SCRATCH_BASE + 0x2000},
+                   ept="identity", ept_ad=True)
+    ept_exit(r, CPUID, rip=r.symbols["exit"])
+    assert r.vmcs["EPT_POINTER"] & (1 << 6)
+    pte = lambda gpa: runner.ept.mem.read_u64(runner.ept.entry_address(gpa, 1))
+    assert pte(SCRATCH_BASE) & (EPT_A | EPT_D) == EPT_A            # read
+    assert pte(SCRATCH_BASE + 0x2000) & (EPT_A | EPT_D) == EPT_A | EPT_D   # written
+    assert pte(SCRATCH_BASE + 0x1000) & (EPT_A | EPT_D) == 0       # untouched
+    # guest paging structures are written (A/D with EPT A/D): accessed and dirty
+    for gpa in (PML4, PDPT, PD):
+        assert pte(gpa) & (EPT_A | EPT_D) == EPT_A | EPT_D, hex(gpa)
+    # the non-leaf EPT entries used get their accessed flag
+    assert runner.ept.mem.read_u64(runner.ept.entry_address(SCRATCH_BASE, 2)) & EPT_A
+
+
+def test_no_ept_flags_without_eptp_bit_6():
+    runner = CaseRunner()
+    runner.run("mov [rcx], rax\ncpuid", regs={"rcx": SCRATCH_BASE}, ept="identity")
+    pte = runner.ept.mem.read_u64(runner.ept.entry_address(SCRATCH_BASE, 1))
+    assert pte & (EPT_A | EPT_D) == 0
+
+
+# --- EPT misconfiguration ------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [
+    SCRATCH_BASE | (2 << 3) | 7,          # memory type 2 (reserved) in a leaf
+    SCRATCH_BASE | (6 << 3) | W,          # write without read
+    SCRATCH_BASE | (6 << 3) | 7 | (1 << 50),   # a reserved bit above MAXPHYADDR
+])
+def test_misconfigured_leaf(value):
+    gla = SCRATCH_BASE + 0x88
+    r = run_case("mov rax, [rbx]\ncpuid", regs={"rbx": gla},
+                 ept=["identity", EptEntry(SCRATCH_BASE, 1, value)])
+    e = ept_exit(r, EPT_MISCONFIG)
+    assert e.guest_physical_address == gla
+    assert e.qualification == 0 and e.guest_linear_address is None
+    assert r.steps == 0
+
+
+def test_misconfigured_non_leaf_entry():
+    # EPT PDE (non-leaf) with bits 2:0 = 110b (write/execute, no read)
+    runner = CaseRunner()
+    runner.run("nop", ept="identity")
+    pt = runner.ept.mem.read_u64(runner.ept.entry_address(SCRATCH_BASE, 2)) & ~0xFFF
+    r = runner.run("mov [rbx], rax\ncpuid", regs={"rbx": SCRATCH_BASE + 8},
+                   ept=["identity", EptEntry(SCRATCH_BASE, 2, pt | W | X)])
+    e = ept_exit(r, EPT_MISCONFIG)
+    assert e.guest_physical_address == SCRATCH_BASE + 8
+
+
+# --- guest page faults are not EPT exits ----------------------------------------------
+
+def test_guest_page_fault_goes_to_the_exception_bitmap():
+    unmapped = 0x4000_0000 + 0x10                 # PDPTE 1 not present in the guest's tables
+    r = run_case("mov [rbx], rax\ncpuid", regs={"rbx": unmapped}, ept="identity",
+                 vmcs={"EXCEPTION_BITMAP": 1 << PF})
+    e = ept_exit(r, EXCEPTION_NMI)
+    assert e.interruption_info == 0x80000B0E and e.error_code == 2   # not present, write
+    assert e.qualification == unmapped
+
+
+def test_guest_page_fault_is_delivered_through_the_guest_idt_with_cr2():
+    src = ("mov rax, 0x1234\nmov byte ptr [rbx], 1\nud2\n"
+           "handler: pop rcx\nmov rdx, cr2\nexit: cpuid")
+    sym = run_case(src).symbols
+    gla = 0x4000_0000 + 0x777
+    r = run_case(src, regs={"rbx": gla}, ept="identity",
+                 memory={IDT + 16 * PF: interrupt_gate(sym["handler"])})
+    e = ept_exit(r, CPUID, rip=sym["exit"])
+    assert e.regs["rcx"] == 2 and e.regs["rdx"] == gla       # error code (W/R), CR2
+
+
+def test_guest_protection_fault_error_code():
+    # a write to a page the guest maps read-only (PDE 2: P, PS, no R/W; CR0.WP = 1)
+    src = "mov [rbx], rax\ncpuid"
+    r = run_case(src, regs={"rbx": SCRATCH_BASE + 8}, ept="identity",
+                 memory={PD + 16: (SCRATCH_BASE | 0x81).to_bytes(8, "little")},
+                 vmcs={"EXCEPTION_BITMAP": 1 << PF})
+    e = ept_exit(r, EXCEPTION_NMI)
+    assert e.error_code == 3 and e.qualification == SCRATCH_BASE + 8   # P | W/R
+
+
+def test_guest_reserved_bit_error_code():
+    # PDE 2 with a reserved bit (bit 13 of a 2 MiB PDE): P | RSVD (| W/R for the write)
+    r = run_case("mov rax, [rbx]\ncpuid", regs={"rbx": SCRATCH_BASE}, ept="identity",
+                 memory={PD + 16: (SCRATCH_BASE | (1 << 13) | 0x83).to_bytes(8, "little")},
+                 vmcs={"EXCEPTION_BITMAP": 1 << PF})
+    assert ept_exit(r, EXCEPTION_NMI).error_code == 0x9
+
+
+def test_invlpg_makes_a_changed_guest_mapping_visible():
+    # the guest moves its 2 MiB page 0x400000 to GPA 0x600000 and invalidates it
+    src = ("mov rax, [rbx]\nmov qword ptr [rdx], 0x600083\ninvlpg [rbx]\nmov rcx, [rbx]\nexit: cpuid")
+    r = run_case(src, regs={"rbx": SCRATCH_BASE, "rdx": PD + 16}, ept="identity",
+                 memory={SCRATCH_BASE: (1).to_bytes(8, "little"), 0x600000: (2).to_bytes(8, "little")})
+    e = ept_exit(r, CPUID, rip=r.symbols["exit"])
+    assert (e.regs["rax"], e.regs["rcx"]) == (1, 2)
+
+
+# --- during event delivery ------------------------------------------------------------
+
+def test_ept_violation_while_delivering_an_exception():
+    # #UD's delivery pushes its frame on a stack page the EPT does not map
+    src = "ud2\nhandler: cpuid"
+    sym = run_case(src).symbols
+    r = run_case(src, ept=identity_except((STACK_TOP - PAGE, 0)),
+                 memory={IDT + 16 * UD: interrupt_gate(sym["handler"])})
+    e = ept_exit(r, EPT_VIOLATION)                      # RIP still at UD2
+    assert e.idt_vectoring_info == 0x80000306           # valid, hardware exception, #UD
+    assert e.qualification == Q_WRITE | Q_GLA | Q_TRANSLATION
+    assert STACK_TOP - 5 * 8 <= e.guest_physical_address < STACK_TOP
+
+
+def test_ept_violation_while_delivering_an_injected_event():
+    # VM entry injects external interrupt 0x40; its frame goes to an unmapped stack page
+    r = run_case("cpuid", ept=identity_except((STACK_TOP - PAGE, 0)),
+                 memory={IDT + 16 * 0x40: interrupt_gate(CODE_BASE)},
+                 vmcs={"VM_ENTRY_INTR_INFO_FIELD": 0x80000040, "GUEST_RFLAGS": 0x202})
+    e = ept_exit(r, EPT_VIOLATION)
+    assert e.idt_vectoring_info == 0x80000040           # valid, external interrupt, vector 0x40
+    assert r.vmcs["VM_ENTRY_INTR_INFO_FIELD"] & (1 << 31) == 0
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_iret_that_unblocks_nmis_sets_bit_12(blocked):
+    # IRETQ pops its frame from a page the EPT does not map
+    frame = SCRATCH_BASE + 0x100
+    r = run_case("mov rsp, rbx\ni: iretq", regs={"rbx": frame},
+                 ept=identity_except((SCRATCH_BASE, 0)),
+                 vmcs={"GUEST_INTERRUPTIBILITY_INFO": 8 if blocked else 0})   # bit 3: NMI blocking
+    e = ept_exit(r, EPT_VIOLATION, rip=r.symbols["i"])
+    want = Q_READ | Q_GLA | Q_TRANSLATION | (Q_NMI_UNBLOCK if blocked else 0)
+    assert e.qualification == want
+    # the VM exit leaves NMI blocking cleared (SDM "Activities ... VM Exits")
+    assert r.vmcs["GUEST_INTERRUPTIBILITY_INFO"] & 8 == 0
+
+
+# --- the ept= shortcut -------------------------------------------------------------------
+
+def test_ept_forms():
+    # {gpa: (hpa, rights, page_size)}: a larger page replaces the smaller ones mapped there
+    r = run_case("mov [rbx], rax\ncpuid", regs={"rbx": SCRATCH_BASE + 0x3000},
+                 ept=["identity", {SCRATCH_BASE: (SCRATCH_BASE, R | X, 2 << 20)}])
+    assert ept_exit(r, EPT_VIOLATION).qualification == Q_WRITE | Q_R | Q_X | Q_GLA | Q_TRANSLATION
+    # a 4 KiB page inside an earlier 2 MiB one is an error
+    with pytest.raises(CaseError, match="larger page"):
+        run_case("nop", ept=[EptMap(0, 0, size=16 << 20, page_size=2 << 20),
+                             {SCRATCH_BASE: (SCRATCH_BASE, 0)}])
+    # one EptMap alone: the code page itself is mapped, nothing else (the first fetch's
+    # walk reads the guest PML4E at 0x20000, which is not mapped)
+    r = run_case("nop", ept=EptMap(CODE_BASE, CODE_BASE))
+    e = ept_exit(r, EPT_VIOLATION)
+    assert e.qualification == Q_READ | Q_GLA and e.guest_physical_address == PML4
+
+
+@pytest.mark.parametrize("ept, match", [
+    ("everything", "identity"),
+    ({0: (0,)}, "hpa, rights"),
+    ([EptMap(0x1001, 0)], "multiples"),
+    ([EptMap(0, 0, page_size=4096 * 3)], "page_size"),
+    ([EptEntry(SCRATCH_BASE, 1, 7)], "no EPT"),
+    ([EptEntry(SCRATCH_BASE, 5, 7)], "level"),
+    (42, "identity"),
+])
+def test_bad_ept_is_a_case_error(ept, match):
+    with pytest.raises(CaseError, match=match):
+        run_case("nop", ept=ept)
+
+
+def test_ept_and_ept_pointer_together_is_a_case_error():
+    with pytest.raises(CaseError, match="EPT_POINTER"):
+        run_case("nop", ept="identity", vmcs={"EPT_POINTER": 0x1E})
+
+
+def test_memory_over_the_ept_tables_is_a_case_error():
+    with pytest.raises(CaseError, match="EPT tables"):
+        run_case("nop", ept="identity", memory={EPT_POOL: b"x"})
+
+
+def test_a_case_without_ept_after_one_with_runs_on_the_one_stage_walker():
+    runner = CaseRunner()
+    runner.run("mov rax, [rbx]\ncpuid", regs={"rbx": SCRATCH_BASE}, ept=identity_except((SCRATCH_BASE, 0)))
+    r = runner.run("mov rax, [rbx]\ncpuid", regs={"rbx": SCRATCH_BASE})
+    ept_exit(r, CPUID, rip=CODE_BASE + 3)
+    assert runner.ept is None and not runner.core.vtlb.active
