@@ -444,3 +444,137 @@ def test_a_case_without_ept_after_one_with_runs_on_the_one_stage_walker():
     r = runner.run("mov rax, [rbx]\ncpuid", regs={"rbx": SCRATCH_BASE})
     ept_exit(r, CPUID, rip=CODE_BASE + 3)
     assert runner.ept is None and not runner.core.vtlb.active
+
+
+# --- the L0 (hypervisor/kvm.py): EPT built on demand --------------------------------------
+
+GUEST_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "guest_tests"
+
+
+def _machine(config="stock", cores=1, guest="hello"):
+    from devirt_emu.asm import build_image
+    from devirt_emu.machine import Machine
+    m = Machine(cores=cores, arch="vmx", config=config)
+    m.load_image(build_image(GUEST_DIR / f"{guest}.S"))
+    return m
+
+
+def test_stock_guest_builds_its_ept_on_demand():
+    from devirt_emu.vmx.ept import EptTranslation, ept_walk
+    m = _machine()
+    res = m.run()
+    assert res.verdict == "pass", res.message
+    violations = [e for e in res.exits if e["name"] == "EPT_VIOLATION"]
+    assert violations and all(e["reason"] == 48 for e in violations)
+    for e in violations:
+        # a guest access to a page with no EPT entry: bits 5:3 (rights) are 0 and the
+        # guest-linear address is valid (no PDPTE loads: the firmware uses 4-level paging)
+        assert e["qualification"] & (Q_R | Q_W | Q_X) == 0 and e["qualification"] & Q_GLA
+    l0 = m.l0
+    # what the guest touched is mapped now, identity (read the boot code page)
+    r = ept_walk(m.mem.read, m.mem.write, l0.ept.eptp, 0x8000, 1)
+    assert isinstance(r, EptTranslation) and r.hpa == 0x8000
+    assert m.cores[0].vtlb is not None and m.cores[0].vtlb.active        # EPT on: two stages
+
+
+def test_devirtualized_core_runs_on_the_one_stage_walker():
+    m = _machine("devirt")
+    res = m.run()
+    assert res.verdict == "pass", res.message
+    assert res.exit_counts.get("EPT_VIOLATION", 0) > 0         # boot ran under stock, with EPT
+    assert not m.cores[0].vtlb.active                           # devirt: EPT off
+
+
+def _l0_with_vcpu():
+    m = _machine()
+    m.l0.attach()
+    return m, m.l0, m.l0.vcpus[0]
+
+
+def _violation(gpa, qualification=Q_WRITE | Q_GLA | Q_TRANSLATION):
+    from devirt_emu.vmx.rules import exit_decision
+    return exit_decision("EPT_VIOLATION", ("test",), qualification=qualification,
+                         guest_linear_address=gpa, guest_physical_address=gpa)
+
+
+@pytest.mark.parametrize("vectoring, reinjected", [
+    (0x80000040, 0x80000040),              # external interrupt 0x40: injected again
+    (0x80000B0E, 0x80000B0E),              # #PF with its error code
+    (0x80000202, 0x80000202),              # NMI
+    (0x80000480, 0),                       # INT 0x80 (software interrupt): not re-injected
+    (0, 0),                                # not during event delivery
+])
+def test_l0_maps_the_page_and_reinjects_the_interrupted_event(vectoring, reinjected):
+    from devirt_emu.vmx.ept import EptTranslation, ept_walk
+    m, l0, vcpu = _l0_with_vcpu()
+    v = vcpu.vmcs
+    v.store(0x4408, vectoring)             # IDT_VECTORING_INFO_FIELD (read-only to VMWRITE)
+    v.store(0x440A, 0x1234)                # IDT_VECTORING_ERROR_CODE
+    gpa = 0x123456
+    assert ept_walk(m.mem.read, m.mem.write, l0.ept.eptp, gpa, 2).__class__.__name__ == "EptViolation"
+    l0.h_ept_violation(vcpu, _violation(gpa), None)
+    r = ept_walk(m.mem.read, m.mem.write, l0.ept.eptp, gpa, 2)
+    assert isinstance(r, EptTranslation) and r.hpa == gpa and r.rights == 7
+    assert v.get("VM_ENTRY_INTR_INFO_FIELD") == reinjected
+    if reinjected & (1 << 11):
+        assert v.get("VM_ENTRY_EXCEPTION_ERROR_CODE") == 0x1234
+
+
+def test_l0_blocks_nmis_again_after_an_iret_that_unblocked_them():
+    m, l0, vcpu = _l0_with_vcpu()
+    v = vcpu.vmcs
+    v.store(0x4408, 0)
+    v.set("GUEST_INTERRUPTIBILITY_INFO", 0)
+    l0.h_ept_violation(vcpu, _violation(0x300000, Q_READ | Q_GLA | Q_TRANSLATION | Q_NMI_UNBLOCK), None)
+    assert v.get("GUEST_INTERRUPTIBILITY_INFO") & 8              # blocking by NMI
+
+
+@pytest.mark.parametrize("gpa, match", [
+    (0xFEE00000, "outside the guest's RAM"),
+    (None, "mapped"),
+])
+def test_l0_violation_it_cannot_fix_is_a_guest_error(gpa, match):
+    m, l0, vcpu = _l0_with_vcpu()
+    if gpa is None:
+        gpa = 0x200000
+        l0.ept.map(gpa, gpa, 4096, rights=1)                     # mapped read-only by the L0
+    l0.h_ept_violation(vcpu, _violation(gpa), None)
+    assert m.verdict == "error" and match in m.message
+
+
+def test_l0_ept_misconfiguration_is_a_guest_error():
+    from devirt_emu.vmx.rules import exit_decision
+    m, l0, vcpu = _l0_with_vcpu()
+    l0.h_ept_misconfig(vcpu, exit_decision("EPT_MISCONFIG", ("EPT PTE memory type 2 is reserved",),
+                                           guest_physical_address=0x5000), None)
+    assert m.verdict == "error"
+    assert "EPT misconfiguration at GPA 0x5000" in m.message and "memory type 2" in m.message
+
+
+# --- read-modify-write and non-canonical addresses -----------------------------------
+
+@pytest.mark.parametrize("insn", ["add qword ptr [rbx], 1", "inc dword ptr [rbx]", "xchg [rbx], rax",
+                                  "lock cmpxchg [rbx], rcx"])
+@pytest.mark.parametrize("rights", [0, R])
+def test_read_modify_write_reports_a_write(insn, rights):
+    # SDM: an EPT violation caused by a read-modify-write sets bit 1; whether it also
+    # sets bit 0 is implementation-specific (not checked)
+    r = run_case(f"{insn}\ncpuid", regs={"rbx": SCRATCH_BASE + 0x40},
+                 ept=identity_except((SCRATCH_BASE, rights)))
+    e = ept_exit(r, EPT_VIOLATION)
+    rights_bits = Q_R if rights else 0
+    assert e.qualification & ~Q_READ == Q_WRITE | rights_bits | Q_GLA | Q_TRANSLATION
+
+
+def test_read_modify_write_guest_page_fault_has_the_write_bit():
+    # #PF error code bit 1 (W/R) for an RMW to a not-present page
+    r = run_case("add qword ptr [rbx], 1\ncpuid", regs={"rbx": 0x4000_0000}, ept="identity",
+                 vmcs={"EXCEPTION_BITMAP": 1 << PF})
+    assert ept_exit(r, EXCEPTION_NMI).error_code == 2
+
+
+def test_non_canonical_address_is_a_general_protection_fault():
+    r = run_case("mov rax, [rbx]\ncpuid", regs={"rbx": 0x8000_0000_0000_0000}, ept="identity",
+                 vmcs={"EXCEPTION_BITMAP": 1 << 13})
+    e = ept_exit(r, EXCEPTION_NMI)
+    assert e.interruption_info == 0x80000B0D and e.error_code == 0

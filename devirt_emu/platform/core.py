@@ -54,7 +54,7 @@ from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, Stage2Fault,
-                  VirtualTlb)
+                  VirtualTlb, read_modify_write, straddling_instruction)
 from .ucinternals import HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
@@ -481,6 +481,8 @@ class Core:
         if access == ACC_FETCH and (linear ^ self.rip()) & ~0xFFF and self._straddle_fetch():
             return
         self._drop_straddle_exit()
+        if access == ACC_READ and self._rmw_at_rip():
+            access = ACC_READ | ACC_WRITE         # the refused read is the read of a write
         try:
             vt.translate(linear, access, user=user)
         except PageFault as pf:
@@ -492,6 +494,16 @@ class Core:
         except Stage2Fault as s:
             self._stage2_exit(s)
         # else the translation changed since the refusal (another core, the L0): retry
+
+    def _rmw_at_rip(self) -> bool:
+        """Is the instruction at RIP a read-modify-write of memory?"""
+        rip = self.rip()
+        for n in (15, PAGE_SIZE - (rip & 0xFFF)):      # the next page may not be readable
+            try:
+                return read_modify_write(self.read_linear(rip, min(n, 15), peek=True), self.code_size())
+            except (PageFault, UnsupportedPaging, GuestError):
+                continue
+        return False
 
     def _straddle_fetch(self) -> bool:
         """A refused fetch on the page after RIP's: QEMU failed to translate the
@@ -505,12 +517,8 @@ class Core:
             code = self.read_linear(rip, end - rip, peek=True)
         except (PageFault, UnsupportedPaging, GuestError):
             return False
-        from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
-        mode = {16: CS_MODE_16, 32: CS_MODE_32, 64: CS_MODE_64}[self.code_size()]
-        at = rip
-        for insn in Cs(CS_ARCH_X86, mode).disasm(code, rip):
-            at = insn.address + insn.size
-        if at == rip or at >= end:
+        at = straddling_instruction(code, rip, self.code_size())
+        if at is None or at == rip:
             return False
         self._straddle_exit = at
         if not self._exits_enabled:

@@ -102,6 +102,45 @@ _U64_MASK = (1 << 64) - 1
 PLACEHOLDER_PA = (1 << 40) - 0x1000
 
 
+_RMW_MNEMONICS = frozenset({"cmpxchg", "cmpxchg8b", "cmpxchg16b", "xadd"})
+_disassemblers: dict = {}
+
+
+def _disassembler(mode: int):
+    md = _disassemblers.get(mode)
+    if md is None:
+        from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
+        md = Cs(CS_ARCH_X86, {16: CS_MODE_16, 32: CS_MODE_32, 64: CS_MODE_64}[mode])
+        md.detail = True
+        _disassemblers[mode] = md
+    return md
+
+
+def straddling_instruction(code: bytes, address: int, mode: int) -> int | None:
+    """``code`` runs from ``address`` to the end of its page: the address of the
+    instruction that continues on the next page (the first one the bytes do
+    not complete), or None if the instructions end exactly at the page end."""
+    at = address
+    for insn in _disassembler(mode).disasm(code, address):
+        at = insn.address + insn.size
+    return at if at < address + len(code) else None
+
+
+def read_modify_write(code: bytes, mode: int) -> bool:
+    """Does the instruction at the start of ``code`` (``mode`` 16, 32 or 64) read
+    and write one memory operand (ADD [m], r; INC [m]; XCHG; CMPXCHG...)?  Such
+    an access is a write for paging and EPT (the #PF error code's W/R bit, bit 1
+    of an EPT-violation qualification) even when its read part is refused
+    first, as QEMU makes it.  capstone's operand access decides, plus the
+    instructions it reports as reading their memory operand only (measured,
+    capstone 5: CMPXCHG, XADD)."""
+    for insn in _disassembler(mode).disasm(code, 0, 1):
+        if insn.mnemonic.split()[-1] in _RMW_MNEMONICS:      # ("lock cmpxchg")
+            return True
+        return any(op.type == 3 and op.access == 3 for op in insn.operands)   # X86_OP_MEM, R|W
+    return False
+
+
 class Stage2Fault(Exception):
     """The second stage refused a guest-physical access (for EPT: a violation
     or a misconfiguration).  ``info`` is the second stage's own description
@@ -239,7 +278,7 @@ class VirtualTlb:
             raise NonCanonical(linear)
         efer = self.core.rdmsr_raw(0xC0000080)
         nxe = bool(efer & EFER_NXE)
-        write = access == ACC_WRITE
+        write = bool(access & ACC_WRITE)          # ACC_READ | ACC_WRITE: a read-modify-write
         fetch = access == ACC_FETCH
         code = (PF_W if write else 0) | (PF_U if user else 0) | (PF_I if fetch and nxe else 0)
         rsvd_xd = 0 if nxe else _PTE_XD

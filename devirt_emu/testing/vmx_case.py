@@ -69,10 +69,40 @@ Memory map (physical = linear):
 0x0010_0000     :data:`CODE_BASE`: the code (at most :data:`CODE_LIMIT` bytes)
 0x0040_0000     :data:`SCRATCH_BASE`: free for the guest (up to 0xF00000)
 0x00F0_0000     the VMCS, then the MSR bitmap, I/O bitmaps A and B (to 0xF05000)
+0x00F0_8000     :data:`EPT_POOL`: the EPT paging structures of ``ept=`` (to 0x1000000)
 ==============  ========================================================
 
-Nothing stops the guest from writing anywhere in RAM (there is no EPT in
-the default controls): each case starts again from the state above.
+Nothing stops the guest from writing anywhere in RAM unless ``ept=`` says
+otherwise (the default controls have no EPT): each case starts again from
+the state above.
+
+EPT
+---
+``ept=`` writes EPT paging structures into :data:`EPT_POOL`, sets EPT_POINTER
+to them (write-back, 4-level; bit 6, accessed and dirty flags, when
+``ept_ad=True``) and turns on "activate secondary controls" and "enable EPT"
+in whatever control words are in effect (giving EPT_POINTER in ``vmcs`` as
+well is an error).  Every guest access then goes through the guest's page
+tables and the EPT at run time (virtual-TLB mode, see
+:mod:`devirt_emu.platform.tlb`): an EPT violation or misconfiguration is the
+case's VM exit, fault-like, with its qualification, GUEST_LINEAR_ADDRESS and
+GUEST_PHYSICAL_ADDRESS.  The forms, applied in order (later items replace
+what earlier ones mapped):
+
+* ``"identity"``: GPA = HPA over the 16 MiB of RAM with 4-KiB pages, read/
+  write/execute, write-back;
+* ``{gpa: (hpa, rights)}`` or ``{gpa: (hpa, rights, page_size)}``: one page
+  each (``rights`` 0 writes a not-present entry);
+* :class:`EptMap` (a range, rights, page size, memory type) and
+  :class:`EptEntry` (a raw entry value at a level of a walk: the way to a
+  misconfigured entry);
+* a list of any of these, e.g. ``["identity", {SCRATCH_BASE: (SCRATCH_BASE, 1)}]``
+  (a read-only scratch page).
+
+A larger page replaces the smaller ones mapped there before; a smaller page
+inside an earlier larger one is a :class:`CaseError`.  After the run,
+:attr:`CaseRunner.ept` is the EptBuilder of the case (``entry_address(gpa,
+level)`` to read an entry's accessed and dirty flags).
 
 Steps and outcomes
 ------------------
