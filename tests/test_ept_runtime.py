@@ -578,3 +578,150 @@ def test_non_canonical_address_is_a_general_protection_fault():
                  vmcs={"EXCEPTION_BITMAP": 1 << 13})
     e = ept_exit(r, EXCEPTION_NMI)
     assert e.interruption_info == 0x80000B0D and e.error_code == 0
+
+
+# --- the guest walk of platform/tlb.py, on its own -------------------------------------------
+# (a second stage that maps every guest-physical address to itself, read/write/execute)
+
+class _IdentityStage:
+    def __init__(self):
+        self.seen = []
+
+    def translate(self, gpa, access, gla, translation, peek):
+        self.seen.append((gpa, access, translation))
+        return gpa, 7
+
+
+@pytest.fixture
+def walker():
+    from devirt_emu.machine import Machine
+    from devirt_emu.platform import longmode
+    m = Machine(cores=1, mem_mb=16)
+    longmode.write_environment(m)
+    longmode.enter(m.cores[0], CODE_BASE)
+    core = m.cores[0]
+    core.set_second_stage(_IdentityStage())
+    return m, core
+
+
+def _pf(core, linear, access, user=False):
+    from devirt_emu.platform.paging import PageFault
+    with pytest.raises(PageFault) as info:
+        core.vtlb.translate(linear, access, user=user)
+    assert info.value.linear == linear
+    return info.value.error_code
+
+
+def _set_pde(m, index, value):
+    m.mem.write_u64(PD + 8 * index, value)
+
+
+# #PF error code bits (SDM chapter "Paging", "Page-Fault Exceptions")
+PF_P, PF_W, PF_U, PF_RSVD, PF_I = 1, 2, 4, 8, 16
+ACC_R, ACC_W, ACC_X = 1, 2, 4
+
+
+def test_walk_translates_and_sets_accessed_and_dirty(walker):
+    m, core = walker
+    assert core.vtlb.translate(SCRATCH_BASE + 0x123, ACC_R) == SCRATCH_BASE + 0x123
+    assert m.mem.read_u64(PD + 16) & (P_A | P_D) == P_A
+    assert core.vtlb.translate(SCRATCH_BASE + 0x123, ACC_W) == SCRATCH_BASE + 0x123
+    assert m.mem.read_u64(PD + 16) & (P_A | P_D) == P_A | P_D
+    assert m.mem.read_u64(PML4) & P_A and m.mem.read_u64(PDPT) & P_A
+
+
+def test_walk_peek_changes_nothing(walker):
+    m, core = walker
+    before = m.mem.read(PML4, 3 * PAGE)
+    core.vtlb.translate(SCRATCH_BASE, ACC_W, peek=True)
+    assert m.mem.read(PML4, 3 * PAGE) == before
+
+
+def test_walk_passes_every_guest_physical_access_through_the_second_stage(walker):
+    m, core = walker
+    stage = core.vtlb.stage2
+    core.vtlb.translate(SCRATCH_BASE + 8, ACC_R)
+    reads = [(gpa, acc, tr) for gpa, acc, tr in stage.seen]
+    # PML4E, PDPTE, PDE (reads of paging-structure entries), then the A-flag writes, then the data
+    assert reads[:3] == [(PML4, ACC_R, False), (PDPT, ACC_R, False), (PD + 16, ACC_R, False)]
+    assert (PD + 16, ACC_W, False) in reads
+    assert reads[-1] == (SCRATCH_BASE + 8, ACC_R, True)
+
+
+@pytest.mark.parametrize("pde, access, user, code", [
+    (0, ACC_R, False, 0),                                  # not present
+    (0, ACC_W, True, PF_W | PF_U),
+    (0, ACC_X, False, PF_I),                               # fetch with EFER.NXE = 1
+    (SCRATCH_BASE | 0x83, ACC_R, True, PF_P | PF_U),        # user access to a supervisor page
+    (SCRATCH_BASE | 0x85, ACC_W, True, PF_P | PF_W | PF_U),  # user write to a read-only page
+    (SCRATCH_BASE | 0x81, ACC_W, False, PF_P | PF_W),       # supervisor write, CR0.WP = 1
+    (SCRATCH_BASE | 0x83 | (1 << 63), ACC_X, False, PF_P | PF_I),   # execute-disable
+    (SCRATCH_BASE | 0x83 | (1 << 13), ACC_R, False, PF_P | PF_RSVD),   # 2 MiB PDE bit 13
+    (SCRATCH_BASE | 0x83 | (1 << 46), ACC_R, False, PF_P | PF_RSVD),   # above MAXPHYADDR (46)
+])
+def test_walk_page_fault_error_codes(walker, pde, access, user, code):
+    m, core = walker
+    m.mem.write_u64(PML4, m.mem.read_u64(PML4) | 4)        # U/S on the upper levels
+    m.mem.write_u64(PDPT, m.mem.read_u64(PDPT) | 4)
+    _set_pde(m, 2, pde)
+    assert _pf(core, SCRATCH_BASE + 0x10, access, user) == code
+
+
+def test_walk_supervisor_write_to_read_only_page_without_wp(walker):
+    from unicorn import x86_const as X
+    m, core = walker
+    _set_pde(m, 2, SCRATCH_BASE | 0x81)
+    core.uc.reg_write(X.UC_X86_REG_CR0, core.uc.reg_read(X.UC_X86_REG_CR0) & ~(1 << 16))
+    assert core.vtlb.translate(SCRATCH_BASE, ACC_W) == SCRATCH_BASE
+
+
+def test_walk_xd_is_reserved_without_nxe(walker):
+    from unicorn import x86_const as X
+    m, core = walker
+    core.uc.reg_write(X.UC_X86_REG_MSR, (0xC0000080, 0x500))      # LME | LMA, no NXE
+    _set_pde(m, 2, SCRATCH_BASE | 0x83 | (1 << 63))
+    assert _pf(core, SCRATCH_BASE, ACC_R) == PF_P | PF_RSVD
+    _set_pde(m, 2, 0)
+    assert _pf(core, SCRATCH_BASE, ACC_X) == 0                     # I/D only with NXE (or SMEP)
+
+
+def test_walk_pml4e_with_ps_is_reserved(walker):
+    m, core = walker
+    m.mem.write_u64(PML4, m.mem.read_u64(PML4) | 0x80)
+    assert _pf(core, SCRATCH_BASE, ACC_R) == PF_P | PF_RSVD
+
+
+def test_walk_1g_and_4k_guest_pages(walker):
+    m, core = walker
+    m.mem.write_u64(PDPT + 8, 0x4000_0000 | 0x83)                  # 1 GiB page
+    assert core.vtlb.translate(0x4000_0000 + 0x12345678, ACC_R) == 0x4000_0000 + 0x12345678
+    m.mem.write_u64(PD + 8 * 5, 0x700000 | 0x3)                    # PDE 5 -> page table
+    m.mem.write_u64(0x700000 + 8 * 7, 0x9000 | 0x3)                # PTE 7 -> 0x9000
+    assert core.vtlb.translate(0xA07000 + 0x21, ACC_R) == 0x9021
+
+
+def test_walk_non_canonical(walker):
+    from devirt_emu.platform.tlb import NonCanonical
+    m, core = walker
+    with pytest.raises(NonCanonical):
+        core.vtlb.translate(0x0000_8000_0000_0000, ACC_R)
+
+
+def test_first_write_after_a_read_still_sets_the_guest_dirty_flag():
+    # the read's TLB entry must not let the write through unseen (Unicorn caches rights)
+    runner = CaseRunner()
+    r = runner.run("mov rax, [rbx]\nmov [rbx + 8], rax\nexit: cpuid", regs={"rbx": SCRATCH_BASE},
+                   ept="identity")
+    ept_exit(r, CPUID, rip=r.symbols["exit"])
+    assert runner.machine.mem.read_u64(PD + 16) & (P_A | P_D) == P_A | P_D
+
+
+def test_first_write_after_a_read_still_sets_the_ept_dirty_flag():
+    # the guest's PDE is dirty already: only the EPT's dirty flag is left to set
+    runner = CaseRunner()
+    r = runner.run("mov rax, [rbx]\nmov [rbx + 8], rax\nexit: cpuid", regs={"rbx": SCRATCH_BASE},
+                   memory={PD + 16: (SCRATCH_BASE | 0x83 | P_A | P_D).to_bytes(8, "little")},
+                   ept="identity", ept_ad=True)
+    ept_exit(r, CPUID, rip=r.symbols["exit"])
+    pte = runner.ept.mem.read_u64(runner.ept.entry_address(SCRATCH_BASE, 1))
+    assert pte & (EPT_A | EPT_D) == EPT_A | EPT_D
