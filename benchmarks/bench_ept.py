@@ -6,9 +6,10 @@ from each of N 4-KiB pages, round after round, then exits with CPUID; run
 once without EPT (Unicorn's own one-stage walker) and once with
 ``ept="identity"`` (virtual-TLB mode: a Python two-stage walk on every TLB
 miss).  MIPS = retired guest instructions / wall time of the case; each is the
-best of ``--repeats`` runs, the two configurations interleaved.  The ratio
-shows where the working set stops fitting Unicorn's TLB and every round
-refills it through Python.
+best of ``--repeats`` runs, the two configurations interleaved.  "fills" is
+the number of TLB misses the EPT run took (``core.vtlb.fills``): one per page
+touched while Unicorn's TLB keeps them, more once the working set stops
+fitting in it.
 
     python benchmarks/bench_ept.py [--pages 16,64,256,1024] [--instructions N] [--repeats N]
 """
@@ -48,7 +49,7 @@ def run(runner: CaseRunner, code: str, ept, steps: int) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pages", default="16,64,256,1024")
+    ap.add_argument("--pages", default="16,256,1024,2048")
     ap.add_argument("--instructions", type=int, default=2_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
@@ -60,12 +61,15 @@ def main() -> None:
         best = {}
         for _ in range(a.repeats):
             for ept in (None, "identity"):
+                fills0 = runner.core.vtlb.fills if runner.core.vtlb is not None else 0
                 wall, steps = run(runner, code, ept, 10 * a.instructions)
                 key = "ept" if ept else "none"
                 best[key] = min(best.get(key, wall), wall)
+                if ept:
+                    fills = runner.core.vtlb.fills - fills0
         mips = {k: steps / w / 1e6 for k, w in best.items()}
         print(f"   {n:5d} pages  no EPT {mips['none']:7.1f} MIPS   EPT {mips['ept']:7.1f} MIPS"
-              f"   ratio {mips['ept'] / mips['none']:5.2f}   ({steps:,} instructions)")
+              f"   ratio {mips['ept'] / mips['none']:5.2f}   fills {fills:,}   ({steps:,} instructions)")
 
 
 if __name__ == "__main__":

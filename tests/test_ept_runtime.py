@@ -521,7 +521,7 @@ def test_l0_maps_the_page_and_reinjects_the_interrupted_event(vectoring, reinjec
 
 
 def test_l0_blocks_nmis_again_after_an_iret_that_unblocked_them():
-    m, l0, vcpu = _l0_with_vcpu()
+    _m, l0, vcpu = _l0_with_vcpu()
     v = vcpu.vmcs
     v.store(0x4408, 0)
     v.set("GUEST_INTERRUPTIBILITY_INFO", 0)
@@ -638,7 +638,7 @@ def test_walk_peek_changes_nothing(walker):
 
 
 def test_walk_passes_every_guest_physical_access_through_the_second_stage(walker):
-    m, core = walker
+    _m, core = walker
     stage = core.vtlb.stage2
     core.vtlb.translate(SCRATCH_BASE + 8, ACC_R)
     reads = [(gpa, acc, tr) for gpa, acc, tr in stage.seen]
@@ -702,7 +702,7 @@ def test_walk_1g_and_4k_guest_pages(walker):
 
 def test_walk_non_canonical(walker):
     from devirt_emu.platform.tlb import NonCanonical
-    m, core = walker
+    _m, core = walker
     with pytest.raises(NonCanonical):
         core.vtlb.translate(0x0000_8000_0000_0000, ACC_R)
 

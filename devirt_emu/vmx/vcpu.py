@@ -21,6 +21,12 @@ field other than the few an L0 writes on each exit (GUEST_RIP, GUEST_RFLAGS,
 the injection fields, activity and interruptibility state) was written, else
 the checks of the fields written.
 
+With "enable EPT" set, a VM entry switches the core to two-stage translation
+through the guest's page tables and the EPT (:meth:`VmxVcpu._sync_ept`,
+:mod:`devirt_emu.vmx.ept_mmu`, :mod:`devirt_emu.platform.tlb`): guest accesses
+then cause EPT-violation and EPT-misconfiguration exits
+(:meth:`VmxVcpu.on_stage2_fault`).
+
 What VMX non-root operation changes for instructions that do not exit (SDM
 "Changes to Instruction Behavior in VMX Non-Root Operation") is done here:
 reads of CR0/CR4 see the read shadows for host-owned bits, writes leave the
