@@ -40,8 +40,14 @@ Measured on Unicorn 2.1.4 (this machine, Python 3.11; scratch engines)
   first instruction and nothing of it ran (QEMU 5 translates the block
   before running it).  The core then stops the engine in front of the
   straddling instruction (see ``Core._straddle_fetch``) and retries.
-* Unicorn probes the hook itself around ``emu_start``; a refused probe has
-  no effect.
+* Unicorn also calls the hook for its own bookkeeping: when a run ends it
+  looks up the page before each exit address (``until``, and the exits of
+  ``ctl_set_exits``) to drop their translated code, and ``ctl_remove_cache``
+  looks up its range.  Refusing such a lookup ends ``emu_start`` with
+  UC_ERR_EXCEPTION after the run, hiding the run's own result (measured: a
+  FETCH_PROT stop came back as UC_ERR_EXCEPTION).  So only an access made
+  while the core runs, and for a fetch only near RIP, is ever refused; the
+  others get their real translation or a placeholder entry to no memory.
 * TLB flushes: MOV to CR3 with CR0.PG = 1 flushes everything; INVLPG flushes
   its page; ``mem_protect`` flushes everything; so does
   ``uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)``.  ``context_restore``, a
@@ -62,9 +68,10 @@ Scope
   stage raise :class:`~devirt_emu.platform.paging.UnsupportedPaging` (the
   core reports a guest error).  SMEP, SMAP and protection keys are not
   modelled (the modelled CPU's CPUID does not advertise them).
-* The user/supervisor distinction comes from the CPL when the fill happens:
-  QEMU's implicit supervisor accesses made at CPL 3 (descriptor-table reads
-  by the engine) are checked as user accesses.
+* The user/supervisor distinction comes from the CPL when the fill happens
+  (the hook is not told QEMU's MMU index): QEMU's own implicit supervisor
+  accesses at CPL 3 (descriptor-table reads by the engine) would be checked
+  as user accesses.
 * Accessed and dirty flags of the guest's paging structures are set once the
   guest translation succeeds (not on a #PF), before the final access goes
   to the second stage; those writes go through the second stage as writes
