@@ -725,3 +725,83 @@ def test_first_write_after_a_read_still_sets_the_ept_dirty_flag():
     ept_exit(r, CPUID, rip=r.symbols["exit"])
     pte = runner.ept.mem.read_u64(runner.ept.entry_address(SCRATCH_BASE, 1))
     assert pte & (EPT_A | EPT_D) == EPT_A | EPT_D
+
+
+# --- the Unicorn 2.1.4 behaviour platform/tlb.py relies on (measured there) ----------------
+
+def _engine(fill, code=b"", at=0x100000):
+    from unicorn import UC_ARCH_X86, UC_HOOK_TLB_FILL, UC_MODE_64, UC_TLB_VIRTUAL, Uc
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 16 << 20)
+    uc.mem_write(at, code)
+    uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+    uc.hook_add(UC_HOOK_TLB_FILL, fill)
+    return uc
+
+
+def _filler(log, deny=()):
+    def fill(uc, vaddr, access, entry, data):
+        log.append((vaddr, access))
+        if vaddr in deny:
+            return False
+        entry.paddr, entry.perms = vaddr, 7
+        return True
+    return fill
+
+
+MOV_RAX_RCX = b"\x48\x8b\x01"            # mov rax, [rcx]
+
+
+def test_unicorn_refused_fill_ends_the_run_without_an_interrupt():
+    from unicorn import UC_ERR_EXCEPTION, UC_HOOK_INTR, UcError
+    from unicorn import x86_const as UX
+    log, intr = [], []
+    uc = _engine(_filler(log, deny={0x200000}), b"\x90" + MOV_RAX_RCX + b"\x90")
+    uc.hook_add(UC_HOOK_INTR, lambda u, n, d: intr.append(n))
+    uc.reg_write(UX.UC_X86_REG_RCX, 0x200010)
+    with pytest.raises(UcError) as info:
+        uc.emu_start(0x100000, 0x100005)
+    assert info.value.errno == UC_ERR_EXCEPTION and intr == []
+    assert uc.reg_read(UX.UC_X86_REG_RIP) == 0x100001              # at the instruction
+    assert (0x200000, 16) in log                                   # the page, UC_MEM_READ
+
+
+def test_unicorn_tlb_flushes():
+    from unicorn import UC_TLB_CPU, UC_TLB_VIRTUAL
+    from unicorn import x86_const as UX
+    from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+    log = []
+    uc = _engine(_filler(log), MOV_RAX_RCX + MOV_RAX_RCX)
+    uc.reg_write(UX.UC_X86_REG_RCX, 0x200010)
+
+    def data_fills():
+        del log[:]
+        uc.emu_start(0x100000, 0x100003)
+        return [v for v, a in log if a == 16]
+    assert data_fills() == [0x200000]
+    assert data_fills() == []                                       # cached
+    ctx = uc.context_save()
+    uc.context_restore(ctx)
+    assert data_fills() == []                                       # context_restore: no flush
+    uc.ctl_set_tlb_mode(UC_TLB_CPU)
+    uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+    assert data_fills() == []                                       # a mode switch: no flush
+    uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+    assert data_fills() == [0x200000]
+    uc.mem_protect(0x300000, 0x1000, 3)
+    assert data_fills() == [0x200000]                               # mem_protect flushes
+
+
+def test_unicorn_prot_hooks_report_physical_addresses_in_virtual_tlb_mode():
+    from unicorn import UC_ERR_FETCH_PROT, UC_HOOK_MEM_FETCH_PROT, UcError
+
+    def fill(uc, vaddr, access, entry, data):
+        entry.paddr, entry.perms = vaddr - 0x300000, 7              # linear 0x400000 -> 0x100000
+        return True
+    uc = _engine(fill, b"\x90\x90")
+    uc.mem_protect(0x100000, 0x1000, 3)                             # not executable
+    seen = []
+    uc.hook_add(UC_HOOK_MEM_FETCH_PROT, lambda u, a, addr, s, v, d: seen.append(addr) or False)
+    with pytest.raises(UcError) as info:
+        uc.emu_start(0x400000, 0x400002)
+    assert info.value.errno == UC_ERR_FETCH_PROT and seen == [0x100000]

@@ -45,7 +45,8 @@ Measured on Unicorn 2.1.4 (this machine, Python 3.11; scratch engines)
   ``ctl_set_exits``) to drop their translated code, and ``ctl_remove_cache``
   looks up its range.  Refusing such a lookup ends ``emu_start`` with
   UC_ERR_EXCEPTION after the run, hiding the run's own result (measured: a
-  FETCH_PROT stop came back as UC_ERR_EXCEPTION).  So only an access made
+  FETCH_PROT stop came back as UC_ERR_EXCEPTION; the refusal unwinds from
+  outside QEMU's CPU loop, so it is not exercised by any test).  So only an access made
   while the core runs, and for a fetch only near RIP, is ever refused; the
   others get their real translation or a placeholder entry to no memory.
 * TLB flushes: MOV to CR3 with CR0.PG = 1 flushes everything; INVLPG flushes
