@@ -805,3 +805,15 @@ def test_unicorn_prot_hooks_report_physical_addresses_in_virtual_tlb_mode():
     with pytest.raises(UcError) as info:
         uc.emu_start(0x400000, 0x400002)
     assert info.value.errno == UC_ERR_FETCH_PROT and seen == [0x100000]
+
+
+def test_ept_violation_while_delivering_int_n_has_its_instruction_length():
+    # INT 0x40 (CD 40, 2 bytes): IDT-vectoring type 4 (software interrupt), and the
+    # VM-exit instruction length is defined for exits during its delivery
+    src = "int 0x40\nhandler: cpuid"
+    sym = run_case(src).symbols
+    r = run_case(src, ept=identity_except((STACK_TOP - PAGE, 0)),
+                 memory={IDT + 16 * 0x40: interrupt_gate(sym["handler"])})
+    e = ept_exit(r, EPT_VIOLATION)
+    assert e.idt_vectoring_info == 0x80000440
+    assert e.instruction_length == 2

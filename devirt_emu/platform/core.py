@@ -54,7 +54,7 @@ from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, Stage2Fault,
-                  VirtualTlb, read_modify_write, straddling_instruction)
+                  VirtualTlb, instruction_length, read_modify_write, straddling_instruction)
 from .ucinternals import HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
@@ -494,6 +494,16 @@ class Core:
         except Stage2Fault as s:
             self._stage2_exit(s)
         # else the translation changed since the refusal (another core, the L0): retry
+
+    def instruction_length_at_rip(self) -> int | None:
+        """Length of the instruction at RIP (None if it cannot be read or decoded)."""
+        rip = self.rip()
+        for n in (15, PAGE_SIZE - (rip & 0xFFF)):
+            try:
+                return instruction_length(self.read_linear(rip, min(n, 15), peek=True), self.code_size())
+            except (PageFault, UnsupportedPaging, GuestError):
+                continue
+        return None
 
     def _rmw_at_rip(self) -> bool:
         """Is the instruction at RIP a read-modify-write of memory?"""

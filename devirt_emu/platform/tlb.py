@@ -135,6 +135,13 @@ def straddling_instruction(code: bytes, address: int, mode: int) -> int | None:
     return at if at < address + len(code) else None
 
 
+def instruction_length(code: bytes, mode: int) -> int | None:
+    """Length of the instruction at the start of ``code`` (None if undecodable)."""
+    for insn in _disassembler(mode).disasm(code, 0, 1):
+        return insn.size
+    return None
+
+
 def read_modify_write(code: bytes, mode: int) -> bool:
     """Does the instruction at the start of ``code`` (``mode`` 16, 32 or 64) read
     and write one memory operand (ADD [m], r; INC [m]; XCHG; CMPXCHG...)?  Such

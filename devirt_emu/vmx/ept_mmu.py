@@ -86,14 +86,17 @@ class EptStage2:
         return r.hpa, rights
 
 
-def ept_exit_decision(fault, *, in_64bit_mode: bool, nmi_unblocked_by_iret: bool = False) -> Decision:
+def ept_exit_decision(fault, *, in_64bit_mode: bool, nmi_unblocked_by_iret: bool = False,
+                      instruction_length: Optional[int] = None) -> Decision:
     """The VM exit for an :class:`EptViolation` or :class:`EptMisconfig`.
 
     EPT violation: exit reason 48, the walk's qualification, plus bit 12 (NMI
     unblocking due to IRET) when ``nmi_unblocked_by_iret``;
     GUEST_LINEAR_ADDRESS when bit 7 is set (bits 63:32 cleared outside 64-bit
     mode); GUEST_PHYSICAL_ADDRESS.  EPT misconfiguration: exit reason 49 and
-    GUEST_PHYSICAL_ADDRESS.  The instruction length is undefined for both.
+    GUEST_PHYSICAL_ADDRESS.  The instruction length is defined only for an
+    exit during the delivery of a software interrupt or exception (INT n,
+    INT3, INTO, INT1: the length of that instruction, given by the caller).
     """
     if isinstance(fault, EptViolation):
         q = fault.qualification | (C.INTR_INFO_UNBLOCK_NMI if nmi_unblocked_by_iret else 0)
@@ -101,7 +104,9 @@ def ept_exit_decision(fault, *, in_64bit_mode: bool, nmi_unblocked_by_iret: bool
         if gla is not None and not in_64bit_mode:
             gla &= 0xFFFF_FFFF
         return exit_decision("EPT_VIOLATION", (fault.reason,), qualification=q,
+                             instruction_length=instruction_length,
                              guest_linear_address=gla, guest_physical_address=fault.gpa)
     if isinstance(fault, EptMisconfig):
-        return exit_decision("EPT_MISCONFIG", (fault.reason,), guest_physical_address=fault.gpa)
+        return exit_decision("EPT_MISCONFIG", (fault.reason,), instruction_length=instruction_length,
+                             guest_physical_address=fault.gpa)
     raise TypeError(f"not an EPT fault: {fault!r}")

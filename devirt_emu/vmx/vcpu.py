@@ -111,6 +111,9 @@ MSR_IA32_CR_PAT = 0x277
 PTIMER_RATE = VMX_CAPABILITY_MSRS[MSR_IA32_VMX_MISC] & 0x1F
 MSR_EFER = 0xC0000080
 _EPT_CAPS = EptCaps.modelled()
+#: Interruption types (bits 10:8) of software interrupts and exceptions: 4, 5, 6.
+_SOFTWARE_EVENT_TYPES = frozenset(t >> 8 for t in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_PRIV_SW_EXCEPTION,
+                                                   C.INTR_TYPE_SOFT_EXCEPTION))
 
 
 class TrackedVmcs(Vmcs):
@@ -560,8 +563,13 @@ class VmxVcpu:
         cleared, as the SDM says for such an exit."""
         if not self.active:
             return False
+        length = None
+        delivering = core._delivering
+        if delivering is not None and delivering[1] in _SOFTWARE_EVENT_TYPES:
+            length = core.instruction_length_at_rip()     # INT n, INT3, INTO, INT1
         d = ept_exit_decision(fault.info, in_64bit_mode=bool(core.probe.hflags() & HF_CS64),
-                              nmi_unblocked_by_iret=core.iret_unblocked_nmi)
+                              nmi_unblocked_by_iret=core.iret_unblocked_nmi,
+                              instruction_length=length)
         self.vm_exit(d, None)
         return True
 
