@@ -464,6 +464,11 @@ def test_stock_guest_builds_its_ept_on_demand():
     m = _machine()
     res = m.run()
     assert res.verdict == "pass", res.message
+    # the first exit: the BSP's first fetch, in 32-bit protected mode with paging off (the
+    # linear address is the guest-physical address: GLA valid, "translation" set)
+    first = res.exits[0]
+    assert (first["name"], first["qualification"], first["rip"]) == \
+        ("EPT_VIOLATION", Q_FETCH | Q_GLA | Q_TRANSLATION, m.entry32)
     violations = [e for e in res.exits if e["name"] == "EPT_VIOLATION"]
     assert violations and all(e["reason"] == 48 for e in violations)
     for e in violations:
