@@ -822,3 +822,10 @@ def test_ept_violation_while_delivering_int_n_has_its_instruction_length():
     e = ept_exit(r, EPT_VIOLATION)
     assert e.idt_vectoring_info == 0x80000440
     assert e.instruction_length == 2
+
+
+def test_ept_table_outside_ram_ends_the_case_with_a_message():
+    r = run_case("mov rax, [rbx]\ncpuid", regs={"rbx": SCRATCH_BASE},
+                 ept=["identity", EptEntry(SCRATCH_BASE, 2, 0x7_0000_0000 | 7)])
+    assert r.outcome == "no_exit" and r.no_exit.why == "stopped"
+    assert "outside RAM" in r.no_exit.message

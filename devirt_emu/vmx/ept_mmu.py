@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from ..platform.core import GuestError
+from ..platform.memory import PhysicalAccessError
 from ..platform.tlb import ACC_READ, ACC_WRITE, Stage2Fault
 from . import controls as C
 from .ept import (DEFAULT_EPT_CAPS, EptAccess, EptCaps, EptMisconfig, EptTranslation,
@@ -73,8 +75,12 @@ class EptStage2:
             hpa_page, rights, dirty = hit
             if need & rights == need and (dirty or not need & ACC_WRITE or not self.ad):
                 return hpa_page | (gpa & 0xFFF), rights if dirty or not self.ad else rights & _NO_WRITE
-        r = ept_walk(self.mem.read, _no_write if peek else self.mem.write, self.eptp, gpa,
-                     EptAccess(access), gla=gla, gla_is_translation=translation, caps=self.caps)
+        try:
+            r = ept_walk(self.mem.read, _no_write if peek else self.mem.write, self.eptp, gpa,
+                         EptAccess(access), gla=gla, gla_is_translation=translation, caps=self.caps)
+        except PhysicalAccessError as e:
+            raise GuestError(f"the EPT walk of guest-physical {gpa:#x} reads an entry outside "
+                             f"RAM (EPTP {self.eptp:#x}): {e}") from None
         if type(r) is not EptTranslation:
             raise Stage2Fault(r)
         rights = r.rights
