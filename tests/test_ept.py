@@ -402,3 +402,20 @@ def test_violation_iff_some_entry_lacks_the_right(rights, access):
         assert isinstance(r, EptViolation)
         anded = pml4e & pdpte & pde & pte
         assert r.qualification == needed | (anded << 3)
+
+
+def test_builder_snapshot_and_restore():
+    m = PhysMem(8 << 20)
+    b = EptBuilder(m, 0x10000, 0x10000)
+    b.map(0x5000, 0x9000, PAGE_4K, rights=R)
+    snap = b.snapshot()
+    b.map(0x6000, 0xA000, PAGE_4K)                         # changed after the snapshot
+    m.write_u64(b.entry_address(0x5000, 1), 0)
+    b2 = EptBuilder(m, 0x10000, 0x10000)                   # a new builder over the same pool
+    b2.restore(snap)
+    r = walk(m, READ, eptp=b2.eptp, gpa=0x5123)
+    assert isinstance(r, EptTranslation) and r.hpa == 0x9123 and r.rights == R
+    assert isinstance(walk(m, READ, eptp=b2.eptp, gpa=0x6000), EptViolation)
+    other = EptBuilder(m, 0x40000, 0x10000)
+    with pytest.raises(EptBuildError, match="snapshot"):
+        other.restore(snap)

@@ -6,6 +6,10 @@ Guest-physical addresses are host-physical ones (identity); the L0's own
 structures (VMCSs, MSR bitmaps, EPT tables) live in a host-reserved area at
 the top of RAM that the guest is told is not its own (boot info RAM size).
 
+The EPT starts empty and is built on demand, as KVM's EPT-violation handler
+does (``h_ept_violation``): the first access to a guest-physical page exits
+and the L0 maps it.
+
 Exit handling follows KVM's ``kvm_vmx_exit_handlers``; what each handler does
 is documented on it.  The platform executes whatever the L0 emulates on the
 hardware (port I/O, MSRs the machine implements, x2APIC accesses on the
@@ -23,7 +27,7 @@ from ..platform.core import GPR_IDS, State, _Fault
 from ..vmx import capabilities as caps
 from ..vmx import controls as C
 from ..vmx import exit_reasons as ER
-from ..vmx.ept import EptBuilder
+from ..vmx.ept import EptBuilder, EptBuildError
 from ..vmx.fields import VmcsField as F
 from ..vmx.vcpu import CR4_VMXE, VmxVcpu
 from ..vmx.vmcs import Vmcs
@@ -89,9 +93,7 @@ class KvmL0:
         self.apic_maps_gpa: int | None = None
         self._bitmaps: dict[str, int] = {}
         self._next_page = self.host_base
-        self.ept = EptBuilder(mem, self._alloc(64), 64 * 4096)
-        self.ept.map(0, 0, self.guest_ram, rights=7, page_size=2 << 20, memory_type=6) \
-            if self.guest_ram % (2 << 20) == 0 else self.ept.map(0, 0, self.guest_ram, rights=7)
+        self.ept = EptBuilder(mem, self._alloc(64), 64 * 4096)     # empty: see h_ept_violation
         self._handlers = self._make_handlers()
 
     # ------------------------------------------------------------------ set-up
@@ -280,8 +282,7 @@ class KvmL0:
     def _fatal(self, vcpu: VmxVcpu, message: str) -> None:
         self.machine.guest_error(f"core {vcpu.core.index}: {message}")
         vcpu.blocked = True
-        if vcpu.core._in_run:
-            vcpu.core.request_stop("exit")
+        vcpu.core.request_stop("exit")      # also between engine runs (an EPT exit)
 
     # ------------------------------------------------------------------ exit handlers
     def _make_handlers(self):
@@ -307,6 +308,7 @@ class KvmL0:
             R.MSR_WRITE: self.h_msr,
             R.XSETBV: self.h_gp,
             R.EPT_VIOLATION: self.h_ept_violation,
+            R.EPT_MISCONFIG: self.h_ept_misconfig,
         }
         for name in ("VMCLEAR", "VMLAUNCH", "VMPTRLD", "VMPTRST", "VMREAD", "VMRESUME", "VMWRITE",
                      "VMOFF", "VMON", "INVEPT", "INVVPID", "VMFUNC"):
@@ -529,13 +531,52 @@ class KvmL0:
             v.set(F.VM_ENTRY_CONTROLS, ent & ~C.VM_ENTRY_IA32E_MODE)
 
     def h_ept_violation(self, vcpu, d, event):
-        """EPT violation: map the guest-physical page (identity) if it is guest RAM."""
+        """EPT violation (KVM's handle_ept_violation and its TDP page fault): map
+        the guest-physical page, identity, read/write/execute, write-back: the
+        whole aligned 2 MiB with one large page when all of it is guest RAM and
+        no smaller page is mapped there yet (KVM maps huge pages when the
+        memory behind them is huge-page backed), else the 4 KiB page.  Then, as
+        KVM's vmx_complete_interrupts, re-inject the event whose delivery the
+        violation interrupted (IDT-vectoring information); a software interrupt
+        or exception is not re-injected: RIP is still at its instruction, which
+        runs again.  An IRET that unblocked NMIs (qualification bit 12) gets NMI
+        blocking back.  A violation outside guest RAM, or on a page that is
+        mapped already, ends the run with a guest error."""
         gpa = d.guest_physical_address or 0
         if gpa >= self.guest_ram:
-            self._fatal(vcpu, f"EPT violation at GPA {gpa:#x}, outside the guest's RAM")
+            self._fatal(vcpu, f"EPT violation at GPA {gpa:#x}, outside the guest's RAM "
+                              f"(qualification {d.qualification:#x})")
             return
-        page = gpa & ~0xFFF
-        self.ept.map(page, page, 4096, rights=7)
+        if self.ept.leaf(gpa) is not None:
+            self._fatal(vcpu, f"EPT violation at GPA {gpa:#x} on a page the L0 has mapped "
+                              f"(qualification {d.qualification:#x})")
+            return
+        big = gpa & ~((2 << 20) - 1)
+        try:
+            if big + (2 << 20) > self.guest_ram:
+                raise EptBuildError("not all guest RAM")
+            self.ept.map(big, big, 2 << 20, rights=7, page_size=2 << 20, memory_type=C.MEMTYPE_WB)
+        except EptBuildError:
+            page = gpa & ~0xFFF
+            self.ept.map(page, page, 4096, rights=7, memory_type=C.MEMTYPE_WB)
+        v = vcpu.vmcs
+        vinfo = v.get(F.IDT_VECTORING_INFO_FIELD)
+        if vinfo & C.VECTORING_INFO_VALID_MASK:
+            itype = vinfo & C.VECTORING_INFO_TYPE_MASK
+            if itype in (C.INTR_TYPE_EXT_INTR, C.INTR_TYPE_NMI_INTR, C.INTR_TYPE_HARD_EXCEPTION):
+                ec = v.get(F.IDT_VECTORING_ERROR_CODE) \
+                    if vinfo & C.VECTORING_INFO_DELIVER_CODE_MASK else None
+                vcpu.inject(vinfo & C.VECTORING_INFO_VECTOR_MASK, itype, ec)
+        elif d.qualification & C.INTR_INFO_UNBLOCK_NMI:
+            v.set(F.GUEST_INTERRUPTIBILITY_INFO,
+                  v.get(F.GUEST_INTERRUPTIBILITY_INFO) | C.GUEST_INTR_STATE_NMI)
+
+    def h_ept_misconfig(self, vcpu, d, event):
+        """EPT misconfiguration: KVM uses misconfigured entries to catch MMIO and
+        emulates the access; this L0 builds none and emulates no MMIO, so one is
+        a guest error that ends the run."""
+        self._fatal(vcpu, f"EPT misconfiguration at GPA {d.guest_physical_address or 0:#x}: "
+                          f"{'; '.join(map(str, d.cause))}")
 
     # ------------------------------------------------------------------ KVM-devirt
     def devirtualize(self, vcpu: VmxVcpu) -> None:

@@ -60,14 +60,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED,
+from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED,
                      UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED,
                      UC_ERR_WRITE_PROT, UC_ERR_WRITE_UNMAPPED, UC_HOOK_CODE,
                      UC_ERR_READ_PROT, UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT,
                      UC_HOOK_MEM_READ_PROT, UC_HOOK_MEM_WRITE_PROT, UC_MODE_16,
                      UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc,
                      UcError)
-from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from unicorn import x86_const as X
 
 from ..cpu.decode import resolve_linear
@@ -78,6 +77,8 @@ from .lapic import GeneralProtection
 from .memory import LAPIC_MMIO_BASE, PAGE_SIZE, PhysicalAccessError
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
+from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, Stage2Fault,
+                  VirtualTlb, instruction_length, read_modify_write, straddling_instruction)
 from .ucinternals import ENV_GDT, HF_CPL_MASK, HF_CS64, HF_LMA, HF_PE, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
@@ -280,6 +281,9 @@ class Core:
         self.nmi_blocked = False
         self.shadow_at = -1            # icount of the instruction in an interrupt shadow
         self.virt = None               # the VMX/SVM layer, when one is attached
+        self.vtlb: VirtualTlb | None = None    # virtual-TLB mode (a second stage), made on first use
+        self.iret_unblocked_nmi = False        # the IRET being stepped unblocked NMIs
+        self._straddle_exit: int | None = None  # temporary engine exit (see _straddle_fetch)
         self.trace = machine.trace
         # page scanning
         self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
@@ -411,7 +415,7 @@ class Core:
         if selector & 4 or idx + 7 > limit:
             return None
         try:
-            return struct.unpack("<Q", self.read_linear(base + idx, 8))[0]
+            return struct.unpack("<Q", self.read_linear(base + idx, 8, peek=True))[0]
         except (PageFault, UnsupportedPaging):
             return None
 
@@ -446,15 +450,24 @@ class Core:
         return (self.probe.reg(X.UC_X86_REG_CR0), self.probe.reg(X.UC_X86_REG_CR3),
                 self.probe.reg(X.UC_X86_REG_CR4), self.rdmsr_raw(MSR_EFER))
 
-    def translate(self, linear: int, *, write=False, fetch=False, user=False) -> int:
+    def translate(self, linear: int, *, write=False, fetch=False, user=False, peek=False) -> int:
+        """Linear -> physical for an access the platform makes for the guest.  With
+        a second stage (virtual-TLB mode) the walk is two-stage and has the
+        guest access's side effects (accessed/dirty flags; a second-stage fault
+        is a VM exit, taken now: AccessAborted); ``peek`` asks for none of them
+        (any failure is then a PageFault)."""
+        vt = self.vtlb
+        if vt is not None and vt.active:
+            return self._translate2(linear, ACC_WRITE if write else ACC_FETCH if fetch else ACC_READ,
+                                    user, peek)
         cr0, cr3, cr4, efer = self._paging_regs()
         return translate(self.mem, cr0, cr3, cr4, efer, linear, write=write, fetch=fetch, user=user)
 
-    def read_linear(self, linear: int, n: int) -> bytes:
+    def read_linear(self, linear: int, n: int, *, peek: bool = False) -> bytes:
         out = bytearray()
         while n:
             chunk = min(n, PAGE_SIZE - (linear & 0xFFF))
-            pa = self.translate(linear)
+            pa = self.translate(linear, peek=peek)
             if not self.mem.contains(pa, chunk):
                 raise GuestError(f"core {self.index}: platform read of physical {pa:#x} outside RAM")
             out += self.mem.read(pa, chunk)
@@ -472,6 +485,126 @@ class Core:
             self.machine.write_phys(pa, data[off:off + chunk])
             linear += chunk
             off += chunk
+
+    # ------------------------------------------------------------------ second stage
+    def set_second_stage(self, stage2) -> None:
+        """Translate this core's accesses through the guest's page tables and then
+        ``stage2`` (virtual-TLB mode, :mod:`devirt_emu.platform.tlb`), or with
+        QEMU's own one-stage walker again when ``stage2`` is None.  Either way
+        the engine's TLB is flushed."""
+        if stage2 is None:
+            if self.vtlb is not None:
+                self.vtlb.disable()
+            return
+        if self.vtlb is None:
+            self.vtlb = VirtualTlb(self)
+        self.vtlb.enable(stage2)
+
+    def flush_tlb(self) -> None:
+        """Drop the engine's cached translations (virtual-TLB mode only: QEMU's
+        own walker flushes itself as the architecture says)."""
+        if self.vtlb is not None and self.vtlb.active:
+            self.vtlb.flush()
+
+    def _translate2(self, linear: int, access: int, user: bool, peek: bool) -> int:
+        try:
+            return self.vtlb.translate(linear, access, user=user, peek=peek)
+        except Stage2Fault as s:
+            if peek:
+                raise PageFault(linear, 0) from None
+            self._stage2_exit(s)            # now, while the event being delivered is known
+            raise AccessAborted() from None
+        except NonCanonical:
+            if peek:
+                raise PageFault(linear, 0) from None
+            raise _Fault(13, 0) from None
+        except UnsupportedPaging as e:
+            if peek:
+                raise
+            raise GuestError(f"core {self.index}: {e}") from None
+
+    def _stage2_exit(self, fault: Stage2Fault) -> None:
+        """A second-stage fault: the VMX layer takes the VM exit."""
+        if self.virt is None or not self.virt.on_stage2_fault(self, fault):
+            raise GuestError(f"core {self.index}: second-stage fault outside VMX non-root "
+                             f"operation: {fault.info}")
+
+    def _tlb_refusal(self) -> None:
+        """The engine stopped because our TLB-fill hook refused an access: walk it
+        again with the full address and raise what it is (#PF, #GP, a VM exit)."""
+        vt = self.vtlb
+        bug = vt.take_error()
+        if bug is not None:
+            raise bug
+        r = vt.refused()
+        if r is None:
+            raise GuestError(f"core {self.index}: the engine reported an unhandled CPU exception "
+                             f"at RIP {self.rip():#x} with no refused translation")
+        linear, access, user = r
+        if access == ACC_FETCH and (linear ^ self.rip()) & ~0xFFF and self._straddle_fetch():
+            return
+        self._drop_straddle_exit()
+        if access == ACC_READ and self._rmw_at_rip():
+            access = ACC_READ | ACC_WRITE         # the refused read is the read of a write
+        try:
+            vt.translate(linear, access, user=user)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        except NonCanonical:
+            raise _Fault(13, 0) from None
+        except UnsupportedPaging as e:
+            raise GuestError(f"core {self.index}: {e}") from None
+        except Stage2Fault as s:
+            self._stage2_exit(s)
+        # else the translation changed since the refusal (another core, the L0): retry
+
+    def instruction_length_at_rip(self) -> int | None:
+        """Length of the instruction at RIP (None if it cannot be read or decoded)."""
+        rip = self.rip()
+        for n in (15, PAGE_SIZE - (rip & 0xFFF)):
+            try:
+                return instruction_length(self.read_linear(rip, min(n, 15), peek=True), self.code_size())
+            except (PageFault, UnsupportedPaging, GuestError):
+                continue
+        return None
+
+    def _rmw_at_rip(self) -> bool:
+        """Is the instruction at RIP a read-modify-write of memory?"""
+        rip = self.rip()
+        for n in (15, PAGE_SIZE - (rip & 0xFFF)):      # the next page may not be readable
+            try:
+                return read_modify_write(self.read_linear(rip, min(n, 15), peek=True), self.code_size())
+            except (PageFault, UnsupportedPaging, GuestError):
+                continue
+        return False
+
+    def _straddle_fetch(self) -> bool:
+        """A refused fetch on the page after RIP's: QEMU failed to translate the
+        whole block from RIP (measured), so the instructions before the one that
+        straddles the page end have not run.  Stop the engine in front of that
+        instruction (a temporary exit) and let the run go on: the fetch then
+        faults with RIP at it.  False when RIP is already there."""
+        rip = self.rip()
+        end = (rip | 0xFFF) + 1
+        try:
+            code = self.read_linear(rip, end - rip, peek=True)
+        except (PageFault, UnsupportedPaging, GuestError):
+            return False
+        at = straddling_instruction(code, rip, self.code_size())
+        if at is None or at == rip:
+            return False
+        self._straddle_exit = at
+        if not self._exits_enabled:
+            self.uc.ctl_exits_enabled(True)
+            self._exits_enabled = True
+        self.uc.ctl_set_exits(sorted(set(self._exit_sites) | {at}))
+        self.uc.ctl_remove_cache(rip & ~0xFFF, end)
+        return True
+
+    def _drop_straddle_exit(self) -> None:
+        if self._straddle_exit is not None:
+            self._straddle_exit = None
+            self.uc.ctl_set_exits(sorted(self._exit_sites) or [IMPOSSIBLE_PC])
 
     # ------------------------------------------------------------------ page scanning
     def _on_fetch_prot(self, uc, access, address, size, value, data):
@@ -501,7 +634,7 @@ class Core:
 
     def _scan_and_arm(self, linear: int) -> None:
         try:
-            pa = self.translate(linear, fetch=True)
+            pa = self.translate(linear, fetch=True, peek=True)
         except PageFault as pf:
             # Unicorn raised FETCH_PROT, so it found a mapping; our walker disagrees only
             # if the guest changed its tables without invalidating.  Treat as a #PF.
@@ -513,7 +646,7 @@ class Core:
         mode = self.code_size()
         code = self.mem.read(ppage, PAGE_SIZE)
         try:
-            tail = self.read_linear(lpage + PAGE_SIZE, 15)
+            tail = self.read_linear(lpage + PAGE_SIZE, 15, peek=True)
         except (PageFault, UnsupportedPaging, GuestError):
             tail = b""
         modes = (64,) if mode == 64 else (16, 32, 64)
@@ -549,7 +682,11 @@ class Core:
         self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
 
     def rearm_all(self) -> None:
-        """Forget every scan of this engine (CR3 load, INVLPG, mode change)."""
+        """Forget every scan of this engine (CR3 load, INVLPG, mode change); in
+        virtual-TLB mode also every cached translation (EFER writes and
+        register loads by a VM entry do not flush QEMU's TLB: measured)."""
+        if self.vtlb is not None and self.vtlb.active:
+            self.vtlb.flush()
         for ppage in list(self.exec_pages):
             self.disarm_page(ppage)
             perms = UC_PROT_READ if self.machine.is_code_page(ppage) else UC_PROT_READ | UC_PROT_WRITE
@@ -562,7 +699,7 @@ class Core:
         the pages this core is not executing now are disarmed; they are scanned
         (from the cache) and hooked again on their next fetch."""
         try:
-            here = self.translate(self.rip(), fetch=True) & ~0xFFF
+            here = self.translate(self.rip(), fetch=True, peek=True) & ~0xFFF
         except (PageFault, UnsupportedPaging):
             return
         for ppage in list(self.exec_pages):
@@ -765,6 +902,8 @@ class Core:
         remaining = budget if det else 0
         self._time_limit = self.clock + budget if det else 1 << 62
         while True:
+            if self._straddle_exit is not None and self.rip() == self._straddle_exit:
+                self._drop_straddle_exit()      # stopped in front of it: now run it
             self._stop_reason = None
             self._uncount = 0
             self._budget = remaining
@@ -846,6 +985,8 @@ class Core:
             icount = self.icount
             self._take_exit()
             return self.icount - icount
+        if self._straddle_exit is not None and self.rip() == self._straddle_exit:
+            self._drop_straddle_exit()
         self._uncount = 0
         self._budget = 1
         self.fetch_fault = self.write_fault = None
@@ -874,6 +1015,7 @@ class Core:
             self.rearm_all()
         if self._watch_queue:
             self._apply_watch_queue()
+        self.iret_unblocked_nmi = False
         return retired
 
     def _handle_engine_error(self, err: UcError) -> None:
@@ -886,6 +1028,20 @@ class Core:
             else:
                 self._call_watcher(hit)
             return
+        vt = self.vtlb
+        phys_write = False
+        if vt is not None and vt.active:
+            if no == UC_ERR_EXCEPTION:
+                self._tlb_refusal()
+                return
+            # FETCH_PROT and WRITE_PROT report physical addresses in this mode (measured)
+            if no == UC_ERR_FETCH_PROT and self.fetch_fault is not None:
+                linear = vt.fetch_linear(self.fetch_fault, self.rip())
+                if linear is None:
+                    raise GuestError(f"core {self.index}: fetch from physical {self.fetch_fault:#x} "
+                                     f"near RIP {self.rip():#x} maps to no linear address")
+                self.fetch_fault = linear
+            phys_write = True
         if no == UC_ERR_FETCH_PROT and self.fetch_fault is not None:
             if self.fetch_fault == self._last_fetch_fault and self.icount == self._last_fetch_icount:
                 raise GuestError(f"core {self.index}: instruction fetch at {self.fetch_fault:#x} "
@@ -893,46 +1049,55 @@ class Core:
             self._last_fetch_fault, self._last_fetch_icount = self.fetch_fault, self.icount
             self._scan_and_arm(self.fetch_fault)
         elif no == UC_ERR_WRITE_PROT and self.write_fault is not None:
-            ppage = self.translate(self.write_fault, write=True) & ~0xFFF
+            if phys_write:
+                pa = self.write_fault
+            else:
+                pa = self.translate(self.write_fault, write=True)
+            ppage = pa & ~0xFFF
             self.machine.invalidate_code_page(ppage)
             try:
-                here = self.translate(self.rip(), fetch=True) & ~0xFFF
+                here = self.translate(self.rip(), fetch=True, peek=True) & ~0xFFF
             except (PageFault, UnsupportedPaging):
                 here = None
             if here == ppage:
                 # the store is on the page it writes: run it alone on the page made
                 # writable and executable (unhooked), then fetches from the page fault
                 # again and rescan it
-                self._refuse_store_into_itself(self.write_fault)
+                self._refuse_store_into_itself(pa)
                 self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
                 try:
                     self._step_one()
                 finally:
                     self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
-                    self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
+                    # (Unicorn takes a linear range: in virtual-TLB mode, RIP's page)
+                    cpage = self.rip() & ~0xFFF if phys_write else ppage
+                    self.uc.ctl_remove_cache(cpage, cpage + PAGE_SIZE)
         elif no == UC_ERR_INSN_INVALID:
             raise _Fault(6)
+        elif no == UC_ERR_FETCH_UNMAPPED and vt is not None and vt.active and \
+                vt.drop_placeholder(self.rip()):
+            return          # a placeholder TLB entry (see VirtualTlb._placeholder): walk again
         elif no in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED):
             raise GuestError(f"core {self.index}: access to a physical address outside RAM "
                              f"near RIP {self.rip():#x} ({err})")
         else:
             raise GuestError(f"core {self.index}: engine error at RIP {self.rip():#x}: {err}")
 
-    def _refuse_store_into_itself(self, address: int) -> None:
-        """An instruction that stores into its own bytes is a guest error here.
-        Measured on Unicorn 2.1.4: executing it never returns (QEMU retranslates
-        the modified instruction and retries the store forever), even with a
-        wall-clock timeout."""
+    def _refuse_store_into_itself(self, pa: int) -> None:
+        """An instruction that stores into its own bytes (physical ``pa``) is a
+        guest error here.  Measured on Unicorn 2.1.4: executing it never returns
+        (QEMU retranslates the modified instruction and retries the store
+        forever), even with a wall-clock timeout."""
         rip = self.rip()
-        mode = {16: CS_MODE_16, 32: CS_MODE_32}.get(self.code_size(), CS_MODE_64)
         try:
-            code = self.mem.read(self.translate(rip, fetch=True), 15)
+            rip_pa = self.translate(rip, fetch=True, peek=True)
+            code = self.mem.read(rip_pa, 15)
         except (PageFault, UnsupportedPaging, PhysicalAccessError):
             return
-        insn = next(Cs(CS_ARCH_X86, mode).disasm(code, rip, 1), None)
-        if insn is not None and rip <= address < rip + insn.size:
-            raise GuestError(f"core {self.index}: the instruction at {rip:#x} ({insn.mnemonic} "
-                             f"{insn.op_str}) stores into its own bytes at {address:#x}, which "
+        size = instruction_length(code, self.code_size())
+        if size is not None and rip_pa <= pa < rip_pa + size:
+            raise GuestError(f"core {self.index}: the instruction at {rip:#x} stores into its "
+                             f"own bytes at {rip + (pa - rip_pa):#x}, which "
                              "the engine cannot execute")
 
     def after_mode_change(self) -> None:
@@ -996,6 +1161,12 @@ class Core:
         except _Fault as f:
             self._uncount += 1
             self.deliver_exception(f.vector, f.error_code, f.cr2)
+        except AccessAborted:
+            # a second-stage fault during the instruction was a VM exit, taken: the
+            # instruction did not retire and runs again from its start (hooked) after it
+            self._uncount += 1
+            if self._in_run:
+                self.request_stop("check")
         except GuestError as e:
             self.machine.guest_error(str(e))
             self._uncount += 1
@@ -1480,6 +1651,7 @@ class Core:
         self.shadow_at = self.retired_now() + 1
 
     def _h_iret(self, address, insn):
+        self.iret_unblocked_nmi = self.nmi_blocked     # for an EPT exit during the IRET
         self.nmi_blocked = False
         self._step_then_check(address)
 
@@ -1539,6 +1711,8 @@ class Core:
                     self._delivering = (vector, INTR_TYPE_HARD_EXCEPTION, error_code)
                     self.deliver_event(vector, error_code, self.rip(), exception=True)
                     return
+                except AccessAborted:
+                    return          # the delivery ended in a VM exit (taken)
                 except _Fault as f:
                     if vector == 8:
                         self.triple_fault()
@@ -1712,6 +1886,8 @@ class Core:
                                        vector=vector))
         except _Fault as f:
             self.deliver_exception(f.vector, f.error_code, f.cr2)
+        except AccessAborted:
+            pass            # the delivery ended in a VM exit (taken)
         finally:
             self._delivering = None
 
@@ -1760,6 +1936,10 @@ class Core:
         self._watch_queue.clear()
         for ppage in list(self._watched):
             self.unwatch_page(ppage)
+        self.iret_unblocked_nmi = False
+        if self.vtlb is not None:
+            self.vtlb.disable()
+        self._drop_straddle_exit()
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""

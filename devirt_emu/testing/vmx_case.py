@@ -69,10 +69,40 @@ Memory map (physical = linear):
 0x0010_0000     :data:`CODE_BASE`: the code (at most :data:`CODE_LIMIT` bytes)
 0x0040_0000     :data:`SCRATCH_BASE`: free for the guest (up to 0xF00000)
 0x00F0_0000     the VMCS, then the MSR bitmap, I/O bitmaps A and B (to 0xF05000)
+0x00F0_8000     :data:`EPT_POOL`: the EPT paging structures of ``ept=`` (to 0x1000000)
 ==============  ========================================================
 
-Nothing stops the guest from writing anywhere in RAM (there is no EPT in
-the default controls): each case starts again from the state above.
+Nothing stops the guest from writing anywhere in RAM unless ``ept=`` says
+otherwise (the default controls have no EPT): each case starts again from
+the state above.
+
+EPT
+---
+``ept=`` writes EPT paging structures into :data:`EPT_POOL`, sets EPT_POINTER
+to them (write-back, 4-level; bit 6, accessed and dirty flags, when
+``ept_ad=True``) and turns on "activate secondary controls" and "enable EPT"
+in whatever control words are in effect (giving EPT_POINTER in ``vmcs`` as
+well is an error).  Every guest access then goes through the guest's page
+tables and the EPT at run time (virtual-TLB mode, see
+:mod:`devirt_emu.platform.tlb`): an EPT violation or misconfiguration is the
+case's VM exit, fault-like, with its qualification, GUEST_LINEAR_ADDRESS and
+GUEST_PHYSICAL_ADDRESS.  The forms, applied in order (later items replace
+what earlier ones mapped):
+
+* ``"identity"``: GPA = HPA over the 16 MiB of RAM with 4-KiB pages, read/
+  write/execute, write-back;
+* ``{gpa: (hpa, rights)}`` or ``{gpa: (hpa, rights, page_size)}``: one page
+  each (``rights`` 0 writes a not-present entry);
+* :class:`EptMap` (a range, rights, page size, memory type) and
+  :class:`EptEntry` (a raw entry value at a level of a walk: the way to a
+  misconfigured entry);
+* a list of any of these, e.g. ``["identity", {SCRATCH_BASE: (SCRATCH_BASE, 1)}]``
+  (a read-only scratch page).
+
+A larger page replaces the smaller ones mapped there before; a smaller page
+inside an earlier larger one is a :class:`CaseError`.  After the run,
+:attr:`CaseRunner.ept` is the EptBuilder of the case (``entry_address(gpa,
+level)`` to read an entry's accessed and dirty flags).
 
 Steps and outcomes
 ------------------
@@ -106,6 +136,7 @@ from ..vmx import capabilities as caps
 from ..vmx import controls as C
 from ..vmx import exit_reasons
 from ..vmx.entry import EntryFailure
+from ..vmx.ept import PAGE_4K, EptBuilder, EptBuildError
 from ..vmx.fields import VmcsField as F
 from ..vmx.fields import field_by_name, field_info
 from ..vmx.rules import Decision
@@ -117,6 +148,7 @@ __all__ = [
     "IO_BITMAP_B_PA", "MEM_MB", "DEFAULT_CONTROLS", "CaseError", "CaseExit", "NoExit",
     "CaseResult", "CaseRunner", "run_case", "legal_controls", "msr_bitmap", "io_bitmaps",
     "XAPIC_BASE", "XAPIC_PD", "xapic_mapping",
+    "EptMap", "EptEntry", "EPT_POOL", "EPT_POOL_END",
 ]
 
 MEM_MB = 16
@@ -129,6 +161,8 @@ IO_BITMAP_A_PA = 0xF02000
 IO_BITMAP_B_PA = 0xF03000
 HOST_CR3 = 0xF04000
 RESERVED_END = 0xF05000
+EPT_POOL = 0xF08000            # the EPT paging structures built for ept=
+EPT_POOL_END = 0x1000000
 BITMAP_SIZE = 4096
 HLT = b"\xf4"
 _U64 = (1 << 64) - 1
@@ -261,6 +295,94 @@ def _bitmap_bytes(what: str, value) -> bytes:
             raise CaseError(f"{what} is {BITMAP_SIZE} bytes, not {len(data)}")
         return data
     raise CaseError(f"{what}: expected {BITMAP_SIZE} bytes, not {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- EPT shortcut
+@dataclass(frozen=True)
+class EptMap:
+    """An EPT mapping for ``ept=``: ``[gpa, gpa + size)`` to ``[hpa, hpa + size)``
+    with leaves of ``page_size`` (4 KiB, 2 MiB or 1 GiB) carrying ``rights``
+    (bits 2:0: R=1, W=2, X=4) and ``memory_type`` (bits 5:3; 6 = WB).  A
+    mapping replaces what earlier items mapped there with pages of its size or
+    smaller; a smaller page inside an earlier larger one is a CaseError."""
+
+    gpa: int
+    hpa: int
+    size: int = PAGE_4K
+    rights: int = 7
+    page_size: int = PAGE_4K
+    memory_type: int = 6
+
+
+@dataclass(frozen=True)
+class EptEntry:
+    """A raw EPT entry for ``ept=``: ``value`` is written as the entry at
+    ``level`` (4 = PML4E, 3 = PDPTE, 2 = PDE, 1 = PTE) on the walk of ``gpa``,
+    after the mappings before it (the tables above that level must exist).
+    The way to build a misconfigured or not-present entry."""
+
+    gpa: int
+    level: int
+    value: int
+
+
+_LEVELS = {PAGE_4K: 1, 2 << 20: 2, 1 << 30: 3}
+
+
+def _ept_items(ept) -> tuple:
+    """``ept=`` as a tuple of EptMap / EptEntry (see run_case)."""
+    if isinstance(ept, str):
+        if ept != "identity":
+            raise CaseError(f"ept is 'identity', a mapping, EptMap/EptEntry or a list of them, not {ept!r}")
+        return (EptMap(0, 0, MEM_MB << 20),)
+    if isinstance(ept, (EptMap, EptEntry)):
+        return (ept,)
+    if isinstance(ept, Mapping):
+        out = []
+        for gpa, spec in ept.items():
+            if not isinstance(spec, tuple) or len(spec) not in (2, 3):
+                raise CaseError(f"ept[{gpa!r}]: expected (hpa, rights) or (hpa, rights, page_size), "
+                                f"not {spec!r}")
+            hpa, rights, *size = spec
+            ps = size[0] if size else PAGE_4K
+            out.append(EptMap(gpa, hpa, ps, rights, ps))
+        return tuple(out)
+    if isinstance(ept, (list, tuple)):
+        return tuple(x for item in ept for x in _ept_items(item))
+    raise CaseError(f"ept is 'identity', a mapping, EptMap/EptEntry or a list of them, not "
+                    f"{type(ept).__name__}")
+
+
+def _build_ept(builder: EptBuilder, items: tuple) -> None:
+    mem = builder.mem
+    for item in items:
+        for name in ("gpa", "hpa", "size", "rights", "page_size", "memory_type", "level", "value"):
+            if hasattr(item, name):
+                _check_int(f"{type(item).__name__}.{name}", getattr(item, name))
+        try:
+            if isinstance(item, EptEntry):
+                if item.level not in (1, 2, 3, 4):
+                    raise CaseError(f"{item}: level is 4 (PML4E), 3, 2 or 1 (PTE)")
+                if item.value > _U64:
+                    raise CaseError(f"{item}: value does not fit 64 bits")
+                mem.write_u64(builder.entry_address(item.gpa, item.level), item.value)
+                continue
+            level = _LEVELS.get(item.page_size)
+            if level is None:
+                raise CaseError(f"{item}: page_size is 4 KiB, 2 MiB or 1 GiB")
+            if level > 1 and item.gpa % item.page_size == 0:
+                # a larger page replaces the smaller pages mapped there before
+                for g in range(item.gpa, item.gpa + max(item.size, 0), item.page_size):
+                    try:
+                        slot = builder.entry_address(g, level)
+                    except EptBuildError:
+                        continue
+                    if mem.read_u64(slot) & 7 and not mem.read_u64(slot) & 0x80:
+                        mem.write_u64(slot, 0)
+            builder.map(item.gpa, item.hpa, item.size, rights=item.rights, page_size=item.page_size,
+                        memory_type=item.memory_type)
+        except EptBuildError as e:
+            raise CaseError(f"ept: {item}: {e}") from None
 
 
 # --------------------------------------------------------------------------- results
@@ -401,12 +523,14 @@ class _RecordingL0:
             self.exit = _exit_from(vcpu, d)
         self.machine.finish("pass", f"VM exit {d.name}")
         core = vcpu.core
-        if core._in_run:
-            if event is not None and event.insn is not None and event.kind is not Kind.EXCEPTION:
-                # the exiting instruction did not execute: the core must not count it
-                # as retired (it does count an instruction its hook handled)
-                core._uncount += 1
-            core.request_stop("exit")
+        if core._in_run and event is not None and event.insn is not None \
+                and event.kind is not Kind.EXCEPTION:
+            # the exiting instruction did not execute: the core must not count it
+            # as retired (it does count an instruction its hook handled)
+            core._uncount += 1
+        # stop the core, also when the exit was found between engine runs (an EPT
+        # violation or a fault the engine reported): the run loop checks this
+        core.request_stop("exit")
 
 
 def _exit_from(vcpu, d: Decision) -> CaseExit:
@@ -476,6 +600,11 @@ class CaseRunner:
         self._bitmaps = {pa: bytes(BITMAP_SIZE) for pa in (MSR_BITMAP_PA, IO_BITMAP_A_PA, IO_BITMAP_B_PA)}
         for pa, data in self._bitmaps.items():
             self.machine.write_phys(pa, data)
+        #: The EPT of the last case run with ``ept=`` (None without): its
+        #: ``entry_address(gpa, level)`` and ``mem`` let a test read the entries
+        #: (accessed and dirty flags) after the run.
+        self.ept: Optional[EptBuilder] = None
+        self._ept_snapshots: dict[tuple, tuple] = {}
 
     # ----------------------------------------------------------------- inputs
     def _code(self, code) -> tuple[bytes, dict[str, int]]:
@@ -600,7 +729,7 @@ class CaseRunner:
             io_bitmap_b: Union[bytes, Iterable[int], None] = None,
             regs: Optional[Mapping[str, int]] = None,
             memory: Optional[Mapping[int, bytes]] = None, max_steps: int = 10_000,
-            legal: bool = False) -> CaseResult:
+            legal: bool = False, ept=None, ept_ad: bool = False) -> CaseResult:
         """Run one case; see :func:`run_case`."""
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise CaseError(f"max_steps is a positive int, not {max_steps!r}")
@@ -609,15 +738,31 @@ class CaseRunner:
         core_regs = self._registers(regs, fields)
         bitmaps = self._bitmaps_for(msr_bitmap, io_bitmap_a, io_bitmap_b)
         writes = self._memory(memory)
+        ept_items = None
+        if ept is not None:
+            ept_items = _ept_items(ept)
+            if "EPT_POINTER" in fields:
+                raise CaseError("give the EPT either as ept= or as EPT_POINTER in vmcs, not both")
+            for pa, blob in writes:
+                if pa < EPT_POOL_END and pa + len(blob) > EPT_POOL:
+                    raise CaseError(f"memory at {pa:#x}+{len(blob):#x} overlaps the EPT tables of ept= "
+                                    f"({EPT_POOL:#x}-{EPT_POOL_END:#x})")
 
         m, core = self.machine, self.core
         self._reset(data, bitmaps)
         for pa, blob in writes:
             m.write_phys(pa, blob)
+        self.ept = None if ept_items is None else self._ept(ept_items, bool(ept_ad))
         l0 = _RecordingL0(m)
         Vmcs.format(m.mem, VMCS_PA)
         vcpu = VmxVcpu(core, VMCS_PA, l0)
         self._write_vmcs(vcpu, fields)
+        if self.ept is not None:
+            v = vcpu.vmcs
+            v.set(F.CPU_BASED_VM_EXEC_CONTROL,
+                  v.get(F.CPU_BASED_VM_EXEC_CONTROL) | C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS)
+            v.set(F.SECONDARY_VM_EXEC_CONTROL, v.get(F.SECONDARY_VM_EXEC_CONTROL) | C.SECONDARY_EXEC_ENABLE_EPT)
+            v.set(F.EPT_POINTER, self.ept.eptp)
         for name, value in core_regs.items():
             core.uc.reg_write(_CORE_REGS[name], value)
             if name == "cr2":
@@ -649,6 +794,21 @@ class CaseRunner:
         no = NoExit(why, core.rip(), _regs(core, None), msg)
         return CaseResult(None, None, no, steps, snapshot, symbols, code_end)
 
+    def _ept(self, items: tuple, ad: bool) -> EptBuilder:
+        """Build the EPT of ``ept=`` in the pool (the tables of an EPT built
+        before are put back from a snapshot: building 4096 leaves takes ~30 ms)."""
+        b = EptBuilder(self.machine.mem, EPT_POOL, EPT_POOL_END - EPT_POOL, ad=ad)
+        key = (items, ad)
+        snap = self._ept_snapshots.get(key)
+        if snap is not None:
+            b.restore(snap)
+            return b
+        _build_ept(b, items)
+        if len(self._ept_snapshots) > 64:
+            self._ept_snapshots.clear()
+        self._ept_snapshots[key] = b.snapshot()
+        return b
+
     def _reset(self, code: bytes, bitmaps: dict[int, bytes]) -> None:
         m, core = self.machine, self.core
         mem = m.mem
@@ -656,7 +816,7 @@ class CaseRunner:
         # the environment tables and bitmaps, rewritten only where the last case changed them
         env = self._env_bytes
         if mem.read(longmode.GDT, len(env)) != env:
-            longmode.write_environment(m)
+            m.write_phys(longmode.GDT, env)     # byte for byte (a case may have added entries)
         for pa, data in bitmaps.items():
             if self._bitmaps.get(pa) != data or mem.read(pa, BITMAP_SIZE) != data:
                 m.write_phys(pa, data)
@@ -712,7 +872,7 @@ def run_case(code, *, vmcs: Optional[Mapping] = None,
              io_bitmap_b: Union[bytes, Iterable[int], None] = None,
              regs: Optional[Mapping[str, int]] = None,
              memory: Optional[Mapping[int, bytes]] = None, max_steps: int = 10_000,
-             legal: bool = False) -> CaseResult:
+             legal: bool = False, ept=None, ept_ad: bool = False) -> CaseResult:
     """Run ``code`` as a VMX guest from the fresh 64-bit state until the first VM exit.
 
     ``code``: Intel-syntax assembly (assembled at :data:`CODE_BASE`; labels are
@@ -725,6 +885,9 @@ def run_case(code, *, vmcs: Optional[Mapping] = None,
     module docstring.  ``memory``: physical address -> bytes written into RAM
     after the fresh state is set up (IDT gates, EPT tables, data; not over the
     VMCS and bitmap pages).  ``max_steps``: guest instructions to run at most.
+    ``ept``: EPT in a line (see the module docstring, "EPT"): ``"identity"``,
+    ``{gpa: (hpa, rights[, page_size])}``, :class:`EptMap`, :class:`EptEntry`
+    or a list of them; ``ept_ad``: set EPTP bit 6 (accessed and dirty flags).
 
     Raises :class:`CaseError` for input that cannot be run as given.
     """
@@ -733,4 +896,4 @@ def run_case(code, *, vmcs: Optional[Mapping] = None,
         _runner = CaseRunner()
     return _runner.run(code, vmcs=vmcs, msr_bitmap=msr_bitmap, io_bitmap_a=io_bitmap_a,
                        io_bitmap_b=io_bitmap_b, regs=regs, memory=memory, max_steps=max_steps,
-                       legal=legal)
+                       legal=legal, ept=ept, ept_ad=ept_ad)

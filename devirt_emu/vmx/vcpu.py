@@ -21,6 +21,12 @@ field other than the few an L0 writes on each exit (GUEST_RIP, GUEST_RFLAGS,
 the injection fields, activity and interruptibility state) was written, else
 the checks of the fields written.
 
+With "enable EPT" set, a VM entry switches the core to two-stage translation
+through the guest's page tables and the EPT (:meth:`VmxVcpu._sync_ept`,
+:mod:`devirt_emu.vmx.ept_mmu`, :mod:`devirt_emu.platform.tlb`): guest accesses
+then cause EPT-violation and EPT-misconfiguration exits
+(:meth:`VmxVcpu.on_stage2_fault`).
+
 What VMX non-root operation changes for instructions that do not exit (SDM
 "Changes to Instruction Behavior in VMX Non-Root Operation") is done here:
 reads of CR0/CR4 see the read shadows for host-owned bits, writes leave the
@@ -58,6 +64,7 @@ from unicorn import x86_const as X
 from ..events import Event, Kind
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, flags_to_ar
 from ..platform.memory import PhysicalAccessError
+from ..platform.tlb import AccessAborted
 from . import controls as C
 from . import exit_reasons as er
 from .entry import (EntryCaps, EntryFailure, FailureKind, check_event_injection,
@@ -67,8 +74,10 @@ from .exit_reasons import Timing
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
 from .capabilities import MSR_IA32_VMX_MISC, VMX_CAPABILITY_MSRS
+from .ept import EptCaps
+from .ept_mmu import EptStage2, ept_exit_decision
 from .vmcs import _READABLE, FIELD_SLOTS, Vmcs, _key
-from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_LMA
+from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
 
 CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
 CR4_VMXE = 1 << 13
@@ -153,6 +162,10 @@ _APIC_PAGE_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY
 #: The VMX-preemption timer's rate: it counts down once every 2^PTIMER_RATE TSC ticks.
 PTIMER_RATE = VMX_CAPABILITY_MSRS[MSR_IA32_VMX_MISC] & 0x1F
 MSR_EFER = 0xC0000080
+_EPT_CAPS = EptCaps.modelled()
+#: Interruption types (bits 10:8) of software interrupts and exceptions: 4, 5, 6.
+_SOFTWARE_EVENT_TYPES = frozenset(t >> 8 for t in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_PRIV_SW_EXCEPTION,
+                                                   C.INTR_TYPE_SOFT_EXCEPTION))
 
 
 class TrackedVmcs(Vmcs):
@@ -301,6 +314,7 @@ class VmxVcpu:
         self._apic_stale = True                    # re-examine the APIC controls at next entry
         self._tpr_entry_check = False              # "use TPR shadow" and "virtualize APIC accesses"
         self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
+        self.ept: Optional[EptStage2] = None     # the EPT the core translates through, when enabled
 
     # ------------------------------------------------------------------ guest state
     def _fetch(self, enc: int) -> None:
@@ -422,6 +436,7 @@ class VmxVcpu:
         self.load_guest_state(full=launch)
         timers_changed = launch or not v.written.isdisjoint(_TIMER_CONTROLS)
         self._apic_at_entry(launch)
+        self._sync_ept()
         v.written.clear()
         self._engine_holds_guest_state()
         if launch:
@@ -509,12 +524,20 @@ class VmxVcpu:
             rip += v.get(F.VM_ENTRY_INSTRUCTION_LEN)
         if core.state is State.HALTED:
             core.state = State.RUNNING
+        # a VM exit during the delivery (an EPT violation on the stack, a fault the
+        # exception bitmap takes) reports the injected event as IDT-vectoring information
+        outer = core._delivering
+        core._delivering = (vector, itype >> 8, ec)
         try:
             core.deliver_event(vector, ec, rip, exception=itype == C.INTR_TYPE_HARD_EXCEPTION,
                                soft=itype in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_SOFT_EXCEPTION),
                                external=itype == C.INTR_TYPE_EXT_INTR)
         except _Fault as f:
             core.deliver_exception(f.vector, f.error_code, f.cr2)
+        except AccessAborted:
+            pass            # the delivery ended in a VM exit, taken
+        finally:
+            core._delivering = outer
 
     # ------------------------------------------------------------------ VM exit
     def _write_exit_info(self, d: Decision, reason_field: int) -> None:
@@ -563,6 +586,56 @@ class VmxVcpu:
         self.l0.handle_exit(self, d, event)
         if not self.active and self.l0.wants_entry(self):
             self.vm_entry()
+
+    # ------------------------------------------------------------------ EPT at run time
+    def _sync_ept(self) -> None:
+        """At VM entry: the core translates through the EPT when the VMCS enables
+        it (virtual-TLB mode), with QEMU's own walker otherwise.  A new EPTP
+        (or EPT newly enabled) starts a fresh EPT cache and flushes the TLB;
+        without VPID every VM entry flushes the TLB (SDM: VM entries invalidate
+        the mappings of VPID 0000H); with VPID and the same EPTP nothing is
+        flushed."""
+        v = self.vmcs
+        primary = v.peek(F.CPU_BASED_VM_EXEC_CONTROL)
+        sec = v.peek(F.SECONDARY_VM_EXEC_CONTROL) if primary & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS else 0
+        core = self.core
+        if not sec & C.SECONDARY_EXEC_ENABLE_EPT:
+            if self.ept is not None:
+                self.ept = None
+                core.set_second_stage(None)
+            return
+        eptp = v.peek(F.EPT_POINTER)
+        if self.ept is None or self.ept.eptp != eptp:
+            self.ept = EptStage2(self.mem, eptp, lambda: self.active, caps=_EPT_CAPS)
+            core.set_second_stage(self.ept)
+        elif not sec & C.SECONDARY_EXEC_ENABLE_VPID:
+            core.flush_tlb()
+
+    def invept(self) -> None:
+        """INVEPT for this vCPU's EPTP (the L0 after reducing rights or remapping):
+        forget the cached EPT translations and flush the core's TLB."""
+        if self.ept is not None:
+            self.ept.invalidate()
+            self.core.flush_tlb()
+
+    def on_stage2_fault(self, core, fault) -> bool:
+        """The core's virtual TLB met an EPT violation or misconfiguration: the
+        VM exit (fault-like: the access did not happen, RIP stays at the
+        instruction or at the event being delivered).  Bit 12 of an EPT-violation
+        qualification is set when the access was part of an IRET that unblocked
+        NMIs (SDM "Exit Qualification for EPT Violations"); NMI blocking stays
+        cleared, as the SDM says for such an exit."""
+        if not self.active:
+            return False
+        length = None
+        delivering = core._delivering
+        if delivering is not None and delivering[1] in _SOFTWARE_EVENT_TYPES:
+            length = core.instruction_length_at_rip()     # INT n, INT3, INTO, INT1
+        d = ept_exit_decision(fault.info, in_64bit_mode=bool(core.probe.hflags() & HF_CS64),
+                              nmi_unblocked_by_iret=core.iret_unblocked_nmi,
+                              instruction_length=length)
+        self.vm_exit(d, None)
+        return True
 
     # ------------------------------------------------------------------ L0 helpers
     def skip_instruction(self) -> None:

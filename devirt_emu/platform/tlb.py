@@ -1,0 +1,449 @@
+"""Virtual-TLB mode: a core's memory accesses translated in Python, in two stages.
+
+In its default mode Unicorn translates linear addresses with QEMU's own page
+walker, which knows one stage only.  In *virtual-TLB mode*
+(``ctl_set_tlb_mode(UC_TLB_VIRTUAL)``) QEMU calls a UC_HOOK_TLB_FILL hook on
+every TLB miss instead, and caches the 4-KiB translation and the
+permissions the hook returns.  :class:`VirtualTlb` is that hook: the guest's
+own page walk (IA-32e 4-level paging, or paging off), every guest-physical
+address on the way (the paging-structure entries and the final page) passed
+through a *second stage* that the owner supplies (the VMX layer's EPT, see
+:mod:`devirt_emu.vmx.ept_mmu`), accessed and dirty flags set as the SDM says.
+A refused access becomes the guest's #PF (with the architectural error code
+and CR2), a #GP for a non-canonical address, or a :class:`Stage2Fault` that
+the owner turns into a VM exit.  The platform's own accesses on the guest's
+behalf (event delivery, the memory side of INS/OUTS) use the same walk
+through :meth:`VirtualTlb.translate`.
+
+The core turns this mode on only while its VMX layer runs a guest with EPT
+(``Core.set_second_stage``); natively and with EPT off the engine keeps
+QEMU's walker, at full speed.
+
+Measured on Unicorn 2.1.4 (this machine, Python 3.11; scratch engines)
+---------------------------------------------------------------------
+* The hook receives the page-aligned linear address and UC_MEM_READ (16),
+  UC_MEM_WRITE (17) or UC_MEM_FETCH (18); it fills ``entry.paddr`` and
+  ``entry.perms`` (UC_PROT_* bits) and returns True.  QEMU then serves every
+  later access the permissions allow from its TLB without calling the hook:
+  a read fill that grants write lets the first write through unseen.  So a
+  fill grants write only when the dirty flags are already set (here and in
+  the second stage), as QEMU's own walker does.
+* A refusal (False, or permissions without the access) ends ``emu_start``
+  with UC_ERR_EXCEPTION: no UC_HOOK_INTR call, CR2 untouched, RIP at the
+  instruction for a data access and at the fetch address for a fetch.  The
+  full faulting address (the hook only sees the page) is ``invalid_addr`` in
+  ``uc_struct``, found by :func:`calibrate_invalid_addr`.
+* The instruction counter of a counted run includes an instruction whose
+  data access was refused (it does not include a refused fetch).
+* A refused fetch for the second page of an instruction that straddles a
+  page boundary fails the translation of the whole block: RIP is the block's
+  first instruction and nothing of it ran (QEMU 5 translates the block
+  before running it).  The core then stops the engine in front of the
+  straddling instruction (see ``Core._straddle_fetch``) and retries.
+* Unicorn also calls the hook for its own bookkeeping: when a run ends it
+  looks up the page before each exit address (``until``, and the exits of
+  ``ctl_set_exits``) to drop their translated code, and ``ctl_remove_cache``
+  looks up its range.  Refusing such a lookup ends ``emu_start`` with
+  UC_ERR_EXCEPTION after the run, hiding the run's own result (measured: a
+  FETCH_PROT stop came back as UC_ERR_EXCEPTION; the refusal unwinds from
+  outside QEMU's CPU loop, so it is not exercised by any test).  So only an access made
+  while the core runs, and for a fetch only near RIP, is ever refused; the
+  others get their real translation or a placeholder entry to no memory.
+* TLB flushes: MOV to CR3 with CR0.PG = 1 flushes everything; INVLPG flushes
+  its page; ``mem_protect`` flushes everything; so does
+  ``uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)``.  ``context_restore``, a
+  switch of the TLB mode (either way), a write of CR0/CR4 with an unchanged
+  value and WRMSR of EFER do not flush: :class:`VirtualTlb` flushes on every
+  switch and the core after EFER writes.
+* Physical page permissions (``mem_protect``) still apply after the
+  translation; UC_HOOK_MEM_FETCH_PROT and UC_HOOK_MEM_WRITE_PROT then report
+  the *physical* address (the core maps it back: :meth:`VirtualTlb.fetch_linear`).
+* Cost (``benchmarks/bench_ept.py``): a fill is a Python two-stage walk, about
+  45 microseconds here; a hit costs nothing.  Unicorn's TLB kept a loop over
+  2048 pages without refilling it (one fill per page until the next flush).
+
+Scope
+-----
+* IA-32e paging (CR0.PG = 1 with EFER.LMA = 1; 4-level, 4 KiB / 2 MiB /
+  1 GiB pages) and paging off.  32-bit and PAE legacy paging under a second
+  stage raise :class:`~devirt_emu.platform.paging.UnsupportedPaging` (the
+  core reports a guest error).  SMEP, SMAP and protection keys are not
+  modelled (the modelled CPU's CPUID does not advertise them).
+* The user/supervisor distinction comes from the CPL when the fill happens
+  (the hook is not told QEMU's MMU index): QEMU's own implicit supervisor
+  accesses at CPL 3 (descriptor-table reads by the engine) would be checked
+  as user accesses.
+* Accessed and dirty flags of the guest's paging structures are set once the
+  guest translation succeeds (not on a #PF), before the final access goes
+  to the second stage; those writes go through the second stage as writes
+  to a paging-structure entry (SDM "EPT Violations").
+* Non-canonical linear addresses give #GP(0) (a stack access would give
+  #SS(0): the hook cannot tell).
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+from unicorn import UC_HOOK_TLB_FILL, UC_TLB_CPU, UC_TLB_VIRTUAL, UcError
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+
+from .lapic import MAXPHYADDR
+from .paging import PF_I, PF_P, PF_RSVD, PF_U, PF_W, PageFault, UnsupportedPaging
+from .ucinternals import HF_CPL_MASK, HF_LMA, CalibrationError
+
+#: Access kinds, as UC_PROT bits (and as bits 2:0 of an EPT-violation qualification).
+ACC_READ, ACC_WRITE, ACC_FETCH = 1, 2, 4
+_UC_ACCESS = {16: ACC_READ, 17: ACC_WRITE, 18: ACC_FETCH}   # UC_MEM_READ/WRITE/FETCH
+
+CR0_WP, CR0_PG = 1 << 16, 1 << 31
+EFER_NXE = 1 << 11
+_PTE_P, _PTE_RW, _PTE_US, _PTE_A, _PTE_D, _PTE_PS = 1, 2, 4, 1 << 5, 1 << 6, 1 << 7
+_PTE_XD = 1 << 63
+_ADDR = ((1 << MAXPHYADDR) - 1) & ~0xFFF
+_HIGH_RSVD = ((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1)       # bits 51:MAXPHYADDR
+_RSVD_1G = ((1 << 30) - 1) & ~((1 << 13) - 1)                   # PDPTE PS=1: bits 29:13
+_RSVD_2M = ((1 << 21) - 1) & ~((1 << 13) - 1)                   # PDE PS=1: bits 20:13
+_SHIFTS = (39, 30, 21, 12)
+_U64 = struct.Struct("<Q")
+_U64_MASK = (1 << 64) - 1
+#: Where placeholder entries point: no memory (far above RAM and the LAPIC page).
+PLACEHOLDER_PA = (1 << 40) - 0x1000
+
+
+_RMW_MNEMONICS = frozenset({"cmpxchg", "cmpxchg8b", "cmpxchg16b", "xadd"})
+_disassemblers: dict = {}
+
+
+def _disassembler(mode: int):
+    md = _disassemblers.get(mode)
+    if md is None:
+        from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
+        md = Cs(CS_ARCH_X86, {16: CS_MODE_16, 32: CS_MODE_32, 64: CS_MODE_64}[mode])
+        md.detail = True
+        _disassemblers[mode] = md
+    return md
+
+
+def straddling_instruction(code: bytes, address: int, mode: int) -> int | None:
+    """``code`` runs from ``address`` to the end of its page: the address of the
+    instruction that continues on the next page (the first one the bytes do
+    not complete), or None if the instructions end exactly at the page end."""
+    at = address
+    for insn in _disassembler(mode).disasm(code, address):
+        at = insn.address + insn.size
+    return at if at < address + len(code) else None
+
+
+def instruction_length(code: bytes, mode: int) -> int | None:
+    """Length of the instruction at the start of ``code`` (None if undecodable)."""
+    for insn in _disassembler(mode).disasm(code, 0, 1):
+        return insn.size
+    return None
+
+
+def read_modify_write(code: bytes, mode: int) -> bool:
+    """Does the instruction at the start of ``code`` (``mode`` 16, 32 or 64) read
+    and write one memory operand (ADD [m], r; INC [m]; XCHG; CMPXCHG...)?  Such
+    an access is a write for paging and EPT (the #PF error code's W/R bit, bit 1
+    of an EPT-violation qualification) even when its read part is refused
+    first, as QEMU makes it.  capstone's operand access decides, plus the
+    instructions it reports as reading their memory operand only (measured,
+    capstone 5: CMPXCHG, XADD)."""
+    for insn in _disassembler(mode).disasm(code, 0, 1):
+        if insn.mnemonic.split()[-1] in _RMW_MNEMONICS:      # ("lock cmpxchg")
+            return True
+        return any(op.type == 3 and op.access == 3 for op in insn.operands)   # X86_OP_MEM, R|W
+    return False
+
+
+class Stage2Fault(Exception):
+    """The second stage refused a guest-physical access (for EPT: a violation
+    or a misconfiguration).  ``info`` is the second stage's own description
+    (opaque to the platform); its owner turns it into a VM exit."""
+
+    def __init__(self, info):
+        super().__init__(info)
+        self.info = info
+
+
+class AccessAborted(Exception):
+    """A platform access on the guest's behalf ended in a VM exit that has
+    already been taken: unwind the instruction or event delivery that made
+    it, with no further effect."""
+
+
+class NonCanonical(Exception):
+    """A linear address that is not canonical in 64-bit mode (#GP(0))."""
+
+    def __init__(self, linear: int):
+        super().__init__(f"non-canonical address {linear:#x}")
+        self.linear = linear
+
+
+_invalid_addr_offset: int | None = None
+
+
+def calibrate_invalid_addr() -> int:
+    """Offset of ``uc_struct.invalid_addr``, the full address of the access a
+    TLB-fill hook refused (the hook itself only sees its page).  Found once
+    per process on scratch engines: refused reads, writes and fetches of
+    unaligned addresses, the only 8-byte field holding each of them."""
+    global _invalid_addr_offset
+    if _invalid_addr_offset is not None:
+        return _invalid_addr_offset
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    found = None
+    # mov rcx, imm64 ; then mov rax, [rcx] / mov [rcx], rax / jmp rcx
+    tails = (b"\x48\x8b\x01", b"\x48\x89\x01", b"\xff\xe1")
+    for addr in (0x9000_0131, 0x5123_4567_89AB, 0x7FFF_0000_0FF7):
+        for tail in tails:
+            uc = Uc(UC_ARCH_X86, UC_MODE_64)
+            uc.mem_map(0, 0x2000)
+            uc.mem_write(0x1000, b"\x48\xb9" + _U64.pack(addr) + tail)
+            uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+
+            def fill(uc_, vaddr, access, entry, data):
+                if vaddr == 0x1000:
+                    entry.paddr, entry.perms = 0x1000, 7
+                    return True
+                return False
+            uc.hook_add(UC_HOOK_TLB_FILL, fill)
+            try:
+                uc.emu_start(0x1000, 0x1000 + 13)
+            except UcError:
+                pass
+            blob = ctypes.string_at(uc._uch.value, 0x2000)
+            here = {o for o in range(0, len(blob) - 8, 8) if _U64.unpack_from(blob, o)[0] == addr}
+            found = here if found is None else found & here
+    if not found or len(found) != 1:
+        raise CalibrationError(f"uc_struct.invalid_addr not found uniquely: {found}")
+    _invalid_addr_offset = found.pop()
+    return _invalid_addr_offset
+
+
+class VirtualTlb:
+    """The virtual-TLB mode of one core (``core.vtlb``), with its second stage.
+
+    ``second_stage`` is any object with ``translate(gpa, access, gla,
+    translation, peek) -> (hpa, rights)``: the host-physical address of a
+    guest-physical one and the ACC_* rights a TLB entry may grant for its
+    page, or :class:`Stage2Fault`.  ``gla`` is the linear address being
+    translated and ``translation`` says whether ``gpa`` is its translation
+    (False: one of the guest's paging-structure entries); ``peek`` asks for no
+    side effect (no accessed/dirty flag set; the caller only wants to know).
+    """
+
+    def __init__(self, core):
+        self.core = core
+        self.uc = core.uc
+        self.probe = core.probe
+        self.mem = core.mem
+        self.view = core.mem.view
+        self.stage2 = None
+        self.active = False
+        self._refused: tuple | None = None     # (page, access, user) of the last refused fill
+        self._error: BaseException | None = None
+        self._placeholders: set[int] = set()
+        self.fills = 0                        # hook calls (TLB misses), for benchmarks
+        self._invalid_addr = core.uc._uch.value + calibrate_invalid_addr()
+        self.uc.hook_add(UC_HOOK_TLB_FILL, self._on_fill)
+
+    # ------------------------------------------------------------------ mode
+    def enable(self, stage2) -> None:
+        """Translate through ``stage2`` from now on (flushes the TLB)."""
+        self.stage2 = stage2
+        if not self.active:
+            self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+            self.active = True
+        self.flush()
+
+    def disable(self) -> None:
+        """Back to QEMU's own one-stage walker (flushes the TLB)."""
+        if self.active:
+            self.uc.ctl_set_tlb_mode(UC_TLB_CPU)
+            self.active = False
+            self.flush()
+        self.stage2 = None
+        self._refused = self._error = None
+
+    def flush(self) -> None:
+        """Drop every cached translation of the engine (measured: neither a mode
+        switch nor context_restore does)."""
+        self._placeholders.clear()
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    # ------------------------------------------------------------------ the walk
+    def translate(self, linear: int, access: int = ACC_READ, *, user: bool = False,
+                  peek: bool = False) -> int:
+        """Host-physical address of ``linear`` for ``access`` (ACC_*).  Raises
+        PageFault (the guest's #PF), NonCanonical, UnsupportedPaging or
+        Stage2Fault; with ``peek`` nothing in memory changes."""
+        return self._walk(linear, access, user, peek)[0]
+
+    def _walk(self, linear: int, access: int, user: bool, peek: bool) -> tuple[int, int]:
+        p = self.probe
+        cr0 = p.cr(0)
+        s2 = self.stage2.translate
+        if not cr0 & CR0_PG:
+            return s2(linear & 0xFFFF_FFFF, access, linear & 0xFFFF_FFFF, True, peek)
+        if not p.hflags() & HF_LMA:
+            raise UnsupportedPaging("32-bit and PAE paging are not modelled under a second stage "
+                                    "(EPT): only IA-32e paging and paging off")
+        top = linear >> 47
+        if top and top != 0x1FFFF:
+            raise NonCanonical(linear)
+        efer = self.core.rdmsr_raw(0xC0000080)
+        nxe = bool(efer & EFER_NXE)
+        write = bool(access & ACC_WRITE)          # ACC_READ | ACC_WRITE: a read-modify-write
+        fetch = access == ACC_FETCH
+        code = (PF_W if write else 0) | (PF_U if user else 0) | (PF_I if fetch and nxe else 0)
+        rsvd_xd = 0 if nxe else _PTE_XD
+        view = self.view
+        table = p.cr(3) & _ADDR
+        rw = us = True
+        xd = False
+        used = []
+        level = 4
+        for shift in _SHIFTS:
+            egpa = table | (((linear >> shift) & 0x1FF) << 3)
+            ehpa = s2(egpa, ACC_READ, linear, False, peek)[0]
+            if ehpa + 8 > self.mem.size:
+                raise PageFault(linear, code)          # outside RAM: no entry there
+            e = _U64.unpack_from(view, ehpa)[0]
+            if not e & _PTE_P:
+                raise PageFault(linear, code)
+            large = e & _PTE_PS and level in (3, 2)
+            bad = e & (_HIGH_RSVD | rsvd_xd)
+            if level == 4:
+                bad |= e & _PTE_PS
+            elif large:
+                bad |= e & (_RSVD_1G if level == 3 else _RSVD_2M)
+            if bad:
+                raise PageFault(linear, code | PF_P | PF_RSVD)
+            rw = rw and bool(e & _PTE_RW)
+            us = us and bool(e & _PTE_US)
+            xd = xd or bool(e & _PTE_XD)
+            used.append((egpa, ehpa, e))
+            if large or level == 1:
+                break
+            table = e & _ADDR
+            level -= 1
+        # permissions (SDM "Access Rights"; no SMEP/SMAP/PKE)
+        wp = bool(cr0 & CR0_WP)
+        read_ok = us or not user
+        write_ok = read_ok and (rw or (not user and not wp))
+        exec_ok = read_ok and not (xd and nxe)
+        if not (exec_ok if fetch else write_ok if write else read_ok):
+            raise PageFault(linear, code | PF_P)
+        leaf = used[-1][2]
+        if not peek:
+            # accessed flags on every entry used, dirty on the leaf for a write
+            # (writes to paging-structure entries: data writes for the second stage)
+            last = len(used) - 1
+            for i, (egpa, ehpa, e) in enumerate(used):
+                new = e | _PTE_A | (_PTE_D if write and i == last else 0)
+                if new != e:
+                    ehpa = s2(egpa, ACC_WRITE, linear, False, False)[0]
+                    _U64.pack_into(view, ehpa, new)
+                    if i == last:
+                        leaf = new
+        size_mask = (1 << (12 + 9 * (level - 1))) - 1     # 4 KiB, 2 MiB or 1 GiB
+        gpa = (leaf & _ADDR & ~size_mask) | (linear & size_mask)
+        hpa, rights = s2(gpa, access, linear, True, peek)
+        perms = 0
+        if read_ok:
+            perms |= ACC_READ
+        if write_ok and leaf & _PTE_D:
+            perms |= ACC_WRITE
+        if exec_ok:
+            perms |= ACC_FETCH
+        return hpa, perms & rights
+
+    # ------------------------------------------------------------------ the hook
+    def _on_fill(self, uc, vaddr, uc_access, entry, data) -> bool:
+        self.fills += 1
+        access = _UC_ACCESS.get(uc_access, ACC_READ)
+        p = self.probe
+        user = (p.hflags() & HF_CPL_MASK) == 3
+        # Unicorn also looks up pages for its own bookkeeping (measured: TB
+        # invalidations, e.g. of the page before each exit address when a run
+        # ends, and ctl_remove_cache) and a refusal there is not the guest's:
+        # only an access made while the core runs, and for a fetch only one of
+        # RIP's page or the next, may be refused.
+        guest = self.core._in_run and (
+            access != ACC_FETCH or ((vaddr - ((p.segment(1)[1] + p.eip()) & ~0xFFF)) & _U64_MASK) in (0, 0x1000))
+        if not guest and vaddr in self._placeholders:
+            return self._placeholder(vaddr, entry)     # (measured: asked again after every run)
+        try:
+            hpa, perms = self._walk(vaddr, access, user, not guest)
+        except (PageFault, Stage2Fault, NonCanonical, UnsupportedPaging):
+            return self._refuse(vaddr, access, user) if guest else self._placeholder(vaddr, entry)
+        except Exception as e:              # a bug of ours: reported by the core
+            if not guest:
+                return self._placeholder(vaddr, entry)
+            self._error = e
+            return self._refuse(vaddr, access, user)
+        if not perms & access:              # cannot happen after a successful walk
+            return self._refuse(vaddr, access, user) if guest else self._placeholder(vaddr, entry)
+        entry.paddr = hpa & ~0xFFF
+        entry.perms = perms
+        return True
+
+    def _placeholder(self, page: int, entry) -> bool:
+        """A bookkeeping lookup of a page the guest cannot reach: an entry to no
+        memory (Unicorn's invalidation then finds nothing there), remembered so
+        that a real fetch from it later (FETCH_UNMAPPED) flushes and walks."""
+        self._placeholders.add(page)
+        entry.paddr = PLACEHOLDER_PA
+        entry.perms = ACC_FETCH
+        return True
+
+    def drop_placeholder(self, rip: int) -> bool:
+        """A fetch near ``rip`` hit a placeholder entry: flush the TLB so that the
+        next fill walks (True), or False if no placeholder is involved."""
+        page = rip & ~0xFFF
+        if page in self._placeholders or page + 0x1000 in self._placeholders:
+            self._placeholders.clear()
+            self.flush()
+            return True
+        return False
+
+    def _refuse(self, page: int, access: int, user: bool) -> bool:
+        self._refused = (page, access, user)
+        if access != ACC_FETCH:
+            # the counted run counted the instruction whose data access this is
+            # (measured); a refused fetch is not counted (nor are Unicorn's own
+            # probes, which are fetches)
+            self.core._uncount += 1
+        return False
+
+    def refused(self) -> tuple[int, int, bool] | None:
+        """After an emu_start that ended with UC_ERR_EXCEPTION: the refused access
+        as (full linear address, ACC_* access, user) or None if no fill was
+        refused; forgets it."""
+        r, self._refused = self._refused, None
+        if r is None:
+            return None
+        page, access, user = r
+        full = ctypes.c_uint64.from_address(self._invalid_addr).value
+        linear = full if full & ~0xFFF == page else page
+        return linear, access, user
+
+    def take_error(self) -> BaseException | None:
+        """An exception our fill hook raised (a bug), once."""
+        e, self._error = self._error, None
+        return e
+
+    def fetch_linear(self, pa: int, rip: int) -> int | None:
+        """The linear address of a fetch from physical ``pa`` (as FETCH_PROT and
+        WRITE_PROT report it in this mode): the page of ``rip`` or the next
+        one (an instruction straddling into it), whichever translates there."""
+        ppage = pa & ~0xFFF
+        for lpage in (rip & ~0xFFF, (rip & ~0xFFF) + 0x1000):
+            try:
+                if self.translate(lpage, ACC_FETCH, peek=True) & ~0xFFF == ppage:
+                    return lpage | (pa & 0xFFF)
+            except (PageFault, Stage2Fault, NonCanonical, UnsupportedPaging):
+                continue
+        return None
