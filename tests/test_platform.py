@@ -302,6 +302,18 @@ done:
     assert m.verdict == "pass"              # eax was 0: the patched instruction ran
 
 
+def test_store_into_the_next_instruction_is_honoured():
+    # the store is on the page it runs from, into the bytes right after it
+    src = """
+    mov byte ptr [next + 1], 0       ; next: mov eax, 1 -> mov eax, 0
+next:
+    mov eax, 1
+    out 0xf4, al
+"""
+    m = run64(src)
+    assert m.verdict == "pass", m.message
+
+
 def test_store_into_its_own_bytes_is_a_clear_error_not_a_hang():
     # Unicorn never completes such a store (measured): the run must end, saying why
     # (Machine.run turns the GuestError into verdict "error")

@@ -560,3 +560,12 @@ def test_preemption_timer_counts_at_the_tsc_rate_shifted_by_misc():
     assert r.outcome == "exit" and r.exit.reason == PREEMPTION_TIMER_EXIT, str(r)
     assert r.steps == 320
     assert r.vmcs["VMX_PREEMPTION_TIMER_VALUE"] == 0
+
+
+def test_code_that_stores_into_itself_ends_the_case_instead_of_hanging():
+    # zero bytes decode as "add [rax], al"; with RAX pointing at them the
+    # instruction stores into its own bytes, which the engine cannot execute
+    r = run_case("mov eax, 0x400000\njmp rax", max_steps=3)
+    assert r.exit is None
+    assert r.no_exit.why == "stopped"
+    assert "stores into its own bytes" in r.no_exit.message

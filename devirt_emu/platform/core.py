@@ -1063,11 +1063,16 @@ class Core:
                 # the store is on the page it writes: run it alone on the page made
                 # writable and executable (unhooked), then fetches from the page fault
                 # again and rescan it
-                self._refuse_store_into_itself(pa)
+                size = self._refuse_store_into_itself(pa)
                 self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
+                # measured: a store into code later in its own translation block never
+                # completes either; an exit after it ends the block at the store
+                self._exits_with(self.rip() + size if size else None)
+                self.uc.ctl_remove_cache(self.rip() & ~0xFFF, (self.rip() | 0xFFF) + 1)
                 try:
                     self._step_one()
                 finally:
+                    self._exits_with(None)
                     self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
                     # (Unicorn takes a linear range: in virtual-TLB mode, RIP's page)
                     cpage = self.rip() & ~0xFFF if phys_write else ppage
@@ -1083,8 +1088,22 @@ class Core:
         else:
             raise GuestError(f"core {self.index}: engine error at RIP {self.rip():#x}: {err}")
 
-    def _refuse_store_into_itself(self, pa: int) -> None:
-        """An instruction that stores into its own bytes (physical ``pa``) is a
+    def _exits_with(self, extra: int | None) -> None:
+        """Unicorn's exits: the exit sites, the straddle exit, and ``extra``."""
+        exits = set(self._exit_sites)
+        if self._straddle_exit is not None:
+            exits.add(self._straddle_exit)
+        if extra is not None:
+            exits.add(extra)
+            if not self._exits_enabled:
+                self.uc.ctl_exits_enabled(True)
+                self._exits_enabled = True
+        if self._exits_enabled:
+            self.uc.ctl_set_exits(sorted(exits) or [IMPOSSIBLE_PC])
+
+    def _refuse_store_into_itself(self, pa: int) -> int | None:
+        """The length of the instruction at RIP, which stores at physical ``pa``
+        on its own page (None if unknown).  One that stores into its own bytes is a
         guest error here.  Measured on Unicorn 2.1.4: executing it never returns
         (QEMU retranslates the modified instruction and retries the store
         forever), even with a wall-clock timeout."""
@@ -1093,12 +1112,13 @@ class Core:
             rip_pa = self.translate(rip, fetch=True, peek=True)
             code = self.mem.read(rip_pa, 15)
         except (PageFault, UnsupportedPaging, PhysicalAccessError):
-            return
+            return None
         size = instruction_length(code, self.code_size())
         if size is not None and rip_pa <= pa < rip_pa + size:
             raise GuestError(f"core {self.index}: the instruction at {rip:#x} stores into its "
                              f"own bytes at {rip + (pa - rip_pa):#x}, which "
                              "the engine cannot execute")
+        return size
 
     def after_mode_change(self) -> None:
         """CR0/CR3/CR4/EFER were written (by a VMX entry or a shadowed MOV to CR):

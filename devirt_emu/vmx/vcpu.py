@@ -147,6 +147,10 @@ assert [FIELD_SLOTS[f][0] for f in _EXIT_INFO_FIELDS] == \
     [FIELD_SLOTS[_EXIT_INFO_FIELDS[0]][0] + 8 * i for i in range(len(_EXIT_INFO_FIELDS))], \
     "the exit-information slots are consecutive"
 
+#: Fields _sync_ept reads.
+_EPT_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL),
+                         int(F.EPT_POINTER), int(F.EPT_POINTER) | 1})
+
 #: Controls _arm_timers reads.
 _TIMER_CONTROLS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.PIN_BASED_VM_EXEC_CONTROL)})
 
@@ -315,6 +319,7 @@ class VmxVcpu:
         self._tpr_entry_check = False              # "use TPR shadow" and "virtualize APIC accesses"
         self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
         self.ept: Optional[EptStage2] = None     # the EPT the core translates through, when enabled
+        self._ept_state: Optional[tuple] = None   # (EPTP or None, VPID on) read at the last entry
 
     # ------------------------------------------------------------------ guest state
     def _fetch(self, enc: int) -> None:
@@ -436,7 +441,7 @@ class VmxVcpu:
         self.load_guest_state(full=launch)
         timers_changed = launch or not v.written.isdisjoint(_TIMER_CONTROLS)
         self._apic_at_entry(launch)
-        self._sync_ept()
+        self._sync_ept(launch or not v.written.isdisjoint(_EPT_FIELDS))
         v.written.clear()
         self._engine_holds_guest_state()
         if launch:
@@ -588,27 +593,32 @@ class VmxVcpu:
             self.vm_entry()
 
     # ------------------------------------------------------------------ EPT at run time
-    def _sync_ept(self) -> None:
+    def _sync_ept(self, changed: bool) -> None:
         """At VM entry: the core translates through the EPT when the VMCS enables
         it (virtual-TLB mode), with QEMU's own walker otherwise.  A new EPTP
         (or EPT newly enabled) starts a fresh EPT cache and flushes the TLB;
         without VPID every VM entry flushes the TLB (SDM: VM entries invalidate
         the mappings of VPID 0000H); with VPID and the same EPTP nothing is
-        flushed."""
-        v = self.vmcs
-        primary = v.peek(F.CPU_BASED_VM_EXEC_CONTROL)
-        sec = v.peek(F.SECONDARY_VM_EXEC_CONTROL) if primary & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS else 0
+        flushed.  ``changed``: a field this reads was written since the last
+        entry (else the last entry's reading stands)."""
+        if changed or self._ept_state is None:
+            v = self.vmcs
+            primary = v.peek(F.CPU_BASED_VM_EXEC_CONTROL)
+            sec = v.peek(F.SECONDARY_VM_EXEC_CONTROL) \
+                if primary & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS else 0
+            eptp = v.peek(F.EPT_POINTER) if sec & C.SECONDARY_EXEC_ENABLE_EPT else None
+            self._ept_state = (eptp, bool(sec & C.SECONDARY_EXEC_ENABLE_VPID))
+        eptp, vpid = self._ept_state
         core = self.core
-        if not sec & C.SECONDARY_EXEC_ENABLE_EPT:
+        if eptp is None:
             if self.ept is not None:
                 self.ept = None
                 core.set_second_stage(None)
             return
-        eptp = v.peek(F.EPT_POINTER)
         if self.ept is None or self.ept.eptp != eptp:
             self.ept = EptStage2(self.mem, eptp, lambda: self.active, caps=_EPT_CAPS)
             core.set_second_stage(self.ept)
-        elif not sec & C.SECONDARY_EXEC_ENABLE_VPID:
+        elif not vpid:
             core.flush_tlb()
 
     def invept(self) -> None:
