@@ -314,6 +314,41 @@ next:
     assert m.verdict == "pass", m.message
 
 
+def run_high(source: str) -> Machine:
+    """Run ``source`` at linear 0x40000000, mapped (2 MiB page) to physical CODE:
+    code whose linear and physical addresses differ, as in a higher-half kernel."""
+    base = 0x40000000
+    code, _ = assemble(source, base, "high.S")
+    m = Machine(cores=1, max_ns=10_000_000, wall_timeout_s=60)
+    LM.write_environment(m)
+    pdpt = struct.unpack_from("<Q", m.mem.read(LM.PML4, 8))[0] & ~0xFFF
+    pd = 0x380000
+    m.mem.write(pdpt + 8, struct.pack("<Q", pd | 3))             # PDPT[1]: 1 GiB at 0x40000000
+    m.mem.write(pd, struct.pack("<Q", CODE | 0x83))               # PD[0]: 2 MiB page at CODE
+    m.write_phys(CODE, code)
+    LM.enter(m.cores[0], base)
+    m._loop(time.perf_counter())
+    return m
+
+
+def test_sensitive_instructions_are_caught_where_linear_and_physical_differ():
+    # the OUT to the exit port must be caught at its linear address 0x4000000x
+    # (Unicorn reports the physical address of the faulting fetch)
+    m = run_high("    mov eax, 1\n    cpuid\n" + PASS)
+    assert m.verdict == "pass", m.message
+    assert m.cores[0].events.get("CPUID") == 1
+
+
+def test_store_into_code_where_linear_and_physical_differ():
+    m = run_high("""
+    mov byte ptr [next + 1], 0       ; next: mov eax, 1 -> mov eax, 0
+next:
+    mov eax, 1
+    out 0xf4, al
+""")
+    assert m.verdict == "pass", m.message
+
+
 def test_store_into_its_own_bytes_is_a_clear_error_not_a_hang():
     # Unicorn never completes such a store (measured): the run must end, saying why
     # (Machine.run turns the GuestError into verdict "error")

@@ -1029,19 +1029,18 @@ class Core:
                 self._call_watcher(hit)
             return
         vt = self.vtlb
-        phys_write = False
-        if vt is not None and vt.active:
-            if no == UC_ERR_EXCEPTION:
-                self._tlb_refusal()
-                return
-            # FETCH_PROT and WRITE_PROT report physical addresses in this mode (measured)
-            if no == UC_ERR_FETCH_PROT and self.fetch_fault is not None:
-                linear = vt.fetch_linear(self.fetch_fault, self.rip())
-                if linear is None:
-                    raise GuestError(f"core {self.index}: fetch from physical {self.fetch_fault:#x} "
-                                     f"near RIP {self.rip():#x} maps to no linear address")
-                self.fetch_fault = linear
-            phys_write = True
+        if vt is not None and vt.active and no == UC_ERR_EXCEPTION:
+            self._tlb_refusal()
+            return
+        # FETCH_PROT and WRITE_PROT report physical addresses (measured, with
+        # Unicorn's walker and in virtual-TLB mode): the fetch's linear address is
+        # RIP's page or the next one (an instruction straddling into it)
+        if no == UC_ERR_FETCH_PROT and self.fetch_fault is not None:
+            linear = self._fetch_linear(self.fetch_fault)
+            if linear is None:
+                raise GuestError(f"core {self.index}: fetch from physical {self.fetch_fault:#x} "
+                                 f"near RIP {self.rip():#x} maps to no linear address")
+            self.fetch_fault = linear
         if no == UC_ERR_FETCH_PROT and self.fetch_fault is not None:
             if self.fetch_fault == self._last_fetch_fault and self.icount == self._last_fetch_icount:
                 raise GuestError(f"core {self.index}: instruction fetch at {self.fetch_fault:#x} "
@@ -1049,10 +1048,7 @@ class Core:
             self._last_fetch_fault, self._last_fetch_icount = self.fetch_fault, self.icount
             self._scan_and_arm(self.fetch_fault)
         elif no == UC_ERR_WRITE_PROT and self.write_fault is not None:
-            if phys_write:
-                pa = self.write_fault
-            else:
-                pa = self.translate(self.write_fault, write=True)
+            pa = self.write_fault
             ppage = pa & ~0xFFF
             self.machine.invalidate_code_page(ppage)
             try:
@@ -1074,8 +1070,8 @@ class Core:
                 finally:
                     self._exits_with(None)
                     self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
-                    # (Unicorn takes a linear range: in virtual-TLB mode, RIP's page)
-                    cpage = self.rip() & ~0xFFF if phys_write else ppage
+                    # (Unicorn takes a linear range: RIP's page)
+                    cpage = self.rip() & ~0xFFF
                     self.uc.ctl_remove_cache(cpage, cpage + PAGE_SIZE)
         elif no == UC_ERR_INSN_INVALID:
             raise _Fault(6)
@@ -1087,6 +1083,18 @@ class Core:
                              f"near RIP {self.rip():#x} ({err})")
         else:
             raise GuestError(f"core {self.index}: engine error at RIP {self.rip():#x}: {err}")
+
+    def _fetch_linear(self, pa: int) -> int | None:
+        """The linear address of a fetch from physical ``pa``: in RIP's page or
+        the next one, whichever translates to ``pa``'s page (None: neither)."""
+        rip = self.rip()
+        for lpage in (rip & ~0xFFF, (rip & ~0xFFF) + PAGE_SIZE):
+            try:
+                if self.translate(lpage, fetch=True, peek=True) & ~0xFFF == pa & ~0xFFF:
+                    return lpage | (pa & 0xFFF)
+            except (PageFault, UnsupportedPaging, Stage2Fault, NonCanonical):
+                continue
+        return None
 
     def _exits_with(self, extra: int | None) -> None:
         """Unicorn's exits: the exit sites, the straddle exit, and ``extra``."""

@@ -57,7 +57,8 @@ Measured on Unicorn 2.1.4 (this machine, Python 3.11; scratch engines)
   switch and the core after EFER writes.
 * Physical page permissions (``mem_protect``) still apply after the
   translation; UC_HOOK_MEM_FETCH_PROT and UC_HOOK_MEM_WRITE_PROT then report
-  the *physical* address (the core maps it back: :meth:`VirtualTlb.fetch_linear`).
+  the *physical* address (the core maps it back to
+  the linear address: ``Core._fetch_linear``).
 * Cost (``benchmarks/bench_ept.py``): a fill is a Python two-stage walk, about
   45 microseconds here; a hit costs nothing.  Unicorn's TLB kept a loop over
   2048 pages without refilling it (one fill per page until the next flush).
@@ -434,16 +435,3 @@ class VirtualTlb:
         """An exception our fill hook raised (a bug), once."""
         e, self._error = self._error, None
         return e
-
-    def fetch_linear(self, pa: int, rip: int) -> int | None:
-        """The linear address of a fetch from physical ``pa`` (as FETCH_PROT and
-        WRITE_PROT report it in this mode): the page of ``rip`` or the next
-        one (an instruction straddling into it), whichever translates there."""
-        ppage = pa & ~0xFFF
-        for lpage in (rip & ~0xFFF, (rip & ~0xFFF) + 0x1000):
-            try:
-                if self.translate(lpage, ACC_FETCH, peek=True) & ~0xFFF == ppage:
-                    return lpage | (pa & 0xFFF)
-            except (PageFault, Stage2Fault, NonCanonical, UnsupportedPaging):
-                continue
-        return None
