@@ -403,11 +403,13 @@ NATIVE_CODE = 0x100000
 REPORT = "mov al, 0\nout 0xf4, al\n"
 
 
-def run_native(source: str, link: int = 0) -> Machine:
+def run_native(source: str, link: int = 0, *, under_l0: bool = False) -> Machine:
     """A 32-bit protected-mode program on a machine without VMX (paging off, CPL 0,
-    TR = 0x18); task B (TSS_B) starts at label ``task_b`` with ESP = STACK - 0x1000."""
+    TR = 0x18); task B (TSS_B) starts at label ``task_b`` with ESP = STACK - 0x1000.
+    ``under_l0``: the same under the stock L0 (``--arch vmx --config stock``)."""
     code, syms = assemble(".code32\n" + source, NATIVE_CODE, "native.S")
-    m = Machine(cores=1, mem_mb=16, max_ns=1_000_000, wall_timeout_s=60)
+    m = Machine(cores=1, mem_mb=32 if under_l0 else 16, max_ns=1_000_000, wall_timeout_s=60,
+                **({"arch": "vmx", "config": "stock"} if under_l0 else {}))
     for pa, blob in guest_memory(link).items():
         if pa < EPT:
             m.write_phys(pa, blob)
@@ -433,6 +435,9 @@ def run_native(source: str, link: int = 0) -> Machine:
     uc.reg_write(X.UC_X86_REG_RIP, NATIVE_CODE)
     core.state = State.RUNNING
     m.syms = syms
+    if under_l0:
+        m.l0.attach()
+        m.l0.launch()
     m._loop(time.perf_counter())
     return m
 
@@ -529,3 +534,29 @@ def test_idt_task_gate_checks():
     assert _fault(tasks.idt_task_gate_tss, 0x21, gate_np, 0, _gdt(gdt), soft=False) == (NP, 0x10B)
     # busy TSS: #GP(TSS selector + EXT)
     assert _fault(tasks.idt_task_gate_tss, 8, task_gate(0x30), 0, _gdt(gdt), soft=False) == (GP, 0x31)
+
+
+# =========================================================================== under the L0
+def test_l0_emulates_a_far_jmp_task_switch():
+    # KVM handles a TASK_SWITCH exit by performing the switch and resuming the guest
+    m = run_native("mov eax, 7\njmp_here:\n" + ljmp(0x20) + "ud2\ntask_b:\n" + REPORT,
+                   under_l0=True)
+    assert m.verdict == "pass", m.message
+    assert m.exit_counts.get("TASK_SWITCH") == 1
+    assert m.cores[0].read_segment(7)[0] == 0x20                # TR: the new task
+    saved_eax, = struct.unpack("<I", m.mem.read(TSS_A + 0x28, 4))
+    assert saved_eax == 7                                      # the old task's state was saved
+
+
+def test_l0_emulates_call_and_iret_task_switches():
+    m = run_native(lcall(0x28) + REPORT + "task_b:\n" "iretd\n", under_l0=True)
+    assert m.verdict == "pass", m.message
+    assert m.exit_counts.get("TASK_SWITCH") == 2               # the CALL and the IRET
+    assert m.cores[0].read_segment(7)[0] == 0x18               # back in task A
+
+
+def test_l0_ends_the_run_on_a_task_gate_in_the_idt():
+    m = run_native("int 0x40\ntask_b:\n", under_l0=True)
+    assert m.verdict == "error"
+    assert m.exit_counts.get("TASK_SWITCH") == 1
+    assert "task gate" in m.message and "not performed" in m.message

@@ -23,7 +23,8 @@ from unicorn import x86_const as X
 
 from ..events import Event
 from ..platform import cpuid as cpuid_model
-from ..platform.core import GPR_IDS, State, _Fault
+from ..platform.core import GPR_IDS, GuestError, State, _Fault
+from ..platform.ucinternals import ENV_GDT
 from ..vmx import capabilities as caps
 from ..vmx import controls as C
 from ..vmx import exit_reasons as ER
@@ -294,7 +295,7 @@ class KvmL0:
             R.INIT_SIGNAL: self.h_init,
             R.SIPI_SIGNAL: self.h_sipi,
             R.INTERRUPT_WINDOW: self.h_interrupt_window,
-            R.CPUID: self.h_cpuid,
+            R.CPUID: self.h_cpuid, R.TASK_SWITCH: self.h_task_switch,
             R.HLT: self.h_hlt,
             R.INVD: self.h_skip, R.WBINVD: self.h_skip,
             R.MWAIT_INSTRUCTION: self.h_skip, R.MONITOR_INSTRUCTION: self.h_skip,
@@ -423,6 +424,34 @@ class KvmL0:
             probe.set_gpr(n, val)
         vcpu.skip_instruction()
 
+    def h_task_switch(self, vcpu, d, event):
+        """TASK_SWITCH: KVM emulates the task switch (kvm_task_switch), reading and
+        writing the GDT and both TSSs through its own MMU.  Here the platform
+        performs the switch of a far JMP/CALL or IRET by running the instruction
+        as the guest, so the L0 first maps in the EPT what the switch touches (the
+        GDT, the current and the new TSS: guest-physical = linear, since task
+        switches under EPT are modelled with paging off), as KVM's accesses never
+        cause EPT violations.  One through an IDT task gate is not performed by
+        the platform, which ends the run."""
+        if self.ept is not None and not vcpu.core.probe.cr(0) >> 31:
+            core = vcpu.core
+            gdt_base, gdt_limit = core.probe.dtr(ENV_GDT)
+            _, tr_base, tr_limit, _ = core.probe.segment(7)
+            touched = [(gdt_base, gdt_limit + 1), (tr_base, tr_limit + 1)]
+            sel = d.qualification & 0xFFFF
+            if (sel & ~7) + 8 <= gdt_limit + 1 and gdt_base + (sel & ~7) + 8 <= self.guest_ram:
+                desc = int.from_bytes(vcpu.mem.read(gdt_base + (sel & ~7), 8), "little")
+                base = ((desc >> 16) & 0xFFFFFF) | ((desc >> 56) << 24)
+                touched.append((base, (desc & 0xFFFF) + 1))
+            for start, size in touched:
+                for page in range(start & ~0xFFF, start + size, 4096):
+                    if page < self.guest_ram:
+                        self._ept_map(page)     # (new entries: nothing cached to invalidate)
+        try:
+            vcpu.emulate_on_platform(event)
+        except GuestError as e:
+            self._fatal(vcpu, str(e).split(": ", 1)[-1])
+
     def h_hlt(self, vcpu, d, event):
         """HLT: KVM blocks the vCPU until an interrupt is pending for it."""
         vcpu.skip_instruction()
@@ -530,6 +559,21 @@ class KvmL0:
             v.set(F.GUEST_IA32_EFER, efer & ~(1 << 10))
             v.set(F.VM_ENTRY_CONTROLS, ent & ~C.VM_ENTRY_IA32E_MODE)
 
+    def _ept_map(self, gpa: int) -> None:
+        """Map guest-physical ``gpa`` identity, RWX, write-back: its whole 2 MiB
+        with one large page when all of it is guest RAM and nothing smaller is
+        mapped there yet, else its 4 KiB page.  Nothing if it is mapped already."""
+        if self.ept.leaf(gpa) is not None:
+            return
+        big = gpa & ~((2 << 20) - 1)
+        try:
+            if big + (2 << 20) > self.guest_ram:
+                raise EptBuildError("not all guest RAM")
+            self.ept.map(big, big, 2 << 20, rights=7, page_size=2 << 20, memory_type=C.MEMTYPE_WB)
+        except EptBuildError:
+            page = gpa & ~0xFFF
+            self.ept.map(page, page, 4096, rights=7, memory_type=C.MEMTYPE_WB)
+
     def h_ept_violation(self, vcpu, d, event):
         """EPT violation (KVM's handle_ept_violation and its TDP page fault): map
         the guest-physical page, identity, read/write/execute, write-back: the
@@ -551,14 +595,7 @@ class KvmL0:
             self._fatal(vcpu, f"EPT violation at GPA {gpa:#x} on a page the L0 has mapped "
                               f"(qualification {d.qualification:#x})")
             return
-        big = gpa & ~((2 << 20) - 1)
-        try:
-            if big + (2 << 20) > self.guest_ram:
-                raise EptBuildError("not all guest RAM")
-            self.ept.map(big, big, 2 << 20, rights=7, page_size=2 << 20, memory_type=C.MEMTYPE_WB)
-        except EptBuildError:
-            page = gpa & ~0xFFF
-            self.ept.map(page, page, 4096, rights=7, memory_type=C.MEMTYPE_WB)
+        self._ept_map(gpa)
         v = vcpu.vmcs
         vinfo = v.get(F.IDT_VECTORING_INFO_FIELD)
         if vinfo & C.VECTORING_INFO_VALID_MASK:
