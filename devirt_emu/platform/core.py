@@ -68,6 +68,7 @@ from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_ERR_FETCH_PROT, UC_ERR_FE
                      UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc,
                      UcError)
 from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uc_hook_h, uclib  # (see _add_site_hook)
 
 from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
@@ -261,6 +262,8 @@ class Core:
         self.uc = uc
         uc.mem_map_ptr(0, self.mem.size, UC_PROT_READ | UC_PROT_WRITE, self.mem.ptr)
         self._map_lapic_mmio()
+        self._site_cb = HOOK_CODE_CFUNC(self._on_site_raw)   # kept alive with the core
+        self._site_of: dict[int, tuple] = {}   # hooked address -> (insn or None, insn by code size)
         uc.hook_add(UC_HOOK_MEM_FETCH_PROT, self._on_fetch_prot)
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
@@ -655,24 +658,18 @@ class Core:
             for addr, insn in self.machine.scan_cache(ppage, code + tail, lpage, m).items():
                 sites.setdefault(addr, {})[m] = insn
         handles = self.hooks.setdefault(ppage, [])
-        uc = self.uc
         for addr, by_mode in sites.items():
-            if len(modes) == 1:
-                insn = by_mode[64]
-                h = uc.hook_add(UC_HOOK_CODE, self._on_site, insn, addr, addr)
-            else:
-                insn = None
-                h = uc.hook_add(UC_HOOK_CODE, self._on_site_mixed, by_mode, addr, addr)
-            handles.append((h, addr, insn))
+            insn = by_mode[64] if len(modes) == 1 else None
+            handles.append((self._add_site_hook(addr, insn, by_mode), addr, insn))
         self.machine.mark_code_page(ppage)
-        uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC)
+        self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC)
         self.exec_pages.add(ppage)
 
     def disarm_page(self, ppage: int) -> None:
         """Drop this engine's hooks, exits and execute permission for one physical page."""
-        for h, _, _ in self.hooks.pop(ppage, ()):
+        for h, addr, _ in self.hooks.pop(ppage, ()):
             if h is not None:
-                self.uc.hook_del(h)
+                self._del_site_hook(h, addr)
         gone = self._exit_pages.pop(ppage, None)
         if gone:
             for addr in gone:
@@ -718,7 +715,7 @@ class Core:
         keep = []
         for h, addr, insn in self.hooks.get(ppage, ()):
             if h is not None and insn is not None and insn.kind in EXIT_KINDS:
-                self.uc.hook_del(h)
+                self._del_site_hook(h, addr)
                 self._exit_sites[addr] = insn
                 new.append(addr)
                 keep.append((None, addr, insn))
@@ -1150,10 +1147,38 @@ class Core:
         self.uc.emu_stop()
 
     # ------------------------------------------------------------------ hooks
-    def _on_site_mixed(self, uc, address, size, by_mode):
-        insn = by_mode.get(self.code_size())
-        if insn is not None:
-            self._on_site(uc, address, size, insn)
+    def _add_site_hook(self, addr: int, insn: Optional[Insn], by_mode: dict) -> int:
+        """A UC_HOOK_CODE hook on exactly ``addr`` for a sensitive instruction
+        (``insn``, or per code size ``by_mode`` on pages scanned in several modes).
+        Registered through uc_hook_add with one ctypes callback per engine: the
+        binding's hook_add wraps every callback in two Python layers and a new
+        ctypes thunk, about 1.5 us on each hit."""
+        h = uc_hook_h()
+        status = uclib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_CODE, self._site_cb,
+                                   None, ctypes.c_uint64(addr), ctypes.c_uint64(addr))
+        if status:
+            raise UcError(status)
+        self._site_of[addr] = (insn, by_mode)
+        return h.value
+
+    def _del_site_hook(self, h: int, addr: int) -> None:
+        status = uclib.uc_hook_del(self.uc._uch, uc_hook_h(h))
+        if status:
+            raise UcError(status)
+        self._site_of.pop(addr, None)
+
+    def _on_site_raw(self, handle, address, size, key):
+        # called by Unicorn (ctypes): nothing may escape from here
+        try:
+            insn, by_mode = self._site_of[address]
+            if insn is None:
+                insn = by_mode.get(self.code_size())
+                if insn is None:
+                    return
+            self._on_site(self.uc, address, size, insn)
+        except BaseException as e:       # a bug of ours: end the run with verdict error
+            self.machine.internal_error(self, e)
+            self.request_stop("exit")
 
     def _on_site(self, uc, address, size, insn: Insn):
         if address == self._skip_once:
