@@ -34,6 +34,8 @@ from devirt_emu.testing.vmx_case import (CODE_BASE, XAPIC_BASE, CaseRunner, run_
                                          xapic_mapping)
 from devirt_emu.vmx.entry import FailureKind
 
+from case_asserts import assert_exit, assert_halted
+
 PROC, PROC2 = "CPU_BASED_VM_EXEC_CONTROL", "SECONDARY_VM_EXEC_CONTROL"
 TPR_SHADOW = 1 << 21                  # primary processor-based control
 ACTIVATE_SECONDARY = 1 << 31          # primary processor-based control
@@ -63,19 +65,6 @@ def run(runner, code, vmcs, memory=None, **kw):
     mem = {PAGE + 0x80: FILLER, PAGE + 0x300: b"\x33\x33\x33\x33"}
     mem.update(memory or {})
     return runner.run(code, vmcs=vmcs, legal=True, memory=mem, **kw)
-
-
-def assert_exit(r, reason, qualification, rip):
-    assert r.outcome == "exit", str(r)
-    assert r.exit.reason == reason, str(r)
-    assert r.exit.qualification == qualification, str(r)
-    assert r.exit.guest_rip == rip, str(r)
-    return r.exit
-
-
-def assert_halted(r):
-    assert r.outcome == "no_exit" and r.no_exit.why == "halted", str(r)
-    return r.no_exit
 
 
 # ---------------------------------------------------------------------------- APIC-access exits

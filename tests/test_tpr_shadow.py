@@ -30,6 +30,8 @@ import pytest
 from devirt_emu.testing.vmx_case import CODE_BASE, CaseRunner
 from devirt_emu.vmx.entry import FailureKind
 
+from case_asserts import assert_exit, assert_halted
+
 PROC, PROC2 = "CPU_BASED_VM_EXEC_CONTROL", "SECONDARY_VM_EXEC_CONTROL"
 INTR_WINDOW_EXITING = 1 << 2
 CR8_LOAD_EXITING, CR8_STORE_EXITING = 1 << 19, 1 << 20
@@ -67,19 +69,6 @@ def run(runner, code, fields, vtpr=b"\x00\x00\x00\x00", memory=None, **kw):
 
 def vtpr(runner):
     return runner.machine.mem.read(VAPIC + 0x80, 4)
-
-
-def assert_exit(r, reason, qualification, rip):
-    assert r.outcome == "exit", str(r)
-    assert r.exit.reason == reason, str(r)
-    assert r.exit.qualification == qualification, str(r)
-    assert r.exit.guest_rip == rip, str(r)
-    return r.exit
-
-
-def assert_halted(r):
-    assert r.outcome == "no_exit" and r.no_exit.why == "halted", str(r)
-    return r.no_exit
 
 
 # ---------------------------------------------------------------------------- MOV CR8

@@ -1211,25 +1211,31 @@ class Core:
                 if self.virt is not None and self.virt.on_event(self, event):
                     return
             self._handlers[kind](address, insn)
-        except _Fault as f:
-            self._uncount += 1
-            self.deliver_exception(f.vector, f.error_code, f.cr2)
-        except AccessAborted:
-            # a second-stage fault during the instruction was a VM exit, taken: the
-            # instruction did not retire and runs again from its start (hooked) after it
-            self._uncount += 1
-            if self._in_run:
-                self.request_stop("check")
-        except GuestError as e:
-            self.machine.guest_error(str(e))
-            self._uncount += 1
-            self.request_stop("exit")
-        except Exception as e:          # a bug of ours: end the run with verdict error
-            self.machine.internal_error(self, e)
-            self._uncount += 1
-            self.request_stop("exit")
+        except Exception as e:
+            self._hook_failed(e)
         finally:
             self._hook_ns += time.perf_counter_ns() - t0
+
+    def _hook_failed(self, e: Exception) -> None:
+        """What ends a hooked instruction early: an exception to deliver, a VM exit
+        taken inside it, a guest error or a bug of ours (verdict error).  The
+        instruction does not retire here."""
+        self._uncount += 1
+        if isinstance(e, _Fault):
+            self.deliver_exception(e.vector, e.error_code, e.cr2)
+        elif isinstance(e, tasks.TaskFault):
+            self.deliver_exception(e.vector, e.error_code)
+        elif isinstance(e, AccessAborted):
+            # a second-stage fault during the instruction was a VM exit, taken: the
+            # instruction did not retire and runs again from its start (hooked) after it
+            if self._in_run:
+                self.request_stop("check")
+        elif isinstance(e, GuestError):
+            self.machine.guest_error(str(e))
+            self.request_stop("exit")
+        else:
+            self.machine.internal_error(self, e)
+            self.request_stop("exit")
 
     # ------------------------------------------------------------------ task switches
     def _task_switch_insn(self, address: int, insn: Insn) -> bool:
@@ -1287,20 +1293,8 @@ class Core:
             if self.virt is not None and self.virt.on_event(self, event):
                 return True
             self._h_task_switch(address, insn)
-        except tasks.TaskFault as f:
-            self._uncount += 1
-            self.deliver_exception(f.vector, f.error_code)
-        except _Fault as f:
-            self._uncount += 1
-            self.deliver_exception(f.vector, f.error_code, f.cr2)
-        except GuestError as e:
-            self.machine.guest_error(str(e))
-            self._uncount += 1
-            self.request_stop("exit")
-        except Exception as e:          # a bug of ours: end the run with verdict error
-            self.machine.internal_error(self, e)
-            self._uncount += 1
-            self.request_stop("exit")
+        except Exception as e:
+            self._hook_failed(e)
         finally:
             self._hook_ns += time.perf_counter_ns() - t0
         return True
