@@ -354,10 +354,6 @@ class EngineProbe:
         6 = LDTR, 7 = TR, as the SDM's and QEMU's orders agree)."""
         return _SEG_CACHE.unpack_from(self._segs, SEG_STRIDE * index)
 
-    def segments_raw(self) -> bytes:
-        """The bytes of every segment cache (ES..GS, LDTR, TR): a cheap change test."""
-        return ctypes.string_at(self.env + ENV_SEGS, 8 * SEG_STRIDE)
-
     def set_segment(self, index: int, selector: int, base: int, limit: int, flags: int) -> None:
         """Write a segment cache as a descriptor load would (call fix_hflags after)."""
         a = self.env + ENV_SEGS + SEG_STRIDE * index

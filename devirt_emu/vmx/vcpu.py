@@ -201,10 +201,6 @@ class TrackedVmcs(Vmcs):
         self.fresh: set[int] = set()       # tracked encodings copied from the engine since
         self._fetch = fetch                # fetch(enc): copy enc from the engine, add it to fresh
 
-    def stale(self, enc: int) -> bool:
-        """Is the region's copy of ``enc`` older than the engine's value?"""
-        return self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh
-
     def flush(self) -> None:
         """Copy every stale guest-state field from the engine into the region."""
         if self.live:
