@@ -29,7 +29,7 @@ from devirt_emu.asm import assemble
 from devirt_emu.events import Kind
 from devirt_emu.machine import Machine
 from devirt_emu.platform import longmode
-from devirt_emu.platform.core import PageAccess
+from devirt_emu.platform.watch import PageAccess
 from devirt_emu.testing.vmx_case import (CODE_BASE, XAPIC_BASE, CaseRunner, run_case,
                                          xapic_mapping)
 from devirt_emu.vmx.entry import FailureKind

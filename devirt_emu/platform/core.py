@@ -57,15 +57,14 @@ import ctypes
 import enum
 import struct
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED,
                      UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED,
                      UC_ERR_WRITE_PROT, UC_ERR_WRITE_UNMAPPED, UC_HOOK_CODE,
                      UC_ERR_READ_PROT, UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT,
-                     UC_HOOK_MEM_READ_PROT, UC_HOOK_MEM_WRITE_PROT, UC_MODE_16,
-                     UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc,
+                     UC_HOOK_MEM_WRITE_PROT, UC_MODE_16,
+                     UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, Uc,
                      UcError)
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uc_hook_h, uclib  # (see _add_site_hook)
@@ -75,11 +74,12 @@ from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from . import cpuid as cpuid_model
 from . import tasks
 from .lapic import GeneralProtection
-from .memory import LAPIC_MMIO_BASE, PAGE_SIZE, PhysicalAccessError
+from .memory import PAGE_SIZE, PhysicalAccessError
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
 from .errors import GuestError, _Fault
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitching
+from .watch import PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, Stage2Fault,
                   VirtualTlb, instruction_length, read_modify_write, straddling_instruction)
 from .ucinternals import HF_CPL_MASK, HF_CS64, EngineProbe
@@ -185,32 +185,6 @@ class State(enum.Enum):
     SHUTDOWN = "shutdown"
 
 
-@dataclass(frozen=True)
-class PageAccess:
-    """An engine access to a watched page, stopped before it took effect.
-
-    ``pa`` is the physical address of the first byte on the watched page,
-    ``access`` "read", "write" or "fetch", ``size`` the access size in bytes
-    as the engine made it, ``value`` the data of a write (None otherwise)."""
-
-    pa: int
-    access: str
-    size: int
-    value: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class WatchStep:
-    """What :meth:`Core.step_watched` did.  ``retired``: instructions retired
-    (0 or 1); ``denied``: an access the permissions of the step refused (the
-    instruction then had no effect), else None; ``window``: the window's bytes
-    after the instruction (None if ``denied``)."""
-
-    retired: int
-    denied: Optional[PageAccess]
-    window: Optional[bytes]
-
-
 class LazyRegs:
     """The ``Event.regs`` mapping: reads a register on first use."""
 
@@ -234,7 +208,7 @@ class LazyRegs:
             return default
 
 
-class Core(TaskSwitching):
+class Core(TaskSwitching, PageWatching):
     """One logical processor of a :class:`~devirt_emu.machine.Machine`."""
 
     def __init__(self, machine, index: int, lapic):
@@ -734,143 +708,6 @@ class Core(TaskSwitching):
         if ppage in self.exec_pages or ppage in self._watched:
             return
         self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | (UC_PROT_WRITE if writable else 0))
-
-    # ------------------------------------------------------------------ watched pages
-    def watch_page(self, ppage: int, watcher: Callable[["Core", PageAccess], None]) -> None:
-        """Stop every engine access to physical page ``ppage`` before it takes
-        effect and call ``watcher(core, access)`` outside the engine, with RIP
-        at the instruction (which has had no effect; a REP string instruction
-        keeps the iterations it completed).  The watcher leaves it undone
-        (RIP may be moved, e.g. by a VM exit) or runs it with
-        :meth:`step_watched`.  A page outside RAM (the xAPIC MMIO page
-        included) is replaced in this core by a no-access stand-in page until
-        :meth:`unwatch_page`.  Called during a run (from a hook), the change
-        takes effect when the engine has stopped, which it is asked to do
-        before the next instruction."""
-        if ppage < 0 or ppage & 0xFFF:
-            raise ValueError(f"watch_page: {ppage:#x} is not a 4 KiB page address")
-        if self._in_run:
-            self._watch_queue.append((ppage, watcher))
-            self.request_stop("check")
-            return
-        if ppage in self._watched:
-            self._watched[ppage] = watcher
-            return
-        if self._read_prot_hook is None:
-            self._read_prot_hook = self.uc.hook_add(UC_HOOK_MEM_READ_PROT, self._on_read_prot)
-        if self.mem.contains(ppage, PAGE_SIZE):
-            if ppage in self.exec_pages:
-                self.disarm_page(ppage)
-            self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_NONE)
-        else:
-            stand_in = ctypes.create_string_buffer(PAGE_SIZE)
-            try:
-                if ppage == LAPIC_MMIO_BASE:
-                    self.uc.mem_unmap(ppage, PAGE_SIZE)
-                self.uc.mem_map_ptr(ppage, PAGE_SIZE, UC_PROT_NONE, ctypes.addressof(stand_in))
-            except UcError as e:
-                if ppage == LAPIC_MMIO_BASE:
-                    self._map_lapic_mmio()
-                raise GuestError(f"core {self.index}: cannot watch physical page {ppage:#x}: "
-                                 f"{e}") from None
-            self._watch_scratch[ppage] = stand_in
-        self._watched[ppage] = watcher
-
-    def unwatch_page(self, ppage: int) -> None:
-        """Undo :meth:`watch_page` (nothing if ``ppage`` is not watched)."""
-        if self._in_run:
-            self._watch_queue.append((ppage, None))
-            self.request_stop("check")
-            return
-        if self._watched.pop(ppage, None) is None:
-            return
-        stand_in = self._watch_scratch.pop(ppage, None)
-        if stand_in is None:
-            perms = UC_PROT_READ if self.machine.is_code_page(ppage) else UC_PROT_READ | UC_PROT_WRITE
-            self.uc.mem_protect(ppage, PAGE_SIZE, perms)
-        else:
-            self.uc.mem_unmap(ppage, PAGE_SIZE)
-            if ppage == LAPIC_MMIO_BASE:
-                self._map_lapic_mmio()
-
-    def watched_pages(self) -> frozenset[int]:
-        """The physical pages watched in this core now."""
-        return frozenset(self._watched)
-
-    def _apply_watch_queue(self) -> None:
-        queue, self._watch_queue = self._watch_queue, []
-        for ppage, watcher in queue:
-            if watcher is None:
-                self.unwatch_page(ppage)
-            else:
-                self.watch_page(ppage, watcher)
-
-    def _map_lapic_mmio(self) -> None:
-        self.uc.mmio_map(LAPIC_MMIO_BASE, PAGE_SIZE, self._mmio_read, None, self._mmio_write, None)
-
-    def _call_watcher(self, hit: PageAccess) -> None:
-        """An access to a watched page stopped the engine: hand it to the watcher,
-        then end the run so that the scheduler sees what the watcher did."""
-        watcher = self._watched.get(hit.pa & ~0xFFF)
-        if watcher is None:
-            return          # unwatched in the meantime: the instruction simply runs again
-        try:
-            watcher(self, hit)
-        except _Fault as f:
-            self.deliver_exception(f.vector, f.error_code, f.cr2)
-        except GuestError as e:
-            self.machine.guest_error(str(e))
-            self._stop_reason = "exit"
-        except Exception as e:          # a bug of ours: end the run with verdict error
-            self.machine.internal_error(self, e)
-            self._stop_reason = "exit"
-        if self._stop_reason is None:
-            self._stop_reason = "check"
-
-    def _page_view(self, ppage: int) -> memoryview:
-        stand_in = self._watch_scratch.get(ppage)
-        if stand_in is None:
-            return self.mem.view[ppage:ppage + PAGE_SIZE]
-        return memoryview(stand_in).cast("B")
-
-    def step_watched(self, ppage: int, window: Optional[tuple[int, bytes]] = None, *,
-                     writable: bool = False) -> WatchStep:
-        """From a watcher: execute the instruction at RIP once with the watched
-        page ``ppage`` readable (and writable if ``writable``), its bytes
-        ``[offset, offset + len(data))`` replaced by ``window = (offset, data)``
-        for the duration; then the page is no-access and its bytes are as
-        before again.  An access the step's permissions refuse (a write when
-        not ``writable``, a fetch) stops the instruction before it takes effect
-        and is returned as ``denied``.  With the page open, further reads of
-        it by the same instruction are not checked.  Exceptions the instruction
-        raises are delivered as usual."""
-        if ppage not in self._watched:
-            raise ValueError(f"step_watched: page {ppage:#x} is not watched")
-        if self._in_run:
-            raise RuntimeError("step_watched is for watchers, which run outside the engine")
-        view = self._page_view(ppage)
-        offset, data = window if window is not None else (0, b"")
-        if offset < 0 or offset + len(data) > PAGE_SIZE:
-            raise ValueError(f"step_watched: window {offset:#x}+{len(data)} is outside the page")
-        saved = bytes(view[offset:offset + len(data)])
-        view[offset:offset + len(data)] = data
-        self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | (UC_PROT_WRITE if writable else 0))
-        address = self.rip()
-        self._skip_once = address       # its code hook, if any, already ran before the stop
-        self._watch_stepping = True
-        self._watch_denied = None
-        try:
-            retired = self._step_one()
-        finally:
-            self._watch_stepping = False
-            if self._skip_once == address:
-                self._skip_once = -1
-            after = bytes(view[offset:offset + len(data)])
-            view[offset:offset + len(data)] = saved
-            if ppage in self._watched:
-                self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_NONE)
-        denied, self._watch_denied = self._watch_denied, None
-        return WatchStep(retired, denied, None if denied is not None else after)
 
     # ------------------------------------------------------------------ running
     def run(self, budget: int | None, wall_timeout_us: int = 0) -> str | None:
