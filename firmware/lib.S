@@ -361,6 +361,19 @@ barrier:
     je 2b
     ret
 
+; report_ok(msg): the closing of a test run on every core: barrier(), then
+; core 0 prints msg.  Returns 0 (the value guest_main returns for a pass).
+report_ok:
+    push rdi
+    call barrier
+    pop rdi
+    call this_cpu
+    test rax, rax
+    jnz 1f
+    call print
+1:  xor eax, eax
+    ret
+
 ; ---------------------------------------------------------------- interrupts
 ; set_handler(vector, fn): fn(vector, frame) is called for that vector on
 ; every core; fn = 0 removes it.  Returns the previous handler.  A vector
@@ -400,7 +413,7 @@ fw_msg_bad_vector:  .asciz "set_handler: vector must be 0..255\n"
 ; function addresses in this order (append only).
 .balign 8
 lib_table:
-    .quad 26
+    .quad 27
     .quad print, print_hex, print_dec, putc
     .quad pass, fail
     .quad rdtsc64, this_cpu, num_cpus
@@ -410,7 +423,7 @@ lib_table:
     .quad set_handler
     .quad steady_begin, steady_end
     .quad barrier, timer_divide, delay_ns, tsc_hz, timer_current
-    .quad fail_msg
+    .quad fail_msg, report_ok
 
 .data
 .balign 64

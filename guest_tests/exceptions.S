@@ -160,12 +160,8 @@ ud_resume:
     mov r8d, 0x50
     call check_record
 
-    call barrier
-    test r12, r12
-    jnz 4f
     mov rdi, msg_ok
-    call print
-4:  xor eax, eax
+    call report_ok                      ; barrier, core 0 prints, eax = 0
     pop r12
     pop rbx
     ret

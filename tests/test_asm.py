@@ -233,7 +233,7 @@ def test_lib_table_lists_the_library(firmware_image):
              "num_cpus", "send_ipi", "eoi", "timer_oneshot", "timer_periodic", "timer_stop",
              "tsc_deadline", "spin_lock", "spin_unlock", "set_handler", "steady_begin",
              "steady_end", "barrier", "timer_divide", "delay_ns", "tsc_hz", "timer_current",
-             "fail_msg"]
+             "fail_msg", "report_ok"]
     assert q(0) == len(order)
     assert [q(i + 1) for i in range(len(order))] == [s[n] for n in order]
 
