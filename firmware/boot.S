@@ -19,13 +19,19 @@
 
 ; The IA-32e entry sequence of the SDM (vol. 3A, 10.8.5), from 32-bit
 ; protected mode with paging off and the identity-mapped page tables built:
-; CR4.PAE, CR3, EFER.LME, then CR0.PG, immediately followed by a far jump to
-; a 64-bit code segment.  Also enables SSE (CR4.OSFXSR/OSXMMEXCPT, CR0.MP,
+; the flat data selectors loaded, CR4.PAE, CR3, EFER.LME, then CR0.PG,
+; immediately followed by a far jump to a 64-bit code segment.  Also enables SSE (CR4.OSFXSR/OSXMMEXCPT, CR0.MP,
 ; CR0.EM clear) so that compiled guest code may use it, and clears CD/NW.
 .set fw_APIC_PDE, APIC_MMIO_BASE | _PAGE_PRESENT | _PAGE_RW | _PAGE_PSE | _PAGE_PCD | _PAGE_PWT
 .set fw_APIC_PDE_OFFSET, (APIC_MMIO_BASE >> 21) * 8
 .set fw_CR0_BOOT_CLEAR, 0xFFFFFFFF - (X86_CR0_EM | X86_CR0_NW | X86_CR0_CD)
 .macro fw_ENTER_LONG_MODE target
+    mov ax, SEL_DATA
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    mov fs, ax
+    mov gs, ax
     mov eax, cr4
     or eax, X86_CR4_PAE | X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT
     mov cr4, eax
@@ -76,12 +82,6 @@ fw_idt_ptr:
 .balign 4096, 0
 .code32
 fw_ap_protected:
-    mov ax, SEL_DATA
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    mov fs, ax
-    mov gs, ax
     fw_ENTER_LONG_MODE fw_ap_long
 
 ; ============================================================================
@@ -137,12 +137,6 @@ _start32:
     .long fw_bsp_protected
     .word SEL_CODE32
 fw_bsp_protected:
-    mov ax, SEL_DATA
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    mov fs, ax
-    mov gs, ax
     fw_ENTER_LONG_MODE fw_bsp_long
 
 ; no stack, no long mode: report on the UART and fail through the exit device
