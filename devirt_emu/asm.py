@@ -75,7 +75,7 @@ IMAGE_BASE = 0x8000
 FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
 
 #: Bumped whenever the preprocessor's output for a given source changes meaning.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2      # 2: entries made before engines were radix-probed may be wrong
 
 _PAGE = 4096
 
@@ -528,8 +528,37 @@ def _captured_stderr() -> Iterator[list[str]]:
             out.append(tmp.read().decode("utf-8", "replace"))
 
 
+_KS_MODES = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}
+_ENGINES: dict[int, keystone.Ks] = {}
+
+
+def keystone_engine(mode: int = 64) -> keystone.Ks:
+    """A keystone engine for x86 ``mode`` (16, 32 or 64) that reads numbers as decimal.
+
+    keystone 0.9.2 never initialises MCAsmInfo::Radix (keystone pull requests
+    528 and 608): an engine whose memory happened to hold 16 reads every
+    decimal number as hexadecimal.  Seen here now and then in long test runs
+    ("mov eax, 100 + 4" assembled as MOV EAX, 104H).  Each engine is probed once
+    ("mov al, 10" must be B0 0A) and kept; a bad one is replaced.
+    """
+    ks = _ENGINES.get(mode)
+    if ks is None:
+        rejected = []                  # kept alive meanwhile, so that a new engine lands elsewhere
+        for _ in range(64):
+            ks = keystone.Ks(keystone.KS_ARCH_X86, _KS_MODES[mode])
+            enc, _ = ks.asm("mov al, 10", 0)
+            if bytes(enc or b"") == b"\xb0\x0a":
+                break
+            rejected.append(ks)
+        else:
+            raise AsmError(f"keystone: no {mode}-bit engine reads decimal numbers "
+                           "(its radix is left uninitialised)")
+        _ENGINES[mode] = ks
+    return ks
+
+
 def _ks_run(text: str, base: int) -> tuple[Optional[bytes], Optional[keystone.KsError], str]:
-    ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
+    ks = keystone_engine(64)
     with _captured_stderr() as err:
         try:
             enc, _ = ks.asm(text, base)

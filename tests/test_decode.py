@@ -11,12 +11,12 @@ from __future__ import annotations
 import itertools
 
 import capstone
-import keystone
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from devirt_emu.cpu.decode import decode_at, resolve_linear
 from devirt_emu.cpu.insn_table import TABLE, Ops, modrm_bytes
+from devirt_emu.asm import keystone_engine
 from devirt_emu.events import Kind, MemOperand
 
 K = Kind
@@ -24,11 +24,8 @@ ES, CS, SS, DS, FS, GS = range(6)
 RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI = range(8)
 R9, R10, R11, R12, R13 = 9, 10, 11, 12, 13
 
-_KS = {64: keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)}
-
-
 def asm64(text: str) -> bytes:
-    return bytes(_KS[64].asm(text)[0])
+    return bytes(keystone_engine(64).asm(text)[0])
 
 
 def h(hexstr: str) -> bytes:

@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import random
 
-import keystone
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from devirt_emu.cpu.decode import decode_at
 from devirt_emu.cpu.scan import PAGE_SIZE, scan_page
+from devirt_emu.asm import keystone_engine
 from devirt_emu.events import Kind
 
 K = Kind
 BASE = 0x7000_0000
-_KS = {16: keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_16),
-       32: keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_32),
-       64: keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)}
 
 
 def asm(text: str, mode: int = 64) -> bytes:
-    return bytes(_KS[mode].asm(text)[0])
+    return bytes(keystone_engine(mode).asm(text)[0])
 
 
 def every_offset(code: bytes, base: int, mode: int) -> dict:
