@@ -556,17 +556,14 @@ class Core(TaskSwitching, PageWatching):
         if at is None or at == rip:
             return False
         self._straddle_exit = at
-        if not self._exits_enabled:
-            self.uc.ctl_exits_enabled(True)
-            self._exits_enabled = True
-        self.uc.ctl_set_exits(sorted(set(self._exit_sites) | {at}))
+        self._set_exits()
         self.uc.ctl_remove_cache(rip & ~0xFFF, end)
         return True
 
     def _drop_straddle_exit(self) -> None:
         if self._straddle_exit is not None:
             self._straddle_exit = None
-            self.uc.ctl_set_exits(sorted(self._exit_sites) or [IMPOSSIBLE_PC])
+            self._set_exits()
 
     # ------------------------------------------------------------------ page scanning
     def _on_fetch_prot(self, uc, access, address, size, value, data):
@@ -633,7 +630,7 @@ class Core(TaskSwitching, PageWatching):
         if gone:
             for addr in gone:
                 self._exit_sites.pop(addr, None)
-            self.uc.ctl_set_exits(sorted(self._exit_sites) or [IMPOSSIBLE_PC])
+            self._set_exits()
         self.exec_pages.discard(ppage)
         self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
 
@@ -684,10 +681,7 @@ class Core(TaskSwitching, PageWatching):
             return
         self.hooks[ppage] = keep
         self._exit_pages.setdefault(ppage, []).extend(new)
-        if not self._exits_enabled:
-            self.uc.ctl_exits_enabled(True)
-            self._exits_enabled = True
-        self.uc.ctl_set_exits(sorted(self._exit_sites))
+        self._set_exits()
         self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
 
     def _take_exit(self) -> bool:
@@ -882,12 +876,12 @@ class Core(TaskSwitching, PageWatching):
                 self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
                 # measured: a store into code later in its own translation block never
                 # completes either; an exit after it ends the block at the store
-                self._exits_with(self.rip() + size if size else None)
+                self._set_exits(self.rip() + size if size else None)
                 self.uc.ctl_remove_cache(self.rip() & ~0xFFF, (self.rip() | 0xFFF) + 1)
                 try:
                     self._step_one()
                 finally:
-                    self._exits_with(None)
+                    self._set_exits()
                     self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
                     # (Unicorn takes a linear range: RIP's page)
                     cpage = self.rip() & ~0xFFF
@@ -915,16 +909,18 @@ class Core(TaskSwitching, PageWatching):
                 continue
         return None
 
-    def _exits_with(self, extra: int | None) -> None:
-        """Unicorn's exits: the exit sites, the straddle exit, and ``extra``."""
+    def _set_exits(self, extra: int | None = None) -> None:
+        """Give Unicorn its exits: the exit sites, the straddle exit, and ``extra``
+        (exits are turned on the first time there is one; once on, the run's
+        ``until`` address is ignored, so an empty list gets IMPOSSIBLE_PC)."""
         exits = set(self._exit_sites)
         if self._straddle_exit is not None:
             exits.add(self._straddle_exit)
         if extra is not None:
             exits.add(extra)
-            if not self._exits_enabled:
-                self.uc.ctl_exits_enabled(True)
-                self._exits_enabled = True
+        if exits and not self._exits_enabled:
+            self.uc.ctl_exits_enabled(True)
+            self._exits_enabled = True
         if self._exits_enabled:
             self.uc.ctl_set_exits(sorted(exits) or [IMPOSSIBLE_PC])
 
