@@ -195,7 +195,6 @@ class TrackedVmcs(Vmcs):
         # dozens of times per VM exit, so the slot arithmetic is done once here
         self._abs = {enc: (st.unpack_from, st.pack_into, pa + off, mask)
                      for enc, (off, st, mask) in FIELD_SLOTS.items()}
-        self._readable = frozenset(_READABLE)
         self.written: set[int] = set()     # encodings written since the vCPU last looked
         self.live = False                  # the engine holds the tracked guest-state fields
         self.fresh: set[int] = set()       # tracked encodings copied from the engine since
@@ -216,7 +215,7 @@ class TrackedVmcs(Vmcs):
         enc = field if type(field) is F or type(field) is int else _key(field)
         if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        if enc not in self._readable:
+        if enc not in _READABLE:
             return super().get(enc)        # (raises the error)
         unpack, _, off, _ = self._abs[enc]
         return unpack(self._view, off)[0]
@@ -324,7 +323,8 @@ class VmxVcpu:
         full = enc & ~1 if enc in _HIGH_HALVES else enc
         v.store(full, _GETTERS[full](self))
         v.fresh.add(full)
-        v.fresh.add(full | 1)     # (the high half of EFER/PAT; no tracked field is there otherwise)
+        if full | 1 in _HIGH_HALVES:
+            v.fresh.add(full | 1)
 
     def _segment_ar(self, idx: int) -> int:
         ar = flags_to_ar(self.core.probe.segment(idx)[3])
