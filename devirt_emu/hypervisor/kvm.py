@@ -23,7 +23,8 @@ from unicorn import x86_const as X
 
 from ..events import Event
 from ..platform import cpuid as cpuid_model
-from ..platform.core import GPR_IDS, GuestError, State, _Fault
+from ..platform.core import GPR_IDS, GuestError, State, _Fault, descriptor_cache
+from ..platform.tasks import MIN_TSS_LIMIT, TSS32_AVAILABLE
 from ..platform.ucinternals import ENV_GDT
 from ..vmx import capabilities as caps
 from ..vmx import controls as C
@@ -64,6 +65,10 @@ def prepare_vmcs(vcpu: VmxVcpu, host_cr3: int) -> None:
     vcpu.save_guest_state()
     v.set(F.CR0_READ_SHADOW, v.get(F.GUEST_CR0))
     v.set(F.CR4_READ_SHADOW, v.get(F.GUEST_CR4) & ~CR4_VMXE)
+
+
+#: Bytes of a 32-bit TSS a task switch reads and writes (its last byte is the minimum limit).
+TSS32_SIZE = MIN_TSS_LIMIT[TSS32_AVAILABLE] + 1
 
 
 class L0Error(Exception):
@@ -437,12 +442,12 @@ class KvmL0:
             core = vcpu.core
             gdt_base, gdt_limit = core.probe.dtr(ENV_GDT)
             _, tr_base, tr_limit, _ = core.probe.segment(7)
-            touched = [(gdt_base, gdt_limit + 1), (tr_base, tr_limit + 1)]
+            touched = [(gdt_base, gdt_limit + 1), (tr_base, min(tr_limit + 1, TSS32_SIZE))]
             sel = d.qualification & 0xFFFF
             if (sel & ~7) + 8 <= gdt_limit + 1 and gdt_base + (sel & ~7) + 8 <= self.guest_ram:
                 desc = int.from_bytes(vcpu.mem.read(gdt_base + (sel & ~7), 8), "little")
-                base = ((desc >> 16) & 0xFFFFFF) | ((desc >> 56) << 24)
-                touched.append((base, (desc & 0xFFFF) + 1))
+                base, limit, _ = descriptor_cache(desc)
+                touched.append((base, min(limit + 1, TSS32_SIZE)))
             for start, size in touched:
                 for page in range(start & ~0xFFF, start + size, 4096):
                     if page < self.guest_ram:
