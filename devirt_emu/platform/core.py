@@ -129,6 +129,10 @@ _REG_READERS.update(
     xss=lambda core: 0,              # XSAVES is not supported: IA32_XSS is 0
 )
 
+#: Kind -> its name (the keys of ``Core.events``): an enum's ``.value`` costs a
+#: property call, and this is looked up on every hooked instruction.
+_KIND_NAMES = {k: k.value for k in Kind}
+
 # Interruption types (SDM "Format of the VM-Exit Interruption-Information Field").
 INTR_TYPE_EXT_INTR, INTR_TYPE_NMI, INTR_TYPE_HARD_EXCEPTION = 0, 2, 3
 INTR_TYPE_SOFT_INTR, INTR_TYPE_PRIV_SW_EXCEPTION, INTR_TYPE_SOFT_EXCEPTION = 4, 5, 6
@@ -315,11 +319,11 @@ class Core(TaskSwitching, PageWatching):
 
     def rip(self) -> int:
         """The linear address of the next instruction (CS.base + RIP), as hooks see it."""
-        return (self.probe.segment(1)[1] + self.probe.reg(X.UC_X86_REG_RIP)) & 0xFFFF_FFFF_FFFF_FFFF
+        return (self.probe.cs_base() + self.probe.eip()) & 0xFFFF_FFFF_FFFF_FFFF
 
     def set_rip(self, linear: int) -> None:
         """Continue at a linear address (RIP = linear - CS.base)."""
-        self.probe.set_eip(linear - self.probe.segment(1)[1])
+        self.probe.set_eip(linear - self.probe.cs_base())
 
     def load_segment(self, index: int, selector: int) -> None:
         """Load segment register ``index`` (ES, CS, SS, DS, FS, GS = 0..5) as a
@@ -988,23 +992,20 @@ class Core(TaskSwitching, PageWatching):
     def _on_site_raw(self, handle, address, size, key):
         # called by Unicorn (ctypes): nothing may escape from here
         try:
+            if address == self._skip_once:
+                self._skip_once = -1
+                return
+            if self._budget and self.probe.executed() > self._budget:
+                return          # the count ran out here: this instruction runs next time
             insn, by_mode = self._site_of[address]
             if insn is None:
                 insn = by_mode.get(self.code_size())
                 if insn is None:
                     return
-            self._on_site(self.uc, address, size, insn)
+            self._dispatch(address, insn)
         except BaseException as e:       # a bug of ours: end the run with verdict error
             self.machine.internal_error(self, e)
             self.request_stop("exit")
-
-    def _on_site(self, uc, address, size, insn: Insn):
-        if address == self._skip_once:
-            self._skip_once = -1
-            return
-        if self._budget and self.probe.executed() > self._budget:
-            return          # the count ran out here: this instruction runs next time
-        self._dispatch(address, insn)
 
     def _dispatch(self, address: int, insn: Insn) -> None:
         """A sensitive instruction is about to execute (from its hook or an exit)."""
@@ -1012,9 +1013,12 @@ class Core(TaskSwitching, PageWatching):
         if kind in TASK_SWITCH_INSNS and self._task_switch_insn(address, insn):
             return          # an ordinary far JMP/CALL (Unicorn's), or a task-switch attempt
         ev = self.events
-        ev[kind.value] = ev.get(kind.value, 0) + 1
+        name = _KIND_NAMES[kind]
+        ev[name] = ev.get(name, 0) + 1
         self._run_events += 1
-        t0 = time.perf_counter_ns()
+        timed = not self._counted           # fast mode estimates time from the hooks' share
+        if timed:
+            t0 = time.perf_counter_ns()
         try:
             if self.trace is not None or self.virt is not None:
                 event = Event(kind, self.index, address, insn, regs=LazyRegs(self))
@@ -1022,7 +1026,7 @@ class Core(TaskSwitching, PageWatching):
                     event.linear = self.mem_operand_linear(insn, address)
                 if kind in IO_KINDS:
                     event.port = insn.port if insn.port is not None else \
-                        self.probe.reg(X.UC_X86_REG_DX) & 0xFFFF
+                        self.probe.gpr(2) & 0xFFFF
                     event.extra["io_permitted"] = False   # no TSS I/O bitmap is modelled
                 if self.trace is not None:
                     self.trace(self, event)
@@ -1032,7 +1036,8 @@ class Core(TaskSwitching, PageWatching):
         except Exception as e:
             self._hook_failed(e)
         finally:
-            self._hook_ns += time.perf_counter_ns() - t0
+            if timed:
+                self._hook_ns += time.perf_counter_ns() - t0
 
     def _hook_failed(self, e: Exception) -> None:
         """What ends a hooked instruction early: an exception to deliver, a VM exit
@@ -1112,7 +1117,8 @@ class Core(TaskSwitching, PageWatching):
             self.request_stop("check")
 
     def _count(self, kind: Kind) -> None:
-        self.events[kind.value] = self.events.get(kind.value, 0) + 1
+        name = _KIND_NAMES[kind]
+        self.events[name] = self.events.get(name, 0) + 1
 
     # ------------------------------------------------------------------ instruction semantics
     def _make_handlers(self):
@@ -1240,7 +1246,7 @@ class Core(TaskSwitching, PageWatching):
     def _h_io(self, address, insn):
         self._require_iopl()
         uc = self.uc
-        port = insn.port if insn.port is not None else self.probe.reg(X.UC_X86_REG_DX)
+        port = insn.port if insn.port is not None else self.probe.gpr(2) & 0xFFFF
         size = insn.io_size
         if insn.kind is Kind.IN:
             v = self.machine.io_read(self, port, size)
@@ -1252,7 +1258,7 @@ class Core(TaskSwitching, PageWatching):
                 uc.reg_write(X.UC_X86_REG_AL, v & 0xFF)
         else:
             mask = (1 << (8 * size)) - 1
-            self.machine.io_write(self, port, size, self.probe.reg(X.UC_X86_REG_RAX) & mask)
+            self.machine.io_write(self, port, size, self.probe.gpr(0) & mask)
         self._skip(address, insn)
 
     def _h_string_io(self, address, insn):
@@ -1331,7 +1337,7 @@ class Core(TaskSwitching, PageWatching):
 
     def _require_iopl(self):
         """STI and I/O at CPL > IOPL: #GP(0) (no TSS I/O permission bitmap is modelled)."""
-        if self.cpl() > ((self.probe.reg(X.UC_X86_REG_EFLAGS) >> 12) & 3):
+        if self.cpl() > ((self.probe.system_flags() >> 12) & 3):
             raise _Fault(13, 0)
 
     def _h_mov_ss(self, address, insn):

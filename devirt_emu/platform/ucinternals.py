@@ -45,6 +45,7 @@ from unicorn.unicorn_py3.unicorn import uclib   # the C library (the binding's w
 #: segs[6] (SegmentCache: u32 selector, u64 base, u32 limit, u32 flags), ldt,
 #: tr, gdt, idt, cr[5].
 ENV_EIP = 128
+ENV_EFLAGS = 136
 ENV_HFLAGS = 176
 ENV_SEGS = 184
 SEG_STRIDE = 24
@@ -64,6 +65,10 @@ HF_ADDSEG = 1 << 6
 HF_PE = 1 << 7
 HF_LMA = 1 << 14
 HF_CS64 = 1 << 15
+#: RFLAGS bits QEMU keeps lazily outside ``eflags`` while code runs: the six
+#: arithmetic flags (CC_SRC/CC_OP) and DF (``df``).  The other bits of
+#: ``eflags`` (TF, IF, IOPL, NT, RF, VM, AC, ...) are always current there.
+LAZY_FLAGS = 0x8D5 | (1 << 10)
 # SegmentCache.flags bits (the descriptor's high dword layout).
 DESC_B = 1 << 22
 DESC_L = 1 << 21
@@ -249,12 +254,14 @@ def _verify_layout(cpu_ptr: int, env_off: int) -> None:
     mu.reg_write(UC_X86_REG_GDTR, (0, 0x12345000, 0x7F, 0))
     mu.reg_write(UC_X86_REG_IDTR, (0, 0x23456000, 0xFFF, 0))
     mu.reg_write(UC_X86_REG_TR, (0x28, 0x34567000, 0x67, 0x8B))
-    from unicorn.x86_const import UC_X86_REG_R15, UC_X86_REG_RBX, UC_X86_REG_RIP
+    from unicorn.x86_const import UC_X86_REG_EFLAGS, UC_X86_REG_R15, UC_X86_REG_RBX, UC_X86_REG_RIP
     mu.reg_write(UC_X86_REG_RBX, 0x3333333333333333)
     mu.reg_write(UC_X86_REG_R15, 0xFFFF15151515)
     mu.reg_write(UC_X86_REG_RIP, 0x4242424242)
+    mu.reg_write(UC_X86_REG_EFLAGS, 0x63202)       # IOPL 3, IF, RF, VM: none of them lazy
     checks = (
         (3 * 8, 0x3333333333333333), (15 * 8, 0xFFFF15151515), (ENV_EIP, 0x4242424242),
+        (ENV_EFLAGS, 0x63202),
         (ENV_GDT + 8, 0x12345000), (ENV_GDT + 16, 0x7F), (ENV_IDT + 8, 0x23456000),
         (ENV_TR, 0x28), (ENV_TR + 8, 0x34567000), (ENV_TR + 16, 0x67),
         (ENV_CR + 3 * 8, 0x1000),
@@ -272,7 +279,7 @@ class EngineProbe:
 
     __slots__ = ("mode_addr", "counter_addr", "error_code_addr", "old_exception_addr", "env",
                  "_uch", "_pc_buf", "_pc_ref", "_rd_buf", "_rd_ref",
-                 "_gprs", "_eip", "_hflags", "_crs", "_counter", "_segs")
+                 "_gprs", "_eip", "_eflags", "_hflags", "_crs", "_counter", "_segs", "_cs_base")
 
     def __init__(self, uc: Uc):
         off = calibrate()
@@ -291,10 +298,12 @@ class EngineProbe:
         # typed views of the engine's state, made once (a from_address per access costs ~0.5 us)
         self._gprs = (ctypes.c_uint64 * 16).from_address(env)
         self._eip = ctypes.c_uint64.from_address(env + ENV_EIP)
+        self._eflags = ctypes.c_uint64.from_address(env + ENV_EFLAGS)
         self._hflags = ctypes.c_uint32.from_address(env + ENV_HFLAGS)
         self._crs = (ctypes.c_uint64 * 5).from_address(env + ENV_CR)
         self._counter = ctypes.c_uint64.from_address(self.counter_addr)
         self._segs = (ctypes.c_uint8 * (8 * SEG_STRIDE)).from_address(env + ENV_SEGS)
+        self._cs_base = ctypes.c_uint64.from_address(env + ENV_SEGS + SEG_STRIDE + 8)
 
     def set_real_mode_api(self, real: bool) -> None:
         """Make the engine's register API and start address real-mode (UC_MODE_16) or not."""
@@ -331,6 +340,12 @@ class EngineProbe:
             raise RuntimeError(f"uc_reg_read({rid}) failed")
         return buf.value
 
+    def system_flags(self) -> int:
+        """RFLAGS without its lazily kept bits (:data:`LAZY_FLAGS` read as 0):
+        IF, IOPL, VM and the like straight from QEMU's ``eflags``, with no
+        Unicorn call (``reg(UC_X86_REG_EFLAGS)`` assembles the whole value)."""
+        return self._eflags.value & ~LAZY_FLAGS
+
     def set_eip(self, value: int) -> None:
         """RIP := value through uc_reg_write itself (not the Python binding's
         wrapper): Unicorn must see the write, since from inside a hook it is what
@@ -361,6 +376,9 @@ class EngineProbe:
         ctypes.c_uint64.from_address(a + 8).value = base
         ctypes.c_uint32.from_address(a + 16).value = limit
         ctypes.c_uint32.from_address(a + 20).value = flags
+
+    def cs_base(self) -> int:
+        return self._cs_base.value
 
     def hflags(self) -> int:
         return self._hflags.value

@@ -78,8 +78,8 @@ Scope notes
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Callable, ClassVar, Mapping, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Mapping, NamedTuple, Optional, Union
 
 from devirt_emu.events import GPR_NAMES, Event, Kind
 from devirt_emu.vmx import controls as C
@@ -138,13 +138,15 @@ class PauseLoop:
     last: Optional[int] = None
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """Exit or not; if it exits, the exit information as the SDM defines it.
 
     ``instruction_length`` and ``instruction_info`` are None where the SDM
     leaves the field undefined; ``interruption_info`` is 0 (invalid) where
     it does not apply.  ``timing`` is the exit reason's timing column.
+
+    Immutable: a named tuple, because one is built on every sensitive
+    instruction and a tuple costs a tenth of a frozen dataclass to make.
     """
 
     exit: bool
@@ -161,20 +163,15 @@ class Decision:
     timing: Optional[Timing] = None
     pause_loop: Optional[PauseLoop] = None
 
-    fault: ClassVar[bool] = False
-
-
-_DECISION_FIELDS = tuple(f.name for f in fields(Decision))
-_new = object.__new__
+    fault = False       # (a class attribute: Fault has True)
 
 
 def _decision(*values) -> Decision:
-    """Build a Decision from all its field values in order, without the
-    frozen dataclass ``__init__`` (which sets each field through
-    ``object.__setattr__`` and costs several microseconds per exit)."""
-    d = _new(Decision)
-    d.__dict__.update(zip(_DECISION_FIELDS, values))
-    return d
+    """A Decision from all its field values in order (no keyword handling)."""
+    return _tuple_new(Decision, values)
+
+
+_tuple_new = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)

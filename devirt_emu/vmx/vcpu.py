@@ -155,6 +155,8 @@ _EPT_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EX
 _TIMER_CONTROLS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.PIN_BASED_VM_EXEC_CONTROL)})
 
 _PAUSE_LOOP_AT_ENTRY = PauseLoop()
+_INTR_INFO = int(F.VM_ENTRY_INTR_INFO_FIELD)
+_ENTRY_CONTROLS = int(F.VM_ENTRY_CONTROLS)
 _VM_EXIT = Kind.VM_EXIT.value
 
 MSR_IA32_CR_PAT = 0x277
@@ -362,9 +364,9 @@ class VmxVcpu:
         """A VM exit stores EFER.LMA into the "IA-32e mode guest" entry control
         (SDM "Saving Control Registers, Debug Registers, and MSRs")."""
         v = self.vmcs
-        ent = v.peek(F.VM_ENTRY_CONTROLS)
+        ent = v.peek(_ENTRY_CONTROLS)
         if bool(ent & C.VM_ENTRY_IA32E_MODE) != bool(self.core.probe.hflags() & HF_LMA):
-            v.store(F.VM_ENTRY_CONTROLS, ent ^ C.VM_ENTRY_IA32E_MODE)
+            v.store(_ENTRY_CONTROLS, ent ^ C.VM_ENTRY_IA32E_MODE)
 
     def _engine_holds_guest_state(self) -> None:
         """From now on the engine is the truth for every tracked field."""
@@ -380,6 +382,8 @@ class VmxVcpu:
             v.flush()          # stale fields hold what the engine has: nothing to load for them
             loaders = range(len(_LOADERS))
         else:
+            if not v.written:
+                return
             loaders = {_LOADER_OF[f] for f in v.written if f in _LOADER_OF}
             if not loaders:
                 return
@@ -431,24 +435,34 @@ class VmxVcpu:
         """VMLAUNCH/VMRESUME.  Returns False when the entry failed (the L0 is told)."""
         v = self.vmcs
         self.l0.before_entry(self)
+        written = v.written
         failure = self._entry_checks(launch)
         if failure is not None:
             return self._entry_failed(failure)
-        self.load_guest_state(full=launch)
-        timers_changed = launch or not v.written.isdisjoint(_TIMER_CONTROLS)
-        self._apic_at_entry(launch)
-        self._sync_ept(launch or not v.written.isdisjoint(_EPT_FIELDS))
-        v.written.clear()
-        self._engine_holds_guest_state()
+        if launch or written:
+            self.load_guest_state(full=launch)
+            timers_changed = launch or not written.isdisjoint(_TIMER_CONTROLS)
+            apic_changed = launch or not written.isdisjoint(_APIC_PAGE_FIELDS)
+            ept_changed = launch or not written.isdisjoint(_EPT_FIELDS)
+            # (a VM exit leaves the valid bit clear: only a write can set it)
+            inject = launch or _INTR_INFO in written
+            written.clear()
+        else:
+            timers_changed = apic_changed = ept_changed = inject = False
+        self._apic_at_entry(apic_changed)
+        self._sync_ept(ept_changed)
+        v.live = True               # the engine holds the guest state from now on
+        v.fresh.clear()
         if launch:
             v.launch_state = "launched"
         self.pause_loop = _PAUSE_LOOP_AT_ENTRY
         self.active = True
         self.blocked = False
         self._arm_timers(timers_changed)
-        info = v.get(F.VM_ENTRY_INTR_INFO_FIELD)
-        if info & C.INTR_INFO_VALID_MASK:
-            self._inject(info)
+        if inject:
+            info = v.peek(_INTR_INFO)
+            if info & C.INTR_INFO_VALID_MASK:
+                self._inject(info)
         return True
 
     def _entry_checks(self, launch: bool) -> Optional[EntryFailure]:
@@ -559,12 +573,11 @@ class VmxVcpu:
             store(F.VM_ENTRY_INTR_INFO_FIELD, info & ~C.INTR_INFO_VALID_MASK)
 
     def _log(self, d: Decision, rip: int, entry_failure: bool = False) -> None:
-        core = self.core
-        in_window = bool(core.markers) and core.markers[-1][1] is None
-        rec = ExitRecord(core.index, d.reason, d.name, entry_failure, d.qualification,
-                         d.instruction_length, rip, in_window, d.cause)
         if self.record is not None:
-            self.record(rec)
+            core = self.core
+            in_window = bool(core.markers) and core.markers[-1][1] is None
+            self.record(ExitRecord(core.index, d.reason, d.name, entry_failure, d.qualification,
+                                   d.instruction_length, rip, in_window, d.cause))
 
     def vm_exit(self, d: Decision, event: Optional[Event]) -> None:
         """A VM exit for decision ``d``; then the L0 handles it and re-enters."""
@@ -572,11 +585,12 @@ class VmxVcpu:
         rip = event.rip if event is not None and event.insn is not None else core.rip()
         self.active = False
         self.last_exit = d
+        v = self.vmcs
         self._write_exit_info(d, d.reason)
         if self._ptimer_deadline is not None and \
-                self.vmcs.peek(F.VM_EXIT_CONTROLS) & C.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER:
+                v.peek(F.VM_EXIT_CONTROLS) & C.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER:
             left = max(0, self._ptimer_deadline - core.now()) >> PTIMER_RATE
-            self.vmcs.store(F.VMX_PREEMPTION_TIMER_VALUE, min(left, 0xFFFFFFFF))
+            v.store(F.VMX_PREEMPTION_TIMER_VALUE, min(left, 0xFFFFFFFF))
         self._save_ia32e_mode()     # the rest of the guest state stays in the engine
         self._log(d, rip)
         core.events[_VM_EXIT] = core.events.get(_VM_EXIT, 0) + 1
@@ -663,9 +677,12 @@ class VmxVcpu:
         """Let the platform execute the exiting instruction (the L0's emulation of
         I/O, MSRs and the like) on the guest state the engine holds (guest-state
         fields the L0 wrote before are loaded into it first)."""
-        self.load_guest_state()
+        v = self.vmcs
+        if v.written:
+            self.load_guest_state()
         self.core.run_native(event)
-        self._engine_holds_guest_state()
+        v.live = True               # the engine holds the guest state (again)
+        v.fresh.clear()
 
     # ------------------------------------------------------------------ the core's virt interface
     def on_event(self, core, event: Event) -> bool:
@@ -863,15 +880,16 @@ class VmxVcpu:
         self.core.set_rip(ev.rip + insn.length)
         return True
 
-    def _apic_at_entry(self, launch: bool) -> None:
+    def _apic_at_entry(self, changed: bool) -> None:
         """At VM entry: watch the APIC-access page if "virtualize APIC accesses"
-        is 1 (re-examined when a control or APIC_ACCESS_ADDR was written), and
+        is 1 (re-examined when ``changed``: VMLAUNCH, or a control or
+        APIC_ACCESS_ADDR was written), and
         with "use TPR shadow" too, arm the TPR-threshold exit that follows the
         entry when TPR_THRESHOLD[3:0] > VTPR[7:4] (not in the shutdown or
         wait-for-SIPI state; it wakes the HLT state)."""
         v = self.vmcs
         core = self.core
-        if launch or self._apic_stale or not v.written.isdisjoint(_APIC_PAGE_FIELDS):
+        if changed or self._apic_stale:
             self._apic_stale = False
             primary = v.peek(F.CPU_BASED_VM_EXEC_CONTROL)
             secondary = v.peek(F.SECONDARY_VM_EXEC_CONTROL) \
