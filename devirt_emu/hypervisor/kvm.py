@@ -40,6 +40,7 @@ HOST_AREA = 4 << 20            # reserved at the top of RAM for the L0's structu
 KVM_CPUID_SIGNATURE = 0x40000000
 KVM_ENOSYS = 1000
 INIT_CR0 = 0x60000010          # CR0 after INIT (CD, NW, ET)
+_PROC = int(F.CPU_BASED_VM_EXEC_CONTROL)
 
 #: Host state that VM exits would load (a 64-bit Linux host, as KVM's vmx_set_constant_host_state).
 HOST_STATE = {
@@ -233,7 +234,11 @@ class KvmL0:
         """KVM's inject_pending_event: inject the highest deliverable virtual-IRR
         vector if the guest can take it, else ask for an interrupt-window exit."""
         v = vcpu.vmcs
-        primary = v.get(F.CPU_BASED_VM_EXEC_CONTROL)
+        primary = v.get(_PROC)
+        if not self.virr[vcpu.core.index]:           # nothing to inject: no window either
+            if primary & C.CPU_BASED_INTR_WINDOW_EXITING:
+                v.set(_PROC, primary ^ C.CPU_BASED_INTR_WINDOW_EXITING)
+            return
         vec = self.deliverable(vcpu)
         if vec is not None and not v.get(F.VM_ENTRY_INTR_INFO_FIELD) & C.INTR_INFO_VALID_MASK:
             rflags = v.get(F.GUEST_RFLAGS)

@@ -57,6 +57,7 @@ import ctypes
 import enum
 import struct
 import time
+from functools import partial
 from typing import Callable, Optional
 
 from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED,
@@ -82,7 +83,7 @@ from .task_switch import TASK_SWITCH_INSNS, TaskSwitching
 from .watch import PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, Stage2Fault,
                   VirtualTlb, instruction_length, read_modify_write, straddling_instruction)
-from .ucinternals import HF_CPL_MASK, HF_CS64, EngineProbe
+from .ucinternals import HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
 #: Kinds whose native handling always completes the instruction in Python (or
@@ -110,24 +111,29 @@ GPR_IDS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RB
            X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
            X.UC_X86_REG_R8, X.UC_X86_REG_R9, X.UC_X86_REG_R10, X.UC_X86_REG_R11,
            X.UC_X86_REG_R12, X.UC_X86_REG_R13, X.UC_X86_REG_R14, X.UC_X86_REG_R15)
-#: Event.regs names -> how the core reads them (GPRs, RIP and CR0/3/4 straight
-#: from QEMU's state; RFLAGS is assembled by Unicorn from QEMU's lazy flags).
-_REG_READERS = {n: (lambda i: lambda core: core.probe.gpr(i))(i) for i, n in enumerate(GPR_NAMES)}
-_REG_READERS.update(
-    rip=lambda core: core.probe.eip(),
-    rflags=lambda core: core.probe.reg(X.UC_X86_REG_EFLAGS),
-    cr0=lambda core: core.probe.cr(0),
-    cr2=lambda core: core.probe.reg(X.UC_X86_REG_CR2),
-    cr3=lambda core: core.probe.cr(3),
-    cr4=lambda core: core.probe.cr(4),
-    efer=lambda core: core.rdmsr_raw(MSR_EFER),
-    cr8=lambda core: core.lapic.read_cr8(),
-    cpl=lambda core: core.cpl(),
-    mode=lambda core: core.code_size(),
-    dr7=lambda core: core.probe.reg(X.UC_X86_REG_DR7),
-    tsc=lambda core: core.tsc(),
-    xss=lambda core: 0,              # XSAVES is not supported: IA32_XSS is 0
-)
+def _register_readers(core: "Core") -> dict:
+    """Event.regs names -> how ``core`` reads them, bound once per core: GPRs,
+    RIP, CPL and CR0/3/4 straight from QEMU's state (C calls, no Python frame);
+    RFLAGS assembled by Unicorn from QEMU's lazy flags."""
+    p = core.probe
+    r = {n: p.gpr_reader(i) for i, n in enumerate(GPR_NAMES)}
+    r.update(
+        rip=p.eip,
+        rflags=partial(p.reg, X.UC_X86_REG_EFLAGS),
+        cr0=p.cr_reader(0),
+        cr2=partial(p.reg, X.UC_X86_REG_CR2),
+        cr3=p.cr_reader(3),
+        cr4=p.cr_reader(4),
+        efer=partial(core.rdmsr_raw, MSR_EFER),
+        cr8=lambda: core.lapic.read_cr8(),
+        cpl=core.cpl,
+        mode=core.code_size,
+        dr7=partial(p.reg, X.UC_X86_REG_DR7),
+        tsc=core.tsc,
+        xss=lambda: 0,              # XSAVES is not supported: IA32_XSS is 0
+    )
+    return r
+
 
 #: Kind -> its name (the keys of ``Core.events``): an enum's ``.value`` costs a
 #: property call, and this is looked up on every hooked instruction.
@@ -189,20 +195,17 @@ class State(enum.Enum):
     SHUTDOWN = "shutdown"
 
 
-class LazyRegs:
-    """The ``Event.regs`` mapping: reads a register on first use."""
+class LazyRegs(dict):
+    """The ``Event.regs`` mapping: reads a register on first use (and keeps it).
+    A dict, so that every use after the first is a plain dict lookup."""
 
-    __slots__ = ("core", "cache")
+    __slots__ = ("core",)
 
     def __init__(self, core: "Core"):
         self.core = core
-        self.cache: dict[str, int] = {}
 
-    def __getitem__(self, name: str) -> int:
-        v = self.cache.get(name)
-        if v is None:
-            v = self.core.read_reg(name)
-            self.cache[name] = v
+    def __missing__(self, name: str) -> int:
+        v = self[name] = self.core.reg_readers[name]()      # (KeyError: no such register)
         return v
 
     def get(self, name, default=None):
@@ -231,6 +234,7 @@ class Core(TaskSwitching, PageWatching):
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         self.probe = EngineProbe(uc)
+        self.reg_readers = _register_readers(self)   # Event.regs name -> reader()
         # One register API for every CPU mode (see ucinternals): 64-bit registers,
         # RIP = EIP, emu_start(begin) sets EIP; segments are written by the core.
         self.probe.set_real_mode_api(False)
@@ -308,10 +312,7 @@ class Core(TaskSwitching, PageWatching):
     # ------------------------------------------------------------------ registers
     def read_reg(self, name: str) -> int:
         """A register by the names of :class:`~devirt_emu.events.Event` ``regs``."""
-        reader = _REG_READERS.get(name)
-        if reader is None:
-            raise KeyError(name)
-        return reader(self)
+        return self.reg_readers[name]()
 
     def lazy_regs(self) -> "LazyRegs":
         """A fresh ``Event.regs`` mapping for this core."""
@@ -362,7 +363,7 @@ class Core(TaskSwitching, PageWatching):
         return self.uc.reg_read(X.UC_X86_REG_MSR, index)
 
     def cpl(self) -> int:
-        return self.probe.hflags() & HF_CPL_MASK      # QEMU keeps the CPL there (0 in real mode)
+        return self.probe.cpl()
 
     def code_size(self) -> int:
         """16, 32 or 64: the current code size (CS.L/CS.D in protected mode)."""

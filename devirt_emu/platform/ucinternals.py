@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from dataclasses import dataclass
+from functools import partial
 
 from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_16, UC_MODE_32,
                      UC_MODE_64, Uc, UcError)
@@ -328,6 +329,14 @@ class EngineProbe:
     def set_gpr(self, n: int, value: int) -> None:
         self._gprs[n] = value & 0xFFFF_FFFF_FFFF_FFFF
 
+    def gpr_reader(self, n: int):
+        """A callable returning GPR ``n`` (a C call: no Python frame)."""
+        return partial(self._gprs.__getitem__, n)
+
+    def cr_reader(self, n: int):
+        """A callable returning CR``n`` (as gpr_reader)."""
+        return partial(self._crs.__getitem__, n)
+
     def eip(self) -> int:
         return self._eip.value
 
@@ -382,6 +391,9 @@ class EngineProbe:
 
     def hflags(self) -> int:
         return self._hflags.value
+
+    def cpl(self) -> int:
+        return self._hflags.value & HF_CPL_MASK     # QEMU keeps the CPL there (0 in real mode)
 
     def fix_hflags(self) -> None:
         """Recompute the hflags bits that depend on CS, SS and the data segment

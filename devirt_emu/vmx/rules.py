@@ -938,6 +938,11 @@ def _mov_dr(ev, vmcs, rm, pl):
 # --------------------------------------------------------------------------
 # I/O instructions
 # --------------------------------------------------------------------------
+#: The cause without I/O bitmaps, by "unconditional I/O exiting".
+_IO_UNCOND_CAUSE = {on: ("CPU_BASED_USE_IO_BITMAPS=0", _b("CPU_BASED_UNCOND_IO_EXITING", on))
+                    for on in (0, 1)}
+
+
 def _io(ev, vmcs, rm, pl):
     insn = _need_insn(ev)
     regs = ev.regs
@@ -947,23 +952,26 @@ def _io(ev, vmcs, rm, pl):
     size = insn.io_size
     if size not in (1, 2, 4):
         raise RuleInputError(f"{ev.kind.value}: I/O size {size!r} is not 1, 2 or 4")
-    if _protected(regs):
-        iopl = (regs["rflags"] >> 12) & 3
+    if regs["cr0"] & _CR0_PE:
+        rflags = regs["rflags"]
+        iopl = (rflags >> 12) & 3
         cpl = regs["cpl"]
-        if _v86(regs) or cpl > iopl:
+        if rflags & _RFLAGS_VM or cpl > iopl:
             permitted = _need_extra(ev, "io_permitted")
-            where = "virtual-8086 mode" if _v86(regs) else f"CPL={cpl} > IOPL={iopl}"
+            where = "virtual-8086 mode" if rflags & _RFLAGS_VM else f"CPL={cpl} > IOPL={iopl}"
             if not permitted:
                 return _gp0(f"{where} and the TSS I/O-permission bitmap denies port {port:#x}")
-    string = insn.string
-    qual = xi.io_qualification(size, insn.io_in, string, insn.rep, insn.port is not None, port)
+    kind = insn.kind
+    string = kind is Kind.INS or kind is Kind.OUTS
+    qual = xi.io_qualification(size, kind is Kind.IN or kind is Kind.INS, string, insn.rep,
+                               insn.port is not None, port)
     info = xi.instruction_info(insn) if string else None
     gla = ev.linear if string else None
-    primary = _primary(vmcs)
+    primary = vmcs.vmread(_PROC)
     if not primary & C.CPU_BASED_USE_IO_BITMAPS:
-        on = primary & C.CPU_BASED_UNCOND_IO_EXITING
-        cause = ("CPU_BASED_USE_IO_BITMAPS=0", _b("CPU_BASED_UNCOND_IO_EXITING", on))
-        return _exit(er.IO_INSTRUCTION, ev, cause, qual, info, gla=gla) if on else _no(*cause)
+        if primary & C.CPU_BASED_UNCOND_IO_EXITING:
+            return _exit(er.IO_INSTRUCTION, ev, _IO_UNCOND_CAUSE[1], qual, info, gla=gla)
+        return _no(*_IO_UNCOND_CAUSE[0])
     c0 = "CPU_BASED_USE_IO_BITMAPS=1"
     seen = []
     for p in range(port, port + size):

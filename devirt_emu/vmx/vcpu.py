@@ -225,7 +225,10 @@ class TrackedVmcs(Vmcs):
     def vmread(self, enc: int) -> int:
         if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        return super().vmread(enc)
+        if enc not in _READABLE:
+            return super().vmread(enc)     # (raises the error)
+        unpack, _, off, _ = self._abs[enc]
+        return unpack(self._view, off)[0]
 
     def items(self):
         self.flush()
@@ -313,6 +316,9 @@ class VmxVcpu:
         self.read_mem = self.mem.read
         self._apic_page: Optional[int] = None      # the APIC-access page the core watches
         self._apic_stale = True                    # re-examine the APIC controls at next entry
+        # VM entry does per-entry work (below) even when no field was written: a TLB
+        # flush without VPID, the TPR-threshold check, the MTF and the preemption timer
+        self._entry_work = True
         self._tpr_entry_check = False              # "use TPR shadow" and "virtualize APIC accesses"
         self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
         self.ept: Optional[EptStage2] = None     # the EPT the core translates through, when enabled
@@ -449,8 +455,14 @@ class VmxVcpu:
             written.clear()
         else:
             timers_changed = apic_changed = ept_changed = inject = False
-        self._apic_at_entry(apic_changed)
-        self._sync_ept(ept_changed)
+        if self._entry_work or apic_changed or ept_changed or timers_changed:
+            self._apic_at_entry(apic_changed)
+            self._sync_ept(ept_changed)
+            self._arm_timers(timers_changed)
+            # is there anything to do at the next entry if nothing is written?
+            self._entry_work = (self._apic_stale or self._tpr_entry_check or self._mtf
+                                or self._ptimer_deadline is not None
+                                or (self.ept is not None and not self._ept_state[1]))
         v.live = True               # the engine holds the guest state from now on
         v.fresh.clear()
         if launch:
@@ -458,7 +470,6 @@ class VmxVcpu:
         self.pause_loop = _PAUSE_LOOP_AT_ENTRY
         self.active = True
         self.blocked = False
-        self._arm_timers(timers_changed)
         if inject:
             info = v.peek(_INTR_INFO)
             if info & C.INTR_INFO_VALID_MASK:
@@ -474,7 +485,10 @@ class VmxVcpu:
         written = v.written
         if launch or not written <= _RESUME_CHECK_FIELDS:
             return check_vm_entry(v, self.caps, self.read_mem, launch=launch)
-        failure = check_launch_state(False, v.launch_state)
+        state = v.launch_state
+        if not written and state == "launched":
+            return None
+        failure = check_launch_state(False, state)
         if failure is not None:
             return failure
         done = set()
@@ -521,6 +535,12 @@ class VmxVcpu:
             d = exit_decision(failure.basic_reason, (failure.check,),
                               qualification=failure.qualification)
             self._write_exit_info(d, failure.exit_reason)
+            # a VM exit clears the valid bit of the VM-entry interruption information
+            # (after a successful entry, the injection did: see _inject)
+            v = self.vmcs
+            info = v.peek(_INTR_INFO)
+            if info & C.INTR_INFO_VALID_MASK:
+                v.store(_INTR_INFO, info & ~C.INTR_INFO_VALID_MASK)
             self._log(d, self.core.rip(), entry_failure=True)
         self.l0.entry_failed(self, failure)
         return False
@@ -568,9 +588,6 @@ class VmxVcpu:
             store(F.GUEST_LINEAR_ADDRESS, d.guest_linear_address)
         if d.guest_physical_address is not None:
             store(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical_address)
-        info = v.peek(F.VM_ENTRY_INTR_INFO_FIELD)
-        if info & C.INTR_INFO_VALID_MASK:
-            store(F.VM_ENTRY_INTR_INFO_FIELD, info & ~C.INTR_INFO_VALID_MASK)
 
     def _log(self, d: Decision, rip: int, entry_failure: bool = False) -> None:
         if self.record is not None:
@@ -761,7 +778,7 @@ class VmxVcpu:
         if vec is not None:
             core._count(Kind.SIPI)
             ev = Event(Kind.SIPI, core.index, core.rip(), vector=vec, regs=core.lazy_regs())
-            ev.regs.cache["activity_state"] = self._activity()
+            ev.regs["activity_state"] = self._activity()
             return self._event_exit(ev)
         if core.state in (State.WAIT_SIPI, State.SHUTDOWN):
             return False
@@ -924,6 +941,7 @@ class VmxVcpu:
             # not in VMX non-root operation: the page is ordinary memory again
             core.unwatch_page(page)
             self._apic_page, self._apic_stale = None, True
+            self._entry_work = True
             return
         core._count(Kind.APIC_ACCESS)
         for _ in range(3):      # at most: read, then write, of one instruction
