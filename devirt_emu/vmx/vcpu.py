@@ -157,6 +157,8 @@ _TIMER_CONTROLS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.PIN_BASED_V
 _PAUSE_LOOP_AT_ENTRY = PauseLoop()
 _INTR_INFO = int(F.VM_ENTRY_INTR_INFO_FIELD)
 _ENTRY_CONTROLS = int(F.VM_ENTRY_CONTROLS)
+_GUEST_RIP = int(F.GUEST_RIP)
+_EXIT_INSTRUCTION_LEN = int(F.VM_EXIT_INSTRUCTION_LEN)
 _VM_EXIT = Kind.VM_EXIT.value
 
 MSR_IA32_CR_PAT = 0x277
@@ -676,9 +678,23 @@ class VmxVcpu:
 
     # ------------------------------------------------------------------ L0 helpers
     def skip_instruction(self) -> None:
-        """GUEST_RIP += VM-exit instruction length (KVM's skip_emulated_instruction)."""
+        """GUEST_RIP += VM-exit instruction length (KVM's skip_emulated_instruction).
+
+        While the engine holds GUEST_RIP and nobody wrote the field since the
+        exit, the new RIP goes straight into the engine, which is what the next
+        VM entry would load; the entry's check of RIP can only refuse a value
+        with bits 63:32 set, so such a value is written to the VMCS instead and
+        VMRESUME checks it."""
         v = self.vmcs
-        v.put(F.GUEST_RIP, v.peek(F.GUEST_RIP) + v.peek(F.VM_EXIT_INSTRUCTION_LEN))
+        length = v.peek(_EXIT_INSTRUCTION_LEN)
+        if v.live and _GUEST_RIP not in v.written:
+            probe = self.core.probe
+            rip = probe.eip() + length
+            if not rip >> 32:
+                probe.set_eip(rip)
+                v.fresh.discard(_GUEST_RIP)     # the region's copy, if any, is stale again
+                return
+        v.put(_GUEST_RIP, v.peek(_GUEST_RIP) + length)
 
     def inject(self, vector: int, itype: int, error_code: int | None = None, length: int = 0) -> None:
         """Ask the next VM entry to inject an event (VM-entry interruption information)."""
