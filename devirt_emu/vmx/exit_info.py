@@ -97,11 +97,11 @@ def io_qualification(size: int, is_in: bool, string: bool, rep: bool,
     """Bits 2:0 size of access (0 = 1 byte, 1 = 2 bytes, 3 = 4 bytes), bit 3
     direction (1 = IN), bit 4 string, bit 5 REP, bit 6 operand encoding
     (1 = immediate), bits 31:16 the port."""
-    try:
-        code = _IO_SIZE_CODE[size]
-    except KeyError:
-        raise ValueError(f"I/O access size {size!r} is not 1, 2 or 4") from None
-    _check("I/O port", port, 0xFFFF)
+    code = _IO_SIZE_CODE.get(size)
+    if code is None:
+        raise ValueError(f"I/O access size {size!r} is not 1, 2 or 4")
+    if type(port) is not int or not 0 <= port <= 0xFFFF:     # (on every I/O exit: inline)
+        _check("I/O port", port, 0xFFFF)
     if immediate and string:
         raise ValueError("string I/O instructions take the port from DX, never an immediate")
     return (code | (1 << 3 if is_in else 0) | (1 << 4 if string else 0)

@@ -166,11 +166,8 @@ class Decision(NamedTuple):
     fault = False       # (a class attribute: Fault has True)
 
 
-def _decision(*values) -> Decision:
-    """A Decision from all its field values in order (no keyword handling)."""
-    return _tuple_new(Decision, values)
-
-
+#: Decision from a tuple of all its field values, without the named tuple's
+#: keyword-handling ``__new__`` (one is built per sensitive instruction).
 _tuple_new = tuple.__new__
 
 
@@ -234,7 +231,8 @@ def _b(name: str, value: int) -> str:
 
 
 def _no(*cause: str) -> Decision:
-    return _decision(False, cause, None, None, 0, None, None, 0, None, None, None, None, None)
+    return _tuple_new(Decision, (False, cause, None, None, 0, None, None, 0, None, None, None, None,
+                                 None))
 
 
 def _exit(number: int, ev: Optional[Event], cause: tuple, qualification: int = 0,
@@ -248,8 +246,8 @@ def _exit(number: int, ev: Optional[Event], cause: tuple, qualification: int = 0
     if length == -1:
         length = (ev.insn.length if row.length is Length.ALWAYS and ev is not None
                   and ev.insn is not None else None)
-    return _decision(True, cause, number, row.name, qualification, length, info, interruption,
-                     error_code, gla, gpa, row.timing, pause_loop)
+    return _tuple_new(Decision, (True, cause, number, row.name, qualification, length, info,
+                                 interruption, error_code, gla, gpa, row.timing, pause_loop))
 
 
 def exit_decision(reason: Union[int, str], cause: tuple, *, qualification: int = 0,

@@ -56,8 +56,7 @@ accesses", no APIC-register virtualization or virtual-interrupt delivery):
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from unicorn import x86_const as X
 
@@ -160,6 +159,8 @@ _ENTRY_CONTROLS = int(F.VM_ENTRY_CONTROLS)
 _GUEST_RIP = int(F.GUEST_RIP)
 _EXIT_INSTRUCTION_LEN = int(F.VM_EXIT_INSTRUCTION_LEN)
 _VM_EXIT = Kind.VM_EXIT.value
+_tuple_new = tuple.__new__
+_U64 = struct.Struct("<Q")
 
 MSR_IA32_CR_PAT = 0x277
 #: VTPR: the task-priority register's offset on the virtual-APIC and APIC-access pages.
@@ -203,6 +204,8 @@ class TrackedVmcs(Vmcs):
         self.live = False                  # the engine holds the tracked guest-state fields
         self.fresh: set[int] = set()       # tracked encodings copied from the engine since
         self._fetch = fetch                # fetch(enc): copy enc from the engine, add it to fresh
+        self._exit_info_at = self._abs[_EXIT_INFO_FIELDS[0]][2]
+        self._qualification_at = self._abs[F.EXIT_QUALIFICATION][2]
 
     def flush(self) -> None:
         """Copy every stale guest-state field from the engine into the region."""
@@ -263,9 +266,15 @@ class TrackedVmcs(Vmcs):
         unpack, _, off, _ = self._abs[enc]
         return unpack(self._view, off)[0]
 
-    def store_block(self, first: int, block: struct.Struct, *values) -> None:
-        """``store`` of consecutive slots from ``first``'s, packed by ``block``."""
-        block.pack_into(self._view, self._abs[first][2], *values)
+    def store_exit_info(self, reason: int, intr_info: int, intr_error_code: int, vectoring: int,
+                        vectoring_error_code: int, length: int, instruction_info: int,
+                        qualification: int) -> None:
+        """The fields every VM exit writes (:data:`_EXIT_INFO_FIELDS`, consecutive
+        slots: one pack; then EXIT_QUALIFICATION), with no checks."""
+        view = self._view
+        _EXIT_INFO_BLOCK.pack_into(view, self._exit_info_at, reason, intr_info, intr_error_code,
+                                   vectoring, vectoring_error_code, length, instruction_info)
+        _U64.pack_into(view, self._qualification_at, qualification)
 
     def store(self, enc: int, value: int) -> None:
         """Write a field's slot with no sync and no ``written`` mark: the exit
@@ -274,8 +283,7 @@ class TrackedVmcs(Vmcs):
         pack(self._view, off, value & mask)
 
 
-@dataclass(slots=True)
-class ExitRecord:
+class ExitRecord(NamedTuple):
     """One VM exit as the CLI reports it (``--json`` ``exits``)."""
 
     core: int
@@ -321,6 +329,7 @@ class VmxVcpu:
         # VM entry does per-entry work (below) even when no field was written: a TLB
         # flush without VPID, the TPR-threshold check, the MTF and the preemption timer
         self._entry_work = True
+        self._lma_saved: Optional[int] = None      # EFER.LMA (as HF_LMA) the control holds
         self._tpr_entry_check = False              # "use TPR shadow" and "virtualize APIC accesses"
         self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
         self.ept: Optional[EptStage2] = None     # the EPT the core translates through, when enabled
@@ -370,11 +379,15 @@ class VmxVcpu:
 
     def _save_ia32e_mode(self) -> None:
         """A VM exit stores EFER.LMA into the "IA-32e mode guest" entry control
-        (SDM "Saving Control Registers, Debug Registers, and MSRs")."""
+        (SDM "Saving Control Registers, Debug Registers, and MSRs").  vm_exit
+        calls this only when LMA differs from what the last call saved
+        (``_lma_saved``, forgotten when VM entry loads a written field)."""
         v = self.vmcs
         ent = v.peek(_ENTRY_CONTROLS)
-        if bool(ent & C.VM_ENTRY_IA32E_MODE) != bool(self.core.probe.hflags() & HF_LMA):
+        lma = self.core.probe.hflags() & HF_LMA
+        if bool(ent & C.VM_ENTRY_IA32E_MODE) != bool(lma):
             v.store(_ENTRY_CONTROLS, ent ^ C.VM_ENTRY_IA32E_MODE)
+        self._lma_saved = lma
 
     def _engine_holds_guest_state(self) -> None:
         """From now on the engine is the truth for every tracked field."""
@@ -444,11 +457,13 @@ class VmxVcpu:
         v = self.vmcs
         self.l0.before_entry(self)
         written = v.written
-        failure = self._entry_checks(launch)
-        if failure is not None:
-            return self._entry_failed(failure)
+        if launch or written or v.launch_state != "launched":
+            failure = self._entry_checks(launch)
+            if failure is not None:
+                return self._entry_failed(failure)
         if launch or written:
             self.load_guest_state(full=launch)
+            self._lma_saved = None      # the control or the mode may have changed: save at exit
             timers_changed = launch or not written.isdisjoint(_TIMER_CONTROLS)
             apic_changed = launch or not written.isdisjoint(_APIC_PAGE_FIELDS)
             ept_changed = launch or not written.isdisjoint(_EPT_FIELDS)
@@ -487,10 +502,7 @@ class VmxVcpu:
         written = v.written
         if launch or not written <= _RESUME_CHECK_FIELDS:
             return check_vm_entry(v, self.caps, self.read_mem, launch=launch)
-        state = v.launch_state
-        if not written and state == "launched":
-            return None
-        failure = check_launch_state(False, state)
+        failure = check_launch_state(False, v.launch_state)
         if failure is not None:
             return failure
         done = set()
@@ -581,22 +593,20 @@ class VmxVcpu:
         """The exit-information fields, as the processor writes them."""
         v = self.vmcs
         vinfo, vec_ec = self.core.vectoring_info()
-        v.store_block(_EXIT_INFO_FIELDS[0], _EXIT_INFO_BLOCK,
-                      reason_field, d.interruption_info, d.error_code or 0, vinfo, vec_ec,
-                      d.instruction_length or 0, d.instruction_info or 0)
-        store = v.store
-        store(F.EXIT_QUALIFICATION, d.qualification)
+        v.store_exit_info(reason_field, d.interruption_info, d.error_code or 0, vinfo, vec_ec,
+                          d.instruction_length or 0, d.instruction_info or 0, d.qualification)
         if d.guest_linear_address is not None:
-            store(F.GUEST_LINEAR_ADDRESS, d.guest_linear_address)
+            v.store(F.GUEST_LINEAR_ADDRESS, d.guest_linear_address)
         if d.guest_physical_address is not None:
-            store(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical_address)
+            v.store(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical_address)
 
     def _log(self, d: Decision, rip: int, entry_failure: bool = False) -> None:
         if self.record is not None:
             core = self.core
             in_window = bool(core.markers) and core.markers[-1][1] is None
-            self.record(ExitRecord(core.index, d.reason, d.name, entry_failure, d.qualification,
-                                   d.instruction_length, rip, in_window, d.cause))
+            self.record(_tuple_new(ExitRecord, (core.index, d.reason, d.name, entry_failure,
+                                                d.qualification, d.instruction_length, rip,
+                                                in_window, d.cause)))
 
     def vm_exit(self, d: Decision, event: Optional[Event]) -> None:
         """A VM exit for decision ``d``; then the L0 handles it and re-enters."""
@@ -610,7 +620,8 @@ class VmxVcpu:
                 v.peek(F.VM_EXIT_CONTROLS) & C.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER:
             left = max(0, self._ptimer_deadline - core.now()) >> PTIMER_RATE
             v.store(F.VMX_PREEMPTION_TIMER_VALUE, min(left, 0xFFFFFFFF))
-        self._save_ia32e_mode()     # the rest of the guest state stays in the engine
+        if core.probe.hflags() & HF_LMA != self._lma_saved:
+            self._save_ia32e_mode()     # the rest of the guest state stays in the engine
         self._log(d, rip)
         core.events[_VM_EXIT] = core.events.get(_VM_EXIT, 0) + 1
         if core.trace is not None:
