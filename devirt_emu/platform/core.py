@@ -324,7 +324,8 @@ class Core(TaskSwitching, PageWatching):
 
     def set_rip(self, linear: int) -> None:
         """Continue at a linear address (RIP = linear - CS.base)."""
-        self.probe.set_eip(linear - self.probe.cs_base())
+        probe = self.probe
+        probe.set_eip(linear - probe.cs_base())
 
     def load_segment(self, index: int, selector: int) -> None:
         """Load segment register ``index`` (ES, CS, SS, DS, FS, GS = 0..5) as a
@@ -1338,7 +1339,9 @@ class Core(TaskSwitching, PageWatching):
 
     def _require_iopl(self):
         """STI and I/O at CPL > IOPL: #GP(0) (no TSS I/O permission bitmap is modelled)."""
-        if self.cpl() > ((self.probe.system_flags() >> 12) & 3):
+        probe = self.probe
+        cpl = probe.cpl()
+        if cpl and cpl > ((probe.system_flags() >> 12) & 3):
             raise _Fault(13, 0)
 
     def _h_mov_ss(self, address, insn):

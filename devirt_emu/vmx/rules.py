@@ -950,10 +950,10 @@ def _io(ev, vmcs, rm, pl):
     size = insn.io_size
     if size not in (1, 2, 4):
         raise RuleInputError(f"{ev.kind.value}: I/O size {size!r} is not 1, 2 or 4")
-    if regs["cr0"] & _CR0_PE:
+    cpl = regs["cpl"] if regs["cr0"] & _CR0_PE else 0
+    if cpl:     # (CPL 0 is never above IOPL, and virtual-8086 mode runs at CPL 3)
         rflags = regs["rflags"]
         iopl = (rflags >> 12) & 3
-        cpl = regs["cpl"]
         if rflags & _RFLAGS_VM or cpl > iopl:
             permitted = _need_extra(ev, "io_permitted")
             where = "virtual-8086 mode" if rflags & _RFLAGS_VM else f"CPL={cpl} > IOPL={iopl}"
