@@ -368,7 +368,8 @@ class Machine:
             c = best
             c.clock = max(c.clock, best_t)
             c.lapic.update(c.clock)
-            c.wake_check()
+            if c.wake_check():
+                continue                       # a VM exit and entry: the boundary once more
             if c.state is not State.RUNNING:
                 if c.state is State.HALTED and self._wake_time(c) == c.clock:
                     # a wake-up is pending but cannot be taken (e.g. IF=0 with a timer

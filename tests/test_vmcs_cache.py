@@ -14,7 +14,15 @@ the VMCS must see regardless:
   GUEST_RIP of a 64-bit guest is a VM-entry failure with exit reason 33
   (invalid guest state) and bit 31 set; a control outside its allowed
   settings is VMfailValid with error 7 (SDM "Checks on VMX Controls",
-  "Checks on Guest RIP, RFLAGS, and SSP", VM-instruction error numbers).
+  "Checks on Guest RIP, RFLAGS, and SSP", VM-instruction error numbers);
+- a VMRESUME with nothing written still does what every VM entry does: the
+  monitor trap flag causes an MTF VM exit after the next instruction, and the
+  VMX-preemption timer is loaded from VMX_PREEMPTION_TIMER_VALUE (a value of
+  0 exits before any instruction) (SDM "Monitor Trap Flag", "VMX-Preemption
+  Timer");
+- KVM's skip_emulated_instruction (``VmxVcpu.skip_instruction``) makes
+  GUEST_RIP the exiting instruction's RIP plus VM_EXIT_INSTRUCTION_LEN, for
+  the L0's later reads and for the guest.
 """
 from __future__ import annotations
 
@@ -143,3 +151,84 @@ def test_vmresume_of_a_clear_vmcs_fails():
     assert m.verdict == "error"
     # VMfailValid, error 5: VMRESUME with non-launched VMCS
     assert m.l0.vcpus[0].vmcs.get(F.VM_INSTRUCTION_ERROR) == 5
+
+
+def machine_on(source: str, handlers: dict, **controls):
+    """One core under the stock L0 running ``source`` at CODE, the L0's handlers
+    replaced by ``handlers`` (exit reason -> handler), control fields set by
+    name before VMLAUNCH (``controls``: field name -> bits to OR in)."""
+    code, _ = assemble(source, CODE, "vmcs-cache")
+    m = Machine(cores=1, arch="vmx", config="stock", max_ns=10**9)
+    LM.write_environment(m)
+    m.write_phys(CODE, code)
+    LM.enter(m.cores[0], CODE)
+    m.l0.attach()
+    v = m.l0.vcpus[0].vmcs
+    for name, bits in controls.items():
+        v.set(F[name], v.get(F[name]) | bits)
+    m.l0._handlers.update(handlers)
+    return m
+
+
+MTF = 1 << 27                 # CPU_BASED_MONITOR_TRAP_FLAG
+PREEMPTION_TIMER = 1 << 6     # PIN_BASED_VMX_PREEMPTION_TIMER
+
+
+def test_the_monitor_trap_flag_holds_across_vmresumes_with_nothing_written():
+    rips = []
+    m = machine_on("nop\nnop\nnop\nmov al, 0\nout 0xf4, al",
+                   {ER.MONITOR_TRAP_FLAG: lambda vcpu, d, event: rips.append(vcpu.vmcs.get(F.GUEST_RIP))},
+                   CPU_BASED_VM_EXEC_CONTROL=MTF)
+    run(m)
+    assert m.verdict == "pass", m.message
+    # an MTF VM exit after each instruction: three NOPs (1 byte), MOV AL, imm8 (2 bytes)
+    assert rips == [CODE + 1, CODE + 2, CODE + 3, CODE + 5]
+
+
+def test_the_preemption_timer_is_loaded_at_every_vmresume():
+    exits = []
+
+    def timer(vcpu, d, event):
+        exits.append(vcpu.vmcs.get(F.GUEST_RIP))
+        if len(exits) == 3:       # enough: turn the timer off (a written control)
+            v = vcpu.vmcs
+            v.set(F.PIN_BASED_VM_EXEC_CONTROL, v.get(F.PIN_BASED_VM_EXEC_CONTROL) & ~PREEMPTION_TIMER)
+    m = machine_on("mov al, 0\nout 0xf4, al", {ER.PREEMPTION_TIMER: timer},
+                   PIN_BASED_VM_EXEC_CONTROL=PREEMPTION_TIMER)
+    run(m)
+    assert m.verdict == "pass", m.message
+    # VMX_PREEMPTION_TIMER_VALUE is 0: each VM entry exits before the first instruction
+    assert exits == [CODE, CODE, CODE]
+
+
+def test_skip_instruction_moves_guest_rip_past_the_exiting_instruction():
+    seen = []
+
+    def skip(vcpu, d, event):
+        v = vcpu.vmcs
+        before = v.get(F.GUEST_RIP)            # (now a copy in the region: must not go stale)
+        length = v.get(F.VM_EXIT_INSTRUCTION_LEN)
+        vcpu.skip_instruction()
+        seen.append((before, length, v.get(F.GUEST_RIP)))
+        return False
+    m = run(machine_with(skip))
+    assert m.verdict == "pass", m.message
+    first = CODE + CPUID_0_AT
+    # CPUID is 0F A2: 2 bytes; the guest then runs MOV R9, RSP (3) and XOR EAX, EAX (2)
+    assert seen == [(first, 2, first + 2), (first + 7, 2, first + 9)]
+
+
+def test_skip_instruction_after_the_l0_wrote_guest_rip():
+    done = []
+
+    def rewind_then_skip(vcpu, d, event):
+        v = vcpu.vmcs
+        if not done:
+            done.append(True)
+            v.set(F.GUEST_RIP, CODE + CPUID_0_AT - 2)   # back to XOR EAX, EAX (2 bytes)
+            vcpu.skip_instruction()                     # ... plus the CPUID's length: the CPUID again
+            return False
+    m = run(machine_with(rewind_then_skip))
+    assert m.verdict == "pass", m.message
+    # the CPUID ran twice more after the rewind: three CPUID exits in all
+    assert m.exit_counts["CPUID"] == 3

@@ -1520,8 +1520,12 @@ class Core(TaskSwitching, PageWatching):
                                        error_code=error_code))
 
     # ------------------------------------------------------------------ interrupts at boundaries
-    def wake_check(self) -> None:
-        """Between runs: INIT/SIPI/NMI and LAPIC interrupts; wakes a halted core."""
+    def wake_check(self) -> bool:
+        """Between runs: INIT/SIPI/NMI and LAPIC interrupts; wakes a halted core.
+        True when the VMX layer acted at this boundary (a VM exit and the L0's
+        VM entry): the caller checks the boundary again before running, since
+        the entry may have made another boundary event due at once (a
+        VMX-preemption timer loaded with 0, a TPR-below-threshold exit)."""
         lapic = self.lapic
         if self.icount == self.shadow_at and self.state is State.RUNNING and self._interrupt_wanted():
             # interrupt shadow (STI, MOV SS): the next instruction runs first
@@ -1531,9 +1535,9 @@ class Core(TaskSwitching, PageWatching):
                     break
             self._stop_reason = None
             if self.state is not State.RUNNING or self.machine.verdict is not None:
-                return
+                return False
         if self.virt is not None and self.virt.boundary(self):
-            return
+            return True
         if lapic.take_init():
             self._count(Kind.INIT)
             self.do_init()
@@ -1543,24 +1547,25 @@ class Core(TaskSwitching, PageWatching):
             if self.state is State.WAIT_SIPI:
                 self.do_sipi(vec)
         if self.state in (State.WAIT_SIPI, State.SHUTDOWN):
-            return
+            return False
         if self.icount == self.shadow_at:
-            return
+            return False
         if not self.nmi_blocked and lapic.take_nmi():
             self._count(Kind.NMI)
             self._wake()
             self._deliver_external(2, nmi=True)
-            return
+            return False
         if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF:
             vec = lapic.pending_vector()
             if vec is not None:
                 self._count(Kind.INTERRUPT)
                 if self.virt is not None and self.virt.on_event(
                         self, Event(Kind.INTERRUPT, self.index, self.rip(), vector=vec)):
-                    return
+                    return True
                 lapic.acknowledge()
                 self._wake()
                 self._deliver_external(vec)
+        return False
 
     def _interrupt_wanted(self) -> bool:
         """Is something waiting for an interrupt window (pending interrupt or NMI,
