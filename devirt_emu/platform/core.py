@@ -138,6 +138,9 @@ def _register_readers(core: "Core") -> dict:
 #: Kind -> its name (the keys of ``Core.events``): an enum's ``.value`` costs a
 #: property call, and this is looked up on every hooked instruction.
 _KIND_NAMES = {k: k.value for k in Kind}
+#: Kind.IN bound once: an Enum class attribute costs about 0.3 us on CPython 3.11
+#: (EnumType.__getattr__ puts every lookup on the slow path).
+_KIND_IN = Kind.IN
 
 # Interruption types (SDM "Format of the VM-Exit Interruption-Information Field").
 INTR_TYPE_EXT_INTR, INTR_TYPE_NMI, INTR_TYPE_HARD_EXCEPTION = 0, 2, 3
@@ -1250,7 +1253,7 @@ class Core(TaskSwitching, PageWatching):
         uc = self.uc
         port = insn.port if insn.port is not None else self.probe.gpr(2) & 0xFFFF
         size = insn.io_size
-        if insn.kind is Kind.IN:
+        if insn.kind is _KIND_IN:
             v = self.machine.io_read(self, port, size)
             if size == 4:
                 uc.reg_write(X.UC_X86_REG_RAX, v & 0xFFFFFFFF)
