@@ -85,6 +85,7 @@ GDT_ENTRIES = {
     0x58: seg(0, 0xFFFFF, 0x90, 0xC),          # read-only data, DPL 0
     0x60: seg(0, 0xFFFFF, 0xB2, 0xC),          # data, DPL 1
     0x68: seg(0, 0xF, 0x92),                   # 16-bit data of limit FH (a 16-bit stack: B = 0)
+    0x70: seg(0, 0xFFFF, 0x92),                # 16-bit data of limit FFFFH (B = 0)
     0x78: seg(TSS_16, 0x2B, 0x81),             # a 16-bit TSS, available
 }
 GDT_LIMIT = 0xFF
@@ -99,7 +100,7 @@ def _tss32(esp0: int = STACK0, ss0: int = 0x10) -> bytearray:
 def run_pm(code: str, *, idt: dict[int, int], cpl: int = 0, eflags: int = 0x2,
            esp: int | None = None, gdt: dict[int, int] | None = None, tss_a: bytes | None = None,
            tss_b: dict | None = None, v86: str | None = None, idt_limit: int = 256 * 8 - 1,
-           tr_limit: int = 0x67,
+           tr_limit: int = 0x67, tss16: bytes | None = None,
            under_l0: bool = False) -> Machine:
     """Run 32-bit protected-mode ``code`` at CODE (CS = 0x08, or 0x2B at ``cpl`` 3)
     with TR = 0x18 (TSS_A: ESP0 = STACK0, SS0 = 0x10 unless ``tss_a``), the IDT
@@ -125,6 +126,8 @@ def run_pm(code: str, *, idt: dict[int, int], cpl: int = 0, eflags: int = 0x2,
         struct.pack_into("<I", b, 0x38, tss_b.get("esp", STACK_B))
         struct.pack_into("<6I", b, 0x48, 0x10, 0x08, 0x10, 0x10, 0x10, 0x10)
     m.write_phys(TSS_B, bytes(b))
+    if tss16 is not None:
+        m.write_phys(TSS_16, tss16)
     m.write_phys(CODE, blob)
     if v86 is not None:
         m.write_phys(V86_CODE, assemble(".code16\n" + v86, 0, "v86.S")[0])
@@ -547,3 +550,198 @@ def test_exception_through_a_task_gate_pushes_its_error_code_on_the_new_stack():
     assert dwords(m, TSS_A + 0x20, 1) == [syms["there"]]             # a fault: EIP of the MOV
     gdt = m.mem.read(GDT, GDT_LIMIT + 1)
     assert (gdt[0x18 + 5] & 0xF, gdt[0x50 + 5] & 0xF) == (11, 11)   # both busy (nesting)
+
+
+def test_exception_through_a_task_gate_to_a_16bit_tss_pushes_a_word():
+    # task gate to the 16-bit TSS 0x78: IP, FLAGS, SP and ES/CS/SS/DS from it; the error
+    # code is pushed as a word (SDM "Task Switching": the size of the new TSS); the SDM
+    # leaves bits 31:16 of the registers loaded from a 16-bit TSS undefined, so the new
+    # task has a 16-bit stack (SS.B = 0) and only SP is checked
+    code = ("mov ax, 0x1000\nthere: mov ds, ax\nhlt\n.align 16\nt16:\n.code16\n"
+            "mov al, 0\nout 0xf4, al\n")
+    _, syms = assemble(".code32\n" + code, CODE, "pm.S")
+    t16 = bytearray(0x2C)
+    struct.pack_into("<HH", t16, 0x0E, syms["t16"] - CODE, 0x2)            # IP, FLAGS
+    struct.pack_into("<H", t16, 0x1A, 0x7800)                              # SP
+    struct.pack_into("<4H", t16, 0x22, 0x10, 0x20, 0x70, 0x10)             # ES CS SS DS
+    m = run_pm(code, idt={GP: gate(TASK, 0x78)}, tss16=bytes(t16))
+    s = passed(m)
+    assert (s["tr"], s["cs"], s["ss"]) == (0x78, 0x20, 0x70)
+    assert s["esp"] & 0xFFFF == 0x7800 - 2 and words(m, 0x7800 - 2, 1) == [0x1000]
+    assert words(m, TSS_16, 1) == [0x18]                                   # the link
+    assert s["eflags"] & NT
+    assert dwords(m, TSS_A + 0x20, 1) == [syms["there"]]
+
+
+# =========================================================================== under the stock L0
+def test_l0_reinjects_an_intercepted_exception_through_a_legacy_gate():
+    # stock KVM intercepts #UD and re-injects it (VM-entry event injection): the injected
+    # #UD is delivered through the guest's 32-bit interrupt gate
+    code = "there: ud2\nhlt\nhandler:\n" + EXIT
+    _, syms = assemble(".code32\n" + code, CODE, "pm.S")
+    m = run_pm(code, idt={UD: gate(INTR32, 0x08, syms["handler"])}, under_l0=True)
+    s = passed(m)
+    assert m.exit_counts.get("EXCEPTION_NMI") == 1
+    assert s["esp"] == STACK0 - 12 and dwords(m, STACK0 - 12, 1) == [syms["there"]]
+
+
+def test_l0_task_gate_for_an_exception_pushes_its_error_code():
+    # #GP(0x1000) through a task gate: a TASK_SWITCH exit (source IDT) whose IDT-vectoring
+    # information holds the #GP and its error code; the L0 switches and pushes it
+    code = "mov ax, 0x1000\nthere: mov ds, ax\nhlt\n" + TASK_B_REPORT + EXIT
+    _, syms = assemble(".code32\n" + code, CODE, "pm.S")
+    m = run_pm(code, idt={GP: gate(TASK, 0x50)}, tss_b={"eip": syms["task_b"]}, under_l0=True)
+    s = passed(m)
+    assert m.exit_counts.get("TASK_SWITCH") == 1
+    assert s["tr"] == 0x50 and s["esp"] == STACK_B - 4
+    assert dwords(m, STACK_B - 4, 1) == [0x1000]
+    assert dwords(m, TSS_A + 0x20, 1) == [syms["there"]]
+
+
+# =========================================================================== under VMX: exits
+from devirt_emu.testing.vmx_case import CODE_BASE, CaseRunner, legal_controls, run_case  # noqa: E402
+
+EXCEPTION_NMI, APIC_ACCESS = 0, 44
+HW_EXC = (1 << 31) | (3 << 8)                    # interruption information: valid, type 3
+EC_VALID = 1 << 11
+
+
+def vmx_pm32(exceptions: int = 0, *, secondary: int = 0, esp: int = STACK0,
+             extra: dict | None = None) -> dict[str, int]:
+    """VMCS fields of a 32-bit protected-mode guest on this file's GDT, IDT and TSS
+    (paging off, which VMX allows an unrestricted guest; run_case's ept="identity"
+    adds EPT)."""
+    f = legal_controls({
+        "CPU_BASED_VM_EXEC_CONTROL": 1 << 31,                      # activate secondary controls
+        "SECONDARY_VM_EXEC_CONTROL": (1 << 7) | secondary,         # unrestricted guest
+        "VM_ENTRY_CONTROLS": 0,                                    # not IA-32e mode
+    })
+    f.update({
+        "EXCEPTION_BITMAP": exceptions,
+        "GUEST_CR0": 0x31, "CR0_READ_SHADOW": 0x31, "GUEST_CR4": 1 << 13, "CR4_READ_SHADOW": 0,
+        "GUEST_IA32_EFER": 0,
+        "GUEST_GDTR_BASE": GDT, "GUEST_GDTR_LIMIT": GDT_LIMIT,
+        "GUEST_IDTR_BASE": IDT, "GUEST_IDTR_LIMIT": 256 * 8 - 1,
+        "GUEST_CS_SELECTOR": 0x08, "GUEST_CS_BASE": 0, "GUEST_CS_LIMIT": 0xFFFFFFFF,
+        "GUEST_CS_AR_BYTES": 0xC09B,
+        "GUEST_TR_SELECTOR": 0x18, "GUEST_TR_BASE": TSS_A, "GUEST_TR_LIMIT": 0x67,
+        "GUEST_TR_AR_BYTES": 0x8B,
+        "GUEST_LDTR_SELECTOR": 0, "GUEST_LDTR_AR_BYTES": 1 << 16,
+        "GUEST_RFLAGS": 0x2, "GUEST_RSP": esp,
+    })
+    for s in ("SS", "DS", "ES", "FS", "GS"):
+        f.update({f"GUEST_{s}_SELECTOR": 0x10, f"GUEST_{s}_BASE": 0,
+                  f"GUEST_{s}_LIMIT": 0xFFFFFFFF, f"GUEST_{s}_AR_BYTES": 0xC093})
+    f.update(extra or {})
+    return f
+
+
+def vmx_memory(idt: dict[int, int]) -> dict[int, bytes]:
+    table = bytearray(GDT_LIMIT + 1)
+    for sel, d in GDT_ENTRIES.items():
+        struct.pack_into("<Q", table, sel, d)
+    idt_bytes = bytearray(256 * 8)
+    for vec, g in idt.items():
+        struct.pack_into("<Q", idt_bytes, vec * 8, g)
+    return {GDT: bytes(table), IDT: bytes(idt_bytes), TSS_A: bytes(_tss32())}
+
+
+def run_vmx32(code: str, gates: dict, runner=None, **kw):
+    """A VMX case of 32-bit ``code`` (at CODE_BASE) with IDT gates (type, selector,
+    label or offset, DPL)."""
+    _, syms = assemble(".code32\n" + code, CODE_BASE, "case.S")
+    idt = {v: gate(t, sel, syms[lab] if isinstance(lab, str) else lab, dpl)
+           for v, (t, sel, lab, dpl) in gates.items()}
+    memory = vmx_memory(idt)
+    memory.update(kw.pop("memory", {}))
+    run = runner.run if runner is not None else run_case
+    return run(".code32\n" + code, vmcs=vmx_pm32(**kw), memory=memory, ept="identity")
+
+
+def test_vmx_fault_during_int_n_delivery_records_the_int_as_idt_vectoring_info():
+    # INT 0x41 through a gate whose code segment (0x48) is not present: #NP(0x48), EXT = 0;
+    # with #NP intercepted, the exit reports the INT being delivered (type 4, vector 0x41)
+    r = run_vmx32("nop\nthere: int 0x41", {0x41: (INTR32, 0x48, 0, 0)}, exceptions=1 << NP)
+    assert r.outcome == "exit" and r.exit.reason == EXCEPTION_NMI, str(r)
+    assert r.exit.interruption_info == HW_EXC | EC_VALID | NP and r.exit.error_code == 0x48
+    assert r.exit.idt_vectoring_info == (1 << 31) | (4 << 8) | 0x41
+    assert r.exit.guest_rip == r.symbols["there"] and r.steps == 1
+
+
+def test_vmx_fault_during_exception_delivery_has_ext_and_vectoring_info():
+    # #UD (hardware exception 6, no error code) through the same kind of gate: #NP(0x48 | EXT)
+    r = run_vmx32("there: ud2", {UD: (INTR32, 0x48, 0, 0)}, exceptions=1 << NP)
+    assert r.exit.reason == EXCEPTION_NMI and r.exit.error_code == 0x49, str(r)
+    assert r.exit.idt_vectoring_info == (1 << 31) | (3 << 8) | UD
+    assert r.exit.guest_rip == r.symbols["there"]
+
+
+def test_vmx_no_exit_delivers_through_the_legacy_gate():
+    r = run_vmx32("int 0x40\nhandler:\nhlt", {0x40: (INTR32, 0x08, "handler", 0)})
+    assert r.outcome == "no_exit" and r.no_exit.why == "halted", str(r)
+    assert r.no_exit.regs["rsp"] == STACK0 - 12
+
+
+def test_vmx_real_mode_fault_during_delivery_has_no_error_code():
+    # an unrestricted guest in real-address mode: INT 0x40 beyond an IDT limit of 0x3F is
+    # #GP; in real mode no error code is delivered, so the exit's interruption information
+    # has bit 11 clear; the INT (software interrupt 0x40) is the event being delivered
+    fields = vmx_pm32(exceptions=1 << GP, extra={
+        "GUEST_CR0": 0x30, "CR0_READ_SHADOW": 0x30, "GUEST_IDTR_BASE": 0, "GUEST_IDTR_LIMIT": 0x3F,
+        "GUEST_CS_SELECTOR": 0x1234, "GUEST_CS_BASE": CODE_BASE, "GUEST_CS_LIMIT": 0xFFFF,
+        "GUEST_CS_AR_BYTES": 0x9B, "GUEST_RIP": 0, "GUEST_RSP": 0x1000,
+        "GUEST_TR_SELECTOR": 0, "GUEST_TR_BASE": 0, "GUEST_TR_LIMIT": 0xFFFF,
+        **{f"GUEST_{s}_{k}": v for s in ("SS", "DS", "ES", "FS", "GS")
+           for k, v in (("SELECTOR", 0x2000), ("BASE", 0x20000), ("LIMIT", 0xFFFF),
+                        ("AR_BYTES", 0x93))}})
+    r = run_case(".code16\nnop\nint 0x40", vmcs=fields, ept="identity")
+    assert r.outcome == "exit" and r.exit.reason == EXCEPTION_NMI, str(r)
+    assert r.exit.interruption_info == HW_EXC | GP
+    assert r.exit.idt_vectoring_info == (1 << 31) | (4 << 8) | 0x40
+    assert r.exit.guest_rip == 1                                    # IP of the INT
+
+
+# ---------------------------------------------------------------- APIC-access page and delivery
+APIC_PAGE = 0x700000
+APIC_FIELDS = {"APIC_ACCESS_ADDR": APIC_PAGE}
+VIRTUALIZE_APIC_ACCESSES = 1 << 0
+
+
+def test_vmx_push_onto_the_apic_access_page_during_delivery_is_access_type_3():
+    # SDM "Exit Qualification for APIC-Access VM Exits": bits 15:12 = 3, linear access during
+    # event delivery; bits 11:0 the offset; the event is the IDT-vectoring information, and
+    # the instruction length is that of the INT n (2).  Fault-like: ESP is unchanged.
+    for code, vinfo, length in (("there: int 0x40", (1 << 31) | (4 << 8) | 0x40, 2),
+                                ("there: ud2", (1 << 31) | (3 << 8) | UD, None)):
+        r = run_vmx32(code, {0x40: (INTR32, 0x08, 0, 0), UD: (INTR32, 0x08, 0, 0)},
+                      secondary=VIRTUALIZE_APIC_ACCESSES, esp=APIC_PAGE + 0x100,
+                      extra=APIC_FIELDS)
+        assert r.outcome == "exit" and r.exit.reason == APIC_ACCESS, str(r)
+        assert r.exit.qualification == (3 << 12) | 0x0FC              # EFLAGS, the first push
+        assert r.exit.idt_vectoring_info == vinfo
+        assert r.exit.instruction_length == length
+        assert r.exit.guest_rip == r.symbols["there"] and r.exit.regs["rsp"] == APIC_PAGE + 0x100
+
+
+def test_vmx_idt_on_the_apic_access_page():
+    fields = {**APIC_FIELDS, "GUEST_IDTR_BASE": APIC_PAGE}
+    r = run_vmx32("there: int 0x40", {}, secondary=VIRTUALIZE_APIC_ACCESSES, extra=fields)
+    assert r.exit.reason == APIC_ACCESS and r.exit.qualification == (3 << 12) | 0x200, str(r)
+
+
+def test_vmx_push_virtualized_at_080h_then_exit_at_the_next_push():
+    # with "use TPR shadow" a write of at most 32 bits at offset 080H is virtualized, during
+    # event delivery too (SDM: an "operation" includes the delivery of an event through the
+    # IDT): EFLAGS (2) goes to VTPR, APIC-write emulation clears VTPR bytes 3:1; the next
+    # push (CS, at 07CH) exits
+    vapic = 0x710000
+    runner = CaseRunner()
+    primary = legal_controls({"CPU_BASED_VM_EXEC_CONTROL": (1 << 31) | (1 << 21)})
+    r = run_vmx32("int 0x40", {0x40: (INTR32, 0x08, 0, 0)}, runner=runner,
+                  secondary=VIRTUALIZE_APIC_ACCESSES, esp=APIC_PAGE + 0x84,
+                  extra={**APIC_FIELDS, **primary, "VIRTUAL_APIC_PAGE_ADDR": vapic,
+                         "TPR_THRESHOLD": 0},
+                  memory={vapic + 0x80: b"\x11\x22\x33\x44", APIC_PAGE + 0x80: b"\x55" * 4})
+    assert r.exit.reason == APIC_ACCESS and r.exit.qualification == (3 << 12) | 0x07C, str(r)
+    assert runner.machine.mem.read(vapic + 0x80, 4) == b"\x02\x00\x00\x00"
+    assert runner.machine.mem.read(APIC_PAGE + 0x80, 4) == b"\x55" * 4

@@ -1267,9 +1267,15 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
         ptr = self.probe.reg(ireg)
         seg = 0 if is_in else (insn.mem.seg if insn.mem is not None else 3)
         base = self.segment_base(seg)
+        # an access that may end in a VM exit taken inside it (a second stage, a watched
+        # page) finds the registers of the iterations done so far
+        exits_inside = bool(self._watched) or (self.vtlb is not None and self.vtlb.active)
         try:
             while count:
                 lin = (base + ptr) & 0xFFFF_FFFF_FFFF_FFFF
+                if exits_inside and insn.rep:
+                    uc.reg_write(ireg, ptr)
+                    uc.reg_write(creg, count)
                 if is_in:
                     v = self.machine.io_read(self, port, size)
                     self.write_linear(lin, v.to_bytes(size, "little"))
@@ -1283,13 +1289,6 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
             if insn.rep:
                 uc.reg_write(creg, count)
             raise _Fault(14, pf.error_code, pf.linear) from None
-        except AccessAborted:
-            # a VM exit on this iteration's memory access (a second stage, a watched
-            # page): the iterations before it are done
-            uc.reg_write(ireg, ptr)
-            if insn.rep:
-                uc.reg_write(creg, count)
-            raise
         uc.reg_write(ireg, ptr)
         if insn.rep:
             uc.reg_write(creg, 0)

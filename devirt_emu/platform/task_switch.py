@@ -200,8 +200,9 @@ class TaskSwitching:
         error codes with ``ext``).  Last the error code, if any, is pushed onto
         the new stack (a dword from a 32-bit TSS, a word from a 16-bit one;
         #SS(EXT) without room) and EIP checked against the CS limit (#GP(EXT)).
-        A 16-bit TSS loads FS and GS null and sets bits 31:16 of the general
-        registers (what Bochs and QEMU do; the SDM is silent).  The TSS's T flag
+        A 16-bit TSS loads FS and GS null; the SDM says the upper 16 bits of the
+        general registers "are modified and not maintained": they are set to
+        FFFFH here, as Bochs and QEMU do.  The TSS's T flag
         (a debug trap on entry to the task) is not modelled."""
         new_desc = self._gdt_entry(tss_selector)
         new_base, new_limit, new_flags = descriptor_cache(new_desc)

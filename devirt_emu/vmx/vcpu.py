@@ -968,7 +968,7 @@ class VmxVcpu:
             core.trace(core, ev)
         out = decide(ev, self.vmcs, self.read_mem)
         if out.exit and out.reason == er.APIC_ACCESS:
-            self.vm_exit(out, ev)
+            self.vm_exit(out, None)     # (as an EPT violation there: not an instruction's event)
             raise AccessAborted()
         if access.access == "read":
             return self._vapic_read(access.pa & 0xFFF, access.size)
