@@ -745,3 +745,11 @@ def test_vmx_push_virtualized_at_080h_then_exit_at_the_next_push():
     assert r.exit.reason == APIC_ACCESS and r.exit.qualification == (3 << 12) | 0x07C, str(r)
     assert runner.machine.mem.read(vapic + 0x80, 4) == b"\x02\x00\x00\x00"
     assert runner.machine.mem.read(APIC_PAGE + 0x80, 4) == b"\x55" * 4
+
+
+def test_virtual_8086_code_is_decoded_as_16bit():
+    # OUT DX, AX (EF) writes 2 bytes in 16-bit code, EAX (4) in 32-bit code: the 16-bit
+    # write of 0 passes, a 32-bit one would write 0x12340000 (a failing verdict)
+    code = "mov eax, 0x12340000\n" + enter_v86(3)
+    m = run_pm(code, idt={}, v86="mov dx, 0xf4\nmov ax, 0\nout dx, ax\nhlt\n")
+    assert m.verdict == "pass", (m.verdict, m.message)

@@ -20,7 +20,8 @@ first executed in real or protected mode (the boot path) are scanned for all
 three code sizes and their hooks check the mode each time they fire.
 
 What Unicorn gets wrong, the core does itself: interrupt and exception
-delivery through the guest IDT (IA-32e mode gates, IST, error codes from
+delivery through the guest IDT (IA-32e mode gates and IST here; real,
+protected and virtual-8086 mode in :mod:`.delivery`; error codes from
 QEMU's state, #DF, triple fault), the interrupt shadow of STI / MOV SS /
 POP SS, NMI blocking until IRET, HLT, MSRs (an unknown MSR is #GP), CPUID,
 port I/O, the local APIC (x2APIC MSRs and the xAPIC MMIO page), CR8.
@@ -341,8 +342,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
         return self.probe.hflags() & HF_CPL_MASK      # QEMU keeps the CPL there (0 in real mode)
 
     def code_size(self) -> int:
-        """16, 32 or 64: the current code size (CS.L/CS.D in protected mode)."""
-        if not self.probe.reg(X.UC_X86_REG_CR0) & 1:
+        """16, 32 or 64: the current code size (CS.L/CS.D in protected mode; 16 in
+        real-address and virtual-8086 mode)."""
+        if not self.probe.reg(X.UC_X86_REG_CR0) & 1 or self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_VM:
             return 16
         desc = self._descriptor(self.probe.reg(X.UC_X86_REG_CS))
         if desc is None:

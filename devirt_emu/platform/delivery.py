@@ -43,7 +43,7 @@ from unicorn import x86_const as X
 from . import descriptors as D
 from .descriptors import descriptor_cache, flags_to_ar, selector_error_code
 from .errors import GuestError, _Fault
-from .paging import PageFault
+from .paging import PageFault, UnsupportedPaging
 from .rflags import RFLAGS_AC, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
 from .tasks import tss_layout
 from .ucinternals import ENV_IDT
@@ -82,10 +82,13 @@ class LegacyDelivery:
         the linear address to return to; ``soft``: INT n, INT3 or INTO).
         Raises _Fault for an exception during delivery.  Returns False when the
         delivery ended in a VM exit (an IDT task gate under VMX)."""
-        if not self.probe.cr(0) & 1:
-            self._deliver_real(vector, return_rip)
-            return True
-        return self._deliver_protected(vector, error_code, return_rip, soft=soft)
+        try:
+            if not self.probe.cr(0) & 1:
+                self._deliver_real(vector, return_rip)
+                return True
+            return self._deliver_protected(vector, error_code, return_rip, soft=soft)
+        except UnsupportedPaging as e:
+            raise GuestError(f"core {self.index}: delivering vector {vector}: {e}") from None
 
     # ------------------------------------------------------------------ real-address mode
     def _deliver_real(self, vector: int, return_rip: int) -> None:

@@ -178,7 +178,10 @@ class TaskSwitching:
         if x.get("task_switch_source") != "IDT":
             self._h_task_switch(event.rip, event.insn)
             return
-        self.switch_task_for_event(x["tss_selector"], x["return_rip"], event.error_code, x["ext"])
+        try:
+            self.switch_task_for_event(x["tss_selector"], x["return_rip"], event.error_code, x["ext"])
+        except UnsupportedPaging as e:
+            raise GuestError(f"core {self.index}: task switch to {x['tss_selector']:#x}: {e}") from None
 
     # ------------------------------------------------------------------ the switch itself
     def switch_task_for_event(self, tss_selector: int, return_rip: int,
