@@ -753,3 +753,23 @@ def test_virtual_8086_code_is_decoded_as_16bit():
     code = "mov eax, 0x12340000\n" + enter_v86(3)
     m = run_pm(code, idt={}, v86="mov dx, 0xf4\nmov ax, 0\nout dx, ax\nhlt\n")
     assert m.verdict == "pass", (m.verdict, m.message)
+
+
+def test_external_interrupt_in_protected_mode():
+    # a self-IPI (x2APIC SELF IPI register) of vector 0x40 is taken once IF = 1 (after the
+    # STI's shadow): the frame returns to the instruction after the NOP; delivering it
+    # through a not-present gate is #NP(0x40 * 8 + 2 + EXT), EXT = 1 for an external interrupt
+    code = ("mov ecx, 0x1B\nmov eax, 0xFEE00D00\nxor edx, edx\nwrmsr\n"     # x2APIC mode
+            "mov ecx, 0x80F\nmov eax, 0x1FF\nwrmsr\n"                        # SVR: enabled
+            "mov ecx, 0x83F\nmov eax, 0x40\nwrmsr\n"                          # self IPI 0x40
+            "sti\nnop\nthere: hlt\nhandler:\n" + EXIT)
+    m = run_pm_labels(code, {0x40: (INTR32, 0x08, "handler", 0)})
+    s = passed(m)
+    assert dwords(m, STACK0 - 12, 1) == [m.syms["there"]]
+    assert not s["eflags"] & IF
+    _, syms = assemble(".code32\n" + code, CODE, "pm.S")
+    g = pm_handler_idt(syms, {NP: (INTR32, 0x08, "handler", 0)})
+    g[0x40] = gate(INTR32, 0x08, syms["handler"], present=False)
+    m = run_pm(code, idt=g)
+    s = passed(m)
+    assert dwords(m, s["esp"], 1) == [0x40 * 8 + 2 + 1]

@@ -1343,6 +1343,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
         self.shadow_at = self.retired_now() + 1
 
     def _h_iret(self, address, insn):
+        # Unicorn executes IRET itself (measured on 2.1.4, tests/test_legacy_delivery.py:
+        # real mode, 32-bit protected mode to the same and to an outer privilege level,
+        # into virtual-8086 mode); the core only unblocks NMIs and checks interrupts after it
         self.iret_unblocked_nmi = self.nmi_blocked     # for an EPT exit during the IRET
         self.nmi_blocked = False
         self._step_then_check(address)
