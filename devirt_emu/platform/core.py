@@ -1130,7 +1130,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
             Kind.IRET: self._h_iret, Kind.MOV_SS: self._h_mov_ss, Kind.POP_SS: self._h_mov_ss,
             Kind.INT: self._h_int, Kind.INT3: self._h_int, Kind.INT1: self._h_int,
             Kind.INTO: self._h_into,
-            Kind.PAUSE: self._h_pause, Kind.TASK_SWITCH: self._h_task_switch,
+            Kind.PAUSE: self._h_pause,
             Kind.MARKER_BEGIN: self._h_marker_begin, Kind.MARKER_END: self._h_marker_end,
         })
         return h
@@ -1452,8 +1452,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
             self.request_stop("shutdown")
 
     def deliver_event(self, vector: int, error_code: int | None, return_rip: int, *,
-                      exception: bool = False, soft: bool = False,
-                      external: bool = False) -> None:
+                      exception: bool = False, soft: bool = False) -> None:
         """Push an interrupt frame and enter the handler of ``vector``: through a
         64-bit gate in IA-32e mode (here), else in real-address, protected or
         virtual-8086 mode (:mod:`devirt_emu.platform.delivery`).  ``return_rip``
@@ -1600,7 +1599,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
     def _deliver_external(self, vector: int, nmi: bool = False) -> None:
         self._delivering = (vector, INTR_TYPE_NMI if nmi else INTR_TYPE_EXT_INTR, None)
         try:
-            self.deliver_event(vector, None, self.rip(), external=True)
+            self.deliver_event(vector, None, self.rip())
             if self.trace is not None:
                 self.trace(self, Event(Kind.NMI if nmi else Kind.INTERRUPT, self.index, self.rip(),
                                        vector=vector))

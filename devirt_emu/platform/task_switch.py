@@ -1,8 +1,10 @@
 """Task switches on a core: when a far JMP/CALL, an IRET or an IDT gate attempts
-one, the SDM's checks made before the switch, and the TASK_SWITCH event.
+one, the SDM's checks made before the switch, the TASK_SWITCH event, and the
+switch itself: Unicorn performs those of far JMP/CALL and IRET, the platform
+those through an IDT task gate (:meth:`TaskSwitching.switch_task_for_event`).
 
 A mixin of :class:`~devirt_emu.platform.core.Core` (it uses the core's engine,
-memory and event plumbing); the checks themselves are the pure functions of
+memory and event plumbing); the checks and the TSS layouts are in
 :mod:`devirt_emu.platform.tasks`.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .paging import PageFault, UnsupportedPaging
 from .rflags import RFLAGS_NT, RFLAGS_VM
 from .ucinternals import ENV_GDT, HF_LMA, HF_PE
 
-#: Interruption types of software events (INT n 4, INT1 5, INT3/INTO 6).
+#: Interruption types of software events (INT n 4, INT1 5, INT3/INTO 6: the core's
+#: INTR_TYPE_SOFT_INTR, INTR_TYPE_PRIV_SW_EXCEPTION and INTR_TYPE_SOFT_EXCEPTION).
 _SOFTWARE_TYPES = frozenset({4, 5, 6})
 CR0_TS, CR0_PG = 1 << 3, 1 << 31
 #: DR7 L0-L3: the local breakpoint enables a task switch clears.
@@ -153,14 +156,11 @@ class TaskSwitching:
         self.switch_task_for_event(tss_selector, return_rip, error_code, 0 if soft else 1)
         return False
 
-    def _h_task_switch(self, address: int, insn: Optional[Insn]) -> None:
+    def _h_task_switch(self, address: int, insn: Insn) -> None:
         """A task switch of a far JMP/CALL or an IRET (a TASK_SWITCH event, checked
         already): Unicorn performs it (measured correct on 2.1.4) when it runs the
         instruction alone; the scans are re-armed after it (the new task's CR3
         may differ)."""
-        if insn is None or insn.kind not in TASK_SWITCH_INSNS:
-            raise GuestError(f"core {self.index}: a task switch at {address:#x} through the IDT "
-                             "is performed by switch_task_for_event, not as an instruction")
         if insn.kind is Kind.IRET:
             self.nmi_blocked = False
         self._step_then_check(address)

@@ -10,6 +10,10 @@ privilege), on the new TSS selector (within the GDT), the read of the new TSS
 descriptor and the checks on it (type, P bit, S bit, limit) come first and
 may fault; only if they pass does the task switch cause a VM exit.
 
+Also the layouts of the 32-bit and 16-bit TSS and the checks of the new
+task's LDT and segments that a task switch makes after its commit point (SDM
+Vol. 3A "Task Switching", Table 7-1), for the switches the platform performs.
+
 These are pure functions of descriptor values.  The caller reads the
 descriptors (``read_gdt(selector) -> int | None``: the 8-byte GDT entry, None
 beyond the GDT limit) and turns a :class:`TaskFault` into the exception.  In

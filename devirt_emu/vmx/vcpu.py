@@ -48,7 +48,10 @@ accesses", no APIC-register virtualization or virtual-interrupt delivery):
   write of at most 32 bits at offset 080H with "use TPR shadow"), in which
   case the instruction runs with offsets 080H-083H of the page backed by
   VTPR; a virtualized write then clears VTPR bytes 3:1 and performs TPR
-  virtualization (SDM "APIC-Write Emulation").
+  virtualization (SDM "APIC-Write Emulation").  The accesses the platform
+  makes itself (event delivery: access type 3 with IDT-vectoring
+  information; INS/OUTS: types 0 and 1) reach the same rule as they happen
+  (:meth:`VmxVcpu._platform_apic_access`).
 * with both, a VM entry is followed by a TPR-below-threshold exit, before
   any instruction and before any other event, if TPR_THRESHOLD[3:0] >
   VTPR[7:4] (SDM "VM Exits Induced by the TPR Threshold").
@@ -532,8 +535,7 @@ class VmxVcpu:
         core._delivering = (vector, itype >> 8, ec)
         try:
             core.deliver_event(vector, ec, rip, exception=itype == C.INTR_TYPE_HARD_EXCEPTION,
-                               soft=itype in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_SOFT_EXCEPTION),
-                               external=itype == C.INTR_TYPE_EXT_INTR)
+                               soft=itype in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_SOFT_EXCEPTION))
         except _Fault as f:
             core.deliver_exception(f.vector, f.error_code, f.cr2)
         except AccessAborted:
