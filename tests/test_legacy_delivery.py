@@ -100,7 +100,7 @@ def _tss32(esp0: int = STACK0, ss0: int = 0x10) -> bytearray:
 def run_pm(code: str, *, idt: dict[int, int], cpl: int = 0, eflags: int = 0x2,
            esp: int | None = None, gdt: dict[int, int] | None = None, tss_a: bytes | None = None,
            tss_b: dict | None = None, v86: str | None = None, idt_limit: int = 256 * 8 - 1,
-           tr_limit: int = 0x67, tss16: bytes | None = None,
+           tr_limit: int = 0x67, tss16: bytes | None = None, tr16: bool = False,
            under_l0: bool = False) -> Machine:
     """Run 32-bit protected-mode ``code`` at CODE (CS = 0x08, or 0x2B at ``cpl`` 3)
     with TR = 0x18 (TSS_A: ESP0 = STACK0, SS0 = 0x10 unless ``tss_a``), the IDT
@@ -136,7 +136,10 @@ def run_pm(code: str, *, idt: dict[int, int], cpl: int = 0, eflags: int = 0x2,
     uc.reg_write(X.UC_X86_REG_GDTR, (0, GDT, GDT_LIMIT, 0))
     uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT, idt_limit, 0))
     uc.reg_write(X.UC_X86_REG_CR0, 0x31)
-    core.write_segment(7, 0x18, TSS_A, tr_limit, 0x8B)
+    if tr16:                          # the current task's TSS: the 16-bit one (busy)
+        core.write_segment(7, 0x78, TSS_16, 0x2B, 0x83)
+    else:
+        core.write_segment(7, 0x18, TSS_A, tr_limit, 0x8B)
     core.write_segment(6, 0, 0, 0, 1 << 16)
     if cpl == 3:
         core.load_segment(1, 0x2B)
@@ -773,3 +776,57 @@ def test_external_interrupt_in_protected_mode():
     m = run_pm(code, idt=g)
     s = passed(m)
     assert dwords(m, s["esp"], 1) == [0x40 * 8 + 2 + 1]
+
+
+def test_stack_switch_from_a_16bit_tss():
+    # the current TSS is 16-bit: SP0 at offset 2, SS0 at offset 4 (SDM "16-Bit Task-State
+    # Segment"); the 32-bit gate still pushes dwords
+    t16 = bytearray(0x2C)
+    struct.pack_into("<HH", t16, 2, 0x7000, 0x10)
+    code = "there: int 0x40\nhlt\nhandler:\n" + EXIT
+    _, syms = assemble(".code32\n" + code, CODE, "pm.S")
+    m = run_pm(code, idt={0x40: gate(INTR32, 0x08, syms["handler"], 3)}, cpl=3, tr16=True,
+               tss16=bytes(t16))
+    s = passed(m)
+    assert (s["ss"], s["esp"]) == (0x10, 0x7000 - 20)
+    assert dwords(m, 0x7000 - 20, 5)[::3] == [syms["there"] + 2, STACK3]
+
+
+# =========================================================================== the task checks alone
+from devirt_emu.platform import tasks  # noqa: E402
+
+
+def _raises(fn, *args):
+    try:
+        fn(*args)
+    except tasks.TaskFault as f:
+        return f.vector, f.error_code
+    return None
+
+
+def test_new_task_segment_checks():
+    # SDM Table 7-1, error codes with the selector and EXT
+    code0, code3 = GDT_ENTRIES[0x08], GDT_ENTRIES[0x28]
+    data0, data3 = GDT_ENTRIES[0x10], GDT_ENTRIES[0x30]
+    assert _raises(tasks.check_new_cs, 0x08, code0, 1) is None
+    assert _raises(tasks.check_new_cs, 0x0B, code0, 1) == (TS, 0x09)      # DPL 0 != RPL 3
+    assert _raises(tasks.check_new_cs, 0x10, data0, 1) == (TS, 0x11)      # not code
+    assert _raises(tasks.check_new_cs, 0x3B, GDT_ENTRIES[0x38], 0) is None  # conforming, DPL <= RPL
+    assert _raises(tasks.check_new_cs, 0x48, GDT_ENTRIES[0x48], 0) == (NP, 0x48)
+    assert _raises(tasks.check_new_cs, 0x00, None, 1) == (TS, 0x01)       # null
+    assert _raises(tasks.check_new_ss, 0x33, data3, 3, 0) is None
+    assert _raises(tasks.check_new_ss, 0x10, data0, 3, 0) == (TS, 0x10)   # RPL, DPL != CPL 3
+    assert _raises(tasks.check_new_ss, 0x58, GDT_ENTRIES[0x58], 0, 0) == (TS, 0x58)  # read-only
+    assert _raises(tasks.check_new_ss, 0x40, GDT_ENTRIES[0x40], 0, 0) == (SS, 0x40)  # not present
+    assert tasks.check_new_data_segment(0, None, 3, 0) is False           # null: loaded unusable
+    assert tasks.check_new_data_segment(0x33, data3, 3, 0) is True
+    assert _raises(tasks.check_new_data_segment, 0x10, data0, 3, 0) == (TS, 0x10)   # DPL 0 < CPL 3
+    assert _raises(tasks.check_new_data_segment, 0x40, GDT_ENTRIES[0x40], 0, 1) == (NP, 0x41)
+    assert tasks.check_new_data_segment(0x3B, GDT_ENTRIES[0x38], 3, 0) is True      # conforming code
+    assert _raises(tasks.check_new_data_segment, 0x0B, code0 & ~(2 << 40), 0, 0) == (TS, 0x08)
+    ldt = seg(0x1000, 0xFF, 0x82)
+    assert tasks.check_new_ldt(0, None, 1) is False
+    assert tasks.check_new_ldt(0x80, ldt, 1) is True
+    assert _raises(tasks.check_new_ldt, 0x84, ldt, 1) == (TS, 0x85)      # TI = 1
+    assert _raises(tasks.check_new_ldt, 0x80, data0, 1) == (TS, 0x81)    # not an LDT
+    assert _raises(tasks.check_new_ldt, 0x80, ldt & ~(1 << 47), 0) == (TS, 0x80)   # not present
