@@ -21,10 +21,11 @@ import struct
 
 from unicorn import x86_const as X
 
-from ..events import Event
+from ..events import Event, Kind
 from ..platform import cpuid as cpuid_model
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, descriptor_cache
-from ..platform.tasks import MIN_TSS_LIMIT, TSS32_AVAILABLE
+from ..platform.descriptors import desc_type
+from ..platform.tasks import MIN_TSS_LIMIT, TSS32_AVAILABLE, tss_layout
 from ..platform.ucinternals import ENV_GDT
 from ..vmx import capabilities as caps
 from ..vmx import controls as C
@@ -435,25 +436,46 @@ class KvmL0:
         vcpu.skip_instruction()
 
     def h_task_switch(self, vcpu, d, event):
-        """TASK_SWITCH: KVM emulates the task switch (kvm_task_switch), reading and
-        writing the GDT and both TSSs through its own MMU.  Here the platform
-        performs the switch of a far JMP/CALL or IRET by running the instruction
-        as the guest, so the L0 first maps in the EPT what the switch touches (the
-        GDT, the current and the new TSS: guest-physical = linear, since task
-        switches under EPT are modelled with paging off), as KVM's accesses never
-        cause EPT violations.  One through an IDT task gate is not performed by
-        the platform, which ends the run."""
-        if self.ept is not None and not vcpu.core.probe.cr(0) >> 31:
-            core = vcpu.core
-            gdt_base, gdt_limit = core.probe.dtr(ENV_GDT)
-            _, tr_base, tr_limit, _ = core.probe.segment(7)
-            touched = [(gdt_base, gdt_limit + 1), (tr_base, min(tr_limit + 1, TSS32_SIZE))]
-            sel = d.qualification & 0xFFFF
-            if (sel & ~7) + 8 <= gdt_limit + 1 and gdt_base + (sel & ~7) + 8 <= self.guest_ram:
-                desc = int.from_bytes(vcpu.mem.read(gdt_base + (sel & ~7), 8), "little")
-                base, limit, _ = descriptor_cache(desc)
-                touched.append((base, min(limit + 1, TSS32_SIZE)))
-            for start, size in touched:
+        """TASK_SWITCH: KVM emulates the task switch (handle_task_switch, then
+        kvm_task_switch), reading and writing the GDT and both TSSs through its
+        own MMU.  Here the platform performs it: the switch of a far JMP/CALL or
+        IRET by running the instruction as the guest, one through an IDT task gate
+        (qualification source 3) with the core's own task switch.  For the latter,
+        as KVM reads the IDT-vectoring information: the error code of a hardware
+        exception is pushed onto the new task's stack, a software interrupt or
+        exception (types 4-6) is skipped (the old task resumes after it), an NMI
+        leaves NMIs blocked, and EXT is set in the error codes of faults in the
+        switch unless the event was INT n, INT3 or INTO.
+
+        First the L0 maps in the EPT what the switch touches (the GDT, the current
+        and the new TSS, the new task's LDT and, when an error code is pushed, the
+        page it goes to: guest-physical = linear, since task switches under EPT
+        are modelled with paging off), as KVM's accesses never cause EPT
+        violations.  A fault in the switch is injected into the guest."""
+        core = vcpu.core
+        tss_selector = d.qualification & 0xFFFF
+        if d.qualification >> 30 & 3 == 3:
+            v = vcpu.vmcs
+            vinfo = v.get(F.IDT_VECTORING_INFO_FIELD)
+            itype = vinfo & C.VECTORING_INFO_TYPE_MASK
+            error_code, ext, resume = None, 1, core.rip()
+            if vinfo & C.VECTORING_INFO_VALID_MASK:
+                if itype == C.INTR_TYPE_HARD_EXCEPTION and vinfo & C.VECTORING_INFO_DELIVER_CODE_MASK:
+                    error_code = v.get(F.IDT_VECTORING_ERROR_CODE)
+                if itype in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_SOFT_EXCEPTION,
+                             C.INTR_TYPE_PRIV_SW_EXCEPTION):
+                    resume += v.get(F.VM_EXIT_INSTRUCTION_LEN)
+                if itype in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_SOFT_EXCEPTION):
+                    ext = 0
+                if itype == C.INTR_TYPE_NMI_INTR:
+                    core.nmi_blocked = True
+            event = Event(Kind.TASK_SWITCH, core.index, core.rip(), error_code=error_code,
+                          extra={"tss_selector": tss_selector, "task_switch_source": "IDT",
+                                 "return_rip": resume, "ext": ext})
+        else:
+            error_code = None
+        if self.ept is not None and not core.probe.cr(0) >> 31:
+            for start, size in self._task_switch_ranges(core, tss_selector, error_code is not None):
                 for page in range(start & ~0xFFF, start + size, 4096):
                     if page < self.guest_ram:
                         self._ept_map(page)     # (new entries: nothing cached to invalidate)
@@ -461,6 +483,41 @@ class KvmL0:
             vcpu.emulate_on_platform(event)
         except GuestError as e:
             self._fatal(vcpu, str(e).split(": ", 1)[-1])
+
+    def _task_switch_ranges(self, core, tss_selector: int, error_code: bool):
+        """(linear address, size) of what a task switch to ``tss_selector`` reads
+        and writes, as far as the GDT tells (paging off: linear = guest-physical)."""
+        gdt_base, gdt_limit = core.probe.dtr(ENV_GDT)
+        _, tr_base, tr_limit, _ = core.probe.segment(7)
+        ranges = [(gdt_base, gdt_limit + 1), (tr_base, min(tr_limit + 1, TSS32_SIZE))]
+
+        def gdt_entry(sel):
+            at = gdt_base + (sel & ~7)
+            if sel & 4 or (sel & ~7) + 8 > gdt_limit + 1 or at + 8 > self.guest_ram:
+                return None
+            return int.from_bytes(core.mem.read(at, 8), "little")
+
+        desc = gdt_entry(tss_selector)
+        if desc is None:
+            return ranges
+        base, limit, _ = descriptor_cache(desc)
+        ranges.append((base, min(limit + 1, TSS32_SIZE)))
+        layout = tss_layout(desc_type(desc))
+        if base + layout.size > self.guest_ram:
+            return ranges
+        image = core.mem.read(base, layout.size)
+        ldt = gdt_entry(int.from_bytes(image[layout.ldt:layout.ldt + 2], "little"))
+        if ldt is not None:
+            ldt_base, ldt_limit, _ = descriptor_cache(ldt)
+            ranges.append((ldt_base, ldt_limit + 1))
+        if error_code:
+            at_sp, at_ss = layout.gprs + 4 * layout.width, layout.segs + 2 * layout.seg_stride
+            sp = int.from_bytes(image[at_sp:at_sp + layout.width], "little")
+            ss = gdt_entry(int.from_bytes(image[at_ss:at_ss + 2], "little"))
+            if ss is not None:
+                ranges.append(((descriptor_cache(ss)[0] + sp - layout.width) & 0xFFFFFFFF,
+                               layout.width))
+        return ranges
 
     def h_hlt(self, vcpu, d, event):
         """HLT: KVM blocks the vCPU until an interrupt is pending for it."""

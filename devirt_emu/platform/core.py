@@ -20,7 +20,8 @@ first executed in real or protected mode (the boot path) are scanned for all
 three code sizes and their hooks check the mode each time they fire.
 
 What Unicorn gets wrong, the core does itself: interrupt and exception
-delivery through the guest IDT (IA-32e mode gates, IST, error codes from
+delivery through the guest IDT (IA-32e mode gates and IST here; real,
+protected and virtual-8086 mode in :mod:`.delivery`; error codes from
 QEMU's state, #DF, triple fault), the interrupt shadow of STI / MOV SS /
 POP SS, NMI blocking until IRET, HLT, MSRs (an unknown MSR is #GP), CPUID,
 port I/O, the local APIC (x2APIC MSRs and the xAPIC MMIO page), CR8.
@@ -41,8 +42,9 @@ REP string instruction keeps the iterations already done), and a denied
 fetch stops with RIP at the fetched address.  Two holes: a read that starts
 on the page before and crosses into the watched page is not seen at all, and
 a write crossing into it has already written its bytes on the page before.
-Accesses the platform performs itself in Python (IDT delivery, INS/OUTS,
-descriptor-table reads) do not look at watched pages.
+Accesses the platform performs itself in Python (event delivery, INS/OUTS,
+task switches) through read_linear/write_linear call the watcher at once,
+inside the access (see :meth:`PageWatching.watch_page`).
 
 Time
 ----
@@ -74,11 +76,14 @@ from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from . import cpuid as cpuid_model
 from . import tasks
+from .delivery import LegacyDelivery
+from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-exported)
 from .lapic import GeneralProtection
 from .memory import PAGE_SIZE, PhysicalAccessError
 from .msrs import check_read, check_write
 from .paging import PageFault, UnsupportedPaging, translate
 from .errors import GuestError, _Fault
+from .rflags import RFLAGS_DF, RFLAGS_IF, RFLAGS_NT, RFLAGS_OF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitching
 from .watch import PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, Stage2Fault,
@@ -98,12 +103,6 @@ EXIT_KINDS = frozenset({
 CALM_RUN = 20_000
 #: Virtual nanoseconds one PAUSE takes (about 140 cycles on Skylake and later).
 PAUSE_NS = 140
-RFLAGS_IF = 1 << 9
-RFLAGS_TF = 1 << 8
-RFLAGS_NT = 1 << 14
-RFLAGS_RF = 1 << 16
-RFLAGS_VM = 1 << 17
-RFLAGS_DF = 1 << 10
 
 MSR_EFER = 0xC0000080
 
@@ -146,6 +145,10 @@ _KIND_IN = Kind.IN
 INTR_TYPE_EXT_INTR, INTR_TYPE_NMI, INTR_TYPE_HARD_EXCEPTION = 0, 2, 3
 INTR_TYPE_SOFT_INTR, INTR_TYPE_PRIV_SW_EXCEPTION, INTR_TYPE_SOFT_EXCEPTION = 4, 5, 6
 
+#: Interruption types of the software events the core delivers (INT1 is 5, privileged).
+_SOFT_EVENT_TYPE = {Kind.INT: INTR_TYPE_SOFT_INTR, Kind.INT3: INTR_TYPE_SOFT_EXCEPTION,
+                    Kind.INTO: INTR_TYPE_SOFT_EXCEPTION}
+
 # Exception classes for the double-fault rule (SDM "Conditions for Generating a Double Fault").
 _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
@@ -159,7 +162,7 @@ _NATIVE_UD = frozenset({
     Kind.VMSAVE, Kind.STGI, Kind.CLGI, Kind.SKINIT, Kind.INVLPGA, Kind.MONITOR, Kind.MWAIT,
     Kind.MONITORX, Kind.MWAITX, Kind.UMONITOR, Kind.UMWAIT, Kind.TPAUSE, Kind.XSAVES,
     Kind.XRSTORS, Kind.INVPCID, Kind.GETSEC, Kind.RSM, Kind.RDPRU, Kind.INVLPGB,
-    Kind.TLBSYNC, Kind.MCOMMIT, Kind.UD2, Kind.XSETBV, Kind.INTO,
+    Kind.TLBSYNC, Kind.MCOMMIT, Kind.UD2, Kind.XSETBV,
 })
 # Kinds Unicorn executes correctly itself: the core only counts them.
 _NATIVE_PASS = frozenset({
@@ -167,28 +170,6 @@ _NATIVE_PASS = frozenset({
     Kind.INVD, Kind.WBINVD, Kind.WBNOINVD, Kind.LGDT, Kind.LIDT, Kind.SGDT,
     Kind.SIDT, Kind.LLDT, Kind.LTR, Kind.SLDT, Kind.STR, Kind.PUSHF, Kind.CLI,
 })
-
-
-def flags_to_ar(flags: int) -> int:
-    """QEMU's SegmentCache.flags -> VMCS access rights (bit 16: unusable)."""
-    ar = ((flags >> 8) & 0xFF) | (((flags >> 20) & 0xF) << 12)
-    return ar if flags & (1 << 15) else ar | (1 << 16)
-
-
-def ar_to_flags(ar: int) -> int:
-    """VMCS access rights -> QEMU's SegmentCache.flags (unusable: not present)."""
-    if ar & (1 << 16):
-        return 0
-    return ((ar & 0xFF) << 8) | (((ar >> 12) & 0xF) << 20)
-
-
-def descriptor_cache(desc: int) -> tuple[int, int, int]:
-    """(base, byte-granular limit, flags) of an 8-byte segment descriptor."""
-    base = ((desc >> 16) & 0xFFFFFF) | ((desc >> 56) << 24)
-    limit = (desc & 0xFFFF) | ((desc >> 32) & 0xF0000)
-    if desc & (1 << 55):
-        limit = (limit << 12) | 0xFFF
-    return base, limit, (desc >> 32) & 0x00F0FF00
 
 
 class State(enum.Enum):
@@ -218,7 +199,7 @@ class LazyRegs(dict):
             return default
 
 
-class Core(TaskSwitching, PageWatching):
+class Core(TaskSwitching, LegacyDelivery, PageWatching):
     """One logical processor of a :class:`~devirt_emu.machine.Machine`."""
 
     def __init__(self, machine, index: int, lapic):
@@ -370,8 +351,9 @@ class Core(TaskSwitching, PageWatching):
         return self.probe.cpl()
 
     def code_size(self) -> int:
-        """16, 32 or 64: the current code size (CS.L/CS.D in protected mode)."""
-        if not self.probe.reg(X.UC_X86_REG_CR0) & 1:
+        """16, 32 or 64: the current code size (CS.L/CS.D in protected mode; 16 in
+        real-address and virtual-8086 mode)."""
+        if not self.probe.reg(X.UC_X86_REG_CR0) & 1 or self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_VM:
             return 16
         desc = self._descriptor(self.probe.reg(X.UC_X86_REG_CS))
         if desc is None:
@@ -439,6 +421,13 @@ class Core(TaskSwitching, PageWatching):
         while n:
             chunk = min(n, PAGE_SIZE - (linear & 0xFFF))
             pa = self.translate(linear, peek=peek)
+            if self._watched and not peek and pa & ~0xFFF in self._watched:
+                got = self._platform_watched(pa, linear, chunk, None)     # (see watch_page)
+                if got is not None:
+                    out += got
+                    linear += chunk
+                    n -= chunk
+                    continue
             if not self.mem.contains(pa, chunk):
                 raise GuestError(f"core {self.index}: platform read of physical {pa:#x} outside RAM")
             out += self.mem.read(pa, chunk)
@@ -451,6 +440,11 @@ class Core(TaskSwitching, PageWatching):
         while off < len(data):
             chunk = min(len(data) - off, PAGE_SIZE - (linear & 0xFFF))
             pa = self.translate(linear, write=True)
+            if self._watched and pa & ~0xFFF in self._watched and \
+                    self._platform_watched(pa, linear, chunk, data[off:off + chunk]) is not None:
+                linear += chunk          # the watcher took the data (see watch_page)
+                off += chunk
+                continue
             if not self.mem.contains(pa, chunk):
                 raise GuestError(f"core {self.index}: platform write of physical {pa:#x} outside RAM")
             self.machine.write_phys(pa, data[off:off + chunk])
@@ -965,7 +959,11 @@ class Core(TaskSwitching, PageWatching):
     def run_native(self, event: Event) -> None:
         """Execute an instruction event with the platform's own semantics (what an L0
         does to emulate it on the hardware).  Instructions Unicorn executes itself are
-        left to it: RIP stays at the instruction."""
+        left to it: RIP stays at the instruction.  A TASK_SWITCH event is performed
+        (see TaskSwitching.emulate_task_switch)."""
+        if event.kind is Kind.TASK_SWITCH:
+            self.emulate_task_switch(event)
+            return
         self._handlers[event.kind](event.rip, event.insn)
 
     def request_stop(self, reason: str) -> None:
@@ -1142,7 +1140,8 @@ class Core(TaskSwitching, PageWatching):
             Kind.INVLPG: self._h_invlpg, Kind.STI: self._h_sti, Kind.POPF: self._h_step,
             Kind.IRET: self._h_iret, Kind.MOV_SS: self._h_mov_ss, Kind.POP_SS: self._h_mov_ss,
             Kind.INT: self._h_int, Kind.INT3: self._h_int, Kind.INT1: self._h_int,
-            Kind.PAUSE: self._h_pause, Kind.TASK_SWITCH: self._h_task_switch,
+            Kind.INTO: self._h_into,
+            Kind.PAUSE: self._h_pause,
             Kind.MARKER_BEGIN: self._h_marker_begin, Kind.MARKER_END: self._h_marker_end,
         })
         return h
@@ -1281,9 +1280,15 @@ class Core(TaskSwitching, PageWatching):
         ptr = self.probe.reg(ireg)
         seg = 0 if is_in else (insn.mem.seg if insn.mem is not None else 3)
         base = self.segment_base(seg)
+        # an access that may end in a VM exit taken inside it (a second stage, a watched
+        # page) finds the registers of the iterations done so far
+        exits_inside = bool(self._watched) or (self.vtlb is not None and self.vtlb.active)
         try:
             while count:
                 lin = (base + ptr) & 0xFFFF_FFFF_FFFF_FFFF
+                if exits_inside and insn.rep:
+                    uc.reg_write(ireg, ptr)
+                    uc.reg_write(creg, count)
                 if is_in:
                     v = self.machine.io_read(self, port, size)
                     self.write_linear(lin, v.to_bytes(size, "little"))
@@ -1351,16 +1356,20 @@ class Core(TaskSwitching, PageWatching):
         self.shadow_at = self.retired_now() + 1
 
     def _h_iret(self, address, insn):
+        # Unicorn executes IRET itself (measured on 2.1.4, tests/test_legacy_delivery.py:
+        # real mode, 32-bit protected mode to the same and to an outer privilege level,
+        # into virtual-8086 mode); the core only unblocks NMIs and checks interrupts after it
         self.iret_unblocked_nmi = self.nmi_blocked     # for an EPT exit during the IRET
         self.nmi_blocked = False
         self._step_then_check(address)
 
     def _h_int(self, address, insn):
-        # INT n / INT3 / INT1 retire once their handler is entered (a fault in
+        # INT n / INT3 / INTO / INT1 retire once their handler is entered (a fault in
         # delivery is raised as _Fault and then the INT does not retire).
         kind = insn.kind
-        itype = {Kind.INT: INTR_TYPE_SOFT_INTR, Kind.INT3: INTR_TYPE_SOFT_EXCEPTION}.get(
-            kind, INTR_TYPE_PRIV_SW_EXCEPTION)
+        if kind is Kind.INT:
+            self._check_v86_int()         # IOPL-sensitive in virtual-8086 mode: #GP(0)
+        itype = _SOFT_EVENT_TYPE.get(kind, INTR_TYPE_PRIV_SW_EXCEPTION)
         self._delivering = (insn.vector, itype, None)
         self._soft_insn = insn
         try:
@@ -1374,6 +1383,14 @@ class Core(TaskSwitching, PageWatching):
         finally:
             self._delivering = None
             self._soft_insn = None
+
+    def _h_into(self, address, insn):
+        """INTO (outside 64-bit mode, where it is not decoded as INTO): #OF, delivered
+        as INT3 is (a software exception), if RFLAGS.OF = 1; else nothing."""
+        if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_OF:
+            self._h_int(address, insn)
+        else:
+            self._skip(address, insn)
 
     def _h_pause(self, address, insn):
         """PAUSE takes PAUSE_NS of virtual time (the spin-wait hint's latency on
@@ -1400,8 +1417,11 @@ class Core(TaskSwitching, PageWatching):
         exit caused by a fault during its delivery reports it as IDT-vectoring
         information (SDM "Information for VM Exits During Event Delivery")."""
         outer = self._delivering
+        real_mode = not self.probe.cr(0) & 1        # where exceptions push no error code
         try:
             while True:
+                if real_mode:
+                    error_code = None
                 if self.virt is not None and self.virt.on_exception(self, vector, error_code, cr2):
                     return
                 try:
@@ -1445,18 +1465,19 @@ class Core(TaskSwitching, PageWatching):
             self.request_stop("shutdown")
 
     def deliver_event(self, vector: int, error_code: int | None, return_rip: int, *,
-                      exception: bool = False, soft: bool = False,
-                      external: bool = False) -> None:
-        """Push an interrupt frame and enter the handler of ``vector`` (IA-32e mode IDT).
+                      exception: bool = False, soft: bool = False) -> None:
+        """Push an interrupt frame and enter the handler of ``vector``: through a
+        64-bit gate in IA-32e mode (here), else in real-address, protected or
+        virtual-8086 mode (:mod:`devirt_emu.platform.delivery`).  ``return_rip``
+        is the linear address the frame returns to; ``soft``: INT n, INT3 or INTO.
 
         Raises _Fault for an exception during delivery (the caller applies #DF rules).
         """
-        uc = self.uc
         if not self.rdmsr_raw(MSR_EFER) & (1 << 10):
-            if self._idt_task_switch(vector, soft, exception or external):
-                return
-            raise GuestError(f"core {self.index}: vector {vector} raised outside IA-32e mode "
-                             f"at {return_rip:#x}: only IA-32e mode interrupt delivery is modelled")
+            if self._deliver_legacy(vector, error_code, return_rip, soft=soft):
+                self._delivered(vector, error_code, return_rip, exception, soft)
+            return
+        uc = self.uc
         ext = 0 if soft else 1   # EXT: the event is not a software interrupt
         _, idt_base, idt_limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
         if vector * 16 + 15 > idt_limit:
@@ -1499,9 +1520,14 @@ class Core(TaskSwitching, PageWatching):
         if error_code is not None:
             frame.append(error_code)
         rsp -= 8 * len(frame)
-        data = struct.pack(f"<{len(frame)}Q", *reversed(frame))
         try:
-            self.write_linear(rsp, data)
+            if self._watched:
+                # push by push, in the processor's order: the first push to reach a
+                # watched page is the access its watcher sees
+                for i, value in enumerate(frame):
+                    self.write_linear(rsp + 8 * (len(frame) - 1 - i), value.to_bytes(8, "little"))
+            else:
+                self.write_linear(rsp, struct.pack(f"<{len(frame)}Q", *reversed(frame)))
         except PageFault as pf:
             raise _Fault(14, pf.error_code, pf.linear) from None
         new_flags = rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
@@ -1514,6 +1540,12 @@ class Core(TaskSwitching, PageWatching):
         uc.reg_write(X.UC_X86_REG_RSP, rsp)
         uc.reg_write(X.UC_X86_REG_EFLAGS, new_flags)
         uc.reg_write(X.UC_X86_REG_RIP, target)
+        self._delivered(vector, error_code, return_rip, exception, soft)
+
+    def _delivered(self, vector: int, error_code: int | None, return_rip: int, exception: bool,
+                   soft: bool) -> None:
+        """An event's handler has been entered: NMIs blocked after an NMI, the
+        exception counted and traced."""
         if vector == 2 and not soft:
             self.nmi_blocked = True
         if exception:
@@ -1585,7 +1617,7 @@ class Core(TaskSwitching, PageWatching):
     def _deliver_external(self, vector: int, nmi: bool = False) -> None:
         self._delivering = (vector, INTR_TYPE_NMI if nmi else INTR_TYPE_EXT_INTR, None)
         try:
-            self.deliver_event(vector, None, self.rip(), external=True)
+            self.deliver_event(vector, None, self.rip())
             if self.trace is not None:
                 self.trace(self, Event(Kind.NMI if nmi else Kind.INTERRUPT, self.index, self.rip(),
                                        vector=vector))

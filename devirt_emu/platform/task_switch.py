@@ -1,8 +1,10 @@
 """Task switches on a core: when a far JMP/CALL, an IRET or an IDT gate attempts
-one, the SDM's checks made before the switch, and the TASK_SWITCH event.
+one, the SDM's checks made before the switch, the TASK_SWITCH event, and the
+switch itself: Unicorn performs those of far JMP/CALL and IRET, the platform
+those through an IDT task gate (:meth:`TaskSwitching.switch_task_for_event`).
 
 A mixin of :class:`~devirt_emu.platform.core.Core` (it uses the core's engine,
-memory and event plumbing); the checks themselves are the pure functions of
+memory and event plumbing); the checks and the TSS layouts are in
 :mod:`devirt_emu.platform.tasks`.
 """
 from __future__ import annotations
@@ -15,12 +17,19 @@ from unicorn import x86_const as X
 
 from ..events import Event, Insn, Kind
 from . import tasks
+from .delivery import push_offsets
+from .descriptors import desc_type, descriptor_cache, flags_to_ar
 from .errors import GuestError, _Fault
 from .paging import PageFault, UnsupportedPaging
+from .rflags import RFLAGS_NT, RFLAGS_VM
 from .ucinternals import ENV_GDT, HF_LMA, HF_PE
 
-RFLAGS_NT = 1 << 14
-RFLAGS_VM = 1 << 17
+#: Interruption types of software events (INT n 4, INT1 5, INT3/INTO 6: the core's
+#: INTR_TYPE_SOFT_INTR, INTR_TYPE_PRIV_SW_EXCEPTION and INTR_TYPE_SOFT_EXCEPTION).
+_SOFTWARE_TYPES = frozenset({4, 5, 6})
+CR0_TS, CR0_PG = 1 << 3, 1 << 31
+#: DR7 L0-L3: the local breakpoint enables a task switch clears.
+DR7_LOCAL_ENABLES = 0x55
 #: Instructions that may attempt a task switch (see TaskSwitching._task_switch_insn).
 TASK_SWITCH_INSNS = frozenset({Kind.JMP_FAR, Kind.CALL_FAR, Kind.IRET})
 _TASK_SWITCH_SOURCE = {Kind.JMP_FAR: "JMP", Kind.CALL_FAR: "CALL", Kind.IRET: "IRET"}
@@ -113,65 +122,198 @@ class TaskSwitching:
             return None
         return tasks.far_transfer_tss(selector, desc, self.cpl(), read_gdt)
 
-    def _idt_task_switch(self, vector: int, soft: bool, hardware: bool) -> bool:
-        """Delivery of ``vector`` in protected mode outside IA-32e mode: if its IDT gate
-        is a task gate, the task switch it attempts, after the checks made before it
-        (raised as _Fault; the caller applies the double-fault rules).  Returns True
-        when a VMX layer took it as a VM exit, False when the gate is not a task gate
-        (interrupt and trap gates outside IA-32e mode are not modelled).  Natively a
-        task switch through the IDT is a GuestError: the platform does not perform it.
+    def _idt_task_switch(self, vector: int, gate: int, soft: bool, error_code: Optional[int],
+                         return_rip: int) -> bool:
+        """Delivery of ``vector`` through the IDT task gate ``gate`` outside IA-32e
+        mode (the gate's type, DPL and P bit checked by the caller): the checks on
+        its TSS selector and the new TSS descriptor (raised as _Fault with EXT
+        unless ``soft``; the caller applies the double-fault rules), then the
+        TASK_SWITCH event: offered to a VMX layer, where it is a VM exit
+        (returns True), else the platform switches tasks (returns False; see
+        :meth:`switch_task_for_event`), the old task's EIP being ``return_rip``
+        and ``error_code`` pushed onto the new task's stack.
 
-        ``soft``: INT n or INT3 (the gate's DPL is checked, EXT is 0); ``hardware``:
-        an exception or external interrupt (no instruction length); otherwise INT1.
-        """
-        uc = self.uc
-        if not self.probe.hflags() & HF_PE or self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_VM:
-            return False
-        _, idt_base, idt_limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
-        if vector * 8 + 7 > idt_limit:
-            raise _Fault(13, vector * 8 + 2 + (0 if soft else 1))
+        ``soft``: INT n, INT3 or INTO (the gate's DPL was checked, EXT is 0)."""
         try:
-            gate = struct.unpack("<Q", self._read_system(idt_base + vector * 8, 8))[0]
-            if (gate >> 44) & 1 or (gate >> 40) & 0xF != tasks.TASK_GATE:
-                return False
             tss_selector = tasks.idt_task_gate_tss(vector, gate, self.cpl(), self._gdt_entry,
                                                    soft=soft)
-        except PageFault as pf:
-            raise _Fault(14, pf.error_code, pf.linear) from None
-        except UnsupportedPaging:
-            return False
         except tasks.TaskFault as f:
             raise _Fault(f.vector, f.error_code) from None
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
         self._count(Kind.TASK_SWITCH)
         self._run_events += 1
-        insn = None if hardware else self._soft_insn     # the INT n / INT3 / INT1 delivered
+        d = self._delivering
+        software = d is not None and d[1] in _SOFTWARE_TYPES
+        insn = self._soft_insn if software else None     # the INT n / INT3 / INTO / INT1 delivered
         event = Event(Kind.TASK_SWITCH, self.index, self.rip(), insn, vector=vector,
-                      regs=self.lazy_regs(),
+                      error_code=error_code, regs=self.lazy_regs(),
                       extra={"tss_selector": tss_selector, "task_switch_source": "IDT"})
         if self.trace is not None:
             self.trace(self, event)
         if self.virt is not None and self.virt.on_event(self, event):
             return True
-        self._h_task_switch(self.rip(), None, vector, tss_selector)
-        return True
+        self.switch_task_for_event(tss_selector, return_rip, error_code, 0 if soft else 1)
+        return False
 
-    def _h_task_switch(self, address: int, insn: Optional[Insn], vector: int | None = None,
-                       tss_selector: int | None = None) -> None:
-        """A task switch (a TASK_SWITCH event, checked already): Unicorn performs
-        those of far JMP/CALL and IRET (measured correct on 2.1.4) when it runs the
-        instruction alone; the scans are re-armed after it (the new task's CR3 may
-        differ).  One through an IDT task gate (``insn`` None or the INT n) is not
-        performed by the platform: a guest error."""
-        if insn is None or insn.kind not in TASK_SWITCH_INSNS:
-            what = f"vector {vector}" if vector is not None else "an event"
-            tss = f" (TSS {tss_selector:#x})" if tss_selector is not None else ""
-            raise GuestError(f"core {self.index}: {what} at {address:#x} goes through a task "
-                             f"gate{tss}: task switches through the IDT are not performed by "
-                             "the platform")
+    def _h_task_switch(self, address: int, insn: Insn) -> None:
+        """A task switch of a far JMP/CALL or an IRET (a TASK_SWITCH event, checked
+        already): Unicorn performs it (measured correct on 2.1.4) when it runs the
+        instruction alone; the scans are re-armed after it (the new task's CR3
+        may differ)."""
         if insn.kind is Kind.IRET:
             self.nmi_blocked = False
         self._step_then_check(address)
         self._rearm_after_step = True
+
+    def emulate_task_switch(self, event: Event) -> None:
+        """Perform the task switch of a TASK_SWITCH event for an L0 that emulates
+        it: one of a far JMP/CALL or IRET by running the instruction (as
+        _h_task_switch), one through an IDT task gate (``task_switch_source``
+        "IDT") with :meth:`switch_task_for_event`, from ``event.extra``:
+        ``tss_selector``, ``return_rip`` (the linear address the old task resumes
+        at), ``ext`` (EXT of the error codes of faults in the switch) and
+        ``event.error_code`` (pushed onto the new task's stack if not None)."""
+        x = event.extra
+        if x.get("task_switch_source") != "IDT":
+            self._h_task_switch(event.rip, event.insn)
+            return
+        try:
+            self.switch_task_for_event(x["tss_selector"], x["return_rip"], event.error_code, x["ext"])
+        except UnsupportedPaging as e:
+            raise GuestError(f"core {self.index}: task switch to {x['tss_selector']:#x}: {e}") from None
+
+    # ------------------------------------------------------------------ the switch itself
+    def switch_task_for_event(self, tss_selector: int, return_rip: int,
+                              error_code: Optional[int], ext: int) -> None:
+        """Switch tasks as an interrupt or exception through an IDT task gate does
+        (SDM Vol. 3A "Task Switching", with nesting): the checks on the gate and
+        on the new TSS descriptor (:func:`tasks.idt_task_gate_tss`) have passed.
+
+        Before the commit point (a fault leaves the old task as it was, but for
+        the bytes already written): the new TSS is read, the current task's
+        state saved into its TSS (EIP = ``return_rip`` less CS.base, EFLAGS,
+        the general registers, the segment selectors), the new TSS's
+        previous-task link set to the current TSS and its descriptor marked
+        busy (the old one stays busy).  Then TR, CR0.TS = 1, CR3 (32-bit TSS,
+        paging on), EFLAGS with NT = 1, EIP, the general registers and the
+        selectors are loaded, DR7's local breakpoint enables cleared, and the
+        LDT and segment descriptors loaded with the checks of SDM Table 7-1
+        (:mod:`devirt_emu.platform.tasks`; faults there occur in the new task,
+        error codes with ``ext``).  Last the error code, if any, is pushed onto
+        the new stack (a dword from a 32-bit TSS, a word from a 16-bit one;
+        #SS(EXT) without room) and EIP checked against the CS limit (#GP(EXT)).
+        A 16-bit TSS loads FS and GS null; the SDM says the upper 16 bits of the
+        general registers "are modified and not maintained": they are set to
+        FFFFH here, as Bochs and QEMU do.  The TSS's T flag
+        (a debug trap on entry to the task) is not modelled."""
+        new_desc = self._gdt_entry(tss_selector)
+        new_base, new_limit, new_flags = descriptor_cache(new_desc)
+        new_type = desc_type(new_desc)
+        new = tasks.tss_layout(new_type)
+        image = self._read_tss(new_base, new.size)
+        tr_sel, tr_base, _, tr_flags = self.probe.segment(7)
+        old = tasks.tss_layout((tr_flags >> 8) & 0xF)
+        # save the current task (the old TSS stays busy: nesting)
+        p = self.probe
+        cs_base = p.segment(1)[1]
+        wfmt = "<I" if old.width == 4 else "<H"
+        wmask = (1 << (8 * old.width)) - 1
+        eflags = p.reg(X.UC_X86_REG_EFLAGS)
+        self._write_tss(tr_base + old.eip, struct.pack(wfmt, (return_rip - cs_base) & wmask))
+        self._write_tss(tr_base + old.eflags, struct.pack(wfmt, eflags & wmask))
+        self._write_tss(tr_base + old.gprs, b"".join(
+            struct.pack(wfmt, p.gpr(i) & wmask) for i in range(8)))
+        for i in range(old.n_segs):
+            self._write_tss(tr_base + old.segs + i * old.seg_stride, struct.pack("<H", p.segment(i)[0]))
+        # link the new task back to this one, mark it busy
+        self._write_tss(new_base + new.link, struct.pack("<H", tr_sel))
+        gdt_base, _ = p.dtr(ENV_GDT)
+        busy = new_type | 2
+        self._write_tss(gdt_base + (tss_selector & ~7) + 5,
+                        bytes([(new_desc >> 40) & 0xF0 | busy]))
+        # commit: the new task's state
+        self.write_segment(7, tss_selector, new_base, new_limit,
+                           flags_to_ar((new_flags & ~0xF00) | (busy << 8)))
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_CR0, p.cr(0) | CR0_TS)
+        rfmt = "<" + ("I" if new.width == 4 else "H")
+        if new.cr3 is not None and p.cr(0) & CR0_PG:
+            uc.reg_write(X.UC_X86_REG_CR3, struct.unpack_from("<I", image, new.cr3)[0])
+            self.after_mode_change()
+        new_eip = struct.unpack_from(rfmt, image, new.eip)[0]
+        new_eflags = struct.unpack_from(rfmt, image, new.eflags)[0] | RFLAGS_NT
+        upper = 0 if new.width == 4 else 0xFFFF0000
+        for i in range(8):
+            p.set_gpr(i, struct.unpack_from(rfmt, image, new.gprs + i * new.width)[0] | upper)
+        sels = [struct.unpack_from("<H", image, new.segs + i * new.seg_stride)[0]
+                for i in range(new.n_segs)] + [0] * (6 - new.n_segs)
+        ldt_sel = struct.unpack_from("<H", image, new.ldt)[0]
+        uc.reg_write(X.UC_X86_REG_EFLAGS, new_eflags)
+        uc.reg_write(X.UC_X86_REG_DR7, p.reg(X.UC_X86_REG_DR7) & ~DR7_LOCAL_ENABLES)
+        for i, sel in enumerate(sels):            # selectors first, descriptors checked below
+            self.write_segment(i, sel, 0, 0, 1 << 16)
+        self.write_segment(6, ldt_sel, 0, 0, 1 << 16)
+        p.set_eip(new_eip)
+        try:
+            self._load_task_segments(sels, ldt_sel, bool(new_eflags & RFLAGS_VM), ext)
+        except tasks.TaskFault as f:
+            raise _Fault(f.vector, f.error_code) from None
+        _, cs_base, cs_limit, _ = p.segment(1)
+        if error_code is not None:
+            _, ss_base, ss_limit, ss_flags = p.segment(2)
+            esp = p.gpr(4)
+            pushed = push_offsets(esp, (new.width,), ss_limit, ss_flags)
+            if pushed is None:
+                raise _Fault(12, ext)
+            (off,), sp = pushed
+            try:
+                self.write_linear((ss_base + off) & 0xFFFFFFFF,
+                                  (error_code & ((1 << (8 * new.width)) - 1)).to_bytes(new.width, "little"))
+            except PageFault as pf:
+                raise _Fault(14, pf.error_code, pf.linear) from None
+            self._set_sp(esp, sp, ss_flags)
+        if new_eip > cs_limit:
+            raise _Fault(13, ext)
+
+    def _load_task_segments(self, sels: list[int], ldt_sel: int, v86: bool, ext: int) -> None:
+        """LDTR, CS, SS, ES, DS, FS and GS of the new task, with the checks of
+        :mod:`tasks` (their order: LDT, CS, SS, then the data segments)."""
+        if tasks.check_new_ldt(ldt_sel, self._gdt_entry(ldt_sel) if not ldt_sel & 4 else None, ext):
+            base, limit, flags = descriptor_cache(self._gdt_entry(ldt_sel))
+            self.write_segment(6, ldt_sel, base, limit, flags_to_ar(flags))
+        if v86:
+            # virtual-8086 mode: every segment is base = selector * 16, 64 KiB, DPL 3
+            for i, sel in enumerate(sels):
+                self.write_segment(i, sel, sel << 4, 0xFFFF, 0xF3)
+            return
+        es, cs, ss, ds, fs, gs = sels
+        cs_desc = self._segment_entry(cs) if cs & ~3 else None
+        tasks.check_new_cs(cs, cs_desc, ext)
+        cpl = cs & 3
+        ss_desc = self._segment_entry(ss) if ss & ~3 else None
+        tasks.check_new_ss(ss, ss_desc, cpl, ext)
+        loads = [(2, ss, ss_desc), (1, cs, cs_desc)]
+        for i in (0, 3, 4, 5):
+            sel = sels[i]
+            desc = self._segment_entry(sel) if sel & ~3 else None
+            if tasks.check_new_data_segment(sel, desc, cpl, ext):
+                loads.append((i, sel, desc))
+        for i, sel, desc in loads:
+            base, limit, flags = descriptor_cache(desc)
+            self.write_segment(i, sel, base, limit, flags_to_ar(flags | (1 << 8)))
+
+    def _read_tss(self, linear: int, n: int) -> bytes:
+        try:
+            return self._read_system(linear, n)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+
+    def _write_tss(self, linear: int, data: bytes) -> None:
+        try:
+            self.write_linear(linear, data)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
 
     def _check_segment_limit(self, insn: Insn, linear: int) -> None:
         """The far pointer must lie within its segment: #GP(0), or #SS(0) for SS (SDM
@@ -216,6 +358,7 @@ class TaskSwitching:
         through read_linear, 2 us this way)."""
         if not self.probe.cr(0) & (1 << 31):
             pa = linear & 0xFFFFFFFF
-            if self.mem.contains(pa, n):
+            if self.mem.contains(pa, n) and not (self._watched and (
+                    pa & ~0xFFF in self._watched or (pa + n - 1) & ~0xFFF in self._watched)):
                 return self.mem.read(pa, n)
         return self.read_linear(linear, n)

@@ -24,16 +24,24 @@ from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
 
 @dataclass(frozen=True)
 class PageAccess:
-    """An engine access to a watched page, stopped before it took effect.
+    """An access to a watched page, stopped before it took effect.
 
     ``pa`` is the physical address of the first byte on the watched page,
     ``access`` "read", "write" or "fetch", ``size`` the access size in bytes
-    as the engine made it, ``value`` the data of a write (None otherwise)."""
+    as the engine (or the platform) made it, ``value`` the data of a write
+    (little-endian; None otherwise)."""
 
     pa: int
     access: str
     size: int
     value: Optional[int] = None
+    #: An access the platform makes itself, in Python, for the guest (see
+    #: :meth:`PageWatching.watch_page`): event delivery, the memory side of
+    #: INS/OUTS, descriptor and TSS accesses.  ``linear`` is its linear address.
+    platform: bool = False
+    #: The access is part of delivering an event through the IDT (platform only).
+    during_delivery: bool = False
+    linear: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,19 @@ class PageWatching:
         included) is replaced in this core by a no-access stand-in page until
         :meth:`unwatch_page`.  Called during a run (from a hook), the change
         takes effect when the engine has stopped, which it is asked to do
-        before the next instruction."""
+        before the next instruction.
+
+        The platform's own accesses for the guest (``read_linear`` and
+        ``write_linear``, not ``peek`` reads: event delivery, INS/OUTS, task
+        switches) that touch the page call the watcher at once, inside the
+        access, with ``access.platform`` True, ``during_delivery`` set while an
+        event is being delivered, and the part of the access that lies on the
+        page.  The watcher then returns None to let the access go to memory,
+        the bytes a read returns instead, or (a write) True when it has taken
+        the data itself; to stop the access it raises
+        :class:`~devirt_emu.platform.tlb.AccessAborted` (after taking a VM exit,
+        say), which ends the instruction or the delivery the access was part
+        of."""
         if ppage < 0 or ppage & 0xFFF:
             raise ValueError(f"watch_page: {ppage:#x} is not a 4 KiB page address")
         if self._in_run:
@@ -141,6 +161,22 @@ class PageWatching:
             self._stop_reason = "exit"
         if self._stop_reason is None:
             self._stop_reason = "check"
+
+    def _platform_watched(self, pa: int, linear: int, n: int, data: Optional[bytes]):
+        """A platform access (``data`` None: a read of ``n`` bytes) at physical ``pa``
+        on a watched page: what its watcher returns (see watch_page)."""
+        watcher = self._watched.get(pa & ~0xFFF)
+        if watcher is None:
+            return None
+        access = PageAccess(pa, "read" if data is None else "write", n,
+                            None if data is None else int.from_bytes(data, "little"),
+                            platform=True, during_delivery=self._delivering is not None,
+                            linear=linear)
+        got = watcher(self, access)
+        if data is None and got is not None and len(got) != n:
+            raise RuntimeError(f"the watcher of page {pa & ~0xFFF:#x} returned {len(got)} "
+                               f"bytes for a read of {n}")
+        return got
 
     def _page_view(self, ppage: int) -> memoryview:
         stand_in = self._watch_scratch.get(ppage)

@@ -48,7 +48,10 @@ accesses", no APIC-register virtualization or virtual-interrupt delivery):
   write of at most 32 bits at offset 080H with "use TPR shadow"), in which
   case the instruction runs with offsets 080H-083H of the page backed by
   VTPR; a virtualized write then clears VTPR bytes 3:1 and performs TPR
-  virtualization (SDM "APIC-Write Emulation").
+  virtualization (SDM "APIC-Write Emulation").  The accesses the platform
+  makes itself (event delivery: access type 3 with IDT-vectoring
+  information; INS/OUTS: types 0 and 1) reach the same rule as they happen
+  (:meth:`VmxVcpu._platform_apic_access`).
 * with both, a VM entry is followed by a TPR-below-threshold exit, before
   any instruction and before any other event, if TPR_THRESHOLD[3:0] >
   VTPR[7:4] (SDM "VM Exits Induced by the TPR Threshold").
@@ -335,6 +338,7 @@ class VmxVcpu:
         self._lma_saved: Optional[int] = None      # EFER.LMA (as HF_LMA) the control holds
         self._tpr_entry_check = False              # "use TPR shadow" and "virtualize APIC accesses"
         self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
+        self._trap_exit_pending: Optional[Decision] = None   # after a platform access (below)
         self.ept: Optional[EptStage2] = None     # the EPT the core translates through, when enabled
         self._ept_state: Optional[tuple] = None   # (EPTP or None, VPID on) read at the last entry
 
@@ -582,8 +586,7 @@ class VmxVcpu:
         core._delivering = (vector, itype >> 8, ec)
         try:
             core.deliver_event(vector, ec, rip, exception=itype == C.INTR_TYPE_HARD_EXCEPTION,
-                               soft=itype in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_SOFT_EXCEPTION),
-                               external=itype == C.INTR_TYPE_EXT_INTR)
+                               soft=itype in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_SOFT_EXCEPTION))
         except _Fault as f:
             core.deliver_exception(f.vector, f.error_code, f.cr2)
         except AccessAborted:
@@ -727,9 +730,11 @@ class VmxVcpu:
         v = self.vmcs
         if v.written:
             self.load_guest_state()
-        self.core.run_native(event)
-        v.live = True               # the engine holds the guest state (again)
-        v.fresh.clear()
+        try:
+            self.core.run_native(event)
+        finally:
+            v.live = True               # the engine holds the guest state (again; also when
+            v.fresh.clear()             # the platform raised: the engine may have changed)
 
     # ------------------------------------------------------------------ the core's virt interface
     def on_event(self, core, event: Event) -> bool:
@@ -793,6 +798,10 @@ class VmxVcpu:
             return self.l0.unblock(self)
         if not self.active:
             return False
+        if self._trap_exit_pending is not None:
+            d, self._trap_exit_pending = self._trap_exit_pending, None
+            self.vm_exit(d, None)
+            return True
         if self._tpr_exit_pending is not None:
             threshold, vtpr = self._tpr_exit_pending
             self._tpr_exit_pending = None
@@ -951,7 +960,7 @@ class VmxVcpu:
                 self._apic_page = page
             self._tpr_entry_check = page is not None and bool(primary & C.CPU_BASED_TPR_SHADOW) \
                 and not secondary & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY
-        self._tpr_exit_pending = None
+        self._tpr_exit_pending = self._trap_exit_pending = None
         if self._tpr_entry_check and core.state not in (State.WAIT_SIPI, State.SHUTDOWN):
             threshold = v.peek(F.TPR_THRESHOLD) & 0xF
             vtpr = self._vapic_read(APIC_TASKPRI, 1)[0]
@@ -973,6 +982,8 @@ class VmxVcpu:
             self._apic_page, self._apic_stale = None, True
             self._entry_work = True
             return
+        if access.platform:
+            return self._platform_apic_access(core, access)
         core._count(Kind.APIC_ACCESS)
         for _ in range(3):      # at most: read, then write, of one instruction
             extra = {"gpa": access.pa, "access": access.access, "size": access.size}
@@ -1000,6 +1011,41 @@ class VmxVcpu:
             return
         raise GuestError(f"core {core.index}: an instruction at {core.rip():#x} accesses the "
                          "APIC-access page more often than the model handles")
+
+    def _platform_apic_access(self, core, access):
+        """An access the platform makes itself to the APIC-access page (see
+        Core.watch_page): during event delivery (an APIC-access exit's access
+        type 3, with the event as IDT-vectoring information) or during an
+        instruction the platform executes (INS/OUTS: types 0 and 1).  An exit is
+        taken at once (fault-like: AccessAborted ends the access and what it was
+        part of); a virtualized read returns VTPR's bytes, a virtualized write
+        goes to VTPR with APIC-write emulation (bytes 3:1 cleared), and a
+        TPR-below-threshold exit that follows it is trap-like: taken at the next
+        instruction boundary the core checks (the end of the current instruction
+        or delivery when the access happens during a run)."""
+        core._count(Kind.APIC_ACCESS)
+        d = core._delivering
+        insn = core._soft_insn if d is not None and d[1] in _SOFTWARE_EVENT_TYPES else None
+        extra = {"gpa": access.pa, "access": access.access, "size": access.size,
+                 "during_delivery": access.during_delivery}
+        if access.value is not None:
+            extra["value"] = access.value
+        ev = Event(Kind.APIC_ACCESS, core.index, core.rip(), insn, regs=core.lazy_regs(),
+                   extra=extra)
+        if core.trace is not None:
+            core.trace(core, ev)
+        out = decide(ev, self.vmcs, self.read_mem)
+        if out.exit and out.reason == er.APIC_ACCESS:
+            self.vm_exit(out, None)     # (as an EPT violation there: not an instruction's event)
+            raise AccessAborted()
+        if access.access == "read":
+            return self._vapic_read(access.pa & 0xFFF, access.size)
+        self._vapic_write(APIC_TASKPRI, bytes([access.value & 0xFF, 0, 0, 0]))
+        if out.exit:
+            self._trap_exit_pending = out
+            if core._in_run:
+                core.request_stop("check")
+        return True
 
     def _mask_shadow(self, cr: int):
         v = self.vmcs
