@@ -379,3 +379,55 @@ def test_fast_mode_runs_and_says_so():
     res = run_program(guest, cores=1, fast=True)
     assert res.verdict == "pass"
     assert res.mode == "fast"
+
+
+def run64_xapic(source: str, gates: dict[str, list[int]] | None = None) -> Machine:
+    """run64 with the xAPIC page mapped: the guest's page tables identity-map RAM
+    only, so GiB 3 (0xC0000000-0xFFFFFFFF, the local APIC at 0xFEE00000) is added
+    as one 1 GiB page, uncached (PCD)."""
+    code, syms = assemble(source, CODE, "test.S")
+    m = Machine(cores=1, max_ns=10_000_000, wall_timeout_s=60)
+    LM.write_environment(m, {v: LM.idt_gate(syms[label]) for label, vs in (gates or {}).items()
+                             for v in vs})
+    m.write_phys(LM.PML4 + 0x1000 + 3 * 8, struct.pack("<Q", 0xC0000000 | 0x93))
+    m.write_phys(CODE, code)
+    LM.enter(m.cores[0], CODE)
+    m.syms = syms
+    m._loop(time.perf_counter())
+    return m
+
+
+def test_xapic_mmio_write_retires_once():
+    # SVR (offset 0F0H): a write then a read through the memory-mapped xAPIC
+    m = run64_xapic("""
+        mov rbx, 0xFEE000F0
+        mov dword ptr [rbx], 0x1FF
+        mov eax, dword ptr [rbx]
+        mov [0x300000], rax
+    """ + PASS)
+    assert m.verdict == "pass", m.message
+    assert u64s(m, LOG, 1) == [0x1FF]           # SVR reads back (APIC enabled, vector FFH)
+    assert m.cores[0].icount == 6                # each instruction retired exactly once
+    assert m.cores[0].events["APIC_ACCESS"] == 2
+
+
+def test_xapic_self_ipi_is_taken_right_after_the_icr_write():
+    # ICR low (300H): vector 40H, fixed, destination shorthand 01B (self).  The
+    # interrupt is recognised at the next instruction boundary (IF=1, TPR 0), so
+    # the frame's RIP is the instruction after the store.
+    m = run64_xapic("""
+        mov rbx, 0xFEE000F0
+        mov dword ptr [rbx], 0x1FF
+        sti
+        mov rbx, 0xFEE00300
+        mov dword ptr [rbx], 0x40040
+    after:
+        nop
+        nop
+        jmp after
+    handler:
+        mov rax, [rsp]
+        mov [0x300000], rax
+    """ + PASS, {"handler": [0x40]})
+    assert m.verdict == "pass", m.message
+    assert u64s(m, LOG, 1) == [m.syms["after"]]

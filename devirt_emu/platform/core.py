@@ -1111,13 +1111,20 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
             return 0
 
     def _mmio_write(self, uc, offset, size, value, data):
+        if self._in_run and self._budget != 1:
+            # A write can make an interrupt deliverable (EOI, TPR, a self-IPI): the core
+            # stops after the instruction.  Measured: emu_stop from this callback aborts
+            # the instruction after the callback (RIP stays at it, its other effects are
+            # undone) and a restarted run would repeat it forever; so the write is left
+            # undone here and the run loop executes the instruction alone (budget 1).
+            self._uncount += 1
+            self.request_stop("step")
+            return
         self._count(Kind.APIC_ACCESS)
         try:
             self.lapic.mmio_write(offset, size, value)
         except GeneralProtection:
             pass
-        if self._in_run:
-            self.request_stop("check")
 
     def _count(self, kind: Kind) -> None:
         name = _KIND_NAMES[kind]
