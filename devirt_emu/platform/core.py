@@ -76,12 +76,12 @@ from . import tasks
 from .lapic import GeneralProtection
 from .memory import PAGE_SIZE, PhysicalAccessError
 from .msrs import check_read, check_write
-from .paging import PageFault, UnsupportedPaging, translate
+from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitching
 from .watch import PageAccess, PageWatching
-from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, SecondStage,
-                  Stage2Fault, VirtualTlb, instruction_length)
+from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, PaeRegisters,
+                  SecondStage, Stage2Fault, VirtualTlb, instruction_length)
 from .ucinternals import HF_CPL_MASK, HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
@@ -208,7 +208,7 @@ class LazyRegs:
             return default
 
 
-class Core(TaskSwitching, PageWatching, SecondStage):
+class Core(TaskSwitching, PageWatching, SecondStage, PaeRegisters):
     """One logical processor of a :class:`~devirt_emu.machine.Machine`."""
 
     def __init__(self, machine, index: int, lapic):
@@ -244,6 +244,7 @@ class Core(TaskSwitching, PageWatching, SecondStage):
         self.shadow_at = -1            # icount of the instruction in an interrupt shadow
         self.virt = None               # the VMX/SVM layer, when one is attached
         self.vtlb: VirtualTlb | None = None    # virtual-TLB mode (a second stage), made on first use
+        self.reset_pdpte_registers()           # the PDPTE registers of PAE paging (PaeRegisters)
         self.iret_unblocked_nmi = False        # the IRET being stepped unblocked NMIs
         self._straddle_exit: int | None = None  # temporary engine exit (see _straddle_fetch)
         self.trace = machine.trace
@@ -423,7 +424,10 @@ class Core(TaskSwitching, PageWatching, SecondStage):
             return self._translate2(linear, ACC_WRITE if write else ACC_FETCH if fetch else ACC_READ,
                                     user, peek)
         cr0, cr3, cr4, efer = self._paging_regs()
-        return translate(self.mem, cr0, cr3, cr4, efer, linear, write=write, fetch=fetch, user=user)
+        pdptes = self.pdpte_registers(peek=peek) if paging_mode(cr0, cr4, efer) is PagingMode.PAE \
+            else None
+        return translate(self.mem, cr0, cr3, cr4, efer, linear, write=write, fetch=fetch, user=user,
+                         pdptes=pdptes)
 
     def read_linear(self, linear: int, n: int, *, peek: bool = False) -> bytes:
         out = bytearray()
@@ -1187,6 +1191,9 @@ class Core(TaskSwitching, PageWatching, SecondStage):
             self.request_stop("check")
             return
         # CR0/CR3/CR4: Unicorn executes it; afterwards re-arm (paging or mode may change).
+        # With PAE paging the PDPTE registers are loaded first (a reserved bit: #GP(0)).
+        if insn.cr in (0, 3, 4):
+            self.load_pdptes_for_mov_cr(insn.cr, self.probe.reg(GPR_IDS[insn.gpr]))
         self._step_then_check(address)
         self._rearm_after_step = True
 
@@ -1510,11 +1517,13 @@ class Core(TaskSwitching, PageWatching, SecondStage):
         if self.vtlb is not None:
             self.vtlb.disable()
         self._drop_straddle_exit()
+        self.reset_pdpte_registers()
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""
         self.rearm_all()
         self.uc.context_restore(self.reset_context)
+        self.reset_pdpte_registers()
         self.nmi_blocked = False
         self.lapic.init_reset()
         self.state = State.WAIT_SIPI

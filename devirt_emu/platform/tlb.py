@@ -91,9 +91,10 @@ from unicorn import UC_HOOK_TLB_FILL, UC_TLB_CPU, UC_TLB_VIRTUAL, UcError
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from .errors import GuestError, _Fault
-from .lapic import MAXPHYADDR
 from .memory import PAGE_SIZE
-from .paging import PF_I, PF_P, PF_RSVD, PF_U, PF_W, PageFault, UnsupportedPaging
+from .paging import (CR4_LA57, CR4_PAE, CR4_PSE, PageFault, PagingMode, UnsupportedPaging,
+                     check_rights, error_code, pdpt_address, pdpte_reserved, pdptes_reload,
+                     walk)
 from .ucinternals import HF_CPL_MASK, HF_LMA, CalibrationError
 
 #: Access kinds, as UC_PROT bits (and as bits 2:0 of an EPT-violation qualification).
@@ -102,14 +103,10 @@ _UC_ACCESS = {16: ACC_READ, 17: ACC_WRITE, 18: ACC_FETCH}   # UC_MEM_READ/WRITE/
 
 CR0_WP, CR0_PG = 1 << 16, 1 << 31
 EFER_NXE = 1 << 11
-_PTE_P, _PTE_RW, _PTE_US, _PTE_A, _PTE_D, _PTE_PS = 1, 2, 4, 1 << 5, 1 << 6, 1 << 7
-_PTE_XD = 1 << 63
-_ADDR = ((1 << MAXPHYADDR) - 1) & ~0xFFF
-_HIGH_RSVD = ((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1)       # bits 51:MAXPHYADDR
-_RSVD_1G = ((1 << 30) - 1) & ~((1 << 13) - 1)                   # PDPTE PS=1: bits 29:13
-_RSVD_2M = ((1 << 21) - 1) & ~((1 << 13) - 1)                   # PDE PS=1: bits 20:13
-_SHIFTS = (39, 30, 21, 12)
+_PTE_A, _PTE_D = 1 << 5, 1 << 6
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_PDPT = struct.Struct("<4Q")
 _U64_MASK = (1 << 64) - 1
 #: Where placeholder entries point: no memory (far above RAM and the LAPIC page).
 PLACEHOLDER_PA = (1 << 40) - 0x1000
@@ -291,70 +288,54 @@ class VirtualTlb:
         s2 = self.stage2.translate
         if not cr0 & CR0_PG:
             return s2(linear & 0xFFFF_FFFF, access, linear & 0xFFFF_FFFF, True, peek)
-        if not p.hflags() & HF_LMA:
-            raise UnsupportedPaging("32-bit and PAE paging are not modelled under a second stage "
-                                    "(EPT): only IA-32e paging and paging off")
-        top = linear >> 47
-        if top and top != 0x1FFFF:
-            raise NonCanonical(linear)
+        cr4 = p.cr(4)
+        pdptes = None
+        if p.hflags() & HF_LMA:
+            if cr4 & CR4_LA57:
+                raise UnsupportedPaging("5-level paging (CR4.LA57) is not modelled")
+            mode = PagingMode.LEVEL4
+            top = linear >> 47
+            if top and top != 0x1FFFF:
+                raise NonCanonical(linear)
+        else:
+            linear &= 0xFFFF_FFFF
+            if cr4 & CR4_PAE:
+                mode = PagingMode.PAE
+                pdptes = self.core.pdpte_registers(peek=peek)
+            else:
+                mode = PagingMode.BITS32
         efer = self.core.rdmsr_raw(0xC0000080)
         nxe = bool(efer & EFER_NXE)
         write = bool(access & ACC_WRITE)          # ACC_READ | ACC_WRITE: a read-modify-write
         fetch = access == ACC_FETCH
-        code = (PF_W if write else 0) | (PF_U if user else 0) | (PF_I if fetch and nxe else 0)
-        rsvd_xd = 0 if nxe else _PTE_XD
+        code = error_code(mode, write=write, user=user, fetch=fetch, nxe=nxe)
         view = self.view
-        table = p.cr(3) & _ADDR
-        rw = us = True
-        xd = False
-        used = []
-        level = 4
-        for shift in _SHIFTS:
-            egpa = table | (((linear >> shift) & 0x1FF) << 3)
+        size_limit = self.mem.size
+
+        def read_entry(egpa: int, size: int):
             ehpa = s2(egpa, ACC_READ, linear, False, peek)[0]
-            if ehpa + 8 > self.mem.size:
-                raise PageFault(linear, code)          # outside RAM: no entry there
-            e = _U64.unpack_from(view, ehpa)[0]
-            if not e & _PTE_P:
-                raise PageFault(linear, code)
-            large = e & _PTE_PS and level in (3, 2)
-            bad = e & (_HIGH_RSVD | rsvd_xd)
-            if level == 4:
-                bad |= e & _PTE_PS
-            elif large:
-                bad |= e & (_RSVD_1G if level == 3 else _RSVD_2M)
-            if bad:
-                raise PageFault(linear, code | PF_P | PF_RSVD)
-            rw = rw and bool(e & _PTE_RW)
-            us = us and bool(e & _PTE_US)
-            xd = xd or bool(e & _PTE_XD)
-            used.append((egpa, ehpa, e))
-            if large or level == 1:
-                break
-            table = e & _ADDR
-            level -= 1
-        # permissions (SDM "Access Rights"; no SMEP/SMAP/PKE)
-        wp = bool(cr0 & CR0_WP)
-        read_ok = us or not user
-        write_ok = read_ok and (rw or (not user and not wp))
-        exec_ok = read_ok and not (xd and nxe)
-        if not (exec_ok if fetch else write_ok if write else read_ok):
-            raise PageFault(linear, code | PF_P)
-        leaf = used[-1][2]
+            if ehpa + size > size_limit:
+                return None                        # outside RAM: no entry there
+            return (_U64 if size == 8 else _U32).unpack_from(view, ehpa)[0]
+
+        w = walk(mode, linear, p.cr(3), read_entry, code=code, pdptes=pdptes,
+                 pse=bool(cr4 & CR4_PSE), nxe=nxe)
+        read_ok, write_ok, exec_ok = check_rights(w, linear, code, write=write, user=user,
+                                                  fetch=fetch, wp=bool(cr0 & CR0_WP), nxe=nxe)
+        entries = w.entries
+        leaf = entries[-1][1]
         if not peek:
             # accessed flags on every entry used, dirty on the leaf for a write
             # (writes to paging-structure entries: data writes for the second stage)
-            last = len(used) - 1
-            for i, (egpa, ehpa, e) in enumerate(used):
+            last = len(entries) - 1
+            for i, (egpa, e, size) in enumerate(entries):
                 new = e | _PTE_A | (_PTE_D if write and i == last else 0)
                 if new != e:
                     ehpa = s2(egpa, ACC_WRITE, linear, False, False)[0]
-                    _U64.pack_into(view, ehpa, new)
+                    (_U64 if size == 8 else _U32).pack_into(view, ehpa, new)
                     if i == last:
                         leaf = new
-        size_mask = (1 << (12 + 9 * (level - 1))) - 1     # 4 KiB, 2 MiB or 1 GiB
-        gpa = (leaf & _ADDR & ~size_mask) | (linear & size_mask)
-        hpa, rights = s2(gpa, access, linear, True, peek)
+        hpa, rights = s2(w.pa, access, linear, True, peek)
         perms = 0
         if read_ok:
             perms |= ACC_READ
@@ -561,3 +542,94 @@ class SecondStage:
         if self._straddle_exit is not None:
             self._straddle_exit = None
             self._set_exits()
+
+
+class PaeRegisters:
+    """The PDPTE registers of a Core (SDM "PDPTE Registers"), a mixin: the four
+    PDPTEs PAE paging translates with, ``self.pdptes``, loaded
+
+    * before a MOV to CR0, CR3 or CR4 runs that loads them (the core's hook and
+      the VMX layer's MOV to CR0/CR4 call :meth:`load_pdptes_for_mov_cr`): a
+      present PDPTE with a reserved bit set is #GP(0), and the instruction
+      then has no effect;
+    * at VM entry (the VMX layer calls :meth:`set_pdpte_registers`: from
+      GUEST_PDPTR0-3 with EPT, from memory without);
+    * at the first walk after CR3 changed behind the core's back (a task
+      switch, which Unicorn performs): :meth:`pdpte_registers` reloads them
+      from the new CR3 then, unchecked (a reserved bit then gives a #PF with
+      RSVD at the walk, as QEMU's walker does);
+
+    and used by the platform's walks (:func:`~devirt_emu.platform.paging.walk`
+    in virtual-TLB mode, :meth:`translate` otherwise).  In virtual-TLB mode
+    (EPT) the 32-byte table is read through the second stage as a read with
+    no guest-linear address: an EPT violation there is a VM exit whose
+    qualification has bit 7 clear (SDM "Exit Qualification for EPT
+    Violations").  Measured on Unicorn 2.1.4 (scratch engine, 32-bit code):
+    QEMU's own walker, which translates the guest's accesses when virtual-TLB
+    mode is off, re-reads the PDPTEs from memory on every TLB miss (a PDPTE
+    rewritten after MOV to CR3 was used after an INVLPG) and MOV to CR3 does
+    not check them (no #GP for a reserved bit): only the platform's walks
+    use the registers."""
+
+    def pdpte_registers(self, *, peek: bool = False) -> tuple:
+        """The PDPTE registers for the current CR3, reloaded from memory if CR3
+        changed since they were loaded (with ``peek``, nothing is stored and
+        nothing in memory changes).  May raise Stage2Fault in virtual-TLB mode."""
+        cr3 = self.probe.cr(3)
+        if self._pdptes_cr3 != cr3:
+            pdptes = self._read_pdptes(cr3, peek)
+            if peek:
+                return pdptes
+            self.pdptes, self._pdptes_cr3 = pdptes, cr3
+        return self.pdptes
+
+    def set_pdpte_registers(self, pdptes) -> None:
+        """Load the registers (VM entry) for the current CR3; the TLB of
+        virtual-TLB mode is flushed if they changed."""
+        pdptes = tuple(pdptes)
+        changed = pdptes != self.pdptes
+        self.pdptes, self._pdptes_cr3 = pdptes, self.probe.cr(3)
+        if changed:
+            self.flush_tlb()
+
+    def reset_pdpte_registers(self) -> None:
+        """Power-up and INIT: zero, and reloaded at their first use."""
+        self.pdptes, self._pdptes_cr3 = (0, 0, 0, 0), None
+
+    def read_pdptes(self, cr3: int) -> tuple:
+        """The four PDPTEs of the table at CR3[31:5], read as a PDPTE load does
+        (through the second stage when one is active); no check."""
+        return self._read_pdptes(cr3, False)
+
+    def load_pdptes_for_mov_cr(self, cr: int, value: int) -> None:
+        """MOV of ``value`` to CR``cr`` (0, 3 or 4) is about to run: if it loads the
+        PDPTE registers (:func:`~devirt_emu.platform.paging.pdptes_reload`), load
+        them, or raise _Fault(13, 0) when a present one sets a reserved bit
+        (nothing changes), or AccessAborted when reading them was a VM exit."""
+        p = self.probe
+        if not p.hflags() & HF_LMA:
+            value &= 0xFFFF_FFFF
+        cr0, cr4 = p.cr(0), p.cr(4)
+        new_cr0 = value if cr == 0 else cr0
+        new_cr4 = value if cr == 4 else cr4
+        if not pdptes_reload(cr, cr0, cr4, new_cr0, new_cr4, self.rdmsr_raw(0xC0000080)):
+            return
+        cr3 = value if cr == 3 else p.cr(3)
+        try:
+            pdptes = self._read_pdptes(cr3, False)
+        except Stage2Fault as s:
+            self._stage2_exit(s)
+            raise AccessAborted() from None
+        if any(pdpte_reserved(e) for e in pdptes):
+            raise _Fault(13, 0)
+        self.pdptes, self._pdptes_cr3 = pdptes, cr3
+        self.flush_tlb()
+
+    def _read_pdptes(self, cr3: int, peek: bool) -> tuple:
+        pa = pdpt_address(cr3)
+        vt = self.vtlb
+        if vt is not None and vt.active:
+            pa = vt.stage2.translate(pa, ACC_READ, None, False, peek)[0]
+        if not self.mem.contains(pa, 32):
+            return (_U64_MASK,) * 4          # no memory there: all ones, as on a PC
+        return _PDPT.unpack_from(self.mem.view, pa)

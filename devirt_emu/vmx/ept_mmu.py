@@ -67,7 +67,7 @@ class EptStage2:
         if not self._active():
             return gpa, _RWX
         need = access
-        if self.ad and not translation:
+        if self.ad and not translation and gla is not None:
             need = ACC_READ | ACC_WRITE          # guest paging-structure access with EPT A/D: a write
         page = gpa >> 12
         hit = self._cache.get(page)
