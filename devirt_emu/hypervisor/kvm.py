@@ -24,6 +24,8 @@ from unicorn import x86_const as X
 from ..events import Event
 from ..platform import cpuid as cpuid_model
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, descriptor_cache
+from ..platform.paging import (PageFault, UnsupportedPaging, pdpt_address, pdpte_reserved,
+                               pdptes_reload)
 from ..platform.tasks import MIN_TSS_LIMIT, TSS32_AVAILABLE
 from ..platform.ucinternals import ENV_GDT
 from ..vmx import capabilities as caps
@@ -434,24 +436,35 @@ class KvmL0:
         writing the GDT and both TSSs through its own MMU.  Here the platform
         performs the switch of a far JMP/CALL or IRET by running the instruction
         as the guest, so the L0 first maps in the EPT what the switch touches (the
-        GDT, the current and the new TSS: guest-physical = linear, since task
-        switches under EPT are modelled with paging off), as KVM's accesses never
-        cause EPT violations.  One through an IDT task gate is not performed by
-        the platform, which ends the run."""
-        if self.ept is not None and not vcpu.core.probe.cr(0) >> 31:
+        GDT, the current and the new TSS, and with paging on the guest
+        paging-structure entries that translate them), as KVM's accesses never
+        cause EPT violations.  (With PAE paging the core loads the new CR3's
+        PDPTEs at its first walk after the switch.)  One through an IDT task
+        gate is not performed by the platform, which ends the run."""
+        if self.ept is not None:
             core = vcpu.core
             gdt_base, gdt_limit = core.probe.dtr(ENV_GDT)
             _, tr_base, tr_limit, _ = core.probe.segment(7)
             touched = [(gdt_base, gdt_limit + 1), (tr_base, min(tr_limit + 1, TSS32_SIZE))]
+            cr3s = [None]                       # the current CR3, and the new task's
             sel = d.qualification & 0xFFFF
-            if (sel & ~7) + 8 <= gdt_limit + 1 and gdt_base + (sel & ~7) + 8 <= self.guest_ram:
-                desc = int.from_bytes(vcpu.mem.read(gdt_base + (sel & ~7), 8), "little")
-                base, limit, _ = descriptor_cache(desc)
-                touched.append((base, min(limit + 1, TSS32_SIZE)))
+            if (sel & ~7) + 8 <= gdt_limit + 1:
+                try:
+                    desc = int.from_bytes(core.read_linear(gdt_base + (sel & ~7), 8, peek=True),
+                                          "little")
+                    base, limit, flags = descriptor_cache(desc)
+                    touched.append((base, min(limit + 1, TSS32_SIZE)))
+                    if flags & (8 << 8) and limit >= TSS32_SIZE - 1:     # a 32-bit TSS: CR3 at 1CH
+                        cr3s.append(int.from_bytes(core.read_linear(base + 0x1C, 4, peek=True),
+                                                   "little"))
+                except (PageFault, GuestError):
+                    pass                        # the switch itself will fault
             for start, size in touched:
                 for page in range(start & ~0xFFF, start + size, 4096):
-                    if page < self.guest_ram:
-                        self._ept_map(page)     # (new entries: nothing cached to invalidate)
+                    for cr3 in cr3s:
+                        for gpa in self._guest_pages(core, page, cr3):
+                            if gpa < self.guest_ram:
+                                self._ept_map(gpa)     # (new entries: nothing cached to invalidate)
         try:
             vcpu.emulate_on_platform(event)
         except GuestError as e:
@@ -522,9 +535,11 @@ class KvmL0:
             if cr == 0:
                 self.set_cr0(vcpu, val)
             elif cr == 4:
+                self.load_pdptrs(vcpu, 4, v.get(F.GUEST_CR0), val | CR4_VMXE, v.get(F.GUEST_CR3))
                 v.set(F.CR4_READ_SHADOW, val)
                 v.set(F.GUEST_CR4, val | CR4_VMXE)
             elif cr == 3:
+                self.load_pdptrs(vcpu, 3, v.get(F.GUEST_CR0), v.get(F.GUEST_CR4), val)
                 v.set(F.GUEST_CR3, val)
             elif cr == 8:
                 core.lapic.write_cr8(val)
@@ -553,6 +568,7 @@ class KvmL0:
         if not unrestricted and not (val & 1 and val >> 31):
             # without unrestricted guest the guest must stay in paged protected mode
             raise _Fault(13, 0)
+        self.load_pdptrs(vcpu, 0, val | (1 << 5), v.get(F.GUEST_CR4), v.get(F.GUEST_CR3))
         v.set(F.CR0_READ_SHADOW, val)
         v.set(F.GUEST_CR0, val | (1 << 5))
         efer = v.get(F.GUEST_IA32_EFER)
@@ -563,6 +579,42 @@ class KvmL0:
         elif not val >> 31:
             v.set(F.GUEST_IA32_EFER, efer & ~(1 << 10))
             v.set(F.VM_ENTRY_CONTROLS, ent & ~C.VM_ENTRY_IA32E_MODE)
+
+    @staticmethod
+    def _guest_pages(core, linear: int, cr3=None) -> list[int]:
+        """The guest-physical pages the guest's translation of ``linear`` reads
+        (its paging-structure entries, then the page itself) with the current
+        CR3 or ``cr3``, as KVM's software walk would; none if it faults (the
+        guest then gets the fault)."""
+        vt = core.vtlb
+        if vt is None or not vt.active or not core.probe.cr(0) >> 31:
+            return [linear & 0xFFFF_F000]
+        try:
+            w = vt.guest_walk(linear, cr3)
+        except (PageFault, UnsupportedPaging):
+            return []
+        return [a & ~0xFFF for a, _, _ in w.entries] + [w.pa & ~0xFFF]
+
+    def load_pdptrs(self, vcpu: VmxVcpu, cr: int, cr0: int, cr4: int, cr3: int) -> None:
+        """KVM's load_pdptrs for a write of CR``cr`` it emulates (the guest's CR0,
+        CR4 and CR3 after it given): if the write loads the PDPTEs (PAE paging
+        after it; see paging.pdptes_reload), read the four at CR3[31:5]
+        (guest-physical = host-physical here; no memory reads as all ones); a
+        present one with a reserved bit set raises #GP(0) into the guest before
+        anything changed; with EPT they go to GUEST_PDPTR0-3, which VM entry
+        loads (without EPT, VM entry reads the table itself)."""
+        v = vcpu.vmcs
+        if not pdptes_reload(cr, v.get(F.GUEST_CR0), v.get(F.GUEST_CR4), cr0, cr4,
+                             v.get(F.GUEST_IA32_EFER)):
+            return
+        pa = pdpt_address(cr3)
+        raw = vcpu.mem.read(pa, 32) if vcpu.mem.contains(pa, 32) else b"\xff" * 32
+        pdptes = struct.unpack("<4Q", raw)
+        if any(pdpte_reserved(e) for e in pdptes):
+            raise _Fault(13, 0)
+        if v.get(F.SECONDARY_VM_EXEC_CONTROL) & C.SECONDARY_EXEC_ENABLE_EPT:
+            for n, e in enumerate(pdptes):
+                v.set(F[f"GUEST_PDPTR{n}"], e)
 
     def _ept_map(self, gpa: int) -> None:
         """Map guest-physical ``gpa`` identity, RWX, write-back: its whole 2 MiB

@@ -247,6 +247,7 @@ class Core(TaskSwitching, PageWatching, SecondStage, PaeRegisters):
         self.reset_pdpte_registers()           # the PDPTE registers of PAE paging (PaeRegisters)
         self.iret_unblocked_nmi = False        # the IRET being stepped unblocked NMIs
         self._straddle_exit: int | None = None  # temporary engine exit (see _straddle_fetch)
+        self._task_switch_from: tuple | None = None   # (address, TR) of a task switch being stepped
         self.trace = machine.trace
         # page scanning
         self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
@@ -702,6 +703,8 @@ class Core(TaskSwitching, PageWatching, SecondStage, PaeRegisters):
         finally:
             retired = max(min(self.probe.executed(), 1) - self._uncount, 0)
             self._in_run = False
+        if self._task_switch_from is not None:
+            self._after_task_switch_step(err is None)
         self.icount += retired
         self.clock += retired + self._extra_ns
         self._extra_ns = 0
@@ -1518,6 +1521,7 @@ class Core(TaskSwitching, PageWatching, SecondStage, PaeRegisters):
             self.vtlb.disable()
         self._drop_straddle_exit()
         self.reset_pdpte_registers()
+        self._task_switch_from = None
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""

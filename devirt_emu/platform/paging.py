@@ -295,7 +295,7 @@ def translate(mem: PhysMem, cr0: int, cr3: int, cr4: int, efer: int, linear: int
     def read_entry(pa: int, size: int) -> Optional[int]:
         if not mem.contains(pa, size):
             return None
-        return mem.read_u64(pa) if size == 8 else int.from_bytes(mem.read(pa, 4), "little")
+        return mem.read_u64(pa) if size == 8 else mem.read_u32(pa)
 
     w = walk(mode, linear, cr3, read_entry, code=code, pdptes=pdptes, pse=bool(cr4 & CR4_PSE),
              nxe=nxe)

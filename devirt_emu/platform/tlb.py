@@ -86,13 +86,14 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from typing import Optional
 
 from unicorn import UC_HOOK_TLB_FILL, UC_TLB_CPU, UC_TLB_VIRTUAL, UcError
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from .errors import GuestError, _Fault
 from .memory import PAGE_SIZE
-from .paging import (CR4_LA57, CR4_PAE, CR4_PSE, PageFault, PagingMode, UnsupportedPaging,
+from .paging import (CR4_LA57, CR4_PAE, CR4_PSE, PageFault, PagingMode, UnsupportedPaging, Walk,
                      check_rights, error_code, pdpt_address, pdpte_reserved, pdptes_reload,
                      walk)
 from .ucinternals import HF_CPL_MASK, HF_LMA, CalibrationError
@@ -282,12 +283,23 @@ class VirtualTlb:
         Stage2Fault; with ``peek`` nothing in memory changes."""
         return self._walk(linear, access, user, peek)[0]
 
-    def _walk(self, linear: int, access: int, user: bool, peek: bool) -> tuple[int, int]:
+    def guest_walk(self, linear: int, cr3: Optional[int] = None) -> Optional[Walk]:
+        """The first stage alone, as a peek (a supervisor read, no side effect):
+        the guest's walk of ``linear`` with its paging-structure entries at
+        guest-physical addresses (read through the second stage), or None when
+        paging is off; ``cr3`` walks another CR3's tables in the current paging
+        mode (its PDPTEs read from its table with PAE paging).  Raises
+        PageFault, NonCanonical, UnsupportedPaging or Stage2Fault."""
+        return self._first_stage(linear, ACC_READ, False, True, cr3)[0]
+
+    def _first_stage(self, linear: int, access: int, user: bool, peek: bool,
+                     cr3: Optional[int] = None):
+        """(the guest's Walk or None with paging off, the linear address as the
+        mode uses it, (read, write, fetch) rights or None); raises the #PF."""
         p = self.probe
         cr0 = p.cr(0)
-        s2 = self.stage2.translate
         if not cr0 & CR0_PG:
-            return s2(linear & 0xFFFF_FFFF, access, linear & 0xFFFF_FFFF, True, peek)
+            return None, linear & 0xFFFF_FFFF, None
         cr4 = p.cr(4)
         pdptes = None
         if p.hflags() & HF_LMA:
@@ -301,7 +313,8 @@ class VirtualTlb:
             linear &= 0xFFFF_FFFF
             if cr4 & CR4_PAE:
                 mode = PagingMode.PAE
-                pdptes = self.core.pdpte_registers(peek=peek)
+                pdptes = self.core.pdpte_registers(peek=peek) if cr3 is None else \
+                    self.core._read_pdptes(cr3, True)
             else:
                 mode = PagingMode.BITS32
         efer = self.core.rdmsr_raw(0xC0000080)
@@ -309,6 +322,7 @@ class VirtualTlb:
         write = bool(access & ACC_WRITE)          # ACC_READ | ACC_WRITE: a read-modify-write
         fetch = access == ACC_FETCH
         code = error_code(mode, write=write, user=user, fetch=fetch, nxe=nxe)
+        s2 = self.stage2.translate
         view = self.view
         size_limit = self.mem.size
 
@@ -318,16 +332,25 @@ class VirtualTlb:
                 return None                        # outside RAM: no entry there
             return (_U64 if size == 8 else _U32).unpack_from(view, ehpa)[0]
 
-        w = walk(mode, linear, p.cr(3), read_entry, code=code, pdptes=pdptes,
-                 pse=bool(cr4 & CR4_PSE), nxe=nxe)
-        read_ok, write_ok, exec_ok = check_rights(w, linear, code, write=write, user=user,
-                                                  fetch=fetch, wp=bool(cr0 & CR0_WP), nxe=nxe)
+        w = walk(mode, linear, p.cr(3) if cr3 is None else cr3, read_entry, code=code,
+                 pdptes=pdptes, pse=bool(cr4 & CR4_PSE), nxe=nxe)
+        return w, linear, check_rights(w, linear, code, write=write, user=user, fetch=fetch,
+                                       wp=bool(cr0 & CR0_WP), nxe=nxe)
+
+    def _walk(self, linear: int, access: int, user: bool, peek: bool) -> tuple[int, int]:
+        w, linear, allowed = self._first_stage(linear, access, user, peek)
+        s2 = self.stage2.translate
+        if w is None:
+            return s2(linear, access, linear, True, peek)
+        read_ok, write_ok, exec_ok = allowed
         entries = w.entries
         leaf = entries[-1][1]
         if not peek:
             # accessed flags on every entry used, dirty on the leaf for a write
             # (writes to paging-structure entries: data writes for the second stage)
+            write = bool(access & ACC_WRITE)
             last = len(entries) - 1
+            view = self.view
             for i, (egpa, e, size) in enumerate(entries):
                 new = e | _PTE_A | (_PTE_D if write and i == last else 0)
                 if new != e:
@@ -537,6 +560,31 @@ class SecondStage:
         self._set_exits()
         self.uc.ctl_remove_cache(rip & ~0xFFF, end)
         return True
+
+    def _after_task_switch_step(self, completed: bool) -> None:
+        """The task switch of a far JMP/CALL or IRET was just stepped
+        (``_task_switch_from``: its address and the old TR).  Measured on Unicorn
+        2.1.4 (scratch engine, 32-bit far JMP to a TSS, identity fill hook): in
+        virtual-TLB mode with paging on, the switch is done (old state saved, TR,
+        CR3, registers, segments and EFLAGS of the new task loaded) except EIP,
+        which is left at the instruction (the TLB fills of the switch, after the
+        CR3 load flushed the TLB, restore it); with paging off or in the default
+        TLB mode EIP is the new task's.  So the new task's EIP is put from its
+        TSS when TR changed and EIP did not."""
+        address, old_tr = self._task_switch_from
+        self._task_switch_from = None
+        vt = self.vtlb
+        p = self.probe
+        if not completed or vt is None or not vt.active or not p.cr(0) & CR0_PG:
+            return
+        tr, base, _, flags = p.segment(7)
+        if tr == old_tr or self.rip() != address:
+            return
+        if (flags >> 8) & 8:                           # 32-bit TSS: EIP at 20H
+            eip = struct.unpack("<I", self.read_linear(base + 0x20, 4, peek=True))[0]
+        else:                                          # 16-bit TSS: IP at 0EH
+            eip = struct.unpack("<H", self.read_linear(base + 0x0E, 2, peek=True))[0]
+        p.set_eip(eip)
 
     def _drop_straddle_exit(self) -> None:
         if self._straddle_exit is not None:
