@@ -176,13 +176,17 @@ def error_code(mode: PagingMode, *, write: bool, user: bool, fetch: bool, nxe: b
             | (PF_I if fetch and nxe and mode in (PagingMode.PAE, PagingMode.LEVEL4) else 0))
 
 
-#: (shift, index mask, entry size, page size if PS may map a page) per level, top first.
-_LEVELS = {
-    PagingMode.BITS32: ((22, 0x3FF, 4, 1 << 22), (12, 0x3FF, 4, 1 << 12)),
-    PagingMode.PAE: ((21, 0x1FF, 8, 1 << 21), (12, 0x1FF, 8, 1 << 12)),    # below the PDPTEs
-    PagingMode.LEVEL4: ((39, 0x1FF, 8, 0), (30, 0x1FF, 8, 1 << 30), (21, 0x1FF, 8, 1 << 21),
-                        (12, 0x1FF, 8, 1 << 12)),
-}
+#: The levels of each mode's walk, top first: (shift, index mask, entry size, page
+#: size if PS = 1 maps a page (0: PS is not a page-size bit there), bits always
+#: reserved, bits reserved when PS = 1 maps a page, last level).
+_PDE8 = (21, 0x1FF, 8, 1 << 21, 0, RSVD_2M, False)
+_PTE8 = (12, 0x1FF, 8, 1 << 12, 0, 0, True)
+_PTE4 = (12, 0x3FF, 4, 1 << 12, 0, 0, True)
+LEVELS_4LEVEL = ((39, 0x1FF, 8, 0, _PS, 0, False),            # PML4E: PS is reserved
+                 (30, 0x1FF, 8, 1 << 30, 0, RSVD_1G, False), _PDE8, _PTE8)
+LEVELS_PAE = (_PDE8, _PTE8)                                  # below the PDPTE registers
+LEVELS_32BIT_PSE = ((22, 0x3FF, 4, 1 << 22, 0, RSVD_32BIT_4M, False), _PTE4)   # CR4.PSE = 1
+LEVELS_32BIT = ((22, 0x3FF, 4, 0, 0, 0, False), _PTE4)                         # CR4.PSE = 0
 
 
 def walk(mode: PagingMode, linear: int, cr3: int, read_entry: Callable[[int, int], Optional[int]],
@@ -197,13 +201,10 @@ def walk(mode: PagingMode, linear: int, cr3: int, read_entry: Callable[[int, int
     Raises :class:`PageFault` for a not-present entry (P = 0 in the error
     code) or a reserved bit (P and RSVD); rights are not checked here
     (:func:`check_rights`)."""
-    rsvd_xd = 0 if nxe else _XD
-    entries = []
-    writable = user = True
-    xd = False
     if mode is PagingMode.LEVEL4:
         table = cr3 & _ADDR
-        high = RSVD_4LEVEL | rsvd_xd
+        high = RSVD_4LEVEL | (0 if nxe else _XD)
+        levels = LEVELS_4LEVEL
     elif mode is PagingMode.PAE:
         if pdptes is None:
             raise ValueError("PAE paging needs the PDPTE registers")
@@ -213,40 +214,37 @@ def walk(mode: PagingMode, linear: int, cr3: int, read_entry: Callable[[int, int
         if pdpte & RSVD_PDPTE:      # only a PDPTE loaded without its check (see PaeRegisters)
             raise PageFault(linear, code | PF_P | PF_RSVD)
         table = pdpte & _ADDR
-        high = RSVD_PAE | rsvd_xd
+        high = RSVD_PAE | (0 if nxe else _XD)
+        levels = LEVELS_PAE
     elif mode is PagingMode.BITS32:
         table = cr3 & _ADDR32
         high = 0
+        levels = LEVELS_32BIT_PSE if pse else LEVELS_32BIT
     else:
         raise ValueError(f"no walk with {mode.value}")
-    levels = _LEVELS[mode]
-    last = len(levels) - 1
-    for i, (shift, index_mask, size, page) in enumerate(levels):
+    entries = []
+    writable = user = True
+    xd = False
+    for shift, index_mask, size, page, always, large_rsvd, last in levels:
         addr = table + ((linear >> shift) & index_mask) * size
         e = read_entry(addr, size)
         if e is None or not e & _P:
             raise PageFault(linear, code)
-        large = i != last and page and e & _PS and (size == 8 or pse)
-        bad = e & high
-        if mode is PagingMode.LEVEL4 and i == 0:
-            bad |= e & _PS
-        elif large:
-            bad |= e & (RSVD_32BIT_4M if size == 4 else RSVD_1G if page == 1 << 30 else RSVD_2M)
-        if bad:
+        large = page and not last and e & _PS
+        if e & (high | always | (large_rsvd if large else 0)):
             raise PageFault(linear, code | PF_P | PF_RSVD)
         writable = writable and bool(e & _RW)
         user = user and bool(e & _US)
         xd = xd or bool(e & _XD)
         entries.append((addr, e, size))
-        if large or i == last:
-            offset = linear & (page - 1)
+        if large or last:
             if size == 4:
                 base = e & _ADDR32 & ~(page - 1)
                 if large:           # PSE-36: PDE bits (M-20):13 are address bits (M-1):32
                     base |= ((e >> 13) & ((1 << (PSE_WIDTH - 32)) - 1)) << 32
             else:
                 base = e & _ADDR & ~(page - 1)
-            return Walk(base | offset, page, entries, writable, user, xd)
+            return Walk(base | (linear & (page - 1)), page, entries, writable, user, xd)
         table = e & (_ADDR32 if size == 4 else _ADDR)
     raise AssertionError("unreachable")
 
@@ -263,10 +261,12 @@ def rights(w: Walk, *, user: bool, wp: bool, nxe: bool) -> tuple[bool, bool, boo
 def check_rights(w: Walk, linear: int, code: int, *, write: bool, user: bool, fetch: bool,
                  wp: bool, nxe: bool) -> tuple[bool, bool, bool]:
     """:func:`rights`, raising the protection #PF (P set) if the access is not allowed."""
-    r = rights(w, user=user, wp=wp, nxe=nxe)
-    if not (r[2] if fetch else r[1] if write else r[0]):
+    read_ok = w.user or not user
+    write_ok = read_ok and (w.writable or (not user and not wp))
+    exec_ok = read_ok and not (w.xd and nxe)
+    if not (exec_ok if fetch else write_ok if write else read_ok):
         raise PageFault(linear, code | PF_P)
-    return r
+    return read_ok, write_ok, exec_ok
 
 
 def read_pdptes(read: Callable[[int, int], bytes], cr3: int) -> tuple[int, int, int, int]:

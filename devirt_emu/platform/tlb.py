@@ -93,9 +93,9 @@ from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from .errors import GuestError, _Fault
 from .memory import PAGE_SIZE
-from .paging import (CR4_LA57, CR4_PAE, CR4_PSE, PageFault, PagingMode, UnsupportedPaging, Walk,
-                     check_rights, error_code, pdpt_address, pdpte_reserved, pdptes_reload,
-                     walk)
+from .paging import (CR4_LA57, CR4_PAE, CR4_PSE, PF_I, PF_U, PF_W, PageFault, PagingMode,
+                     UnsupportedPaging, Walk, check_rights, pdpt_address, pdpte_reserved,
+                     pdptes_reload, walk)
 from .ucinternals import HF_CPL_MASK, HF_LMA, CalibrationError
 
 #: Access kinds, as UC_PROT bits (and as bits 2:0 of an EPT-violation qualification).
@@ -321,7 +321,9 @@ class VirtualTlb:
         nxe = bool(efer & EFER_NXE)
         write = bool(access & ACC_WRITE)          # ACC_READ | ACC_WRITE: a read-modify-write
         fetch = access == ACC_FETCH
-        code = error_code(mode, write=write, user=user, fetch=fetch, nxe=nxe)
+        # the #PF error code's access bits (paging.error_code, inlined: this runs on every fill)
+        code = (PF_W if write else 0) | (PF_U if user else 0) | \
+            (PF_I if fetch and nxe and mode is not PagingMode.BITS32 else 0)
         s2 = self.stage2.translate
         view = self.view
         size_limit = self.mem.size
