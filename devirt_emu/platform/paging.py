@@ -92,7 +92,8 @@ RSVD_PAE = _bits(62, MAXPHYADDR)                    # every PAE PDE and PTE
 RSVD_4LEVEL = _bits(51, MAXPHYADDR)                 # every 4-level entry
 RSVD_1G = _bits(29, 13)                             # PDPTE with PS = 1 (4-level)
 RSVD_2M = _bits(20, 13)                             # PDE with PS = 1 (PAE and 4-level)
-RSVD_PDPTE = _bits(63, MAXPHYADDR) | _bits(8, 5) | _bits(2, 1)   # a PAE PDPTE
+RSVD_PDPTE_LOW = _bits(8, 5) | _bits(2, 1)                       # a PAE PDPTE, below M
+RSVD_PDPTE = _bits(63, MAXPHYADDR) | RSVD_PDPTE_LOW
 _PAE_PDPTE_INDEX = 0x18                             # CR3[31:5] + 8 * linear[31:30]
 
 

@@ -5,8 +5,9 @@ walker, which knows one stage only.  In *virtual-TLB mode*
 (``ctl_set_tlb_mode(UC_TLB_VIRTUAL)``) QEMU calls a UC_HOOK_TLB_FILL hook on
 every TLB miss instead, and caches the 4-KiB translation and the
 permissions the hook returns.  :class:`VirtualTlb` is that hook: the guest's
-own page walk (IA-32e 4-level paging, or paging off), every guest-physical
-address on the way (the paging-structure entries and the final page) passed
+own page walk (:func:`~devirt_emu.platform.paging.walk`: 4-level, PAE or
+32-bit paging, or paging off), every guest-physical address on the way (the
+paging-structure entries and the final page) passed
 through a *second stage* that the owner supplies (the VMX layer's EPT, see
 :mod:`devirt_emu.vmx.ept_mmu`), accessed and dirty flags set as the SDM says.
 A refused access becomes the guest's #PF (with the architectural error code
@@ -66,11 +67,16 @@ Measured on Unicorn 2.1.4 (this machine, Python 3.11; scratch engines)
 
 Scope
 -----
-* IA-32e paging (CR0.PG = 1 with EFER.LMA = 1; 4-level, 4 KiB / 2 MiB /
-  1 GiB pages) and paging off.  32-bit and PAE legacy paging under a second
-  stage raise :class:`~devirt_emu.platform.paging.UnsupportedPaging` (the
-  core reports a guest error).  SMEP, SMAP and protection keys are not
-  modelled (the modelled CPU's CPUID does not advertise them).
+* Every paging mode of :mod:`~devirt_emu.platform.paging` but 5-level
+  paging (:class:`~devirt_emu.platform.paging.UnsupportedPaging`, a guest
+  error): 4-level paging (4 KiB / 2 MiB / 1 GiB pages), PAE paging (through
+  the core's PDPTE registers, :class:`PaeRegisters`; 4 KiB / 2 MiB pages),
+  32-bit paging (4 KiB / 4 MiB pages, PSE-36) and paging off.  SMEP, SMAP and
+  protection keys are not modelled (the modelled CPU's CPUID does not
+  advertise them).
+* Unicorn performs a task switch in this mode with paging on except for EIP
+  (measured: see ``SecondStage._after_task_switch_step``), which the core
+  then puts itself.
 * The user/supervisor distinction comes from the CPL when the fill happens
   (the hook is not told QEMU's MMU index): QEMU's own implicit supervisor
   accesses at CPL 3 (descriptor-table reads by the engine) would be checked

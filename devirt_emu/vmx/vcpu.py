@@ -19,13 +19,17 @@ VM entry loads into the engine the guest-state fields written since the last
 one.  VMLAUNCH runs every VM-entry check; VMRESUME runs every check when a
 field other than the few an L0 writes on each exit (GUEST_RIP, GUEST_RFLAGS,
 the injection fields, activity and interruptibility state) was written, else
-the checks of the fields written.
+the checks of the fields written (and without EPT those of a PAE guest's
+PDPTEs, which every VM entry reads from memory again).
 
 With "enable EPT" set, a VM entry switches the core to two-stage translation
 through the guest's page tables and the EPT (:meth:`VmxVcpu._sync_ept`,
 :mod:`devirt_emu.vmx.ept_mmu`, :mod:`devirt_emu.platform.tlb`): guest accesses
 then cause EPT-violation and EPT-misconfiguration exits
-(:meth:`VmxVcpu.on_stage2_fault`).
+(:meth:`VmxVcpu.on_stage2_fault`).  A guest entered with PAE paging gets its
+PDPTEs from GUEST_PDPTR0-3 with EPT, from the table at its CR3 without
+(:meth:`VmxVcpu._pdptes_at_entry`); the fields live in the core's PDPTE
+registers while the VMCS is current, like the other guest state.
 
 What VMX non-root operation changes for instructions that do not exit (SDM
 "Changes to Instruction Behavior in VMX Non-Root Operation") is done here:
