@@ -458,8 +458,8 @@ class VmxVcpu:
         undefined, here the same registers)."""
         core = self.core
         p = core.probe
-        if not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE) or p.hflags() & HF_LMA:
-            return
+        if p.hflags() & HF_LMA or not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE):
+            return                              # (IA-32e mode first: one read for most guests)
         core.set_pdpte_registers(core.pdptes if self.ept is not None else core.read_pdptes(p.cr(3)))
 
     def _check_pdptes_in_memory(self) -> Optional[EntryFailure]:
@@ -469,7 +469,7 @@ class VmxVcpu:
         if self._ept_state is None or self._ept_state[0] is not None:
             return None
         p = self.core.probe
-        if not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE) or p.hflags() & HF_LMA:
+        if p.hflags() & HF_LMA or not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE):
             return None
         return check_guest_pdptes(self.vmcs, self.caps, self.read_mem)
 
