@@ -25,6 +25,8 @@ from ..events import Event, Kind
 from ..platform import cpuid as cpuid_model
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, descriptor_cache
 from ..platform.descriptors import desc_type
+from ..platform.paging import (PageFault, UnsupportedPaging, pdpt_address, pdpte_reserved,
+                               pdptes_reload)
 from ..platform.tasks import MIN_TSS_LIMIT, TSS32_AVAILABLE, tss_layout
 from ..platform.ucinternals import ENV_GDT
 from ..vmx import capabilities as caps
@@ -449,9 +451,11 @@ class KvmL0:
 
         First the L0 maps in the EPT what the switch touches (the GDT, the current
         and the new TSS, the new task's LDT and, when an error code is pushed, the
-        page it goes to: guest-physical = linear, since task switches under EPT
-        are modelled with paging off), as KVM's accesses never cause EPT
-        violations.  A fault in the switch is injected into the guest."""
+        page it goes to; with paging on, also the guest paging-structure entries
+        that translate them, under the current CR3 and the new task's), as KVM's
+        accesses never cause EPT violations.  (With PAE paging the core loads the
+        new CR3's PDPTEs at its first walk after the switch.)  A fault in the
+        switch is injected into the guest."""
         core = vcpu.core
         tss_selector = d.qualification & 0xFFFF
         if d.qualification >> 30 & 3 == 3:
@@ -474,38 +478,53 @@ class KvmL0:
                                  "return_rip": resume, "ext": ext})
         else:
             error_code = None
-        if self.ept is not None and not core.probe.cr(0) >> 31:
-            for start, size in self._task_switch_ranges(core, tss_selector, error_code is not None):
+        if self.ept is not None:
+            ranges, new_cr3 = self._task_switch_ranges(core, tss_selector, error_code is not None)
+            cr3s = [None] if new_cr3 is None else [None, new_cr3]
+            for start, size in ranges:
                 for page in range(start & ~0xFFF, start + size, 4096):
-                    if page < self.guest_ram:
-                        self._ept_map(page)     # (new entries: nothing cached to invalidate)
+                    for cr3 in cr3s:
+                        for gpa in self._guest_pages(core, page, cr3):
+                            if gpa < self.guest_ram:
+                                self._ept_map(gpa)     # (new entries: nothing cached to invalidate)
         try:
             vcpu.emulate_on_platform(event)
         except GuestError as e:
             self._fatal(vcpu, str(e).split(": ", 1)[-1])
 
     def _task_switch_ranges(self, core, tss_selector: int, error_code: bool):
-        """(linear address, size) of what a task switch to ``tss_selector`` reads
-        and writes, as far as the GDT tells (paging off: linear = guest-physical)."""
+        """What a task switch to ``tss_selector`` reads and writes, as far as the
+        GDT tells: ((linear address, size), ...), and the new task's CR3 when
+        paging is on and the new TSS is a 32-bit one (else None).  Read as the
+        guest sees memory (a peek: nothing is set, nothing faults)."""
         gdt_base, gdt_limit = core.probe.dtr(ENV_GDT)
         _, tr_base, tr_limit, _ = core.probe.segment(7)
         ranges = [(gdt_base, gdt_limit + 1), (tr_base, min(tr_limit + 1, TSS32_SIZE))]
 
+        def read(linear, n):
+            try:
+                return core.read_linear(linear, n, peek=True)
+            except (PageFault, GuestError):
+                return None             # the switch itself will fault
+
         def gdt_entry(sel):
-            at = gdt_base + (sel & ~7)
-            if sel & 4 or (sel & ~7) + 8 > gdt_limit + 1 or at + 8 > self.guest_ram:
+            if sel & 4 or (sel & ~7) + 8 > gdt_limit + 1:
                 return None
-            return int.from_bytes(core.mem.read(at, 8), "little")
+            raw = read(gdt_base + (sel & ~7), 8)
+            return None if raw is None else int.from_bytes(raw, "little")
 
         desc = gdt_entry(tss_selector)
         if desc is None:
-            return ranges
+            return ranges, None
         base, limit, _ = descriptor_cache(desc)
         ranges.append((base, min(limit + 1, TSS32_SIZE)))
         layout = tss_layout(desc_type(desc))
-        if base + layout.size > self.guest_ram:
-            return ranges
-        image = core.mem.read(base, layout.size)
+        image = read(base, layout.size)
+        if image is None:
+            return ranges, None
+        new_cr3 = None
+        if layout.cr3 is not None and core.probe.cr(0) >> 31:
+            new_cr3 = int.from_bytes(image[layout.cr3:layout.cr3 + 4], "little")
         ldt = gdt_entry(int.from_bytes(image[layout.ldt:layout.ldt + 2], "little"))
         if ldt is not None:
             ldt_base, ldt_limit, _ = descriptor_cache(ldt)
@@ -517,7 +536,7 @@ class KvmL0:
             if ss is not None:
                 ranges.append(((descriptor_cache(ss)[0] + sp - layout.width) & 0xFFFFFFFF,
                                layout.width))
-        return ranges
+        return ranges, new_cr3
 
     def h_hlt(self, vcpu, d, event):
         """HLT: KVM blocks the vCPU until an interrupt is pending for it."""
@@ -584,9 +603,11 @@ class KvmL0:
             if cr == 0:
                 self.set_cr0(vcpu, val)
             elif cr == 4:
+                self.load_pdptrs(vcpu, 4, v.get(F.GUEST_CR0), val | CR4_VMXE, v.get(F.GUEST_CR3))
                 v.set(F.CR4_READ_SHADOW, val)
                 v.set(F.GUEST_CR4, val | CR4_VMXE)
             elif cr == 3:
+                self.load_pdptrs(vcpu, 3, v.get(F.GUEST_CR0), v.get(F.GUEST_CR4), val)
                 v.set(F.GUEST_CR3, val)
             elif cr == 8:
                 core.lapic.write_cr8(val)
@@ -615,6 +636,7 @@ class KvmL0:
         if not unrestricted and not (val & 1 and val >> 31):
             # without unrestricted guest the guest must stay in paged protected mode
             raise _Fault(13, 0)
+        self.load_pdptrs(vcpu, 0, val | (1 << 5), v.get(F.GUEST_CR4), v.get(F.GUEST_CR3))
         v.set(F.CR0_READ_SHADOW, val)
         v.set(F.GUEST_CR0, val | (1 << 5))
         efer = v.get(F.GUEST_IA32_EFER)
@@ -625,6 +647,42 @@ class KvmL0:
         elif not val >> 31:
             v.set(F.GUEST_IA32_EFER, efer & ~(1 << 10))
             v.set(F.VM_ENTRY_CONTROLS, ent & ~C.VM_ENTRY_IA32E_MODE)
+
+    @staticmethod
+    def _guest_pages(core, linear: int, cr3=None) -> list[int]:
+        """The guest-physical pages the guest's translation of ``linear`` reads
+        (its paging-structure entries, then the page itself) with the current
+        CR3 or ``cr3``, as KVM's software walk would; none if it faults (the
+        guest then gets the fault)."""
+        vt = core.vtlb
+        if vt is None or not vt.active or not core.probe.cr(0) >> 31:
+            return [linear & 0xFFFF_F000]
+        try:
+            w = vt.guest_walk(linear, cr3)
+        except (PageFault, UnsupportedPaging):
+            return []
+        return [a & ~0xFFF for a, _, _ in w.entries] + [w.pa & ~0xFFF]
+
+    def load_pdptrs(self, vcpu: VmxVcpu, cr: int, cr0: int, cr4: int, cr3: int) -> None:
+        """KVM's load_pdptrs for a write of CR``cr`` it emulates (the guest's CR0,
+        CR4 and CR3 after it given): if the write loads the PDPTEs (PAE paging
+        after it; see paging.pdptes_reload), read the four at CR3[31:5]
+        (guest-physical = host-physical here; no memory reads as all ones); a
+        present one with a reserved bit set raises #GP(0) into the guest before
+        anything changed; with EPT they go to GUEST_PDPTR0-3, which VM entry
+        loads (without EPT, VM entry reads the table itself)."""
+        v = vcpu.vmcs
+        if not pdptes_reload(cr, v.get(F.GUEST_CR0), v.get(F.GUEST_CR4), cr0, cr4,
+                             v.get(F.GUEST_IA32_EFER)):
+            return
+        pa = pdpt_address(cr3)
+        raw = vcpu.mem.read(pa, 32) if vcpu.mem.contains(pa, 32) else b"\xff" * 32
+        pdptes = struct.unpack("<4Q", raw)
+        if any(pdpte_reserved(e) for e in pdptes):
+            raise _Fault(13, 0)
+        if v.get(F.SECONDARY_VM_EXEC_CONTROL) & C.SECONDARY_EXEC_ENABLE_EPT:
+            for n, e in enumerate(pdptes):
+                v.set(F[f"GUEST_PDPTR{n}"], e)
 
     def _ept_map(self, gpa: int) -> None:
         """Map guest-physical ``gpa`` identity, RWX, write-back: its whole 2 MiB

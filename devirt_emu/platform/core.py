@@ -81,13 +81,13 @@ from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-expor
 from .lapic import GeneralProtection
 from .memory import PAGE_SIZE, PhysicalAccessError
 from .msrs import check_read, check_write
-from .paging import PageFault, UnsupportedPaging, translate
+from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
 from .rflags import RFLAGS_DF, RFLAGS_IF, RFLAGS_NT, RFLAGS_OF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitching
 from .watch import PageAccess, PageWatching
-from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, Stage2Fault,
-                  VirtualTlb, instruction_length, read_modify_write, straddling_instruction)
+from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, PaeRegisters,
+                  SecondStage, Stage2Fault, VirtualTlb, instruction_length)
 from .ucinternals import HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
@@ -199,7 +199,7 @@ class LazyRegs(dict):
             return default
 
 
-class Core(TaskSwitching, LegacyDelivery, PageWatching):
+class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegisters):
     """One logical processor of a :class:`~devirt_emu.machine.Machine`."""
 
     def __init__(self, machine, index: int, lapic):
@@ -236,8 +236,10 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
         self.shadow_at = -1            # icount of the instruction in an interrupt shadow
         self.virt = None               # the VMX/SVM layer, when one is attached
         self.vtlb: VirtualTlb | None = None    # virtual-TLB mode (a second stage), made on first use
+        self.reset_pdpte_registers()           # the PDPTE registers of PAE paging (PaeRegisters)
         self.iret_unblocked_nmi = False        # the IRET being stepped unblocked NMIs
         self._straddle_exit: int | None = None  # temporary engine exit (see _straddle_fetch)
+        self._task_switch_from: tuple | None = None   # (address, TR) of a task switch being stepped
         self.trace = machine.trace
         # page scanning
         self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
@@ -414,7 +416,10 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
             return self._translate2(linear, ACC_WRITE if write else ACC_FETCH if fetch else ACC_READ,
                                     user, peek)
         cr0, cr3, cr4, efer = self._paging_regs()
-        return translate(self.mem, cr0, cr3, cr4, efer, linear, write=write, fetch=fetch, user=user)
+        pdptes = self.pdpte_registers(peek=peek) if paging_mode(cr0, cr4, efer) is PagingMode.PAE \
+            else None
+        return translate(self.mem, cr0, cr3, cr4, efer, linear, write=write, fetch=fetch, user=user,
+                         pdptes=pdptes)
 
     def read_linear(self, linear: int, n: int, *, peek: bool = False) -> bytes:
         out = bytearray()
@@ -450,123 +455,6 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
             self.machine.write_phys(pa, data[off:off + chunk])
             linear += chunk
             off += chunk
-
-    # ------------------------------------------------------------------ second stage
-    def set_second_stage(self, stage2) -> None:
-        """Translate this core's accesses through the guest's page tables and then
-        ``stage2`` (virtual-TLB mode, :mod:`devirt_emu.platform.tlb`), or with
-        QEMU's own one-stage walker again when ``stage2`` is None.  Either way
-        the engine's TLB is flushed."""
-        if stage2 is None:
-            if self.vtlb is not None:
-                self.vtlb.disable()
-            return
-        if self.vtlb is None:
-            self.vtlb = VirtualTlb(self)
-        self.vtlb.enable(stage2)
-
-    def flush_tlb(self) -> None:
-        """Drop the engine's cached translations (virtual-TLB mode only: QEMU's
-        own walker flushes itself as the architecture says)."""
-        if self.vtlb is not None and self.vtlb.active:
-            self.vtlb.flush()
-
-    def _translate2(self, linear: int, access: int, user: bool, peek: bool) -> int:
-        try:
-            return self.vtlb.translate(linear, access, user=user, peek=peek)
-        except Stage2Fault as s:
-            if peek:
-                raise PageFault(linear, 0) from None
-            self._stage2_exit(s)            # now, while the event being delivered is known
-            raise AccessAborted() from None
-        except NonCanonical:
-            if peek:
-                raise PageFault(linear, 0) from None
-            raise _Fault(13, 0) from None
-        except UnsupportedPaging as e:
-            if peek:
-                raise
-            raise GuestError(f"core {self.index}: {e}") from None
-
-    def _stage2_exit(self, fault: Stage2Fault) -> None:
-        """A second-stage fault: the VMX layer takes the VM exit."""
-        if self.virt is None or not self.virt.on_stage2_fault(self, fault):
-            raise GuestError(f"core {self.index}: second-stage fault outside VMX non-root "
-                             f"operation: {fault.info}")
-
-    def _tlb_refusal(self) -> None:
-        """The engine stopped because our TLB-fill hook refused an access: walk it
-        again with the full address and raise what it is (#PF, #GP, a VM exit)."""
-        vt = self.vtlb
-        bug = vt.take_error()
-        if bug is not None:
-            raise bug
-        r = vt.refused()
-        if r is None:
-            raise GuestError(f"core {self.index}: the engine reported an unhandled CPU exception "
-                             f"at RIP {self.rip():#x} with no refused translation")
-        linear, access, user = r
-        if access == ACC_FETCH and (linear ^ self.rip()) & ~0xFFF and self._straddle_fetch():
-            return
-        self._drop_straddle_exit()
-        if access == ACC_READ and self._rmw_at_rip():
-            access = ACC_READ | ACC_WRITE         # the refused read is the read of a write
-        try:
-            vt.translate(linear, access, user=user)
-        except PageFault as pf:
-            raise _Fault(14, pf.error_code, pf.linear) from None
-        except NonCanonical:
-            raise _Fault(13, 0) from None
-        except UnsupportedPaging as e:
-            raise GuestError(f"core {self.index}: {e}") from None
-        except Stage2Fault as s:
-            self._stage2_exit(s)
-        # else the translation changed since the refusal (another core, the L0): retry
-
-    def instruction_length_at_rip(self) -> int | None:
-        """Length of the instruction at RIP (None if it cannot be read or decoded)."""
-        rip = self.rip()
-        for n in (15, PAGE_SIZE - (rip & 0xFFF)):
-            try:
-                return instruction_length(self.read_linear(rip, min(n, 15), peek=True), self.code_size())
-            except (PageFault, UnsupportedPaging, GuestError):
-                continue
-        return None
-
-    def _rmw_at_rip(self) -> bool:
-        """Is the instruction at RIP a read-modify-write of memory?"""
-        rip = self.rip()
-        for n in (15, PAGE_SIZE - (rip & 0xFFF)):      # the next page may not be readable
-            try:
-                return read_modify_write(self.read_linear(rip, min(n, 15), peek=True), self.code_size())
-            except (PageFault, UnsupportedPaging, GuestError):
-                continue
-        return False
-
-    def _straddle_fetch(self) -> bool:
-        """A refused fetch on the page after RIP's: QEMU failed to translate the
-        whole block from RIP (measured), so the instructions before the one that
-        straddles the page end have not run.  Stop the engine in front of that
-        instruction (a temporary exit) and let the run go on: the fetch then
-        faults with RIP at it.  False when RIP is already there."""
-        rip = self.rip()
-        end = (rip | 0xFFF) + 1
-        try:
-            code = self.read_linear(rip, end - rip, peek=True)
-        except (PageFault, UnsupportedPaging, GuestError):
-            return False
-        at = straddling_instruction(code, rip, self.code_size())
-        if at is None or at == rip:
-            return False
-        self._straddle_exit = at
-        self._set_exits()
-        self.uc.ctl_remove_cache(rip & ~0xFFF, end)
-        return True
-
-    def _drop_straddle_exit(self) -> None:
-        if self._straddle_exit is not None:
-            self._straddle_exit = None
-            self._set_exits()
 
     # ------------------------------------------------------------------ page scanning
     def _on_fetch_prot(self, uc, access, address, size, value, data):
@@ -818,6 +706,8 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
         finally:
             retired = max(min(self.probe.executed(), 1) - self._uncount, 0)
             self._in_run = False
+        if self._task_switch_from is not None:
+            self._after_task_switch_step(err is None)
         self.icount += retired
         self.clock += retired + self._extra_ns
         self._extra_ns = 0
@@ -1327,6 +1217,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
             self.request_stop("check")
             return
         # CR0/CR3/CR4: Unicorn executes it; afterwards re-arm (paging or mode may change).
+        # With PAE paging the PDPTE registers are loaded first (a reserved bit: #GP(0)).
+        if insn.cr in (0, 3, 4):
+            self.load_pdptes_for_mov_cr(insn.cr, self.probe.reg(GPR_IDS[insn.gpr]))
         self._step_then_check(address)
         self._rearm_after_step = True
 
@@ -1684,11 +1577,14 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching):
         if self.vtlb is not None:
             self.vtlb.disable()
         self._drop_straddle_exit()
+        self.reset_pdpte_registers()
+        self._task_switch_from = None
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""
         self.rearm_all()
         self.uc.context_restore(self.reset_context)
+        self.reset_pdpte_registers()
         self.nmi_blocked = False
         self.lapic.init_reset()
         self.state = State.WAIT_SIPI

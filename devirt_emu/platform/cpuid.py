@@ -1,7 +1,9 @@
 """CPUID of the modelled CPU (one table of leaves).
 
 A Skylake-server-like Intel core, trimmed to what the platform really
-implements: x2APIC and the TSC-deadline timer are advertised, VMX is not
+implements: x2APIC and the TSC-deadline timer are advertised, and so are
+4-MiB pages (PSE) and PSE-36, which Unicorn's walker and the platform's
+(:mod:`devirt_emu.platform.paging`) both implement; VMX is not
 (natively the VMX instructions raise #UD until guest hypervisors land),
 nor XSAVE, MONITOR/MWAIT, PCID/INVPCID or performance counters, whose
 instructions raise #UD/#GP here.  Leaf 0xB reports the x2APIC topology
@@ -21,9 +23,9 @@ _VENDOR = (0x756E6547, 0x6C65746E, 0x49656E69)  # "Genu", "ntel", "ineI" as EBX,
 _EAX1 = 0x00050654                      # family 6, model 0x55, stepping 4
 _ECX1 = ((1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 21)
          | (1 << 23) | (1 << 24))       # SSE3 SSSE3 CX16 SSE4.1 SSE4.2 x2APIC POPCNT TSC-DEADLINE
-_EDX1 = ((1 << 0) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 11)
-         | (1 << 13) | (1 << 15) | (1 << 16) | (1 << 19) | (1 << 23) | (1 << 24)
-         | (1 << 25) | (1 << 26) | (1 << 28))  # FPU TSC MSR PAE CX8 APIC SEP PGE CMOV PAT CLFSH MMX FXSR SSE SSE2 HTT
+_EDX1 = ((1 << 0) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 11)
+         | (1 << 13) | (1 << 15) | (1 << 16) | (1 << 17) | (1 << 19) | (1 << 23) | (1 << 24)
+         | (1 << 25) | (1 << 26) | (1 << 28))  # FPU PSE TSC MSR PAE CX8 APIC SEP PGE CMOV PAT PSE-36 CLFSH MMX FXSR SSE SSE2 HTT
 _EDX_EXT = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29)  # SYSCALL NX 1GB RDTSCP LM
 
 

@@ -71,8 +71,8 @@ class TaskSwitching:
                 tss_selector = self._task_switch_target(address, insn)
             except (PageFault, UnsupportedPaging) as e:
                 # the operand, the TSS link or a descriptor cannot be read by the platform
-                # (legacy paging is not modelled): natively Unicorn decides; a VMX layer
-                # needs to know whether this is a task switch
+                # (not mapped): natively Unicorn decides; a VMX layer needs to know whether
+                # this is a task switch
                 if self.virt is not None:
                     raise GuestError(f"core {self.index}: {insn.text} at {address:#x}: cannot "
                                      f"tell whether it switches tasks ({e})") from None
@@ -163,6 +163,7 @@ class TaskSwitching:
         may differ)."""
         if insn.kind is Kind.IRET:
             self.nmi_blocked = False
+        self._task_switch_from = (address, self.probe.segment(7)[0])   # see _after_task_switch_step
         self._step_then_check(address)
         self._rearm_after_step = True
 

@@ -5,8 +5,9 @@ walker, which knows one stage only.  In *virtual-TLB mode*
 (``ctl_set_tlb_mode(UC_TLB_VIRTUAL)``) QEMU calls a UC_HOOK_TLB_FILL hook on
 every TLB miss instead, and caches the 4-KiB translation and the
 permissions the hook returns.  :class:`VirtualTlb` is that hook: the guest's
-own page walk (IA-32e 4-level paging, or paging off), every guest-physical
-address on the way (the paging-structure entries and the final page) passed
+own page walk (:func:`~devirt_emu.platform.paging.walk`: 4-level, PAE or
+32-bit paging, or paging off), every guest-physical address on the way (the
+paging-structure entries and the final page) passed
 through a *second stage* that the owner supplies (the VMX layer's EPT, see
 :mod:`devirt_emu.vmx.ept_mmu`), accessed and dirty flags set as the SDM says.
 A refused access becomes the guest's #PF (with the architectural error code
@@ -16,8 +17,9 @@ behalf (event delivery, the memory side of INS/OUTS) use the same walk
 through :meth:`VirtualTlb.translate`.
 
 The core turns this mode on only while its VMX layer runs a guest with EPT
-(``Core.set_second_stage``); natively and with EPT off the engine keeps
-QEMU's walker, at full speed.
+(``set_second_stage`` of :class:`SecondStage`, the Core's mixin in this
+module); natively and with EPT off the engine keeps QEMU's walker, at full
+speed.
 
 Measured on Unicorn 2.1.4 (this machine, Python 3.11; scratch engines)
 ---------------------------------------------------------------------
@@ -39,7 +41,7 @@ Measured on Unicorn 2.1.4 (this machine, Python 3.11; scratch engines)
   page boundary fails the translation of the whole block: RIP is the block's
   first instruction and nothing of it ran (QEMU 5 translates the block
   before running it).  The core then stops the engine in front of the
-  straddling instruction (see ``Core._straddle_fetch``) and retries.
+  straddling instruction (see ``SecondStage._straddle_fetch``) and retries.
 * Unicorn also calls the hook for its own bookkeeping: when a run ends it
   looks up the page before each exit address (``until``, and the exits of
   ``ctl_set_exits``) to drop their translated code, and ``ctl_remove_cache``
@@ -65,11 +67,16 @@ Measured on Unicorn 2.1.4 (this machine, Python 3.11; scratch engines)
 
 Scope
 -----
-* IA-32e paging (CR0.PG = 1 with EFER.LMA = 1; 4-level, 4 KiB / 2 MiB /
-  1 GiB pages) and paging off.  32-bit and PAE legacy paging under a second
-  stage raise :class:`~devirt_emu.platform.paging.UnsupportedPaging` (the
-  core reports a guest error).  SMEP, SMAP and protection keys are not
-  modelled (the modelled CPU's CPUID does not advertise them).
+* Every paging mode of :mod:`~devirt_emu.platform.paging` but 5-level
+  paging (:class:`~devirt_emu.platform.paging.UnsupportedPaging`, a guest
+  error): 4-level paging (4 KiB / 2 MiB / 1 GiB pages), PAE paging (through
+  the core's PDPTE registers, :class:`PaeRegisters`; 4 KiB / 2 MiB pages),
+  32-bit paging (4 KiB / 4 MiB pages, PSE-36) and paging off.  SMEP, SMAP and
+  protection keys are not modelled (the modelled CPU's CPUID does not
+  advertise them).
+* Unicorn performs a task switch in this mode with paging on except for EIP
+  (measured: see ``SecondStage._after_task_switch_step``), which the core
+  then puts itself.
 * The user/supervisor distinction comes from the CPL when the fill happens
   (the hook is not told QEMU's MMU index): QEMU's own implicit supervisor
   accesses at CPL 3 (descriptor-table reads by the engine) would be checked
@@ -85,12 +92,16 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from typing import Optional
 
 from unicorn import UC_HOOK_TLB_FILL, UC_TLB_CPU, UC_TLB_VIRTUAL, UcError
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
-from .lapic import MAXPHYADDR
-from .paging import PF_I, PF_P, PF_RSVD, PF_U, PF_W, PageFault, UnsupportedPaging
+from .errors import GuestError, _Fault
+from .memory import PAGE_SIZE
+from .paging import (CR4_LA57, CR4_PAE, CR4_PSE, PF_I, PF_U, PF_W, PageFault, PagingMode,
+                     UnsupportedPaging, Walk, check_rights, pdpt_address, pdpte_reserved,
+                     pdptes_reload, walk)
 from .ucinternals import HF_CPL_MASK, HF_LMA, CalibrationError
 
 #: Access kinds, as UC_PROT bits (and as bits 2:0 of an EPT-violation qualification).
@@ -99,14 +110,10 @@ _UC_ACCESS = {16: ACC_READ, 17: ACC_WRITE, 18: ACC_FETCH}   # UC_MEM_READ/WRITE/
 
 CR0_WP, CR0_PG = 1 << 16, 1 << 31
 EFER_NXE = 1 << 11
-_PTE_P, _PTE_RW, _PTE_US, _PTE_A, _PTE_D, _PTE_PS = 1, 2, 4, 1 << 5, 1 << 6, 1 << 7
-_PTE_XD = 1 << 63
-_ADDR = ((1 << MAXPHYADDR) - 1) & ~0xFFF
-_HIGH_RSVD = ((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1)       # bits 51:MAXPHYADDR
-_RSVD_1G = ((1 << 30) - 1) & ~((1 << 13) - 1)                   # PDPTE PS=1: bits 29:13
-_RSVD_2M = ((1 << 21) - 1) & ~((1 << 13) - 1)                   # PDE PS=1: bits 20:13
-_SHIFTS = (39, 30, 21, 12)
+_PTE_A, _PTE_D = 1 << 5, 1 << 6
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_PDPT = struct.Struct("<4Q")
 _U64_MASK = (1 << 64) - 1
 #: Where placeholder entries point: no memory (far above RAM and the LAPIC page).
 PLACEHOLDER_PA = (1 << 40) - 0x1000
@@ -282,76 +289,84 @@ class VirtualTlb:
         Stage2Fault; with ``peek`` nothing in memory changes."""
         return self._walk(linear, access, user, peek)[0]
 
-    def _walk(self, linear: int, access: int, user: bool, peek: bool) -> tuple[int, int]:
+    def guest_walk(self, linear: int, cr3: Optional[int] = None) -> Optional[Walk]:
+        """The first stage alone, as a peek (a supervisor read, no side effect):
+        the guest's walk of ``linear`` with its paging-structure entries at
+        guest-physical addresses (read through the second stage), or None when
+        paging is off; ``cr3`` walks another CR3's tables in the current paging
+        mode (its PDPTEs read from its table with PAE paging).  Raises
+        PageFault, NonCanonical, UnsupportedPaging or Stage2Fault."""
+        return self._first_stage(linear, ACC_READ, False, True, cr3)[0]
+
+    def _first_stage(self, linear: int, access: int, user: bool, peek: bool,
+                     cr3: Optional[int] = None):
+        """(the guest's Walk or None with paging off, the linear address as the
+        mode uses it, (read, write, fetch) rights or None); raises the #PF."""
         p = self.probe
         cr0 = p.cr(0)
-        s2 = self.stage2.translate
         if not cr0 & CR0_PG:
-            return s2(linear & 0xFFFF_FFFF, access, linear & 0xFFFF_FFFF, True, peek)
-        if not p.hflags() & HF_LMA:
-            raise UnsupportedPaging("32-bit and PAE paging are not modelled under a second stage "
-                                    "(EPT): only IA-32e paging and paging off")
-        top = linear >> 47
-        if top and top != 0x1FFFF:
-            raise NonCanonical(linear)
+            return None, linear & 0xFFFF_FFFF, None
+        cr4 = p.cr(4)
+        pdptes = None
+        if p.hflags() & HF_LMA:
+            if cr4 & CR4_LA57:
+                raise UnsupportedPaging("5-level paging (CR4.LA57) is not modelled")
+            mode = PagingMode.LEVEL4
+            top = linear >> 47
+            if top and top != 0x1FFFF:
+                raise NonCanonical(linear)
+        else:
+            linear &= 0xFFFF_FFFF
+            if cr4 & CR4_PAE:
+                mode = PagingMode.PAE
+                pdptes = self.core.pdpte_registers(peek=peek) if cr3 is None else \
+                    self.core._read_pdptes(cr3, True)
+            else:
+                mode = PagingMode.BITS32
         efer = self.core.rdmsr_raw(0xC0000080)
         nxe = bool(efer & EFER_NXE)
         write = bool(access & ACC_WRITE)          # ACC_READ | ACC_WRITE: a read-modify-write
         fetch = access == ACC_FETCH
-        code = (PF_W if write else 0) | (PF_U if user else 0) | (PF_I if fetch and nxe else 0)
-        rsvd_xd = 0 if nxe else _PTE_XD
+        # the #PF error code's access bits (paging.error_code, inlined: this runs on every fill)
+        code = (PF_W if write else 0) | (PF_U if user else 0) | \
+            (PF_I if fetch and nxe and mode is not PagingMode.BITS32 else 0)
+        s2 = self.stage2.translate
         view = self.view
-        table = p.cr(3) & _ADDR
-        rw = us = True
-        xd = False
-        used = []
-        level = 4
-        for shift in _SHIFTS:
-            egpa = table | (((linear >> shift) & 0x1FF) << 3)
+        size_limit = self.mem.size
+
+        def read_entry(egpa: int, size: int):
             ehpa = s2(egpa, ACC_READ, linear, False, peek)[0]
-            if ehpa + 8 > self.mem.size:
-                raise PageFault(linear, code)          # outside RAM: no entry there
-            e = _U64.unpack_from(view, ehpa)[0]
-            if not e & _PTE_P:
-                raise PageFault(linear, code)
-            large = e & _PTE_PS and level in (3, 2)
-            bad = e & (_HIGH_RSVD | rsvd_xd)
-            if level == 4:
-                bad |= e & _PTE_PS
-            elif large:
-                bad |= e & (_RSVD_1G if level == 3 else _RSVD_2M)
-            if bad:
-                raise PageFault(linear, code | PF_P | PF_RSVD)
-            rw = rw and bool(e & _PTE_RW)
-            us = us and bool(e & _PTE_US)
-            xd = xd or bool(e & _PTE_XD)
-            used.append((egpa, ehpa, e))
-            if large or level == 1:
-                break
-            table = e & _ADDR
-            level -= 1
-        # permissions (SDM "Access Rights"; no SMEP/SMAP/PKE)
-        wp = bool(cr0 & CR0_WP)
-        read_ok = us or not user
-        write_ok = read_ok and (rw or (not user and not wp))
-        exec_ok = read_ok and not (xd and nxe)
-        if not (exec_ok if fetch else write_ok if write else read_ok):
-            raise PageFault(linear, code | PF_P)
-        leaf = used[-1][2]
+            if ehpa + size > size_limit:
+                return None                        # outside RAM: no entry there
+            return (_U64 if size == 8 else _U32).unpack_from(view, ehpa)[0]
+
+        w = walk(mode, linear, p.cr(3) if cr3 is None else cr3, read_entry, code=code,
+                 pdptes=pdptes, pse=bool(cr4 & CR4_PSE), nxe=nxe)
+        return w, linear, check_rights(w, linear, code, write=write, user=user, fetch=fetch,
+                                       wp=bool(cr0 & CR0_WP), nxe=nxe)
+
+    def _walk(self, linear: int, access: int, user: bool, peek: bool) -> tuple[int, int]:
+        w, linear, allowed = self._first_stage(linear, access, user, peek)
+        s2 = self.stage2.translate
+        if w is None:
+            return s2(linear, access, linear, True, peek)
+        read_ok, write_ok, exec_ok = allowed
+        entries = w.entries
+        leaf = entries[-1][1]
         if not peek:
             # accessed flags on every entry used, dirty on the leaf for a write
             # (writes to paging-structure entries: data writes for the second stage)
-            last = len(used) - 1
-            for i, (egpa, ehpa, e) in enumerate(used):
+            write = bool(access & ACC_WRITE)
+            last = len(entries) - 1
+            view = self.view
+            for i, (egpa, e, size) in enumerate(entries):
                 new = e | _PTE_A | (_PTE_D if write and i == last else 0)
                 if new != e:
                     ehpa = s2(egpa, ACC_WRITE, linear, False, False)[0]
-                    _U64.pack_into(view, ehpa, new)
+                    (_U64 if size == 8 else _U32).pack_into(view, ehpa, new)
                     if i == last:
                         leaf = new
-        size_mask = (1 << (12 + 9 * (level - 1))) - 1     # 4 KiB, 2 MiB or 1 GiB
-        gpa = (leaf & _ADDR & ~size_mask) | (linear & size_mask)
-        hpa, rights = s2(gpa, access, linear, True, peek)
+        hpa, rights = s2(w.pa, access, linear, True, peek)
         perms = 0
         if read_ok:
             perms |= ACC_READ
@@ -435,3 +450,242 @@ class VirtualTlb:
         """An exception our fill hook raised (a bug), once."""
         e, self._error = self._error, None
         return e
+
+
+class SecondStage:
+    """The second-stage half of a Core (a mixin, as TaskSwitching and
+    PageWatching are): switching virtual-TLB mode on and off, the platform's
+    own two-stage translations, and what the core does when the engine stops
+    because the fill hook refused an access."""
+
+    def set_second_stage(self, stage2) -> None:
+        """Translate this core's accesses through the guest's page tables and then
+        ``stage2`` (virtual-TLB mode, :mod:`devirt_emu.platform.tlb`), or with
+        QEMU's own one-stage walker again when ``stage2`` is None.  Either way
+        the engine's TLB is flushed."""
+        if stage2 is None:
+            if self.vtlb is not None:
+                self.vtlb.disable()
+            return
+        if self.vtlb is None:
+            self.vtlb = VirtualTlb(self)
+        self.vtlb.enable(stage2)
+
+    def flush_tlb(self) -> None:
+        """Drop the engine's cached translations (virtual-TLB mode only: QEMU's
+        own walker flushes itself as the architecture says)."""
+        if self.vtlb is not None and self.vtlb.active:
+            self.vtlb.flush()
+
+    def _translate2(self, linear: int, access: int, user: bool, peek: bool) -> int:
+        try:
+            return self.vtlb.translate(linear, access, user=user, peek=peek)
+        except Stage2Fault as s:
+            if peek:
+                raise PageFault(linear, 0) from None
+            self._stage2_exit(s)            # now, while the event being delivered is known
+            raise AccessAborted() from None
+        except NonCanonical:
+            if peek:
+                raise PageFault(linear, 0) from None
+            raise _Fault(13, 0) from None
+        except UnsupportedPaging as e:
+            if peek:
+                raise
+            raise GuestError(f"core {self.index}: {e}") from None
+
+    def _stage2_exit(self, fault: Stage2Fault) -> None:
+        """A second-stage fault: the VMX layer takes the VM exit."""
+        if self.virt is None or not self.virt.on_stage2_fault(self, fault):
+            raise GuestError(f"core {self.index}: second-stage fault outside VMX non-root "
+                             f"operation: {fault.info}")
+
+    def _tlb_refusal(self) -> None:
+        """The engine stopped because our TLB-fill hook refused an access: walk it
+        again with the full address and raise what it is (#PF, #GP, a VM exit)."""
+        vt = self.vtlb
+        bug = vt.take_error()
+        if bug is not None:
+            raise bug
+        r = vt.refused()
+        if r is None:
+            raise GuestError(f"core {self.index}: the engine reported an unhandled CPU exception "
+                             f"at RIP {self.rip():#x} with no refused translation")
+        linear, access, user = r
+        if access == ACC_FETCH and (linear ^ self.rip()) & ~0xFFF and self._straddle_fetch():
+            return
+        self._drop_straddle_exit()
+        if access == ACC_READ and self._rmw_at_rip():
+            access = ACC_READ | ACC_WRITE         # the refused read is the read of a write
+        try:
+            vt.translate(linear, access, user=user)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        except NonCanonical:
+            raise _Fault(13, 0) from None
+        except UnsupportedPaging as e:
+            raise GuestError(f"core {self.index}: {e}") from None
+        except Stage2Fault as s:
+            self._stage2_exit(s)
+        # else the translation changed since the refusal (another core, the L0): retry
+
+    def instruction_length_at_rip(self) -> int | None:
+        """Length of the instruction at RIP (None if it cannot be read or decoded)."""
+        rip = self.rip()
+        for n in (15, PAGE_SIZE - (rip & 0xFFF)):
+            try:
+                return instruction_length(self.read_linear(rip, min(n, 15), peek=True), self.code_size())
+            except (PageFault, UnsupportedPaging, GuestError):
+                continue
+        return None
+
+    def _rmw_at_rip(self) -> bool:
+        """Is the instruction at RIP a read-modify-write of memory?"""
+        rip = self.rip()
+        for n in (15, PAGE_SIZE - (rip & 0xFFF)):      # the next page may not be readable
+            try:
+                return read_modify_write(self.read_linear(rip, min(n, 15), peek=True), self.code_size())
+            except (PageFault, UnsupportedPaging, GuestError):
+                continue
+        return False
+
+    def _straddle_fetch(self) -> bool:
+        """A refused fetch on the page after RIP's: QEMU failed to translate the
+        whole block from RIP (measured), so the instructions before the one that
+        straddles the page end have not run.  Stop the engine in front of that
+        instruction (a temporary exit) and let the run go on: the fetch then
+        faults with RIP at it.  False when RIP is already there."""
+        rip = self.rip()
+        end = (rip | 0xFFF) + 1
+        try:
+            code = self.read_linear(rip, end - rip, peek=True)
+        except (PageFault, UnsupportedPaging, GuestError):
+            return False
+        at = straddling_instruction(code, rip, self.code_size())
+        if at is None or at == rip:
+            return False
+        self._straddle_exit = at
+        self._set_exits()
+        self.uc.ctl_remove_cache(rip & ~0xFFF, end)
+        return True
+
+    def _after_task_switch_step(self, completed: bool) -> None:
+        """The task switch of a far JMP/CALL or IRET was just stepped
+        (``_task_switch_from``: its address and the old TR).  Measured on Unicorn
+        2.1.4 (scratch engine, 32-bit far JMP to a TSS, identity fill hook): in
+        virtual-TLB mode with paging on, the switch is done (old state saved, TR,
+        CR3, registers, segments and EFLAGS of the new task loaded) except EIP,
+        which is left at the instruction (the TLB fills of the switch, after the
+        CR3 load flushed the TLB, restore it); with paging off or in the default
+        TLB mode EIP is the new task's.  So the new task's EIP is put from its
+        TSS when TR changed and EIP did not."""
+        address, old_tr = self._task_switch_from
+        self._task_switch_from = None
+        vt = self.vtlb
+        p = self.probe
+        if not completed or vt is None or not vt.active or not p.cr(0) & CR0_PG:
+            return
+        tr, base, _, flags = p.segment(7)
+        if tr == old_tr or self.rip() != address:
+            return
+        if (flags >> 8) & 8:                           # 32-bit TSS: EIP at 20H
+            eip = struct.unpack("<I", self.read_linear(base + 0x20, 4, peek=True))[0]
+        else:                                          # 16-bit TSS: IP at 0EH
+            eip = struct.unpack("<H", self.read_linear(base + 0x0E, 2, peek=True))[0]
+        p.set_eip(eip)
+
+    def _drop_straddle_exit(self) -> None:
+        if self._straddle_exit is not None:
+            self._straddle_exit = None
+            self._set_exits()
+
+
+class PaeRegisters:
+    """The PDPTE registers of a Core (SDM "PDPTE Registers"), a mixin: the four
+    PDPTEs PAE paging translates with, ``self.pdptes``, loaded
+
+    * before a MOV to CR0, CR3 or CR4 runs that loads them (the core's hook and
+      the VMX layer's MOV to CR0/CR4 call :meth:`load_pdptes_for_mov_cr`): a
+      present PDPTE with a reserved bit set is #GP(0), and the instruction
+      then has no effect;
+    * at VM entry (the VMX layer calls :meth:`set_pdpte_registers`: from
+      GUEST_PDPTR0-3 with EPT, from memory without);
+    * at the first walk after CR3 changed behind the core's back (a task
+      switch, which Unicorn performs): :meth:`pdpte_registers` reloads them
+      from the new CR3 then, unchecked (a reserved bit then gives a #PF with
+      RSVD at the walk, as QEMU's walker does);
+
+    and used by the platform's walks (:func:`~devirt_emu.platform.paging.walk`
+    in virtual-TLB mode, :meth:`translate` otherwise).  In virtual-TLB mode
+    (EPT) the 32-byte table is read through the second stage as a read with
+    no guest-linear address: an EPT violation there is a VM exit whose
+    qualification has bit 7 clear (SDM "Exit Qualification for EPT
+    Violations").  Measured on Unicorn 2.1.4 (scratch engine, 32-bit code):
+    QEMU's own walker, which translates the guest's accesses when virtual-TLB
+    mode is off, re-reads the PDPTEs from memory on every TLB miss (a PDPTE
+    rewritten after MOV to CR3 was used after an INVLPG) and MOV to CR3 does
+    not check them (no #GP for a reserved bit): only the platform's walks
+    use the registers."""
+
+    def pdpte_registers(self, *, peek: bool = False) -> tuple:
+        """The PDPTE registers for the current CR3, reloaded from memory if CR3
+        changed since they were loaded (with ``peek``, nothing is stored and
+        nothing in memory changes).  May raise Stage2Fault in virtual-TLB mode."""
+        cr3 = self.probe.cr(3)
+        if self._pdptes_cr3 != cr3:
+            pdptes = self._read_pdptes(cr3, peek)
+            if peek:
+                return pdptes
+            self.pdptes, self._pdptes_cr3 = pdptes, cr3
+        return self.pdptes
+
+    def set_pdpte_registers(self, pdptes) -> None:
+        """Load the registers (VM entry) for the current CR3; the TLB of
+        virtual-TLB mode is flushed if they changed."""
+        pdptes = tuple(pdptes)
+        changed = pdptes != self.pdptes
+        self.pdptes, self._pdptes_cr3 = pdptes, self.probe.cr(3)
+        if changed:
+            self.flush_tlb()
+
+    def reset_pdpte_registers(self) -> None:
+        """Power-up and INIT: zero, and reloaded at their first use."""
+        self.pdptes, self._pdptes_cr3 = (0, 0, 0, 0), None
+
+    def read_pdptes(self, cr3: int) -> tuple:
+        """The four PDPTEs of the table at CR3[31:5], read as a PDPTE load does
+        (through the second stage when one is active); no check."""
+        return self._read_pdptes(cr3, False)
+
+    def load_pdptes_for_mov_cr(self, cr: int, value: int) -> None:
+        """MOV of ``value`` to CR``cr`` (0, 3 or 4) is about to run: if it loads the
+        PDPTE registers (:func:`~devirt_emu.platform.paging.pdptes_reload`), load
+        them, or raise _Fault(13, 0) when a present one sets a reserved bit
+        (nothing changes), or AccessAborted when reading them was a VM exit."""
+        p = self.probe
+        if not p.hflags() & HF_LMA:
+            value &= 0xFFFF_FFFF
+        cr0, cr4 = p.cr(0), p.cr(4)
+        new_cr0 = value if cr == 0 else cr0
+        new_cr4 = value if cr == 4 else cr4
+        if not pdptes_reload(cr, cr0, cr4, new_cr0, new_cr4, self.rdmsr_raw(0xC0000080)):
+            return
+        cr3 = value if cr == 3 else p.cr(3)
+        try:
+            pdptes = self._read_pdptes(cr3, False)
+        except Stage2Fault as s:
+            self._stage2_exit(s)
+            raise AccessAborted() from None
+        if any(pdpte_reserved(e) for e in pdptes):
+            raise _Fault(13, 0)
+        self.pdptes, self._pdptes_cr3 = pdptes, cr3
+        self.flush_tlb()
+
+    def _read_pdptes(self, cr3: int, peek: bool) -> tuple:
+        pa = pdpt_address(cr3)
+        vt = self.vtlb
+        if vt is not None and vt.active:
+            pa = vt.stage2.translate(pa, ACC_READ, None, False, peek)[0]
+        if not self.mem.contains(pa, 32):
+            return (_U64_MASK,) * 4          # no memory there: all ones, as on a PC
+        return _PDPT.unpack_from(self.mem.view, pa)

@@ -72,6 +72,7 @@ from typing import Callable, Mapping, Optional
 
 from devirt_emu.platform.lapic import MAXPHYADDR
 from devirt_emu.platform.memory import PhysicalAccessError
+from devirt_emu.platform.paging import RSVD_PDPTE_LOW
 from devirt_emu.vmx import capabilities as vcaps
 from devirt_emu.vmx import controls as c
 from devirt_emu.vmx import exit_reasons
@@ -1107,8 +1108,8 @@ def check_guest_non_register_state(vmcs, caps: EntryCaps, read_mem, *,
     return None
 
 
-#: PAE PDPTE bits reserved below MAXPHYADDR: 2:1 and 8:5.
-PAE_PDPTE_RESERVED_LOW = 0x1E6
+#: PAE PDPTE bits reserved below MAXPHYADDR: 2:1 and 8:5 (the platform's paging table).
+PAE_PDPTE_RESERVED_LOW = RSVD_PDPTE_LOW
 
 
 def check_guest_pdptes(vmcs, caps: EntryCaps, read_mem) -> Optional[EntryFailure]:

@@ -3,7 +3,10 @@
 :class:`EptStage2` is the ``second_stage`` of
 :class:`~devirt_emu.platform.tlb.VirtualTlb` for a vCPU whose VMCS enables EPT:
 every guest-physical address a guest access uses (the guest's paging-structure
-entries, the final page, the accessed/dirty-flag updates) is translated by
+entries, the final page, the accessed/dirty-flag updates, and with PAE paging
+the loads of the PDPTEs by MOV to CR, which have no guest-linear address: a
+violation there has bit 7 of its qualification clear, and they are reads even
+when the EPTP enables accessed and dirty flags) is translated by
 :func:`~devirt_emu.vmx.ept.ept_walk`; a violation or misconfiguration becomes
 :class:`~devirt_emu.platform.tlb.Stage2Fault` carrying the walk's result, and
 :func:`ept_exit_decision` turns that into the VM exit (SDM "EPT Violations",
@@ -67,7 +70,7 @@ class EptStage2:
         if not self._active():
             return gpa, _RWX
         need = access
-        if self.ad and not translation:
+        if self.ad and not translation and gla is not None:
             need = ACC_READ | ACC_WRITE          # guest paging-structure access with EPT A/D: a write
         page = gpa >> 12
         hit = self._cache.get(page)

@@ -19,13 +19,17 @@ VM entry loads into the engine the guest-state fields written since the last
 one.  VMLAUNCH runs every VM-entry check; VMRESUME runs every check when a
 field other than the few an L0 writes on each exit (GUEST_RIP, GUEST_RFLAGS,
 the injection fields, activity and interruptibility state) was written, else
-the checks of the fields written.
+the checks of the fields written (and without EPT those of a PAE guest's
+PDPTEs, which every VM entry reads from memory again).
 
 With "enable EPT" set, a VM entry switches the core to two-stage translation
 through the guest's page tables and the EPT (:meth:`VmxVcpu._sync_ept`,
 :mod:`devirt_emu.vmx.ept_mmu`, :mod:`devirt_emu.platform.tlb`): guest accesses
 then cause EPT-violation and EPT-misconfiguration exits
-(:meth:`VmxVcpu.on_stage2_fault`).
+(:meth:`VmxVcpu.on_stage2_fault`).  A guest entered with PAE paging gets its
+PDPTEs from GUEST_PDPTR0-3 with EPT, from the table at its CR3 without
+(:meth:`VmxVcpu._pdptes_at_entry`); the fields live in the core's PDPTE
+registers while the VMCS is current, like the other guest state.
 
 What VMX non-root operation changes for instructions that do not exit (SDM
 "Changes to Instruction Behavior in VMX Non-Root Operation") is done here:
@@ -70,8 +74,8 @@ from ..platform.tlb import AccessAborted
 from . import controls as C
 from . import exit_reasons as er
 from .entry import (EntryCaps, EntryFailure, FailureKind, check_event_injection,
-                    check_guest_non_register_state, check_guest_rflags, check_guest_rip,
-                    check_launch_state, check_vm_entry)
+                    check_guest_non_register_state, check_guest_pdptes, check_guest_rflags,
+                    check_guest_rip, check_launch_state, check_vm_entry)
 from .exit_reasons import Timing
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
@@ -82,7 +86,7 @@ from .vmcs import _READABLE, FIELD_SLOTS, Vmcs, _key
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
 
 CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
-CR4_VMXE = 1 << 13
+CR4_PAE, CR4_VMXE = 1 << 5, 1 << 13
 RFLAGS_IF = 1 << 9
 EFER_LMA = 1 << 10
 
@@ -94,17 +98,21 @@ _SEGMENTS = (
 _SEG_FIELDS = [(i, F[f"GUEST_{n}_SELECTOR"], F[f"GUEST_{n}_BASE"], F[f"GUEST_{n}_LIMIT"],
                 F[f"GUEST_{n}_AR_BYTES"]) for i, n in _SEGMENTS]
 
+#: The PDPTE fields: the core's PDPTE registers (PaeRegisters) hold them while the VMCS is current.
+_PDPTR_FIELDS = (F.GUEST_PDPTR0, F.GUEST_PDPTR1, F.GUEST_PDPTR2, F.GUEST_PDPTR3)
 #: Guest-state fields kept in the engine while the VMCS is current (see TrackedVmcs).
 _TRACKED = (F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4,
             F.GUEST_DR7, F.GUEST_INTERRUPTIBILITY_INFO, F.GUEST_ACTIVITY_STATE,
             F.GUEST_IA32_EFER, F.GUEST_IA32_PAT, F.GUEST_GDTR_BASE, F.GUEST_GDTR_LIMIT,
             F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT,
-            *[f for row in _SEG_FIELDS for f in row[1:]])
+            *[f for row in _SEG_FIELDS for f in row[1:]],
+            *_PDPTR_FIELDS)
 #: ... with the high-half encodings of the 64-bit ones (an access to either half syncs the field).
 _TRACKED_ENCODINGS = frozenset(int(f) for f in _TRACKED) | {
-    int(F.GUEST_IA32_EFER) | 1, int(F.GUEST_IA32_PAT) | 1}
+    int(F.GUEST_IA32_EFER) | 1, int(F.GUEST_IA32_PAT) | 1, *(int(f) | 1 for f in _PDPTR_FIELDS)}
 
-_HIGH_HALVES = frozenset({int(F.GUEST_IA32_EFER) | 1, int(F.GUEST_IA32_PAT) | 1})
+_HIGH_HALVES = frozenset({int(F.GUEST_IA32_EFER) | 1, int(F.GUEST_IA32_PAT) | 1,
+                          *(int(f) | 1 for f in _PDPTR_FIELDS)})
 
 def _check_rip(vcpu):
     if not vcpu.vmcs.peek(F.GUEST_RIP) >> 32:
@@ -426,6 +434,11 @@ class VmxVcpu:
         cr0, cr3, cr4 = g(F.GUEST_CR0), g(F.GUEST_CR3), g(F.GUEST_CR4)
         uc.reg_write(X.UC_X86_REG_CR3, cr3)
         uc.reg_write(X.UC_X86_REG_CR4, cr4 & ~CR4_VMXE)
+        if not efer & EFER_LMA and self.core.probe.hflags() & HF_LMA:
+            # leaving IA-32e mode: measured on Unicorn 2.1.4, a write of EFER keeps LMA
+            # and only a CR0 write with PG clear clears it (else a guest entered with
+            # legacy paging would run with 4-level paging)
+            uc.reg_write(X.UC_X86_REG_CR0, cr0 & ~CR0_PG)
         uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, efer & ~EFER_LMA))
         uc.reg_write(X.UC_X86_REG_CR0, cr0)
         self.core.after_mode_change()
@@ -458,6 +471,40 @@ class VmxVcpu:
                            C.GUEST_ACTIVITY_WAIT_SIPI: State.WAIT_SIPI,
                            C.GUEST_ACTIVITY_SHUTDOWN: State.SHUTDOWN}.get(act, State.RUNNING)
 
+    def _load_pdptes(self) -> None:
+        """GUEST_PDPTR0-3 written: into the core's PDPTE registers, which hold the
+        fields while the VMCS is current (the guest translates with them if it
+        is entered with PAE paging and EPT; see _pdptes_at_entry)."""
+        g = self.vmcs.peek
+        self.core.set_pdpte_registers([g(f) for f in _PDPTR_FIELDS])
+
+    def _pdptes_at_entry(self) -> None:
+        """SDM "Loading Page-Directory-Pointer-Table Entries": a guest entered
+        with PAE paging (CR0.PG, CR4.PAE, not IA-32e mode) translates with the
+        PDPTEs of GUEST_PDPTR0-3 when "enable EPT" is 1 (the core's registers
+        hold those fields: _load_pdptes), else with the four PDPTEs at
+        GUEST_CR3[31:5] in memory, loaded at every VM entry (their checks ran
+        before: check_guest_pdptes, _check_pdptes_in_memory).  A VM exit then
+        finds them in GUEST_PDPTR0-3 (SDM "Saving Non-Register State": with EPT
+        and PAE paging the PDPTEs in use are saved; otherwise the fields are
+        undefined, here the same registers)."""
+        core = self.core
+        p = core.probe
+        if p.hflags() & HF_LMA or not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE):
+            return                              # (IA-32e mode first: one read for most guests)
+        core.set_pdpte_registers(core.pdptes if self.ept is not None else core.read_pdptes(p.cr(3)))
+
+    def _check_pdptes_in_memory(self) -> Optional[EntryFailure]:
+        """Without EPT every VM entry loads a PAE guest's PDPTEs from memory, so
+        VMRESUME checks them even when no field they depend on was written
+        (memory may have changed since): VM-entry failure, qualification 2."""
+        if self._ept_state is None or self._ept_state[0] is not None:
+            return None
+        p = self.core.probe
+        if p.hflags() & HF_LMA or not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE):
+            return None
+        return check_guest_pdptes(self.vmcs, self.caps, self.read_mem)
+
     # ------------------------------------------------------------------ VM entry
     def vm_entry(self, *, launch: bool = False) -> bool:
         """VMLAUNCH/VMRESUME.  Returns False when the entry failed (the L0 is told)."""
@@ -466,8 +513,10 @@ class VmxVcpu:
         written = v.written
         if launch or written or v.launch_state != "launched":
             failure = self._entry_checks(launch)
-            if failure is not None:
-                return self._entry_failed(failure)
+        else:
+            failure = self._check_pdptes_in_memory()     # (memory may have changed)
+        if failure is not None:
+            return self._entry_failed(failure)
         if launch or written:
             self.load_guest_state(full=launch)
             self._lma_saved = None      # the control or the mode may have changed: save at exit
@@ -487,6 +536,7 @@ class VmxVcpu:
             self._entry_work = (self._apic_stale or self._tpr_entry_check or self._mtf
                                 or self._ptimer_deadline is not None
                                 or (self.ept is not None and not self._ept_state[1]))
+        self._pdptes_at_entry()
         v.live = True               # the engine holds the guest state from now on
         v.fresh.clear()
         if launch:
@@ -520,7 +570,7 @@ class VmxVcpu:
                 failure = check(self)
                 if failure is not None:
                     return failure
-        return None
+        return self._check_pdptes_in_memory()
 
     def _arm_timers(self, controls_changed: bool) -> None:
         """At VM entry: the monitor trap flag and the VMX-preemption timer, which
@@ -885,6 +935,7 @@ class VmxVcpu:
             new = (real & mask) | (core.probe.reg(GPR_IDS[insn.gpr]) & ~mask)
             if insn.cr == 4:
                 new &= ~CR4_VMXE
+            core.load_pdptes_for_mov_cr(insn.cr, new)     # PAE paging: #GP(0) or the PDPTEs loaded
             uc.reg_write(rid, new)
             core.set_rip(ev.rip + insn.length)
             core.after_mode_change()
@@ -1079,6 +1130,7 @@ _GETTERS = {
     F.GUEST_IDTR_LIMIT: lambda vcpu: vcpu.core.probe.dtr(ENV_IDT)[1],
     F.GUEST_INTERRUPTIBILITY_INFO: VmxVcpu._interruptibility,
     F.GUEST_ACTIVITY_STATE: VmxVcpu._activity,
+    **{f: (lambda n: lambda vcpu: vcpu.core.pdptes[n])(n) for n, f in enumerate(_PDPTR_FIELDS)},
 }
 for _row in _SEG_FIELDS:
     _GETTERS.update(_segment_getters(*_row))
@@ -1097,7 +1149,7 @@ def _enc_set(*fields) -> frozenset:
 #: (guest-state fields, how VM entry loads them), in the order of SDM "Loading
 #: Guest State": control registers and EFER first (they set the mode the rest
 #: is loaded in), then PAT, descriptor tables, segments, DR7, RSP/RIP/RFLAGS,
-#: then the non-register state.
+#: the PDPTEs, then the non-register state.
 _LOADERS = (
     (_enc_set(F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4, F.GUEST_IA32_EFER), VmxVcpu._load_control_registers),
     (_enc_set(F.GUEST_IA32_PAT), VmxVcpu._load_pat),
@@ -1108,6 +1160,7 @@ _LOADERS = (
     (_enc_set(F.GUEST_RSP), _reg_loader(F.GUEST_RSP, X.UC_X86_REG_RSP)),
     (_enc_set(F.GUEST_RFLAGS), _reg_loader(F.GUEST_RFLAGS, X.UC_X86_REG_EFLAGS)),
     (_enc_set(F.GUEST_RIP), lambda vcpu: vcpu.core.probe.set_eip(vcpu.vmcs.peek(F.GUEST_RIP))),
+    (_enc_set(*_PDPTR_FIELDS), VmxVcpu._load_pdptes),
     (_enc_set(F.GUEST_INTERRUPTIBILITY_INFO), VmxVcpu._load_interruptibility),
     (_enc_set(F.GUEST_ACTIVITY_STATE), VmxVcpu._load_activity),
 )
