@@ -254,6 +254,11 @@ guest_main:
     mov eax, dword ptr [rbx + 0x30]
     cmp eax, 0x01060014
     jne fail_1
+    ; a read-modify-write: the divide configuration (0 after the disable; bits 0, 1, 3)
+    or dword ptr [rbx + 0x3E0], 0xB
+    mov eax, dword ptr [rbx + 0x3E0]
+    cmp eax, 0xB
+    jne fail_1
     ; the TPR through the page; CR8 and PPR agree with it
     mov dword ptr [rbx + 0x80], 0x45
     mov eax, dword ptr [rbx + 0x80]
@@ -350,14 +355,16 @@ def test_xapic_registers_through_the_apic_access_page_under_stock(tmp_path):
     assert quals[:4] == [READ | 0x0F0, WRITE | 0x0F0, READ | 0x0F0, READ | 0x030]
     assert READ | 0x0A0 in quals and WRITE | 0x300 in quals and WRITE | 0x310 in quals
     assert READ | 0x170 in quals and WRITE | 0x0B0 in quals
+    assert [q & 0xFFF for q in quals[4:6]] == [0x3E0, 0x3E0]   # the OR (one exit), the read
     assert not [q for q in quals if q & 0xFFF == 0x080]
     # (the PPR read right after a virtualized TPR read exits: platform/watch.py flushes the
     # TLB entry the TPR read left behind)
     assert quals.index(READ | 0x0A0) > 3
     # the TPR write of 0 is followed by the trap-like exit, then the interrupt
     assert [e["rip"] for e in exits_named(res, "TPR_BELOW_THRESHOLD")] == [syms["after_tpr_0"]]
-    # the writes went to the core's local APIC: SVR is what the guest wrote
+    # the writes went to the core's local APIC: SVR and TDCR are what the guest wrote
     assert m.cores[0].lapic.rdmsr(0x80F) == 0x1FF
+    assert m.cores[0].lapic.rdmsr(0x83E) == 0xB
 
 
 def test_xapic_mode_switches_apic_access_virtualization(tmp_path):
