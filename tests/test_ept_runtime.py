@@ -549,7 +549,7 @@ def test_l0_violation_it_cannot_fix_is_a_guest_error(gpa, match):
 
 def test_l0_maps_the_apic_access_page_outside_ram():
     # KVM backs guest-physical 0xFEE00000 with its APIC-access page (a private memslot,
-    # kvm_alloc_apic_access_page): an EPT violation there is mapped, 4 KiB, like RAM
+    # alloc_apic_access_page in 5.4): an EPT violation there is mapped, 4 KiB, like RAM
     from devirt_emu.vmx.ept import EptTranslation, ept_walk
     m, l0, vcpu = _l0_with_vcpu()
     l0.h_ept_violation(vcpu, _violation(0xFEE00080), None)

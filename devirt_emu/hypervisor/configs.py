@@ -45,8 +45,9 @@ and "virtualize APIC accesses" (the modelled CPU has both, and no
   (``vmx_vcpu_reset``: ``VIRTUAL_APIC_PAGE_ADDR = __pa(apic->regs)``, and
   TPR_THRESHOLD 0), so VTPR *is* the guest's TPR.  The APIC-access page is a
   page KVM allocates behind a private memslot at guest-physical 0xFEE00000
-  (``kvm_alloc_apic_access_page``); ``vmx_set_apic_access_page_addr`` writes
-  its host-physical address to APIC_ACCESS_ADDR.
+  (``alloc_apic_access_page``, later ``kvm_alloc_apic_access_page``);
+  ``vmx_set_apic_access_page_addr`` writes its host-physical address to
+  APIC_ACCESS_ADDR.
 * Before each VM entry ``update_cr8_intercept`` (x86.c) and
   ``vmx_update_cr8_intercept`` set TPR_THRESHOLD from the highest vector in
   the APIC's IRR and the TPR: 0 when nothing is pending or TPR[7:4] is below
