@@ -535,7 +535,7 @@ def test_l0_blocks_nmis_again_after_an_iret_that_unblocked_them():
 
 
 @pytest.mark.parametrize("gpa, match", [
-    (0xFEE00000, "outside the guest's RAM"),
+    (0xFEC00000, "outside the guest's RAM"),     # (the I/O APIC's page: no MMIO emulation)
     (None, "mapped"),
 ])
 def test_l0_violation_it_cannot_fix_is_a_guest_error(gpa, match):
@@ -545,6 +545,17 @@ def test_l0_violation_it_cannot_fix_is_a_guest_error(gpa, match):
         l0.ept.map(gpa, gpa, 4096, rights=1)                     # mapped read-only by the L0
     l0.h_ept_violation(vcpu, _violation(gpa), None)
     assert m.verdict == "error" and match in m.message
+
+
+def test_l0_maps_the_apic_access_page_outside_ram():
+    # KVM backs guest-physical 0xFEE00000 with its APIC-access page (a private memslot,
+    # alloc_apic_access_page in 5.4): an EPT violation there is mapped, 4 KiB, like RAM
+    from devirt_emu.vmx.ept import EptTranslation, ept_walk
+    m, l0, vcpu = _l0_with_vcpu()
+    l0.h_ept_violation(vcpu, _violation(0xFEE00080), None)
+    assert m.verdict is None
+    r = ept_walk(m.mem.read, m.mem.write, l0.ept.eptp, 0xFEE00080, 2)
+    assert isinstance(r, EptTranslation) and r.hpa == 0xFEE00080 and r.page_size == 4096
 
 
 def test_l0_ept_misconfiguration_is_a_guest_error():

@@ -1,10 +1,11 @@
 """The named VMX configurations, control by control.
 
 ``stock`` is KVM's default VMCS on a modern Intel host with EPT and
-unrestricted guest on, APICv off (no virtual-interrupt delivery, posted
-interrupts or APIC-register virtualization) and PAUSE-loop exiting on
-(``vmx.c``: ``setup_vmcs_config``, ``vmx_exec_control``,
-``vmx_secondary_exec_control``, ``update_exception_bitmap``).
+unrestricted guest on, an in-kernel local APIC, APICv off (no
+virtual-interrupt delivery, posted interrupts or APIC-register
+virtualization) and PAUSE-loop exiting on (``vmx.c``: ``setup_vmcs_config``,
+``vmx_exec_control``, ``vmx_compute_secondary_exec_control``,
+``update_exception_bitmap``).
 
 ``devirt`` is KVM-devirt's set for a devirtualized core (see DESIGN.md, "What
 KVM-devirt is"): no external-interrupt exiting, no HLT/MWAIT/MONITOR/PAUSE
@@ -14,15 +15,94 @@ boot-time controls: real mode and INIT-SIPI need unrestricted guest) and each
 core asks for devirtualization at the end of boot by writing
 :data:`MSR_KVM_DEVIRT`; the L0 then loads the ``devirt`` set on that core.
 
+The local APIC: TPR shadow and flexpriority
+-------------------------------------------
+What KVM (Linux 5.4, the base of KVM-devirt; later kernels agree) does with
+an in-kernel LAPIC and ``enable_apicv=0`` on a CPU that has "use TPR shadow"
+and "virtualize APIC accesses" (the modelled CPU has both, and no
+"virtualize x2APIC mode"):
+
+* ``setup_vmcs_config`` asks for CR8-load/store exiting as required controls
+  and for "use TPR shadow" as an optional one; when the CPU has the TPR
+  shadow it drops both CR8 exiting bits again.  ``vmx_exec_control`` keeps
+  the TPR shadow because ``cpu_need_tpr_shadow`` (= ``lapic_in_kernel``) is
+  true (without it, it would put CR8 exiting back).  So MOV to/from CR8 do
+  not exit: they read and write VTPR.
+* ``flexpriority_enabled`` (module parameter ``flexpriority``, default 1)
+  stays on when the CPU has both controls (``cpu_has_vmx_flexpriority``);
+  ``cpu_need_virtualize_apic_accesses`` (= flexpriority and an in-kernel
+  LAPIC) keeps "virtualize APIC accesses" in
+  ``vmx_compute_secondary_exec_control``, which also clears "virtualize
+  x2APIC mode", APIC-register virtualization and virtual-interrupt delivery
+  (APICv off).
+* ``vmx_set_virtual_apic_mode``, called whenever the guest's APIC mode
+  changes (``kvm_lapic_set_base``): "virtualize APIC accesses" is set only
+  while the guest's APIC is in xAPIC mode; in x2APIC mode or disabled it is
+  cleared (and "virtualize x2APIC mode", which the modelled CPU lacks, would
+  be set instead).  With it cleared, ``vmx_update_msr_bitmap`` keeps every
+  x2APIC MSR, TPR (0x808) included, intercepted: x2APIC TPR accesses exit.
+* The virtual-APIC page is the software APIC's own register page
+  (``vmx_vcpu_reset``: ``VIRTUAL_APIC_PAGE_ADDR = __pa(apic->regs)``, and
+  TPR_THRESHOLD 0), so VTPR *is* the guest's TPR.  The APIC-access page is a
+  page KVM allocates behind a private memslot at guest-physical 0xFEE00000
+  (``alloc_apic_access_page``, later ``kvm_alloc_apic_access_page``);
+  ``vmx_set_apic_access_page_addr`` writes its host-physical address to
+  APIC_ACCESS_ADDR.
+* Before each VM entry ``update_cr8_intercept`` (x86.c) and
+  ``vmx_update_cr8_intercept`` set TPR_THRESHOLD from the highest vector in
+  the APIC's IRR and the TPR: 0 when nothing is pending or TPR[7:4] is below
+  the pending vector's priority class (the interrupt is injectable, or
+  ISR-blocked), else that class: the guest lowering its TPR under it exits
+  (:func:`~devirt_emu.hypervisor.kvm.tpr_threshold`).
+* ``handle_tpr_below_threshold``: ``kvm_apic_update_ppr`` only (a pending
+  interrupt is then injected at the next entry); RIP is not touched, the
+  exit is trap-like.
+* ``handle_apic_access``: with ``fasteoi`` (default 1) a linear write of the
+  EOI register (offset 0B0H) is an EOI and the instruction is skipped;
+  anything else goes to ``kvm_emulate_instruction``, which runs the
+  instruction against the software APIC's MMIO handlers (an instruction it
+  cannot emulate is an emulation failure reported to user space).
+
+This model's guest APIC is the core's physical local APIC (the L0 performs
+the guest's exiting APIC accesses on it, see ``kvm.py``).  So that VTPR and
+that APIC's TPR behave as one register, as KVM's do, the L0 syncs them at
+two points: at every VM exit it copies VTPR into the physical TPR (so the
+L0's emulation of TPR/PPR reads, MMIO and MSR accesses and its interrupt
+arbitration see the guest's value), and before every VM entry it copies the
+physical TPR back into VTPR (an emulated TPR write lands there), computes
+TPR_THRESHOLD, then gives the physical TPR back to the host, which keeps it
+at 0 while the vCPU runs (as a Linux host does).
+
 Deviations from KVM, all on purpose and the same in both sets:
 
-* TPR shadow is off (KVM turns it on when its local APIC is in-kernel): CR8
-  loads and stores exit instead.  It comes with the APICv configuration.
 * The guest's local APIC is the core's physical one: the L0 performs the
   guest's exiting APIC accesses on it and re-injects the interrupts it
   receives (KVM emulates a software APIC instead; the exits the guest sees
-  are the same kinds).
+  are the same kinds).  An APIC-access exit is emulated by running the
+  instruction once against the physical APIC's registers, not by an
+  instruction emulator.
+* The APIC-access page is the xAPIC page itself: APIC_ACCESS_ADDR is
+  0xFEE00000, mapped identity in the EPT (guest-physical is host-physical
+  here), instead of a dummy page behind it.
 * MOV-DR exiting stays on (KVM drops it lazily after the first DR access).
+* KVM-devirt's host holds the physical TPR at 0xB0 while a devirtualized core
+  runs, masking its own vectors (0x20-0xBF); this model's host has no
+  vectors of its own and keeps 0 there too, so a guest may still use low
+  vectors (``guest_tests/msr_passthrough.S`` sends itself 0x1F) as natively.
+  For the guest's own range (0xC1-0xFF) the two agree.
+
+Devirt and the TPR shadow: KVM-devirt's changes (DESIGN.md) do not mention
+the TPR shadow, CR8 exiting or APIC-access virtualization, so its set keeps
+KVM's: "use TPR shadow" on, CR8 exiting off, "virtualize APIC accesses" on
+while the guest's APIC is in xAPIC mode (the firmware switches to x2APIC
+mode early, so in practice off in steady state).  What that means on a
+devirtualized core: a guest MOV to CR8 (and an exiting x2APIC TPR write,
+which KVM applies to its software APIC) changes VTPR only, while the
+physical TPR is the host's, 0xB0 on KVM-devirt (0 in this model, see the
+deviations).  The guest's TPR then masks only the interrupts the L0 injects;
+the physical interrupts passed through to the guest (its vectors 0xC1-0xFF,
+all above class 0xB) are gated by the physical PPR, whose TPR part is the
+host's, so raising CR8 does not hold them back as it would natively.
 """
 from __future__ import annotations
 
@@ -35,6 +115,8 @@ MSR_KVM_APIC_MAPS = 0x4B564DBC     #: announce the apic_maps page (from KVM-devi
 MSR_KVM_DEVIRT = 0x4B564DBD        #: ask the L0 to devirtualize this core (our model's number)
 #: CPUID 0x40000001 EAX bit by which the L0 offers devirtualization (our model's bit).
 KVM_FEATURE_DEVIRT = 1 << 24
+#: Guest-physical address of KVM's APIC-access page (APIC_DEFAULT_PHYS_BASE, the xAPIC base).
+APIC_ACCESS_PAGE_GPA = 0xFEE00000
 
 X86_CR0_TS, X86_CR0_WP = 1 << 3, 1 << 16
 # KVM's possibly guest-owned CR4 bits (KVM_POSSIBLE_CR4_GUEST_BITS) with EPT (+PGE).
@@ -85,14 +167,17 @@ _EXCEPTIONS = (1 << 6) | (1 << 18) | (1 << 1) | (1 << 17)
 
 STOCK = VmxConfig(
     name="stock",
-    description="KVM defaults, modern Intel host: EPT + unrestricted guest, APICv off, PLE on",
+    description="KVM defaults, modern Intel host: EPT + unrestricted guest, TPR shadow and "
+                "flexpriority, APICv off, PLE on",
     pin=C.PIN_BASED_EXT_INTR_MASK | C.PIN_BASED_NMI_EXITING | C.PIN_BASED_VIRTUAL_NMIS,
     primary=(C.CPU_BASED_HLT_EXITING | C.CPU_BASED_MWAIT_EXITING | C.CPU_BASED_MONITOR_EXITING
              | C.CPU_BASED_RDPMC_EXITING | C.CPU_BASED_USE_TSC_OFFSETTING
-             | C.CPU_BASED_CR8_LOAD_EXITING | C.CPU_BASED_CR8_STORE_EXITING
+             | C.CPU_BASED_TPR_SHADOW
              | C.CPU_BASED_MOV_DR_EXITING | C.CPU_BASED_UNCOND_IO_EXITING
              | C.CPU_BASED_USE_MSR_BITMAPS | C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS),
-    secondary=(C.SECONDARY_EXEC_ENABLE_EPT | C.SECONDARY_EXEC_ENABLE_VPID
+    # "virtualize APIC accesses" while the guest's APIC is in xAPIC mode (KvmL0.set_virtual_apic_mode)
+    secondary=(C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES
+               | C.SECONDARY_EXEC_ENABLE_EPT | C.SECONDARY_EXEC_ENABLE_VPID
                | C.SECONDARY_EXEC_UNRESTRICTED_GUEST | C.SECONDARY_EXEC_PAUSE_LOOP_EXITING
                | C.SECONDARY_EXEC_ENABLE_RDTSCP),
     exit=_COMMON_EXIT,
@@ -110,10 +195,10 @@ DEVIRT = VmxConfig(
     description="KVM-devirt, devirtualized core: interrupt/timer/IPI passthrough, no EPT",
     pin=C.PIN_BASED_NMI_EXITING | C.PIN_BASED_VIRTUAL_NMIS,
     primary=(C.CPU_BASED_RDPMC_EXITING | C.CPU_BASED_USE_TSC_OFFSETTING
-             | C.CPU_BASED_CR8_LOAD_EXITING | C.CPU_BASED_CR8_STORE_EXITING
+             | C.CPU_BASED_TPR_SHADOW
              | C.CPU_BASED_MOV_DR_EXITING | C.CPU_BASED_UNCOND_IO_EXITING
              | C.CPU_BASED_USE_MSR_BITMAPS | C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS),
-    secondary=C.SECONDARY_EXEC_ENABLE_RDTSCP,
+    secondary=C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES | C.SECONDARY_EXEC_ENABLE_RDTSCP,
     exit=_COMMON_EXIT,
     entry=_COMMON_ENTRY,
     exception_bitmap=_EXCEPTIONS,

@@ -14,6 +14,17 @@ Exit handling follows KVM's ``kvm_vmx_exit_handlers``; what each handler does
 is documented on it.  The platform executes whatever the L0 emulates on the
 hardware (port I/O, MSRs the machine implements, x2APIC accesses on the
 core's physical local APIC), through the same code as native mode.
+
+The guest's local APIC is the core's physical one, with KVM's share of it
+(interrupts the host took for the guest, :attr:`KvmL0.virr`/``visr``) kept
+here.  With the TPR shadow (both configurations) each vCPU has a
+virtual-APIC page in the host area, and the guest's TPR lives in its VTPR
+while the vCPU runs and in the physical TPR while the L0 runs: the L0 copies
+it across at every VM exit and before every VM entry, where it also sets
+TPR_THRESHOLD as KVM does and hands the physical TPR to the host (see
+``configs.py``, "The local APIC").  The APIC-access page is the xAPIC page
+at guest-physical 0xFEE00000, watched while the guest's APIC is in xAPIC
+mode; APIC-access exits are emulated on the physical APIC.
 """
 from __future__ import annotations
 
@@ -25,19 +36,22 @@ from ..events import Event, Kind
 from ..platform import cpuid as cpuid_model
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, descriptor_cache
 from ..platform.descriptors import desc_type
+from ..platform.lapic import MSR_IA32_APICBASE
 from ..platform.paging import (PageFault, UnsupportedPaging, pdpt_address, pdpte_reserved,
                                pdptes_reload)
 from ..platform.tasks import MIN_TSS_LIMIT, TSS32_AVAILABLE, tss_layout
+from ..platform.watch import PageAccess
 from ..platform.ucinternals import ENV_GDT
 from ..vmx import capabilities as caps
 from ..vmx import controls as C
+from ..vmx import exit_info as XI
 from ..vmx import exit_reasons as ER
 from ..vmx.ept import EptBuilder, EptBuildError
 from ..vmx.fields import VmcsField as F
 from ..vmx.vcpu import CR4_VMXE, VmxVcpu
 from ..vmx.vmcs import Vmcs
-from .configs import (BOOT_CONFIG, KVM_FEATURE_DEVIRT, MSR_KVM_APIC_MAPS, MSR_KVM_DEVIRT,
-                      VMX_CONFIGS, VmxConfig)
+from .configs import (APIC_ACCESS_PAGE_GPA, BOOT_CONFIG, KVM_FEATURE_DEVIRT, MSR_KVM_APIC_MAPS,
+                      MSR_KVM_DEVIRT, VMX_CONFIGS, VmxConfig)
 
 HOST_AREA = 4 << 20            # reserved at the top of RAM for the L0's structures
 KVM_CPUID_SIGNATURE = 0x40000000
@@ -74,6 +88,31 @@ def prepare_vmcs(vcpu: VmxVcpu, host_cr3: int) -> None:
 #: Bytes of a 32-bit TSS a task switch reads and writes (its last byte is the minimum limit).
 TSS32_SIZE = MIN_TSS_LIMIT[TSS32_AVAILABLE] + 1
 
+#: Local APIC register offsets (xAPIC page; the virtual-APIC page has the same layout).
+APIC_TASKPRI, APIC_EOI = 0x80, 0xB0
+#: The physical TPR while a guest runs with the TPR shadow: the host's (a Linux host keeps 0;
+#: KVM-devirt's 0xB0 is not modelled, see configs.py).
+HOST_TPR = 0
+_APIC_ACCESS_TYPE_NAMES = {
+    XI.APIC_ACCESS_LINEAR_FETCH: "linear instruction fetch",
+    XI.APIC_ACCESS_LINEAR_EVENT_DELIVERY: "linear access during event delivery",
+    XI.APIC_ACCESS_GUEST_PHYS_EVENT_DELIVERY: "guest-physical access during event delivery",
+    XI.APIC_ACCESS_GUEST_PHYS_INSN: "guest-physical instruction fetch or execution",
+}
+
+
+def tpr_threshold(tpr: int, max_irr: int | None) -> int:
+    """TPR_THRESHOLD as KVM sets it before a VM entry (``update_cr8_intercept``
+    in x86.c, ``vmx_update_cr8_intercept``): with ``max_irr`` the highest
+    vector in the guest's IRR (None: nothing pending) and ``tpr`` its 8-bit
+    TPR, the pending vector's priority class when the TPR's class masks it
+    (TPR[7:4] >= class), so that the guest lowering its TPR below that class
+    exits; 0 (never exits) otherwise."""
+    if max_irr is None:
+        return 0
+    irr_class = max_irr >> 4
+    return irr_class if tpr >> 4 >= irr_class else 0
+
 
 class L0Error(Exception):
     """The L0 met an exit it does not handle, or a VM entry failed."""
@@ -101,6 +140,13 @@ class KvmL0:
         self.visr: dict[int, list[int]] = {}
         self.devirtualized: set[int] = set()
         self.apic_maps_gpa: int | None = None
+        # per vCPU: its virtual-APIC page, the control set loaded, where its VTPR
+        # is while that set has the TPR shadow (None: no TPR shadow), and the
+        # TPR_THRESHOLD the L0 last wrote (only the L0 writes it)
+        self.vapic_pa: dict[int, int] = {}
+        self._loaded: dict[int, VmxConfig] = {}
+        self._vtpr_at: dict[int, int | None] = {}
+        self._threshold: dict[int, int] = {}
         self._bitmaps: dict[str, int] = {}
         self._next_page = self.host_base
         self.ept = EptBuilder(mem, self._alloc(64), 64 * 4096)     # empty: see h_ept_violation
@@ -161,6 +207,29 @@ class KvmL0:
             s(F.VIRTUAL_PROCESSOR_ID, vcpu.core.index + 1)
         s(F.PLE_GAP, cfg.ple_gap)
         s(F.PLE_WINDOW, cfg.ple_window)
+        i = vcpu.core.index
+        self._loaded[i] = cfg
+        self._vtpr_at[i] = None
+        if cfg.primary & C.CPU_BASED_TPR_SHADOW:
+            s(F.VIRTUAL_APIC_PAGE_ADDR, self.vapic_pa[i])
+            self._vtpr_at[i] = self.vapic_pa[i] + APIC_TASKPRI
+        if cfg.secondary & C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES:
+            s(F.APIC_ACCESS_ADDR, APIC_ACCESS_PAGE_GPA)
+        self.set_virtual_apic_mode(vcpu)
+
+    def set_virtual_apic_mode(self, vcpu: VmxVcpu) -> None:
+        """KVM's ``vmx_set_virtual_apic_mode`` (on every change of the guest's APIC
+        mode): "virtualize APIC accesses", when the loaded set has it, only while
+        the guest's APIC is in xAPIC mode; cleared in x2APIC mode and while the
+        APIC is disabled (the modelled CPU has no "virtualize x2APIC mode")."""
+        v = vcpu.vmcs
+        sec = v.get(F.SECONDARY_VM_EXEC_CONTROL)
+        want = sec & ~C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES
+        if self._loaded[vcpu.core.index].secondary & C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES \
+                and vcpu.core.lapic.xapic_enabled:
+            want |= C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES
+        if want != sec:
+            v.set(F.SECONDARY_VM_EXEC_CONTROL, want)
 
     def attach(self) -> None:
         """Create a vCPU per core with a fresh VMCS, the boot-time controls, the
@@ -171,6 +240,8 @@ class KvmL0:
             vmcs_pa = self._alloc()
             Vmcs.format(m.mem, vmcs_pa)
             vcpu = VmxVcpu(core, vmcs_pa, self, record=m.record_exit)
+            self.vapic_pa[core.index] = self._alloc()      # KVM: the software APIC's register page
+            self._threshold[core.index] = 0                # (the formatted VMCS holds 0)
             v = vcpu.vmcs
             v.set(F.TSC_OFFSET, 0)
             self.load_controls(vcpu, boot)
@@ -205,7 +276,7 @@ class KvmL0:
             return None
         vec = max(self.virr[i])
         isrv = max(self.visr[i], default=0)
-        ppr = max(vcpu.core.lapic.tpr & 0xF0, isrv & 0xF0)
+        ppr = max(self.guest_tpr(vcpu) & 0xF0, isrv & 0xF0)
         return vec if vec & 0xF0 > ppr else None
 
     def guest_eoi(self, vcpu: VmxVcpu) -> bool:
@@ -221,27 +292,25 @@ class KvmL0:
         i = vcpu.core.index
         lapic = vcpu.core.lapic
         if 0x820 <= index <= 0x827:
-            word = index - 0x820
-            bits = sum(1 << (v - 32 * word) for v in self.virr[i] if v // 32 == word)
-            return lapic.rdmsr(index) | bits
+            return lapic.rdmsr(index) | self._virr_word(vcpu, index - 0x820)
         if 0x810 <= index <= 0x817:
             word = index - 0x810
             return sum(1 << (v - 32 * word) for v in self.visr[i] if v // 32 == word)
         if index == 0x80A:
             isrv = max(self.visr[i], default=0)
-            tpr = lapic.tpr
+            tpr = self.guest_tpr(vcpu)
             return tpr if tpr & 0xF0 >= isrv & 0xF0 else isrv & 0xF0
         return None
+
+    def _virr_word(self, vcpu: VmxVcpu, word: int) -> int:
+        """Bits 32 * ``word`` .. + 31 of the virtual IRR."""
+        return sum(1 << (v - 32 * word) for v in self.virr[vcpu.core.index] if v // 32 == word)
 
     def before_entry(self, vcpu: VmxVcpu) -> None:
         """KVM's inject_pending_event: inject the highest deliverable virtual-IRR
         vector if the guest can take it, else ask for an interrupt-window exit."""
         v = vcpu.vmcs
         primary = v.get(_PROC)
-        if not self.virr[vcpu.core.index]:           # nothing to inject: no window either
-            if primary & C.CPU_BASED_INTR_WINDOW_EXITING:
-                v.set(_PROC, primary ^ C.CPU_BASED_INTR_WINDOW_EXITING)
-            return
         vec = self.deliverable(vcpu)
         if vec is not None and not v.get(F.VM_ENTRY_INTR_INFO_FIELD) & C.INTR_INFO_VALID_MASK:
             rflags = v.get(F.GUEST_RFLAGS)
@@ -258,6 +327,45 @@ class KvmL0:
         want_window = vec is not None
         if want_window != bool(primary & C.CPU_BASED_INTR_WINDOW_EXITING):
             v.set(F.CPU_BASED_VM_EXEC_CONTROL, primary ^ C.CPU_BASED_INTR_WINDOW_EXITING)
+        self._tpr_to_guest(vcpu)
+
+    # ----- the TPR: VTPR while the guest runs, the physical TPR while the L0 does
+    def guest_tpr(self, vcpu: VmxVcpu) -> int:
+        """The guest's TPR: VTPR while the vCPU runs with the TPR shadow, else
+        the physical local APIC's (where the L0 keeps it between exit and entry)."""
+        at = self._vtpr_at[vcpu.core.index]
+        if at is not None and vcpu.active:
+            return self.machine.mem.view[at]
+        return vcpu.core.lapic.tpr
+
+    def _tpr_from_guest(self, vcpu: VmxVcpu) -> None:
+        """At a VM exit: the guest's TPR from VTPR into the physical TPR, so that
+        the L0's emulation on the physical APIC sees it (KVM's VTPR is its APIC's
+        TPR register itself)."""
+        at = self._vtpr_at[vcpu.core.index]
+        if at is not None:
+            vcpu.core.lapic.tpr = self.machine.mem.view[at]
+
+    def _tpr_to_guest(self, vcpu: VmxVcpu) -> None:
+        """Before a VM entry: the guest's TPR back into VTPR (bytes 3:1 zero, as
+        the APIC's TPR register reads), TPR_THRESHOLD from the highest vector in
+        the virtual IRR (:func:`tpr_threshold`), then the physical TPR is the
+        host's (:data:`HOST_TPR`) while the guest runs."""
+        i = vcpu.core.index
+        at = self._vtpr_at[i]
+        if at is None:
+            return
+        lapic = vcpu.core.lapic
+        tpr = lapic.tpr
+        mem = self.machine.mem
+        if mem.view[at] != tpr:
+            mem.write(at, bytes((tpr, 0, 0, 0)))
+        virr = self.virr[i]
+        threshold = tpr_threshold(tpr, max(virr)) if virr else 0
+        if threshold != self._threshold[i]:
+            vcpu.vmcs.set(F.TPR_THRESHOLD, threshold)
+            self._threshold[i] = threshold
+        lapic.tpr = HOST_TPR
 
     def has_pending(self, vcpu: VmxVcpu) -> bool:
         return self.deliverable(vcpu) is not None
@@ -283,6 +391,7 @@ class KvmL0:
         vcpu.core.request_stop("exit") if vcpu.core._in_run else None
 
     def handle_exit(self, vcpu: VmxVcpu, d, event: Event | None) -> None:
+        self._tpr_from_guest(vcpu)
         handler = self._handlers.get(d.reason)
         if handler is None:
             self._fatal(vcpu, f"the L0 has no handler for exit {d.name} at RIP "
@@ -323,6 +432,8 @@ class KvmL0:
             R.XSETBV: self.h_gp,
             R.EPT_VIOLATION: self.h_ept_violation,
             R.EPT_MISCONFIG: self.h_ept_misconfig,
+            R.APIC_ACCESS: self.h_apic_access,
+            R.TPR_BELOW_THRESHOLD: self.h_tpr_below_threshold,
         }
         for name in ("VMCLEAR", "VMLAUNCH", "VMPTRLD", "VMPTRST", "VMREAD", "VMRESUME", "VMWRITE",
                      "VMOFF", "VMON", "INVEPT", "INVVPID", "VMFUNC"):
@@ -587,6 +698,8 @@ class KvmL0:
             vcpu.skip_instruction()
             return
         vcpu.emulate_on_platform(event)
+        if write and index == MSR_IA32_APICBASE:
+            self.set_virtual_apic_mode(vcpu)      # kvm_lapic_set_base on a mode change
 
     def h_cr_access(self, vcpu, d, event):
         """MOV to/from CR0/CR3/CR4/CR8, CLTS, LMSW (KVM's handle_cr)."""
@@ -710,9 +823,11 @@ class KvmL0:
         or exception is not re-injected: RIP is still at its instruction, which
         runs again.  An IRET that unblocked NMIs (qualification bit 12) gets NMI
         blocking back.  A violation outside guest RAM, or on a page that is
-        mapped already, ends the run with a guest error."""
+        mapped already, ends the run with a guest error; the APIC-access page
+        (guest-physical 0xFEE00000) is mapped like RAM, as KVM maps its page
+        behind that address (a private memslot)."""
         gpa = d.guest_physical_address or 0
-        if gpa >= self.guest_ram:
+        if gpa >= self.guest_ram and gpa & ~0xFFF != APIC_ACCESS_PAGE_GPA:
             self._fatal(vcpu, f"EPT violation at GPA {gpa:#x}, outside the guest's RAM "
                               f"(qualification {d.qualification:#x})")
             return
@@ -740,6 +855,85 @@ class KvmL0:
         self._fatal(vcpu, f"EPT misconfiguration at GPA {d.guest_physical_address or 0:#x}: "
                           f"{'; '.join(map(str, d.cause))}")
 
+    def h_tpr_below_threshold(self, vcpu, d, event):
+        """TPR below threshold (trap-like: RIP is already past the instruction).
+        KVM's handler only updates the PPR from the new TPR; the interrupt then
+        deliverable is injected at the next entry.  Here the exit has already
+        copied the new TPR into the physical APIC and :meth:`before_entry`
+        re-evaluates the virtual IRR against it: nothing else to do."""
+
+    def h_apic_access(self, vcpu, d, event):
+        """APIC access (fault-like: the instruction has not run).  KVM emulates
+        the instruction against its software APIC (``handle_apic_access``; an EOI
+        write is its fast path).  Here the platform runs the instruction once
+        with the accessed bytes of the APIC-access page backed by the physical
+        APIC's registers (as the guest sees them: with the virtual IRR, ISR and
+        PPR share), which also advances RIP; a write it makes is then performed
+        on the physical APIC (an EOI ends the highest injected vector first,
+        as an exiting x2APIC EOI does).  Accesses during event delivery and
+        instruction fetches, which KVM's emulator cannot perform, end the run
+        with a guest error (KVM reports an emulation failure)."""
+        q = d.qualification
+        offset, atype = q & 0xFFF, (q >> 12) & 0xF
+        rip = vcpu.vmcs.get(F.GUEST_RIP)
+        if atype not in (XI.APIC_ACCESS_LINEAR_READ, XI.APIC_ACCESS_LINEAR_WRITE) or event is None:
+            kind = _APIC_ACCESS_TYPE_NAMES.get(atype, f"access type {atype}")
+            self._fatal(vcpu, f"APIC-access exit ({kind}, APIC-page offset {offset:#x}) at RIP "
+                              f"{rip:#x}: emulation failure, the L0 (as KVM) cannot emulate it")
+            return
+        page = event.extra["gpa"] & ~0xFFF
+        size = event.extra.get("size", 4)
+        try:
+            if atype == XI.APIC_ACCESS_LINEAR_READ:
+                window = (offset, self.apic_mmio_read(vcpu, offset, size))
+                step = vcpu.step_watched_on_platform(page, window)
+                write = step.denied            # the write of a read-modify-write, or None
+            else:
+                window, write = None, PageAccess(event.extra["gpa"], "write", size,
+                                                 event.extra["value"])
+            if write is not None:
+                if write.access != "write":
+                    raise ValueError(f"a {write.access} of the APIC-access page in the same "
+                                     "instruction")
+                window = _cover(window, write.pa & 0xFFF, write.size)
+                step = vcpu.step_watched_on_platform(page, window, writable=True)
+                if step.denied is not None:
+                    raise ValueError(f"a {step.denied.access} of the APIC-access page in the "
+                                     "same instruction")
+                if step.retired:
+                    self.apic_mmio_write(vcpu, write.pa & 0xFFF, write.size, write.value)
+        except ValueError as e:      # an access the xAPIC's MMIO or the step cannot take
+            self._fatal(vcpu, f"APIC-access exit at RIP {rip:#x} (offset {offset:#x}, {size} "
+                              f"byte(s)): the L0 cannot emulate it: {e}")
+
+    def apic_mmio_read(self, vcpu: VmxVcpu, offset: int, size: int) -> bytes:
+        """``size`` bytes of the guest's xAPIC page at ``offset``: the physical
+        APIC's MMIO read, with IRR, ISR and PPR as :meth:`apic_register_read`
+        shows them to the guest."""
+        lapic = vcpu.core.lapic
+        data = bytearray(lapic.mmio_read(offset, size).to_bytes(size, "little"))
+        if lapic.xapic_enabled:
+            for slot in range(offset & ~0xF, offset + size, 16):
+                index = 0x800 + (slot >> 4)
+                if 0x820 <= index <= 0x827:
+                    word = lapic.mmio_read(slot, 4) | self._virr_word(vcpu, index - 0x820)
+                else:
+                    word = self.apic_register_read(vcpu, index)      # ISR, PPR or None
+                if word is None:
+                    continue
+                reg = (word & 0xFFFFFFFF).to_bytes(4, "little") + bytes(12)
+                lo, hi = max(slot, offset), min(slot + 16, offset + size)
+                data[lo - offset:hi - offset] = reg[lo - slot:hi - slot]
+        return bytes(data)
+
+    def apic_mmio_write(self, vcpu: VmxVcpu, offset: int, size: int, value: int) -> None:
+        """A guest write of the xAPIC page, on the physical APIC; a 32-bit EOI
+        write ends the highest injected vector if one is in service."""
+        lapic = vcpu.core.lapic
+        if offset == APIC_EOI and size == 4 and lapic.xapic_enabled and self.guest_eoi(vcpu):
+            return
+        lapic.mmio_write(offset, size, value)
+
     # ------------------------------------------------------------------ KVM-devirt
     def devirtualize(self, vcpu: VmxVcpu) -> None:
         """The guest asked to devirtualize this core: load the target control set."""
@@ -760,3 +954,15 @@ class KvmL0:
         data = b"".join(struct.pack("<HHiQ", v.core.apic_id, v.core.index, 1, v.vmcs.get(F.TSC_OFFSET))
                         for v in self.vcpus)
         self.machine.write_phys(gpa, data)
+
+
+def _cover(window, offset: int, size: int) -> tuple[int, bytes]:
+    """The smallest window holding ``window``'s bytes (None: none) and the
+    range ``[offset, offset + size)`` (zeros where ``window`` has nothing)."""
+    if window is None:
+        return offset, bytes(size)
+    start, data = window
+    lo, hi = min(start, offset), max(start + len(data), offset + size)
+    buf = bytearray(hi - lo)
+    buf[start - lo:start - lo + len(data)] = data
+    return lo, bytes(buf)

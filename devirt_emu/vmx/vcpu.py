@@ -786,6 +786,19 @@ class VmxVcpu:
             v.live = True               # the engine holds the guest state (again; also when
             v.fresh.clear()             # the platform raised: the engine may have changed)
 
+    def step_watched_on_platform(self, ppage: int, window=None, *, writable: bool = False):
+        """Let the platform execute the guest instruction at RIP once with the
+        watched page ``ppage`` open (:meth:`Core.step_watched
+        <devirt_emu.platform.watch.PageWatching.step_watched>`, same arguments
+        and result): the L0's emulation of an APIC-access exit, on the guest
+        state the engine holds (guest-state fields the L0 wrote before are
+        loaded into it first)."""
+        self.load_guest_state()
+        try:
+            return self.core.step_watched(ppage, window, writable=writable)
+        finally:
+            self._engine_holds_guest_state()
+
     # ------------------------------------------------------------------ the core's virt interface
     def on_event(self, core, event: Event) -> bool:
         """An instruction event (or triple fault): True when handled here."""
@@ -1014,7 +1027,7 @@ class VmxVcpu:
         self._tpr_exit_pending = self._trap_exit_pending = None
         if self._tpr_entry_check and core.state not in (State.WAIT_SIPI, State.SHUTDOWN):
             threshold = v.peek(F.TPR_THRESHOLD) & 0xF
-            vtpr = self._vapic_read(APIC_TASKPRI, 1)[0]
+            vtpr = self._vapic_read(APIC_TASKPRI, 1)[0] if threshold else 0   # (0 > nothing)
             if threshold > vtpr >> 4:
                 self._tpr_exit_pending = (threshold, vtpr)
                 if core.state is State.HALTED:
