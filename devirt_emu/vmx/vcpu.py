@@ -340,9 +340,10 @@ class VmxVcpu:
         self.read_mem = self.mem.read
         self._apic_page: Optional[int] = None      # the APIC-access page the core watches
         self._apic_stale = True                    # re-examine the APIC controls at next entry
-        # VM entry does per-entry work (below) even when no field was written: a TLB
-        # flush without VPID, the TPR-threshold check, the MTF and the preemption timer
-        self._entry_work = True
+        # Work VM entry does even when no field was written (each re-examined when one
+        # of its fields was): the TPR-threshold check (APIC), a TLB flush without VPID
+        # (EPT), arming the MTF and the preemption timer (timers)
+        self._apic_work = self._ept_work = self._timer_work = True
         self._lma_saved: Optional[int] = None      # EFER.LMA (as HF_LMA) the control holds
         self._tpr_entry_check = False              # "use TPR shadow" and "virtualize APIC accesses"
         self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
@@ -528,14 +529,15 @@ class VmxVcpu:
             written.clear()
         else:
             timers_changed = apic_changed = ept_changed = inject = False
-        if self._entry_work or apic_changed or ept_changed or timers_changed:
+        if apic_changed or self._apic_work:
             self._apic_at_entry(apic_changed)
+            self._apic_work = self._apic_stale or self._tpr_entry_check
+        if ept_changed or self._ept_work:
             self._sync_ept(ept_changed)
+            self._ept_work = self.ept is not None and not self._ept_state[1]
+        if timers_changed or self._timer_work:
             self._arm_timers(timers_changed)
-            # is there anything to do at the next entry if nothing is written?
-            self._entry_work = (self._apic_stale or self._tpr_entry_check or self._mtf
-                                or self._ptimer_deadline is not None
-                                or (self.ept is not None and not self._ept_state[1]))
+            self._timer_work = self._mtf or self._ptimer_deadline is not None
         self._pdptes_at_entry()
         v.live = True               # the engine holds the guest state from now on
         v.fresh.clear()
@@ -1044,7 +1046,7 @@ class VmxVcpu:
             # not in VMX non-root operation: the page is ordinary memory again
             core.unwatch_page(page)
             self._apic_page, self._apic_stale = None, True
-            self._entry_work = True
+            self._apic_work = True
             return
         if access.platform:
             return self._platform_apic_access(core, access)
