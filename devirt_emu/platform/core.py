@@ -137,9 +137,9 @@ def _register_readers(core: "Core") -> dict:
 #: Kind -> its name (the keys of ``Core.events``): an enum's ``.value`` costs a
 #: property call, and this is looked up on every hooked instruction.
 _KIND_NAMES = {k: k.value for k in Kind}
-#: Kind.IN bound once: an Enum class attribute costs about 0.3 us on CPython 3.11
-#: (EnumType.__getattr__ puts every lookup on the slow path).
-_KIND_IN = Kind.IN
+#: Kinds used on every VM exit, bound once: an Enum class attribute costs about
+#: 0.3 us on CPython 3.11 (EnumType.__getattr__ puts every lookup on the slow path).
+_KIND_IN, _KIND_TASK_SWITCH = Kind.IN, Kind.TASK_SWITCH
 
 # Interruption types (SDM "Format of the VM-Exit Interruption-Information Field").
 INTR_TYPE_EXT_INTR, INTR_TYPE_NMI, INTR_TYPE_HARD_EXCEPTION = 0, 2, 3
@@ -851,7 +851,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         does to emulate it on the hardware).  Instructions Unicorn executes itself are
         left to it: RIP stays at the instruction.  A TASK_SWITCH event is performed
         (see TaskSwitching.emulate_task_switch)."""
-        if event.kind is Kind.TASK_SWITCH:
+        if event.kind is _KIND_TASK_SWITCH:
             self.emulate_task_switch(event)
             return
         self._handlers[event.kind](event.rip, event.insn)

@@ -174,6 +174,8 @@ _tuple_new = tuple.__new__
 # Enum members used on every exit, bound once (an Enum class attribute costs about
 # 0.3 us on CPython 3.11: see vmx/rules.py).
 _PAUSE, _TRAP = Kind.PAUSE, Timing.TRAP
+_NO_TPR_EXIT_STATES = frozenset({State.WAIT_SIPI, State.SHUTDOWN})
+_TPR_THRESHOLD = int(F.TPR_THRESHOLD)
 _U64 = struct.Struct("<Q")
 
 MSR_IA32_CR_PAT = 0x277
@@ -1027,8 +1029,8 @@ class VmxVcpu:
             self._tpr_entry_check = page is not None and bool(primary & C.CPU_BASED_TPR_SHADOW) \
                 and not secondary & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY
         self._tpr_exit_pending = self._trap_exit_pending = None
-        if self._tpr_entry_check and core.state not in (State.WAIT_SIPI, State.SHUTDOWN):
-            threshold = v.peek(F.TPR_THRESHOLD) & 0xF
+        if self._tpr_entry_check and core.state not in _NO_TPR_EXIT_STATES:
+            threshold = v.peek(_TPR_THRESHOLD) & 0xF
             vtpr = self._vapic_read(APIC_TASKPRI, 1)[0] if threshold else 0   # (0 > nothing)
             if threshold > vtpr >> 4:
                 self._tpr_exit_pending = (threshold, vtpr)
