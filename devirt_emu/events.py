@@ -234,7 +234,7 @@ class Insn:
 IO_KINDS = frozenset({Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS})
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """One occurrence of something a hypervisor could intercept.
 

@@ -111,6 +111,7 @@ class Machine:
         self.trace = trace
         self.uart = Uart16550(UART_BASE, on_byte=on_serial)
         self.debug_exit = DebugExit(DEBUG_EXIT_PORT, iosize=4)
+        self._debug_exit_ports = range(DEBUG_EXIT_PORT, DEBUG_EXIT_PORT + 4)   # (every OUT looks)
         self.bus = ApicBus()
         self.bus.on_deliver = self._on_deliver
         self.code_pages: set[int] = set()
@@ -252,7 +253,7 @@ class Machine:
     def io_write(self, core: Core, port: int, size: int, value: int) -> None:
         if UART_BASE <= port < UART_BASE + 8:
             self.uart.io_write(port - UART_BASE, size, value)
-        elif self.debug_exit.contains(port) and port + size <= self.debug_exit.port + 4:
+        elif port in self._debug_exit_ports and port + size <= self.debug_exit.port + 4:
             self.debug_exit.io_write(port - self.debug_exit.port, size, value)
             self.finish(self.debug_exit.verdict,
                         f"core {core.index} wrote {value:#x} to the exit port {port:#x}")

@@ -181,12 +181,11 @@ class State(enum.Enum):
 
 class LazyRegs(dict):
     """The ``Event.regs`` mapping: reads a register on first use (and keeps it).
-    A dict, so that every use after the first is a plain dict lookup."""
+    A dict, so that every use after the first is a plain dict lookup.  Made by
+    :meth:`Core.lazy_regs` (no ``__init__`` of its own: one per sensitive
+    instruction, and a Python ``__init__`` would cost a frame)."""
 
     __slots__ = ("core",)
-
-    def __init__(self, core: "Core"):
-        self.core = core
 
     def __missing__(self, name: str) -> int:
         v = self[name] = self.core.reg_readers[name]()      # (KeyError: no such register)
@@ -302,7 +301,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
 
     def lazy_regs(self) -> "LazyRegs":
         """A fresh ``Event.regs`` mapping for this core."""
-        return LazyRegs(self)
+        regs = LazyRegs()
+        regs.core = self
+        return regs
 
     def rip(self) -> int:
         """The linear address of the next instruction (CS.base + RIP), as hooks see it."""
@@ -914,7 +915,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             t0 = time.perf_counter_ns()
         try:
             if self.trace is not None or self.virt is not None:
-                event = Event(kind, self.index, address, insn, regs=LazyRegs(self))
+                regs = LazyRegs()
+                regs.core = self
+                event = Event(kind, self.index, address, insn, regs=regs)
                 if insn.mem is not None:
                     event.linear = self.mem_operand_linear(insn, address)
                 if kind in IO_KINDS:
@@ -954,7 +957,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             self.request_stop("exit")
 
     def mem_operand_linear(self, insn: Insn, address: int) -> int:
-        regs = LazyRegs(self)
+        regs = self.lazy_regs()
         return resolve_linear(insn.mem, regs, address + insn.length, self.segment_base)
 
     def segment_base(self, seg: int) -> int:
@@ -1357,7 +1360,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
     def triple_fault(self) -> None:
         self._count(Kind.TRIPLE_FAULT)
         if self.virt is not None and self.virt.on_event(
-                self, Event(Kind.TRIPLE_FAULT, self.index, self.rip(), regs=LazyRegs(self))):
+                self, Event(Kind.TRIPLE_FAULT, self.index, self.rip(), regs=self.lazy_regs())):
             return
         self.state = State.SHUTDOWN
         self.machine.shutdown(self, "triple fault")

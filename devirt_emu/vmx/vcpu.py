@@ -82,7 +82,7 @@ from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
 from .capabilities import MSR_IA32_VMX_MISC, VMX_CAPABILITY_MSRS
 from .ept import EptCaps
 from .ept_mmu import EptStage2, ept_exit_decision
-from .vmcs import _READABLE, FIELD_SLOTS, Vmcs, _key
+from .vmcs import _LAUNCH_NAMES, _READABLE, _U32, FIELD_SLOTS, OFF_LAUNCH_STATE, Vmcs, _key
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
 
 CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
@@ -174,7 +174,7 @@ _tuple_new = tuple.__new__
 # Enum members used on every exit, bound once (an Enum class attribute costs about
 # 0.3 us on CPython 3.11: see vmx/rules.py).
 _PAUSE, _TRAP = Kind.PAUSE, Timing.TRAP
-_NO_TPR_EXIT_STATES = frozenset({State.WAIT_SIPI, State.SHUTDOWN})
+_WAIT_SIPI, _SHUTDOWN = State.WAIT_SIPI, State.SHUTDOWN     # (no TPR-threshold exit there)
 _TPR_THRESHOLD = int(F.TPR_THRESHOLD)
 _U64 = struct.Struct("<Q")
 
@@ -221,7 +221,17 @@ class TrackedVmcs(Vmcs):
         self.fresh: set[int] = set()       # tracked encodings copied from the engine since
         self._fetch = fetch                # fetch(enc): copy enc from the engine, add it to fresh
         self._exit_info_at = self._abs[_EXIT_INFO_FIELDS[0]][2]
+        self._launch_state_at = pa + OFF_LAUNCH_STATE
         self._qualification_at = self._abs[F.EXIT_QUALIFICATION][2]
+
+    @property
+    def launch_state(self) -> str:
+        state = _LAUNCH_NAMES.get(_U32.unpack_from(self._view, self._launch_state_at)[0])
+        return state if state is not None else Vmcs.launch_state.fget(self)   # (raises)
+
+    @launch_state.setter
+    def launch_state(self, value: str) -> None:
+        Vmcs.launch_state.fset(self, value)
 
     def flush(self) -> None:
         """Copy every stale guest-state field from the engine into the region."""
@@ -514,10 +524,13 @@ class VmxVcpu:
         v = self.vmcs
         self.l0.before_entry(self)
         written = v.written
+        probe = self.core.probe
         if launch or written or v.launch_state != "launched":
             failure = self._entry_checks(launch)
-        else:
+        elif not probe.hflags() & HF_LMA:
             failure = self._check_pdptes_in_memory()     # (memory may have changed)
+        else:
+            failure = None
         if failure is not None:
             return self._entry_failed(failure)
         if launch or written:
@@ -540,7 +553,8 @@ class VmxVcpu:
         if timers_changed or self._timer_work:
             self._arm_timers(timers_changed)
             self._timer_work = self._mtf or self._ptimer_deadline is not None
-        self._pdptes_at_entry()
+        if not probe.hflags() & HF_LMA:
+            self._pdptes_at_entry()
         v.live = True               # the engine holds the guest state from now on
         v.fresh.clear()
         if launch:
@@ -652,7 +666,7 @@ class VmxVcpu:
     def _write_exit_info(self, d: Decision, reason_field: int) -> None:
         """The exit-information fields, as the processor writes them."""
         v = self.vmcs
-        vinfo, vec_ec = self.core.vectoring_info()
+        vinfo, vec_ec = (0, 0) if self.core._delivering is None else self.core.vectoring_info()
         v.store_exit_info(reason_field, d.interruption_info, d.error_code or 0, vinfo, vec_ec,
                           d.instruction_length or 0, d.instruction_info or 0, d.qualification)
         if d.guest_linear_address is not None:
@@ -1029,7 +1043,8 @@ class VmxVcpu:
             self._tpr_entry_check = page is not None and bool(primary & C.CPU_BASED_TPR_SHADOW) \
                 and not secondary & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY
         self._tpr_exit_pending = self._trap_exit_pending = None
-        if self._tpr_entry_check and core.state not in _NO_TPR_EXIT_STATES:
+        state = core.state
+        if self._tpr_entry_check and state is not _WAIT_SIPI and state is not _SHUTDOWN:
             threshold = v.peek(_TPR_THRESHOLD) & 0xF
             vtpr = self._vapic_read(APIC_TASKPRI, 1)[0] if threshold else 0   # (0 > nothing)
             if threshold > vtpr >> 4:
