@@ -344,7 +344,7 @@ class KvmL0:
         TPR register itself)."""
         at = self._vtpr_at[vcpu.core.index]
         if at is not None:
-            vcpu.core.lapic.tpr = self.machine.mem.view[at]
+            vcpu.core.lapic.exchange_tpr(self.machine.mem.view[at])
 
     def _tpr_to_guest(self, vcpu: VmxVcpu) -> None:
         """Before a VM entry: the guest's TPR back into VTPR (bytes 3:1 zero, as
@@ -356,7 +356,7 @@ class KvmL0:
         if at is None:
             return
         lapic = vcpu.core.lapic
-        tpr = lapic.tpr
+        tpr = lapic.exchange_tpr(HOST_TPR)      # the host's TPR while the guest runs
         mem = self.machine.mem
         if mem.view[at] != tpr:
             mem.write(at, bytes((tpr, 0, 0, 0)))
@@ -365,7 +365,6 @@ class KvmL0:
         if threshold != self._threshold[i]:
             vcpu.vmcs.set(F.TPR_THRESHOLD, threshold)
             self._threshold[i] = threshold
-        lapic.tpr = HOST_TPR
 
     def has_pending(self, vcpu: VmxVcpu) -> bool:
         return self.deliverable(vcpu) is not None

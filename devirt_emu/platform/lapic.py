@@ -449,6 +449,12 @@ class LocalApic:
             raise ValueError(f"TPR is 8 bits, got {value:#x}")
         self._tpr = value
 
+    def exchange_tpr(self, value: int) -> int:
+        """TPR := ``value`` (8 bits, not checked); returns the previous TPR."""
+        old = self._tpr
+        self._tpr = value
+        return old
+
     @property
     def ppr(self) -> int:
         return compute_ppr(self._tpr, _highest(self._isr))

@@ -245,7 +245,8 @@ class TrackedVmcs(Vmcs):
         super().clear()
 
     def get(self, field) -> int:
-        enc = field if type(field) is F or type(field) is int else _key(field)
+        t = type(field)
+        enc = field if t is int or t is F else _key(field)
         if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
         if enc not in _READABLE:
