@@ -310,7 +310,7 @@ class KvmL0:
         """KVM's inject_pending_event: inject the highest deliverable virtual-IRR
         vector if the guest can take it, else ask for an interrupt-window exit."""
         v = vcpu.vmcs
-        primary = v.get(_PROC)
+        primary = v.peek(_PROC)
         vec = self.deliverable(vcpu) if self.virr[vcpu.core.index] else None
         if vec is not None and not v.get(F.VM_ENTRY_INTR_INFO_FIELD) & C.INTR_INFO_VALID_MASK:
             rflags = v.get(F.GUEST_RFLAGS)

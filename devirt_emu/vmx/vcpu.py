@@ -181,9 +181,11 @@ _U64 = struct.Struct("<Q")
 MSR_IA32_CR_PAT = 0x277
 #: VTPR: the task-priority register's offset on the virtual-APIC and APIC-access pages.
 APIC_TASKPRI = 0x80
-#: Fields whose change can move or switch the APIC-access page (re-examined at VM entry).
-_APIC_PAGE_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL),
-                               int(F.APIC_ACCESS_ADDR), int(F.APIC_ACCESS_ADDR) | 1})
+#: Fields whose change can move or switch the APIC-access page or change the
+#: TPR-threshold check (re-examined at VM entry).
+_APIC_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL),
+                          int(F.APIC_ACCESS_ADDR), int(F.APIC_ACCESS_ADDR) | 1,
+                          int(F.TPR_THRESHOLD)})
 #: The VMX-preemption timer's rate: it counts down once every 2^PTIMER_RATE TSC ticks.
 PTIMER_RATE = VMX_CAPABILITY_MSRS[MSR_IA32_VMX_MISC] & 0x1F
 MSR_EFER = 0xC0000080
@@ -359,6 +361,7 @@ class VmxVcpu:
         self._apic_work = self._ept_work = self._timer_work = True
         self._lma_saved: Optional[int] = None      # EFER.LMA (as HF_LMA) the control holds
         self._tpr_entry_check = False              # "use TPR shadow" and "virtualize APIC accesses"
+        self._tpr_threshold = 0                    # TPR_THRESHOLD[3:0] at the last entry
         self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
         self._trap_exit_pending: Optional[Decision] = None   # after a platform access (below)
         self.ept: Optional[EptStage2] = None     # the EPT the core translates through, when enabled
@@ -538,7 +541,7 @@ class VmxVcpu:
             self.load_guest_state(full=launch)
             self._lma_saved = None      # the control or the mode may have changed: save at exit
             timers_changed = launch or not written.isdisjoint(_TIMER_CONTROLS)
-            apic_changed = launch or not written.isdisjoint(_APIC_PAGE_FIELDS)
+            apic_changed = launch or not written.isdisjoint(_APIC_FIELDS)
             ept_changed = launch or not written.isdisjoint(_EPT_FIELDS)
             # (a VM exit leaves the valid bit clear: only a write can set it)
             inject = launch or _INTR_INFO in written
@@ -547,7 +550,9 @@ class VmxVcpu:
             timers_changed = apic_changed = ept_changed = inject = False
         if apic_changed or self._apic_work:
             self._apic_at_entry(apic_changed)
-            self._apic_work = self._apic_stale or self._tpr_entry_check
+            # (with TPR_THRESHOLD 0 no TPR-below-threshold exit can follow an entry)
+            self._apic_work = self._apic_stale or (self._tpr_entry_check
+                                                   and self._tpr_threshold != 0)
         if ept_changed or self._ept_work:
             self._sync_ept(ept_changed)
             self._ept_work = self.ept is not None and not self._ept_state[1]
@@ -1021,8 +1026,8 @@ class VmxVcpu:
 
     def _apic_at_entry(self, changed: bool) -> None:
         """At VM entry: watch the APIC-access page if "virtualize APIC accesses"
-        is 1 (re-examined when ``changed``: VMLAUNCH, or a control or
-        APIC_ACCESS_ADDR was written), and
+        is 1 (re-examined when ``changed``: VMLAUNCH, or a control,
+        APIC_ACCESS_ADDR or TPR_THRESHOLD was written), and
         with "use TPR shadow" too, arm the TPR-threshold exit that follows the
         entry when TPR_THRESHOLD[3:0] > VTPR[7:4] (not in the shutdown or
         wait-for-SIPI state; it wakes the HLT state)."""
@@ -1045,8 +1050,8 @@ class VmxVcpu:
                 and not secondary & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY
         self._tpr_exit_pending = self._trap_exit_pending = None
         state = core.state
+        threshold = self._tpr_threshold = v.peek(_TPR_THRESHOLD) & 0xF
         if self._tpr_entry_check and state is not _WAIT_SIPI and state is not _SHUTDOWN:
-            threshold = v.peek(_TPR_THRESHOLD) & 0xF
             vtpr = self._vapic_read(APIC_TASKPRI, 1)[0] if threshold else 0   # (0 > nothing)
             if threshold > vtpr >> 4:
                 self._tpr_exit_pending = (threshold, vtpr)
