@@ -295,15 +295,21 @@ class TrackedVmcs(Vmcs):
         unpack, _, off, _ = self._abs[enc]
         return unpack(self._view, off)[0]
 
-    def store_exit_info(self, reason: int, intr_info: int, intr_error_code: int, vectoring: int,
-                        vectoring_error_code: int, length: int, instruction_info: int,
-                        qualification: int) -> None:
-        """The fields every VM exit writes (:data:`_EXIT_INFO_FIELDS`, consecutive
-        slots: one pack; then EXIT_QUALIFICATION), with no checks."""
+    def store_exit_info(self, d: Decision, reason_field: int, vectoring: int,
+                        vectoring_error_code: int) -> None:
+        """The exit-information fields of decision ``d``, as the processor writes
+        them on a VM exit (no checks): :data:`_EXIT_INFO_FIELDS` (consecutive
+        slots: one pack), EXIT_QUALIFICATION, and the guest linear and physical
+        addresses when ``d`` has them."""
         view = self._view
-        _EXIT_INFO_BLOCK.pack_into(view, self._exit_info_at, reason, intr_info, intr_error_code,
-                                   vectoring, vectoring_error_code, length, instruction_info)
-        _U64.pack_into(view, self._qualification_at, qualification)
+        _EXIT_INFO_BLOCK.pack_into(view, self._exit_info_at, reason_field, d.interruption_info,
+                                   d.error_code or 0, vectoring, vectoring_error_code,
+                                   d.instruction_length or 0, d.instruction_info or 0)
+        _U64.pack_into(view, self._qualification_at, d.qualification)
+        if d.guest_linear_address is not None:
+            self.store(F.GUEST_LINEAR_ADDRESS, d.guest_linear_address)
+        if d.guest_physical_address is not None:
+            self.store(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical_address)
 
     def store(self, enc: int, value: int) -> None:
         """Write a field's slot with no sync and no ``written`` mark: the exit
@@ -671,14 +677,9 @@ class VmxVcpu:
     # ------------------------------------------------------------------ VM exit
     def _write_exit_info(self, d: Decision, reason_field: int) -> None:
         """The exit-information fields, as the processor writes them."""
-        v = self.vmcs
-        vinfo, vec_ec = (0, 0) if self.core._delivering is None else self.core.vectoring_info()
-        v.store_exit_info(reason_field, d.interruption_info, d.error_code or 0, vinfo, vec_ec,
-                          d.instruction_length or 0, d.instruction_info or 0, d.qualification)
-        if d.guest_linear_address is not None:
-            v.store(F.GUEST_LINEAR_ADDRESS, d.guest_linear_address)
-        if d.guest_physical_address is not None:
-            v.store(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical_address)
+        core = self.core
+        vinfo, vec_ec = (0, 0) if core._delivering is None else core.vectoring_info()
+        self.vmcs.store_exit_info(d, reason_field, vinfo, vec_ec)
 
     def _log(self, d: Decision, rip: int, entry_failure: bool = False) -> None:
         if self.record is not None:
