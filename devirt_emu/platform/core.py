@@ -125,7 +125,7 @@ def _register_readers(core: "Core") -> dict:
         cr4=p.cr_reader(4),
         efer=partial(core.rdmsr_raw, MSR_EFER),
         cr8=lambda: core.lapic.read_cr8(),
-        cpl=core.cpl,
+        cpl=p.cpl,
         mode=core.code_size,
         dr7=partial(p.reg, X.UC_X86_REG_DR7),
         tsc=core.tsc,
