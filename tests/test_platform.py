@@ -431,3 +431,23 @@ def test_xapic_self_ipi_is_taken_right_after_the_icr_write():
     """ + PASS, {"handler": [0x40]})
     assert m.verdict == "pass", m.message
     assert u64s(m, LOG, 1) == [m.syms["after"]]
+
+
+def test_in_merges_al_and_ax_and_zero_extends_eax():
+    # Nothing decodes port 0x80 here: the bus reads all ones.  IN AL and IN AX
+    # replace only their bytes of RAX; IN EAX, like every 32-bit destination in
+    # 64-bit mode, zero-extends into RAX (SDM Vol. 1 "General-Purpose Registers
+    # in 64-Bit Mode").
+    m = run64("""
+        mov rax, 0x1122334455667788
+        in al, 0x80
+        mov [0x300000], rax
+        mov rax, 0x1122334455667788
+        in ax, 0x80
+        mov [0x300008], rax
+        mov rax, 0x1122334455667788
+        in eax, 0x80
+        mov [0x300010], rax
+    """ + PASS)
+    assert m.verdict == "pass", m.message
+    assert u64s(m, LOG, 3) == [0x11223344556677FF, 0x112233445566FFFF, 0x00000000FFFFFFFF]

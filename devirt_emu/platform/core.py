@@ -1149,20 +1149,16 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
 
     def _h_io(self, address, insn):
         self._require_iopl()
-        uc = self.uc
-        port = insn.port if insn.port is not None else self.probe.gpr(2) & 0xFFFF
+        probe = self.probe
+        port = insn.port if insn.port is not None else probe.gpr(2) & 0xFFFF
         size = insn.io_size
+        mask = (1 << (8 * size)) - 1
         if insn.kind is _KIND_IN:
-            v = self.machine.io_read(self, port, size)
-            if size == 4:
-                uc.reg_write(X.UC_X86_REG_RAX, v & 0xFFFFFFFF)
-            elif size == 2:
-                uc.reg_write(X.UC_X86_REG_AX, v & 0xFFFF)
-            else:
-                uc.reg_write(X.UC_X86_REG_AL, v & 0xFF)
+            v = self.machine.io_read(self, port, size) & mask
+            # IN EAX zero-extends into RAX (as every 32-bit destination); AX and AL merge
+            probe.set_gpr(0, v if size == 4 else (probe.gpr(0) & ~mask) | v)
         else:
-            mask = (1 << (8 * size)) - 1
-            self.machine.io_write(self, port, size, self.probe.gpr(0) & mask)
+            self.machine.io_write(self, port, size, probe.gpr(0) & mask)
         self._skip(address, insn)
 
     def _h_string_io(self, address, insn):
