@@ -665,15 +665,14 @@ class KvmL0:
     def h_msr(self, vcpu, d, event):
         """RDMSR/WRMSR: KVM's paravirtual MSRs here; IA32_TSC with the TSC offset;
         everything else on the platform (x2APIC on the physical local APIC)."""
-        uc = vcpu.core.uc
-        uc_reg = vcpu.core.probe.reg
-        index = uc_reg(X.UC_X86_REG_ECX) & 0xFFFFFFFF
+        probe = vcpu.core.probe               # (the guest's GPRs, straight from the engine)
+        index = probe.gpr(1) & 0xFFFFFFFF
         write = d.reason == ER.MSR_WRITE
         if index in (MSR_KVM_APIC_MAPS, MSR_KVM_DEVIRT):
             if not write:
                 vcpu.inject(13, C.INTR_TYPE_HARD_EXCEPTION, 0)
                 return
-            value = (uc_reg(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (uc_reg(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
+            value = (probe.gpr(2) & 0xFFFFFFFF) << 32 | (probe.gpr(0) & 0xFFFFFFFF)
             if index == MSR_KVM_APIC_MAPS:
                 self.set_apic_maps(value)
             else:
@@ -683,8 +682,8 @@ class KvmL0:
         if not write:
             val = self.apic_register_read(vcpu, index) if vcpu.core.lapic.x2apic_enabled else None
             if val is not None:
-                uc.reg_write(X.UC_X86_REG_RAX, val & 0xFFFFFFFF)
-                uc.reg_write(X.UC_X86_REG_RDX, val >> 32)
+                probe.set_gpr(0, val & 0xFFFFFFFF)
+                probe.set_gpr(2, val >> 32)
                 vcpu.skip_instruction()
                 return
         elif index == 0x80B and self.guest_eoi(vcpu):
@@ -692,8 +691,8 @@ class KvmL0:
             return
         if index == 0x10 and not write:
             t = (vcpu.core.tsc() + vcpu.vmcs.get(F.TSC_OFFSET)) & ((1 << 64) - 1)
-            uc.reg_write(X.UC_X86_REG_RAX, t & 0xFFFFFFFF)
-            uc.reg_write(X.UC_X86_REG_RDX, t >> 32)
+            probe.set_gpr(0, t & 0xFFFFFFFF)
+            probe.set_gpr(2, t >> 32)
             vcpu.skip_instruction()
             return
         vcpu.emulate_on_platform(event)

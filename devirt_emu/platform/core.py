@@ -1061,13 +1061,12 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
 
     def _h_rdmsr(self, address, insn):
         self._require_cpl0()
-        uc = self.uc
-        index = self.probe.reg(X.UC_X86_REG_ECX)
-        value = self.rdmsr(index)
+        probe = self.probe
+        value = self.rdmsr(probe.gpr(1) & 0xFFFFFFFF)
         if value is None:
             return          # Unicorn holds it: let the instruction run
-        uc.reg_write(X.UC_X86_REG_RAX, value & 0xFFFFFFFF)
-        uc.reg_write(X.UC_X86_REG_RDX, value >> 32)
+        probe.set_gpr(0, value & 0xFFFFFFFF)         # (EAX and EDX zero-extend into RAX, RDX)
+        probe.set_gpr(2, value >> 32)
         self._skip(address, insn)
 
     def rdmsr(self, index: int) -> int | None:
@@ -1089,8 +1088,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
 
     def _h_wrmsr(self, address, insn):
         self._require_cpl0()
-        index = self.probe.reg(X.UC_X86_REG_ECX)
-        value = (self.probe.reg(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | (self.probe.reg(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
+        probe = self.probe
+        index = probe.gpr(1) & 0xFFFFFFFF
+        value = (probe.gpr(2) & 0xFFFFFFFF) << 32 | (probe.gpr(0) & 0xFFFFFFFF)
         if self.wrmsr(index, value):
             self._skip(address, insn)
         elif index == MSR_EFER:
