@@ -82,7 +82,7 @@ from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
 from .capabilities import MSR_IA32_VMX_MISC, VMX_CAPABILITY_MSRS
 from .ept import EptCaps
 from .ept_mmu import EptStage2, ept_exit_decision
-from .vmcs import _LAUNCH_NAMES, _READABLE, _U32, FIELD_SLOTS, OFF_LAUNCH_STATE, Vmcs, _key
+from .vmcs import _READABLE, FIELD_SLOTS, Vmcs, _key
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
 
 CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
@@ -223,17 +223,24 @@ class TrackedVmcs(Vmcs):
         self.fresh: set[int] = set()       # tracked encodings copied from the engine since
         self._fetch = fetch                # fetch(enc): copy enc from the engine, add it to fresh
         self._exit_info_at = self._abs[_EXIT_INFO_FIELDS[0]][2]
-        self._launch_state_at = pa + OFF_LAUNCH_STATE
+        self._launch_state: Optional[str] = None    # read from the region at first use
         self._qualification_at = self._abs[F.EXIT_QUALIFICATION][2]
 
     @property
     def launch_state(self) -> str:
-        state = _LAUNCH_NAMES.get(_U32.unpack_from(self._view, self._launch_state_at)[0])
-        return state if state is not None else Vmcs.launch_state.fget(self)   # (raises)
+        """As the region holds it, kept in the processor too (read once; VMCLEAR
+        and VMLAUNCH, through this object, keep both in step): the SDM lets a
+        processor hold the current VMCS's data, and software must not write the
+        region directly."""
+        state = self._launch_state
+        if state is None:
+            state = self._launch_state = Vmcs.launch_state.fget(self)
+        return state
 
     @launch_state.setter
     def launch_state(self, value: str) -> None:
         Vmcs.launch_state.fset(self, value)
+        self._launch_state = value
 
     def flush(self) -> None:
         """Copy every stale guest-state field from the engine into the region."""
@@ -245,6 +252,7 @@ class TrackedVmcs(Vmcs):
     def clear(self) -> None:
         self.flush()
         super().clear()
+        self._launch_state = "clear"
 
     def get(self, field) -> int:
         t = type(field)
