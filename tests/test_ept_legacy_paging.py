@@ -38,18 +38,16 @@ The guests run in 32-bit protected mode at CPL 0 with flat segments
 from __future__ import annotations
 
 import struct
-import time
 
 import pytest
-from unicorn import x86_const as UX
 
 from devirt_emu.asm import assemble
 from devirt_emu.machine import Machine
-from devirt_emu.platform.core import State
 from devirt_emu.testing.vmx_case import CODE_BASE, CaseRunner, legal_controls, run_case
 from devirt_emu.vmx.vcpu import VmxVcpu
-from test_task_switch import (EPT, GDT, GDT_LIMIT, IDT, LDT, REPORT, STACK, TSS32_BUSY, TSS_A,
-                              TSS_B, guest_memory, ljmp, tss)
+from legacy_guest import enter_protected_mode, legacy_machine, run_to_end, with_task_state
+from test_task_switch import (EPT, GDT, GDT_LIMIT, IDT, REPORT, STACK, TSS32_BUSY, TSS_A,
+                              TSS_B, flat_guest_state, guest_memory, ljmp, tss)
 
 EXCEPTION_NMI, TASK_SWITCH, CPUID, EPT_VIOLATION = 0, 9, 10, 48
 ENTRY_FAILURE_GUEST_STATE = 0x80000021
@@ -79,19 +77,8 @@ def pm32(cr0: int, cr3: int, cr4: int, *, efer: int = 0, exceptions: int = 0,
         "EXCEPTION_BITMAP": exceptions,
         "GUEST_CR0": cr0, "CR0_READ_SHADOW": cr0, "GUEST_CR3": cr3,
         "GUEST_CR4": cr4 | CR4_VMXE, "CR4_READ_SHADOW": cr4, "GUEST_IA32_EFER": efer,
-        "GUEST_GDTR_BASE": GDT, "GUEST_GDTR_LIMIT": GDT_LIMIT,
-        "GUEST_IDTR_BASE": IDT, "GUEST_IDTR_LIMIT": 256 * 8 - 1,
-        "GUEST_CS_SELECTOR": 0x08, "GUEST_CS_BASE": 0, "GUEST_CS_LIMIT": 0xFFFFFFFF,
-        "GUEST_CS_AR_BYTES": 0xC09B,
-        "GUEST_TR_SELECTOR": 0x18, "GUEST_TR_BASE": TSS_A, "GUEST_TR_LIMIT": 0x67,
-        "GUEST_TR_AR_BYTES": TSS32_BUSY,
-        "GUEST_LDTR_SELECTOR": 0x78, "GUEST_LDTR_BASE": LDT, "GUEST_LDTR_LIMIT": 0x0F,
-        "GUEST_LDTR_AR_BYTES": 0x82,
-        "GUEST_RFLAGS": 0x2, "GUEST_RSP": STACK,
+        **flat_guest_state(),
     })
-    for s in ("SS", "DS", "ES", "FS", "GS"):
-        f.update({f"GUEST_{s}_SELECTOR": 0x10, f"GUEST_{s}_BASE": 0,
-                  f"GUEST_{s}_LIMIT": 0xFFFFFFFF, f"GUEST_{s}_AR_BYTES": 0xC093})
     if pdptrs is not None:
         for i, e in enumerate(pdptrs):
             f[f"GUEST_PDPTR{i}"] = e
@@ -441,38 +428,18 @@ def run_paged_machine(source: str, *, under_l0: bool, task_b_cr3: int = PD32,
     (TSS_B) starts at ``task_b`` with CR3 = ``task_b_cr3``.  ``extra``: more
     memory to write."""
     code, syms = assemble(".code32\n" + source, CODE_BASE, "paged.S")
-    m = Machine(cores=1, mem_mb=32 if under_l0 else 16, max_ns=1_000_000, wall_timeout_s=60,
-                **({"arch": "vmx", "config": "stock"} if under_l0 else {}))
+    m = legacy_machine(under_l0=under_l0, max_ns=1_000_000)
     for pa, blob in {**guest_memory(), **paging32(), **paging32(at=PD32_B), **(extra or {})}.items():
         if pa != EPT and pa != EPT + 0x1000:
             m.write_phys(pa, blob)
-    b = bytearray(tss())
-    struct.pack_into("<II", b, 0x1C, task_b_cr3, syms["task_b"])    # CR3, EIP
-    struct.pack_into("<I", b, 0x24, 0x2)                              # EFLAGS
-    struct.pack_into("<I", b, 0x38, STACK - 0x1000)                   # ESP
-    struct.pack_into("<6I", b, 0x48, 0x10, 0x08, 0x10, 0x10, 0x10, 0x10)   # ES CS SS DS FS GS
-    m.write_phys(TSS_B, bytes(b))
+    m.write_phys(TSS_B, with_task_state(tss(), cr3=task_b_cr3, eip=syms["task_b"],
+                                        esp=STACK - 0x1000))
     m.write_phys(CODE_BASE, code)
-    core = m.cores[0]
-    uc = core.uc
-    uc.reg_write(UX.UC_X86_REG_GDTR, (0, GDT, GDT_LIMIT, 0))
-    uc.reg_write(UX.UC_X86_REG_IDTR, (0, IDT, 256 * 8 - 1, 0))
-    uc.reg_write(UX.UC_X86_REG_CR3, PD32)
-    uc.reg_write(UX.UC_X86_REG_CR0, cr0)
-    core.load_segment(1, 0x08)
-    for seg in (0, 2, 3, 4, 5):
-        core.load_segment(seg, 0x10)
-    core.write_segment(7, 0x18, TSS_A, 0x67, TSS32_BUSY)
-    uc.reg_write(UX.UC_X86_REG_ESP, STACK)
-    uc.reg_write(UX.UC_X86_REG_EFLAGS, 0x2)
-    uc.reg_write(UX.UC_X86_REG_RIP, CODE_BASE)
-    core.state = State.RUNNING
+    enter_protected_mode(m.cores[0], gdt=(GDT, GDT_LIMIT), idt=(IDT, 256 * 8 - 1), cr3=PD32,
+                         cr0=cr0, cs=0x08, data=0x10, tr=(0x18, TSS_A, 0x67, TSS32_BUSY),
+                         esp=STACK, eip=CODE_BASE)
     m.syms = syms
-    if under_l0:
-        m.l0.attach()
-        m.l0.launch()
-    m._loop(time.perf_counter())
-    return m
+    return run_to_end(m, under_l0=under_l0)
 
 
 @pytest.mark.parametrize("under_l0", [False, True])

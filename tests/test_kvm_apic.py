@@ -120,6 +120,10 @@ def test_the_vmcs_kvm_builds(tmp_path, config):
 # ---------------------------------------------------------------------------- CR8 and the x2APIC TPR
 TV = 0xE3            # the test vector: priority class 0xE
 
+# labels fail_1 .. fail_3: print msg_<i> and fail with code i (firmware/lib.S fail_msg)
+FAIL_1_TO_3 = "".join(f"fail_{i}:\n    mov rdi, msg_{i}\n    mov esi, {i}\n    call fail_msg\n"
+                      for i in (1, 2, 3))
+
 CR8_GUEST = f"""
 .set TV, {TV:#x}
 .text
@@ -185,19 +189,7 @@ handler:
     inc qword ptr [count]
     jmp eoi
 
-fail_1:
-    mov rdi, msg_1
-    mov esi, 1
-    call fail_msg
-fail_2:
-    mov rdi, msg_2
-    mov esi, 2
-    call fail_msg
-fail_3:
-    mov rdi, msg_3
-    mov esi, 3
-    call fail_msg
-
+{FAIL_1_TO_3}
 .rodata
 msg_start: .asciz "cr8: start\\n"
 msg_ok:    .asciz "cr8: ok\\n"
@@ -320,19 +312,7 @@ handler:
     mov dword ptr [rax + 0xB0], 0           ; EOI
     ret
 
-fail_1:
-    mov rdi, msg_1
-    mov esi, 1
-    call fail_msg
-fail_2:
-    mov rdi, msg_2
-    mov esi, 2
-    call fail_msg
-fail_3:
-    mov rdi, msg_3
-    mov esi, 3
-    call fail_msg
-
+{FAIL_1_TO_3}
 .rodata
 msg_ok: .asciz "xapic: ok\\n"
 msg_1:  .asciz "xapic: register read/write through MMIO\\n"

@@ -38,7 +38,6 @@ handler's, and the frame is on its stack.
 from __future__ import annotations
 
 import struct
-import time
 
 import pytest
 from unicorn import x86_const as X
@@ -46,6 +45,8 @@ from unicorn import x86_const as X
 from devirt_emu.asm import assemble
 from devirt_emu.machine import Machine
 from devirt_emu.platform.core import State
+from legacy_guest import (LDTR, enter_protected_mode, flat_pm32_fields, gdt_image, idt_image,
+                          legacy_machine, run_to_end, with_task_state)
 
 GP, NP, SS, TS, DF, UD, DE = 13, 11, 12, 10, 8, 6, 0
 IF, TF, NT, VM, AC, OF = 1 << 9, 1 << 8, 1 << 14, 1 << 17, 1 << 18, 1 << 11
@@ -109,56 +110,28 @@ def run_pm(code: str, *, idt: dict[int, int], cpl: int = 0, eflags: int = 0x2,
     16-bit code placed at V86_CODE."""
     syms_src = ".code32\n" + code
     blob, syms = assemble(syms_src, CODE, "pm.S")
-    m = Machine(cores=1, mem_mb=32 if under_l0 else 16, max_ns=200_000, wall_timeout_s=60,
-                **({"arch": "vmx", "config": "stock"} if under_l0 else {}))
-    table = bytearray(GDT_LIMIT + 1)
-    for sel, d in {**GDT_ENTRIES, **(gdt or {})}.items():
-        struct.pack_into("<Q", table, sel, d)
-    m.write_phys(GDT, bytes(table))
-    idt_bytes = bytearray(256 * 8)
-    for vec, g in idt.items():
-        struct.pack_into("<Q", idt_bytes, vec * 8, g)
-    m.write_phys(IDT, bytes(idt_bytes))
+    m = legacy_machine(under_l0=under_l0, max_ns=200_000)
+    m.write_phys(GDT, gdt_image({**GDT_ENTRIES, **(gdt or {})}, GDT_LIMIT))
+    m.write_phys(IDT, idt_image(idt))
     m.write_phys(TSS_A, bytes(tss_a if tss_a is not None else _tss32()))
-    b = bytearray(0x68)
-    if tss_b is not None:
-        struct.pack_into("<II", b, 0x20, tss_b["eip"], tss_b.get("eflags", 0x2))
-        struct.pack_into("<I", b, 0x38, tss_b.get("esp", STACK_B))
-        struct.pack_into("<6I", b, 0x48, 0x10, 0x08, 0x10, 0x10, 0x10, 0x10)
-    m.write_phys(TSS_B, bytes(b))
+    m.write_phys(TSS_B, bytes(0x68) if tss_b is None else
+                 with_task_state(bytes(0x68), eip=tss_b["eip"], eflags=tss_b.get("eflags", 0x2),
+                                 esp=tss_b.get("esp", STACK_B)))
     if tss16 is not None:
         m.write_phys(TSS_16, tss16)
     m.write_phys(CODE, blob)
     if v86 is not None:
         m.write_phys(V86_CODE, assemble(".code16\n" + v86, 0, "v86.S")[0])
     core = m.cores[0]
-    uc = core.uc
-    uc.reg_write(X.UC_X86_REG_GDTR, (0, GDT, GDT_LIMIT, 0))
-    uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT, idt_limit, 0))
-    uc.reg_write(X.UC_X86_REG_CR0, 0x31)
-    if tr16:                          # the current task's TSS: the 16-bit one (busy)
-        core.write_segment(7, 0x78, TSS_16, 0x2B, 0x83)
-    else:
-        core.write_segment(7, 0x18, TSS_A, tr_limit, 0x8B)
-    core.write_segment(6, 0, 0, 0, 1 << 16)
-    if cpl == 3:
-        core.load_segment(1, 0x2B)
-        for s in (0, 2, 3, 4, 5):
-            core.load_segment(s, 0x33)
-    else:
-        core.load_segment(1, 0x08)
-        for s in (0, 2, 3, 4, 5):
-            core.load_segment(s, 0x10)
-    uc.reg_write(X.UC_X86_REG_ESP, esp if esp is not None else (STACK3 if cpl == 3 else STACK0))
-    uc.reg_write(X.UC_X86_REG_EFLAGS, eflags)
-    uc.reg_write(X.UC_X86_REG_RIP, CODE)
-    core.state = State.RUNNING
+    enter_protected_mode(
+        core, gdt=(GDT, GDT_LIMIT), idt=(IDT, idt_limit), cr0=0x31,
+        cs=0x2B if cpl == 3 else 0x08, data=0x33 if cpl == 3 else 0x10,
+        # the current task's TSS: the 16-bit one (busy) with ``tr16``
+        tr=(0x78, TSS_16, 0x2B, 0x83) if tr16 else (0x18, TSS_A, tr_limit, 0x8B),
+        esp=esp if esp is not None else (STACK3 if cpl == 3 else STACK0), eflags=eflags, eip=CODE)
+    core.write_segment(LDTR, 0, 0, 0, 1 << 16)                       # unusable
     m.syms = syms
-    if under_l0:
-        m.l0.attach()
-        m.l0.launch()
-    m._loop(time.perf_counter())
-    return m
+    return run_to_end(m, under_l0=under_l0)
 
 
 def dwords(m: Machine, linear: int, n: int) -> list[int]:
@@ -191,7 +164,7 @@ def run_real(code: str, ivt: dict[int, str], *, sp: int = RM_SP, flags: int = 0x
              idt_limit: int = 0x3FF) -> Machine:
     """Real-mode ``code`` at RM_CS:0, IVT at 0 with ``ivt`` (vector -> label in code)."""
     blob, syms = assemble(".code16\n" + code, 0, "rm.S")
-    m = Machine(cores=1, mem_mb=16, max_ns=200_000, wall_timeout_s=60)
+    m = legacy_machine(under_l0=False, max_ns=200_000)
     m.write_phys(RM_CS << 4, blob)
     for vec, label in ivt.items():
         m.write_phys(vec * 4, struct.pack("<HH", syms[label], RM_CS))
@@ -205,8 +178,7 @@ def run_real(code: str, ivt: dict[int, str], *, sp: int = RM_SP, flags: int = 0x
     uc.reg_write(X.UC_X86_REG_RIP, 0)
     core.state = State.RUNNING
     m.syms = syms
-    m._loop(time.perf_counter())
-    return m
+    return run_to_end(m, under_l0=False)
 
 
 def rm_stack(m: Machine, sp: int, n: int) -> list[int]:
@@ -482,10 +454,8 @@ def enter_v86(iopl: int) -> str:
 
 
 def test_interrupt_from_virtual_8086_mode():
-    code = enter_v86(3) + "handler:\n" + EXIT
-    _, syms = assemble(".code32\n" + code, CODE, "pm.S")
-    m = run_pm(code, idt={0x40: gate(INTR32, 0x08, syms["handler"], 3)},
-               v86="nop\nint 0x40\nhlt\n")
+    m = run_pm_labels(enter_v86(3) + "handler:\n" + EXIT, {0x40: (INTR32, 0x08, "handler", 3)},
+                      v86="nop\nint 0x40\nhlt\n")
     s = passed(m)
     assert (s["cs"], s["ss"], s["cpl"]) == (0x08, 0x10, 0)
     assert (s["ds"], s["es"], s["fs"], s["gs"]) == (0, 0, 0, 0)       # loaded null
@@ -499,10 +469,9 @@ def test_interrupt_from_virtual_8086_mode():
 
 
 def test_int_n_in_virtual_8086_mode_with_iopl_below_3_is_gp0():
-    code = enter_v86(0) + "catch:\n" + EXIT
-    _, syms = assemble(".code32\n" + code, CODE, "pm.S")
-    m = run_pm(code, idt={0x40: gate(INTR32, 0x08, 0, 3), GP: gate(INTR32, 0x08, syms["catch"])},
-               v86="nop\nint 0x40\nhlt\n")
+    m = run_pm_labels(enter_v86(0) + "catch:\n" + EXIT,
+                      {0x40: (INTR32, 0x08, 0, 3), GP: (INTR32, 0x08, "catch", 0)},
+                      v86="nop\nint 0x40\nhlt\n")
     s = passed(m)
     assert s["esp"] == STACK0 - 40                                   # with the error code
     ec, eip, cs = dwords(m, STACK0 - 40, 3)
@@ -511,10 +480,9 @@ def test_int_n_in_virtual_8086_mode_with_iopl_below_3_is_gp0():
 
 def test_v86_handler_must_be_at_cpl0():
     # a gate to a DPL-3 code segment from virtual-8086 mode: #GP(selector + EXT = 0)
-    code = enter_v86(3) + "catch:\n" + EXIT
-    _, syms = assemble(".code32\n" + code, CODE, "pm.S")
-    m = run_pm(code, idt={0x40: gate(INTR32, 0x28, 0, 3), GP: gate(INTR32, 0x08, syms["catch"])},
-               v86="int 0x40\nhlt\n")
+    m = run_pm_labels(enter_v86(3) + "catch:\n" + EXIT,
+                      {0x40: (INTR32, 0x28, 0, 3), GP: (INTR32, 0x08, "catch", 0)},
+                      v86="int 0x40\nhlt\n")
     s = passed(m)
     assert dwords(m, s["esp"], 1) == [0x28]
 
@@ -623,30 +591,16 @@ def vmx_pm32(exceptions: int = 0, *, secondary: int = 0, esp: int = STACK0,
         "EXCEPTION_BITMAP": exceptions,
         "GUEST_CR0": 0x31, "CR0_READ_SHADOW": 0x31, "GUEST_CR4": 1 << 13, "CR4_READ_SHADOW": 0,
         "GUEST_IA32_EFER": 0,
-        "GUEST_GDTR_BASE": GDT, "GUEST_GDTR_LIMIT": GDT_LIMIT,
-        "GUEST_IDTR_BASE": IDT, "GUEST_IDTR_LIMIT": 256 * 8 - 1,
-        "GUEST_CS_SELECTOR": 0x08, "GUEST_CS_BASE": 0, "GUEST_CS_LIMIT": 0xFFFFFFFF,
-        "GUEST_CS_AR_BYTES": 0xC09B,
-        "GUEST_TR_SELECTOR": 0x18, "GUEST_TR_BASE": TSS_A, "GUEST_TR_LIMIT": 0x67,
-        "GUEST_TR_AR_BYTES": 0x8B,
-        "GUEST_LDTR_SELECTOR": 0, "GUEST_LDTR_AR_BYTES": 1 << 16,
-        "GUEST_RFLAGS": 0x2, "GUEST_RSP": esp,
+        **flat_pm32_fields(gdt=(GDT, GDT_LIMIT), idt=(IDT, 256 * 8 - 1),
+                           tr=(0x18, TSS_A, 0x67, 0x8B), rsp=esp),
+        "GUEST_LDTR_SELECTOR": 0, "GUEST_LDTR_AR_BYTES": 1 << 16,     # unusable
     })
-    for s in ("SS", "DS", "ES", "FS", "GS"):
-        f.update({f"GUEST_{s}_SELECTOR": 0x10, f"GUEST_{s}_BASE": 0,
-                  f"GUEST_{s}_LIMIT": 0xFFFFFFFF, f"GUEST_{s}_AR_BYTES": 0xC093})
     f.update(extra or {})
     return f
 
 
 def vmx_memory(idt: dict[int, int]) -> dict[int, bytes]:
-    table = bytearray(GDT_LIMIT + 1)
-    for sel, d in GDT_ENTRIES.items():
-        struct.pack_into("<Q", table, sel, d)
-    idt_bytes = bytearray(256 * 8)
-    for vec, g in idt.items():
-        struct.pack_into("<Q", idt_bytes, vec * 8, g)
-    return {GDT: bytes(table), IDT: bytes(idt_bytes), TSS_A: bytes(_tss32())}
+    return {GDT: gdt_image(GDT_ENTRIES, GDT_LIMIT), IDT: idt_image(idt), TSS_A: bytes(_tss32())}
 
 
 def run_vmx32(code: str, gates: dict, runner=None, **kw):

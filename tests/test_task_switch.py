@@ -24,11 +24,12 @@ EPT maps the first GiB to itself with one 1-GiB page.
 from __future__ import annotations
 
 import struct
-import time
 
 from devirt_emu.machine import Machine
 from devirt_emu.asm import assemble
 from devirt_emu.testing.vmx_case import CODE_BASE, legal_controls, run_case
+from legacy_guest import (enter_protected_mode, flat_pm32_fields, gdt_image, idt_image,
+                          legacy_machine, run_to_end, with_task_state)
 
 # exit reasons (SDM Appendix C)
 EXCEPTION_NMI, TASK_SWITCH = 0, 9
@@ -97,18 +98,22 @@ def tss(link: int = 0) -> bytes:
 
 
 def guest_memory(link: int = 0) -> dict[int, bytes]:
-    gdt = bytearray(GDT_LIMIT + 1)
-    for sel, d in SEL.items():
-        struct.pack_into("<Q", gdt, sel, d)
-    idt = bytearray(256 * 8)
-    for vector, gate in IDT_GATES.items():
-        struct.pack_into("<Q", idt, vector * 8, gate)
     return {
-        GDT: bytes(gdt), LDT: struct.pack("<2Q", *LDT_ENTRIES), IDT: bytes(idt),
+        GDT: gdt_image(SEL, GDT_LIMIT), LDT: struct.pack("<2Q", *LDT_ENTRIES),
+        IDT: idt_image(IDT_GATES),
         TSS_A: tss(link), TSS_B: tss(), TSS_C: tss(), TSS_16: bytes(0x2C),
         EPT: struct.pack("<Q", (EPT + 0x1000) | 7),        # PML4E: RWX -> PDPT
         EPT + 0x1000: struct.pack("<Q", 0x80 | 0x30 | 7),  # 1-GiB page at 0, WB, RWX
     }
+
+
+def flat_guest_state(rflags: int = 0x2) -> dict[str, int]:
+    """VMCS guest state on this file's GDT, IDT, TSS_A (TR = 0x18) and LDT (LDTR
+    = 0x78), flat segments at CPL 0, RSP = STACK; no control registers."""
+    return {**flat_pm32_fields(gdt=(GDT, GDT_LIMIT), idt=(IDT, 256 * 8 - 1),
+                               tr=(0x18, TSS_A, 0x67, TSS32_BUSY), rsp=STACK, rflags=rflags),
+            "GUEST_LDTR_SELECTOR": 0x78, "GUEST_LDTR_BASE": LDT, "GUEST_LDTR_LIMIT": 0x0F,
+            "GUEST_LDTR_AR_BYTES": 0x82}
 
 
 def pm32_fields(rflags: int = 0x2, exceptions: int = 0) -> dict[str, int]:
@@ -123,19 +128,8 @@ def pm32_fields(rflags: int = 0x2, exceptions: int = 0) -> dict[str, int]:
         "EXCEPTION_BITMAP": exceptions,
         "GUEST_CR0": 0x31, "CR0_READ_SHADOW": 0x31,           # PE, ET, NE
         "GUEST_CR4": 1 << 13, "CR4_READ_SHADOW": 0, "GUEST_IA32_EFER": 0,
-        "GUEST_GDTR_BASE": GDT, "GUEST_GDTR_LIMIT": GDT_LIMIT,
-        "GUEST_IDTR_BASE": IDT, "GUEST_IDTR_LIMIT": 256 * 8 - 1,
-        "GUEST_CS_SELECTOR": 0x08, "GUEST_CS_BASE": 0, "GUEST_CS_LIMIT": 0xFFFFFFFF,
-        "GUEST_CS_AR_BYTES": 0xC09B,
-        "GUEST_TR_SELECTOR": 0x18, "GUEST_TR_BASE": TSS_A, "GUEST_TR_LIMIT": 0x67,
-        "GUEST_TR_AR_BYTES": TSS32_BUSY,
-        "GUEST_LDTR_SELECTOR": 0x78, "GUEST_LDTR_BASE": LDT, "GUEST_LDTR_LIMIT": 0x0F,
-        "GUEST_LDTR_AR_BYTES": 0x82,
-        "GUEST_RFLAGS": rflags, "GUEST_RSP": STACK,
+        **flat_guest_state(rflags),
     })
-    for s in ("SS", "DS", "ES", "FS", "GS"):
-        f.update({f"GUEST_{s}_SELECTOR": 0x10, f"GUEST_{s}_BASE": 0,
-                  f"GUEST_{s}_LIMIT": 0xFFFFFFFF, f"GUEST_{s}_AR_BYTES": 0xC093})
     return f
 
 
@@ -408,38 +402,17 @@ def run_native(source: str, link: int = 0, *, under_l0: bool = False) -> Machine
     TR = 0x18); task B (TSS_B) starts at label ``task_b`` with ESP = STACK - 0x1000.
     ``under_l0``: the same under the stock L0 (``--arch vmx --config stock``)."""
     code, syms = assemble(".code32\n" + source, NATIVE_CODE, "native.S")
-    m = Machine(cores=1, mem_mb=32 if under_l0 else 16, max_ns=1_000_000, wall_timeout_s=60,
-                **({"arch": "vmx", "config": "stock"} if under_l0 else {}))
+    m = legacy_machine(under_l0=under_l0, max_ns=1_000_000)
     for pa, blob in guest_memory(link).items():
         if pa < EPT:
             m.write_phys(pa, blob)
-    b = bytearray(tss())
-    struct.pack_into("<II", b, 0x20, syms["task_b"], 0x2)          # EIP, EFLAGS
-    struct.pack_into("<I", b, 0x38, STACK - 0x1000)                # ESP
-    struct.pack_into("<6I", b, 0x48, 0x10, 0x08, 0x10, 0x10, 0x10, 0x10)   # ES CS SS DS FS GS
-    m.write_phys(TSS_B, bytes(b))
+    m.write_phys(TSS_B, with_task_state(tss(), eip=syms["task_b"], esp=STACK - 0x1000))
     m.write_phys(NATIVE_CODE, code)
-    core = m.cores[0]
-    from unicorn import x86_const as X
-    from devirt_emu.platform.core import State
-    uc = core.uc
-    uc.reg_write(X.UC_X86_REG_GDTR, (0, GDT, GDT_LIMIT, 0))
-    uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT, 256 * 8 - 1, 0))
-    uc.reg_write(X.UC_X86_REG_CR0, 0x31)
-    core.load_segment(1, 0x08)
-    for s in (0, 2, 3, 4, 5):
-        core.load_segment(s, 0x10)
-    core.write_segment(7, 0x18, TSS_A, 0x67, TSS32_BUSY)
-    uc.reg_write(X.UC_X86_REG_ESP, STACK)
-    uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
-    uc.reg_write(X.UC_X86_REG_RIP, NATIVE_CODE)
-    core.state = State.RUNNING
+    enter_protected_mode(m.cores[0], gdt=(GDT, GDT_LIMIT), idt=(IDT, 256 * 8 - 1), cr0=0x31,
+                         cs=0x08, data=0x10, tr=(0x18, TSS_A, 0x67, TSS32_BUSY), esp=STACK,
+                         eip=NATIVE_CODE)
     m.syms = syms
-    if under_l0:
-        m.l0.attach()
-        m.l0.launch()
-    m._loop(time.perf_counter())
-    return m
+    return run_to_end(m, under_l0=under_l0)
 
 
 def test_native_far_jmp_switches_tasks():

@@ -55,15 +55,22 @@ GUEST = f"""
 CPUID_0_AT = 7 + 10 + 1 + 2   # offset of the first CPUID: mov rsp (7) + mov rbx (10) + push (1) + xor (2)
 
 
-def machine_with(handler):
-    """One core under the stock L0 at CODE, with ``handler(vcpu, d, event)``
-    in front of the L0's CPUID handler (it may return False to skip the L0's)."""
-    code, _ = assemble(GUEST, CODE, "vmcs-cache")
+def attached(source: str) -> Machine:
+    """One core in 64-bit mode at CODE running ``source``, the stock L0 attached
+    (its VMCS built, not yet launched)."""
+    code, _ = assemble(source, CODE, "vmcs-cache")
     m = Machine(cores=1, arch="vmx", config="stock", max_ns=10**9)
     LM.write_environment(m)
     m.write_phys(CODE, code)
     LM.enter(m.cores[0], CODE)
     m.l0.attach()
+    return m
+
+
+def machine_with(handler):
+    """One core under the stock L0 at CODE, with ``handler(vcpu, d, event)``
+    in front of the L0's CPUID handler (it may return False to skip the L0's)."""
+    m = attached(GUEST)
     l0_cpuid = m.l0._handlers[ER.CPUID]
 
     def cpuid(vcpu, d, event):
@@ -157,12 +164,7 @@ def machine_on(source: str, handlers: dict, **controls):
     """One core under the stock L0 running ``source`` at CODE, the L0's handlers
     replaced by ``handlers`` (exit reason -> handler), control fields set by
     name before VMLAUNCH (``controls``: field name -> bits to OR in)."""
-    code, _ = assemble(source, CODE, "vmcs-cache")
-    m = Machine(cores=1, arch="vmx", config="stock", max_ns=10**9)
-    LM.write_environment(m)
-    m.write_phys(CODE, code)
-    LM.enter(m.cores[0], CODE)
-    m.l0.attach()
+    m = attached(source)
     v = m.l0.vcpus[0].vmcs
     for name, bits in controls.items():
         v.set(F[name], v.get(F[name]) | bits)
