@@ -16,7 +16,6 @@ Expectations are literals from the Intel SDM Vol. 3C:
   080H is virtualized (reads return VTPR's bytes; a write goes to VTPR and
   APIC-write emulation clears its bytes 3:1).
 """
-import struct
 
 import pytest
 

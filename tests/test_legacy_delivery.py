@@ -329,7 +329,7 @@ def test_conforming_handler_keeps_cpl3_and_its_stack():
     m = run_pm_labels("int 0x40\nhlt\nhandler:\nmov ebx, 1\nint 0x41\nexit:\n" + EXIT,
                       {0x40: (INTR32, 0x38, "handler", 3), 0x41: (INTR32, 0x08, "exit", 3)},
                       cpl=3)
-    s = passed(m)
+    passed(m)
     # the second INT came from the conforming handler at CPL 3 (CS 0x38 | RPL 3)
     eip, cs, _, esp, ss = dwords(m, STACK0 - 20, 5)
     assert (cs & 0xFFFF, ss & 0xFFFF, esp) == (0x3B, 0x33, STACK3 - 12)
@@ -338,7 +338,7 @@ def test_conforming_handler_keeps_cpl3_and_its_stack():
 def test_into_delivers_vector_4_after_the_instruction_if_of():
     code = ("mov al, 0x7F\nadd al, 1\nthere: into\nhlt\nhandler:\n" + EXIT)   # 7F + 1 sets OF
     m = run_pm_labels(code, {4: (INTR32, 0x08, "handler", 0)})
-    s = passed(m)
+    passed(m)
     assert dwords(m, STACK0 - 12, 1) == [m.syms["there"] + 1]
     m = run_pm_labels("into\n" + EXIT, {4: (INTR32, 0x08, CODE, 0)})
     assert m.verdict == "pass" and "EXCEPTION" not in m.cores[0].events     # OF = 0: nothing
@@ -760,7 +760,7 @@ def _raises(fn, *args):
 
 def test_new_task_segment_checks():
     # SDM Table 7-1, error codes with the selector and EXT
-    code0, code3 = GDT_ENTRIES[0x08], GDT_ENTRIES[0x28]
+    code0 = GDT_ENTRIES[0x08]
     data0, data3 = GDT_ENTRIES[0x10], GDT_ENTRIES[0x30]
     assert _raises(tasks.check_new_cs, 0x08, code0, 1) is None
     assert _raises(tasks.check_new_cs, 0x0B, code0, 1) == (TS, 0x09)      # DPL 0 != RPL 3
