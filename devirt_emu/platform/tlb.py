@@ -529,25 +529,26 @@ class SecondStage:
             self._stage2_exit(s)
         # else the translation changed since the refusal (another core, the L0): retry
 
-    def instruction_length_at_rip(self) -> int | None:
-        """Length of the instruction at RIP (None if it cannot be read or decoded)."""
+    def _bytes_at_rip(self) -> bytes | None:
+        """Up to 15 bytes from RIP (to the page end when the next page cannot be
+        read), None when none can be read."""
         rip = self.rip()
         for n in (15, PAGE_SIZE - (rip & 0xFFF)):
             try:
-                return instruction_length(self.read_linear(rip, min(n, 15), peek=True), self.code_size())
+                return self.read_linear(rip, min(n, 15), peek=True)
             except (PageFault, UnsupportedPaging, GuestError):
                 continue
         return None
 
+    def instruction_length_at_rip(self) -> int | None:
+        """Length of the instruction at RIP (None if it cannot be read or decoded)."""
+        code = self._bytes_at_rip()
+        return None if code is None else instruction_length(code, self.code_size())
+
     def _rmw_at_rip(self) -> bool:
         """Is the instruction at RIP a read-modify-write of memory?"""
-        rip = self.rip()
-        for n in (15, PAGE_SIZE - (rip & 0xFFF)):      # the next page may not be readable
-            try:
-                return read_modify_write(self.read_linear(rip, min(n, 15), peek=True), self.code_size())
-            except (PageFault, UnsupportedPaging, GuestError):
-                continue
-        return False
+        code = self._bytes_at_rip()
+        return code is not None and read_modify_write(code, self.code_size())
 
     def _straddle_fetch(self) -> bool:
         """A refused fetch on the page after RIP's: QEMU failed to translate the
