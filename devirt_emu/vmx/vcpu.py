@@ -538,7 +538,13 @@ class VmxVcpu:
 
     # ------------------------------------------------------------------ VM entry
     def vm_entry(self, *, launch: bool = False) -> bool:
-        """VMLAUNCH/VMRESUME.  Returns False when the entry failed (the L0 is told)."""
+        """VMLAUNCH/VMRESUME.  Returns False when the entry failed (the L0 is told).
+
+        A VMRESUME of a launched VMCS with no field written since the last entry
+        passed every check then and loads nothing: only what depends on state
+        outside the VMCS is redone (a PAE guest's PDPTEs in memory without EPT,
+        the TPR-threshold check while TPR_THRESHOLD is not 0, a TLB flush
+        without VPID, the MTF and the preemption timer)."""
         v = self.vmcs
         self.l0.before_entry(self)
         written = v.written
