@@ -242,6 +242,12 @@ class TrackedVmcs(Vmcs):
         Vmcs.launch_state.fset(self, value)
         self._launch_state = value
 
+    def engine_holds(self) -> None:
+        """From now on the engine is the truth for every tracked field (VM entry,
+        or the platform ran on the guest state)."""
+        self.live = True
+        self.fresh.clear()
+
     def flush(self) -> None:
         """Copy every stale guest-state field from the engine into the region."""
         if self.live:
@@ -419,7 +425,7 @@ class VmxVcpu:
     def save_guest_state(self) -> None:
         """Copy the engine's whole current state into the VMCS guest-state area
         (the L0 adopting a running core's state as its guest's)."""
-        self._engine_holds_guest_state()
+        self.vmcs.engine_holds()
         self.vmcs.flush()
         self._save_ia32e_mode()
 
@@ -434,12 +440,6 @@ class VmxVcpu:
         if bool(ent & C.VM_ENTRY_IA32E_MODE) != bool(lma):
             v.store(_ENTRY_CONTROLS, ent ^ C.VM_ENTRY_IA32E_MODE)
         self._lma_saved = lma
-
-    def _engine_holds_guest_state(self) -> None:
-        """From now on the engine is the truth for every tracked field."""
-        v = self.vmcs
-        v.live = True
-        v.fresh.clear()
 
     def load_guest_state(self, full: bool = False) -> None:
         """Load into the engine the guest-state fields written since the engine
@@ -581,8 +581,7 @@ class VmxVcpu:
             self._timer_work = self._mtf or self._ptimer_deadline is not None
         if not probe.hflags() & HF_LMA:
             self._pdptes_at_entry()
-        v.live = True               # the engine holds the guest state from now on
-        v.fresh.clear()
+        v.engine_holds()
         if launch:
             v.launch_state = "launched"
         self.pause_loop = _PAUSE_LOOP_AT_ENTRY
@@ -822,8 +821,8 @@ class VmxVcpu:
         try:
             self.core.run_native(event)
         finally:
-            v.live = True               # the engine holds the guest state (again; also when
-            v.fresh.clear()             # the platform raised: the engine may have changed)
+            v.engine_holds()            # (again; also when the platform raised: the engine
+                                        # may have changed)
 
     def step_watched_on_platform(self, ppage: int, window=None, *, writable: bool = False):
         """Let the platform execute the guest instruction at RIP once with the
@@ -836,7 +835,7 @@ class VmxVcpu:
         try:
             return self.core.step_watched(ppage, window, writable=writable)
         finally:
-            self._engine_holds_guest_state()
+            self.vmcs.engine_holds()
 
     # ------------------------------------------------------------------ the core's virt interface
     def on_event(self, core, event: Event) -> bool:
