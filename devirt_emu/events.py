@@ -224,14 +224,17 @@ class Insn:
 
     @property
     def io_in(self) -> bool:
-        return self.kind in (Kind.IN, Kind.INS)
+        return IO_SHAPE.get(self.kind, (False, False))[0]
 
     @property
     def string(self) -> bool:
-        return self.kind in (Kind.INS, Kind.OUTS)
+        return IO_SHAPE.get(self.kind, (False, False))[1]
 
 
 IO_KINDS = frozenset({Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS})
+#: I/O kind -> (is an input, is a string instruction).
+IO_SHAPE = {Kind.IN: (True, False), Kind.OUT: (False, False), Kind.INS: (True, True),
+            Kind.OUTS: (False, True)}
 
 
 @dataclass(slots=True)

@@ -81,7 +81,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Mapping, NamedTuple, Optional, Union
 
-from devirt_emu.events import GPR_NAMES, Event, Kind
+from devirt_emu.events import GPR_NAMES, IO_SHAPE, Event, Kind
 from devirt_emu.vmx import controls as C
 from devirt_emu.vmx import exit_info as xi
 from devirt_emu.vmx import exit_reasons as er
@@ -941,9 +941,6 @@ def _mov_dr(ev, vmcs, rm, pl):
 # --------------------------------------------------------------------------
 # I/O instructions
 # --------------------------------------------------------------------------
-#: I/O kind -> (is IN, is string).
-_IO_SHAPE = {Kind.IN: (True, False), Kind.OUT: (False, False), Kind.INS: (True, True),
-             Kind.OUTS: (False, True)}
 #: The cause without I/O bitmaps, by "unconditional I/O exiting".
 _IO_UNCOND_CAUSE = {on: ("CPU_BASED_USE_IO_BITMAPS=0", _b("CPU_BASED_UNCOND_IO_EXITING", on))
                     for on in (0, 1)}
@@ -967,7 +964,7 @@ def _io(ev, vmcs, rm, pl):
             where = "virtual-8086 mode" if rflags & _RFLAGS_VM else f"CPL={cpl} > IOPL={iopl}"
             if not permitted:
                 return _gp0(f"{where} and the TSS I/O-permission bitmap denies port {port:#x}")
-    is_in, string = _IO_SHAPE[insn.kind]
+    is_in, string = IO_SHAPE[insn.kind]
     qual = xi.io_qualification(size, is_in, string, insn.rep, insn.port is not None, port)
     info = xi.instruction_info(insn) if string else None
     gla = ev.linear if string else None
