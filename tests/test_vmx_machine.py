@@ -113,3 +113,24 @@ def test_config_needs_vmx():
         Machine(config="devirt")
     with pytest.raises(ValueError):
         Machine(arch="svm")
+
+
+def test_at_every_vm_exit_the_ia32e_mode_guest_control_is_efer_lma():
+    # SDM "Saving Control Registers, Debug Registers, and MSRs": a VM exit stores
+    # EFER.LMA into the "IA-32e mode guest" VM-entry control (bit 9); KVM's set_efer
+    # keeps it too when it emulates the mode switch (so this checks the pair, not the
+    # exit alone).  The firmware boots from real mode into IA-32e mode under stock,
+    # with exits on both sides.
+    m = Machine(cores=1, arch="vmx", config="stock")
+    m.load_image(build_image(GUEST_DIR / "hello.S"))
+    seen = []
+    handle = m.l0.handle_exit
+
+    def look(vcpu, d, event):
+        lma = bool(vcpu.vmcs.get(VmcsField.GUEST_IA32_EFER) & (1 << 10))
+        seen.append((lma, bool(vcpu.vmcs.get(VmcsField.VM_ENTRY_CONTROLS) & (1 << 9))))
+        handle(vcpu, d, event)
+    m.l0.handle_exit = look
+    assert m.run().verdict == "pass"
+    assert all(lma == ia32e for lma, ia32e in seen), seen
+    assert {lma for lma, _ in seen} == {False, True}     # exits outside and inside IA-32e mode
