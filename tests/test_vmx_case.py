@@ -10,11 +10,14 @@ conditions under which each instruction exits (Chapter "VMX Non-Root
 Operation").  Control bits are spelled out by number below, independently
 of devirt_emu.vmx.controls.
 """
+import struct
+
 import pytest
 
 from devirt_emu.testing.vmx_case import (
     CODE_BASE, DEFAULT_CONTROLS, SCRATCH_BASE, CaseError, io_bitmaps, legal_controls, msr_bitmap,
     run_case)
+from devirt_emu.platform import longmode as LM
 from devirt_emu.vmx.entry import FailureKind
 
 PROC = "CPU_BASED_VM_EXEC_CONTROL"
@@ -569,3 +572,30 @@ def test_code_that_stores_into_itself_ends_the_case_instead_of_hanging():
     assert r.exit is None
     assert r.no_exit.why == "stopped"
     assert "stores into its own bytes" in r.no_exit.message
+
+
+def test_a_vm_exit_saves_efer_lma_into_the_ia32e_mode_guest_control():
+    # SDM "Saving Control Registers, Debug Registers, and MSRs": a VM exit stores
+    # EFER.LMA into the "IA-32e mode guest" VM-entry control (bit 9).  The guest (CR0
+    # all guest-owned, unrestricted guest, which needs EPT) leaves IA-32e mode by
+    # itself: a far return to 32-bit code (compatibility mode), then MOV to CR0 with
+    # PG clear, which does not exit; CPUID then exits with LMA 0.
+    code32 = 0x00CF9B000000FFFF          # flat 32-bit code segment, DPL 0, at selector 0x38
+    r = run_case("""
+        push 0x38
+        lea rax, [rip + compat]
+        push rax
+        retfq
+    compat:
+        .code32
+        mov eax, cr0
+        and eax, 0x7FFFFFFF
+        mov cr0, eax
+        cpuid
+    """, vmcs={"GUEST_GDTR_LIMIT": 0x3F,
+               "CPU_BASED_VM_EXEC_CONTROL": 1 << 31,                 # activate secondary controls
+               "SECONDARY_VM_EXEC_CONTROL": (1 << 1) | (1 << 7)},    # enable EPT, unrestricted guest
+        memory={LM.GDT + 0x38: struct.pack("<Q", code32)}, ept="identity", legal=True)
+    assert r.exit is not None and r.exit.name == "CPUID", r
+    assert not r.vmcs["GUEST_IA32_EFER"] & (1 << 10)           # LMA 0: out of IA-32e mode
+    assert not r.vmcs["VM_ENTRY_CONTROLS"] & (1 << 9)          # ... and the control says so
