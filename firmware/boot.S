@@ -162,14 +162,7 @@ fw_bad_bootinfo32:
 ; ============================================================================
 .balign 4096, 0
 .code64
-fw_bsp_long:
-    mov ax, SEL_DATA
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    mov fs, ax
-    mov gs, ax
-
+fw_bsp_long:                    ; (the data selectors were loaded by fw_ENTER_LONG_MODE)
     mov eax, dword ptr [BOOTINFO_NR_CPUS]
     test eax, eax
     jz fw_bad_cpu_count
@@ -367,13 +360,7 @@ fw_boot_timer_handler:
 ; AP in long mode: find its core index by its x2APIC ID, take its stack,
 ; set up, check in (online flag and an IPI to the BSP), sleep until the
 ; BSP's go IPI has been taken.
-fw_ap_long:
-    mov ax, SEL_DATA
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    mov fs, ax
-    mov gs, ax
+fw_ap_long:                     ; (the data selectors were loaded by fw_ENTER_LONG_MODE)
     mov ecx, MSR_IA32_APICBASE
     rdmsr
     or eax, MSR_IA32_APICBASE_ENABLE
