@@ -311,7 +311,7 @@ class KvmL0:
         vector if the guest can take it, else ask for an interrupt-window exit."""
         v = vcpu.vmcs
         primary = v.peek(_PROC)
-        vec = self.deliverable(vcpu) if self.virr[vcpu.core.index] else None
+        vec = self.deliverable(vcpu)
         if vec is not None and not v.get(F.VM_ENTRY_INTR_INFO_FIELD) & C.INTR_INFO_VALID_MASK:
             rflags = v.get(F.GUEST_RFLAGS)
             blocked = v.get(F.GUEST_INTERRUPTIBILITY_INFO) & (C.GUEST_INTR_STATE_STI

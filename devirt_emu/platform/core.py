@@ -187,8 +187,7 @@ class State(enum.Enum):
 class LazyRegs(dict):
     """The ``Event.regs`` mapping: reads a register on first use (and keeps it).
     A dict, so that every use after the first is a plain dict lookup.  Made by
-    :meth:`Core.lazy_regs` (no ``__init__`` of its own: one per sensitive
-    instruction, and a Python ``__init__`` would cost a frame)."""
+    :meth:`Core.lazy_regs` (no ``__init__`` of its own: dict's is C)."""
 
     __slots__ = ("core",)
 
@@ -911,18 +910,14 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         kind = insn.kind
         if kind in TASK_SWITCH_INSNS and self._task_switch_insn(address, insn):
             return          # an ordinary far JMP/CALL (Unicorn's), or a task-switch attempt
-        ev = self.events
-        name = _KIND_NAMES[kind]
-        ev[name] = ev.get(name, 0) + 1
+        self._count(kind)
         self._run_events += 1
         timed = not self._counted           # fast mode estimates time from the hooks' share
         if timed:
             t0 = time.perf_counter_ns()
         try:
             if self.trace is not None or self.virt is not None:
-                regs = LazyRegs()
-                regs.core = self
-                event = Event(kind, self.index, address, insn, regs=regs)
+                event = Event(kind, self.index, address, insn, regs=self.lazy_regs())
                 if insn.mem is not None:
                     event.linear = self.mem_operand_linear(insn, address)
                 if kind in IO_KINDS:

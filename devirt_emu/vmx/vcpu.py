@@ -169,11 +169,10 @@ _INTR_INFO = int(F.VM_ENTRY_INTR_INFO_FIELD)
 _ENTRY_CONTROLS = int(F.VM_ENTRY_CONTROLS)
 _GUEST_RIP = int(F.GUEST_RIP)
 _EXIT_INSTRUCTION_LEN = int(F.VM_EXIT_INSTRUCTION_LEN)
-_VM_EXIT = Kind.VM_EXIT.value
 _tuple_new = tuple.__new__
 # Enum members used on every exit, bound once (an Enum class attribute costs about
 # 0.3 us on CPython 3.11: see vmx/rules.py).
-_PAUSE, _TRAP = Kind.PAUSE, Timing.TRAP
+_PAUSE, _TRAP, _KIND_VM_EXIT = Kind.PAUSE, Timing.TRAP, Kind.VM_EXIT
 _WAIT_SIPI, _SHUTDOWN = State.WAIT_SIPI, State.SHUTDOWN     # (no TPR-threshold exit there)
 _TPR_THRESHOLD = int(F.TPR_THRESHOLD)
 _U64 = struct.Struct("<Q")
@@ -548,13 +547,10 @@ class VmxVcpu:
         v = self.vmcs
         self.l0.before_entry(self)
         written = v.written
-        probe = self.core.probe
         if launch or written or v.launch_state != "launched":
             failure = self._entry_checks(launch)
-        elif not probe.hflags() & HF_LMA:
-            failure = self._check_pdptes_in_memory()     # (memory may have changed)
         else:
-            failure = None
+            failure = self._check_pdptes_in_memory()     # (memory may have changed)
         if failure is not None:
             return self._entry_failed(failure)
         if launch or written:
@@ -579,8 +575,7 @@ class VmxVcpu:
         if timers_changed or self._timer_work:
             self._arm_timers(timers_changed)
             self._timer_work = self._mtf or self._ptimer_deadline is not None
-        if not probe.hflags() & HF_LMA:
-            self._pdptes_at_entry()
+        self._pdptes_at_entry()
         v.engine_holds()
         if launch:
             v.launch_state = "launched"
@@ -690,8 +685,7 @@ class VmxVcpu:
     # ------------------------------------------------------------------ VM exit
     def _write_exit_info(self, d: Decision, reason_field: int) -> None:
         """The exit-information fields, as the processor writes them."""
-        core = self.core
-        vinfo, vec_ec = (0, 0) if core._delivering is None else core.vectoring_info()
+        vinfo, vec_ec = self.core.vectoring_info()
         self.vmcs.store_exit_info(d, reason_field, vinfo, vec_ec)
 
     def _log(self, d: Decision, rip: int, entry_failure: bool = False) -> None:
@@ -717,7 +711,7 @@ class VmxVcpu:
         if core.probe.hflags() & HF_LMA != self._lma_saved:
             self._save_ia32e_mode()     # the rest of the guest state stays in the engine
         self._log(d, rip)
-        core.events[_VM_EXIT] = core.events.get(_VM_EXIT, 0) + 1
+        core._count(_KIND_VM_EXIT)
         if core.trace is not None:
             core.trace(core, Event(Kind.VM_EXIT, core.index, rip,
                                    extra={"reason": d.reason, "name": d.name,
