@@ -266,7 +266,7 @@ class Machine:
         src = self.current
         if src is not None and src is not target and target.state is not State.RUNNING:
             target.clock = max(target.clock, src.now())
-        if src is not None and src._in_run:
+        if src is not None and src.in_run:
             # the sender stops so that the scheduler plans again: the target may
             # have woken (another core), or an interrupt be due here (self-IPI)
             src.request_stop("check")
@@ -392,7 +392,7 @@ class Machine:
                 budget = 1                     # monitor trap flag: a boundary after each one
             budget = max(1, min(budget, self.max_ns - c.clock))
             self.current = c
-            if self.fast and not others and d is None and not c._interrupt_wanted():
+            if self.fast and not others and d is None and not c.interrupt_wanted():
                 # A lone core with no timer armed: nothing can interrupt it but itself.
                 # It runs free once a counted warm-up slice ran out without an event
                 # (compute-bound, code translated), and counts again after an event.

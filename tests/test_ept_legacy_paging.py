@@ -311,10 +311,10 @@ def test_vmresume_rechecks_the_pdptes_in_memory_only_without_ept(monkeypatch, ep
     handle_exit = vmx_case._RecordingL0.handle_exit
     exits = []
 
-    def break_the_pdpt_and_resume(self, vcpu, d, event):
-        exits.append(d.name)
+    def break_the_pdpt_and_resume(self, vcpu):
+        exits.append(vcpu.last_exit.name)
         if len(exits) > 1:
-            return handle_exit(self, vcpu, d, event)
+            return handle_exit(self, vcpu)
         vcpu.mem.write(PDPT_PA, struct.pack("<Q", PD_A | P | (1 << 7)))
         vcpu.skip_instruction()
         vcpu.vm_entry()

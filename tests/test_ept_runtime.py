@@ -26,6 +26,7 @@ import pytest
 
 from devirt_emu.testing.vmx_case import (CODE_BASE, EPT_POOL, SCRATCH_BASE, CaseError, CaseRunner,
                                          EptEntry, EptMap, run_case)
+from devirt_emu.vmx.fields import VmcsField as F
 
 EPT_VIOLATION, EPT_MISCONFIG, EXCEPTION_NMI, CPUID = 48, 49, 0, 10
 # exit qualification for EPT violations
@@ -502,6 +503,18 @@ def _violation(gpa, qualification=Q_WRITE | Q_GLA | Q_TRANSLATION):
                          guest_linear_address=gpa, guest_physical_address=gpa)
 
 
+def _exit_with(vcpu, d):
+    """Write exit ``d``'s information into the VMCS as the processor does (the
+    IDT-vectoring fields the test stored stay), as the L0's handlers read it."""
+    v = vcpu.vmcs
+    v.store(F.VM_EXIT_REASON, d.reason)
+    v.store(F.EXIT_QUALIFICATION, d.qualification)
+    if d.guest_physical_address is not None:
+        v.store(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical_address)
+    vcpu.last_exit = d
+    return vcpu
+
+
 @pytest.mark.parametrize("vectoring, reinjected", [
     (0x80000040, 0x80000040),              # external interrupt 0x40: injected again
     (0x80000B0E, 0x80000B0E),              # #PF with its error code
@@ -517,7 +530,7 @@ def test_l0_maps_the_page_and_reinjects_the_interrupted_event(vectoring, reinjec
     v.store(0x440A, 0x1234)                # IDT_VECTORING_ERROR_CODE
     gpa = 0x123456
     assert ept_walk(m.mem.read, m.mem.write, l0.ept.eptp, gpa, 2).__class__.__name__ == "EptViolation"
-    l0.h_ept_violation(vcpu, _violation(gpa), None)
+    l0.h_ept_violation(_exit_with(vcpu, _violation(gpa)))
     r = ept_walk(m.mem.read, m.mem.write, l0.ept.eptp, gpa, 2)
     assert isinstance(r, EptTranslation) and r.hpa == gpa and r.rights == 7
     assert v.get("VM_ENTRY_INTR_INFO_FIELD") == reinjected
@@ -530,7 +543,7 @@ def test_l0_blocks_nmis_again_after_an_iret_that_unblocked_them():
     v = vcpu.vmcs
     v.store(0x4408, 0)
     v.set("GUEST_INTERRUPTIBILITY_INFO", 0)
-    l0.h_ept_violation(vcpu, _violation(0x300000, Q_READ | Q_GLA | Q_TRANSLATION | Q_NMI_UNBLOCK), None)
+    l0.h_ept_violation(_exit_with(vcpu, _violation(0x300000, Q_READ | Q_GLA | Q_TRANSLATION | Q_NMI_UNBLOCK)))
     assert v.get("GUEST_INTERRUPTIBILITY_INFO") & 8              # blocking by NMI
 
 
@@ -543,7 +556,7 @@ def test_l0_violation_it_cannot_fix_is_a_guest_error(gpa, match):
     if gpa is None:
         gpa = 0x200000
         l0.ept.map(gpa, gpa, 4096, rights=1)                     # mapped read-only by the L0
-    l0.h_ept_violation(vcpu, _violation(gpa), None)
+    l0.h_ept_violation(_exit_with(vcpu, _violation(gpa)))
     assert m.verdict == "error" and match in m.message
 
 
@@ -552,7 +565,7 @@ def test_l0_maps_the_apic_access_page_outside_ram():
     # alloc_apic_access_page in 5.4): an EPT violation there is mapped, 4 KiB, like RAM
     from devirt_emu.vmx.ept import EptTranslation, ept_walk
     m, l0, vcpu = _l0_with_vcpu()
-    l0.h_ept_violation(vcpu, _violation(0xFEE00080), None)
+    l0.h_ept_violation(_exit_with(vcpu, _violation(0xFEE00080)))
     assert m.verdict is None
     r = ept_walk(m.mem.read, m.mem.write, l0.ept.eptp, 0xFEE00080, 2)
     assert isinstance(r, EptTranslation) and r.hpa == 0xFEE00080 and r.page_size == 4096
@@ -561,8 +574,8 @@ def test_l0_maps_the_apic_access_page_outside_ram():
 def test_l0_ept_misconfiguration_is_a_guest_error():
     from devirt_emu.vmx.rules import exit_decision
     m, l0, vcpu = _l0_with_vcpu()
-    l0.h_ept_misconfig(vcpu, exit_decision("EPT_MISCONFIG", ("EPT PTE memory type 2 is reserved",),
-                                           guest_physical_address=0x5000), None)
+    l0.h_ept_misconfig(_exit_with(vcpu, exit_decision(
+        "EPT_MISCONFIG", ("EPT PTE memory type 2 is reserved",), guest_physical_address=0x5000)))
     assert m.verdict == "error"
     assert "EPT misconfiguration at GPA 0x5000" in m.message and "memory type 2" in m.message
 

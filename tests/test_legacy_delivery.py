@@ -656,6 +656,9 @@ def test_vmx_real_mode_fault_during_delivery_has_no_error_code():
     assert r.exit.interruption_info == HW_EXC | GP
     assert r.exit.idt_vectoring_info == (1 << 31) | (4 << 8) | 0x40
     assert r.exit.guest_rip == 1                                    # IP of the INT
+    # SDM "Information for VM Exits Due to Instruction Execution": the length is defined
+    # for a fault during delivery of a software interrupt (the INT n's, 2 bytes)
+    assert r.exit.instruction_length == 2
 
 
 # ---------------------------------------------------------------- APIC-access page and delivery

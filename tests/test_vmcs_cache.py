@@ -68,14 +68,14 @@ def attached(source: str) -> Machine:
 
 
 def machine_with(handler):
-    """One core under the stock L0 at CODE, with ``handler(vcpu, d, event)``
+    """One core under the stock L0 at CODE, with ``handler(vcpu)``
     in front of the L0's CPUID handler (it may return False to skip the L0's)."""
     m = attached(GUEST)
     l0_cpuid = m.l0._handlers[ER.CPUID]
 
-    def cpuid(vcpu, d, event):
-        if handler(vcpu, d, event) is not False:
-            l0_cpuid(vcpu, d, event)
+    def cpuid(vcpu):
+        if handler(vcpu) is not False:
+            l0_cpuid(vcpu)
     m.l0._handlers[ER.CPUID] = cpuid
     return m
 
@@ -89,7 +89,7 @@ def run(m):
 def test_guest_state_read_at_an_exit_is_the_state_at_the_exit():
     seen = []
 
-    def look(vcpu, d, event):
+    def look(vcpu):
         v = vcpu.vmcs
         seen.append((v.get(F.GUEST_RIP), v.get(F.GUEST_RSP), v.vmread(F.GUEST_CS_SELECTOR),
                      v.get("GUEST_CR3"), v.peek(F.GUEST_IA32_EFER)))
@@ -106,7 +106,7 @@ def test_guest_state_read_at_an_exit_is_the_state_at_the_exit():
 def test_vmclear_writes_the_guest_state_back_to_memory():
     raw = {}
 
-    def clear_and_read(vcpu, d, event):
+    def clear_and_read(vcpu):
         if raw:
             return
         v = vcpu.vmcs
@@ -122,7 +122,7 @@ def test_vmclear_writes_the_guest_state_back_to_memory():
 
 
 def test_a_guest_state_field_written_by_the_l0_is_loaded_at_vmresume():
-    def move_stack(vcpu, d, event):
+    def move_stack(vcpu):
         if vcpu.vmcs.get(F.GUEST_RIP) == CODE + CPUID_0_AT:
             vcpu.vmcs.set(F.GUEST_RSP, STACK - 0x100)
     m = run(machine_with(move_stack))
@@ -132,7 +132,7 @@ def test_a_guest_state_field_written_by_the_l0_is_loaded_at_vmresume():
 
 
 def test_vmresume_checks_a_guest_rip_the_l0_wrote():
-    def bad_rip(vcpu, d, event):
+    def bad_rip(vcpu):
         vcpu.vmcs.set(F.GUEST_RIP, 0x0000_8000_0000_0000)   # not canonical (48-bit linear addresses)
         return False
     m = run(machine_with(bad_rip))
@@ -141,7 +141,7 @@ def test_vmresume_checks_a_guest_rip_the_l0_wrote():
 
 
 def test_vmresume_checks_a_control_the_l0_wrote():
-    def bad_control(vcpu, d, event):
+    def bad_control(vcpu):
         v = vcpu.vmcs
         # bit 1 of the primary processor-based controls is a default1 bit: must be 1
         v.set(F.CPU_BASED_VM_EXEC_CONTROL, v.get(F.CPU_BASED_VM_EXEC_CONTROL) & ~0x2)
@@ -152,7 +152,7 @@ def test_vmresume_checks_a_control_the_l0_wrote():
 
 
 def test_vmresume_of_a_clear_vmcs_fails():
-    def clear(vcpu, d, event):
+    def clear(vcpu):
         vcpu.vmcs.clear()            # VMCLEAR without a new VMLAUNCH
     m = run(machine_with(clear))
     assert m.verdict == "error"
@@ -179,7 +179,7 @@ PREEMPTION_TIMER = 1 << 6     # PIN_BASED_VMX_PREEMPTION_TIMER
 def test_the_monitor_trap_flag_holds_across_vmresumes_with_nothing_written():
     rips = []
     m = machine_on("nop\nnop\nnop\nmov al, 0\nout 0xf4, al",
-                   {ER.MONITOR_TRAP_FLAG: lambda vcpu, d, event: rips.append(vcpu.vmcs.get(F.GUEST_RIP))},
+                   {ER.MONITOR_TRAP_FLAG: lambda vcpu: rips.append(vcpu.vmcs.get(F.GUEST_RIP))},
                    CPU_BASED_VM_EXEC_CONTROL=MTF)
     run(m)
     assert m.verdict == "pass", m.message
@@ -190,7 +190,7 @@ def test_the_monitor_trap_flag_holds_across_vmresumes_with_nothing_written():
 def test_the_preemption_timer_is_loaded_at_every_vmresume():
     exits = []
 
-    def timer(vcpu, d, event):
+    def timer(vcpu):
         exits.append(vcpu.vmcs.get(F.GUEST_RIP))
         if len(exits) == 3:       # enough: turn the timer off (a written control)
             v = vcpu.vmcs
@@ -206,7 +206,7 @@ def test_the_preemption_timer_is_loaded_at_every_vmresume():
 def test_skip_instruction_moves_guest_rip_past_the_exiting_instruction():
     seen = []
 
-    def skip(vcpu, d, event):
+    def skip(vcpu):
         v = vcpu.vmcs
         before = v.get(F.GUEST_RIP)            # (now a copy in the region: must not go stale)
         length = v.get(F.VM_EXIT_INSTRUCTION_LEN)
@@ -223,7 +223,7 @@ def test_skip_instruction_moves_guest_rip_past_the_exiting_instruction():
 def test_skip_instruction_after_the_l0_wrote_guest_rip():
     done = []
 
-    def rewind_then_skip(vcpu, d, event):
+    def rewind_then_skip(vcpu):
         v = vcpu.vmcs
         if not done:
             done.append(True)

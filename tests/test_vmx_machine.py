@@ -126,10 +126,10 @@ def test_at_every_vm_exit_the_ia32e_mode_guest_control_is_efer_lma():
     seen = []
     handle = m.l0.handle_exit
 
-    def look(vcpu, d, event):
+    def look(vcpu):
         lma = bool(vcpu.vmcs.get(VmcsField.GUEST_IA32_EFER) & (1 << 10))
         seen.append((lma, bool(vcpu.vmcs.get(VmcsField.VM_ENTRY_CONTROLS) & (1 << 9))))
-        handle(vcpu, d, event)
+        handle(vcpu)
     m.l0.handle_exit = look
     assert m.run().verdict == "pass"
     assert all(lma == ia32e for lma, ia32e in seen), seen

@@ -40,8 +40,8 @@ from ..platform.lapic import MSR_IA32_APICBASE
 from ..platform.paging import (PageFault, UnsupportedPaging, pdpt_address, pdpte_reserved,
                                pdptes_reload)
 from ..platform.tasks import MIN_TSS_LIMIT, TSS32_AVAILABLE, tss_layout
-from ..platform.watch import PageAccess
 from ..platform.ucinternals import ENV_GDT
+from ..virt import MachineHypervisor
 from ..vmx import capabilities as caps
 from ..vmx import controls as C
 from ..vmx import exit_info as XI
@@ -58,6 +58,16 @@ KVM_CPUID_SIGNATURE = 0x40000000
 KVM_ENOSYS = 1000
 INIT_CR0 = 0x60000010          # CR0 after INIT (CD, NW, ET)
 _PROC = int(F.CPU_BASED_VM_EXEC_CONTROL)
+# The exit-information fields the handlers read (VMREAD), bound once.
+_EXIT_REASON = int(F.VM_EXIT_REASON)
+_QUALIFICATION = int(F.EXIT_QUALIFICATION)
+_EXIT_INTR_INFO = int(F.VM_EXIT_INTR_INFO)
+_EXIT_INTR_ERROR_CODE = int(F.VM_EXIT_INTR_ERROR_CODE)
+_EXIT_INSTRUCTION_LEN = int(F.VM_EXIT_INSTRUCTION_LEN)
+_GUEST_PHYSICAL_ADDRESS = int(F.GUEST_PHYSICAL_ADDRESS)
+_APIC_ACCESS_ADDR = int(F.APIC_ACCESS_ADDR)
+#: String I/O mnemonics (the L0's emulator does not take them on the APIC page).
+_STRING_IO = frozenset({"insb", "insw", "insd", "outsb", "outsw", "outsd"})
 
 #: Host state that VM exits would load (a 64-bit Linux host, as KVM's vmx_set_constant_host_state).
 HOST_STATE = {
@@ -118,8 +128,9 @@ class L0Error(Exception):
     """The L0 met an exit it does not handle, or a VM entry failed."""
 
 
-class KvmL0:
-    """KVM's side of one guest on a machine, configuration ``stock`` or ``devirt``."""
+class KvmL0(MachineHypervisor):
+    """KVM's side of one guest on a machine, configuration ``stock`` or ``devirt``
+    (the hypervisor of :mod:`devirt_emu.virt` for its VMX vCPUs)."""
 
     def __init__(self, machine, config: str):
         if config not in VMX_CONFIGS:
@@ -306,7 +317,7 @@ class KvmL0:
         """Bits 32 * ``word`` .. + 31 of the virtual IRR."""
         return sum(1 << (v - 32 * word) for v in self.virr[vcpu.core.index] if v // 32 == word)
 
-    def before_entry(self, vcpu: VmxVcpu) -> None:
+    def prepare_entry(self, vcpu: VmxVcpu) -> None:
         """KVM's inject_pending_event: inject the highest deliverable virtual-IRR
         vector if the guest can take it, else ask for an interrupt-window exit."""
         v = vcpu.vmcs
@@ -387,17 +398,21 @@ class KvmL0:
 
     def entry_failed(self, vcpu: VmxVcpu, failure) -> None:
         self.machine.guest_error(f"core {vcpu.core.index}: VM entry failed: {failure}")
-        vcpu.core.request_stop("exit") if vcpu.core._in_run else None
+        vcpu.core.request_stop("exit") if vcpu.core.in_run else None
 
-    def handle_exit(self, vcpu: VmxVcpu, d, event: Event | None) -> None:
+    def handle_exit(self, vcpu: VmxVcpu) -> None:
+        """A VM exit: the handler of its basic reason, read from the VMCS with
+        VMREAD as KVM's vmx_handle_exit does (the handlers read the rest of the
+        exit information the same way, never the rule's Decision)."""
         self._tpr_from_guest(vcpu)
-        handler = self._handlers.get(d.reason)
+        reason = vcpu.vmcs.vmread(_EXIT_REASON) & ER.BASIC_REASON_MASK
+        handler = self._handlers.get(reason)
         if handler is None:
-            self._fatal(vcpu, f"the L0 has no handler for exit {d.name} at RIP "
+            self._fatal(vcpu, f"the L0 has no handler for exit {ER.name_of(reason)} at RIP "
                               f"{vcpu.vmcs.get(F.GUEST_RIP):#x}")
             return
         try:
-            handler(vcpu, d, event)
+            handler(vcpu)
         except _Fault as f:
             vcpu.inject(f.vector, C.INTR_TYPE_HARD_EXCEPTION, f.error_code)
 
@@ -439,52 +454,54 @@ class KvmL0:
             h[getattr(R, name)] = self.h_ud
         return h
 
-    def h_skip(self, vcpu, d, event):
+    def h_skip(self, vcpu):
         """INVD, WBINVD, MWAIT, MONITOR, PAUSE (PLE): nothing to do but skip it."""
         vcpu.skip_instruction()
 
-    def h_gp(self, vcpu, d, event):
+    def h_gp(self, vcpu):
         """RDPMC (no PMU is exposed), XSETBV: #GP(0) into the guest."""
         vcpu.inject(13, C.INTR_TYPE_HARD_EXCEPTION, 0)
 
-    def h_ud(self, vcpu, d, event):
+    def h_ud(self, vcpu):
         """VMX instructions: no nested VMX, #UD (KVM without nested=1)."""
         vcpu.inject(6, C.INTR_TYPE_HARD_EXCEPTION)
 
-    def h_vmcall(self, vcpu, d, event):
+    def h_vmcall(self, vcpu):
         """Hypercalls: none is implemented, RAX = -KVM_ENOSYS."""
         vcpu.core.uc.reg_write(X.UC_X86_REG_RAX, (-KVM_ENOSYS) & ((1 << 64) - 1))
         vcpu.skip_instruction()
 
-    def h_exception_nmi(self, vcpu, d, event):
+    def h_exception_nmi(self, vcpu):
         """An NMI is the host's (KVM-devirt takes a core back with one): nothing for
         the guest.  An exception in the bitmap is reflected back into the guest."""
-        info = d.interruption_info
+        v = vcpu.vmcs
+        info = v.vmread(_EXIT_INTR_INFO)
         itype = info & C.INTR_INFO_INTR_TYPE_MASK
         if itype == C.INTR_TYPE_NMI_INTR:
             return
         vec = info & C.INTR_INFO_VECTOR_MASK
-        ec = d.error_code if info & C.INTR_INFO_DELIVER_CODE_MASK else None
-        if vec == 14 and event is not None and event.cr2 is not None:
-            vcpu.core.uc.reg_write(X.UC_X86_REG_CR2, event.cr2)     # KVM sets CR2 to re-inject
-            vcpu.core.cr2 = event.cr2
-        vcpu.inject(vec, itype, ec, d.instruction_length or 0)
+        ec = v.vmread(_EXIT_INTR_ERROR_CODE) if info & C.INTR_INFO_DELIVER_CODE_MASK else None
+        if vec == 14:
+            # a #PF exit leaves CR2 alone; its address is the qualification, and KVM
+            # sets CR2 to it to re-inject the fault
+            vcpu.core.set_cr2(v.vmread(_QUALIFICATION))
+        vcpu.inject(vec, itype, ec, v.vmread(_EXIT_INSTRUCTION_LEN))
 
-    def h_external_interrupt(self, vcpu, d, event):
+    def h_external_interrupt(self, vcpu):
         """The interrupt was acknowledged on exit; it is the guest's: queue it for injection."""
-        self.take_for_guest(vcpu, d.interruption_info & C.INTR_INFO_VECTOR_MASK)
+        self.take_for_guest(vcpu, vcpu.vmcs.vmread(_EXIT_INTR_INFO) & C.INTR_INFO_VECTOR_MASK)
 
-    def h_interrupt_window(self, vcpu, d, event):
-        """The guest can take interrupts again: before_entry injects the queued one."""
+    def h_interrupt_window(self, vcpu):
+        """The guest can take interrupts again: prepare_entry injects the queued one."""
 
-    def h_triple_fault(self, vcpu, d, event):
+    def h_triple_fault(self, vcpu):
         self.machine.shutdown(vcpu.core, "triple fault (VM exit)")
         vcpu.blocked = True
         vcpu.core.state = State.SHUTDOWN
-        if vcpu.core._in_run:
+        if vcpu.core.in_run:
             vcpu.core.request_stop("shutdown")
 
-    def h_init(self, vcpu, d, event):
+    def h_init(self, vcpu):
         """INIT: the vCPU is reset and waits for SIPI (kvm_vcpu_reset)."""
         v = vcpu.vmcs
         s = v.set
@@ -520,16 +537,16 @@ class KvmL0:
             self.devirtualized.discard(vcpu.core.index)
             self.load_controls(vcpu, BOOT_CONFIG[self.config_name])
 
-    def h_sipi(self, vcpu, d, event):
+    def h_sipi(self, vcpu):
         """SIPI in wait-for-SIPI: real mode at vector:0000 (kvm_vcpu_deliver_sipi_vector)."""
-        vec = d.qualification & 0xFF
+        vec = vcpu.vmcs.vmread(_QUALIFICATION) & 0xFF
         s = vcpu.vmcs.set
         s(F.GUEST_CS_SELECTOR, vec << 8)
         s(F.GUEST_CS_BASE, vec << 12)
         s(F.GUEST_RIP, 0)
         s(F.GUEST_ACTIVITY_STATE, C.GUEST_ACTIVITY_ACTIVE)
 
-    def h_cpuid(self, vcpu, d, event):
+    def h_cpuid(self, vcpu):
         """CPUID: the platform's model plus the hypervisor bit and KVM's leaves."""
         probe = vcpu.core.probe
         leaf = probe.gpr(0) & 0xFFFFFFFF
@@ -547,7 +564,7 @@ class KvmL0:
             probe.set_gpr(n, val)
         vcpu.skip_instruction()
 
-    def h_task_switch(self, vcpu, d, event):
+    def h_task_switch(self, vcpu):
         """TASK_SWITCH: KVM emulates the task switch (handle_task_switch, then
         kvm_task_switch), reading and writing the GDT and both TSSs through its
         own MMU.  Here the platform performs it: the switch of a far JMP/CALL or
@@ -567,8 +584,10 @@ class KvmL0:
         new CR3's PDPTEs at its first walk after the switch.)  A fault in the
         switch is injected into the guest."""
         core = vcpu.core
-        tss_selector = d.qualification & 0xFFFF
-        if d.qualification >> 30 & 3 == 3:
+        q = vcpu.vmcs.vmread(_QUALIFICATION)
+        tss_selector = q & 0xFFFF
+        event = None                    # the exiting instruction (far JMP/CALL, IRET)
+        if q >> 30 & 3 == 3:
             v = vcpu.vmcs
             vinfo = v.get(F.IDT_VECTORING_INFO_FIELD)
             itype = vinfo & C.VECTORING_INFO_TYPE_MASK
@@ -648,26 +667,26 @@ class KvmL0:
                                layout.width))
         return ranges, new_cr3
 
-    def h_hlt(self, vcpu, d, event):
+    def h_hlt(self, vcpu):
         """HLT: KVM blocks the vCPU until an interrupt is pending for it."""
         vcpu.skip_instruction()
         if self.deliverable(vcpu) is not None:
             return                                # something to inject: re-enter at once
         vcpu.blocked = True
         vcpu.core.state = State.HALTED
-        if vcpu.core._in_run:
+        if vcpu.core.in_run:
             vcpu.core.request_stop("halt")
 
-    def h_native(self, vcpu, d, event):
+    def h_native(self, vcpu):
         """I/O and MOV DR: the platform executes the instruction."""
-        vcpu.emulate_on_platform(event)
+        vcpu.emulate_on_platform()
 
-    def h_msr(self, vcpu, d, event):
+    def h_msr(self, vcpu):
         """RDMSR/WRMSR: KVM's paravirtual MSRs here; IA32_TSC with the TSC offset;
         everything else on the platform (x2APIC on the physical local APIC)."""
         probe = vcpu.core.probe               # (the guest's GPRs, straight from the engine)
         index = probe.gpr(1) & 0xFFFFFFFF
-        write = d.reason == ER.MSR_WRITE
+        write = vcpu.vmcs.vmread(_EXIT_REASON) & ER.BASIC_REASON_MASK == ER.MSR_WRITE
         if index in (MSR_KVM_APIC_MAPS, MSR_KVM_DEVIRT):
             if not write:
                 vcpu.inject(13, C.INTR_TYPE_HARD_EXCEPTION, 0)
@@ -695,17 +714,17 @@ class KvmL0:
             probe.set_gpr(2, t >> 32)
             vcpu.skip_instruction()
             return
-        vcpu.emulate_on_platform(event)
+        vcpu.emulate_on_platform()
         if write and index == MSR_IA32_APICBASE:
             self.set_virtual_apic_mode(vcpu)      # kvm_lapic_set_base on a mode change
 
-    def h_cr_access(self, vcpu, d, event):
+    def h_cr_access(self, vcpu):
         """MOV to/from CR0/CR3/CR4/CR8, CLTS, LMSW (KVM's handle_cr)."""
         v = vcpu.vmcs
         core = vcpu.core
         uc = core.uc
         uc_reg = core.probe.reg
-        q = d.qualification
+        q = v.vmread(_QUALIFICATION)
         cr, access, gpr = q & 0xF, (q >> 4) & 3, (q >> 8) & 0xF
         if access == 0:                                   # MOV to CR
             val = uc_reg(GPR_IDS[gpr])
@@ -810,7 +829,7 @@ class KvmL0:
             page = gpa & ~0xFFF
             self.ept.map(page, page, 4096, rights=7, memory_type=C.MEMTYPE_WB)
 
-    def h_ept_violation(self, vcpu, d, event):
+    def h_ept_violation(self, vcpu):
         """EPT violation (KVM's handle_ept_violation and its TDP page fault): map
         the guest-physical page, identity, read/write/execute, write-back: the
         whole aligned 2 MiB with one large page when all of it is guest RAM and
@@ -824,17 +843,17 @@ class KvmL0:
         mapped already, ends the run with a guest error; the APIC-access page
         (guest-physical 0xFEE00000) is mapped like RAM, as KVM maps its page
         behind that address (a private memslot)."""
-        gpa = d.guest_physical_address or 0
+        v = vcpu.vmcs
+        gpa, q = v.vmread(_GUEST_PHYSICAL_ADDRESS), v.vmread(_QUALIFICATION)
         if gpa >= self.guest_ram and gpa & ~0xFFF != APIC_ACCESS_PAGE_GPA:
             self._fatal(vcpu, f"EPT violation at GPA {gpa:#x}, outside the guest's RAM "
-                              f"(qualification {d.qualification:#x})")
+                              f"(qualification {q:#x})")
             return
         if self.ept.leaf(gpa) is not None:
             self._fatal(vcpu, f"EPT violation at GPA {gpa:#x} on a page the L0 has mapped "
-                              f"(qualification {d.qualification:#x})")
+                              f"(qualification {q:#x})")
             return
         self._ept_map(gpa)
-        v = vcpu.vmcs
         vinfo = v.get(F.IDT_VECTORING_INFO_FIELD)
         if vinfo & C.VECTORING_INFO_VALID_MASK:
             itype = vinfo & C.VECTORING_INFO_TYPE_MASK
@@ -842,25 +861,26 @@ class KvmL0:
                 ec = v.get(F.IDT_VECTORING_ERROR_CODE) \
                     if vinfo & C.VECTORING_INFO_DELIVER_CODE_MASK else None
                 vcpu.inject(vinfo & C.VECTORING_INFO_VECTOR_MASK, itype, ec)
-        elif d.qualification & C.INTR_INFO_UNBLOCK_NMI:
+        elif q & C.INTR_INFO_UNBLOCK_NMI:
             v.set(F.GUEST_INTERRUPTIBILITY_INFO,
                   v.get(F.GUEST_INTERRUPTIBILITY_INFO) | C.GUEST_INTR_STATE_NMI)
 
-    def h_ept_misconfig(self, vcpu, d, event):
+    def h_ept_misconfig(self, vcpu):
         """EPT misconfiguration: KVM uses misconfigured entries to catch MMIO and
         emulates the access; this L0 builds none and emulates no MMIO, so one is
         a guest error that ends the run."""
-        self._fatal(vcpu, f"EPT misconfiguration at GPA {d.guest_physical_address or 0:#x}: "
-                          f"{'; '.join(map(str, d.cause))}")
+        gpa = vcpu.vmcs.vmread(_GUEST_PHYSICAL_ADDRESS)
+        why = vcpu.last_exit.cause if vcpu.last_exit is not None else ()   # (the explanation)
+        self._fatal(vcpu, f"EPT misconfiguration at GPA {gpa:#x}: {'; '.join(map(str, why))}")
 
-    def h_tpr_below_threshold(self, vcpu, d, event):
+    def h_tpr_below_threshold(self, vcpu):
         """TPR below threshold (trap-like: RIP is already past the instruction).
         KVM's handler only updates the PPR from the new TPR; the interrupt then
         deliverable is injected at the next entry.  Here the exit has already
-        copied the new TPR into the physical APIC and :meth:`before_entry`
+        copied the new TPR into the physical APIC and :meth:`prepare_entry`
         re-evaluates the virtual IRR against it: nothing else to do."""
 
-    def h_apic_access(self, vcpu, d, event):
+    def h_apic_access(self, vcpu):
         """APIC access (fault-like: the instruction has not run).  KVM emulates
         the instruction against its software APIC (``handle_apic_access``; an EOI
         write is its fast path).  Here the platform runs the instruction once
@@ -871,24 +891,30 @@ class KvmL0:
         as an exiting x2APIC EOI does).  Accesses during event delivery and
         instruction fetches, which KVM's emulator cannot perform, end the run
         with a guest error (KVM reports an emulation failure)."""
-        q = d.qualification
+        v = vcpu.vmcs
+        q = v.vmread(_QUALIFICATION)
         offset, atype = q & 0xFFF, (q >> 12) & 0xF
-        rip = vcpu.vmcs.get(F.GUEST_RIP)
-        if atype not in (XI.APIC_ACCESS_LINEAR_READ, XI.APIC_ACCESS_LINEAR_WRITE) or event is None:
+        rip = v.get(F.GUEST_RIP)
+        # (KVM's emulator decodes the instruction at RIP for its operand size)
+        access = vcpu.core.memory_access_at_rip()
+        size = access[0] if access is not None else None
+        if atype not in (XI.APIC_ACCESS_LINEAR_READ, XI.APIC_ACCESS_LINEAR_WRITE) or size is None \
+                or access[1] in _STRING_IO:
             kind = _APIC_ACCESS_TYPE_NAMES.get(atype, f"access type {atype}")
+            if size is None or access[1] in _STRING_IO:
+                kind += ", by an instruction the emulator does not take"
             self._fatal(vcpu, f"APIC-access exit ({kind}, APIC-page offset {offset:#x}) at RIP "
                               f"{rip:#x}: emulation failure, the L0 (as KVM) cannot emulate it")
             return
-        page = event.extra["gpa"] & ~0xFFF
-        size = event.extra.get("size", 4)
+        page = v.vmread(_APIC_ACCESS_ADDR) & ~0xFFF
         try:
-            if atype == XI.APIC_ACCESS_LINEAR_READ:
-                window = (offset, self.apic_mmio_read(vcpu, offset, size))
-                step = vcpu.step_watched_on_platform(page, window)
-                write = step.denied            # the write of a read-modify-write, or None
-            else:
-                window, write = None, PageAccess(event.extra["gpa"], "write", size,
-                                                 event.extra["value"])
+            # run it once: a read of the page sees the APIC's registers; a write (the
+            # exit's access, or the write of a read-modify-write) stops it, and shows
+            # what it writes
+            window = (offset, self.apic_mmio_read(vcpu, offset, size)) \
+                if atype == XI.APIC_ACCESS_LINEAR_READ else None
+            step = vcpu.step_watched_on_platform(page, window)
+            write = step.denied
             if write is not None:
                 if write.access != "write":
                     raise ValueError(f"a {write.access} of the APIC-access page in the same "

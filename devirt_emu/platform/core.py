@@ -74,6 +74,7 @@ from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib  # (see _add_site_hook)
 
 from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
+from ..virt import Delivery, EventType
 from . import cpuid as cpuid_model
 from . import tasks
 from .delivery import LegacyDelivery
@@ -146,13 +147,9 @@ _KIND_NAMES = {k: k.value for k in Kind}
 #: 0.3 us on CPython 3.11 (EnumType.__getattr__ puts every lookup on the slow path).
 _KIND_IN, _KIND_TASK_SWITCH = Kind.IN, Kind.TASK_SWITCH
 
-# Interruption types (SDM "Format of the VM-Exit Interruption-Information Field").
-INTR_TYPE_EXT_INTR, INTR_TYPE_NMI, INTR_TYPE_HARD_EXCEPTION = 0, 2, 3
-INTR_TYPE_SOFT_INTR, INTR_TYPE_PRIV_SW_EXCEPTION, INTR_TYPE_SOFT_EXCEPTION = 4, 5, 6
-
-#: Interruption types of the software events the core delivers (INT1 is 5, privileged).
-_SOFT_EVENT_TYPE = {Kind.INT: INTR_TYPE_SOFT_INTR, Kind.INT3: INTR_TYPE_SOFT_EXCEPTION,
-                    Kind.INTO: INTR_TYPE_SOFT_EXCEPTION}
+#: Event types of the software events the core delivers (INT1 is privileged).
+_SOFT_EVENT_TYPE = {Kind.INT: EventType.SOFTWARE_INTERRUPT, Kind.INT3: EventType.SOFTWARE_EXCEPTION,
+                    Kind.INTO: EventType.SOFTWARE_EXCEPTION}
 
 # Exception classes for the double-fault rule (SDM "Conditions for Generating a Double Fault").
 _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
@@ -260,8 +257,8 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self._skip_once = -1
         self._in_run = False
         self._counted = True           # the current run counts instructions exactly
-        self._delivering = None        # (vector, interruption type, error code) being delivered
-        self._soft_insn: Insn | None = None   # the INT n / INT3 / INT1 being delivered
+        #: The event whose delivery through the IDT is in progress (see deliver_exception).
+        self.delivering: Delivery | None = None
         self.cr2 = 0                   # CR2 as the architecture has it (see _on_intr)
         self.free_running = False      # fast mode: the scheduler lets this core run uncounted
         self._extra_ns = 0             # virtual time beyond 1 ns per instruction (PAUSE)
@@ -862,9 +859,26 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self._handlers[event.kind](event.rip, event.insn)
 
     def request_stop(self, reason: str) -> None:
-        """From a hook: stop the engine after the current instruction is dealt with."""
+        """From a hook: stop the engine after the current instruction is dealt with.
+        Between engine runs the reason still ends the current :meth:`run`."""
         self._stop_reason = reason
         self.uc.emu_stop()
+
+    @property
+    def in_run(self) -> bool:
+        """Is the engine running (the caller is a hook or a callback inside it)?"""
+        return self._in_run
+
+    def cancel_retirement(self) -> None:
+        """The instruction whose hook is running does not retire (a layer above
+        took a VM exit for it and will not complete it): it is not counted."""
+        if self._in_run:
+            self._uncount += 1
+
+    def set_cr2(self, value: int) -> None:
+        """CR2 as the architecture has it (a hypervisor re-injecting a #PF)."""
+        self.uc.reg_write(X.UC_X86_REG_CR2, value)
+        self.cr2 = value
 
     # ------------------------------------------------------------------ hooks
     def _add_site_hook(self, addr: int, insn: Optional[Insn], by_mode: dict) -> int:
@@ -910,7 +924,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         kind = insn.kind
         if kind in TASK_SWITCH_INSNS and self._task_switch_insn(address, insn):
             return          # an ordinary far JMP/CALL (Unicorn's), or a task-switch attempt
-        self._count(kind)
+        self.count(kind)
         self._run_events += 1
         timed = not self._counted           # fast mode estimates time from the hooks' share
         if timed:
@@ -997,7 +1011,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
 
     # ------------------------------------------------------------------ LAPIC MMIO
     def _mmio_read(self, uc, offset, size, data):
-        self._count(Kind.APIC_ACCESS)
+        self.count(Kind.APIC_ACCESS)
         try:
             return self.lapic.mmio_read(offset, size)
         except GeneralProtection:
@@ -1013,13 +1027,14 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             self._uncount += 1
             self.request_stop("step")
             return
-        self._count(Kind.APIC_ACCESS)
+        self.count(Kind.APIC_ACCESS)
         try:
             self.lapic.mmio_write(offset, size, value)
         except GeneralProtection:
             pass
 
-    def _count(self, kind: Kind) -> None:
+    def count(self, kind: Kind) -> None:
+        """Count one event of ``kind`` (the run's ``events`` summary)."""
         name = _KIND_NAMES[kind]
         self.events[name] = self.events.get(name, 0) + 1
 
@@ -1241,7 +1256,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         if not fl & RFLAGS_IF:
             uc.reg_write(X.UC_X86_REG_EFLAGS, fl | RFLAGS_IF)
             self.shadow_at = self.retired_now() + 1
-            if self._interrupt_wanted():
+            if self.interrupt_wanted():
                 self.request_stop("check")
 
     def _require_iopl(self):
@@ -1268,9 +1283,8 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         kind = insn.kind
         if kind is Kind.INT:
             self._check_v86_int()         # IOPL-sensitive in virtual-8086 mode: #GP(0)
-        itype = _SOFT_EVENT_TYPE.get(kind, INTR_TYPE_PRIV_SW_EXCEPTION)
-        self._delivering = (insn.vector, itype, None)
-        self._soft_insn = insn
+        etype = _SOFT_EVENT_TYPE.get(kind, EventType.PRIVILEGED_SOFTWARE_EXCEPTION)
+        self.delivering = Delivery(insn.vector, etype, None, insn)
         try:
             self.deliver_event(insn.vector, None, address + insn.length, soft=kind is not Kind.INT1)
         except _Fault as f:
@@ -1280,8 +1294,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             self._uncount += 1
             self.deliver_exception(f.vector, f.error_code, f.cr2)
         finally:
-            self._delivering = None
-            self._soft_insn = None
+            self.delivering = None
 
     def _h_into(self, address, insn):
         """INTO (outside 64-bit mode, where it is not decoded as INTO): #OF, delivered
@@ -1312,10 +1325,10 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         """Deliver a fault at the current RIP, applying the #DF and triple-fault rules
         (a VMX layer first decides, by the exception bitmap, whether it exits).
 
-        While an event is being delivered, ``_delivering`` describes it, so that a VM
-        exit caused by a fault during its delivery reports it as IDT-vectoring
-        information (SDM "Information for VM Exits During Event Delivery")."""
-        outer = self._delivering
+        While an event is being delivered, :attr:`delivering` describes it, so that a
+        VM exit caused by a fault during its delivery reports it (VMX: as IDT-vectoring
+        information, SDM "Information for VM Exits During Event Delivery")."""
+        outer = self.delivering
         real_mode = not self.probe.cr(0) & 1        # where exceptions push no error code
         try:
             while True:
@@ -1327,7 +1340,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
                     if cr2 is not None:
                         self.uc.reg_write(X.UC_X86_REG_CR2, cr2)
                         self.cr2 = cr2
-                    self._delivering = (vector, INTR_TYPE_HARD_EXCEPTION, error_code)
+                    self.delivering = Delivery(vector, EventType.HARDWARE_EXCEPTION, error_code)
                     self.deliver_event(vector, error_code, self.rip(), exception=True)
                     return
                 except AccessAborted:
@@ -1342,19 +1355,33 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
                     else:
                         vector, error_code, cr2 = f.vector, f.error_code, f.cr2
         finally:
-            self._delivering = outer
+            self.delivering = outer
 
-    def vectoring_info(self) -> tuple[int, int]:
-        """(IDT-vectoring information, its error code) for a VM exit now: valid while
-        an event's delivery is under way, else (0, 0)."""
-        d = self._delivering
-        if d is None:
-            return 0, 0
-        vector, itype, ec = d
-        return (1 << 31) | (itype << 8) | vector | ((ec is not None) << 11), ec or 0
+    def inject_event(self, vector: int, etype: EventType, error_code: int | None,
+                     return_rip: int) -> None:
+        """Deliver an event a layer above injects (VM entry's event injection):
+        through the IDT now, as :attr:`delivering` while it is delivered (so that a
+        VM exit during it reports it), with the #DF and triple-fault rules for a
+        fault on the way.  ``return_rip`` is the linear address the frame returns to
+        (past the instruction, for a software event).  Wakes a halted core."""
+        if self.state is State.HALTED:
+            self.state = State.RUNNING
+        outer = self.delivering
+        self.delivering = Delivery(vector, etype, error_code)
+        try:
+            self.deliver_event(vector, error_code, return_rip,
+                               exception=etype is EventType.HARDWARE_EXCEPTION,
+                               soft=etype in (EventType.SOFTWARE_INTERRUPT,
+                                              EventType.SOFTWARE_EXCEPTION))
+        except _Fault as f:
+            self.deliver_exception(f.vector, f.error_code, f.cr2)
+        except AccessAborted:
+            pass            # the delivery ended in a VM exit, taken
+        finally:
+            self.delivering = outer
 
     def triple_fault(self) -> None:
-        self._count(Kind.TRIPLE_FAULT)
+        self.count(Kind.TRIPLE_FAULT)
         if self.virt is not None and self.virt.on_event(
                 self, Event(Kind.TRIPLE_FAULT, self.index, self.rip(), regs=self.lazy_regs())):
             return
@@ -1448,7 +1475,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         if vector == 2 and not soft:
             self.nmi_blocked = True
         if exception:
-            self._count(Kind.EXCEPTION)
+            self.count(Kind.EXCEPTION)
             if self.trace is not None:
                 self.trace(self, Event(Kind.EXCEPTION, self.index, return_rip, vector=vector,
                                        error_code=error_code))
@@ -1461,7 +1488,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         the entry may have made another boundary event due at once (a
         VMX-preemption timer loaded with 0, a TPR-below-threshold exit)."""
         lapic = self.lapic
-        if self.icount == self.shadow_at and self.state is State.RUNNING and self._interrupt_wanted():
+        if self.icount == self.shadow_at and self.state is State.RUNNING and self.interrupt_wanted():
             # interrupt shadow (STI, MOV SS): the next instruction runs first
             for _ in range(3):          # a fetch fault or a hook's stop retires nothing
                 self._stop_reason = None
@@ -1473,11 +1500,11 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         if self.virt is not None and self.virt.boundary(self):
             return True
         if lapic.take_init():
-            self._count(Kind.INIT)
+            self.count(Kind.INIT)
             self.do_init()
         vec = lapic.take_sipi()
         if vec is not None:
-            self._count(Kind.SIPI)
+            self.count(Kind.SIPI)
             if self.state is State.WAIT_SIPI:
                 self.do_sipi(vec)
         if self.state in (State.WAIT_SIPI, State.SHUTDOWN):
@@ -1485,14 +1512,14 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         if self.icount == self.shadow_at:
             return False
         if not self.nmi_blocked and lapic.take_nmi():
-            self._count(Kind.NMI)
+            self.count(Kind.NMI)
             self._wake()
             self._deliver_external(2, nmi=True)
             return False
         if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF:
             vec = lapic.pending_vector()
             if vec is not None:
-                self._count(Kind.INTERRUPT)
+                self.count(Kind.INTERRUPT)
                 if self.virt is not None and self.virt.on_event(
                         self, Event(Kind.INTERRUPT, self.index, self.rip(), vector=vec)):
                     return True
@@ -1501,7 +1528,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
                 self._deliver_external(vec)
         return False
 
-    def _interrupt_wanted(self) -> bool:
+    def interrupt_wanted(self) -> bool:
         """Is something waiting for an interrupt window (pending interrupt or NMI,
         or a VMX interrupt/NMI-window exit)?"""
         lapic = self.lapic
@@ -1514,7 +1541,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             self.state = State.RUNNING
 
     def _deliver_external(self, vector: int, nmi: bool = False) -> None:
-        self._delivering = (vector, INTR_TYPE_NMI if nmi else INTR_TYPE_EXT_INTR, None)
+        self.delivering = Delivery(vector, EventType.NMI if nmi else EventType.EXTERNAL_INTERRUPT)
         try:
             self.deliver_event(vector, None, self.rip())
             if self.trace is not None:
@@ -1525,7 +1552,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         except AccessAborted:
             pass            # the delivery ended in a VM exit (taken)
         finally:
-            self._delivering = None
+            self.delivering = None
 
     def next_event_ns(self) -> int | None:
         """The earliest timer expiry for this core: its LAPIC's, or a VMX layer's."""
@@ -1563,7 +1590,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self.tsc_offset = self.tsc_adjust = 0
         self.markers.clear()
         self.cr2 = self.probe.reg(X.UC_X86_REG_CR2)
-        self._delivering = None
+        self.delivering = None
         self._skip_once = -1
         self._last_fetch_fault, self._last_fetch_icount = None, -1
         self._pending_rearm = self._rearm_after_step = False

@@ -24,9 +24,6 @@ from .paging import PageFault, UnsupportedPaging
 from .rflags import RFLAGS_NT, RFLAGS_VM
 from .ucinternals import ENV_GDT, HF_LMA, HF_PE
 
-#: Interruption types of software events (INT n 4, INT1 5, INT3/INTO 6: the core's
-#: INTR_TYPE_SOFT_INTR, INTR_TYPE_PRIV_SW_EXCEPTION and INTR_TYPE_SOFT_EXCEPTION).
-_SOFTWARE_TYPES = frozenset({4, 5, 6})
 CR0_TS, CR0_PG = 1 << 3, 1 << 31
 #: DR7 L0-L3: the local breakpoint enables a task switch clears.
 DR7_LOCAL_ENABLES = 0x55
@@ -83,7 +80,7 @@ class TaskSwitching:
                 self._step_then_check(address)
                 self._rearm_after_step = True
                 return True
-            self._count(Kind.TASK_SWITCH)
+            self.count(Kind.TASK_SWITCH)
             self._run_events += 1
             event = Event(Kind.TASK_SWITCH, self.index, address, insn, regs=self.lazy_regs(),
                           extra={"tss_selector": tss_selector,
@@ -141,11 +138,10 @@ class TaskSwitching:
             raise _Fault(f.vector, f.error_code) from None
         except PageFault as pf:
             raise _Fault(14, pf.error_code, pf.linear) from None
-        self._count(Kind.TASK_SWITCH)
+        self.count(Kind.TASK_SWITCH)
         self._run_events += 1
-        d = self._delivering
-        software = d is not None and d[1] in _SOFTWARE_TYPES
-        insn = self._soft_insn if software else None     # the INT n / INT3 / INTO / INT1 delivered
+        d = self.delivering
+        insn = d.insn if d is not None else None     # the INT n / INT3 / INTO / INT1 delivered
         event = Event(Kind.TASK_SWITCH, self.index, self.rip(), insn, vector=vector,
                       error_code=error_code, regs=self.lazy_regs(),
                       extra={"tss_selector": tss_selector, "task_switch_source": "IDT"})

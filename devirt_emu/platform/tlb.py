@@ -150,6 +150,18 @@ def instruction_length(code: bytes, mode: int) -> int | None:
     return None
 
 
+def memory_access(code: bytes, mode: int) -> tuple[int, str] | None:
+    """(size in bytes of its memory operand, mnemonic) of the instruction at the
+    start of ``code`` (``mode`` 16, 32 or 64); None if it is undecodable or has
+    no memory operand.  What an emulator decodes to emulate an MMIO access."""
+    for insn in _disassembler(mode).disasm(code, 0, 1):
+        for op in insn.operands:
+            if op.type == 3:                    # X86_OP_MEM
+                return op.size, insn.mnemonic.split()[-1]
+        return None
+    return None
+
+
 def read_modify_write(code: bytes, mode: int) -> bool:
     """Does the instruction at the start of ``code`` (``mode`` 16, 32 or 64) read
     and write one memory operand (ADD [m], r; INC [m]; XCHG; CMPXCHG...)?  Such
@@ -387,7 +399,7 @@ class VirtualTlb:
         # ends, and ctl_remove_cache) and a refusal there is not the guest's:
         # only an access made while the core runs, and for a fetch only one of
         # RIP's page or the next, may be refused.
-        guest = self.core._in_run and (
+        guest = self.core.in_run and (
             access != ACC_FETCH or ((vaddr - ((p.segment(1)[1] + p.eip()) & ~0xFFF)) & _U64_MASK) in (0, 0x1000))
         if not guest and vaddr in self._placeholders:
             return self._placeholder(vaddr, entry)     # (measured: asked again after every run)
@@ -544,6 +556,12 @@ class SecondStage:
         """Length of the instruction at RIP (None if it cannot be read or decoded)."""
         code = self._bytes_at_rip()
         return None if code is None else instruction_length(code, self.code_size())
+
+    def memory_access_at_rip(self) -> tuple[int, str] | None:
+        """The memory access of the instruction at RIP: (operand size, mnemonic),
+        None if it cannot be read or decoded or has no memory operand."""
+        code = self._bytes_at_rip()
+        return None if code is None else memory_access(code, self.code_size())
 
     def _rmw_at_rip(self) -> bool:
         """Is the instruction at RIP a read-modify-write of memory?"""

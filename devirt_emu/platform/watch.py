@@ -171,7 +171,7 @@ class PageWatching:
             return None
         access = PageAccess(pa, "read" if data is None else "write", n,
                             None if data is None else int.from_bytes(data, "little"),
-                            platform=True, during_delivery=self._delivering is not None,
+                            platform=True, during_delivery=self.delivering is not None,
                             linear=linear)
         got = watcher(self, access)
         if data is None and got is not None and len(got) != n:

@@ -132,6 +132,7 @@ from ..asm import AsmError, assemble
 from ..events import GPR_NAMES, Kind
 from ..platform import longmode
 from ..platform.core import GPR_IDS, GuestError, State
+from ..virt import Hypervisor
 from ..vmx import capabilities as caps
 from ..vmx import controls as C
 from ..vmx import exit_reasons
@@ -492,7 +493,7 @@ class CaseResult:
 
 
 # --------------------------------------------------------------------------- the L0 of a case
-class _RecordingL0:
+class _RecordingL0(Hypervisor):
     """An L0 that takes the first VM exit (or VM-entry failure) and ends the run."""
 
     def __init__(self, machine):
@@ -500,7 +501,7 @@ class _RecordingL0:
         self.exit: Optional[CaseExit] = None
         self.failure: Optional[EntryFailure] = None
 
-    def before_entry(self, vcpu) -> None:
+    def prepare_entry(self, vcpu) -> None:
         pass
 
     def wants_entry(self, vcpu) -> bool:
@@ -515,22 +516,19 @@ class _RecordingL0:
     def entry_failed(self, vcpu, failure: EntryFailure) -> None:
         self.failure = failure
         self.machine.finish("pass", f"VM entry failed: {failure}")
-        if vcpu.core._in_run:
+        if vcpu.core.in_run:
             vcpu.core.request_stop("exit")
 
-    def handle_exit(self, vcpu, d: Decision, event) -> None:
+    def handle_exit(self, vcpu) -> None:
+        d = vcpu.last_exit             # (the rule's cause, for the result's explanation)
         if self.exit is None:
             self.exit = _exit_from(vcpu, d)
         self.machine.finish("pass", f"VM exit {d.name}")
-        core = vcpu.core
-        if core._in_run and event is not None and event.insn is not None \
-                and event.kind is not Kind.EXCEPTION:
-            # the exiting instruction did not execute: the core must not count it
-            # as retired (it does count an instruction its hook handled)
-            core._uncount += 1
+        # the exiting instruction does not execute: it does not retire
+        vcpu.abandon_exiting_instruction()
         # stop the core, also when the exit was found between engine runs (an EPT
         # violation or a fault the engine reported): the run loop checks this
-        core.request_stop("exit")
+        vcpu.core.request_stop("exit")
 
 
 def _exit_from(vcpu, d: Decision) -> CaseExit:

@@ -68,6 +68,7 @@ from typing import NamedTuple, Optional
 from unicorn import x86_const as X
 
 from ..events import Event, Kind
+from ..virt import SOFTWARE_EVENT_TYPES, Delivery, EventType, VirtualizationLayer
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, flags_to_ar
 from ..platform.memory import PhysicalAccessError
 from ..platform.tlb import AccessAborted
@@ -173,6 +174,7 @@ _tuple_new = tuple.__new__
 # Enum members used on every exit, bound once (an Enum class attribute costs about
 # 0.3 us on CPython 3.11: see vmx/rules.py).
 _PAUSE, _TRAP, _KIND_VM_EXIT = Kind.PAUSE, Timing.TRAP, Kind.VM_EXIT
+_KIND_TASK_SWITCH, _KIND_EXCEPTION = Kind.TASK_SWITCH, Kind.EXCEPTION
 _WAIT_SIPI, _SHUTDOWN = State.WAIT_SIPI, State.SHUTDOWN     # (no TPR-threshold exit there)
 _TPR_THRESHOLD = int(F.TPR_THRESHOLD)
 _U64 = struct.Struct("<Q")
@@ -189,9 +191,30 @@ _APIC_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_E
 PTIMER_RATE = VMX_CAPABILITY_MSRS[MSR_IA32_VMX_MISC] & 0x1F
 MSR_EFER = 0xC0000080
 _EPT_CAPS = EptCaps.modelled()
-#: Interruption types (bits 10:8) of software interrupts and exceptions: 4, 5, 6.
-_SOFTWARE_EVENT_TYPES = frozenset(t >> 8 for t in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_PRIV_SW_EXCEPTION,
-                                                   C.INTR_TYPE_SOFT_EXCEPTION))
+#: The neutral event types of the seam (virt.EventType) as VMX interruption types
+#: (bits 10:8 of the interruption-information fields), and back.
+_VMX_INTR_TYPE = {
+    EventType.EXTERNAL_INTERRUPT: C.INTR_TYPE_EXT_INTR, EventType.NMI: C.INTR_TYPE_NMI_INTR,
+    EventType.HARDWARE_EXCEPTION: C.INTR_TYPE_HARD_EXCEPTION,
+    EventType.SOFTWARE_INTERRUPT: C.INTR_TYPE_SOFT_INTR,
+    EventType.PRIVILEGED_SOFTWARE_EXCEPTION: C.INTR_TYPE_PRIV_SW_EXCEPTION,
+    EventType.SOFTWARE_EXCEPTION: C.INTR_TYPE_SOFT_EXCEPTION,
+}
+_EVENT_TYPE_OF = {vmx: neutral for neutral, vmx in _VMX_INTR_TYPE.items()}
+
+
+def idt_vectoring_info(d: Optional[Delivery]) -> tuple[int, int]:
+    """(IDT-vectoring information, its error code) for a VM exit during the
+    delivery of ``d`` (SDM "Information for VM Exits During Event Delivery"):
+    valid, the event's vector and type, whether it delivers an error code;
+    (0, 0) when no delivery is in progress."""
+    if d is None:
+        return 0, 0
+    ec = d.error_code
+    info = C.VECTORING_INFO_VALID_MASK | _VMX_INTR_TYPE[d.type] | d.vector
+    if ec is not None:
+        info |= C.VECTORING_INFO_DELIVER_CODE_MASK
+    return info, ec or 0
 
 
 class TrackedVmcs(Vmcs):
@@ -351,8 +374,9 @@ class ExitRecord(NamedTuple):
                 "in_window": self.in_window}
 
 
-class VmxVcpu:
-    """The VMX side of one core (its ``core.virt``)."""
+class VmxVcpu(VirtualizationLayer):
+    """The VMX side of one core (its ``core.virt``): the virtualization layer of
+    :mod:`devirt_emu.virt` for VMX non-root operation."""
 
     def __init__(self, core, vmcs_pa: int, l0, caps: EntryCaps | None = None,
                  record=None):
@@ -369,7 +393,10 @@ class VmxVcpu:
         self._entry_icount = 0
         self._ptimer_deadline: Optional[int] = None   # VMX-preemption timer, virtual ns
         self._timer_controls: Optional[tuple] = None  # (MTF, preemption timer) at the last entry
+        #: The rule's decision of the last VM exit (traces and explanations only: the
+        #: L0 reads the exit information from the VMCS).
         self.last_exit: Optional[Decision] = None
+        self._exit_event: Optional[Event] = None   # the event of the last exit (the emulator's)
         self.last_failure: Optional[EntryFailure] = None
         self.read_mem = self.mem.read
         self._apic_page: Optional[int] = None      # the APIC-access page the core watches
@@ -545,7 +572,7 @@ class VmxVcpu:
         the TPR-threshold check while TPR_THRESHOLD is not 0, a TLB flush
         without VPID, the MTF and the preemption timer)."""
         v = self.vmcs
-        self.l0.before_entry(self)
+        self.l0.prepare_entry(self)
         written = v.written
         if launch or written or v.launch_state != "launched":
             failure = self._entry_checks(launch)
@@ -662,30 +689,18 @@ class VmxVcpu:
         itype = info & C.INTR_INFO_INTR_TYPE_MASK
         ec = v.get(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if info & C.INTR_INFO_DELIVER_CODE_MASK else None
         core = self.core
+        etype = _EVENT_TYPE_OF[itype]
         rip = core.rip()
-        soft = itype in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_SOFT_EXCEPTION, C.INTR_TYPE_PRIV_SW_EXCEPTION)
-        if soft:
+        if etype in SOFTWARE_EVENT_TYPES:
             rip += v.get(F.VM_ENTRY_INSTRUCTION_LEN)
-        if core.state is State.HALTED:
-            core.state = State.RUNNING
         # a VM exit during the delivery (an EPT violation on the stack, a fault the
         # exception bitmap takes) reports the injected event as IDT-vectoring information
-        outer = core._delivering
-        core._delivering = (vector, itype >> 8, ec)
-        try:
-            core.deliver_event(vector, ec, rip, exception=itype == C.INTR_TYPE_HARD_EXCEPTION,
-                               soft=itype in (C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_SOFT_EXCEPTION))
-        except _Fault as f:
-            core.deliver_exception(f.vector, f.error_code, f.cr2)
-        except AccessAborted:
-            pass            # the delivery ended in a VM exit, taken
-        finally:
-            core._delivering = outer
+        core.inject_event(vector, etype, ec, rip)
 
     # ------------------------------------------------------------------ VM exit
     def _write_exit_info(self, d: Decision, reason_field: int) -> None:
         """The exit-information fields, as the processor writes them."""
-        vinfo, vec_ec = self.core.vectoring_info()
+        vinfo, vec_ec = idt_vectoring_info(self.core.delivering)
         self.vmcs.store_exit_info(d, reason_field, vinfo, vec_ec)
 
     def _log(self, d: Decision, rip: int, entry_failure: bool = False) -> None:
@@ -711,12 +726,13 @@ class VmxVcpu:
         if core.probe.hflags() & HF_LMA != self._lma_saved:
             self._save_ia32e_mode()     # the rest of the guest state stays in the engine
         self._log(d, rip)
-        core._count(_KIND_VM_EXIT)
+        core.count(_KIND_VM_EXIT)
         if core.trace is not None:
             core.trace(core, Event(Kind.VM_EXIT, core.index, rip,
                                    extra={"reason": d.reason, "name": d.name,
                                           "qualification": d.qualification}))
-        self.l0.handle_exit(self, d, event)
+        self._exit_event = event
+        self.l0.handle_exit(self)
         if not self.active and self.l0.wants_entry(self):
             self.vm_entry()
 
@@ -766,8 +782,8 @@ class VmxVcpu:
         if not self.active:
             return False
         length = None
-        delivering = core._delivering
-        if delivering is not None and delivering[1] in _SOFTWARE_EVENT_TYPES:
+        delivering = core.delivering
+        if delivering is not None and delivering.software:
             length = core.instruction_length_at_rip()     # INT n, INT3, INTO, INT1
         d = ept_exit_decision(fault.info, in_64bit_mode=bool(core.probe.hflags() & HF_CS64),
                               nmi_unblocked_by_iret=core.iret_unblocked_nmi,
@@ -805,10 +821,16 @@ class VmxVcpu:
         v.set(F.VM_ENTRY_INTR_INFO_FIELD, info)
         v.set(F.VM_ENTRY_INSTRUCTION_LEN, length)
 
-    def emulate_on_platform(self, event: Event) -> None:
+    def emulate_on_platform(self, event: Optional[Event] = None) -> None:
         """Let the platform execute the exiting instruction (the L0's emulation of
-        I/O, MSRs and the like) on the guest state the engine holds (guest-state
+        I/O, MSRs and the like; ``event``: another event to perform, e.g. a task
+        switch the L0 emulates) on the guest state the engine holds (guest-state
         fields the L0 wrote before are loaded into it first)."""
+        if event is None:
+            event = self._exit_event
+            if event is None or event.insn is None and event.kind is not _KIND_TASK_SWITCH:
+                raise GuestError(f"core {self.core.index}: the L0 asked to emulate the exiting "
+                                 "instruction of an exit that has none")
         v = self.vmcs
         if v.written:
             self.load_guest_state()
@@ -817,6 +839,13 @@ class VmxVcpu:
         finally:
             v.engine_holds()            # (again; also when the platform raised: the engine
                                         # may have changed)
+
+    def abandon_exiting_instruction(self) -> None:
+        """The hypervisor will not complete the instruction that exited (a test
+        harness stopping at the exit): it does not retire."""
+        ev = self._exit_event
+        if ev is not None and ev.insn is not None and ev.kind is not _KIND_EXCEPTION:
+            self.core.cancel_retirement()
 
     def step_watched_on_platform(self, ppage: int, window=None, *, writable: bool = False):
         """Let the platform execute the guest instruction at RIP once with the
@@ -852,11 +881,16 @@ class VmxVcpu:
             return True
         return self._nonroot(event)
 
-    def on_exception(self, core, vector: int, error_code, cr2, insn=None) -> bool:
-        """A hardware exception about to be delivered: the exception bitmap decides."""
+    def on_exception(self, core, vector: int, error_code, cr2) -> bool:
+        """A hardware exception about to be delivered: the exception bitmap decides.
+        During the delivery of INT n, INT3, INTO or INT1 the event carries that
+        instruction (the exit's instruction length is then defined: SDM "Information
+        for VM Exits Due to Instruction Execution")."""
         if not self.active or vector == 2:
             return False
-        ev = Event(Kind.EXCEPTION, core.index, core.rip(), insn, vector=vector,
+        d = core.delivering
+        ev = Event(Kind.EXCEPTION, core.index, core.rip(), d.insn if d is not None else None,
+                   vector=vector,
                    error_code=error_code, cr2=cr2, regs=core.lazy_regs())
         out = decide(ev, self.vmcs, self.read_mem)
         if out.exit:
@@ -906,11 +940,11 @@ class VmxVcpu:
             return True
         lapic = core.lapic
         if lapic.take_init():
-            core._count(Kind.INIT)
+            core.count(Kind.INIT)
             return self._event_exit(Event(Kind.INIT, core.index, core.rip(), regs=core.lazy_regs()))
         vec = lapic.take_sipi()
         if vec is not None:
-            core._count(Kind.SIPI)
+            core.count(Kind.SIPI)
             ev = Event(Kind.SIPI, core.index, core.rip(), vector=vec, regs=core.lazy_regs())
             ev.regs["activity_state"] = self._activity()
             return self._event_exit(ev)
@@ -933,7 +967,7 @@ class VmxVcpu:
             out = decide(ev, v, self.read_mem)
             if out.exit:
                 lapic.take_nmi()
-                core._count(Kind.NMI)
+                core.count(Kind.NMI)
                 self.vm_exit(out, ev)
                 return True
             return False          # delivered natively by the core
@@ -942,7 +976,7 @@ class VmxVcpu:
             ev = Event(Kind.INTERRUPT, core.index, core.rip(), vector=vec, regs=core.lazy_regs())
             out = decide(ev, v, self.read_mem)
             if out.exit:
-                core._count(Kind.INTERRUPT)
+                core.count(Kind.INTERRUPT)
                 if v.get(F.VM_EXIT_CONTROLS) & C.VM_EXIT_ACK_INTR_ON_EXIT:
                     lapic.acknowledge()
                 self.vm_exit(out, ev)
@@ -1065,7 +1099,7 @@ class VmxVcpu:
                 self._tpr_exit_pending = (threshold, vtpr)
                 if core.state is State.HALTED:
                     core.state = State.RUNNING
-                if core._in_run:
+                if core.in_run:
                     core.request_stop("check")
 
     def _on_apic_page_access(self, core, access) -> None:
@@ -1081,7 +1115,7 @@ class VmxVcpu:
             return
         if access.platform:
             return self._platform_apic_access(core, access)
-        core._count(Kind.APIC_ACCESS)
+        core.count(Kind.APIC_ACCESS)
         for _ in range(3):      # at most: read, then write, of one instruction
             extra = {"gpa": access.pa, "access": access.access, "size": access.size}
             if access.value is not None:
@@ -1120,9 +1154,9 @@ class VmxVcpu:
         TPR-below-threshold exit that follows it is trap-like: taken at the next
         instruction boundary the core checks (the end of the current instruction
         or delivery when the access happens during a run)."""
-        core._count(Kind.APIC_ACCESS)
-        d = core._delivering
-        insn = core._soft_insn if d is not None and d[1] in _SOFTWARE_EVENT_TYPES else None
+        core.count(Kind.APIC_ACCESS)
+        d = core.delivering
+        insn = d.insn if d is not None else None
         extra = {"gpa": access.pa, "access": access.access, "size": access.size,
                  "during_delivery": access.during_delivery}
         if access.value is not None:
@@ -1140,7 +1174,7 @@ class VmxVcpu:
         self._vapic_write(APIC_TASKPRI, bytes([access.value & 0xFF, 0, 0, 0]))
         if out.exit:
             self._trap_exit_pending = out
-            if core._in_run:
+            if core.in_run:
                 core.request_stop("check")
         return True
 

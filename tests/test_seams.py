@@ -1,0 +1,86 @@
+"""The two declared seams (devirt_emu.virt) and who implements them."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from devirt_emu import virt
+from devirt_emu.hypervisor.kvm import KvmL0
+from devirt_emu.machine import run_program
+from devirt_emu.testing.vmx_case import _RecordingL0
+from devirt_emu.vmx.rules import exit_decision
+from devirt_emu.vmx.vcpu import VmxVcpu
+
+from test_guests import GUEST_DIR
+
+
+def _protocol_methods(proto) -> list[str]:
+    return [n for cls in proto.__mro__ if getattr(cls, "_is_protocol", False)
+            for n, v in vars(cls).items() if inspect.isfunction(v) and not n.startswith("_")]
+
+
+@pytest.mark.parametrize("cls, proto", [
+    (VmxVcpu, virt.VirtualizationLayer),
+    (KvmL0, virt.MachineHypervisor),
+    (_RecordingL0, virt.Hypervisor),
+])
+def test_implementations_declare_and_implement_their_protocol(cls, proto):
+    assert proto in cls.__mro__             # stated in the class line
+    methods = _protocol_methods(proto)
+    assert methods                           # (the protocol declares something)
+    for name in methods:
+        impl = getattr(cls, name)
+        # implemented by the class, not inherited as the protocol's empty body
+        assert impl is not getattr(proto, name), f"{cls.__name__}.{name} is the protocol's stub"
+        want = list(inspect.signature(getattr(proto, name)).parameters)
+        got = list(inspect.signature(impl).parameters)
+        assert len(got) == len(want), f"{cls.__name__}.{name}{inspect.signature(impl)}"
+
+
+def test_the_protocols_are_the_seams_the_core_and_the_vcpu_call():
+    # what the platform and the vCPU call on ``core.virt`` and ``vcpu.l0`` is declared:
+    # every such call in the sources names a protocol method
+    import re
+    from pathlib import Path
+    root = Path(virt.__file__).parent
+    layer = set(_protocol_methods(virt.VirtualizationLayer))
+    hyp = set(_protocol_methods(virt.MachineHypervisor))
+    called_layer, called_hyp = set(), set()
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        called_layer |= set(re.findall(r"\bvirt\.([a-z_]+)\(", text))
+        called_hyp |= set(re.findall(r"\bl0\.([a-z_]+)\(", text))
+    assert called_layer and called_layer <= layer, called_layer - layer
+    assert called_hyp and called_hyp <= hyp, called_hyp - hyp
+
+
+def test_delivery_is_neutral():
+    d = virt.Delivery(0x80, virt.EventType.SOFTWARE_INTERRUPT)
+    assert d.software and d.error_code is None
+    assert not virt.Delivery(14, virt.EventType.HARDWARE_EXCEPTION, 2).software
+
+
+def test_the_l0_acts_on_the_vmcs_not_on_the_rules_decision(monkeypatch):
+    # The L0 reads the exit information through VMREAD.  Replace the rule's Decision
+    # (vcpu.last_exit, kept for traces) with nonsense before every exit is handled:
+    # the guest boots and runs as before, exit for exit (CPUID, CR accesses, MSRs,
+    # I/O, EPT violations, HLT, external interrupts...).
+    bogus = exit_decision("VMCALL", ("corrupted by the test",), qualification=0xDEAD_BEEF,
+                          instruction_length=15, guest_physical_address=0xBAD000)
+    handle = KvmL0.handle_exit
+    seen = []
+
+    def corrupt_then_handle(self, vcpu):
+        seen.append(vcpu.last_exit.name)
+        vcpu.last_exit = bogus
+        return handle(self, vcpu)
+    program = GUEST_DIR / "lapic_timer.S"
+    clean = run_program(program, cores=2, arch="vmx", config="stock")
+    monkeypatch.setattr(KvmL0, "handle_exit", corrupt_then_handle)
+    dirty = run_program(program, cores=2, arch="vmx", config="stock")
+    assert clean.verdict == dirty.verdict == "pass", dirty.message
+    assert dirty.serial == clean.serial
+    assert dirty.exit_counts == clean.exit_counts
+    assert dirty.instructions == clean.instructions
+    assert {"CPUID", "CR_ACCESS", "MSR_WRITE", "IO_INSTRUCTION", "EPT_VIOLATION"} <= set(seen)
