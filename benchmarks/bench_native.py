@@ -67,7 +67,8 @@ def run_machine(code: bytes, fast: bool):
     m.write_phys(CODE_BASE, code)
     LM.enter(m.cores[0], CODE_BASE)
     t = time.perf_counter()
-    m._loop(t)
+    m.boot(prepared=True)
+    m.run()
     wall = time.perf_counter() - t
     if m.verdict != "pass":
         raise SystemExit(f"benchmark guest did not pass: {m.verdict} {m.message}")

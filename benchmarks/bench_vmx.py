@@ -109,7 +109,8 @@ def exits_per_second(source: str, n: int) -> tuple[float, int, float, float, dic
     t = time.perf_counter()
     cpu = time.process_time()
     m.l0.launch()
-    m._loop(t)
+    m.boot(prepared=True)
+    m.run()
     wall = time.perf_counter() - t
     cpu = time.process_time() - cpu
     if m.verdict != "pass":

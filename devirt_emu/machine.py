@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from .platform.debug_exit import DebugExit
 from .platform.lapic import ApicBus, LocalApic
 from .platform.memory import PAGE_SIZE, PhysMem
 from .platform.uart import Uart16550
+from .stepping import Stop, StopKind
 
 #: Where the machine puts things for the firmware (see docs/guest-abi.md).
 LOADER_GDT = 0x500
@@ -51,7 +54,11 @@ LONE_CORE_SLICE = 200_000
 FAST_SLICE_US = 200_000
 FAST_WARMUP = 1_000_000
 
-VERDICTS = ("pass", "fail", "shutdown", "halted", "timeout", "error")
+#: Exit records a run keeps by default (the first ones; counts are always
+#: complete): a long run must not grow in memory with its length.
+EXIT_RECORDS_KEPT = 10_000
+#: Exit records kept for the debugger (the most recent ones).
+RECENT_EXITS = 64
 
 
 @dataclass
@@ -72,6 +79,8 @@ class RunResult:
     arch: str = "none"
     config: str | None = None
     exits: list[dict] = field(default_factory=list)
+    #: Exit records not kept in ``exits`` (see Machine's ``record_exits``).
+    exits_dropped: int = 0
     exit_counts: dict[str, int] = field(default_factory=dict)
     window_exit_counts: dict[str, int] = field(default_factory=dict)
 
@@ -86,15 +95,25 @@ class RunResult:
 
 
 class Machine:
-    """A native (no hypervisor) x86-64 machine.
+    """An x86-64 machine of N cores, natively or under a hypervisor model
+    (``arch="vmx"``: the KVM L0 in configuration ``config``).
 
-    ``load_image`` / ``load_elf`` put a guest in RAM; ``run`` boots and runs it.
+    ``load_image`` / ``load_elf`` put a guest in RAM; ``run`` boots and runs it
+    to a verdict.  The stepping API does the same in steps: ``boot``, then
+    ``step`` / ``run_until`` with breakpoints, watchpoints and stops on VM
+    exits and vectors, each returning a :class:`~devirt_emu.stepping.Stop`;
+    ``result`` gives the RunResult at any point.  ``run`` is built on it.
+
+    ``record_exits``: None (the default) keeps the first EXIT_RECORDS_KEPT exit
+    records, True all of them, False none; ``exit_counts`` are always complete
+    and ``recent_exits`` holds the last RECENT_EXITS.
     """
 
     def __init__(self, cores: int = 1, mem_mb: int = 64, *, fast: bool = False,
                  quantum: int = 20_000, max_ns: int = 1_000_000_000,
                  wall_timeout_s: float = 300.0, trace=None, on_serial=None,
-                 arch: str = "none", config: str | None = None):
+                 arch: str = "none", config: str | None = None,
+                 record_exits: bool | None = None):
         if not 1 <= cores <= 64:
             raise ValueError(f"cores must be between 1 and 64, not {cores}")
         if not 16 <= mem_mb <= 3072:
@@ -125,6 +144,9 @@ class Machine:
         self.message = ""
         self.entry32: int | None = None
         self.exits: list = []
+        self._exits_kept = {None: EXIT_RECORDS_KEPT, True: None, False: 0}[record_exits]
+        self.exits_dropped = 0
+        self.recent_exits: deque = deque(maxlen=RECENT_EXITS)
         self.exit_counts: dict[str, int] = {}
         self.window_exit_counts: dict[str, int] = {}
         self.arch, self.config, self.l0 = arch, None, None
@@ -136,6 +158,16 @@ class Machine:
             raise ValueError(f"unknown architecture {arch!r} (have: none, vmx)")
         elif config is not None:
             raise ValueError("a configuration needs --arch vmx")
+        # the stepping API
+        self.booted = False
+        self._wall_used = 0.0
+        self._interrupt = threading.Event()
+        self._breakpoints: dict[int, tuple[int, int | None]] = {}   # id -> (linear, core)
+        self._watchpoints: dict[int, tuple] = {}                    # id -> (linear, size, access)
+        self._next_id = 1
+        self._exit_stop: frozenset | str | None = None
+        self._stop: Stop | None = None          # set by a callback during a run
+        self._slice: tuple[Core, int] | None = None   # a planned slice a stop cut short
 
     def _clock_of(self, i: int):
         return lambda: self.cores[i].now() if i < len(self.cores) else 0
@@ -177,7 +209,12 @@ class Machine:
 
     def record_exit(self, rec) -> None:
         """Called by the VMX layer for every VM exit."""
-        self.exits.append(rec)
+        kept = self._exits_kept
+        if kept is None or len(self.exits) < kept:
+            self.exits.append(rec)
+        else:
+            self.exits_dropped += 1
+        self.recent_exits.append(rec)
         self.exit_counts[rec.name] = self.exit_counts.get(rec.name, 0) + 1
         if rec.in_window:
             self.window_exit_counts[rec.name] = self.window_exit_counts.get(rec.name, 0) + 1
@@ -305,25 +342,189 @@ class Machine:
                 return max(c.clock, d)
         return None
 
-    def run(self, *, entry32: int | None = None, elf_entry: int = 0) -> RunResult:
-        """Boot (BSP at ``entry32`` in 32-bit protected mode) and run to a verdict."""
+    # ------------------------------------------------------------------ the stepping API
+    def boot(self, *, entry32: int | None = None, elf_entry: int = 0,
+             prepared: bool = False) -> None:
+        """Make the machine ready to run: the boot information, the BSP at the
+        loaded image's 32-bit entry (or ``entry32``), the L0's VM setup.  No
+        guest instruction runs yet.  ``prepared``: the caller has put the cores
+        (and the L0, if any) in their starting state itself, as a test entering
+        long mode directly does: nothing is written."""
+        if self.booted:
+            raise RuntimeError("the machine has booted already")
+        if prepared:
+            self.booted = True
+            return
         entry = entry32 if entry32 is not None else self.entry32
         if entry is None:
             raise ValueError("nothing loaded: call load_image or pass entry32")
+        self.booted = True
         self._write_boot_info(elf_entry)
         self._start_bsp(entry)
-        wall0 = time.perf_counter()
+        if self.l0 is not None:
+            self._guarded(self._launch_l0)
+
+    def new_run(self) -> None:
+        """Forget the verdict and the wall time used (a harness that runs case
+        after case on one machine)."""
+        self.verdict, self.message = None, ""
+        self._wall_used = 0.0
+        self._slice = None
+
+    def _launch_l0(self) -> None:
+        self.l0.attach()
+        self.l0.launch()
+
+    def _guarded(self, fn, *args):
+        """Run ``fn``: a guest error or a bug of ours becomes a verdict, not a traceback."""
         try:
-            if self.l0 is not None:
-                self.l0.attach()
-                self.l0.launch()
-            self._loop(wall0)
+            return fn(*args)
         except GuestError as e:
             self.finish("error", str(e))
-        except Exception as e:      # a bug of ours: a verdict, not a traceback
+        except Exception as e:
             self.internal_error(self.current or self.cores[0], e)
-        wall = time.perf_counter() - wall0
-        verdict = self.verdict or "error"
+        return None
+
+    def _new_id(self) -> int:
+        ident, self._next_id = self._next_id, self._next_id + 1
+        return ident
+
+    def _cores_of(self, core: int | None) -> list[Core]:
+        if core is None:
+            return self.cores
+        if not 0 <= core < len(self.cores):
+            raise ValueError(f"no core {core} (the machine has {len(self.cores)})")
+        return [self.cores[core]]
+
+    def add_breakpoint(self, linear: int, *, core: int | None = None) -> int:
+        """Stop before the instruction at linear address ``linear`` executes (on
+        ``core``, or any core); returns the breakpoint's id.  Continuing from it
+        executes that instruction."""
+        if not 0 <= linear < 1 << 64:
+            raise ValueError(f"breakpoint address {linear:#x} is not a 64-bit address")
+        ident = self._new_id()
+        self._breakpoints[ident] = (linear, core)
+        for c in self._cores_of(core):
+            c.add_breakpoint(linear)
+        return ident
+
+    def remove_breakpoint(self, ident: int) -> None:
+        linear, core = self._breakpoints.pop(ident)
+        for c in self._cores_of(core):
+            if not any(a == linear and (k is None or k == c.index)
+                       for a, k in self._breakpoints.values()):
+                c.remove_breakpoint(linear)
+
+    def breakpoints(self) -> dict[int, tuple[int, int | None]]:
+        """id -> (linear address, core or None for any)."""
+        return dict(self._breakpoints)
+
+    def add_watchpoint(self, linear: int, size: int = 1, access: str = "w") -> int:
+        """Stop after a guest instruction reads (``access`` "r"), writes ("w") or
+        either ("rw") a byte of ``[linear, linear + size)`` (linear addresses, on
+        every core; the platform's own accesses, such as an interrupt frame's
+        pushes, are not seen).  Returns the watchpoint's id."""
+        if access not in ("r", "w", "rw"):
+            raise ValueError(f"watchpoint access must be r, w or rw, not {access!r}")
+        if not 1 <= size <= 1 << 20 or not 0 <= linear < (1 << 64) - size:
+            raise ValueError(f"bad watch range {linear:#x}+{size:#x}")
+        ident = self._new_id()
+        self._watchpoints[ident] = (linear, size, access)
+        for c in self.cores:
+            c.add_watch(ident, linear, size, access)
+        return ident
+
+    def remove_watchpoint(self, ident: int) -> None:
+        self._watchpoints.pop(ident)
+        for c in self.cores:
+            c.remove_watch(ident)
+
+    def watchpoints(self) -> dict[int, tuple[int, int, str]]:
+        """id -> (linear address, size, access)."""
+        return dict(self._watchpoints)
+
+    def stop_on_exit(self, reasons) -> None:
+        """Stop at VM exits of these basic reasons (an iterable of ints; "all" for
+        every exit; None for none): after the processor wrote the exit
+        information, before the L0 handles the exit (the next run hands it
+        over)."""
+        if reasons is None:
+            self._exit_stop = None
+        elif reasons == "all":
+            self._exit_stop = "all"
+        else:
+            self._exit_stop = frozenset(int(r) for r in reasons)
+        for c in self.cores:
+            if c.virt is not None:
+                c.virt.stop_on_exit = None if reasons is None else self._exit_wanted
+
+    def _exit_wanted(self, reason: int) -> bool:
+        stops = self._exit_stop
+        return stops is not None and (stops == "all" or reason in stops)
+
+    def stop_on_vector(self, vectors) -> None:
+        """Stop when an interrupt or exception of one of ``vectors`` (None: none)
+        has been delivered (the handler's first instruction is next)."""
+        vs = frozenset() if vectors is None else frozenset(int(v) for v in vectors)
+        if any(not 0 <= v < 256 for v in vs):
+            raise ValueError("vectors are 0-255")
+        for c in self.cores:
+            c.stop_vectors = vs
+
+    def interrupt(self) -> None:
+        """Ask a running ``run_until`` to stop (thread-safe; a signal handler may
+        call it): it returns a Stop of kind INTERRUPTED at the next slice."""
+        self._interrupt.set()
+
+    def step(self, n: int = 1, core: int = 0) -> Stop:
+        """Run until core ``core`` has retired exactly ``n`` more instructions
+        (VM exits, entries and event deliveries are not instructions).  The
+        other cores run as the deterministic schedule has them, so a stepped
+        run is the same run as a free one.  Returns early at another stop
+        (breakpoint, watchpoint, VM exit, vector, verdict)."""
+        if n < 0:
+            raise ValueError("n must be at least 0")
+        c = self._cores_of(core)[0]
+        return self.run_until(_core=c, _target=c.icount + n)
+
+    def run_until(self, *, max_instructions: int | None = None,
+                  until_ns: int | None = None, _core: Core | None = None,
+                  _target: int | None = None) -> Stop:
+        """Run the deterministic schedule until a stop: a breakpoint, watchpoint,
+        VM exit or vector asked for, ``max_instructions`` more retired on all
+        cores together, virtual time ``until_ns`` reached, ``interrupt()``, or a
+        verdict."""
+        if not self.booted:
+            self.boot()
+        if self.verdict is not None:
+            return self._verdict_stop()
+        self._stop = None
+        self._interrupt.clear()
+        for c in self.cores:
+            if c.virt is not None and c.virt.exit_pending:
+                self.current = c
+                self._guarded(c.virt.complete_exit)
+                self.current = None
+        total = sum(c.icount for c in self.cores)
+        goal = None if max_instructions is None else total + max(0, max_instructions)
+        wall0 = time.perf_counter()
+        try:
+            stop = self._guarded(self._loop, wall0, goal, until_ns, _core, _target)
+        finally:
+            self._wall_used += time.perf_counter() - wall0
+        return stop if stop is not None else self._verdict_stop()
+
+    def run(self, *, entry32: int | None = None, elf_entry: int = 0) -> RunResult:
+        """Boot (BSP at ``entry32`` in 32-bit protected mode) and run to a verdict."""
+        if not self.booted:
+            self.boot(entry32=entry32, elf_entry=elf_entry)
+        while self.verdict is None:
+            self.run_until()
+        return self.result()
+
+    def result(self) -> RunResult:
+        """What the run has produced so far (verdict "running" before it ends)."""
+        verdict = self.verdict or "running"
         if verdict == "pass":
             status = 0
         elif verdict == "fail" and self.debug_exit.exited:
@@ -338,61 +539,120 @@ class Machine:
             verdict=verdict, serial=self.uart.output.decode("latin-1"), cores=len(self.cores),
             instructions=[c.icount for c in self.cores],
             virtual_ns=max(c.clock for c in self.cores), events=dict(sorted(events.items())),
-            wall_s=wall, exit_status=status, markers=[c.markers for c in self.cores],
+            wall_s=self._wall_used, exit_status=status, markers=[c.markers for c in self.cores],
             message=self.message, mode="fast" if self.fast else "deterministic",
             arch=self.arch, config=self.config, exits=[e.to_json() for e in self.exits],
+            exits_dropped=self.exits_dropped,
             exit_counts=dict(sorted(self.exit_counts.items())),
             window_exit_counts=dict(sorted(self.window_exit_counts.items())))
 
-    def _loop(self, wall0: float) -> None:
+    def _verdict_stop(self) -> Stop:
+        c = self.current or self.cores[0]
+        return Stop(StopKind.VERDICT, c.index, c.rip(), verdict=self.verdict or "error")
+
+    def _core_stop(self, c: Core, why: str | None) -> Stop | None:
+        """A Stop for what ended core ``c``'s run, if it is one the user asked for."""
+        if c.watch_hit is not None:
+            ident, address, access = c.watch_hit
+            c.watch_hit = None
+            return Stop(StopKind.WATCHPOINT, c.index, c.rip(), ident=ident, address=address,
+                        access=access)
+        if c.vector_hit is not None:
+            vector, c.vector_hit = c.vector_hit, None
+            return Stop(StopKind.VECTOR, c.index, c.rip(), vector=vector)
+        if c.virt is not None and c.virt.exit_pending:
+            d = c.virt.last_exit
+            return Stop(StopKind.VM_EXIT, c.index, c.rip(), reason=d.reason, name=d.name)
+        if why == "break":
+            rip = c.rip()
+            ident = next((i for i, (a, k) in self._breakpoints.items()
+                          if a == rip and (k is None or k == c.index)), None)
+            return Stop(StopKind.BREAKPOINT, c.index, rip, ident=ident)
+        return None
+
+    def _loop(self, wall0: float, goal: int | None, until_ns: int | None,
+              only: Core | None, target: int | None) -> Stop | None:
+        """The one run loop (see the module docstring for the schedule)."""
         cores = self.cores
         while self.verdict is None:
-            best, best_t = None, None
-            runnable = 0
-            for c in cores:
-                t = self._wake_time(c)
-                if t is None:
+            if self._interrupt.is_set():
+                self._interrupt.clear()
+                c = self.current or cores[0]
+                return Stop(StopKind.INTERRUPTED, c.index, c.rip())
+            if only is not None and only.icount >= target:
+                return Stop(StopKind.STEP, only.index, only.rip())
+            if goal is not None and sum(c.icount for c in cores) >= goal:
+                c = self.current or cores[0]
+                return Stop(StopKind.INSTRUCTIONS, c.index, c.rip())
+            if self._slice is not None:
+                # a slice a stop cut short goes on as planned (the schedule stays
+                # the free run's)
+                c, budget = self._slice
+                self._slice = None
+                if c.state is not State.RUNNING:
                     continue
-                if c.state is State.RUNNING:
-                    runnable += 1
-                if best_t is None or t < best_t:
-                    best, best_t = c, t
-            if best is None:
-                self.finish("halted", "every core is halted or waiting with nothing to wake it")
-                return
-            if best_t >= self.max_ns:
-                self.finish("timeout", f"virtual time limit of {self.max_ns} ns reached")
-                return
-            if time.perf_counter() - wall0 > self.wall_timeout_s:
-                self.finish("timeout", f"wall-clock limit of {self.wall_timeout_s} s reached")
-                return
-            c = best
-            c.clock = max(c.clock, best_t)
-            c.lapic.update(c.clock)
-            if c.wake_check():
-                continue                       # a VM exit and entry: the boundary once more
-            if c.state is not State.RUNNING:
-                if c.state is State.HALTED and self._wake_time(c) == c.clock:
-                    # a wake-up is pending but cannot be taken (e.g. IF=0 with a timer
-                    # interrupt): let virtual time move on to avoid spinning
-                    c.clock += 1
-                continue
-            others = [self._wake_time(o) for o in cores if o is not c]
-            others = [t for t in others if t is not None]
-            if others:
-                budget = max(1, min(self.quantum, min(others) + self.quantum - c.clock))
+                others = True
+                d = None
             else:
-                # nobody to interleave with: only timers cut the run (the slices are
-                # short enough for a compute phase to shed the hooks of pages it left)
-                budget = LONE_CORE_SLICE
-            d = c.next_event_ns()
-            if d is not None and d > c.clock:
-                budget = min(budget, d - c.clock)
-            if c.virt is not None and c.virt.single_step():
-                budget = 1                     # monitor trap flag: a boundary after each one
-            budget = max(1, min(budget, self.max_ns - c.clock))
+                best, best_t = None, None
+                for c in cores:
+                    t = self._wake_time(c)
+                    if t is None:
+                        continue
+                    if best_t is None or t < best_t:
+                        best, best_t = c, t
+                if best is None:
+                    self.finish("halted", "every core is halted or waiting with nothing to wake it")
+                    break
+                if best_t >= self.max_ns:
+                    self.finish("timeout", f"virtual time limit of {self.max_ns} ns reached")
+                    break
+                if until_ns is not None and best_t >= until_ns:
+                    return Stop(StopKind.TIME, best.index, best.rip())
+                if self._wall_used + time.perf_counter() - wall0 > self.wall_timeout_s:
+                    self.finish("timeout", f"wall-clock limit of {self.wall_timeout_s} s reached")
+                    break
+                c = best
+                c.clock = max(c.clock, best_t)
+                c.lapic.update(c.clock)
+                self.current = c
+                acted = c.wake_check()
+                stop = self._core_stop(c, None)
+                if stop is not None:
+                    return stop
+                if acted:
+                    continue                       # a VM exit and entry: the boundary once more
+                if c.state is not State.RUNNING:
+                    if c.state is State.HALTED and self._wake_time(c) == c.clock:
+                        # a wake-up is pending but cannot be taken (e.g. IF=0 with a timer
+                        # interrupt): let virtual time move on to avoid spinning
+                        c.clock += 1
+                    continue
+                others = [self._wake_time(o) for o in cores if o is not c]
+                others = [t for t in others if t is not None]
+                if others:
+                    budget = max(1, min(self.quantum, min(others) + self.quantum - c.clock))
+                else:
+                    # nobody to interleave with: only timers cut the run (the slices are
+                    # short enough for a compute phase to shed the hooks of pages it left)
+                    budget = LONE_CORE_SLICE
+                d = c.next_event_ns()
+                if d is not None and d > c.clock:
+                    budget = min(budget, d - c.clock)
+                if c.virt is not None and c.virt.single_step():
+                    budget = 1                     # monitor trap flag: a boundary after each one
+                budget = max(1, min(budget, self.max_ns - c.clock))
+            planned = budget
+            if only is c:
+                budget = min(budget, target - c.icount)
+            if goal is not None:
+                budget = min(budget, max(1, goal - sum(k.icount for k in cores)))
+            if until_ns is not None:
+                budget = min(budget, max(1, until_ns - c.clock))
             self.current = c
-            if self.fast and not others and d is None and not c.interrupt_wanted():
+            icount = c.icount
+            if self.fast and not others and d is None and not c.interrupt_wanted() \
+                    and budget == planned:
                 # A lone core with no timer armed: nothing can interrupt it but itself.
                 # It runs free once a counted warm-up slice ran out without an event
                 # (compute-bound, code translated), and counts again after an event.
@@ -400,10 +660,18 @@ class Machine:
                     c.free_running = c.run(None, FAST_SLICE_US) is None
                 else:
                     c.free_running = c.run(min(budget, FAST_WARMUP)) is None
+                why = None
             else:
                 c.free_running = False
-                c.run(budget)
-            self.current = None
+                why = c.run(budget)
+            left = planned - (c.icount - icount)
+            stop = self._core_stop(c, why)
+            if (stop is not None or budget < planned) and why in (None, "break", "watch") \
+                    and left > 0 and c.state is State.RUNNING:
+                self._slice = (c, left)
+            if stop is not None:
+                return stop
+        return None
 
 
 _raw_rate: float | None = None

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 from .events import Event, Insn
 
@@ -122,6 +122,18 @@ class VirtualizationLayer(Protocol):
 
     def single_step(self) -> bool:
         """Must the core stop after every instruction (monitor trap flag)?"""
+
+    # What the machine's stepping API asks of the layer (a debugger's "stop at
+    # the VM exit, before the hypervisor handles it"):
+    #: ``stop_on_exit(reason) -> bool``, or None: after the processor has
+    #: written the exit information of an exit for which it answers True, the
+    #: layer asks the core to stop and leaves the exit to :meth:`complete_exit`.
+    stop_on_exit: Optional[Callable[[int], bool]]
+    #: An exit is waiting for :meth:`complete_exit`.
+    exit_pending: bool
+
+    def complete_exit(self) -> None:
+        """Hand the pending exit to the hypervisor (and enter again if it wants)."""
 
 
 @runtime_checkable

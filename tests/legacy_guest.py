@@ -106,5 +106,6 @@ def run_to_end(m: Machine, *, under_l0: bool) -> Machine:
     if under_l0:
         m.l0.attach()
         m.l0.launch()
-    m._loop(time.perf_counter())
+    m.boot(prepared=True)
+    m.run()
     return m

@@ -299,8 +299,14 @@ class _ArmOnCpuid:
     code hook) arms the watch; the watcher records the access and unwatches, so the
     instruction then runs natively."""
 
+    stop_on_exit = None
+    exit_pending = False
+
     def __init__(self, page):
         self.page, self.seen = page, []
+
+    def complete_exit(self):
+        pass
 
     def on_event(self, core, event):
         if event.kind is not Kind.CPUID:
@@ -341,7 +347,8 @@ def test_a_watch_armed_inside_a_run_catches_the_next_instruction():
     m.write_phys(PAGE + 0x300, b"\x44\x33\x22\x11")
     longmode.enter(m.cores[0], 0x200000)
     virt = m.cores[0].virt = _ArmOnCpuid(PAGE)
-    m._loop(time.perf_counter())
+    m.boot(prepared=True)
+    m.run()
     assert m.verdict == "pass", m.message
     assert virt.seen == [(PageAccess(PAGE + 0x300, "read", 4), syms["load"])]
     assert m.cores[0].watched_pages() == frozenset()

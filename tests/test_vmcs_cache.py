@@ -82,7 +82,8 @@ def machine_with(handler):
 
 def run(m):
     m.l0.launch()
-    m._loop(time.perf_counter())
+    m.boot(prepared=True)
+    m.run()
     return m
 
 

@@ -35,7 +35,8 @@ def native(guest: str, cores: int):
 @pytest.mark.parametrize("cores", [1, 4])
 @pytest.mark.parametrize("guest", GUESTS)
 def test_guest_under_vmx_matches_native(guest, cores, config):
-    res = run_program(GUEST_DIR / f"{guest}.S", cores=cores, arch="vmx", config=config)
+    res = run_program(GUEST_DIR / f"{guest}.S", cores=cores, arch="vmx", config=config,
+                      record_exits=True)
     ref = native(guest, cores)
     assert res.verdict == ref.verdict == "pass", (res.message, res.serial)
     # the same lines, in an order that only core interleaving may change

@@ -66,7 +66,8 @@ from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_ERR_FETCH_PROT, UC_ERR_FE
                      UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED,
                      UC_ERR_WRITE_PROT, UC_ERR_WRITE_UNMAPPED, UC_HOOK_CODE,
                      UC_ERR_READ_PROT, UC_HOOK_INTR, UC_HOOK_MEM_FETCH_PROT,
-                     UC_HOOK_MEM_WRITE_PROT, UC_MODE_16,
+                     UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_HOOK_MEM_WRITE_PROT,
+                     UC_MEM_WRITE, UC_MODE_16,
                      UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, Uc,
                      UcError)
 from unicorn import x86_const as X
@@ -276,6 +277,15 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self._watch_denied: Optional[PageAccess] = None
         self._watch_stepping = False
         self._read_prot_hook = None
+        # the stepping API's stops (see Machine.run_until)
+        self.breakpoints: set[int] = set()     # linear addresses: Unicorn exits
+        self._bp_suspended: int | None = None  # the breakpoint being stepped over
+        self._at_breakpoint: int | None = None  # stopped at it: the next run steps over it
+        self.stop_vectors: frozenset[int] = frozenset()
+        self.vector_hit: int | None = None
+        self._watch_hooks: dict[int, list[int]] = {}   # watchpoint id -> Unicorn hooks
+        self._watch_code_hook = None
+        self.watch_hit: tuple[int, int, str] | None = None   # (id, address, access)
         self._handlers = self._make_handlers()
 
     def _architectural_reset(self) -> None:
@@ -604,6 +614,17 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         "exit") or None when the budget was used up.
         """
         uc = self.uc
+        if self._at_breakpoint is not None:
+            at, self._at_breakpoint = self._at_breakpoint, None
+            if at == self.rip() and at in self.breakpoints and self.state is State.RUNNING:
+                icount = self.icount
+                why = self._run_over_breakpoint(at)
+                if why is not None and why != "check":
+                    return why
+                if budget is not None:
+                    budget -= self.icount - icount
+                    if budget <= 0:
+                        return why
         det = budget is not None
         remaining = budget if det else 0
         self._time_limit = self.clock + budget if det else 1 << 62
@@ -664,6 +685,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
                 return self._stop_reason
             if self.state is not State.RUNNING:
                 return "halt"
+            if err is None and self.breakpoints and self.rip() in self.breakpoints:
+                self._at_breakpoint = self.rip()
+                return "break"
             if err is None and self._exit_sites and (not det or remaining > 0) \
                     and self._take_exit():
                 # stopped at an exit (see _hooks_to_exits): the instruction is done
@@ -809,6 +833,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         (exits are turned on the first time there is one; once on, the run's
         ``until`` address is ignored, so an empty list gets IMPOSSIBLE_PC)."""
         exits = set(self._exit_sites)
+        if self.breakpoints:
+            exits |= self.breakpoints
+            exits.discard(self._bp_suspended)
         if self._straddle_exit is not None:
             exits.add(self._straddle_exit)
         if extra is not None:
@@ -880,6 +907,75 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self.uc.reg_write(X.UC_X86_REG_CR2, value)
         self.cr2 = value
 
+    # ------------------------------------------------------------------ stepping API
+    def add_breakpoint(self, linear: int) -> None:
+        """Stop before the instruction at ``linear`` (an Unicorn exit: checked when
+        code is translated, so it costs nothing per instruction and survives the
+        page scanner's disarm and re-arm and retranslation after a store)."""
+        self.breakpoints.add(linear)
+        self._set_exits()
+        self._drop_translations_at(linear)
+
+    def remove_breakpoint(self, linear: int) -> None:
+        self.breakpoints.discard(linear)
+        if self._at_breakpoint == linear:
+            self._at_breakpoint = None
+        self._set_exits()
+        self._drop_translations_at(linear)
+
+    def _drop_translations_at(self, linear: int) -> None:
+        page = linear & ~0xFFF
+        self.uc.ctl_remove_cache(page, page + PAGE_SIZE)
+
+    def _run_over_breakpoint(self, at: int) -> str | None:
+        """Execute the instruction at breakpoint ``at`` (the run stopped in front
+        of it): its exit is lifted for one instruction."""
+        self._bp_suspended = at
+        self._set_exits()
+        self._drop_translations_at(at)
+        try:
+            return self.run(1)
+        finally:
+            self._bp_suspended = None
+            self._set_exits()
+            self._drop_translations_at(at)
+
+    def add_watch(self, ident: int, linear: int, size: int, access: str) -> None:
+        """Report accesses by guest instructions to ``[linear, linear + size)``
+        (``access`` "r", "w" or "rw") in :attr:`watch_hit`; the run stops after
+        the accessing instruction retired.  While any watch is set every
+        instruction calls a hook (the run slows down about tenfold)."""
+        kinds = {"r": UC_HOOK_MEM_READ, "w": UC_HOOK_MEM_WRITE,
+                 "rw": UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE}[access]
+        end = linear + size - 1
+
+        def hit(uc, kind, address, size, value, data):
+            if self.watch_hit is None:
+                self.watch_hit = (ident, address, "write" if kind == UC_MEM_WRITE else "read")
+
+        self._watch_hooks[ident] = [self.uc.hook_add(kinds, hit, begin=linear, end=end)]
+        if self._watch_code_hook is None:
+            self._watch_code_hook = self.uc.hook_add(UC_HOOK_CODE, self._on_watch_code)
+        self.uc.ctl_flush_tb()     # hooks apply to code translated after them
+
+    def remove_watch(self, ident: int) -> None:
+        for h in self._watch_hooks.pop(ident, ()):
+            self.uc.hook_del(h)
+        if not self._watch_hooks and self._watch_code_hook is not None:
+            self.uc.hook_del(self._watch_code_hook)
+            self._watch_code_hook = None
+        self.uc.ctl_flush_tb()     # hooks apply to code translated after them
+
+    def _on_watch_code(self, uc, address, size, data):
+        if self.watch_hit is not None:
+            self._stop_after_watch_hit()
+
+    def _stop_after_watch_hit(self) -> None:
+        # before the instruction after the access: it does not execute now
+        if self._stop_reason != "watch":
+            self._uncount += 1
+            self.request_stop("watch")
+
     # ------------------------------------------------------------------ hooks
     def _add_site_hook(self, addr: int, insn: Optional[Insn], by_mode: dict) -> int:
         """A UC_HOOK_CODE hook on exactly ``addr`` for a sensitive instruction
@@ -906,6 +1002,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         try:
             if address == self._skip_once:
                 self._skip_once = -1
+                return
+            if self.watch_hit is not None:
+                self._stop_after_watch_hit()
                 return
             if self._budget and self.probe.executed() > self._budget:
                 return          # the count ran out here: this instruction runs next time
@@ -1474,6 +1573,10 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         exception counted and traced."""
         if vector == 2 and not soft:
             self.nmi_blocked = True
+        if vector in self.stop_vectors:
+            self.vector_hit = vector
+            if self._in_run:
+                self.request_stop("vector")
         if exception:
             self.count(Kind.EXCEPTION)
             if self.trace is not None:

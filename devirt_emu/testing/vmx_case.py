@@ -584,7 +584,8 @@ class CaseRunner:
 
     def __init__(self):
         from ..machine import Machine
-        self.machine = Machine(cores=1, mem_mb=MEM_MB)
+        # (virtual time runs on from case to case: no limit but the step count)
+        self.machine = Machine(cores=1, mem_mb=MEM_MB, max_ns=1 << 62)
         self.core = self.machine.cores[0]
         self._asm_cache: dict[str, tuple[bytes, dict[str, int]]] = {}
         longmode.write_environment(self.machine)
@@ -593,6 +594,7 @@ class CaseRunner:
         for rid in GPR_IDS:
             if rid != X.UC_X86_REG_RSP:
                 self.core.uc.reg_write(rid, 0)
+        self.machine.boot(prepared=True)
         self._fresh_context = self.core.uc.context_save()
         self._env_bytes = self.machine.mem.read(longmode.GDT, longmode.PML4 + 0x3000 - longmode.GDT)
         self._bitmaps = {pa: bytes(BITMAP_SIZE) for pa in (MSR_BITMAP_PA, IO_BITMAP_A_PA, IO_BITMAP_B_PA)}
@@ -769,7 +771,7 @@ class CaseRunner:
         icount0 = core.icount
         try:
             if vcpu.vm_entry(launch=True):
-                self._loop(max_steps, icount0)
+                m.step(max_steps, core=0)
         except GuestError as e:           # the guest did something the platform does not model
             m.finish("error", str(e))
         finally:
@@ -781,12 +783,12 @@ class CaseRunner:
             return CaseResult(l0.exit, None, None, steps, snapshot, symbols, code_end)
         if l0.failure is not None:
             return CaseResult(None, l0.failure, None, steps, snapshot, symbols, code_end)
-        if m.verdict is not None:
-            why, msg = "stopped", m.message
-        elif core.state is State.HALTED:
+        if core.state is State.HALTED and m.verdict in (None, "halted"):
             why, msg = "halted", ""
-        elif core.state is State.SHUTDOWN:
+        elif core.state is State.SHUTDOWN and m.verdict in (None, "shutdown"):
             why, msg = "shutdown", ""
+        elif m.verdict is not None:
+            why, msg = "stopped", m.message
         else:
             why, msg = "step limit", ""
         no = NoExit(why, core.rip(), _regs(core, None), msg)
@@ -810,7 +812,7 @@ class CaseRunner:
     def _reset(self, code: bytes, bitmaps: dict[int, bytes]) -> None:
         m, core = self.machine, self.core
         mem = m.mem
-        m.verdict, m.message = None, ""
+        m.new_run()
         # the environment tables and bitmaps, rewritten only where the last case changed them
         env = self._env_bytes
         if mem.read(longmode.GDT, len(env)) != env:
@@ -842,23 +844,6 @@ class CaseRunner:
                 s(F[name], val)
             except ValueError as e:
                 raise CaseError(f"{name}: {e}") from None
-
-    def _loop(self, max_steps: int, icount0: int) -> None:
-        m, core = self.machine, self.core
-        while m.verdict is None and core.state is State.RUNNING:
-            left = max_steps - (core.icount - icount0)
-            if left <= 0:
-                return
-            core.wake_check()
-            if m.verdict is not None or core.state is not State.RUNNING:
-                return
-            budget = left
-            d = core.next_event_ns()            # the VMX-preemption timer
-            if d is not None and d > core.clock:
-                budget = min(budget, d - core.clock)
-            if core.virt is not None and core.virt.single_step():
-                budget = 1                      # monitor trap flag
-            core.run(budget)
 
 
 _runner: Optional[CaseRunner] = None

@@ -396,6 +396,8 @@ class VmxVcpu(VirtualizationLayer):
         #: The rule's decision of the last VM exit (traces and explanations only: the
         #: L0 reads the exit information from the VMCS).
         self.last_exit: Optional[Decision] = None
+        self.stop_on_exit = None       # see VirtualizationLayer.stop_on_exit
+        self.exit_pending = False
         self._exit_event: Optional[Event] = None   # the event of the last exit (the emulator's)
         self.last_failure: Optional[EntryFailure] = None
         self.read_mem = self.mem.read
@@ -732,6 +734,19 @@ class VmxVcpu(VirtualizationLayer):
                                    extra={"reason": d.reason, "name": d.name,
                                           "qualification": d.qualification}))
         self._exit_event = event
+        if self.stop_on_exit is not None and self.stop_on_exit(d.reason):
+            self.exit_pending = True
+            core.request_stop("vm-exit")
+            return
+        self.l0.handle_exit(self)
+        if not self.active and self.l0.wants_entry(self):
+            self.vm_entry()
+
+    def complete_exit(self) -> None:
+        """The exit the stepping API stopped at goes to the L0 now."""
+        if not self.exit_pending:
+            return
+        self.exit_pending = False
         self.l0.handle_exit(self)
         if not self.active and self.l0.wants_entry(self):
             self.vm_entry()
