@@ -105,7 +105,7 @@ class Machine:
     ``result`` gives the RunResult at any point.  ``run`` is built on it.
 
     ``record_exits``: None (the default) keeps the first EXIT_RECORDS_KEPT exit
-    records, True all of them, False none; ``exit_counts`` are always complete
+    records, True all of them, False none, a number that many; ``exit_counts`` are always complete
     and ``recent_exits`` holds the last RECENT_EXITS.
     """
 
@@ -113,7 +113,7 @@ class Machine:
                  quantum: int = 20_000, max_ns: int = 1_000_000_000,
                  wall_timeout_s: float = 300.0, trace=None, on_serial=None,
                  arch: str = "none", config: str | None = None,
-                 record_exits: bool | None = None):
+                 record_exits: bool | int | None = None):
         if not 1 <= cores <= 64:
             raise ValueError(f"cores must be between 1 and 64, not {cores}")
         if not 16 <= mem_mb <= 3072:
@@ -144,7 +144,12 @@ class Machine:
         self.message = ""
         self.entry32: int | None = None
         self.exits: list = []
-        self._exits_kept = {None: EXIT_RECORDS_KEPT, True: None, False: 0}[record_exits]
+        if record_exits is None or record_exits is True or record_exits is False:
+            self._exits_kept = {None: EXIT_RECORDS_KEPT, True: None, False: 0}[record_exits]
+        elif isinstance(record_exits, int) and record_exits >= 0:
+            self._exits_kept = record_exits
+        else:
+            raise ValueError(f"record_exits is None, True, False or a count, not {record_exits!r}")
         self.exits_dropped = 0
         self.recent_exits: deque = deque(maxlen=RECENT_EXITS)
         self.exit_counts: dict[str, int] = {}
@@ -303,9 +308,10 @@ class Machine:
         src = self.current
         if src is not None and src is not target and target.state is not State.RUNNING:
             target.clock = max(target.clock, src.now())
-        if src is not None and src.in_run:
+        if src is not None:
             # the sender stops so that the scheduler plans again: the target may
             # have woken (another core), or an interrupt be due here (self-IPI)
+            # (between runs, as after a stepping stop, the request tells the loop)
             src.request_stop("check")
 
     # ------------------------------------------------------------------ outcomes
@@ -503,8 +509,19 @@ class Machine:
         for c in self.cores:
             if c.virt is not None and c.virt.exit_pending:
                 self.current = c
+                c.take_stop_request()
                 self._guarded(c.virt.complete_exit)
                 self.current = None
+                asked = c.take_stop_request()
+                if asked == "step":
+                    # the L0 left the instruction to a lone step (as a hook does),
+                    # after which the scheduler plans again
+                    self._slice = (c, 1, c.clock + 1)
+                elif (asked is not None or c.interrupt_wanted()) and self._slice is not None \
+                        and self._slice[0] is c:
+                    # the L0 asked the scheduler to plan again, or the entry left an
+                    # interrupt or window due at the next boundary
+                    self._slice = None
         total = sum(c.icount for c in self.cores)
         goal = None if max_instructions is None else total + max(0, max_instructions)
         wall0 = time.perf_counter()
@@ -587,7 +604,7 @@ class Machine:
             if self._slice is not None:
                 # a slice a stop cut short goes on as planned (the schedule stays
                 # the free run's)
-                c, budget = self._slice
+                c, budget, time_limit = self._slice
                 self._slice = None
                 if c.state is not State.RUNNING:
                     continue
@@ -642,6 +659,7 @@ class Machine:
                 if c.virt is not None and c.virt.single_step():
                     budget = 1                     # monitor trap flag: a boundary after each one
                 budget = max(1, min(budget, self.max_ns - c.clock))
+                time_limit = c.clock + budget
             planned = budget
             if only is c:
                 budget = min(budget, target - c.icount)
@@ -663,12 +681,13 @@ class Machine:
                 why = None
             else:
                 c.free_running = False
-                why = c.run(budget)
+                why = c.run(budget, time_limit=time_limit)
             left = planned - (c.icount - icount)
             stop = self._core_stop(c, why)
-            if (stop is not None or budget < planned) and why in (None, "break", "watch") \
+            if (stop is not None or budget < planned) \
+                    and why in (None, "break", "watch", "vm-exit", "vector") \
                     and left > 0 and c.state is State.RUNNING:
-                self._slice = (c, left)
+                self._slice = (c, left, time_limit)
             if stop is not None:
                 return stop
         return None

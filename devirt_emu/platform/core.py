@@ -607,8 +607,11 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | (UC_PROT_WRITE if writable else 0))
 
     # ------------------------------------------------------------------ running
-    def run(self, budget: int | None, wall_timeout_us: int = 0) -> str | None:
-        """Run up to ``budget`` instructions (None: free-running, fast mode).
+    def run(self, budget: int | None, wall_timeout_us: int = 0, *,
+            time_limit: int | None = None) -> str | None:
+        """Run up to ``budget`` instructions (None: free-running, fast mode), and
+        yield at a PAUSE once virtual time reaches ``time_limit`` (default: the
+        clock plus ``budget``).
 
         Returns the reason the core stopped early ("halt", "shutdown", "check",
         "exit") or None when the budget was used up.
@@ -627,7 +630,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
                         return why
         det = budget is not None
         remaining = budget if det else 0
-        self._time_limit = self.clock + budget if det else 1 << 62
+        if time_limit is None:
+            time_limit = self.clock + budget if det else 1 << 62
+        self._time_limit = time_limit
         while True:
             if self._straddle_exit is not None and self.rip() == self._straddle_exit:
                 self._drop_straddle_exit()      # stopped in front of it: now run it
@@ -891,6 +896,12 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self._stop_reason = reason
         self.uc.emu_stop()
 
+    def take_stop_request(self) -> str | None:
+        """The reason of a :meth:`request_stop` made outside a run (by a layer
+        above acting between runs), cleared; None if there was none."""
+        reason, self._stop_reason = self._stop_reason, None
+        return reason
+
     @property
     def in_run(self) -> bool:
         """Is the engine running (the caller is a hook or a callback inside it)?"""
@@ -901,6 +912,20 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         took a VM exit for it and will not complete it): it is not counted."""
         if self._in_run:
             self._uncount += 1
+
+    def resume_in_engine(self, address: int) -> None:
+        """A hook stopped the run in front of the instruction at ``address`` and
+        the layer above has since let it through (an L0 handling, after a
+        debugger's stop, an exit whose instruction the engine executes): the
+        next run executes it without calling its hook again, as it would have
+        done had the hook returned at once."""
+        self._skip_once = address
+
+    def retire_completed(self) -> None:
+        """The instruction a stop left pending (its retirement cancelled) was
+        completed by the layer above since: it retires now."""
+        self.icount += 1
+        self.clock += 1
 
     def set_cr2(self, value: int) -> None:
         """CR2 as the architecture has it (a hypervisor re-injecting a #PF)."""

@@ -736,6 +736,8 @@ class VmxVcpu(VirtualizationLayer):
         self._exit_event = event
         if self.stop_on_exit is not None and self.stop_on_exit(d.reason):
             self.exit_pending = True
+            if event is not None and event.insn is not None and event.kind is not _KIND_EXCEPTION:
+                core.cancel_retirement()    # it retires when the L0 has completed it
             core.request_stop("vm-exit")
             return
         self.l0.handle_exit(self)
@@ -747,9 +749,17 @@ class VmxVcpu(VirtualizationLayer):
         if not self.exit_pending:
             return
         self.exit_pending = False
+        core, event = self.core, self._exit_event
         self.l0.handle_exit(self)
         if not self.active and self.l0.wants_entry(self):
             self.vm_entry()
+        if event is not None and event.insn is not None and event.kind is not _KIND_EXCEPTION \
+                and core.in_run is False:
+            if self.active and core.rip() == event.rip:
+                # the L0 left the instruction to the engine (as when a hook returns)
+                core.resume_in_engine(event.rip)
+            elif core.rip() != event.rip:
+                core.retire_completed()     # the L0 emulated or skipped it
 
     # ------------------------------------------------------------------ EPT at run time
     def _sync_ept(self, changed: bool) -> None:
