@@ -1,7 +1,9 @@
 """The two declared seams (devirt_emu.virt) and who implements them."""
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +86,50 @@ def test_the_l0_acts_on_the_vmcs_not_on_the_rules_decision(monkeypatch):
     assert dirty.exit_counts == clean.exit_counts
     assert dirty.instructions == clean.instructions
     assert {"CPUID", "CR_ACCESS", "MSR_WRITE", "IO_INSTRUCTION", "EPT_VIOLATION"} <= set(seen)
+
+
+# ---------------------------------------------------------------- no reaching into Core or Machine
+ROOT = Path(__file__).resolve().parent.parent
+_PLATFORM_SIDE = sorted((ROOT / "devirt_emu" / "platform").glob("*.py")) + [ROOT / "devirt_emu" / "machine.py"]
+
+
+def _private_names(paths) -> set[str]:
+    """The private attributes and methods the platform's classes define."""
+    names = set()
+    for p in paths:
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and \
+                    n.value.id == "self" and n.attr.startswith("_") and not n.attr.startswith("__"):
+                names.add(n.attr)
+            elif isinstance(n, ast.FunctionDef) and n.name.startswith("_") and \
+                    not n.name.startswith("__"):
+                names.add(n.name)
+    return names
+
+
+def private_platform_accesses(source: str, names: set[str]) -> list[tuple[int, str]]:
+    """(line, attribute) of every ``expr._name`` in ``source`` with ``_name`` a
+    private attribute of Core or Machine and ``expr`` not ``self``."""
+    return [(n.lineno, n.attr) for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.Attribute) and n.attr in names
+            and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))]
+
+
+def test_no_module_outside_the_platform_touches_private_core_or_machine_state():
+    names = _private_names(_PLATFORM_SIDE)
+    assert {"_in_run", "_uncount", "_stop_reason", "_slice"} <= names
+    found = []
+    for d in ("devirt_emu", "tests", "benchmarks"):
+        for p in sorted((ROOT / d).rglob("*.py")):
+            if p in _PLATFORM_SIDE:
+                continue
+            found += [(str(p.relative_to(ROOT)), line, attr)
+                      for line, attr in private_platform_accesses(p.read_text(), names)]
+    assert found == []
+
+
+def test_the_private_access_check_can_fail():
+    names = _private_names(_PLATFORM_SIDE)
+    assert private_platform_accesses("core._uncount += 1\nm._loop(0)\n", names) == \
+        [(1, "_uncount"), (2, "_loop")]
+    assert private_platform_accesses("self._uncount = 0\ncore.count(k)\n", names) == []

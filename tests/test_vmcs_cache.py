@@ -71,12 +71,12 @@ def machine_with(handler):
     """One core under the stock L0 at CODE, with ``handler(vcpu)``
     in front of the L0's CPUID handler (it may return False to skip the L0's)."""
     m = attached(GUEST)
-    l0_cpuid = m.l0._handlers[ER.CPUID]
+    l0_cpuid = m.l0.handlers[ER.CPUID]
 
     def cpuid(vcpu):
         if handler(vcpu) is not False:
             l0_cpuid(vcpu)
-    m.l0._handlers[ER.CPUID] = cpuid
+    m.l0.handlers[ER.CPUID] = cpuid
     return m
 
 
@@ -169,7 +169,7 @@ def machine_on(source: str, handlers: dict, **controls):
     v = m.l0.vcpus[0].vmcs
     for name, bits in controls.items():
         v.set(F[name], v.get(F[name]) | bits)
-    m.l0._handlers.update(handlers)
+    m.l0.handlers.update(handlers)
     return m
 
 

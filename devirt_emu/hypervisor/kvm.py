@@ -161,7 +161,8 @@ class KvmL0(MachineHypervisor):
         self._bitmaps: dict[str, int] = {}
         self._next_page = self.host_base
         self.ept = EptBuilder(mem, self._alloc(64), 64 * 4096)     # empty: see h_ept_violation
-        self._handlers = self._make_handlers()
+        #: basic exit reason -> handler(vcpu) (KVM's kvm_vmx_exit_handlers; replaceable)
+        self.handlers = self._make_handlers()
 
     # ------------------------------------------------------------------ set-up
     def _alloc(self, pages: int = 1) -> int:
@@ -406,7 +407,7 @@ class KvmL0(MachineHypervisor):
         exit information the same way, never the rule's Decision)."""
         self._tpr_from_guest(vcpu)
         reason = vcpu.vmcs.vmread(_EXIT_REASON) & ER.BASIC_REASON_MASK
-        handler = self._handlers.get(reason)
+        handler = self.handlers.get(reason)
         if handler is None:
             self._fatal(vcpu, f"the L0 has no handler for exit {ER.name_of(reason)} at RIP "
                               f"{vcpu.vmcs.get(F.GUEST_RIP):#x}")

@@ -637,35 +637,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             if self._straddle_exit is not None and self.rip() == self._straddle_exit:
                 self._drop_straddle_exit()      # stopped in front of it: now run it
             self._stop_reason = None
-            self._uncount = 0
-            self._budget = remaining
-            self.fetch_fault = self.write_fault = None
-            self._watch_hit = None
-            begin = self.probe.reg(X.UC_X86_REG_RIP)
-            self.probe.clear_fault_tracking()
-            self._counted = det
-            self._in_run = True
-            self._hook_ns = 0
-            self._run_events = 0
-            self._run_wall0 = time.perf_counter_ns()
-            err = None
-            try:
-                if det:
-                    uc.emu_start(begin, IMPOSSIBLE_PC, 0, remaining)
-                else:
-                    uc.emu_start(begin, IMPOSSIBLE_PC, wall_timeout_us, 0)
-            except UcError as e:
-                err = e
-            finally:
-                if det:
-                    retired = min(self.probe.executed(), remaining) - self._uncount
-                else:
-                    retired = self._free_run_estimate()
-                self._in_run = False
-            retired = max(retired, 0)
-            self.icount += retired
-            self.clock += retired + self._extra_ns
-            self._extra_ns = 0
+            retired, err = self._engine_run(remaining if det else None, wall_timeout_us)
             if det:
                 remaining -= retired
             try:
@@ -713,6 +685,44 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             if remaining <= 0:
                 return None
 
+    def _engine_run(self, count: int | None, wall_timeout_us: int = 0):
+        """One emu_start from RIP: exactly ``count`` instructions at most, or
+        (None, fast mode) free-running for ``wall_timeout_us``; the retired
+        instructions (hooks' cancellations taken off) are added to the count
+        and the clock.  Returns (retired, the engine's error or None).  Both
+        :meth:`run` and the single steps go through here."""
+        self._uncount = 0
+        self._budget = count or 0
+        self.fetch_fault = self.write_fault = None
+        self._watch_hit = None
+        self.probe.clear_fault_tracking()
+        det = count is not None
+        self._counted = det
+        self._hook_ns = 0
+        self._run_events = 0
+        self._run_wall0 = time.perf_counter_ns()
+        self._in_run = True
+        err = None
+        try:
+            begin = self.probe.reg(X.UC_X86_REG_RIP)
+            if det:
+                self.uc.emu_start(begin, IMPOSSIBLE_PC, 0, count)
+            else:
+                self.uc.emu_start(begin, IMPOSSIBLE_PC, wall_timeout_us, 0)
+        except UcError as e:
+            err = e
+        finally:
+            if det:
+                retired = min(self.probe.executed(), count) - self._uncount
+            else:
+                retired = self._free_run_estimate()
+            self._in_run = False
+        retired = max(retired, 0)
+        self.icount += retired
+        self.clock += retired + self._extra_ns
+        self._extra_ns = 0
+        return retired, err
+
     def _step_one(self) -> int:
         """Run exactly one instruction (the one a hook stopped at), then apply
         what it may have changed: the paging mode and the register API."""
@@ -722,26 +732,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             return self.icount - icount
         if self._straddle_exit is not None and self.rip() == self._straddle_exit:
             self._drop_straddle_exit()
-        self._uncount = 0
-        self._budget = 1
-        self.fetch_fault = self.write_fault = None
-        self._watch_hit = None
-        self._in_run = True
-        self._counted = True
-        err = None
-        self.probe.clear_fault_tracking()
-        try:
-            self.uc.emu_start(self.probe.reg(X.UC_X86_REG_RIP), IMPOSSIBLE_PC, 0, 1)
-        except UcError as e:
-            err = e
-        finally:
-            retired = max(min(self.probe.executed(), 1) - self._uncount, 0)
-            self._in_run = False
+        retired, err = self._engine_run(1)
         if self._task_switch_from is not None:
             self._after_task_switch_step(err is None)
-        self.icount += retired
-        self.clock += retired + self._extra_ns
-        self._extra_ns = 0
         try:
             if err is not None:
                 self._handle_engine_error(err)
