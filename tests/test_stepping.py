@@ -235,3 +235,15 @@ def test_exit_records_are_bounded_and_counts_complete():
     assert len(res.exits) == 100
     assert res.exits_dropped == sum(res.exit_counts.values()) - 100 > 0
     assert len(m.recent_exits) == m.recent_exits.maxlen
+
+
+def test_the_architecture_docs_example_runs(monkeypatch):
+    root = GUESTS.parent
+    text = (root / "docs" / "architecture.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(root)
+    scope: dict = {}
+    exec(compile(code, "docs/architecture.md", "exec"), scope)
+    m = scope["m"]
+    assert m.verdict == "pass"
+    assert scope["stop"].kind in (StopKind.STEP, StopKind.BREAKPOINT, StopKind.VM_EXIT)
