@@ -41,8 +41,9 @@ virtual_ns, events (sensitive event kind -> count), wall_s, mips, exit_status,
 markers (per core: [begin, end] instruction counts of each steady-state
 window), message, mode, arch, config; and for --arch vmx: exits (one object per
 VM exit: core, reason (basic exit reason), name, entry_failure, qualification,
-instruction_length, rip, in_window), exit_counts and window_exit_counts (by
-exit name; window: inside a core's steady-state window).
+instruction_length, rip, in_window) for the first --exit-records exits,
+exits_dropped (the exits after those), exit_counts and window_exit_counts (by
+exit name, always complete; window: inside a core's steady-state window).
 
 configurations (--arch vmx): stock is KVM's default VMCS with EPT and
 unrestricted guest, APICv off, PAUSE-loop exiting on; devirt is KVM-devirt:
@@ -79,6 +80,18 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _records(text: str) -> int | bool:
+    if text == "all":
+        return True
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'all': {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0: {text}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="devirt-emu", description=DESCRIPTION,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --arch vmx: stock KVM (default) or KVM-devirt")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     r.add_argument("--trace", metavar="FILE", help="write every event to FILE as JSON Lines")
+    r.add_argument("--exit-records", type=_records, default=10_000, metavar="N|all",
+                   help="VM exit records --json lists: the first N (default 10000) or all; "
+                        "the counts are always complete")
     return p
 
 
@@ -168,6 +184,7 @@ def cmd_run(args) -> int:
                           quantum=args.quantum, arch=args.arch, config=args.config,
                           max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
                           trace=trace if trace_file else None,
+                          record_exits=args.exit_records if args.json else False,
                           on_serial=None if args.json else on_serial)
     except (AsmError, GuestError, ValueError, OSError) as e:
         print(f"devirt-emu: error: {e}", file=sys.stderr)

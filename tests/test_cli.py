@@ -39,6 +39,17 @@ def test_json_has_every_documented_key():
     assert d["events"]["OUT"] > 0
 
 
+def test_json_exit_records_are_the_first_n_and_the_counts_complete():
+    p = cli("run", HELLO, "--arch", "vmx", "--json", "--exit-records", "5")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    total = sum(d["exit_counts"].values())
+    assert len(d["exits"]) == 5 and d["exits_dropped"] == total - 5 > 0
+    full = json.loads(cli("run", HELLO, "--arch", "vmx", "--json", "--exit-records", "all").stdout)
+    assert full["exits"][:5] == d["exits"] and len(full["exits"]) == total
+    assert full["exits_dropped"] == 0
+
+
 def test_text_summary_and_vmx_table():
     p = cli("run", HELLO, "--arch", "vmx", "--config", "devirt")
     assert p.returncode == 0, p.stderr
@@ -83,7 +94,9 @@ def test_assembly_error_names_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("args", [("run", HELLO, "--cores", "0"), ("run", HELLO, "--cores", "x"),
                                   ("run", HELLO, "--arch", "svm"), ("run", HELLO, "--bogus"),
-                                  ("run", HELLO, "--config", "devirt"), ("run", HELLO, "--mem", "8")])
+                                  ("run", HELLO, "--config", "devirt"), ("run", HELLO, "--mem", "8"),
+                                  ("run", HELLO, "--exit-records", "-1"),
+                                  ("run", HELLO, "--exit-records", "some")])
 def test_bad_options(args):
     p = cli(*args)
     assert p.returncode == 2
