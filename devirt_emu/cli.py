@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exit-records", type=_records, default=10_000, metavar="N|all",
                    help="VM exit records --json lists: the first N (default 10000) or all; "
                         "the counts are always complete")
+    r.set_defaults(func=cmd_run)
+    # Further subcommands live in their own modules: each registers its parser on ``sub`` and
+    # sets ``func`` to its handler (one line here per subcommand).
     return p
 
 
@@ -211,9 +214,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "run":
-        return cmd_run(args)
-    return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":
