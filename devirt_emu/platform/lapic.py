@@ -391,10 +391,6 @@ class LocalApic:
         self._reset_registers()
 
     @property
-    def apic_base(self) -> int:
-        return self._apic_base
-
-    @property
     def x2apic_enabled(self) -> bool:
         return _apic_state(self._apic_base) == "x2apic"
 
@@ -434,10 +430,6 @@ class LocalApic:
     @property
     def isr(self) -> int:
         return self._isr
-
-    @property
-    def tmr(self) -> int:
-        return self._tmr
 
     @property
     def tpr(self) -> int:
