@@ -73,6 +73,8 @@ from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_ERR_FETCH_PROT, UC_ERR_FE
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib  # (see _add_site_hook)
 
+from ..x86 import (ERROR_CODE_VECTORS, MSR_EFER, X86_EFLAGS_DF, X86_EFLAGS_IF, X86_EFLAGS_NT,
+                   X86_EFLAGS_OF, X86_EFLAGS_RF, X86_EFLAGS_TF, X86_EFLAGS_VM)
 from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from ..virt import Delivery, EventType
@@ -85,7 +87,6 @@ from .memory import PAGE_SIZE, PhysicalAccessError
 from .msrs import check_read, check_write
 from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
-from .rflags import RFLAGS_DF, RFLAGS_IF, RFLAGS_NT, RFLAGS_OF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitching
 from .watch import PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, PaeRegisters,
@@ -111,7 +112,6 @@ CALM_RUN = 20_000
 #: Virtual nanoseconds one PAUSE takes (about 140 cycles on Skylake and later).
 PAUSE_NS = 140
 
-MSR_EFER = 0xC0000080
 
 GPR_IDS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX,
            X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
@@ -154,7 +154,6 @@ _SOFT_EVENT_TYPE = {Kind.INT: EventType.SOFTWARE_INTERRUPT, Kind.INT3: EventType
 
 # Exception classes for the double-fault rule (SDM "Conditions for Generating a Double Fault").
 _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
-_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 
 
 # Kinds that the modelled CPU does not implement natively: #UD.
@@ -367,7 +366,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
     def code_size(self) -> int:
         """16, 32 or 64: the current code size (CS.L/CS.D in protected mode; 16 in
         real-address and virtual-8086 mode)."""
-        if not self.probe.reg(X.UC_X86_REG_CR0) & 1 or self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_VM:
+        if not self.probe.reg(X.UC_X86_REG_CR0) & 1 or self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_VM:
             return 16
         desc = self._descriptor(self.probe.reg(X.UC_X86_REG_CS))
         if desc is None:
@@ -616,7 +615,6 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         Returns the reason the core stopped early ("halt", "shutdown", "check",
         "exit") or None when the budget was used up.
         """
-        uc = self.uc
         if self._at_breakpoint is not None:
             at, self._at_breakpoint = self._at_breakpoint, None
             if at == self.rip() and at in self.breakpoints and self.state is State.RUNNING:
@@ -1110,7 +1108,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         # An exception raised by Unicorn (INT n and friends are hooked before they run).
         self.probe.clear_fault_tracking()
         self._uncount += 1
-        ec = self.probe.error_code() if intno in _ERROR_CODE_VECTORS else None
+        ec = self.probe.error_code() if intno in ERROR_CODE_VECTORS else None
         cr2 = None
         if intno == 14:
             # QEMU has written CR2 already; architecturally only the #PF's delivery
@@ -1301,7 +1299,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         amask = (1 << (8 * insn.addr_size)) - 1
         creg = {8: X.UC_X86_REG_RCX, 4: X.UC_X86_REG_ECX, 2: X.UC_X86_REG_CX}[insn.addr_size]
         count = self.probe.reg(creg) if insn.rep else 1
-        step = -size if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_DF else size
+        step = -size if self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_DF else size
         is_in = insn.kind is Kind.INS
         ireg = {8: X.UC_X86_REG_RDI, 4: X.UC_X86_REG_EDI, 2: X.UC_X86_REG_DI}[insn.addr_size] if is_in else \
             {8: X.UC_X86_REG_RSI, 4: X.UC_X86_REG_ESI, 2: X.UC_X86_REG_SI}[insn.addr_size]
@@ -1370,8 +1368,8 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         uc = self.uc
         fl = self.probe.reg(X.UC_X86_REG_EFLAGS)
         self._skip(address, insn)
-        if not fl & RFLAGS_IF:
-            uc.reg_write(X.UC_X86_REG_EFLAGS, fl | RFLAGS_IF)
+        if not fl & X86_EFLAGS_IF:
+            uc.reg_write(X.UC_X86_REG_EFLAGS, fl | X86_EFLAGS_IF)
             self.shadow_at = self.retired_now() + 1
             if self.interrupt_wanted():
                 self.request_stop("check")
@@ -1416,7 +1414,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
     def _h_into(self, address, insn):
         """INTO (outside 64-bit mode, where it is not decoded as INTO): #OF, delivered
         as INT3 is (a software exception), if RFLAGS.OF = 1; else nothing."""
-        if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_OF:
+        if self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_OF:
             self._h_int(address, insn)
         else:
             self._skip(address, insn)
@@ -1573,9 +1571,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
                 self.write_linear(rsp, struct.pack(f"<{len(frame)}Q", *reversed(frame)))
         except PageFault as pf:
             raise _Fault(14, pf.error_code, pf.linear) from None
-        new_flags = rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
+        new_flags = rflags & ~(X86_EFLAGS_TF | X86_EFLAGS_NT | X86_EFLAGS_RF | X86_EFLAGS_VM)
         if gtype == 0xE:
-            new_flags &= ~RFLAGS_IF
+            new_flags &= ~X86_EFLAGS_IF
         if new_cpl < cpl:
             self.load_segment(2, new_cpl)
         if selector != old_cs:
@@ -1637,7 +1635,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             self._wake()
             self._deliver_external(2, nmi=True)
             return False
-        if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF:
+        if self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF:
             vec = lapic.pending_vector()
             if vec is not None:
                 self.count(Kind.INTERRUPT)
@@ -1696,7 +1694,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         if self.state is State.HALTED:
             if lapic.init_pending or (lapic.nmi_pending and not self.nmi_blocked):
                 return True
-            return bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF) and \
+            return bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF) and \
                 lapic.pending_vector() is not None
         return self.state is State.RUNNING
 

@@ -40,16 +40,16 @@ from typing import Optional
 
 from unicorn import x86_const as X
 
+from ..x86 import (X86_CR4_VME, X86_EFLAGS_AC, X86_EFLAGS_IF, X86_EFLAGS_NT, X86_EFLAGS_RF,
+                   X86_EFLAGS_TF, X86_EFLAGS_VM)
 from . import descriptors as D
 from .descriptors import descriptor_cache, flags_to_ar, selector_error_code
 from .errors import GuestError, _Fault
 from .paging import PageFault, UnsupportedPaging
-from .rflags import RFLAGS_AC, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
 from .tasks import tss_layout
 from .ucinternals import ENV_IDT
 
 GP, NP, SS, TS, PF = 13, 11, 12, 10, 14
-CR4_VME = 1 << 0
 _DESC_B = 1 << 22                 # SegmentCache.flags: the B (big) bit of a stack segment
 _FLAGS_CODE, _FLAGS_EXPAND_DOWN = 1 << 11, 1 << 10
 
@@ -107,7 +107,7 @@ class LegacyDelivery:
         for off, value in zip(offsets, (flags, cs_sel, return_rip - cs_base)):
             self._write_linear_fault(ss_base + off, (value & 0xFFFF).to_bytes(2, "little"))
         self._set_sp(esp, sp, ss_flags)
-        self.uc.reg_write(X.UC_X86_REG_EFLAGS, flags & ~(RFLAGS_IF | RFLAGS_TF | RFLAGS_AC | RFLAGS_RF))
+        self.uc.reg_write(X.UC_X86_REG_EFLAGS, flags & ~(X86_EFLAGS_IF | X86_EFLAGS_TF | X86_EFLAGS_AC | X86_EFLAGS_RF))
         # a real-mode load of CS changes its selector and base only
         self.probe.set_segment(1, cs, cs << 4, cs_limit, cs_flags)
         self.probe.fix_hflags()
@@ -119,7 +119,7 @@ class LegacyDelivery:
         ext = 0 if soft else 1
         idt_ec = vector * 8 + 2 + ext
         fl = self.probe.reg(X.UC_X86_REG_EFLAGS)
-        v86 = bool(fl & RFLAGS_VM)
+        v86 = bool(fl & X86_EFLAGS_VM)
         cpl = self.cpl()
         idt_base, idt_limit = self.probe.dtr(ENV_IDT)
         if vector * 8 + 7 > idt_limit:
@@ -194,9 +194,9 @@ class LegacyDelivery:
         self.write_segment(1, (selector & ~3) | new_cpl, cs_base, cs_limit,
                            flags_to_ar(cs_flags | (1 << 8)))
         self._set_sp(new_esp, sp, ss_flags)
-        new_flags = fl & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_VM | RFLAGS_RF)
+        new_flags = fl & ~(X86_EFLAGS_TF | X86_EFLAGS_NT | X86_EFLAGS_VM | X86_EFLAGS_RF)
         if not gtype & 1:                      # an interrupt gate (a trap gate leaves IF)
-            new_flags &= ~RFLAGS_IF
+            new_flags &= ~X86_EFLAGS_IF
         self.uc.reg_write(X.UC_X86_REG_EFLAGS, new_flags)
         self.probe.set_eip(offset)
         return True
@@ -253,9 +253,9 @@ class LegacyDelivery:
         """INT n in virtual-8086 mode: #GP(0) when IOPL < 3; with CR4.VME = 1 the
         redirection of INT n to the 8086 vector table is not modelled."""
         fl = self.probe.reg(X.UC_X86_REG_EFLAGS)
-        if not fl & RFLAGS_VM or not self.probe.cr(0) & 1:
+        if not fl & X86_EFLAGS_VM or not self.probe.cr(0) & 1:
             return
-        if self.probe.cr(4) & CR4_VME:
+        if self.probe.cr(4) & X86_CR4_VME:
             raise GuestError(f"core {self.index}: INT n in virtual-8086 mode with CR4.VME=1 at "
                              f"{self.rip():#x}: the virtual-8086 mode extensions are not modelled")
         if (fl >> 12) & 3 < 3:

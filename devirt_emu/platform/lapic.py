@@ -83,6 +83,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
+from ..x86 import MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
 
 __all__ = [
     "GeneralProtection", "ApicRegister", "APIC_REGISTERS", "APIC_REGISTERS_BY_OFFSET",
@@ -105,8 +106,6 @@ class GeneralProtection(Exception):
 #: report the same): bits at and above it are reserved in IA32_APIC_BASE.
 MAXPHYADDR = 46
 
-MSR_IA32_APICBASE = 0x1B
-MSR_IA32_TSC_DEADLINE = 0x6E0
 APIC_BASE_MSR = 0x800           # first x2APIC MSR
 X2APIC_MSR_LAST = 0x8FF
 

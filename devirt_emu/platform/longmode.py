@@ -22,6 +22,7 @@ RFLAGS = 0x2 (interrupts off), RSP = 0x9F000.
 from __future__ import annotations
 
 import struct
+from ..x86 import MSR_EFER
 
 from unicorn import x86_const as X
 
@@ -81,7 +82,7 @@ def enter(core, rip: int, rsp: int = STACK_TOP) -> None:
     uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT, 256 * 16 - 1, 0))
     uc.reg_write(X.UC_X86_REG_CR3, PML4)
     uc.reg_write(X.UC_X86_REG_CR4, CR4)
-    uc.reg_write(X.UC_X86_REG_MSR, (0xC0000080, EFER & ~0x400))
+    uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, EFER & ~0x400))
     uc.reg_write(X.UC_X86_REG_CR0, CR0)
     core.load_segment(1, KERNEL_CS)
     for seg in (0, 2, 3):

@@ -15,16 +15,15 @@ from typing import Optional
 
 from unicorn import x86_const as X
 
+from ..x86 import X86_CR0_PG, X86_CR0_TS, X86_EFLAGS_NT, X86_EFLAGS_VM
 from ..events import Event, Insn, Kind
 from . import tasks
 from .delivery import push_offsets
 from .descriptors import desc_type, descriptor_cache, flags_to_ar
 from .errors import GuestError, _Fault
 from .paging import PageFault, UnsupportedPaging
-from .rflags import RFLAGS_NT, RFLAGS_VM
 from .ucinternals import ENV_GDT, HF_LMA, HF_PE
 
-CR0_TS, CR0_PG = 1 << 3, 1 << 31
 #: DR7 L0-L3: the local breakpoint enables a task switch clears.
 DR7_LOCAL_ENABLES = 0x55
 #: Instructions that may attempt a task switch (see TaskSwitching._task_switch_insn).
@@ -58,9 +57,9 @@ class TaskSwitching:
         if not hf & HF_PE or hf & HF_LMA:
             return kind is not Kind.IRET
         fl = self.probe.reg(X.UC_X86_REG_EFLAGS)
-        if fl & RFLAGS_VM:
+        if fl & X86_EFLAGS_VM:
             return kind is not Kind.IRET
-        if kind is Kind.IRET and not fl & RFLAGS_NT:
+        if kind is Kind.IRET and not fl & X86_EFLAGS_NT:
             return False
         t0 = time.perf_counter_ns()
         try:
@@ -233,13 +232,13 @@ class TaskSwitching:
         self.write_segment(7, tss_selector, new_base, new_limit,
                            flags_to_ar((new_flags & ~0xF00) | (busy << 8)))
         uc = self.uc
-        uc.reg_write(X.UC_X86_REG_CR0, p.cr(0) | CR0_TS)
+        uc.reg_write(X.UC_X86_REG_CR0, p.cr(0) | X86_CR0_TS)
         rfmt = "<" + ("I" if new.width == 4 else "H")
-        if new.cr3 is not None and p.cr(0) & CR0_PG:
+        if new.cr3 is not None and p.cr(0) & X86_CR0_PG:
             uc.reg_write(X.UC_X86_REG_CR3, struct.unpack_from("<I", image, new.cr3)[0])
             self.after_mode_change()
         new_eip = struct.unpack_from(rfmt, image, new.eip)[0]
-        new_eflags = struct.unpack_from(rfmt, image, new.eflags)[0] | RFLAGS_NT
+        new_eflags = struct.unpack_from(rfmt, image, new.eflags)[0] | X86_EFLAGS_NT
         upper = 0 if new.width == 4 else 0xFFFF0000
         for i in range(8):
             p.set_gpr(i, struct.unpack_from(rfmt, image, new.gprs + i * new.width)[0] | upper)
@@ -253,7 +252,7 @@ class TaskSwitching:
         self.write_segment(6, ldt_sel, 0, 0, 1 << 16)
         p.set_eip(new_eip)
         try:
-            self._load_task_segments(sels, ldt_sel, bool(new_eflags & RFLAGS_VM), ext)
+            self._load_task_segments(sels, ldt_sel, bool(new_eflags & X86_EFLAGS_VM), ext)
         except tasks.TaskFault as f:
             raise _Fault(f.vector, f.error_code) from None
         _, cs_base, cs_limit, _ = p.segment(1)

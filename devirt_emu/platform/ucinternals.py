@@ -32,6 +32,7 @@ import ctypes
 import struct
 from dataclasses import dataclass
 from functools import partial
+from ..x86 import MSR_EFER
 
 from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_16, UC_MODE_32,
                      UC_MODE_64, Uc, UcError)
@@ -187,7 +188,7 @@ def _paged_engine():
     mu.mem_write(0x3000, struct.pack("<Q", 0x83))
     mu.reg_write(UC_X86_REG_CR3, 0x1000)
     mu.reg_write(UC_X86_REG_CR4, mu.reg_read(UC_X86_REG_CR4) | 0x20)
-    mu.reg_write(UC_X86_REG_MSR, (0xC0000080, 0x500))
+    mu.reg_write(UC_X86_REG_MSR, (MSR_EFER, 0x500))
     mu.reg_write(UC_X86_REG_CR0, mu.reg_read(UC_X86_REG_CR0) | 0x80010001)
     mu.reg_write(UC_X86_REG_RSP, 0x8000)
     return mu
