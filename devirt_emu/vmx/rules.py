@@ -87,7 +87,10 @@ from devirt_emu.x86 import (EFER_LMA, ERROR_CODE_VECTORS, EXCEPTION_NAMES, X86_C
                             X86_EFLAGS_VM)
 from devirt_emu.events import GPR_NAMES, IO_SHAPE, Event, Kind
 from devirt_emu.vmx import controls as C
+from devirt_emu.platform.lapic import MAXPHYADDR
+from devirt_emu.vmx import capabilities as vcaps
 from devirt_emu.vmx import exit_info as xi
+from devirt_emu.vmx.entry import eptp_problem
 from devirt_emu.vmx import exit_reasons as er
 from devirt_emu.vmx.exit_reasons import Length, Timing
 from devirt_emu.vmx.fields import VmcsField as F
@@ -193,6 +196,9 @@ class Fault:
 
 
 Outcome = Union[Decision, Fault]
+
+#: The modelled CPU's IA32_VMX_EPT_VPID_CAP (what VMFUNC's EPTP check reads, as VM entry does).
+_EPT_VPID_CAP = vcaps.VMX_CAPABILITY_MSRS.get(vcaps.MSR_IA32_VMX_EPT_VPID_CAP, 0)
 
 # Architectural register bits used below.
 _DR7_GD = 1 << 13
@@ -442,27 +448,13 @@ def _vmfunc(ev, vmcs, rm, pl):
     if ecx >= C.VMFUNC_EPTP_ENTRIES:
         return _exit(er.VMFUNC, ev, (c0, "EPTP switching", f"ECX={ecx} >= 512"))
     entry = int.from_bytes(rm(vmcs.vmread(F.EPTP_LIST_ADDRESS) + 8 * ecx, 8), "little")
-    problem = _eptp_problem(entry)
+    # SDM "EPTP Switching": an EPTP that VM entry would reject causes the VM exit.
+    problem = eptp_problem(entry, _EPT_VPID_CAP, MAXPHYADDR)
     if problem:
         return _exit(er.VMFUNC, ev, (c0, "EPTP switching",
                                      f"EPTP list entry {ecx} = {entry:#x}: {problem}"))
     return _no(c0, "VM_FUNCTION_CONTROL bit 0=1",
                f"EPTP switching to list entry {ecx} = {entry:#x} (valid): no VM exit")
-
-
-def _eptp_problem(eptp: int) -> Optional[str]:
-    """Why an EPTP would be invalid for EPTP switching (SDM: the VM-entry
-    checks on the EPTP), None if valid.  4-level walks only; physical
-    addresses up to 52 bits; no supervisor shadow-stack control."""
-    if eptp & C.VMX_EPTP_MT_MASK not in (C.VMX_EPTP_MT_UC, C.VMX_EPTP_MT_WB):
-        return f"memory type {eptp & C.VMX_EPTP_MT_MASK} is not UC (0) or WB (6)"
-    if eptp & C.VMX_EPTP_PWL_MASK != C.VMX_EPTP_PWL_4:
-        return f"page-walk length {((eptp & C.VMX_EPTP_PWL_MASK) >> 3) + 1} is not 4"
-    if eptp & (C.VMX_EPTP_SSS_ENABLE_BIT | C.VMX_EPTP_RESERVED_LOW_MASK):
-        return "reserved bits 11:7 are not 0"
-    if eptp >> 52:
-        return "bits 63:52 are not 0"
-    return None
 
 
 def _encls_like(ev, vmcs, control: int, control_name: str, bitmap_field, number: int):
@@ -1020,7 +1012,7 @@ def _exception_exit(ev, vmcs, vector: int, itype: int, cause_prefix: tuple) -> O
     in_bitmap = bitmap >> vector & 1
     c0 = f"EXCEPTION_BITMAP bit {vector}={in_bitmap}"
     regs = ev.regs
-    hard = itype == xi.INTR_TYPE_HARD_EXCEPTION
+    hard = itype == C.INTR_TYPE_HARD_EXCEPTION
     error_code = None
     if hard and vector in ERROR_CODE_VECTORS and _protected(regs):
         error_code = ev.error_code
@@ -1059,7 +1051,7 @@ def _exception_exit(ev, vmcs, vector: int, itype: int, cause_prefix: tuple) -> O
     # those instructions do nothing but deliver, so any exception they raise
     # is one.  (The IDT-vectoring information of that case is the caller's.)
     length = (ev.insn.length if ev.insn is not None and
-              (itype != xi.INTR_TYPE_HARD_EXCEPTION or ev.insn.kind in _DELIVERY_KINDS)
+              (itype != C.INTR_TYPE_HARD_EXCEPTION or ev.insn.kind in _DELIVERY_KINDS)
               else None)
     return _exit(er.EXCEPTION_NMI, ev, cause, qual, length=length, interruption=info,
                  error_code=error_code)
@@ -1068,9 +1060,9 @@ def _exception_exit(ev, vmcs, vector: int, itype: int, cause_prefix: tuple) -> O
 _DELIVERY_KINDS = frozenset({Kind.INT, Kind.INT3, Kind.INTO, Kind.INT1})
 
 
-_SOFTWARE_EXCEPTION = {Kind.INT3: (3, xi.INTR_TYPE_SOFT_EXCEPTION),
-                       Kind.INTO: (4, xi.INTR_TYPE_SOFT_EXCEPTION),
-                       Kind.INT1: (1, xi.INTR_TYPE_PRIV_SW_EXCEPTION)}
+_SOFTWARE_EXCEPTION = {Kind.INT3: (3, C.INTR_TYPE_SOFT_EXCEPTION),
+                       Kind.INTO: (4, C.INTR_TYPE_SOFT_EXCEPTION),
+                       Kind.INT1: (1, C.INTR_TYPE_PRIV_SW_EXCEPTION)}
 
 
 def _exception(ev, vmcs, rm, pl):
@@ -1083,7 +1075,7 @@ def _exception(ev, vmcs, rm, pl):
     if src in _SOFTWARE_EXCEPTION and _SOFTWARE_EXCEPTION[src][0] == vector:
         itype = _SOFTWARE_EXCEPTION[src][1]
     else:
-        itype = xi.INTR_TYPE_HARD_EXCEPTION
+        itype = C.INTR_TYPE_HARD_EXCEPTION
     return _exception_exit(ev, vmcs, vector, itype, ())
 
 
@@ -1101,7 +1093,7 @@ def _nmi(ev, vmcs, rm, pl):
     pin = vmcs.vmread(_PIN)
     if pin & C.PIN_BASED_NMI_EXITING:
         return _exit(er.EXCEPTION_NMI, ev, ("PIN_BASED_NMI_EXITING=1",),
-                     interruption=xi.interruption_info(2, xi.INTR_TYPE_NMI))
+                     interruption=xi.interruption_info(2, C.INTR_TYPE_NMI_INTR))
     return _no("PIN_BASED_NMI_EXITING=0", "NMI delivered through the guest IDT")
 
 
@@ -1123,7 +1115,7 @@ def _interrupt(ev, vmcs, rm, pl):
     return _exit(er.EXTERNAL_INTERRUPT, ev, (c0, "VM_EXIT_ACK_INTR_ON_EXIT=1: acknowledged, "
                                                  f"vector {vector:#x} in the interruption "
                                                  "information"),
-                 interruption=xi.interruption_info(vector, xi.INTR_TYPE_EXT_INTR))
+                 interruption=xi.interruption_info(vector, C.INTR_TYPE_EXT_INTR))
 
 
 def _init(ev, vmcs, rm, pl):
