@@ -152,6 +152,10 @@ _KIND_IN, _KIND_TASK_SWITCH = Kind.IN, Kind.TASK_SWITCH
 _SOFT_EVENT_TYPE = {Kind.INT: EventType.SOFTWARE_INTERRUPT, Kind.INT3: EventType.SOFTWARE_EXCEPTION,
                     Kind.INTO: EventType.SOFTWARE_EXCEPTION}
 
+#: Stop reasons a hook gives for a stop the stepping API asked for (Machine.stop_on_exit,
+#: watchpoints, Machine.stop_on_vector).
+_USER_STOPS = frozenset({"vm-exit", "watch", "vector"})
+
 # Exception classes for the double-fault rule (SDM "Conditions for Generating a Double Fault").
 _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 
@@ -1613,6 +1617,11 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
                 self._stop_reason = None
                 if self._step_one():
                     break
+                if self._stop_reason in _USER_STOPS:
+                    # the stepping API stops here (a VM exit it asked for, a watchpoint, a
+                    # vector): the instruction stays pending, not tried again
+                    self._stop_reason = None
+                    return False
             self._stop_reason = None
             if self.state is not State.RUNNING or self.machine.verdict is not None:
                 return False
