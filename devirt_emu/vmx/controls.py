@@ -402,6 +402,10 @@ def vmx_basic_revision_id(vmx_basic: int) -> int:
     return vmx_basic & VMX_BASIC_REVISION_MASK
 
 
+def vmx_basic_vmcs_size(vmx_basic: int) -> int:
+    return (vmx_basic & VMX_BASIC_VMCS_SIZE_MASK) >> VMX_BASIC_VMCS_SIZE_SHIFT
+
+
 def vmx_basic_encode(revision: int, size: int, memtype: int, flags: int = 0) -> int:
     """IA32_VMX_BASIC from its fields; ``flags`` are VMX_BASIC_* single bits."""
     if not 0 <= revision <= VMX_BASIC_REVISION_MASK:
@@ -438,6 +442,10 @@ VMX_MISC = _table(
     "VMX_MISC_ACTIVITY_WAIT_SIPI", "VMX_MISC_INTEL_PT", "VMX_MISC_RDMSR_IN_SMM",
     "VMX_MISC_VMXOFF_BLOCK_SMI", "VMX_MISC_VMWRITE_SHADOW_RO_FIELDS", "VMX_MISC_ZERO_LEN_INS",
 )
+
+
+def vmx_misc_preemption_timer_rate(vmx_misc: int) -> int:
+    return vmx_misc & VMX_MISC_PREEMPTION_TIMER_RATE_MASK
 
 
 def vmx_misc_cr3_count(vmx_misc: int) -> int:
