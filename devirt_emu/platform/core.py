@@ -81,13 +81,14 @@ from ..virt import Delivery, EventType
 from . import cpuid as cpuid_model
 from . import tasks
 from .delivery import LegacyDelivery
+from .descriptors import DescriptorTables
 from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-exported)
 from .lapic import GeneralProtection
 from .memory import PAGE_SIZE, PhysicalAccessError
 from .msrs import check_read, check_write
 from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
-from .task_switch import TASK_SWITCH_INSNS, TaskSwitching
+from .task_switch import TASK_SWITCH_INSNS, TaskSwitcher
 from .watch import PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, PaeRegisters,
                   SecondStage, Stage2Fault, VirtualTlb, instruction_length)
@@ -203,7 +204,7 @@ class LazyRegs(dict):
             return default
 
 
-class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegisters):
+class Core(PageWatching, SecondStage, PaeRegisters):
     """One logical processor of a :class:`~devirt_emu.machine.Machine`."""
 
     def __init__(self, machine, index: int, lapic):
@@ -243,7 +244,10 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self.reset_pdpte_registers()           # the PDPTE registers of PAE paging (PaeRegisters)
         self.iret_unblocked_nmi = False        # the IRET being stepped unblocked NMIs
         self._straddle_exit: int | None = None  # temporary engine exit (see _straddle_fetch)
-        self._task_switch_from: tuple | None = None   # (address, TR) of a task switch being stepped
+        # parts: the GDT/LDT, task switches, delivery outside IA-32e mode
+        self.tables = DescriptorTables(self)
+        self.task_switcher = TaskSwitcher(self, self.tables)
+        self.legacy = LegacyDelivery(self, self.tables)
         self.trace = machine.trace
         # page scanning
         self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
@@ -735,7 +739,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         if self._straddle_exit is not None and self.rip() == self._straddle_exit:
             self._drop_straddle_exit()
         retired, err = self._engine_run(1)
-        if self._task_switch_from is not None:
+        if self.task_switcher.stepping_from is not None:
             self._after_task_switch_step(err is None)
         try:
             if err is not None:
@@ -879,9 +883,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         """Execute an instruction event with the platform's own semantics (what an L0
         does to emulate it on the hardware).  Instructions Unicorn executes itself are
         left to it: RIP stays at the instruction.  A TASK_SWITCH event is performed
-        (see TaskSwitching.emulate_task_switch)."""
+        (see TaskSwitcher.emulate)."""
         if event.kind is _KIND_TASK_SWITCH:
-            self.emulate_task_switch(event)
+            self.task_switcher.emulate(event)
             return
         self._handlers[event.kind](event.rip, event.insn)
 
@@ -1041,10 +1045,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
     def _dispatch(self, address: int, insn: Insn) -> None:
         """A sensitive instruction is about to execute (from its hook or an exit)."""
         kind = insn.kind
-        if kind in TASK_SWITCH_INSNS and self._task_switch_insn(address, insn):
+        if kind in TASK_SWITCH_INSNS and self._far_transfer(address, insn):
             return          # an ordinary far JMP/CALL (Unicorn's), or a task-switch attempt
-        self.count(kind)
-        self._run_events += 1
+        self.count_event(kind)
         timed = not self._counted           # fast mode estimates time from the hooks' share
         if timed:
             t0 = time.perf_counter_ns()
@@ -1067,6 +1070,22 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         finally:
             if timed:
                 self._hook_ns += time.perf_counter_ns() - t0
+
+    def _far_transfer(self, address: int, insn: Insn) -> bool:
+        """A far JMP/CALL or IRET: the task switcher's (True), or an IRET's usual path (False)."""
+        t0 = time.perf_counter_ns()
+        try:
+            return self.task_switcher.far_transfer(address, insn)
+        except Exception as e:
+            self._hook_failed(e)
+            return True
+        finally:
+            self._hook_ns += time.perf_counter_ns() - t0
+
+    def count_event(self, kind: Kind) -> None:
+        """A sensitive event is dispatched in this run: counted, and the run is not calm."""
+        self.count(kind)
+        self._run_events += 1
 
     def _hook_failed(self, e: Exception) -> None:
         """What ends a hooked instruction early: an exception to deliver, a VM exit
@@ -1102,7 +1121,11 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         """The core emulated the instruction: continue after it."""
         self.set_rip(address + insn.length)
 
-    def _step_then_check(self, address: int) -> None:
+    def rearm_after_step(self) -> None:
+        """Re-arm every page's scan after the instruction being stepped (it may change CR3)."""
+        self._rearm_after_step = True
+
+    def step_then_check(self, address: int) -> None:
         """Stop before this instruction; the run loop executes it alone, then checks interrupts."""
         self._skip_once = address
         self._uncount += 1
@@ -1191,7 +1214,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             raise _Fault(13, 0)
 
     def _h_step(self, address, insn):
-        self._step_then_check(address)
+        self.step_then_check(address)
 
     def _h_rdmsr(self, address, insn):
         self._require_cpl0()
@@ -1353,7 +1376,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         # With PAE paging the PDPTE registers are loaded first (a reserved bit: #GP(0)).
         if insn.cr in (0, 3, 4):
             self.load_pdptes_for_mov_cr(insn.cr, self.probe.reg(GPR_IDS[insn.gpr]))
-        self._step_then_check(address)
+        self.step_then_check(address)
         self._rearm_after_step = True
 
     def _h_mov_from_cr(self, address, insn):
@@ -1364,7 +1387,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
 
     def _h_invlpg(self, address, insn):
         self._require_cpl0()
-        self._step_then_check(address)
+        self.step_then_check(address)
         self._rearm_after_step = True
 
     def _h_sti(self, address, insn):
@@ -1394,14 +1417,14 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         # into virtual-8086 mode); the core only unblocks NMIs and checks interrupts after it
         self.iret_unblocked_nmi = self.nmi_blocked     # for an EPT exit during the IRET
         self.nmi_blocked = False
-        self._step_then_check(address)
+        self.step_then_check(address)
 
     def _h_int(self, address, insn):
         # INT n / INT3 / INTO / INT1 retire once their handler is entered (a fault in
         # delivery is raised as _Fault and then the INT does not retire).
         kind = insn.kind
         if kind is Kind.INT:
-            self._check_v86_int()         # IOPL-sensitive in virtual-8086 mode: #GP(0)
+            self.legacy.check_v86_int()         # IOPL-sensitive in virtual-8086 mode: #GP(0)
         etype = _SOFT_EVENT_TYPE.get(kind, EventType.PRIVILEGED_SOFTWARE_EXCEPTION)
         self.delivering = Delivery(insn.vector, etype, None, insn)
         try:
@@ -1519,7 +1542,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         Raises _Fault for an exception during delivery (the caller applies #DF rules).
         """
         if not self.rdmsr_raw(MSR_EFER) & (1 << 10):
-            if self._deliver_legacy(vector, error_code, return_rip, soft=soft):
+            if self.legacy.deliver(vector, error_code, return_rip, soft=soft):
                 self._delivered(vector, error_code, return_rip, exception, soft)
             return
         uc = self.uc
@@ -1732,7 +1755,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             self.vtlb.disable()
         self._drop_straddle_exit()
         self.reset_pdpte_registers()
-        self._task_switch_from = None
+        self.task_switcher.stepping_from = None
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""

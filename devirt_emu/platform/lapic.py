@@ -83,6 +83,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
+
 from ..x86 import MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
 
 __all__ = [

@@ -22,9 +22,10 @@ RFLAGS = 0x2 (interrupts off), RSP = 0x9F000.
 from __future__ import annotations
 
 import struct
-from ..x86 import MSR_EFER
 
 from unicorn import x86_const as X
+
+from ..x86 import MSR_EFER
 
 GDT = 0x10000
 TSS = 0x11000

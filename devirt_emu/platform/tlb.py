@@ -465,10 +465,10 @@ class VirtualTlb:
 
 
 class SecondStage:
-    """The second-stage half of a Core (a mixin, as TaskSwitching and
-    PageWatching are): switching virtual-TLB mode on and off, the platform's
-    own two-stage translations, and what the core does when the engine stops
-    because the fill hook refused an access."""
+    """The second-stage half of a Core (a mixin, as PageWatching is): switching
+    virtual-TLB mode on and off, the platform's own two-stage translations, and
+    what the core does when the engine stops because the fill hook refused an
+    access."""
 
     def set_second_stage(self, stage2) -> None:
         """Translate this core's accesses through the guest's page tables and then
@@ -590,7 +590,7 @@ class SecondStage:
 
     def _after_task_switch_step(self, completed: bool) -> None:
         """The task switch of a far JMP/CALL or IRET was just stepped
-        (``_task_switch_from``: its address and the old TR).  Measured on Unicorn
+        (``task_switcher.stepping_from``: its address and the old TR).  Measured on Unicorn
         2.1.4 (scratch engine, 32-bit far JMP to a TSS, identity fill hook): in
         virtual-TLB mode with paging on, the switch is done (old state saved, TR,
         CR3, registers, segments and EFLAGS of the new task loaded) except EIP,
@@ -598,8 +598,8 @@ class SecondStage:
         CR3 load flushed the TLB, restore it); with paging off or in the default
         TLB mode EIP is the new task's.  So the new task's EIP is put from its
         TSS when TR changed and EIP did not."""
-        address, old_tr = self._task_switch_from
-        self._task_switch_from = None
+        address, old_tr = self.task_switcher.stepping_from
+        self.task_switcher.stepping_from = None
         vt = self.vtlb
         p = self.probe
         if not completed or vt is None or not vt.active or not p.cr(0) & X86_CR0_PG:

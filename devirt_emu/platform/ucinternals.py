@@ -32,7 +32,6 @@ import ctypes
 import struct
 from dataclasses import dataclass
 from functools import partial
-from ..x86 import MSR_EFER
 
 from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_16, UC_MODE_32,
                      UC_MODE_64, Uc, UcError)
@@ -40,6 +39,8 @@ from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4,
                                UC_X86_REG_MSR, UC_X86_REG_RAX, UC_X86_REG_RCX,
                                UC_X86_REG_RIP, UC_X86_REG_RSP)
 from unicorn.unicorn_py3.unicorn import uclib   # the C library (the binding's wrappers cost ~3 us a call)
+
+from ..x86 import MSR_EFER
 
 
 #: CPUX86State layout (QEMU 5, as in Unicorn 2.1), verified by calibrate():
