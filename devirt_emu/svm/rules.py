@@ -721,20 +721,28 @@ _NON_INSN_OK = frozenset({Kind.TASK_SWITCH, Kind.TRIPLE_FAULT, Kind.EXCEPTION, K
                           Kind.NMI, Kind.INIT, Kind.SIPI})
 
 
+def virtual_interrupt_ready(int_ctl: int, *, rflags: int, interrupt_shadow: bool,
+                            gif: bool) -> bool:
+    """Would the guest take its pending virtual interrupt now (APM "Injecting
+    Virtual (INTR) Interrupts")?  V_IRQ set, GIF set, RFLAGS.IF set, no
+    interrupt shadow, and unless V_IGN_TPR, V_INTR_PRIO above V_TPR."""
+    if not int_ctl & V_IRQ_MASK or not gif or not rflags & _RFLAGS_IF or interrupt_shadow:
+        return False
+    return bool(int_ctl & V_IGN_TPR_MASK) or \
+        (int_ctl >> V_INTR_PRIO_SHIFT & 0xF) > int_ctl & V_TPR_MASK
+
+
 def virtual_interrupt_exit(vmcb, *, rflags: int, interrupt_shadow: bool, gif: bool) -> Decision:
-    """The VINTR intercept (APM "Interrupt Intercepts", "Injecting Virtual (INTR)
-    Interrupts"): a pending virtual interrupt (int_ctl.V_IRQ) that the guest
-    would take now (GIF set, RFLAGS.IF set, no interrupt shadow, and unless
-    V_IGN_TPR its priority V_INTR_PRIO above V_TPR) exits with VINTR
-    instead of being delivered when INTERCEPT_VINTR is set."""
+    """The VINTR intercept (APM "Interrupt Intercepts"): a pending virtual
+    interrupt the guest would take now (:func:`virtual_interrupt_ready`)
+    exits with VINTR instead of being delivered when INTERCEPT_VINTR is set."""
     bit = I.INTERCEPT_VINTR
     int_ctl = vmcb.get("int_ctl")
     if not int_ctl & V_IRQ_MASK:
         return _no("V_IRQ=0")
-    if not gif or not rflags & _RFLAGS_IF or interrupt_shadow:
-        return _no("V_IRQ=1 but the guest cannot take an interrupt now")
-    if not int_ctl & V_IGN_TPR_MASK and (int_ctl >> V_INTR_PRIO_SHIFT & 0xF) <= int_ctl & V_TPR_MASK:
-        return _no("V_INTR_PRIO <= V_TPR: the virtual interrupt is masked")
+    if not virtual_interrupt_ready(int_ctl, rflags=rflags, interrupt_shadow=interrupt_shadow,
+                                   gif=gif):
+        return _no("V_IRQ=1 but the guest cannot take it now (GIF, IF, shadow or V_TPR)")
     if intercepted(vmcb, bit):
         return _exit(X.VINTR, ("V_IRQ=1 and deliverable", _b(bit, 1)))
     return _no("V_IRQ=1 and deliverable", _b(bit, 0))
