@@ -125,3 +125,18 @@ def test_stgi_clgi_without_intercepts_and_vmmcall_ud():
 def test_bad_input_is_a_case_error(kw, words):
     with pytest.raises(CaseError, match=words):
         run_case("cpuid", **kw)
+
+
+def test_the_examples_in_the_docs_run():
+    import doctest
+    import re
+    from pathlib import Path
+
+    import devirt_emu.testing.svm_case as svm_case
+    text = (Path(__file__).parent.parent / "docs" / "svm-cases.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        exec(compile(block, "docs/svm-cases.md", "exec"), {})
+    res = doctest.testmod(svm_case)
+    assert res.attempted > 0 and res.failed == 0

@@ -221,7 +221,7 @@ class SvmVcpu(VirtualizationLayer):
         into the save area (also: an L0 adopting a running core's state)."""
         v, core = self.vmcb, self.core
         p = core.probe
-        s = v.set
+        s = v.put
         s("efer", core.rdmsr_raw(MSR_EFER) | EFER_SVME)
         s("cr0", p.cr(0))
         s("cr2", core.cr2)                 # (the architectural CR2 the core keeps)
@@ -286,14 +286,17 @@ class SvmVcpu(VirtualizationLayer):
         self.last_exit = d
         v = self.vmcb
         self.save_guest_state()
-        v.exitcode = d.code
-        v.set("exit_info_1", d.exit_info_1 & ((1 << 64) - 1))
-        v.set("exit_info_2", d.exit_info_2 & ((1 << 64) - 1))
+        code = d.code & ((1 << 64) - 1)
+        put = v.put
+        put("exit_code", code)
+        put("exit_code_hi", code >> 32)
+        put("exit_info_1", d.exit_info_1)
+        put("exit_info_2", d.exit_info_2)
         info, err = exit_int_info(core.delivering)
-        v.set("exit_int_info", info)
-        v.set("exit_int_info_err", err)
-        v.set("next_rip", d.next_rip if self._nrips else 0)
-        v.set("insn_len", len(d.insn_bytes))
+        put("exit_int_info", info)
+        put("exit_int_info_err", err)
+        put("next_rip", d.next_rip if self._nrips else 0)
+        put("insn_len", len(d.insn_bytes))
         v.set("insn_bytes", d.insn_bytes)
         self.gif = False             # #VMEXIT clears GIF (the host sets it again: STGI)
         self._log(d, rip)

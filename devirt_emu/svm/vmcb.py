@@ -150,8 +150,15 @@ def field(name: str) -> VmcbField:
         raise KeyError(f"no VMCB field is named {name!r}") from None
 
 
+#: name -> (unpack_from, pack_into, offset, max value) of every integer field.
+_SLOTS = {f.name: (_STRUCTS[f.size].unpack_from, _STRUCTS[f.size].pack_into, f.offset,
+                   (1 << (8 * f.size)) - 1)
+          for f in TABLE if f.size in _STRUCTS}
+
+
 class Vmcb:
-    """The VMCB at physical address ``pa`` of ``mem`` (a PhysMem: ``read``/``write``).
+    """The VMCB at physical address ``pa`` of ``mem`` (a PhysMem: ``view``, or
+    ``read``/``write``).
 
     ``vmcb["asid"]`` and ``vmcb.get("asid")`` read a field, ``vmcb["asid"] = 1``
     and ``set`` write it (a value too wide for the field is a ValueError);
@@ -159,30 +166,26 @@ class Vmcb:
     is cached here.
     """
 
+    __slots__ = ("mem", "pa", "_view")
+
     def __init__(self, mem, pa: int):
         if pa % VMCB_SIZE:
             raise ValueError(f"a VMCB is 4 KiB aligned; {pa:#x} is not")
         self.mem = mem
         self.pa = pa
-        view = getattr(mem, "view", None)
-        self._view = view
-        # name -> (unpack_from, pack_into, absolute offset, max value) for the integer fields
-        self._slots = {f.name: (_STRUCTS[f.size].unpack_from, _STRUCTS[f.size].pack_into,
-                                pa + f.offset, (1 << (8 * f.size)) - 1)
-                       for f in TABLE if f.size in _STRUCTS}
+        self._view = getattr(mem, "view", None)
 
     def get(self, name: str):
-        slot = self._slots.get(name)
+        slot = _SLOTS.get(name)
         if slot is None:
             f = field(name)
             return self.mem.read(self.pa + f.offset, f.size)
-        unpack, _, off, _ = slot
         if self._view is not None:
-            return unpack(self._view, off)[0]
-        return unpack(self.mem.read(off, _size(slot)), 0)[0]
+            return slot[0](self._view, self.pa + slot[2])[0]
+        return slot[0](self.mem.read(self.pa + slot[2], _size(slot)), 0)[0]
 
     def set(self, name: str, value) -> None:
-        slot = self._slots.get(name)
+        slot = _SLOTS.get(name)
         if slot is None:
             f = field(name)
             data = bytes(value)
@@ -194,17 +197,22 @@ class Vmcb:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name}: expected an int, not {type(value).__name__}")
         if value < 0:
-            value &= top            # a negative value as its two's complement (exit_code = -1)
             if name != "exit_code" and name != "exit_code_hi":
                 raise ValueError(f"{name}: negative value")
+            value &= top            # EXITCODE -1 as its two's complement
         if value > top:
             raise ValueError(f"{name} is {top.bit_length()} bits; {value:#x} does not fit")
         if self._view is not None:
-            pack(self._view, off, value)
+            pack(self._view, self.pa + off, value)
         else:
             buf = bytearray(_size(slot))
             pack(buf, 0, value)
-            self.mem.write(off, bytes(buf))
+            self.mem.write(self.pa + off, bytes(buf))
+
+    def put(self, name: str, value: int) -> None:
+        """The processor's own write of a value it knows fits (no checks)."""
+        _, pack, off, top = _SLOTS[name]
+        pack(self._view, self.pa + off, value & top)
 
     __getitem__ = get
     __setitem__ = set
@@ -236,6 +244,32 @@ class Vmcb:
     def items(self) -> Iterator[tuple[str, object]]:
         for f in TABLE:
             yield f.name, self.get(f.name)
+
+    def snapshot(self) -> "VmcbSnapshot":
+        """The region's bytes now, readable by field name."""
+        return VmcbSnapshot(self.mem.read(self.pa, VMCB_SIZE))
+
+
+class VmcbSnapshot(Mapping):
+    """A copy of a VMCB's 4 KiB, as a read-only mapping of field name to value."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __getitem__(self, name: str):
+        slot = _SLOTS.get(name)
+        if slot is None:
+            f = field(name)
+            return self.data[f.offset:f.offset + f.size]
+        return slot[0](self.data, slot[2])[0]
+
+    def __iter__(self):
+        return (f.name for f in TABLE)
+
+    def __len__(self) -> int:
+        return len(TABLE)
 
 
 def _size(slot) -> int:

@@ -428,7 +428,7 @@ class CaseRunner:
         finally:
             core.virt = None
         steps = core.icount - icount0
-        snapshot = MappingProxyType(dict(v.items()))
+        snapshot = v.snapshot()
         end = CODE_BASE + len(data)
         if l0.exit is not None:
             return CaseResult(l0.exit, None, l0.failure, steps, snapshot, symbols, end)
