@@ -15,7 +15,8 @@ failure is #VMEXIT with VMEXIT_INVALID), then the guest state VMRUN loads
 from the save area (ES, CS, SS, DS, GDTR, IDTR, EFER, CR0, CR3, CR4, CR2,
 DR6, DR7, RFLAGS, RIP, RSP, RAX; the interrupt shadow from ``int_state``),
 TLB control (``tlb_ctl``; a change of ASID flushes, since the model's TLB
-has no ASID tags), GIF set, the PAUSE filter counter loaded, and event
+has no ASID tags), nested paging (``nested_ctl.NP_ENABLE``: the core's second
+stage, :mod:`devirt_emu.svm.npt`; a refused access is #VMEXIT NPF), GIF set, the PAUSE filter counter loaded, and event
 injection from EVENTINJ (15.20) through the guest IDT.  FS, GS, TR, LDTR and
 the syscall/sysenter MSRs are VMLOAD's and VMSAVE's: VMRUN leaves them as
 the engine has them (VMLOAD/VMSAVE executed by the guest without their
@@ -57,6 +58,7 @@ from . import exit_codes as X
 from . import intercepts as I
 from . import vmcb as V
 from .amd_cpu import SVM_FEATURE_NRIPS, SvmCaps
+from .npt import NptStage2
 from .rules import (Decision, PauseFilter, decide, exit_decision, intercepted,
                     virtual_interrupt_exit, virtual_interrupt_ready)
 from .vmrun import VmrunFailure, check_vmrun
@@ -148,6 +150,7 @@ class SvmVcpu(VirtualizationLayer):
         self._exit_event: Optional[Event] = None
         self._v_intr_masking = False
         self._nrips = self.caps.has(SVM_FEATURE_NRIPS)
+        self.npt: Optional[NptStage2] = None     # the nested tables the core uses, when enabled
 
     # ------------------------------------------------------------------ VMRUN
     def vmrun(self) -> bool:
@@ -164,6 +167,7 @@ class SvmVcpu(VirtualizationLayer):
         if tlb != V.TLB_CONTROL_DO_NOTHING or asid != self.asid:
             core.flush_tlb()          # (one untagged TLB: a new ASID must not see old entries)
         self.asid = asid
+        self._sync_npt(tlb != V.TLB_CONTROL_DO_NOTHING)
         self.pause = PauseFilter.at_vmrun(v)
         self._v_intr_masking = bool(v.get("int_ctl") & V.V_INTR_MASKING_MASK)
         self.gif = True
@@ -425,8 +429,32 @@ class SvmVcpu(VirtualizationLayer):
             return True
         return False
 
+    def _sync_npt(self, flush: bool) -> None:
+        """At VMRUN: the core translates through the nested tables when
+        nested_ctl.NP_ENABLE is set (virtual-TLB mode), with QEMU's own walker
+        otherwise (guest page tables then hold host-physical addresses)."""
+        v, core = self.vmcb, self.core
+        if not v.get("nested_ctl") & V.SVM_NESTED_CTL_NP_ENABLE:
+            if self.npt is not None:
+                self.npt = None
+                core.set_second_stage(None)
+            return
+        ncr3 = v.get("nested_cr3")
+        if self.npt is None or self.npt.ncr3 != ncr3:
+            self.npt = NptStage2(self.mem, ncr3, lambda: self.active)
+            core.set_second_stage(self.npt)
+        elif flush:
+            self.npt.invalidate()
+            core.flush_tlb()
+
     def on_stage2_fault(self, core, fault) -> bool:
-        return False                  # nested paging at run time is not modelled yet
+        """A refused nested access: #VMEXIT NPF (fault-like: the access did not happen)."""
+        if not self.active:
+            return False
+        f = fault.info
+        self.vm_exit(exit_decision(X.NPF, (f.reason,), exit_info_1=f.exit_info_1,
+                                   exit_info_2=f.gpa), None)
+        return True
 
     def wants_window(self) -> bool:
         return self.active and bool(self.vmcb.get("int_ctl") & V.V_IRQ_MASK)

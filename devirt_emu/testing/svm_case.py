@@ -46,6 +46,19 @@ Memory map (physical = linear): as vmx_case's, with the VMCB at
 :data:`VMCB_PA` (0xF00000), the MSRPM at 0xF01000 (8 KiB) and the IOPM at
 0xF03000 (12 KiB).
 
+NPT
+---
+``npt=`` builds nested page tables in :data:`NPT_POOL` (0xF08000-0x1000000),
+sets ``nested_cr3`` to them and ``nested_ctl.NP_ENABLE``; every guest access
+then goes through the guest's page tables and the nested ones at run time,
+and a refused access is the case's #VMEXIT NPF (EXITINFO1 the error code
+with bit 32 for the final address or bit 33 for a guest page-table access,
+EXITINFO2 the guest-physical address).  Forms, applied in order:
+``"identity"`` (GPA = HPA over the 16 MiB, 2-MiB pages, read/write/execute),
+``{gpa: (hpa, rights)}`` (4-KiB pages; ``rights`` a string of "r", "w", "x",
+"" for a not-present entry; a 2-MiB page mapped before is split), or a list
+of them, e.g. ``["identity", {SCRATCH_BASE: (SCRATCH_BASE, "r")}]``.
+
 Outcomes: :attr:`CaseResult.exit` is the first #VMEXIT as the processor
 wrote it into the VMCB; a VMRUN that fails its checks is the #VMEXIT with
 code -1 (``INVALID``) and :attr:`CaseResult.vmrun_failure` names the check.
@@ -66,6 +79,7 @@ from ..platform import longmode
 from ..platform.core import GPR_IDS, GuestError, State
 from ..svm import intercepts as I
 from ..svm import vmcb as V
+from ..svm.npt import NptBuilder
 from ..svm.rules import Decision, msrpm_bit
 from ..svm.vcpu import SvmVcpu
 from ..svm.vmrun import VmrunFailure
@@ -73,7 +87,7 @@ from ..virt import Hypervisor
 
 __all__ = ["CODE_BASE", "CODE_LIMIT", "SCRATCH_BASE", "VMCB_PA", "MSRPM_PA", "IOPM_PA",
            "CaseError", "CaseExit", "NoExit", "CaseResult", "CaseRunner", "run_case",
-           "msrpm", "iopm"]
+           "msrpm", "iopm", "NPT_POOL", "NPT_POOL_END"]
 
 MEM_MB = 16
 CODE_BASE = 0x100000
@@ -83,6 +97,8 @@ VMCB_PA = 0xF00000
 MSRPM_PA = 0xF01000
 IOPM_PA = 0xF03000
 RESERVED_END = 0xF06000
+NPT_POOL = 0xF08000            # the nested page tables built for npt=
+NPT_POOL_END = 0x1000000
 MSRPM_SIZE = 8 << 10
 IOPM_SIZE = 12 << 10
 HLT = b"\xf4"
@@ -129,6 +145,30 @@ def iopm(ports: Iterable[int]) -> bytes:
                             "for accesses that cross 0xFFFF)")
         pm[p >> 3] |= 1 << (p & 7)
     return bytes(pm)
+
+
+def _npt_items(npt) -> list:
+    """``npt=`` as a list of (gpa, hpa, size, rights, page_size)."""
+    if isinstance(npt, str):
+        if npt != "identity":
+            raise CaseError(f"npt is 'identity', a mapping or a list of them, not {npt!r}")
+        return [(0, 0, MEM_MB << 20, "rwx", 0x200000)]
+    if isinstance(npt, Mapping):
+        out = []
+        for gpa, spec in npt.items():
+            if not isinstance(spec, tuple) or len(spec) != 2 or not isinstance(spec[1], str) \
+                    or set(spec[1]) - set("rwx"):
+                raise CaseError(f"npt[{gpa!r}]: expected (hpa, rights) with rights a string of "
+                                f"'r', 'w', 'x' ('' = not present), not {spec!r}")
+            _check_int("npt gpa", gpa)
+            _check_int("npt hpa", spec[0])
+            if gpa % 0x1000 or spec[0] % 0x1000:
+                raise CaseError(f"npt[{gpa:#x}]: addresses are 4 KiB aligned")
+            out.append((gpa, spec[0], 0x1000, spec[1], 0x1000))
+        return out
+    if isinstance(npt, (list, tuple)):
+        return [x for item in npt for x in _npt_items(item)]
+    raise CaseError(f"npt is 'identity', a mapping or a list of them, not {type(npt).__name__}")
 
 
 def _intercept_name(name) -> str:
@@ -290,6 +330,9 @@ class CaseRunner:
         self._maps = {MSRPM_PA: bytes(MSRPM_SIZE), IOPM_PA: bytes(IOPM_SIZE)}
         for pa, data in self._maps.items():
             self.machine.write_phys(pa, data)
+        #: The NptBuilder of the last case run with ``npt=`` (None without): its
+        #: ``entry_address(gpa, level)`` lets a test read the entries' A/D flags.
+        self.npt: Optional[NptBuilder] = None
 
     def _code(self, code):
         if isinstance(code, str):
@@ -396,7 +439,7 @@ class CaseRunner:
     def run(self, code, *, vmcb: Optional[Mapping] = None, intercepts: Optional[Iterable[str]] = None,
             msrpm: Union[bytes, Mapping, None] = None, iopm: Union[bytes, Iterable[int], None] = None,
             regs: Optional[Mapping[str, int]] = None, memory: Optional[Mapping[int, bytes]] = None,
-            max_steps: int = 10_000) -> CaseResult:
+            max_steps: int = 10_000, npt=None) -> CaseResult:
         """Run one case; see :func:`run_case`."""
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise CaseError(f"max_steps is a positive int, not {max_steps!r}")
@@ -407,10 +450,30 @@ class CaseRunner:
         maps = {MSRPM_PA: self._map("msrpm", msrpm, MSRPM_SIZE, _msrpm_builder),
                 IOPM_PA: self._map("iopm", iopm, IOPM_SIZE, _iopm_builder)}
         writes = self._memory(memory)
+        npt_items = None
+        if npt is not None:
+            npt_items = _npt_items(npt)
+            if "nested_cr3" in fields:
+                raise CaseError("give the nested tables either as npt= or as nested_cr3, not both")
+            for pa, blob in writes:
+                if pa < NPT_POOL_END and pa + len(blob) > NPT_POOL:
+                    raise CaseError(f"memory at {pa:#x}+{len(blob):#x} overlaps the nested "
+                                    f"tables of npt= ({NPT_POOL:#x}-{NPT_POOL_END:#x})")
         m, core = self.machine, self.core
         self._reset(data, maps)
         for pa, blob in writes:
             m.write_phys(pa, blob)
+        self.npt = None
+        if npt_items is not None:
+            b = self.npt = NptBuilder(m.mem, NPT_POOL, NPT_POOL_END - NPT_POOL)
+            for gpa, hpa, size, rights, page_size in npt_items:
+                try:
+                    b.map(gpa, hpa, size, present=bool(rights), writable="w" in rights,
+                          nx="x" not in rights, page_size=page_size)
+                except ValueError as e:
+                    raise CaseError(f"npt: {e}") from None
+            fields["nested_cr3"] = b.root
+            fields["nested_ctl"] = fields.get("nested_ctl", 0) | V.SVM_NESTED_CTL_NP_ENABLE
         l0 = _RecordingL0(m)
         vcpu = SvmVcpu(core, VMCB_PA, l0)
         v = vcpu.vmcb
@@ -481,7 +544,7 @@ _runner: Optional[CaseRunner] = None
 def run_case(code, *, vmcb: Optional[Mapping] = None, intercepts: Optional[Iterable[str]] = None,
              msrpm: Union[bytes, Mapping, None] = None, iopm: Union[bytes, Iterable[int], None] = None,
              regs: Optional[Mapping[str, int]] = None, memory: Optional[Mapping[int, bytes]] = None,
-             max_steps: int = 10_000) -> CaseResult:
+             max_steps: int = 10_000, npt=None) -> CaseResult:
     """Run ``code`` as an SVM guest from the fresh 64-bit state until the first #VMEXIT.
 
     ``code``: Intel-syntax assembly (at :data:`CODE_BASE`) or bytes.
@@ -489,10 +552,11 @@ def run_case(code, *, vmcb: Optional[Mapping] = None, intercepts: Optional[Itera
     after the fresh VMCB.  ``intercepts``: intercept names (see the module
     docstring).  ``msrpm``, ``iopm``, ``regs``, ``memory``: see the module
     docstring.  ``max_steps``: guest instructions to run at most.  Raises
-    :class:`CaseError` for input that cannot be run as given.
+    :class:`CaseError` for input that cannot be run as given.  ``npt``: nested
+    paging in a line (module docstring, "NPT").
     """
     global _runner
     if _runner is None:
         _runner = CaseRunner()
     return _runner.run(code, vmcb=vmcb, intercepts=intercepts, msrpm=msrpm, iopm=iopm, regs=regs,
-                       memory=memory, max_steps=max_steps)
+                       memory=memory, max_steps=max_steps, npt=npt)
