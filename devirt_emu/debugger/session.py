@@ -312,6 +312,7 @@ class Session:
                     st = Stop(st.kind, st.core, st.rip, ident=i)
                     if bp.temporary:
                         self.delete(i)
+                        st = Stop(StopKind.STEP, st.core, st.rip)   # until/next/finish arrived
         elif st.kind is StopKind.WATCHPOINT:
             for i in self.watchpoints:
                 if self._machine_ids.get(i) == st.ident:
