@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEBUG_EPILOG = """\
@@ -54,6 +55,9 @@ def add_parser(sub) -> None:
     d.add_argument("--gdb", type=_endpoint, metavar="HOST:PORT", nargs="?",
                    const=("127.0.0.1", 1234),
                    help="serve the GDB remote protocol on HOST:PORT (default 127.0.0.1:1234)")
+    d.add_argument("--gdb-symbols", metavar="FILE",
+                   help="with --gdb: write the guest's symbols to FILE as an ELF for gdb's "
+                        "symbol-file (default: a file in the temporary directory)")
     d.set_defaults(func=cmd_debug)
 
 
@@ -72,7 +76,16 @@ def cmd_debug(args) -> int:
         print(f"devirt-emu: error: {e}", file=sys.stderr)
         return 2
     if args.gdb is not None:
+        import tempfile
         from .gdbstub import serve
+        path = args.gdb_symbols or os.path.join(tempfile.gettempdir(),
+                                                f"devirt-emu-symbols-{os.getpid()}.elf")
+        try:
+            session.write_symbol_file(path)
+        except OSError as e:
+            print(f"devirt-emu: error: cannot write {path}: {e.strerror}", file=sys.stderr)
+            return 2
+        print(f"devirt-emu: guest symbols in {path} (gdb: symbol-file {path})", file=sys.stderr)
         return serve(session, *args.gdb, log=sys.stderr)
     from .repl import Repl, interactive
     repl = Repl(session)

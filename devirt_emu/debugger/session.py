@@ -182,6 +182,12 @@ class Session:
         except ValueError:
             raise DebugError(f"not an address or a known symbol: {part!r}") from None
 
+    def write_symbol_file(self, path: str | Path) -> None:
+        """An ELF file of the session's symbols for GDB's ``symbol-file``."""
+        from .symbols import write_symbol_elf
+        code_end = 1 << 63 if is_elf(self.program) else self._image.code_end
+        write_symbol_elf(path, self.symbols.by_name, code_end)
+
     def where(self, address: int) -> str:
         sym = self.symbols.describe(address)
         return f"{address:#x} <{sym}>" if sym else f"{address:#x}"
