@@ -141,9 +141,13 @@ class Repl:
             text += f" <{sym}>"
         if st.kind is StopKind.VERDICT:
             failure = s.entry_failure()
-            if failure is not None:
-                text += f"\nVM-entry failure on core {failure[0]}: {failure[1]}"
-            if s.machine.message:
+            if failure is not None and s.entry_failure_stop:
+                core, f = failure
+                s.select_core(core)
+                text = (f"VM-entry failure on core {core}: {f.check}"
+                        + (f" (field {f.field}: see vmcs {f.field})" if f.field else "")
+                        + "; the L0 ended the run (verdict error)")
+            elif s.machine.message:
                 text += f" ({s.machine.message})"
         self.say(text)
         if st.kind is not StopKind.VERDICT:

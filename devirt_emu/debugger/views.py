@@ -96,6 +96,11 @@ CONTROL_TABLES = {
 _GROUPS = {FieldType.CONTROL: "control", FieldType.EXIT_INFO: "exit-info",
            FieldType.GUEST: "guest", FieldType.HOST: "host"}
 _INTR_INFO_FIELDS = {"VM_EXIT_INTR_INFO", "IDT_VECTORING_INFO_FIELD", "VM_ENTRY_INTR_INFO_FIELD"}
+#: Register-image fields decoded with the register's bit table (None: RFLAGS).
+_REGISTER_FIELDS = {"GUEST_RFLAGS": None, "GUEST_CR0": "CR0_BITS", "GUEST_CR4": "CR4_BITS",
+                    "HOST_CR0": "CR0_BITS", "HOST_CR4": "CR4_BITS", "CR0_READ_SHADOW": "CR0_BITS",
+                    "CR4_READ_SHADOW": "CR4_BITS", "GUEST_IA32_EFER": "EFER_BITS",
+                    "HOST_IA32_EFER": "EFER_BITS"}
 #: control bit name -> (control field, mask)
 CONTROL_BITS = {bit: (fname, mask) for fname, table in CONTROL_TABLES.items()
                 for bit, mask in table.items()}
@@ -124,6 +129,10 @@ def decode_field(name: str, value: int) -> str:
         return C.GUEST_ACTIVITY_STATES.get(value, "reserved")
     if name in _INTR_INFO_FIELDS:
         return _intr_info_text(value)
+    if name in _REGISTER_FIELDS:
+        from . import state as S
+        table = _REGISTER_FIELDS[name]
+        return S.rflags_text(value) if table is None else S.bits_text(getattr(S, table), value)
     if name == "EXCEPTION_BITMAP":
         return " ".join(X.VECTOR_NAMES.get(v, str(v)) for v in range(32) if value >> v & 1) or "-"
     return ""
