@@ -132,6 +132,40 @@ def test_fuzz_the_packet_handler(payload):
     frame(reply)                                        # every reply can be framed
 
 
+def test_the_server_survives_garbage_on_the_wire():
+    import socket
+    import threading
+    from devirt_emu.debugger.gdbstub import serve
+    ports = []
+    ready = threading.Event()
+    t = threading.Thread(target=serve, args=(Session(GUESTS / "hello.S"), "127.0.0.1", 0),
+                         kwargs={"ready": lambda p: (ports.append(p), ready.set())}, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    with socket.create_connection(("127.0.0.1", ports[0]), timeout=10) as c:
+        def exchange(data: bytes, want: bytes) -> bytes:
+            c.sendall(data)
+            got = b""
+            while want not in got:
+                chunk = c.recv(65536)
+                assert chunk, got
+                got += chunk
+            return got
+        # noise between packets, a truncated packet, then a bad checksum: a '-'
+        c.sendall(b"garbage\x00\xff$m10")
+        assert exchange(b"#zz", b"-") .endswith(b"-")
+        assert exchange(b"$g#00", b"-").endswith(b"-")
+        # a malformed argument: acknowledged, and an error reply
+        got = exchange(packet(b"mzz,4"), b"#")
+        assert got.startswith(b"+$E01#")
+        # the server still answers properly
+        got = exchange(packet(b"qfThreadInfo"), b"#")
+        assert b"$m1#" in got
+        c.sendall(b"+" + packet(b"k"))
+    t.join(10)
+    assert not t.is_alive()
+
+
 # --------------------------------------------------------------------------
 # the machine's real gdb
 # --------------------------------------------------------------------------

@@ -497,7 +497,7 @@ class GdbStub:
             finally:
                 self.s.core = prev
         text = buf.getvalue() or "\n"
-        return text.encode("latin-1", "replace").hex()
+        return text.encode("utf-8").hex()
 
 
 def _is_hex(text: str) -> bool:
