@@ -287,3 +287,50 @@ def test_native_machine_has_no_vmcs():
         s.why()
     st = s.stepi(10)
     assert st.kind is StopKind.STEP and s.cur().icount == 10
+
+
+def test_watchpoint_stops_after_the_store_retired():
+    image = build_image(GUESTS / "lapic_timer.S")
+    syms = image.symbols
+    s = vmx()
+    off = syms["ticks"] - image.base
+    before = struct.unpack("<Q", image.data[off:off + 8])[0]      # as loaded
+    wp = s.watch("ticks", 8, "w")
+    st = s.cont()
+    assert st.kind is StopKind.WATCHPOINT and st.ident == wp and st.access == "write"
+    assert syms["ticks"] <= st.address < syms["ticks"] + 8
+    # the store has happened: the guest's tick count of core 0 changed
+    assert struct.unpack("<Q", s.read_virtual(syms["ticks"], 8))[0] != before
+    assert s.watchpoints[wp].hits == 1
+
+
+def test_break_interrupt_stops_at_the_gate_target():
+    s = vmx()
+    s.break_interrupt([0xEC])                 # the guest's LAPIC-timer vector
+    st = s.cont()
+    assert st.kind is StopKind.VECTOR and st.vector == 0xEC
+    # SDM "Gate Descriptors in IA-32e Mode": 16-byte gates, offset 15:0, 31:16, 63:32
+    from unicorn import x86_const as X
+    _, base, _, _ = s.cur().uc.reg_read(X.UC_X86_REG_IDTR)
+    lo, hi = struct.unpack("<QQ", s.read_virtual(base + 0xEC * 16, 16))
+    target = (lo & 0xFFFF) | ((lo >> 48) & 0xFFFF) << 16 | (hi & 0xFFFFFFFF) << 32
+    assert st.rip == target == s.cur().rip()
+
+
+def test_breakpoint_on_one_core_only():
+    s = vmx()
+    s.break_at("timer_handler", core=0)
+    st = s.cont()
+    assert st.kind is StopKind.BREAKPOINT and st.core == 0
+
+
+def test_why_under_the_devirt_configuration():
+    s = vmx("tsc_deadline.S", config="devirt")
+    s.break_exit()
+    seen = set()
+    while s.machine.verdict is None:
+        st = s.cont()
+        if st.kind is StopKind.VM_EXIT and st.name not in seen:
+            seen.add(st.name)
+            check_why(s, st.name, s.why())
+    assert s.machine.verdict == "pass" and seen

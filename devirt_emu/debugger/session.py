@@ -552,7 +552,7 @@ class Session:
         from ..vmx.ept import EptTranslation
         r = S.ept_translate(self.machine.mem, eptp, gpa)
         if not isinstance(r, EptTranslation):
-            raise DebugError(f"guest-physical {gpa:#x} is not mapped by the EPT")
+            raise DebugError(f"guest-physical {gpa:#x} is not mapped by the EPT (yet)")
         return r.hpa
 
     def read_physical(self, address: int, n: int) -> bytes:
