@@ -396,6 +396,9 @@ class VmxVcpu(VirtualizationLayer):
         self.exit_pending = False
         self._exit_event: Optional[Event] = None   # the event of the last exit (the emulator's)
         self.last_failure: Optional[EntryFailure] = None
+        #: The last event the rules let through, and their Decision (for a
+        #: debugger's why-not; traces and explanations only, as last_exit).
+        self.last_no_exit: Optional[tuple[Event, Decision]] = None
         self.read_mem = self.mem.read
         self._apic_page: Optional[int] = None      # the APIC-access page the core watches
         self._apic_stale = True                    # re-examine the APIC controls at next entry
@@ -740,6 +743,12 @@ class VmxVcpu(VirtualizationLayer):
         if not self.active and self.l0.wants_entry(self):
             self.vm_entry()
 
+    @property
+    def last_exit_event(self) -> Optional[Event]:
+        """The event of the last VM exit (None for an exit no event carries:
+        windows, timers, MTF), for explanations."""
+        return self._exit_event
+
     def complete_exit(self) -> None:
         """The exit the stepping API stopped at goes to the L0 now."""
         if not self.exit_pending:
@@ -900,6 +909,7 @@ class VmxVcpu(VirtualizationLayer):
                 return True
             self.vm_exit(out, event)
             return True
+        self.last_no_exit = (event, out)
         return self._nonroot(event)
 
     def on_exception(self, core, vector: int, error_code, cr2) -> bool:
@@ -917,6 +927,7 @@ class VmxVcpu(VirtualizationLayer):
         if out.exit:
             self.vm_exit(out, ev)      # a #PF that exits leaves CR2 alone: cr2 is the qualification
             return True
+        self.last_no_exit = (ev, out)
         return False
 
     def wants_window(self) -> bool:
