@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, find, given, settings
-from hypothesis import strategies as st
 
 from devirt_emu.testing import strategies as vs
 from devirt_emu.testing.vmx_case import DEFAULT_CONTROLS, CaseRunner
@@ -135,3 +134,12 @@ def test_msr_and_io_bitmaps_name_only_bitmap_msrs_and_ports():
             assert m <= 0x1FFF or 0xC0000000 <= m <= 0xC0001FFF
         assert all(0 <= p <= 0xFFFF for p in ports)
     check()
+
+
+def test_the_docs_example_runs(runner):
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "testing.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "docs/testing.md", "exec"), scope)
+    settings(max_examples=20, deadline=None)(scope["test_every_case_ends_architecturally"])(runner)

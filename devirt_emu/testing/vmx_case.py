@@ -473,7 +473,8 @@ class CaseResult:
     ``steps`` is the number of guest instructions retired.  ``vmcs`` is a
     snapshot (name -> value) of every supported VMCS field after the run.
     ``symbols`` are the labels of assembled code (empty for bytes);
-    ``code_end`` is the address of the HLT byte that follows the code.
+    ``code_end`` is the address of the HLT byte that follows the code;
+    ``code`` the code's bytes.
     """
 
     exit: Optional[CaseExit]
@@ -483,6 +484,8 @@ class CaseResult:
     vmcs: Mapping[str, int] = field(repr=False)
     symbols: Mapping[str, int] = field(repr=False)
     code_end: int = 0
+    #: The guest code as loaded at :data:`CODE_BASE` (for a disassembly).
+    code: bytes = field(default=b"", repr=False)
 
     @property
     def outcome(self) -> str:
@@ -836,9 +839,9 @@ class CaseRunner:
         snapshot = _VmcsSnapshot(m.mem.read(VMCS_PA, VMCS_REGION_SIZE))
         code_end = CODE_BASE + len(data)
         if l0.exit is not None:
-            return CaseResult(l0.exit, None, None, steps, snapshot, symbols, code_end)
+            return CaseResult(l0.exit, None, None, steps, snapshot, symbols, code_end, data)
         if l0.failure is not None:
-            return CaseResult(None, l0.failure, None, steps, snapshot, symbols, code_end)
+            return CaseResult(None, l0.failure, None, steps, snapshot, symbols, code_end, data)
         if core.state is State.HALTED and m.verdict in (None, "halted"):
             why, msg = "halted", ""
         elif core.state is State.SHUTDOWN and m.verdict in (None, "shutdown"):
@@ -848,7 +851,7 @@ class CaseRunner:
         else:
             why, msg = "step limit", ""
         no = NoExit(why, core.rip(), _regs(core, None), msg)
-        return CaseResult(None, None, no, steps, snapshot, symbols, code_end)
+        return CaseResult(None, None, no, steps, snapshot, symbols, code_end, data)
 
     def _ept(self, items: tuple, ad: bool) -> EptBuilder:
         """Build the EPT of ``ept=`` in the pool (the tables of an EPT built
