@@ -52,6 +52,8 @@ UART_BASE = 0x3F8
 DEBUG_EXIT_PORT = 0xF4
 TSC_HZ = 1_000_000_000
 
+#: Page scans kept by the page's contents (each key holds the page's 4 KiB).
+SCANS_BY_CONTENT_KEPT = 256
 #: Instructions a lone core runs per counted emu_start (the wall-clock limit is
 #: checked between slices, and a slice without events sheds idle code pages'
 #: hooks: see Core._keep_only_current_page).
@@ -116,6 +118,11 @@ class Machine:
     and ``recent_exits`` holds the last RECENT_EXITS.
     """
 
+    #: A set that :meth:`write_phys` adds the page address of every page it
+    #: writes to, or None (no log).  A harness that restores RAM between runs
+    #: (the direct case API) sets it to find the pages the platform wrote.
+    write_log: set[int] | None = None
+
     def __init__(self, cores: int = 1, mem_mb: int = 64, *, fast: bool = False,
                  quantum: int = 20_000, max_ns: int = 1_000_000_000,
                  wall_timeout_s: float = 300.0, trace=None, on_serial=None,
@@ -142,6 +149,7 @@ class Machine:
         self.bus.on_deliver = self._on_deliver
         self.code_pages: set[int] = set()
         self._scans: dict[tuple[int, int, int], dict] = {}
+        self._scans_by_content: dict[tuple[bytes, int, int], dict] = {}
         self.cores: list[Core] = []
         self.current: Core | None = None
         for i in range(cores):
@@ -262,6 +270,8 @@ class Machine:
         """A store by the platform into RAM, keeping code-page scans honest."""
         self.mem.write(pa, data)
         first, last = pa & ~0xFFF, (pa + len(data) - 1) & ~0xFFF
+        if self.write_log is not None:
+            self.write_log.update(range(first, last + 1, PAGE_SIZE))
         for page in range(first, last + 1, PAGE_SIZE):
             if page in self.code_pages:
                 self.invalidate_code_page(page)
@@ -270,7 +280,15 @@ class Machine:
         key = (ppage, lpage, mode)
         sites = self._scans.get(key)
         if sites is None:
-            sites = scan_page(code, lpage, mode)
+            # scan_page is a pure function of its inputs: a page rewritten with
+            # bytes it held before (a harness running case after case) reuses that scan
+            by_content = self._scans_by_content
+            sites = by_content.get((code, lpage, mode))
+            if sites is None:
+                sites = scan_page(code, lpage, mode)
+                if len(by_content) >= SCANS_BY_CONTENT_KEPT:
+                    del by_content[next(iter(by_content))]     # (the oldest)
+                by_content[(code, lpage, mode)] = sites
             self._scans[key] = sites
         return sites
 

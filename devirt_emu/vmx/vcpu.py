@@ -62,6 +62,7 @@ accesses", no APIC-register virtualization or virtual-interrupt delivery):
 """
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple, Optional
 
@@ -213,6 +214,14 @@ def idt_vectoring_info(d: Optional[Delivery]) -> tuple[int, int]:
     return info, ec or 0
 
 
+@functools.lru_cache(maxsize=64)
+def _absolute_slots(pa: int) -> dict[int, tuple]:
+    """The slot table of :class:`TrackedVmcs` for a region at ``pa``, shared by
+    every TrackedVmcs there: never modified (a plain dict, for lookup speed)."""
+    return {enc: (st.unpack_from, st.pack_into, pa + off, mask)
+            for enc, (off, st, mask) in FIELD_SLOTS.items()}
+
+
 class TrackedVmcs(Vmcs):
     """The current VMCS of a core, as the processor holds it.
 
@@ -233,9 +242,9 @@ class TrackedVmcs(Vmcs):
         if self._view is None:
             raise ValueError("a core's VMCS lives in the machine's RAM (PhysMem)")
         # encoding -> (unpack_from, pack_into, offset in RAM, mask): the accessors run
-        # dozens of times per VM exit, so the slot arithmetic is done once here
-        self._abs = {enc: (st.unpack_from, st.pack_into, pa + off, mask)
-                     for enc, (off, st, mask) in FIELD_SLOTS.items()}
+        # dozens of times per VM exit, so the slot arithmetic is done once per region
+        # address (a harness creates a vCPU per case over the same region)
+        self._abs = _absolute_slots(pa)
         self.written: set[int] = set()     # encodings written since the vCPU last looked
         self.live = False                  # the engine holds the tracked guest-state fields
         self.fresh: set[int] = set()       # tracked encodings copied from the engine since
