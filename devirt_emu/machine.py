@@ -303,11 +303,15 @@ class Machine:
     def is_code_page(self, ppage: int) -> bool:
         return ppage in self.code_pages
 
+    def forget_scans(self, ppage: int) -> None:
+        """Drop the cached scans of ``ppage`` (its bytes changed)."""
+        for key in [k for k in self._scans if k[0] == ppage]:
+            del self._scans[key]
+
     def invalidate_code_page(self, ppage: int) -> None:
         """``ppage`` was written: drop every scan of it, make it writable again."""
         self.code_pages.discard(ppage)
-        for key in [k for k in self._scans if k[0] == ppage]:
-            del self._scans[key]
+        self.forget_scans(ppage)
         for c in self.cores:
             c.disarm_page(ppage)
             c.protect_page(ppage, writable=True)    # (a page a core watches keeps no access)
