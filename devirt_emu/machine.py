@@ -34,6 +34,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .cpumodels import get_model
 from .cpu.scan import scan_page
 from .platform.core import Core, GuestError, State
 from .platform.debug_exit import DebugExit
@@ -87,6 +88,8 @@ class RunResult:
     mode: str = "deterministic"
     arch: str = "none"
     config: str | None = None
+    #: The CPU model's name (its spec, e.g. "nehalem,+pcid").
+    cpu: str = "skylake-server"
     exits: list[dict] = field(default_factory=list)
     #: Exit records not kept in ``exits`` (see Machine's ``record_exits``).
     exits_dropped: int = 0
@@ -127,13 +130,18 @@ class Machine:
                  quantum: int = 20_000, max_ns: int = 1_000_000_000,
                  wall_timeout_s: float = 300.0, trace=None, on_serial=None,
                  arch: str = "none", config: str | None = None,
-                 record_exits: bool | int | None = None):
+                 record_exits: bool | int | None = None, cpu=None):
         if not 1 <= cores <= 64:
             raise ValueError(f"cores must be between 1 and 64, not {cores}")
         if not 16 <= mem_mb <= 3072:
             raise ValueError(f"memory must be between 16 and 3072 MiB, not {mem_mb}")
         if quantum < 1:
             raise ValueError("quantum must be at least 1 instruction")
+        #: The CPU model every core is (a CpuModel; ``cpu`` may be one, a spec
+        #: string such as "nehalem,+pcid", or None for skylake-server).
+        self.cpu = get_model(cpu)
+        if arch == "vmx" and not self.cpu.has_vmx:
+            raise ValueError(f"CPU model {self.cpu.name} has no VMX; --arch vmx needs an Intel model")
         self.mem = PhysMem(mem_mb << 20)
         self.deterministic = not fast
         self.fast = fast
@@ -153,7 +161,8 @@ class Machine:
         self.cores: list[Core] = []
         self.current: Core | None = None
         for i in range(cores):
-            lapic = LocalApic(i, now=self._clock_of(i), bus=self.bus, bsp=(i == 0))
+            lapic = LocalApic(i, now=self._clock_of(i), bus=self.bus, bsp=(i == 0),
+                              maxphyaddr=self.cpu.maxphyaddr)
             self.cores.append(Core(self, i, lapic))
         self.verdict: str | None = None
         self.message = ""
@@ -651,7 +660,8 @@ class Machine:
             virtual_ns=max(c.clock for c in self.cores), events=dict(sorted(events.items())),
             wall_s=self._wall_used, exit_status=status, markers=[c.markers for c in self.cores],
             message=self.message, mode="fast" if self.fast else "deterministic",
-            arch=self.arch, config=self.config, exits=[e.to_json() for e in self.exits],
+            arch=self.arch, config=self.config, cpu=self.cpu.name,
+            exits=[e.to_json() for e in self.exits],
             exits_dropped=self.exits_dropped,
             exit_counts=dict(sorted(self.exit_counts.items())),
             window_exit_counts=dict(sorted(self.window_exit_counts.items())))
@@ -818,11 +828,25 @@ def run_program(path: str | os.PathLike, cores: int = 1, **kwargs) -> RunResult:
         entry = m.load_elf(path)
         if m.elf_class == 32:
             return m.run(entry32=entry)
+        _check_firmware_features(m.cpu)
         image = build_image(None)
         m.load_image(image)
         return m.run(elf_entry=entry)
+    _check_firmware_features(m.cpu)
     m.load_image(build_image(path))
     return m.run()
+
+
+#: CPUID features the firmware (firmware/boot.S, lib.S) relies on: it runs the
+#: local APICs in x2APIC mode and its timer on IA32_TSC_DEADLINE.
+FIRMWARE_FEATURES = ("x2apic", "tsc_deadline_timer")
+
+
+def _check_firmware_features(cpu) -> None:
+    missing = [f for f in FIRMWARE_FEATURES if not cpu.has(f)]
+    if missing:
+        raise ValueError(f"the firmware uses {' and '.join(missing)}, which CPU model "
+                         f"{cpu.name} does not advertise (add ,+{',+'.join(missing)})")
 
 
 def is_elf(path: Path) -> bool:

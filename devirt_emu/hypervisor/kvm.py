@@ -83,10 +83,14 @@ HOST_STATE = {
 def prepare_vmcs(vcpu: VmxVcpu, host_cr3: int) -> None:
     """Fill a fresh VMCS as KVM's vcpu set-up does, controls aside (write them
     first): the host state, no VMCS link, the core's current state as the guest
-    state, and CR0/CR4 read shadows showing the guest its own values."""
+    state, and CR0/CR4 read shadows showing the guest its own values.  The
+    host's CR4 keeps only the bits the CPU model allows in VMX operation
+    (a Linux host enables no feature its processor lacks)."""
     v = vcpu.vmcs
     for f, val in HOST_STATE.items():
         v.set(f, val)
+    cr4_fixed1 = vcpu.model.vmx_msrs[caps.MSR_IA32_VMX_CR4_FIXED1]
+    v.set(F.HOST_CR4, HOST_STATE[F.HOST_CR4] & cr4_fixed1)
     v.set(F.HOST_CR3, host_cr3)
     v.set(F.VMCS_LINK_POINTER, (1 << 64) - 1)
     vcpu.save_guest_state()
@@ -132,6 +136,12 @@ class KvmL0(KvmCommon, MachineHypervisor):
             raise ValueError(f"unknown VMX configuration {config!r} (have: {', '.join(VMX_CONFIGS)})")
         self.config_name = config
         self.target = VMX_CONFIGS[config]
+        # The firmware starts each vCPU in real mode; without unrestricted guest KVM
+        # would emulate it (vm86 and its real-mode emulator), which is not modelled.
+        if caps.is_allowed("PROCBASED2", C.SECONDARY_EXEC_UNRESTRICTED_GUEST, model=machine.cpu):
+            raise ValueError(f"CPU model {machine.cpu.name} has no unrestricted guest, which the "
+                             "KVM model needs to run the firmware's real-mode start "
+                             "(KVM's real-mode emulation is not modelled)")
         mem = machine.mem
         if mem.size < 32 << 20:
             raise ValueError("a VMX guest needs at least 32 MiB of RAM (4 MiB are the L0's)")
@@ -176,12 +186,13 @@ class KvmL0(KvmCommon, MachineHypervisor):
         """Write a configuration's control set into a vCPU's VMCS (legal per the capability MSRs)."""
         v = vcpu.vmcs
         s = v.set
-        s(F.PIN_BASED_VM_EXEC_CONTROL, caps.make_legal("PINBASED", cfg.pin))
-        s(F.CPU_BASED_VM_EXEC_CONTROL, caps.make_legal("PROCBASED", cfg.primary))
-        s(F.SECONDARY_VM_EXEC_CONTROL, caps.make_legal("PROCBASED2", cfg.secondary))
-        s(F.VM_EXIT_CONTROLS, caps.make_legal("EXIT", cfg.exit))
+        cpu = vcpu.model
+        s(F.PIN_BASED_VM_EXEC_CONTROL, caps.make_legal("PINBASED", cfg.pin, model=cpu))
+        s(F.CPU_BASED_VM_EXEC_CONTROL, caps.make_legal("PROCBASED", cfg.primary, model=cpu))
+        s(F.SECONDARY_VM_EXEC_CONTROL, caps.make_legal("PROCBASED2", cfg.secondary, model=cpu))
+        s(F.VM_EXIT_CONTROLS, caps.make_legal("EXIT", cfg.exit, model=cpu))
         ia32e = v.get(F.VM_ENTRY_CONTROLS) & C.VM_ENTRY_IA32E_MODE
-        s(F.VM_ENTRY_CONTROLS, caps.make_legal("ENTRY", cfg.entry) | ia32e)
+        s(F.VM_ENTRY_CONTROLS, caps.make_legal("ENTRY", cfg.entry, model=cpu) | ia32e)
         s(F.EXCEPTION_BITMAP, cfg.exception_bitmap)
         s(F.PAGE_FAULT_ERROR_CODE_MASK, 0)
         s(F.PAGE_FAULT_ERROR_CODE_MATCH, 0)
@@ -193,8 +204,9 @@ class KvmL0(KvmCommon, MachineHypervisor):
             s(F.EPT_POINTER, self.ept.eptp)
         if cfg.secondary & C.SECONDARY_EXEC_ENABLE_VPID:
             s(F.VIRTUAL_PROCESSOR_ID, vcpu.core.index + 1)
-        s(F.PLE_GAP, cfg.ple_gap)
-        s(F.PLE_WINDOW, cfg.ple_window)
+        if caps.is_field_supported(F.PLE_GAP, cpu):        # (cpu_has_vmx_ple)
+            s(F.PLE_GAP, cfg.ple_gap)
+            s(F.PLE_WINDOW, cfg.ple_window)
         i = vcpu.core.index
         self._loaded[i] = cfg
         self._vtpr_at[i] = None
@@ -226,7 +238,7 @@ class KvmL0(KvmCommon, MachineHypervisor):
         boot = BOOT_CONFIG[self.config_name]
         for core in m.cores:
             vmcs_pa = self._alloc()
-            Vmcs.format(m.mem, vmcs_pa)
+            Vmcs.format(m.mem, vmcs_pa, model=m.cpu)
             vcpu = VmxVcpu(core, vmcs_pa, self, record=m.record_exit)
             self.vapic_pa[core.index] = self._alloc()      # KVM: the software APIC's register page
             self._threshold[core.index] = 0                # (the formatted VMCS holds 0)
@@ -475,7 +487,8 @@ class KvmL0(KvmCommon, MachineHypervisor):
         sub = probe.gpr(1) & 0xFFFFFFFF
         core = vcpu.core
         regs = kvm_cpuid(leaf, sub, lambda lf, sl: cpuid_model.cpuid(lf, sl, core.apic_id,
-                                                                       len(self.machine.cores)),
+                                                                       len(self.machine.cores),
+                                                                       vcpu.model),
                          devirt=self.config_name == "devirt")
         for n, val in zip((0, 3, 1, 2), regs):            # RAX, RBX, RCX, RDX
             probe.set_gpr(n, val)

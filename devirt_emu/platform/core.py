@@ -85,7 +85,7 @@ from .descriptors import DescriptorTables
 from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-exported)
 from .lapic import GeneralProtection
 from .memory import PAGE_SIZE, PhysicalAccessError
-from .msrs import check_read, check_write
+from .msrs import check_read, check_write, reset_value
 from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitcher
@@ -213,6 +213,8 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
 
     def __init__(self, machine, index: int, lapic):
         self.machine = machine
+        #: The CPU model this core is (CPUID, the MSRs it has, the VMX capabilities).
+        self.cpu = cpuid_model.get_model(getattr(machine, "cpu", None))
         self.index = index
         self.apic_id = index
         self.lapic = lapic
@@ -315,7 +317,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         uc = self.uc
         uc.reg_write(X.UC_X86_REG_CR0, 0x60000010)
         uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
-        uc.reg_write(X.UC_X86_REG_EDX, cpuid_model.cpuid(1, 0, 0, 1)[0])
+        uc.reg_write(X.UC_X86_REG_EDX, self.cpu.cpuid_for(1, 0, 0, 1)[0])
         uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
         uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0xFFFF, 0))
         uc.reg_write(X.UC_X86_REG_DR7, 0x400)
@@ -1245,7 +1247,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
     def rdmsr(self, index: int) -> int | None:
         """The value of an MSR, None when Unicorn's own copy is authoritative; #GP if absent."""
         try:
-            info = check_read(index)
+            info = check_read(index, self.cpu)
             owner = info.owner
             if owner == "vmx":
                 raise _Fault(13, 0)   # CPUID.1:ECX.VMX is 0 natively: the VMX MSRs #GP
@@ -1254,7 +1256,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
             if owner == "tsc":
                 return self.tsc()
             if owner == "store":
-                return self.msr_store.get(index, info.reset)
+                return self.msr_store.get(index, reset_value(info, self.cpu))
         except GeneralProtection:
             raise _Fault(13, 0) from None
         return None
@@ -1272,7 +1274,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
     def wrmsr(self, index: int, value: int) -> bool:
         """Write an MSR; False when Unicorn must execute the WRMSR itself; #GP as hardware."""
         try:
-            info = check_write(index, value)
+            info = check_write(index, value, model=self.cpu)
             owner = info.owner
             if owner == "vmx":
                 raise _Fault(13, 0)
@@ -1293,8 +1295,8 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
 
     def _h_cpuid(self, address, insn):
         p = self.probe
-        a, b, c, d = cpuid_model.cpuid(p.gpr(0) & 0xFFFFFFFF, p.gpr(1) & 0xFFFFFFFF,
-                                       self.apic_id, len(self.machine.cores))
+        a, b, c, d = self.cpu.cpuid_for(p.gpr(0) & 0xFFFFFFFF, p.gpr(1) & 0xFFFFFFFF,
+                                        self.apic_id, len(self.machine.cores))
         for n, v in ((0, a), (3, b), (1, c), (2, d)):
             p.set_gpr(n, v)
         self._skip(address, insn)
