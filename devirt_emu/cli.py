@@ -51,7 +51,11 @@ the guest boots under stock and each core asks for devirtualization at the end
 of boot (a paravirtual MSR write), after which external interrupts, HLT,
 MWAIT, PAUSE and the timer/IPI/EOI x2APIC MSRs no longer exit.
 --trace FILE writes every event as one JSON object per line (core, kind, rip,
-instruction, icount, ...).
+instruction, icount, ...).  --timeline FILE writes the run as Chrome
+trace-event JSON: a track per core, VM exits as slices named by reason and as
+long as the cost model estimates (devirt_emu/costmodel.py), interrupts and IPIs
+as instant events, the steady-state windows as spans; its timestamps are
+estimated time (virtual time plus the estimated cost of earlier exits).
 """
 
 
@@ -122,9 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exit-records", type=_records, default=10_000, metavar="N|all",
                    help="VM exit records --json lists: the first N (default 10000) or all; "
                         "the counts are always complete")
+    r.add_argument("--timeline", metavar="FILE",
+                   help="write the run as Chrome trace-event JSON (Perfetto, chrome://tracing)")
     r.set_defaults(func=cmd_run)
     # Further subcommands live in their own modules: each registers its parser on ``sub`` and
     # sets ``func`` to its handler (one line here per subcommand).
+    from . import compare; compare.register(sub)
     return p
 
 
@@ -176,6 +183,20 @@ def cmd_run(args) -> int:
         d["icount"] = core.retired_now()
         trace_file.write(json.dumps(d) + "\n")
 
+    timeline = None
+    if args.timeline:
+        from .timeline import Timeline
+        if not Path(args.timeline).resolve().parent.is_dir():
+            print(f"devirt-emu: error: no such directory for {args.timeline}", file=sys.stderr)
+            return 2
+        timeline = Timeline(label=args.config or ("stock" if args.arch == "vmx" else "native"))
+
+    def traces(core, event):
+        if trace_file:
+            trace(core, event)
+        if timeline is not None:
+            timeline.trace(core, event)
+
     def on_serial(byte: int):
         sys.stdout.write(chr(byte))
 
@@ -186,7 +207,8 @@ def cmd_run(args) -> int:
         res = run_program(path, cores=args.cores, mem_mb=args.mem, fast=args.fast,
                           quantum=args.quantum, arch=args.arch, config=args.config,
                           max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
-                          trace=trace if trace_file else None,
+                          trace=traces if trace_file or timeline else None,
+                          on_machine=timeline.attach if timeline else None,
                           record_exits=args.exit_records if args.json else False,
                           on_serial=None if args.json else on_serial)
     except (AsmError, GuestError, ValueError, OSError) as e:
@@ -198,6 +220,14 @@ def cmd_run(args) -> int:
     finally:
         if trace_file:
             trace_file.close()
+    if timeline is not None:
+        from .timeline import write
+        try:
+            write(args.timeline, [timeline])
+        except OSError as e:
+            print(f"devirt-emu: error: cannot write timeline {args.timeline}: {e.strerror}",
+                  file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(res.to_json()))
     else:
