@@ -119,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--arch", choices=("none", "vmx"), default="none",
                    help="none: native, no hypervisor (default); vmx: the guest runs in VMX "
                         "non-root operation under the L0 (a model of KVM)")
-    r.add_argument("--config", choices=("stock", "devirt"),
-                   help="with --arch vmx: stock KVM (default) or KVM-devirt")
+    from .hypervisor.configs import VMX_CONFIGS
+    r.add_argument("--config", choices=tuple(VMX_CONFIGS),
+                   help="with --arch vmx: a configuration of devirt_emu/hypervisor/configs.py: "
+                        + ", ".join(VMX_CONFIGS) + " (default stock)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     r.add_argument("--trace", metavar="FILE", help="write every event to FILE as JSON Lines")
     r.add_argument("--exit-records", type=_records, default=10_000, metavar="N|all",
