@@ -1220,18 +1220,28 @@ class VmxVcpu(VirtualizationLayer):
             if out.exit and out.reason == er.APIC_ACCESS:
                 self.vm_exit(out, ev)             # fault-like: the instruction has no effect
                 return
-            # virtualized: run the instruction with VTPR at offset 080H of the page
+            # virtualized: run the instruction with the register's bytes 3:0 of the
+            # virtual-APIC page behind the APIC-access page (VTPR at 080H unless
+            # APIC-register virtualization or virtual-interrupt delivery is on)
             write = access.access == "write"
-            step = core.step_watched(page, (APIC_TASKPRI, self._vapic_read(APIC_TASKPRI, 4)),
-                                     writable=write)
+            offset = access.pa & 0xFFF
+            reg = offset & ~0xF if self.vapic.any else APIC_TASKPRI
+            step = core.step_watched(page, (reg, self._vapic_read(reg, 4)), writable=write)
             if step.denied is not None:
                 access = step.denied              # e.g. the write of a read-modify-write
                 continue
             if write and step.retired:
-                # APIC-write emulation for 080H: VTPR bytes 3:1 cleared, then TPR virtualization
-                self._vapic_write(APIC_TASKPRI, step.window[:1] + bytes(3))
-                if out.exit:
-                    self.vm_exit(out, None)       # TPR below threshold: trap-like
+                if not self.vapic.any:
+                    # APIC-write emulation for 080H: VTPR bytes 3:1 cleared, then TPR
+                    # virtualization
+                    self._vapic_write(APIC_TASKPRI, step.window[:1] + bytes(3))
+                    if out.exit:
+                        self.vm_exit(out, None)   # TPR below threshold: trap-like
+                    return
+                self._vapic_write(reg, step.window[:4])
+                d = self._apic_write_emulation(offset)
+                if d is not None:
+                    self.vm_exit(d, None)         # APIC write, EOI-induced: trap-like
             return
         raise GuestError(f"core {core.index}: an instruction at {core.rip():#x} accesses the "
                          "APIC-access page more often than the model handles")
@@ -1264,12 +1274,31 @@ class VmxVcpu(VirtualizationLayer):
             raise AccessAborted()
         if access.access == "read":
             return self._vapic_read(access.pa & 0xFFF, access.size)
-        self._vapic_write(APIC_TASKPRI, bytes([access.value & 0xFF, 0, 0, 0]))
+        if self.vapic.any:
+            offset = access.pa & 0xFFF
+            self._vapic_write(offset, (access.value & ((1 << 8 * access.size) - 1))
+                              .to_bytes(access.size, "little"))
+            out = self._apic_write_emulation(offset) or out
+        else:
+            self._vapic_write(APIC_TASKPRI, bytes([access.value & 0xFF, 0, 0, 0]))
         if out.exit:
             self._trap_exit_pending = out
             if core.in_run:
                 core.request_stop("check")
         return True
+
+    def _apic_write_emulation(self, offset: int) -> Optional[Decision]:
+        """After a virtualized write of the APIC-access page at ``offset`` with
+        APIC-register virtualization or virtual-interrupt delivery: APIC-write
+        emulation (:func:`apicv.apic_write_emulation`); the trap-like exit that
+        follows, if any."""
+        vapic = self.vapic
+        eff = apicv.apic_write_emulation(
+            vapic.page, vapic.status, offset, virtual_intr_delivery=vapic.vid,
+            eoi_exit_bitmap=vapic.eoi_exit_bitmap() if vapic.vid else 0)
+        return vapic.apply(eff, ("SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES=1",
+                                 f"virtualized write at APIC-page offset {offset:#x}",
+                                 "APIC-write emulation"))
 
     def _mask_shadow(self, cr: int):
         v = self.vmcs
