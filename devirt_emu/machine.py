@@ -1,4 +1,11 @@
-"""The native machine: N cores, one RAM, local APICs, a UART and an exit port.
+"""The machine: N cores, one RAM, local APICs, a UART and an exit port.
+
+It runs natively or, with ``arch="vmx"``, with every core in VMX non-root
+operation under the L0 (:mod:`devirt_emu.hypervisor`); it boots the firmware
+and a guest program, schedules the cores on one deterministic clock, and is
+the stepping API (:meth:`Machine.boot`, :meth:`Machine.step`,
+:meth:`Machine.run_until`, breakpoints, watchpoints and stops on VM exits and
+vectors; see :mod:`devirt_emu.stepping`).
 
 Scheduling and time (deterministic mode, the default)
 -----------------------------------------------------

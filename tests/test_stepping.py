@@ -85,6 +85,25 @@ def test_stops_then_continuing_give_the_free_run_under_vmx():
     assert summary(m.result()) == summary(ref)
 
 
+def test_stops_on_hlt_exits_in_an_interrupt_shadow_give_the_free_run():
+    # ipi_pingpong's cores wait with STI; HLT: the HLT exit is taken in STI's interrupt
+    # shadow, at the boundary where the core steps the shadowed instruction alone, and the
+    # stop there must leave the HLT to the L0 once (it must not also be executed natively)
+    free = Machine(cores=2, arch="vmx", config="stock")
+    free.load_image(build_image(GUESTS / "ipi_pingpong.S"))
+    ref = free.run()
+    m, _ = machine(GUESTS / "ipi_pingpong.S", cores=2, arch="vmx", config="stock")
+    m.stop_on_exit({12})                                 # EXIT_REASON_HLT
+    stops = 0
+    while m.verdict is None:
+        s = m.run_until()
+        if s.kind is StopKind.VM_EXIT:
+            assert s.reason == 12 and m.cores[s.core].read_linear(s.rip, 1, peek=True) == b"\xf4"
+            stops += 1
+    assert stops == ref.exit_counts["HLT"]
+    assert summary(m.result()) == summary(ref)
+
+
 def test_breakpoint_stops_before_the_instruction_and_continuing_executes_it(tmp_path):
     m, syms = machine("""
     mov eax, 1
