@@ -36,9 +36,12 @@ What VMX non-root operation changes for instructions that do not exit (SDM
 reads of CR0/CR4 see the read shadows for host-owned bits, writes leave the
 host-owned bits alone, CLTS/LMSW likewise, and RDTSC/RDTSCP add TSC_OFFSET.
 
-APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts", with
-the controls the modelled CPU has: "use TPR shadow" and "virtualize APIC
-accesses", no APIC-register virtualization or virtual-interrupt delivery):
+APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts"): the
+TPR shadow and the APIC-access page as below; virtual-interrupt delivery,
+x2APIC and APIC-register virtualization and posted-interrupt processing are
+:mod:`devirt_emu.vmx.virtual_apic`'s (``self.vapic``), with the algorithms of
+:mod:`devirt_emu.vmx.apicv`.  With "use TPR shadow" and "virtualize APIC
+accesses" alone:
 
 * with "use TPR shadow", MOV from CR8 reads VTPR[7:4] (byte 80H of the
   virtual-APIC page) and MOV to CR8 writes VTPR (bits 7:4 from the source,
