@@ -43,10 +43,13 @@ window), message, mode, arch, config; and for --arch vmx: exits (one object per
 VM exit: core, reason (basic exit reason), name, entry_failure, qualification,
 instruction_length, rip, in_window) for the first --exit-records exits,
 exits_dropped (the exits after those), exit_counts and window_exit_counts (by
-exit name, always complete; window: inside a core's steady-state window).
+exit name, always complete; window: inside a core's steady-state window) and
+exit_counts_per_core (exit_counts split by core).
 
 configurations (--arch vmx): stock is KVM's default VMCS with EPT and
-unrestricted guest, APICv off, PAUSE-loop exiting on; devirt is KVM-devirt:
+unrestricted guest, APICv off, PAUSE-loop exiting on; apicv is the same with
+KVM's enable_apicv=1 (posted interrupts, virtual-interrupt delivery, APIC-register
+and x2APIC virtualization: IPIs are posted, EOIs do not exit); devirt is KVM-devirt:
 the guest boots under stock and each core asks for devirtualization at the end
 of boot (a paravirtual MSR write), after which external interrupts, HLT,
 MWAIT, PAUSE and the timer/IPI/EOI x2APIC MSRs no longer exit.

@@ -279,6 +279,6 @@ APICV = VmxConfig(
     x2apic_passthrough_write=(X2APIC_TPR, X2APIC_EOI, X2APIC_SELF_IPI),
 )
 
-VMX_CONFIGS = {c.name: c for c in (STOCK, DEVIRT)}
+VMX_CONFIGS = {c.name: c for c in (STOCK, APICV, DEVIRT)}
 #: The set a configuration boots under before its cores ask for devirtualization.
-BOOT_CONFIG = {"stock": STOCK, "devirt": STOCK}
+BOOT_CONFIG = {"stock": STOCK, "apicv": APICV, "devirt": STOCK}

@@ -1029,6 +1029,7 @@ class VmxVcpu(VirtualizationLayer):
                                                core.icount == core.shadow_at):
             if core.state is State.HALTED:
                 core.state = State.RUNNING
+            core.count(Kind.INTERRUPT)
             vector = vapic.deliver()
             if core.trace is not None:
                 core.trace(core, Event(Kind.INTERRUPT, core.index, core.rip(), vector=vector,
