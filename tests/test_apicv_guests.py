@@ -100,3 +100,54 @@ def test_apicv_controls_in_the_vmcs():
         assert sec & C.SECONDARY_EXEC_APIC_REGISTER_VIRT
         assert sec & C.SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE
         assert not sec & C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES
+
+
+def _parked_apicv_machine():
+    """Two cores under apicv after hello.S: core 1 is parked (CLI; HLT exits: blocked)."""
+    m = Machine(cores=2, arch="vmx", config="apicv")
+    m.load_image(build_image(GUEST_DIR / "hello.S"))
+    assert m.run().verdict == "pass"
+    v1 = m.l0.vcpus[1]
+    assert v1.blocked
+    m.current = m.cores[0]           # the L0 runs on core 0 (an exit of vCPU 0)
+    return m, v1
+
+
+def test_posting_to_a_blocked_vcpu_wakes_it_and_the_wakeup_is_the_hosts():
+    """KVM's vmx_deliver_posted_interrupt to a vCPU not in guest mode: PIR and ON
+    set, no notification vector, a kick (here the host's wake-up vector to its
+    core); the host takes that vector itself (acknowledge, EOI) and KVM re-enters
+    the vCPU after moving PIR into the virtual IRR and RVI (vmx_sync_pir_to_irr)."""
+    from devirt_emu.vmx import apicv as A
+    from devirt_emu.vmx.fields import VmcsField as F
+    m, v1 = _parked_apicv_machine()
+    l0, lapic = m.l0, m.cores[1].lapic
+    l0.post(v1, 0x40)
+    d = A.PostedDescriptor.decode(m.mem.read(l0.pi_desc[1], 64))
+    assert d.pir == 1 << 0x40 and d.on
+    assert lapic.pending_vector() == 0xF1            # POSTED_INTR_WAKEUP_VECTOR, not 0xF2
+    assert l0.unblock(v1)                            # the scheduler finds the core woken
+    assert lapic.pending_vector() is None and lapic.rdmsr(0x817) == 0   # acknowledged, EOI'd
+    assert v1.active and not v1.blocked
+    d = A.PostedDescriptor.decode(m.mem.read(l0.pi_desc[1], 64))
+    assert d.pir == 0 and not d.on
+    vapic = l0.vapic_pa[1]
+    assert m.mem.read_u32(vapic + 0x200 + 0x10 * 2) == 1 << 0   # VIRR[40H]
+    assert v1.vmcs.get(F.GUEST_INTR_STATUS) & 0xFF == 0x40       # RVI
+
+
+def test_notification_vector_arriving_in_root_mode_is_an_ordinary_host_interrupt():
+    """The notification vector reaching a core whose vCPU is not in non-root
+    operation is not posted-interrupt processing: the host acknowledges it like
+    any interrupt (KVM's handler for POSTED_INTR_VECTOR only EOIs); PIR stays for
+    vmx_sync_pir_to_irr at the next entry."""
+    from devirt_emu.vmx import apicv as A
+    m, v1 = _parked_apicv_machine()
+    l0, lapic = m.l0, m.cores[1].lapic
+    raw, _ = A.post_interrupt(m.mem.read(l0.pi_desc[1], 64), 0x55)
+    m.mem.write(l0.pi_desc[1], raw)
+    m.bus.send(m.cores[0].lapic, 1 << 32 | 0xF2)     # fixed IPI F2H to APIC ID 1 (x2APIC)
+    assert lapic.pending_vector() == 0xF2
+    assert l0.unblock(v1)
+    assert lapic.pending_vector() is None and lapic.rdmsr(0x817) == 0
+    assert m.mem.read_u32(l0.vapic_pa[1] + 0x220) == 1 << (0x55 - 64)   # VIRR[55H]
