@@ -390,6 +390,9 @@ class VmxVcpu(VirtualizationLayer):
         self.record = record            # callable(ExitRecord), the machine's exit log
         self.active = False             # in VMX non-root operation
         self.blocked = False            # the L0 halted this vCPU (HLT exit), host context
+        #: the L0 gave the core back to its host (KVM-devirt's take-back): nothing
+        #: but the L0 makes it run again
+        self.parked = False
         self.pause_loop = PauseLoop()
         self._mtf = False                     # monitor trap flag armed at the last entry
         self._entry_icount = 0
@@ -941,6 +944,8 @@ class VmxVcpu(VirtualizationLayer):
     def has_wakeup(self) -> Optional[bool]:
         """Scheduler: does this halted/waiting core have something to do now?
         None: decide as a native core would."""
+        if self.parked:
+            return False
         if not self.active and not self.blocked:
             return None
         lapic = self.core.lapic
@@ -957,6 +962,8 @@ class VmxVcpu(VirtualizationLayer):
     def boundary(self, core) -> bool:
         """Events on an instruction boundary in VMX non-root operation (replaces the
         native wake_check while active).  Returns True when it acted."""
+        if self.parked:
+            return False
         if self.blocked:
             return self.l0.unblock(self)
         if not self.active:
