@@ -536,11 +536,15 @@ class KvmL0(MachineHypervisor):
     def apicv_pending(self, vcpu: VmxVcpu) -> bool:
         """``kvm_cpu_has_interrupt`` with APICv: the highest vector of the virtual IRR
         and PIR has a priority class above the virtual PPR's (VTPR, SVI)."""
-        pir = A.PostedDescriptor.decode(
-            self.machine.mem.read(self.pi_desc[vcpu.core.index], A.PID_SIZE)).pir
-        page = self._page(vcpu)
-        top = max(A.highest(page, A.APIC_IRR), pir.bit_length() - 1 if pir else 0)
-        if not top:
+        mem = self.machine.mem
+        i = vcpu.core.index
+        pir = int.from_bytes(mem.read(self.pi_desc[i], 32), "little")     # PIR: bits 255:0
+        virr_at = self.vapic_pa[i] + A.APIC_IRR
+        virr = 0
+        for n in range(8):
+            virr |= mem.read_u32(virr_at + 0x10 * n) << (32 * n)
+        top = (pir | virr).bit_length() - 1
+        if top <= 0:
             return False
         status = vcpu.vmcs.get(F.GUEST_INTR_STATUS)
         ppr = max(self.guest_tpr(vcpu) & 0xF0, A.svi(status) & 0xF0)

@@ -139,9 +139,16 @@ def _check_non_register(vcpu):
                                           current_vmcs_pa=vcpu.vmcs.pa)
 
 
+def _no_check(vcpu):
+    """The guest-interrupt status (RVI, SVI): no VM-entry check reads it (SDM
+    "Checks on Guest Non-Register State" has none for it)."""
+    return None
+
+
 #: Fields an L0 commonly writes between VM exit and VMRESUME -> the one group
 #: of VM-entry checks that reads them (any other written field: every check).
 _RESUME_CHECKS = {
+    int(F.GUEST_INTR_STATUS): _no_check,
     int(F.GUEST_RIP): _check_rip, int(F.GUEST_RFLAGS): _check_rflags,
     int(F.VM_ENTRY_INTR_INFO_FIELD): _check_injection,
     int(F.VM_ENTRY_EXCEPTION_ERROR_CODE): _check_injection,
