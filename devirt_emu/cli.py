@@ -6,7 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, compare
+from .cpumodels import cli as cpumodels_cli
+from .cpumodels.cli import add_cpu_arguments, model_from_args
+from .debugger.cli import add_parser as add_debug_parser
 
 DESCRIPTION = """\
 devirt-emu: an instruction-level x86-64 emulator of the KVM-devirt CPU path.
@@ -39,9 +42,10 @@ measured on this machine.
 --json prints one object: verdict, serial, cores, instructions (per core),
 virtual_ns, events (sensitive event kind -> count), wall_s, mips, exit_status,
 markers (per core: [begin, end] instruction counts of each steady-state
-window), message, mode, arch, config; and for --arch vmx: exits (one object per
-VM exit: core, reason (basic exit reason), name, entry_failure, qualification,
-instruction_length, rip, in_window) for the first --exit-records exits,
+window), message, mode, arch, config, cpu (the CPU model's spec); and for
+--arch vmx: exits (one object per VM exit: core, reason (basic exit reason),
+name, entry_failure, qualification, instruction_length, rip, in_window) for
+the first --exit-records exits,
 exits_dropped (the exits after those), exit_counts and window_exit_counts (by
 exit name, always complete; window: inside a core's steady-state window) and
 exit_counts_per_core (exit_counts split by core).
@@ -59,6 +63,17 @@ trace-event JSON: a track per core, VM exits as slices named by reason and as
 long as the cost model estimates (devirt_emu/costmodel.py), interrupts and IPIs
 as instant events, the steady-state windows as spans; its timestamps are
 estimated time (virtual time plus the estimated cost of earlier exits).
+
+CPU models: --cpu NAME[,+FEATURE,-FEATURE,...] picks the processor (default
+skylake-server; `devirt-emu cpus` lists them, `devirt-emu cpus NAME` shows
+one); features are /proc/cpuinfo flags (pcid, x2apic) or vmx.h names
+(SECONDARY_EXEC_UNRESTRICTED_GUEST; vmx flags such as ept_ad also work).
+--vmx-msrs FILE replaces the model's VMX capability MSRs with a dump of a real
+machine's: JSON {"0x480": "0x...", ...}, or text with one MSR per line, either
+"INDEX VALUE" in hex (e.g. "0x480 0xda040000000004") or bare hex values read
+as 0x480, 0x481, ... in order (the output of rdmsr over 0x480-0x493, with
+"-" for an MSR the processor does not have).  The VMCS size becomes 4096 and
+features devirt-emu does not implement are cleared (docs/cpu-models.md).
 """
 
 
@@ -133,10 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the counts are always complete")
     r.add_argument("--timeline", metavar="FILE",
                    help="write the run as Chrome trace-event JSON (Perfetto, chrome://tracing)")
+    add_cpu_arguments(r)
     r.set_defaults(func=cmd_run)
     # Further subcommands live in their own modules: each registers its parser on ``sub`` and
     # sets ``func`` to its handler (one line here per subcommand).
-    from . import compare; compare.register(sub)
+    compare.register(sub)
+    add_debug_parser(sub)
+    cpumodels_cli.register(sub)
     return p
 
 
@@ -209,7 +227,12 @@ def cmd_run(args) -> int:
         print("devirt-emu: error: --config needs --arch vmx", file=sys.stderr)
         return 2
     try:
-        res = run_program(path, cores=args.cores, mem_mb=args.mem, fast=args.fast,
+        cpu = model_from_args(args)
+    except ValueError as e:
+        print(f"devirt-emu: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        res = run_program(path, cores=args.cores, mem_mb=args.mem, fast=args.fast, cpu=cpu,
                           quantum=args.quantum, arch=args.arch, config=args.config,
                           max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
                           trace=traces if trace_file or timeline else None,
