@@ -83,3 +83,19 @@ def test_taking_a_core_back_with_an_nmi_and_a_failed_entry():
     assert res.verdict == "pass", res.message
     assert m.cores[1].icount > frozen
     assert "1000 round trips, every core forwarded every token" in res.serial
+
+
+def test_rdmsr_of_the_tsc_adds_the_tsc_offset_as_rdtsc_does():
+    """SDM "Changes to Instruction Behavior in VMX Non-Root Operation": with "use TSC
+    offsetting" 1 (no TSC scaling) RDTSC, RDTSCP and a non-exiting RDMSR of
+    IA32_TIME_STAMP_COUNTER (10H; KVM and KVM-devirt pass its reads through) return
+    the TSC plus TSC_OFFSET; without the control, the TSC itself."""
+    from devirt_emu.testing.vmx_case import run_case
+    code = ("rdtsc\nshl rdx, 32\nor rax, rdx\nmov rbx, rax\n"
+            "mov ecx, 0x10\nrdmsr\nshl rdx, 32\nor rax, rdx\ncpuid")
+    offset = 1 << 40
+    for ctl, base in ((C.CPU_BASED_USE_TSC_OFFSETTING, offset), (0, 0)):
+        r = run_case(code, vmcs={"CPU_BASED_VM_EXEC_CONTROL": ctl | C.CPU_BASED_USE_MSR_BITMAPS,
+                                 "TSC_OFFSET": offset}, legal=True)
+        rdtsc, rdmsr = r.exit.regs["rbx"], r.exit.regs["rax"]
+        assert base <= rdtsc < base + 1000 and rdtsc <= rdmsr < rdtsc + 100, (hex(rdtsc), hex(rdmsr))
