@@ -1,4 +1,11 @@
-"""The native machine: N cores, one RAM, local APICs, a UART and an exit port.
+"""The machine: N cores, one RAM, local APICs, a UART and an exit port.
+
+It runs natively or, with ``arch="vmx"``, with every core in VMX non-root
+operation under the L0 (:mod:`devirt_emu.hypervisor`); it boots the firmware
+and a guest program, schedules the cores on one deterministic clock, and is
+the stepping API (:meth:`Machine.boot`, :meth:`Machine.step`,
+:meth:`Machine.run_until`, breakpoints, watchpoints and stops on VM exits and
+vectors; see :mod:`devirt_emu.stepping`).
 
 Scheduling and time (deterministic mode, the default)
 -----------------------------------------------------
@@ -168,7 +175,8 @@ class Machine:
         self._wall_used = 0.0
         self._interrupt = threading.Event()
         self._breakpoints: dict[int, tuple[int, int | None]] = {}   # id -> (linear, core)
-        self._watchpoints: dict[int, tuple] = {}                    # id -> (linear, size, access)
+        self._watchpoints: dict[int, tuple] = {}    # id -> (address, size, access, physical)
+        self._phys_watch_pages: dict[int, int] = {}  # page -> physical watchpoints on it
         self._next_id = 1
         self._exit_stop: frozenset | str | None = None
         self._stop: Stop | None = None          # set by a callback during a run
@@ -425,29 +433,92 @@ class Machine:
         """id -> (linear address, core or None for any)."""
         return dict(self._breakpoints)
 
-    def add_watchpoint(self, linear: int, size: int = 1, access: str = "w") -> int:
+    def add_watchpoint(self, address: int, size: int = 1, access: str = "w", *,
+                       physical: bool = False) -> int:
         """Stop after a guest instruction reads (``access`` "r"), writes ("w") or
-        either ("rw") a byte of ``[linear, linear + size)`` (linear addresses, on
-        every core; the platform's own accesses, such as an interrupt frame's
-        pushes, are not seen).  Returns the watchpoint's id."""
+        either ("rw") a byte of ``[address, address + size)``, on every core.
+        Returns the watchpoint's id.
+
+        Linear addresses (the default) are watched as the guest's instructions
+        access them; the platform's own accesses (an interrupt frame's pushes,
+        say) are not seen.  With ``physical`` the range is in the machine's RAM
+        (host-physical: under EPT, where guest-physical addresses are
+        translated, the RAM behind them): every access to its pages is seen,
+        the platform's included (which then stop the run after the instruction
+        or event delivery they belong to).  A physical watchpoint cannot share a
+        page with the VMX layer's own page watching (the APIC-access page), nor
+        watch a page the guest executes from: a fetch from it removes the
+        watchpoint and stops with access "fetch"."""
         if access not in ("r", "w", "rw"):
             raise ValueError(f"watchpoint access must be r, w or rw, not {access!r}")
-        if not 1 <= size <= 1 << 20 or not 0 <= linear < (1 << 64) - size:
-            raise ValueError(f"bad watch range {linear:#x}+{size:#x}")
+        if not 1 <= size <= 1 << 20 or not 0 <= address < (1 << 64) - size:
+            raise ValueError(f"bad watch range {address:#x}+{size:#x}")
+        pages = range(address & ~0xFFF, address + size, PAGE_SIZE)
+        if physical:
+            if not self.mem.contains(address, size):
+                raise ValueError(f"physical watch range {address:#x}+{size:#x} is outside RAM")
+            for ppage in pages:
+                if self.is_code_page(ppage):
+                    raise ValueError(f"physical page {ppage:#x} holds code the guest runs: a "
+                                     f"physical watchpoint there is not supported")
+                for c in self.cores:
+                    if ppage in c.watched_pages() and ppage not in self._phys_watch_pages:
+                        raise ValueError(f"physical page {ppage:#x} is watched by the "
+                                         f"virtualization layer already")
         ident = self._new_id()
-        self._watchpoints[ident] = (linear, size, access)
-        for c in self.cores:
-            c.add_watch(ident, linear, size, access)
+        self._watchpoints[ident] = (address, size, access, physical)
+        if physical:
+            for ppage in pages:
+                self._phys_watch_pages[ppage] = self._phys_watch_pages.get(ppage, 0) + 1
+                for c in self.cores:
+                    c.watch_page(ppage, self._physical_watcher)
+        else:
+            for c in self.cores:
+                c.add_watch(ident, address, size, access)
         return ident
 
     def remove_watchpoint(self, ident: int) -> None:
-        self._watchpoints.pop(ident)
-        for c in self.cores:
-            c.remove_watch(ident)
+        address, size, _, physical = self._watchpoints.pop(ident)
+        if not physical:
+            for c in self.cores:
+                c.remove_watch(ident)
+            return
+        for ppage in range(address & ~0xFFF, address + size, PAGE_SIZE):
+            left = self._phys_watch_pages.pop(ppage, 1) - 1
+            if left:
+                self._phys_watch_pages[ppage] = left
+            else:
+                for c in self.cores:
+                    c.unwatch_page(ppage)
 
-    def watchpoints(self) -> dict[int, tuple[int, int, str]]:
-        """id -> (linear address, size, access)."""
+    def watchpoints(self) -> dict[int, tuple[int, int, str, bool]]:
+        """id -> (address, size, access, physical)."""
         return dict(self._watchpoints)
+
+    def _physical_watcher(self, c: Core, access) -> None:
+        """An access to a page with a physical watchpoint (see watch_page): an
+        instruction's runs at once (step_watched); one that touches a watched range
+        of its kind records the hit and stops the run after it."""
+        kind = "w" if access.access == "write" else "r"
+        first, last = access.pa, access.pa + max(access.size, 1) - 1
+        hit = next((i for i, (a, n, acc, phys) in self._watchpoints.items()
+                    if phys and kind in acc and first < a + n and a <= last), None)
+        if access.access == "fetch":
+            ppage = access.pa & ~0xFFF
+            hit = next((i for i, (a, n, _, phys) in self._watchpoints.items()
+                        if phys and a & ~0xFFF <= ppage < a + n), None)
+            if hit is not None:
+                self.remove_watchpoint(hit)
+            c.watch_hit = (hit, access.pa, "fetch")
+            c.request_stop("watch")
+            return None
+        if hit is not None and c.watch_hit is None:
+            c.watch_hit = (hit, access.pa, "write" if kind == "w" else "read")
+            c.request_stop("watch")
+        if access.platform:
+            return None             # the platform's access goes to memory
+        c.step_watched(access.pa & ~0xFFF, writable=True)
+        return None
 
     def stop_on_exit(self, reasons) -> None:
         """Stop at VM exits of these basic reasons (an iterable of ints; "all" for

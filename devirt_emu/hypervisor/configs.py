@@ -108,6 +108,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..x86 import X86_CR0_TS, X86_CR0_WP
 from ..vmx import controls as C
 
 #: Paravirtual MSRs of our model of KVM-devirt, in KVM's range.
@@ -118,7 +119,6 @@ KVM_FEATURE_DEVIRT = 1 << 24
 #: Guest-physical address of KVM's APIC-access page (APIC_DEFAULT_PHYS_BASE, the xAPIC base).
 APIC_ACCESS_PAGE_GPA = 0xFEE00000
 
-X86_CR0_TS, X86_CR0_WP = 1 << 3, 1 << 16
 # KVM's possibly guest-owned CR4 bits (KVM_POSSIBLE_CR4_GUEST_BITS) with EPT (+PGE).
 KVM_CR4_GUEST_BITS = ((1 << 1) | (1 << 3) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 7)
                       | (1 << 2) | (1 << 16))

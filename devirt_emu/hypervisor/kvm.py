@@ -32,6 +32,7 @@ import struct
 
 from unicorn import x86_const as X
 
+from ..x86 import X86_CR4_VMXE
 from ..events import Event, Kind
 from ..platform import cpuid as cpuid_model
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, descriptor_cache
@@ -48,7 +49,7 @@ from ..vmx import exit_info as XI
 from ..vmx import exit_reasons as ER
 from ..vmx.ept import EptBuilder, EptBuildError
 from ..vmx.fields import VmcsField as F
-from ..vmx.vcpu import CR4_VMXE, VmxVcpu
+from ..vmx.vcpu import VmxVcpu
 from ..vmx.vmcs import Vmcs
 from .configs import (APIC_ACCESS_PAGE_GPA, BOOT_CONFIG, KVM_FEATURE_DEVIRT, MSR_KVM_APIC_MAPS,
                       MSR_KVM_DEVIRT, VMX_CONFIGS, VmxConfig)
@@ -71,7 +72,7 @@ _STRING_IO = frozenset({"insb", "insw", "insd", "outsb", "outsw", "outsd"})
 
 #: Host state that VM exits would load (a 64-bit Linux host, as KVM's vmx_set_constant_host_state).
 HOST_STATE = {
-    F.HOST_CR0: 0x80050033, F.HOST_CR4: 0x3726E0 | CR4_VMXE, F.HOST_CS_SELECTOR: 0x10,
+    F.HOST_CR0: 0x80050033, F.HOST_CR4: 0x3726E0 | X86_CR4_VMXE, F.HOST_CS_SELECTOR: 0x10,
     F.HOST_SS_SELECTOR: 0x18, F.HOST_DS_SELECTOR: 0, F.HOST_ES_SELECTOR: 0,
     F.HOST_FS_SELECTOR: 0, F.HOST_GS_SELECTOR: 0, F.HOST_TR_SELECTOR: 0x40,
     F.HOST_IA32_PAT: 0x0407050600070106, F.HOST_IA32_EFER: 0xD01,
@@ -92,7 +93,7 @@ def prepare_vmcs(vcpu: VmxVcpu, host_cr3: int) -> None:
     v.set(F.VMCS_LINK_POINTER, (1 << 64) - 1)
     vcpu.save_guest_state()
     v.set(F.CR0_READ_SHADOW, v.get(F.GUEST_CR0))
-    v.set(F.CR4_READ_SHADOW, v.get(F.GUEST_CR4) & ~CR4_VMXE)
+    v.set(F.CR4_READ_SHADOW, v.get(F.GUEST_CR4) & ~X86_CR4_VMXE)
 
 
 #: Bytes of a 32-bit TSS a task switch reads and writes (its last byte is the minimum limit).
@@ -508,7 +509,7 @@ class KvmL0(MachineHypervisor):
         s = v.set
         s(F.GUEST_CR0, INIT_CR0 | (1 << 5))
         s(F.CR0_READ_SHADOW, INIT_CR0)
-        s(F.GUEST_CR4, CR4_VMXE)
+        s(F.GUEST_CR4, X86_CR4_VMXE)
         s(F.CR4_READ_SHADOW, 0)
         s(F.GUEST_CR3, 0)
         s(F.GUEST_IA32_EFER, 0)
@@ -734,9 +735,9 @@ class KvmL0(MachineHypervisor):
             if cr == 0:
                 self.set_cr0(vcpu, val)
             elif cr == 4:
-                self.load_pdptrs(vcpu, 4, v.get(F.GUEST_CR0), val | CR4_VMXE, v.get(F.GUEST_CR3))
+                self.load_pdptrs(vcpu, 4, v.get(F.GUEST_CR0), val | X86_CR4_VMXE, v.get(F.GUEST_CR3))
                 v.set(F.CR4_READ_SHADOW, val)
-                v.set(F.GUEST_CR4, val | CR4_VMXE)
+                v.set(F.GUEST_CR4, val | X86_CR4_VMXE)
             elif cr == 3:
                 self.load_pdptrs(vcpu, 3, v.get(F.GUEST_CR0), v.get(F.GUEST_CR4), val)
                 v.set(F.GUEST_CR3, val)

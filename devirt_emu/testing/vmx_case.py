@@ -129,7 +129,7 @@ from typing import Iterable, Mapping, Optional, Union
 from unicorn import x86_const as X
 
 from ..asm import AsmError, assemble
-from ..events import GPR_NAMES, Kind
+from ..events import GPR_NAMES
 from ..platform import longmode
 from ..platform.core import GPR_IDS, GuestError, State
 from ..virt import Hypervisor

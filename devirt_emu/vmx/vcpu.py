@@ -67,6 +67,8 @@ from typing import NamedTuple, Optional
 
 from unicorn import x86_const as X
 
+from ..x86 import (EFER_LMA, MSR_EFER, MSR_IA32_CR_PAT, X86_CR0_PG, X86_CR0_TS, X86_CR4_PAE,
+                   X86_CR4_VMXE)
 from ..events import Event, Kind
 from ..virt import SOFTWARE_EVENT_TYPES, Delivery, EventType, VirtualizationLayer
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, flags_to_ar
@@ -86,10 +88,6 @@ from .ept_mmu import EptStage2, ept_exit_decision
 from .vmcs import _READABLE, FIELD_SLOTS, Vmcs, _key
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
 
-CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
-CR4_PAE, CR4_VMXE = 1 << 5, 1 << 13
-RFLAGS_IF = 1 << 9
-EFER_LMA = 1 << 10
 
 # Segment registers: (index in core.read_segment, VMCS selector field); the
 # base, limit and access-rights fields follow the same naming.
@@ -179,7 +177,6 @@ _WAIT_SIPI, _SHUTDOWN = State.WAIT_SIPI, State.SHUTDOWN     # (no TPR-threshold 
 _TPR_THRESHOLD = int(F.TPR_THRESHOLD)
 _U64 = struct.Struct("<Q")
 
-MSR_IA32_CR_PAT = 0x277
 #: VTPR: the task-priority register's offset on the virtual-APIC and APIC-access pages.
 APIC_TASKPRI = 0x80
 #: Fields whose change can move or switch the APIC-access page or change the
@@ -189,7 +186,6 @@ _APIC_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_E
                           int(F.TPR_THRESHOLD)})
 #: The VMX-preemption timer's rate: it counts down once every 2^PTIMER_RATE TSC ticks.
 PTIMER_RATE = VMX_CAPABILITY_MSRS[MSR_IA32_VMX_MISC] & 0x1F
-MSR_EFER = 0xC0000080
 _EPT_CAPS = EptCaps.modelled()
 #: The neutral event types of the seam (virt.EventType) as VMX interruption types
 #: (bits 10:8 of the interruption-information fields), and back.
@@ -495,12 +491,12 @@ class VmxVcpu(VirtualizationLayer):
         efer = g(F.GUEST_IA32_EFER)
         cr0, cr3, cr4 = g(F.GUEST_CR0), g(F.GUEST_CR3), g(F.GUEST_CR4)
         uc.reg_write(X.UC_X86_REG_CR3, cr3)
-        uc.reg_write(X.UC_X86_REG_CR4, cr4 & ~CR4_VMXE)
+        uc.reg_write(X.UC_X86_REG_CR4, cr4 & ~X86_CR4_VMXE)
         if not efer & EFER_LMA and self.core.probe.hflags() & HF_LMA:
             # leaving IA-32e mode: measured on Unicorn 2.1.4, a write of EFER keeps LMA
             # and only a CR0 write with PG clear clears it (else a guest entered with
             # legacy paging would run with 4-level paging)
-            uc.reg_write(X.UC_X86_REG_CR0, cr0 & ~CR0_PG)
+            uc.reg_write(X.UC_X86_REG_CR0, cr0 & ~X86_CR0_PG)
         uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, efer & ~EFER_LMA))
         uc.reg_write(X.UC_X86_REG_CR0, cr0)
         self.core.after_mode_change()
@@ -552,7 +548,7 @@ class VmxVcpu(VirtualizationLayer):
         undefined, here the same registers)."""
         core = self.core
         p = core.probe
-        if p.hflags() & HF_LMA or not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE):
+        if p.hflags() & HF_LMA or not (p.cr(0) & X86_CR0_PG and p.cr(4) & X86_CR4_PAE):
             return                              # (IA-32e mode first: one read for most guests)
         core.set_pdpte_registers(core.pdptes if self.ept is not None else core.read_pdptes(p.cr(3)))
 
@@ -563,7 +559,7 @@ class VmxVcpu(VirtualizationLayer):
         if self._ept_state is None or self._ept_state[0] is not None:
             return None
         p = self.core.probe
-        if p.hflags() & HF_LMA or not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE):
+        if p.hflags() & HF_LMA or not (p.cr(0) & X86_CR0_PG and p.cr(4) & X86_CR4_PAE):
             return None
         return check_guest_pdptes(self.vmcs, self.caps, self.read_mem)
 
@@ -1039,7 +1035,7 @@ class VmxVcpu(VirtualizationLayer):
             mask, shadow = self._mask_shadow(insn.cr)
             real = core.probe.reg(X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4)
             if insn.cr == 4:
-                real |= CR4_VMXE
+                real |= X86_CR4_VMXE
             uc.reg_write(GPR_IDS[insn.gpr], (real & ~mask) | (shadow & mask))
             core.set_rip(ev.rip + insn.length)
             return True
@@ -1049,7 +1045,7 @@ class VmxVcpu(VirtualizationLayer):
             real = core.probe.reg(rid)
             new = (real & mask) | (core.probe.reg(GPR_IDS[insn.gpr]) & ~mask)
             if insn.cr == 4:
-                new &= ~CR4_VMXE
+                new &= ~X86_CR4_VMXE
             core.load_pdptes_for_mov_cr(insn.cr, new)     # PAE paging: #GP(0) or the PDPTEs loaded
             uc.reg_write(rid, new)
             core.set_rip(ev.rip + insn.length)
@@ -1057,7 +1053,7 @@ class VmxVcpu(VirtualizationLayer):
             return True
         if k is Kind.CLTS:
             mask, _ = self._mask_shadow(0)
-            if mask & CR0_TS:
+            if mask & X86_CR0_TS:
                 core.set_rip(ev.rip + insn.length)     # TS is host-owned: CLTS leaves it
                 return True
             return False
@@ -1236,7 +1232,7 @@ _GETTERS = {
     F.GUEST_RFLAGS: lambda vcpu: vcpu.core.probe.reg(X.UC_X86_REG_EFLAGS),
     F.GUEST_CR0: lambda vcpu: vcpu.core.probe.cr(0),
     F.GUEST_CR3: lambda vcpu: vcpu.core.probe.cr(3),
-    F.GUEST_CR4: lambda vcpu: vcpu.core.probe.cr(4) | CR4_VMXE,
+    F.GUEST_CR4: lambda vcpu: vcpu.core.probe.cr(4) | X86_CR4_VMXE,
     F.GUEST_DR7: lambda vcpu: vcpu.core.probe.reg(X.UC_X86_REG_DR7),
     F.GUEST_IA32_EFER: lambda vcpu: vcpu.core.rdmsr_raw(MSR_EFER),
     F.GUEST_IA32_PAT: lambda vcpu: vcpu.core.rdmsr_raw(MSR_IA32_CR_PAT),
