@@ -325,3 +325,40 @@ def test_why_under_the_devirt_configuration():
             seen.add(st.name)
             check_why(s, st.name, s.why())
     assert s.machine.verdict == "pass" and seen
+
+
+def test_an_elf_guest_breaks_at_its_own_symbols(tmp_path):
+    import shutil
+    import subprocess
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc to build an ELF guest")
+    from test_guests import ELF_GUEST
+    src = tmp_path / "guest.c"
+    src.write_text(ELF_GUEST)
+    elf = tmp_path / "guest.elf"
+    subprocess.run([gcc, "-O2", "-ffreestanding", "-fno-pic", "-no-pie", "-nostdlib", "-static",
+                    "-mgeneral-regs-only", "-fno-stack-protector", "-Wl,-Ttext-segment=0x400000",
+                    "-Wl,-e,entry", "-o", str(elf), str(src)], check=True, capture_output=True)
+    from elftools.elf.elffile import ELFFile
+    with open(elf, "rb") as f:
+        entry = ELFFile(f)["e_entry"]               # -e entry: the symbol "entry"
+    s = Session(elf, cores=2)
+    assert s.resolve("entry") == entry
+    assert "_start32" in s.symbols                  # the firmware's labels are there too
+    s.break_at("entry")
+    st = s.cont()
+    assert st.kind is StopKind.BREAKPOINT and st.rip == entry
+    assert s.where(entry) == f"{entry:#x} <entry>"
+    out = tmp_path / "syms.elf"
+    s.write_symbol_file(out)
+    with open(out, "rb") as f:
+        names = {sym.name: sym["st_value"] for sym in ELFFile(f).get_section_by_name(".symtab")
+                 .iter_symbols()}
+    assert names["entry"] == entry
+
+
+def test_completion_offers_commands_symbols_and_fields():
+    from devirt_emu.debugger.repl import completion_words
+    words = set(completion_words(vmx()))
+    assert {"stepi", "why-not", "timer_handler", "GUEST_RIP", "CPU_BASED_HLT_EXITING"} <= words
