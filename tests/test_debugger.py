@@ -362,3 +362,10 @@ def test_completion_offers_commands_symbols_and_fields():
     from devirt_emu.debugger.repl import completion_words
     words = set(completion_words(vmx()))
     assert {"stepi", "why-not", "timer_handler", "GUEST_RIP", "CPU_BASED_HLT_EXITING"} <= words
+
+
+def test_reverse_continue_without_an_earlier_stop_goes_to_the_start():
+    s = vmx()
+    s.stepi(100)
+    s.reverse_cont()
+    assert s.at_history_begin and s.position().total == 0

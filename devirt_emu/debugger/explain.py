@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from ..vmx import controls as C
 from ..vmx import exit_reasons as ER
 from ..vmx import rules as R
 from ..vmx.fields import VmcsField as F

@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import select
 import socket
-import struct
 import threading
 from typing import Callable, Optional
 
@@ -292,7 +291,7 @@ class GdbStub:
     def handle(self, payload: str) -> Optional[str]:
         try:
             return self._handle(payload)
-        except (ProtocolError, IndexError, KeyError) as e:
+        except (ProtocolError, IndexError, KeyError):
             return "E01"
         except DebugError:
             return "E0E"
@@ -385,7 +384,10 @@ class GdbStub:
             core = self.c_core if self.c_core is not None else self.g_core
             return self._run(lambda: self._reverse_step(core))
         if p == "bc":
-            return self._run(self.s.reverse_cont)
+            reply = self._run(self.s.reverse_cont)
+            if self.s.at_history_begin and reply.startswith("T"):
+                reply += "replaylog:begin;"       # GDB: no more reverse-execution history
+            return reply
         if c == "D":
             self.detached = True
             return "OK"

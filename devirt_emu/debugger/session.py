@@ -98,6 +98,8 @@ class Session:
         self.snapshots: dict[str, Position] = {}
         self.last_stop: Optional[Stop] = None
         self._over_breakpoint: Optional[int] = None  # a replay left this core at a breakpoint
+        #: reverse-continue found no earlier stop and went back to the boot state
+        self.at_history_begin = False
 
     # ------------------------------------------------------------------ building
     def _load_program(self) -> None:
@@ -310,7 +312,7 @@ class Session:
         return self._stopped(fn())
 
     def _stopped(self, st: Stop) -> Stop:
-        m = self.machine
+        self.at_history_begin = False
         if st.kind is StopKind.BREAKPOINT:
             for i, bp in list(self.breakpoints.items()):
                 if self._machine_ids.get(i) == st.ident:
@@ -514,7 +516,8 @@ class Session:
         self.breakpoints = saved_bps
         if found is None:
             self.restart()
-            return Stop(StopKind.STEP, 0, self.machine.cores[0].rip())
+            self.at_history_begin = True
+            return self.last_stop
         self._replay(found[0])
         st = found[1]
         self.core = st.core

@@ -60,8 +60,6 @@ def bits_text(table, value: int) -> str:
 # ---------------------------------------------------------------- registers
 #: Control registers by the names of Event.regs.
 CONTROL_REGS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")
-_SEG_IDS = (X.UC_X86_REG_ES, X.UC_X86_REG_CS, X.UC_X86_REG_SS, X.UC_X86_REG_DS,
-            X.UC_X86_REG_FS, X.UC_X86_REG_GS)
 MSR_FS_BASE = 0xC0000100
 MSR_GS_BASE = 0xC0000101
 MSR_KERNEL_GS_BASE = 0xC0000102
