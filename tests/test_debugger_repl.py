@@ -149,3 +149,12 @@ def test_the_interactive_prompt(tmp_path):
     finally:
         child.close(force=True)
     assert (tmp_path / "devirt-emu" / "debug_history").read_text().count("continue") == 2
+
+
+def test_set_a_register(tmp_path):
+    p = debug(GUESTS / "hello.S", "-ex", "stepi 100", "-ex", "set $rbx 0x1234",
+              "-ex", "x/1gx $rbx", "-ex", "set $xmm0 1", "-ex", "set $rbx 0x10000000000000000",
+              batch="", tmp_path=tmp_path)
+    assert "$rbx = 0x1234" in p.stdout
+    assert "0x1234:" in p.stdout                 # $rbx resolves to the new value
+    assert p.stdout.count("error:") == 2 and p.returncode == 1

@@ -572,12 +572,18 @@ def _vmcb(r: Repl, args):
     raise DebugError("no VMCB: SVM is not modelled yet (--arch vmx has a VMCS: use vmcs)")
 
 
-@command("set", "set FIELD VALUE", "Write a VMCS field, or one control bit by its name (0 or "
-         "1); the processor uses it at the next VM entry, whose checks then apply.")
+@command("set", "set FIELD|$REG VALUE", "Write a VMCS field, or one control bit by its name (0 "
+         "or 1): the processor uses it at the next VM entry, whose checks then apply; or a "
+         "register of the selected core ($rax..$r15, $rip, $rflags, $cr0..$cr4).")
 def _set(r: Repl, args):
     if len(args) != 2:
-        raise DebugError("usage: set FIELD VALUE")
-    r.say(r.s.need_view().set(args[0], _int(args[1], "value")))
+        raise DebugError("usage: set FIELD|$REG VALUE")
+    value = _int(args[1], "value")
+    if args[0].startswith("$"):
+        r.s.write_register(args[0], value)
+        r.say(f"{args[0]} = {value:#x}")
+        return
+    r.say(r.s.need_view().set(args[0], value))
 
 
 @command("exits", "exits [core N] [reason R] [last N]", "The VM exits taken (the last 20 by "

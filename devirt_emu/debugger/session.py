@@ -538,6 +538,14 @@ class Session:
             out[name] = c.rdmsr_raw(msr)
         return out
 
+    def write_register(self, name: str, value: int) -> None:
+        """Write a GPR, RIP, RFLAGS or CR0/2/3/4 of the selected core (a stopped
+        machine: the next run uses it)."""
+        from .gdbstub import write_named_register
+        if not 0 <= value < 1 << 64:
+            raise DebugError(f"{value:#x} does not fit a 64-bit register")
+        write_named_register(self.cur(), name.lower().lstrip("$"), value)
+
     def read_virtual(self, address: int, n: int, core: Optional[int] = None) -> bytes:
         from ..platform.paging import PageFault, UnsupportedPaging
         c = self.machine.cores[self.core if core is None else core]
