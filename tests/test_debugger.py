@@ -369,3 +369,33 @@ def test_reverse_continue_without_an_earlier_stop_goes_to_the_start():
     s.stepi(100)
     s.reverse_cont()
     assert s.at_history_begin and s.position().total == 0
+
+
+EXIT_INFO = (0x4402, 0x6400, 0x440C, 0x4404)   # reason, qualification, length, interruption
+
+
+@pytest.mark.parametrize("stop", ["exit", "vector"])
+def test_restore_inside_an_exit_or_a_delivery_and_run_on(stop):
+    from devirt_emu.machine import run_program
+    ref = run_program(GUESTS / "lapic_timer.S", cores=2, arch="vmx", config="stock")
+    s = vmx()
+    if stop == "exit":
+        s.break_exit(["MSR_WRITE"])
+    else:
+        s.break_interrupt([0xEC])
+    s.cont()
+    s.cont()
+    here = s.snapshot("here")
+    regs = s.regs()
+    info = [_vm(s, f) for f in EXIT_INFO]
+    s.stepi(7)
+    s.restore("here")
+    assert s.position() == here
+    assert s.regs() == regs and [_vm(s, f) for f in EXIT_INFO] == info
+    s.break_exit("off")
+    s.break_interrupt("off")
+    while s.machine.verdict is None:
+        s.cont()
+    res = s.machine.result()
+    assert (res.verdict, res.instructions, res.exit_counts) == \
+        (ref.verdict, ref.instructions, ref.exit_counts)
