@@ -399,3 +399,21 @@ def test_restore_inside_an_exit_or_a_delivery_and_run_on(stop):
     res = s.machine.result()
     assert (res.verdict, res.instructions, res.exit_counts) == \
         (ref.verdict, ref.instructions, ref.exit_counts)
+
+
+def test_stepi_from_a_restored_breakpoint_is_one_instruction():
+    s = vmx()
+    s.break_at("timer_handler")
+    s.cont()
+    here = s.snapshot("bp")
+    s.stepi(1)
+    one = s.position().icounts
+    s.restore("bp")
+    s.stepi(1)
+    assert s.position().icounts == one
+    # and with the breakpoint gone (as gdb removes its breakpoints to step)
+    s.restore("bp")
+    s.delete()
+    s.stepi(1)
+    assert s.position().icounts == one
+    assert here.icounts[s.core] + 1 == one[s.core]

@@ -289,26 +289,37 @@ class Session:
         return "stop at vectors " + ", ".join(f"{v:#x}" for v in sorted(self.vector_stops))
 
     # ------------------------------------------------------------------ running
-    def _run(self, fn) -> Stop:
+    def _run(self, fn, step_core: Optional[int] = None, steps: Optional[int] = None) -> Stop:
+        """Run ``fn`` (a machine run returning a Stop).  ``step_core``/``steps``:
+        ``fn`` steps that core that many instructions (a step over a restored
+        breakpoint counts as one of them)."""
         m = self.machine
         if m.verdict is not None:
             raise DebugError(f"the run has ended (verdict {m.verdict}); restore a snapshot or "
                              "use reverse-stepi / reverse-continue / restart")
         over = self._over_breakpoint
         self._over_breakpoint = None
-        if over is not None:
-            # a replay left this core in front of a breakpoint: execute it first
+        if over is not None and steps != 0:
+            # a replay left this core in front of the breakpoint it had stopped at: the
+            # machine would stop there again at once, so its instruction runs first (as
+            # continuing from a breakpoint stop does)
             c = m.cores[over]
-            hits = [(i, bp) for i, bp in self.breakpoints.items() if bp.address == c.rip()]
-            for i, _ in hits:
-                m.remove_breakpoint(self._machine_ids.pop(i))
-            try:
-                st = m.step(1, core=over)
-            finally:
-                for i, bp in hits:
-                    self._machine_ids[i] = m.add_breakpoint(bp.address, core=bp.core)
-            if st.kind is not StopKind.STEP:
-                return self._stopped(st)
+            hits = [(i, bp) for i, bp in self.breakpoints.items()
+                    if bp.address == c.rip() and bp.core in (None, over)]
+            if hits:
+                for i, _ in hits:
+                    m.remove_breakpoint(self._machine_ids.pop(i))
+                try:
+                    st = m.step(1, core=over)
+                finally:
+                    for i, bp in hits:
+                        self._machine_ids[i] = m.add_breakpoint(bp.address, core=bp.core)
+                if st.kind is not StopKind.STEP:
+                    return self._stopped(st)
+                if step_core == over:
+                    if steps == 1:
+                        return self._stopped(st)
+                    fn = (lambda k=over, n=steps - 1: m.step(n, core=k))
         return self._stopped(fn())
 
     def _stopped(self, st: Stop) -> Stop:
@@ -343,7 +354,7 @@ class Session:
     def stepi(self, n: int = 1) -> Stop:
         if n < 0:
             raise DebugError("a step count is at least 0")
-        return self._run(lambda: self.machine.step(n, core=self.core))
+        return self._run(lambda: self.machine.step(n, core=self.core), self.core, n)
 
     def cont(self) -> Stop:
         return self._run(self.machine.run_until)

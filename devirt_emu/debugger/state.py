@@ -113,8 +113,8 @@ def long_mode(core) -> bool:
 
 
 def gdt_entries(core, max_entries: int = 64) -> list[tuple[int, str]]:
-    """(selector, description) of each GDT slot (16-byte system descriptors in
-    IA-32e mode take two slots)."""
+    """(selector, description) of each non-null GDT slot after the null
+    descriptor (16-byte system descriptors in IA-32e mode take two slots)."""
     base, limit = descriptor_tables(core)["gdtr"]
     lm = long_mode(core)
     out = []
@@ -124,7 +124,10 @@ def gdt_entries(core, max_entries: int = 64) -> list[tuple[int, str]]:
         d = struct.unpack("<Q", raw)[0]
         size = 8
         if d == 0:
-            text = "null"
+            off += 8
+            if off == 8:
+                out.append((0, "null"))
+            continue
         elif is_system(d):
             t = desc_type(d)
             kind = {2: "LDT", 9: "TSS (available)", 0xB: "TSS (busy)", 1: "TSS16 (available)",
