@@ -158,3 +158,10 @@ def test_set_a_register(tmp_path):
     assert "$rbx = 0x1234" in p.stdout
     assert "0x1234:" in p.stdout                 # $rbx resolves to the new value
     assert p.stdout.count("error:") == 2 and p.returncode == 1
+
+
+def test_gdb_stub_that_cannot_listen_is_one_line(tmp_path):
+    p = debug(GUESTS / "hello.S", "--gdb", "192.0.2.1:1234", "--gdb-symbols",
+              tmp_path / "s.elf", tmp_path=tmp_path)
+    assert p.returncode == 2 and "cannot listen on 192.0.2.1:1234" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -6,12 +6,12 @@ import os
 import sys
 
 DEBUG_EPILOG = """\
-Without --batch, -ex or --gdb the debugger reads commands at a prompt (history
-in $XDG_STATE_HOME/devirt-emu/debug_history, Tab completes commands, symbols
-and VMCS field names; Ctrl-C stops a running machine).  -ex CMD runs CMD
-first (repeatable); --batch FILE then runs the commands of FILE ('-' for
-standard input) and exits.  `help` lists the commands; docs/debugging.md
-walks through a session.
+-ex CMD runs CMD first (repeatable).  --batch FILE then runs the commands of
+FILE ('-' for standard input) and exits.  Without --batch the prompt follows
+when standard input is a terminal (history in
+$XDG_STATE_HOME/devirt-emu/debug_history, Tab completes commands, symbols and
+VMCS field names, Ctrl-C stops a running machine).  `help` lists the
+commands; docs/debugging.md walks through a session.
 
 --gdb HOST:PORT serves the GDB remote serial protocol instead (loopback by
 default): `gdb -ex 'target remote 127.0.0.1:1234'`.
