@@ -417,3 +417,9 @@ def test_stepi_from_a_restored_breakpoint_is_one_instruction():
     s.stepi(1)
     assert s.position().icounts == one
     assert here.icounts[s.core] + 1 == one[s.core]
+
+
+def test_every_control_bit_has_an_explanation():
+    from devirt_emu.debugger.explain import CONTROL_DOCS
+    from devirt_emu.debugger.views import CONTROL_BITS
+    assert set(CONTROL_BITS) == set(CONTROL_DOCS)
