@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .cpumodels import cli as cpumodels_cli
+from .cpumodels.cli import add_cpu_arguments, model_from_args
 from .debugger.cli import add_parser as add_debug_parser
 
 DESCRIPTION = """\
@@ -40,9 +42,10 @@ measured on this machine.
 --json prints one object: verdict, serial, cores, instructions (per core),
 virtual_ns, events (sensitive event kind -> count), wall_s, mips, exit_status,
 markers (per core: [begin, end] instruction counts of each steady-state
-window), message, mode, arch, config; and for --arch vmx: exits (one object per
-VM exit: core, reason (basic exit reason), name, entry_failure, qualification,
-instruction_length, rip, in_window) for the first --exit-records exits,
+window), message, mode, arch, config, cpu (the CPU model's spec); and for
+--arch vmx: exits (one object per VM exit: core, reason (basic exit reason),
+name, entry_failure, qualification, instruction_length, rip, in_window) for
+the first --exit-records exits,
 exits_dropped (the exits after those), exit_counts and window_exit_counts (by
 exit name, always complete; window: inside a core's steady-state window).
 
@@ -53,6 +56,17 @@ of boot (a paravirtual MSR write), after which external interrupts, HLT,
 MWAIT, PAUSE and the timer/IPI/EOI x2APIC MSRs no longer exit.
 --trace FILE writes every event as one JSON object per line (core, kind, rip,
 instruction, icount, ...).
+
+CPU models: --cpu NAME[,+FEATURE,-FEATURE,...] picks the processor (default
+skylake-server; `devirt-emu cpus` lists them, `devirt-emu cpus NAME` shows
+one); features are /proc/cpuinfo flags (pcid, x2apic) or vmx.h names
+(SECONDARY_EXEC_UNRESTRICTED_GUEST; vmx flags such as ept_ad also work).
+--vmx-msrs FILE replaces the model's VMX capability MSRs with a dump of a real
+machine's: JSON {"0x480": "0x...", ...}, or text with one MSR per line, either
+"INDEX VALUE" in hex (e.g. "0x480 0xda040000000004") or bare hex values read
+as 0x480, 0x481, ... in order (the output of rdmsr over 0x480-0x493, with
+"-" for an MSR the processor does not have).  The VMCS size becomes 4096 and
+features devirt-emu does not implement are cleared (docs/cpu-models.md).
 """
 
 
@@ -123,10 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exit-records", type=_records, default=10_000, metavar="N|all",
                    help="VM exit records --json lists: the first N (default 10000) or all; "
                         "the counts are always complete")
+    add_cpu_arguments(r)
     r.set_defaults(func=cmd_run)
     add_debug_parser(sub)
     # Further subcommands live in their own modules: each registers its parser on ``sub`` and
     # sets ``func`` to its handler (one line here per subcommand).
+    cpumodels_cli.register(sub)
     return p
 
 
@@ -185,7 +201,12 @@ def cmd_run(args) -> int:
         print("devirt-emu: error: --config needs --arch vmx", file=sys.stderr)
         return 2
     try:
-        res = run_program(path, cores=args.cores, mem_mb=args.mem, fast=args.fast,
+        cpu = model_from_args(args)
+    except ValueError as e:
+        print(f"devirt-emu: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        res = run_program(path, cores=args.cores, mem_mb=args.mem, fast=args.fast, cpu=cpu,
                           quantum=args.quantum, arch=args.arch, config=args.config,
                           max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
                           trace=trace if trace_file else None,

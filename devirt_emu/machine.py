@@ -34,6 +34,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .cpumodels import get_model
 from .cpu.scan import scan_page
 from .platform.core import Core, GuestError, State
 from .platform.debug_exit import DebugExit
@@ -52,6 +53,8 @@ UART_BASE = 0x3F8
 DEBUG_EXIT_PORT = 0xF4
 TSC_HZ = 1_000_000_000
 
+#: Page scans kept by the page's contents (each key holds the page's 4 KiB).
+SCANS_BY_CONTENT_KEPT = 256
 #: Instructions a lone core runs per counted emu_start (the wall-clock limit is
 #: checked between slices, and a slice without events sheds idle code pages'
 #: hooks: see Core._keep_only_current_page).
@@ -85,6 +88,8 @@ class RunResult:
     mode: str = "deterministic"
     arch: str = "none"
     config: str | None = None
+    #: The CPU model's name (its spec, e.g. "nehalem,+pcid").
+    cpu: str = "skylake-server"
     exits: list[dict] = field(default_factory=list)
     #: Exit records not kept in ``exits`` (see Machine's ``record_exits``).
     exits_dropped: int = 0
@@ -116,17 +121,27 @@ class Machine:
     and ``recent_exits`` holds the last RECENT_EXITS.
     """
 
+    #: A set that :meth:`write_phys` adds the page address of every page it
+    #: writes to, or None (no log).  A harness that restores RAM between runs
+    #: (the direct case API) sets it to find the pages the platform wrote.
+    write_log: set[int] | None = None
+
     def __init__(self, cores: int = 1, mem_mb: int = 64, *, fast: bool = False,
                  quantum: int = 20_000, max_ns: int = 1_000_000_000,
                  wall_timeout_s: float = 300.0, trace=None, on_serial=None,
                  arch: str = "none", config: str | None = None,
-                 record_exits: bool | int | None = None):
+                 record_exits: bool | int | None = None, cpu=None):
         if not 1 <= cores <= 64:
             raise ValueError(f"cores must be between 1 and 64, not {cores}")
         if not 16 <= mem_mb <= 3072:
             raise ValueError(f"memory must be between 16 and 3072 MiB, not {mem_mb}")
         if quantum < 1:
             raise ValueError("quantum must be at least 1 instruction")
+        #: The CPU model every core is (a CpuModel; ``cpu`` may be one, a spec
+        #: string such as "nehalem,+pcid", or None for skylake-server).
+        self.cpu = get_model(cpu)
+        if arch == "vmx" and not self.cpu.has_vmx:
+            raise ValueError(f"CPU model {self.cpu.name} has no VMX; --arch vmx needs an Intel model")
         self.mem = PhysMem(mem_mb << 20)
         self.deterministic = not fast
         self.fast = fast
@@ -142,10 +157,12 @@ class Machine:
         self.bus.on_deliver = self._on_deliver
         self.code_pages: set[int] = set()
         self._scans: dict[tuple[int, int, int], dict] = {}
+        self._scans_by_content: dict[tuple[bytes, int, int], dict] = {}
         self.cores: list[Core] = []
         self.current: Core | None = None
         for i in range(cores):
-            lapic = LocalApic(i, now=self._clock_of(i), bus=self.bus, bsp=(i == 0))
+            lapic = LocalApic(i, now=self._clock_of(i), bus=self.bus, bsp=(i == 0),
+                              maxphyaddr=self.cpu.maxphyaddr)
             self.cores.append(Core(self, i, lapic))
         self.verdict: str | None = None
         self.message = ""
@@ -262,6 +279,8 @@ class Machine:
         """A store by the platform into RAM, keeping code-page scans honest."""
         self.mem.write(pa, data)
         first, last = pa & ~0xFFF, (pa + len(data) - 1) & ~0xFFF
+        if self.write_log is not None:
+            self.write_log.update(range(first, last + 1, PAGE_SIZE))
         for page in range(first, last + 1, PAGE_SIZE):
             if page in self.code_pages:
                 self.invalidate_code_page(page)
@@ -270,7 +289,15 @@ class Machine:
         key = (ppage, lpage, mode)
         sites = self._scans.get(key)
         if sites is None:
-            sites = scan_page(code, lpage, mode)
+            # scan_page is a pure function of its inputs: a page rewritten with
+            # bytes it held before (a harness running case after case) reuses that scan
+            by_content = self._scans_by_content
+            sites = by_content.get((code, lpage, mode))
+            if sites is None:
+                sites = scan_page(code, lpage, mode)
+                if len(by_content) >= SCANS_BY_CONTENT_KEPT:
+                    del by_content[next(iter(by_content))]     # (the oldest)
+                by_content[(code, lpage, mode)] = sites
             self._scans[key] = sites
         return sites
 
@@ -285,11 +312,15 @@ class Machine:
     def is_code_page(self, ppage: int) -> bool:
         return ppage in self.code_pages
 
+    def forget_scans(self, ppage: int) -> None:
+        """Drop the cached scans of ``ppage`` (its bytes changed)."""
+        for key in [k for k in self._scans if k[0] == ppage]:
+            del self._scans[key]
+
     def invalidate_code_page(self, ppage: int) -> None:
         """``ppage`` was written: drop every scan of it, make it writable again."""
         self.code_pages.discard(ppage)
-        for key in [k for k in self._scans if k[0] == ppage]:
-            del self._scans[key]
+        self.forget_scans(ppage)
         for c in self.cores:
             c.disarm_page(ppage)
             c.protect_page(ppage, writable=True)    # (a page a core watches keeps no access)
@@ -629,7 +660,8 @@ class Machine:
             virtual_ns=max(c.clock for c in self.cores), events=dict(sorted(events.items())),
             wall_s=self._wall_used, exit_status=status, markers=[c.markers for c in self.cores],
             message=self.message, mode="fast" if self.fast else "deterministic",
-            arch=self.arch, config=self.config, exits=[e.to_json() for e in self.exits],
+            arch=self.arch, config=self.config, cpu=self.cpu.name,
+            exits=[e.to_json() for e in self.exits],
             exits_dropped=self.exits_dropped,
             exit_counts=dict(sorted(self.exit_counts.items())),
             window_exit_counts=dict(sorted(self.window_exit_counts.items())))
@@ -796,11 +828,25 @@ def run_program(path: str | os.PathLike, cores: int = 1, **kwargs) -> RunResult:
         entry = m.load_elf(path)
         if m.elf_class == 32:
             return m.run(entry32=entry)
+        _check_firmware_features(m.cpu)
         image = build_image(None)
         m.load_image(image)
         return m.run(elf_entry=entry)
+    _check_firmware_features(m.cpu)
     m.load_image(build_image(path))
     return m.run()
+
+
+#: CPUID features the firmware (firmware/boot.S, lib.S) relies on: it runs the
+#: local APICs in x2APIC mode and its timer on IA32_TSC_DEADLINE.
+FIRMWARE_FEATURES = ("x2apic", "tsc_deadline_timer")
+
+
+def _check_firmware_features(cpu) -> None:
+    missing = [f for f in FIRMWARE_FEATURES if not cpu.has(f)]
+    if missing:
+        raise ValueError(f"the firmware uses {' and '.join(missing)}, which CPU model "
+                         f"{cpu.name} does not advertise (add ,+{',+'.join(missing)})")
 
 
 def is_elf(path: Path) -> bool:

@@ -3,8 +3,8 @@
 CPUID signature 06_1AH stepping 5 (family 6, model 0x1A), as the Intel Xeon
 Processor 5500 Series Specification Update lists; MAXPHYADDR 40, 48-bit
 linear addresses.  No x2APIC, no TSC-deadline timer (both came with later
-parts; CPUID does not advertise them and IA32_TSC_DEADLINE does not exist),
-no 1-GiB pages.
+parts; CPUID does not advertise them, so IA32_TSC_DEADLINE and the x2APIC
+MSRs #GP), no 1-GiB pages.
 
 VMX: EPT (4-level, WB and UC, 2-MiB pages, INVEPT single/all-context) and
 VPID with INVVPID, but NOT unrestricted guest (introduced with Westmere), NOT
@@ -54,5 +54,6 @@ MODEL = register(CpuModel(
                                                           | (1 << 20) | (1 << 21)),
                             true_clearable=skx.TRUE_CLEARABLE),
     maxphyaddr=MAXPHYADDR, linear_bits=LINEAR_BITS,
-    absent_msrs=frozenset({0x6E0}),
-    notes=("x2APIC is not advertised, but the platform's local APIC still accepts x2APIC mode",)))
+    notes=("no x2APIC and no TSC-deadline timer: the firmware (firmware/boot.S) needs both, "
+           "so guest programs run only with +x2apic,+tsc_deadline_timer; the case API needs "
+           "neither",)))

@@ -42,4 +42,4 @@ MODEL = register(CpuModel(
                             cr4_fixed1=nhm.MODEL.vmx_msrs[0x489],
                             true_clearable=skx.TRUE_CLEARABLE),
     maxphyaddr=MAXPHYADDR, linear_bits=LINEAR_BITS,
-    absent_msrs=nhm.MODEL.absent_msrs, notes=nhm.MODEL.notes))
+    notes=nhm.MODEL.notes))

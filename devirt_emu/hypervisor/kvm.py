@@ -51,11 +51,9 @@ from ..vmx.ept import EptBuilder, EptBuildError
 from ..vmx.fields import VmcsField as F
 from ..vmx.vcpu import VmxVcpu
 from ..vmx.vmcs import Vmcs
-from .configs import (APIC_ACCESS_PAGE_GPA, BOOT_CONFIG, KVM_FEATURE_DEVIRT, MSR_KVM_APIC_MAPS,
-                      MSR_KVM_DEVIRT, VMX_CONFIGS, VmxConfig)
+from .configs import APIC_ACCESS_PAGE_GPA, BOOT_CONFIG, VMX_CONFIGS, VmxConfig
+from .kvm_common import HOST_AREA, PARAVIRT_MSRS, KvmCommon, L0Error, kvm_cpuid  # noqa: F401 (re-exported)
 
-HOST_AREA = 4 << 20            # reserved at the top of RAM for the L0's structures
-KVM_CPUID_SIGNATURE = 0x40000000
 KVM_ENOSYS = 1000
 INIT_CR0 = 0x60000010          # CR0 after INIT (CD, NW, ET)
 _PROC = int(F.CPU_BASED_VM_EXEC_CONTROL)
@@ -85,10 +83,14 @@ HOST_STATE = {
 def prepare_vmcs(vcpu: VmxVcpu, host_cr3: int) -> None:
     """Fill a fresh VMCS as KVM's vcpu set-up does, controls aside (write them
     first): the host state, no VMCS link, the core's current state as the guest
-    state, and CR0/CR4 read shadows showing the guest its own values."""
+    state, and CR0/CR4 read shadows showing the guest its own values.  The
+    host's CR4 keeps only the bits the CPU model allows in VMX operation
+    (a Linux host enables no feature its processor lacks)."""
     v = vcpu.vmcs
     for f, val in HOST_STATE.items():
         v.set(f, val)
+    cr4_fixed1 = vcpu.model.vmx_msrs[caps.MSR_IA32_VMX_CR4_FIXED1]
+    v.set(F.HOST_CR4, HOST_STATE[F.HOST_CR4] & cr4_fixed1)
     v.set(F.HOST_CR3, host_cr3)
     v.set(F.VMCS_LINK_POINTER, (1 << 64) - 1)
     vcpu.save_guest_state()
@@ -125,33 +127,25 @@ def tpr_threshold(tpr: int, max_irr: int | None) -> int:
     return irr_class if tpr >> 4 >= irr_class else 0
 
 
-class L0Error(Exception):
-    """The L0 met an exit it does not handle, or a VM entry failed."""
-
-
-class KvmL0(MachineHypervisor):
+class KvmL0(KvmCommon, MachineHypervisor):
     """KVM's side of one guest on a machine, configuration ``stock`` or ``devirt``
     (the hypervisor of :mod:`devirt_emu.virt` for its VMX vCPUs)."""
 
     def __init__(self, machine, config: str):
         if config not in VMX_CONFIGS:
             raise ValueError(f"unknown VMX configuration {config!r} (have: {', '.join(VMX_CONFIGS)})")
-        self.machine = machine
         self.config_name = config
         self.target = VMX_CONFIGS[config]
+        # The firmware starts each vCPU in real mode; without unrestricted guest KVM
+        # would emulate it (vm86 and its real-mode emulator), which is not modelled.
+        if caps.is_allowed("PROCBASED2", C.SECONDARY_EXEC_UNRESTRICTED_GUEST, model=machine.cpu):
+            raise ValueError(f"CPU model {machine.cpu.name} has no unrestricted guest, which the "
+                             "KVM model needs to run the firmware's real-mode start "
+                             "(KVM's real-mode emulation is not modelled)")
         mem = machine.mem
         if mem.size < 32 << 20:
             raise ValueError("a VMX guest needs at least 32 MiB of RAM (4 MiB are the L0's)")
-        self.host_base = mem.size - HOST_AREA
-        self.guest_ram = self.host_base
-        self.vcpus: list[VmxVcpu] = []
-        # KVM's share of each vCPU's local APIC: interrupts the host took on the
-        # guest's behalf wait in a virtual IRR, injected ones sit in a virtual ISR
-        # until the guest's EOI (see configs.py: the rest of the APIC is physical).
-        self.virr: dict[int, set[int]] = {}
-        self.visr: dict[int, list[int]] = {}
-        self.devirtualized: set[int] = set()
-        self.apic_maps_gpa: int | None = None
+        self._init_common(machine)
         # per vCPU: its virtual-APIC page, the control set loaded, where its VTPR
         # is while that set has the TPR shadow (None: no TPR shadow), and the
         # TPR_THRESHOLD the L0 last wrote (only the L0 writes it)
@@ -160,20 +154,11 @@ class KvmL0(MachineHypervisor):
         self._vtpr_at: dict[int, int | None] = {}
         self._threshold: dict[int, int] = {}
         self._bitmaps: dict[str, int] = {}
-        self._next_page = self.host_base
         self.ept = EptBuilder(mem, self._alloc(64), 64 * 4096)     # empty: see h_ept_violation
         #: basic exit reason -> handler(vcpu) (KVM's kvm_vmx_exit_handlers; replaceable)
         self.handlers = self._make_handlers()
 
     # ------------------------------------------------------------------ set-up
-    def _alloc(self, pages: int = 1) -> int:
-        pa = self._next_page
-        self._next_page += pages * 4096
-        if self._next_page > self.machine.mem.size:
-            raise L0Error("the L0's host area is full")
-        self.machine.write_phys(pa, bytes(pages * 4096))
-        return pa
-
     def _msr_bitmap(self, cfg: VmxConfig) -> int:
         """A 4 KiB MSR bitmap: every MSR exits but the configuration's passthrough ones."""
         pa = self._bitmaps.get(cfg.name)
@@ -201,12 +186,13 @@ class KvmL0(MachineHypervisor):
         """Write a configuration's control set into a vCPU's VMCS (legal per the capability MSRs)."""
         v = vcpu.vmcs
         s = v.set
-        s(F.PIN_BASED_VM_EXEC_CONTROL, caps.make_legal("PINBASED", cfg.pin))
-        s(F.CPU_BASED_VM_EXEC_CONTROL, caps.make_legal("PROCBASED", cfg.primary))
-        s(F.SECONDARY_VM_EXEC_CONTROL, caps.make_legal("PROCBASED2", cfg.secondary))
-        s(F.VM_EXIT_CONTROLS, caps.make_legal("EXIT", cfg.exit))
+        cpu = vcpu.model
+        s(F.PIN_BASED_VM_EXEC_CONTROL, caps.make_legal("PINBASED", cfg.pin, model=cpu))
+        s(F.CPU_BASED_VM_EXEC_CONTROL, caps.make_legal("PROCBASED", cfg.primary, model=cpu))
+        s(F.SECONDARY_VM_EXEC_CONTROL, caps.make_legal("PROCBASED2", cfg.secondary, model=cpu))
+        s(F.VM_EXIT_CONTROLS, caps.make_legal("EXIT", cfg.exit, model=cpu))
         ia32e = v.get(F.VM_ENTRY_CONTROLS) & C.VM_ENTRY_IA32E_MODE
-        s(F.VM_ENTRY_CONTROLS, caps.make_legal("ENTRY", cfg.entry) | ia32e)
+        s(F.VM_ENTRY_CONTROLS, caps.make_legal("ENTRY", cfg.entry, model=cpu) | ia32e)
         s(F.EXCEPTION_BITMAP, cfg.exception_bitmap)
         s(F.PAGE_FAULT_ERROR_CODE_MASK, 0)
         s(F.PAGE_FAULT_ERROR_CODE_MATCH, 0)
@@ -218,8 +204,9 @@ class KvmL0(MachineHypervisor):
             s(F.EPT_POINTER, self.ept.eptp)
         if cfg.secondary & C.SECONDARY_EXEC_ENABLE_VPID:
             s(F.VIRTUAL_PROCESSOR_ID, vcpu.core.index + 1)
-        s(F.PLE_GAP, cfg.ple_gap)
-        s(F.PLE_WINDOW, cfg.ple_window)
+        if caps.is_field_supported(F.PLE_GAP, cpu):        # (cpu_has_vmx_ple)
+            s(F.PLE_GAP, cfg.ple_gap)
+            s(F.PLE_WINDOW, cfg.ple_window)
         i = vcpu.core.index
         self._loaded[i] = cfg
         self._vtpr_at[i] = None
@@ -251,7 +238,7 @@ class KvmL0(MachineHypervisor):
         boot = BOOT_CONFIG[self.config_name]
         for core in m.cores:
             vmcs_pa = self._alloc()
-            Vmcs.format(m.mem, vmcs_pa)
+            Vmcs.format(m.mem, vmcs_pa, model=m.cpu)
             vcpu = VmxVcpu(core, vmcs_pa, self, record=m.record_exit)
             self.vapic_pa[core.index] = self._alloc()      # KVM: the software APIC's register page
             self._threshold[core.index] = 0                # (the formatted VMCS holds 0)
@@ -272,53 +259,6 @@ class KvmL0(MachineHypervisor):
                 return
 
     # ------------------------------------------------------------------ vCPU interface
-    def wants_entry(self, vcpu: VmxVcpu) -> bool:
-        return not vcpu.blocked and self.machine.verdict is None
-
-    # ----- the virtual IRR/ISR ---------------------------------------------
-    def take_for_guest(self, vcpu: VmxVcpu, vector: int) -> None:
-        """The host took a guest interrupt (acknowledged on exit or while the vCPU
-        was blocked): end it on the physical APIC, keep it in the virtual IRR."""
-        vcpu.core.lapic.eoi()
-        self.virr[vcpu.core.index].add(vector)
-
-    def deliverable(self, vcpu: VmxVcpu) -> int | None:
-        """The highest virtual-IRR vector whose priority class is above the virtual PPR."""
-        i = vcpu.core.index
-        if not self.virr[i]:
-            return None
-        vec = max(self.virr[i])
-        isrv = max(self.visr[i], default=0)
-        ppr = max(self.guest_tpr(vcpu) & 0xF0, isrv & 0xF0)
-        return vec if vec & 0xF0 > ppr else None
-
-    def guest_eoi(self, vcpu: VmxVcpu) -> bool:
-        """An exiting EOI write: ends the highest injected vector, if one is in service."""
-        visr = self.visr[vcpu.core.index]
-        if not visr:
-            return False
-        visr.remove(max(visr))
-        return True
-
-    def apic_register_read(self, vcpu: VmxVcpu, index: int) -> int | None:
-        """x2APIC IRR/ISR/PPR as the guest sees them (physical plus the virtual share)."""
-        i = vcpu.core.index
-        lapic = vcpu.core.lapic
-        if 0x820 <= index <= 0x827:
-            return lapic.rdmsr(index) | self._virr_word(vcpu, index - 0x820)
-        if 0x810 <= index <= 0x817:
-            word = index - 0x810
-            return sum(1 << (v - 32 * word) for v in self.visr[i] if v // 32 == word)
-        if index == 0x80A:
-            isrv = max(self.visr[i], default=0)
-            tpr = self.guest_tpr(vcpu)
-            return tpr if tpr & 0xF0 >= isrv & 0xF0 else isrv & 0xF0
-        return None
-
-    def _virr_word(self, vcpu: VmxVcpu, word: int) -> int:
-        """Bits 32 * ``word`` .. + 31 of the virtual IRR."""
-        return sum(1 << (v - 32 * word) for v in self.virr[vcpu.core.index] if v // 32 == word)
-
     def prepare_entry(self, vcpu: VmxVcpu) -> None:
         """KVM's inject_pending_event: inject the highest deliverable virtual-IRR
         vector if the guest can take it, else ask for an interrupt-window exit."""
@@ -379,9 +319,6 @@ class KvmL0(MachineHypervisor):
             vcpu.vmcs.set(F.TPR_THRESHOLD, threshold)
             self._threshold[i] = threshold
 
-    def has_pending(self, vcpu: VmxVcpu) -> bool:
-        return self.deliverable(vcpu) is not None
-
     def unblock(self, vcpu: VmxVcpu) -> bool:
         """A vCPU blocked in HLT (host context) got an interrupt: the host takes
         it for the guest, then KVM re-enters the guest, which takes it."""
@@ -417,11 +354,6 @@ class KvmL0(MachineHypervisor):
             handler(vcpu)
         except _Fault as f:
             vcpu.inject(f.vector, C.INTR_TYPE_HARD_EXCEPTION, f.error_code)
-
-    def _fatal(self, vcpu: VmxVcpu, message: str) -> None:
-        self.machine.guest_error(f"core {vcpu.core.index}: {message}")
-        vcpu.blocked = True
-        vcpu.core.request_stop("exit")      # also between engine runs (an EPT exit)
 
     # ------------------------------------------------------------------ exit handlers
     def _make_handlers(self):
@@ -553,15 +485,11 @@ class KvmL0(MachineHypervisor):
         probe = vcpu.core.probe
         leaf = probe.gpr(0) & 0xFFFFFFFF
         sub = probe.gpr(1) & 0xFFFFFFFF
-        if leaf == KVM_CPUID_SIGNATURE:
-            regs = (0x40000001, 0x4B4D564B, 0x564B4D56, 0x4D)   # "KVMKVMKVM\0\0\0"
-        elif leaf == KVM_CPUID_SIGNATURE + 1:
-            regs = (KVM_FEATURE_DEVIRT if self.config_name == "devirt" else 0, 0, 0, 0)
-        else:
-            a, b, c, dd = cpuid_model.cpuid(leaf, sub, vcpu.core.apic_id, len(self.machine.cores))
-            if leaf == 1:
-                c |= 1 << 31                      # hypervisor present
-            regs = (a, b, c, dd)
+        core = vcpu.core
+        regs = kvm_cpuid(leaf, sub, lambda lf, sl: cpuid_model.cpuid(lf, sl, core.apic_id,
+                                                                       len(self.machine.cores),
+                                                                       vcpu.model),
+                         devirt=self.config_name == "devirt")
         for n, val in zip((0, 3, 1, 2), regs):            # RAX, RBX, RCX, RDX
             probe.set_gpr(n, val)
         vcpu.skip_instruction()
@@ -689,15 +617,12 @@ class KvmL0(MachineHypervisor):
         probe = vcpu.core.probe               # (the guest's GPRs, straight from the engine)
         index = probe.gpr(1) & 0xFFFFFFFF
         write = vcpu.vmcs.vmread(_EXIT_REASON) & ER.BASIC_REASON_MASK == ER.MSR_WRITE
-        if index in (MSR_KVM_APIC_MAPS, MSR_KVM_DEVIRT):
+        if index in PARAVIRT_MSRS:
             if not write:
                 vcpu.inject(13, C.INTR_TYPE_HARD_EXCEPTION, 0)
                 return
             value = (probe.gpr(2) & 0xFFFFFFFF) << 32 | (probe.gpr(0) & 0xFFFFFFFF)
-            if index == MSR_KVM_APIC_MAPS:
-                self.set_apic_maps(value)
-            else:
-                self.devirtualize(vcpu)
+            self.paravirt_wrmsr(vcpu, index, value)
             vcpu.skip_instruction()
             return
         if not write:
@@ -971,15 +896,8 @@ class KvmL0(MachineHypervisor):
         self.load_controls(vcpu, self.target)
         self.devirtualized.add(vcpu.core.index)
 
-    def set_apic_maps(self, gpa: int) -> None:
-        """Fill KVM-devirt's apic_maps page: per vCPU {u16 physical APIC ID, u16 physical
-        CPU, i32 status, u64 TSC offset}."""
-        if gpa & 0xFFF or gpa + 4096 > self.guest_ram:
-            raise _Fault(13, 0)
-        self.apic_maps_gpa = gpa
-        data = b"".join(struct.pack("<HHiQ", v.core.apic_id, v.core.index, 1, v.vmcs.get(F.TSC_OFFSET))
-                        for v in self.vcpus)
-        self.machine.write_phys(gpa, data)
+    def tsc_offset(self, vcpu: VmxVcpu) -> int:
+        return vcpu.vmcs.get(F.TSC_OFFSET)
 
 
 def _cover(window, offset: int, size: int) -> tuple[int, bytes]:

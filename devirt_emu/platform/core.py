@@ -85,11 +85,11 @@ from .descriptors import DescriptorTables
 from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-exported)
 from .lapic import GeneralProtection
 from .memory import PAGE_SIZE, PhysicalAccessError
-from .msrs import check_read, check_write
+from .msrs import check_read, check_write, reset_value
 from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitcher
-from .watch import PageAccess, PageWatching
+from .watch import CodeWatching, PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, PaeRegisters,
                   SecondStage, Stage2Fault, VirtualTlb, instruction_length)
 from .ucinternals import HF_CS64, EngineProbe
@@ -100,6 +100,10 @@ IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
 #: x86-64 calling conventions (the other two stay in their registers) and spares
 #: converting them on every hooked instruction (measured: about 0.3 us a call).
 _SITE_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64)
+#: The code-page store hooks' callback type: a UC_HOOK_MEM_WRITE callback gets
+#: (uc, type, address, size, value, user_data); user_data is the code page.
+_CODE_WRITE_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
+                                    ctypes.c_int, ctypes.c_int64, ctypes.c_uint64)
 #: Kinds whose native handling always completes the instruction in Python (or
 #: raises a fault): on a compute phase's page they are caught by Unicorn exits.
 EXIT_KINDS = frozenset({
@@ -204,11 +208,13 @@ class LazyRegs(dict):
             return default
 
 
-class Core(PageWatching, SecondStage, PaeRegisters):
+class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
     """One logical processor of a :class:`~devirt_emu.machine.Machine`."""
 
     def __init__(self, machine, index: int, lapic):
         self.machine = machine
+        #: The CPU model this core is (CPUID, the MSRs it has, the VMX capabilities).
+        self.cpu = cpuid_model.get_model(getattr(machine, "cpu", None))
         self.index = index
         self.apic_id = index
         self.lapic = lapic
@@ -218,6 +224,7 @@ class Core(PageWatching, SecondStage, PaeRegisters):
         uc.mem_map_ptr(0, self.mem.size, UC_PROT_READ | UC_PROT_WRITE, self.mem.ptr)
         self._map_lapic_mmio()
         self._site_cb = _SITE_HOOK(self._on_site_raw)        # kept alive with the core
+        self._code_write_cb = _CODE_WRITE_HOOK(self._on_code_write_raw)
         self._site_of: dict[int, tuple] = {}   # hooked address -> (insn or None, insn by code size)
         uc.hook_add(UC_HOOK_MEM_FETCH_PROT, self._on_fetch_prot)
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot)
@@ -258,6 +265,15 @@ class Core(PageWatching, SecondStage, PaeRegisters):
         self.fetch_fault: int | None = None
         self._last_fetch_fault, self._last_fetch_icount = None, -1
         self.write_fault: int | None = None
+        # stores into executable pages (see CodeWatching)
+        self._code_scans: dict[int, list] = {}     # executable page -> [CodeScan]
+        self._code_by_lpage: dict[int, object] = {}   # linear page -> its CodeScan
+        self._code_write_hooks: dict[int, int] = {}   # executable page -> write hook
+        self._code_stale: set[int] = set()     # pages other cores stored into
+        self._code_rescan: set[int] = set()    # ... changing their sensitive sites
+        self._last_store: tuple | None = None  # (EIP, address, size, value) of the last store
+        self._last_store_count = -1            # the instruction count it came at
+        self._store_alone = False      # running an undone store alone (see _engine_run)
         # per-run bookkeeping
         self._budget = 0
         self._uncount = 0
@@ -301,7 +317,7 @@ class Core(PageWatching, SecondStage, PaeRegisters):
         uc = self.uc
         uc.reg_write(X.UC_X86_REG_CR0, 0x60000010)
         uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
-        uc.reg_write(X.UC_X86_REG_EDX, cpuid_model.cpuid(1, 0, 0, 1)[0])
+        uc.reg_write(X.UC_X86_REG_EDX, self.cpu.cpuid_for(1, 0, 0, 1)[0])
         uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
         uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0xFFFF, 0))
         uc.reg_write(X.UC_X86_REG_DR7, 0x400)
@@ -528,7 +544,9 @@ class Core(PageWatching, SecondStage, PaeRegisters):
             insn = by_mode[64] if len(modes) == 1 else None
             handles.append((self._add_site_hook(addr, insn, by_mode), addr, insn))
         self.machine.mark_code_page(ppage)
-        self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC)
+        # writable here: a store into it is seen by its write hook (see CodeWatching)
+        self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
+        self._watch_code(ppage, lpage, modes, tail, sites)
         self.exec_pages.add(ppage)
 
     def disarm_page(self, ppage: int) -> None:
@@ -541,6 +559,7 @@ class Core(PageWatching, SecondStage, PaeRegisters):
             for addr in gone:
                 self._exit_sites.pop(addr, None)
             self._set_exits()
+        self._unwatch_code(ppage)
         self.exec_pages.discard(ppage)
         self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
 
@@ -697,16 +716,41 @@ class Core(PageWatching, SecondStage, PaeRegisters):
         instructions (hooks' cancellations taken off) are added to the count
         and the clock.  Returns (retired, the engine's error or None).  Both
         :meth:`run` and the single steps go through here."""
+        if self._code_stale or self._code_rescan:
+            self._drop_stale_code()
+        self._hook_ns = 0
+        self._run_events = 0
+        self._run_wall0 = time.perf_counter_ns()
+        retired, err = self._emu(count, wall_timeout_us)
+        store_stop = self._stop_reason == "store"
+        if store_stop:
+            self._stop_reason = None
+        if err is None and self._stop_reason is None and self._last_store is not None \
+                and self.probe.eip() == self._last_store[0] and \
+                (store_stop or count is not None and self._last_store_count >= count):
+            # the run ended between the two attempts of an instruction that stored
+            # into its own translation block (see _on_code_write_raw): its budget
+            # ran out, or an unaligned store asked to stop.  It did not retire: run
+            # it alone, with room for both attempts and an exit after it
+            if count is not None:
+                retired -= 1
+            more, err = self._run_undone_store()
+            retired += more
+        retired = max(retired, 0)
+        self.icount += retired
+        self.clock += retired + self._extra_ns
+        self._extra_ns = 0
+        return retired, err
+
+    def _emu(self, count: int | None, wall_timeout_us: int):
         self._uncount = 0
         self._budget = count or 0
+        self._last_store, self._last_store_count = None, -1
         self.fetch_fault = self.write_fault = None
         self._watch_hit = None
         self.probe.clear_fault_tracking()
         det = count is not None
         self._counted = det
-        self._hook_ns = 0
-        self._run_events = 0
-        self._run_wall0 = time.perf_counter_ns()
         self._in_run = True
         err = None
         try:
@@ -723,10 +767,25 @@ class Core(PageWatching, SecondStage, PaeRegisters):
             else:
                 retired = self._free_run_estimate()
             self._in_run = False
-        retired = max(retired, 0)
-        self.icount += retired
-        self.clock += retired + self._extra_ns
-        self._extra_ns = 0
+        return retired, err
+
+    def _run_undone_store(self):
+        rip = self.rip()
+        size = self.instruction_length_at_rip()
+        after = rip + size if size else None
+        self._set_exits(after)
+        # the blocks made without that exit: from RIP, and the one from the exit on
+        # (measured: Unicorn may run the instruction in a one-instruction block that
+        # an undone attempt left pending, then chain to a block at the exit)
+        self.uc.ctl_remove_cache(rip, (after if after else rip) + 1)
+        self._store_alone = True
+        try:
+            retired, err = self._emu(2, 0)
+        finally:
+            self._store_alone = False
+            self._set_exits()
+        if err is None and after is not None and self.rip() == after:
+            retired = 1         # (an unaligned store's second attempt calls no hook)
         return retired, err
 
     def _step_one(self) -> int:
@@ -784,31 +843,9 @@ class Core(PageWatching, SecondStage, PaeRegisters):
             self._last_fetch_fault, self._last_fetch_icount = self.fetch_fault, self.icount
             self._scan_and_arm(self.fetch_fault)
         elif no == UC_ERR_WRITE_PROT and self.write_fault is not None:
-            pa = self.write_fault
-            ppage = pa & ~0xFFF
-            self.machine.invalidate_code_page(ppage)
-            try:
-                here = self.translate(self.rip(), fetch=True, peek=True) & ~0xFFF
-            except (PageFault, UnsupportedPaging):
-                here = None
-            if here == ppage:
-                # the store is on the page it writes: run it alone on the page made
-                # writable and executable (unhooked), then fetches from the page fault
-                # again and rescan it
-                size = self._refuse_store_into_itself(pa)
-                self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
-                # measured: a store into code later in its own translation block never
-                # completes either; an exit after it ends the block at the store
-                self._set_exits(self.rip() + size if size else None)
-                self.uc.ctl_remove_cache(self.rip() & ~0xFFF, (self.rip() | 0xFFF) + 1)
-                try:
-                    self._step_one()
-                finally:
-                    self._set_exits()
-                    self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
-                    # (Unicorn takes a linear range: RIP's page)
-                    cpage = self.rip() & ~0xFFF
-                    self.uc.ctl_remove_cache(cpage, cpage + PAGE_SIZE)
+            # a store into a page another core executes, or this one did before it
+            # was disarmed: forget its scans everywhere; the store runs again
+            self.machine.invalidate_code_page(self.write_fault & ~0xFFF)
         elif no == UC_ERR_INSN_INVALID:
             raise _Fault(6)
         elif no == UC_ERR_FETCH_UNMAPPED and vt is not None and vt.active and \
@@ -849,25 +886,6 @@ class Core(PageWatching, SecondStage, PaeRegisters):
             self._exits_enabled = True
         if self._exits_enabled:
             self.uc.ctl_set_exits(sorted(exits) or [IMPOSSIBLE_PC])
-
-    def _refuse_store_into_itself(self, pa: int) -> int | None:
-        """The length of the instruction at RIP, which stores at physical ``pa``
-        on its own page (None if unknown).  One that stores into its own bytes is a
-        guest error here.  Measured on Unicorn 2.1.4: executing it never returns
-        (QEMU retranslates the modified instruction and retries the store
-        forever), even with a wall-clock timeout."""
-        rip = self.rip()
-        try:
-            rip_pa = self.translate(rip, fetch=True, peek=True)
-            code = self.mem.read(rip_pa, 15)
-        except (PageFault, UnsupportedPaging, PhysicalAccessError):
-            return None
-        size = instruction_length(code, self.code_size())
-        if size is not None and rip_pa <= pa < rip_pa + size:
-            raise GuestError(f"core {self.index}: the instruction at {rip:#x} stores into its "
-                             f"own bytes at {rip + (pa - rip_pa):#x}, which "
-                             "the engine cannot execute")
-        return size
 
     def after_mode_change(self) -> None:
         """CR0/CR3/CR4/EFER were written (by a VMX entry or a shadowed MOV to CR):
@@ -1229,7 +1247,7 @@ class Core(PageWatching, SecondStage, PaeRegisters):
     def rdmsr(self, index: int) -> int | None:
         """The value of an MSR, None when Unicorn's own copy is authoritative; #GP if absent."""
         try:
-            info = check_read(index)
+            info = check_read(index, self.cpu)
             owner = info.owner
             if owner == "vmx":
                 raise _Fault(13, 0)   # CPUID.1:ECX.VMX is 0 natively: the VMX MSRs #GP
@@ -1238,7 +1256,7 @@ class Core(PageWatching, SecondStage, PaeRegisters):
             if owner == "tsc":
                 return self.tsc()
             if owner == "store":
-                return self.msr_store.get(index, info.reset)
+                return self.msr_store.get(index, reset_value(info, self.cpu))
         except GeneralProtection:
             raise _Fault(13, 0) from None
         return None
@@ -1256,7 +1274,7 @@ class Core(PageWatching, SecondStage, PaeRegisters):
     def wrmsr(self, index: int, value: int) -> bool:
         """Write an MSR; False when Unicorn must execute the WRMSR itself; #GP as hardware."""
         try:
-            info = check_write(index, value)
+            info = check_write(index, value, model=self.cpu)
             owner = info.owner
             if owner == "vmx":
                 raise _Fault(13, 0)
@@ -1277,8 +1295,8 @@ class Core(PageWatching, SecondStage, PaeRegisters):
 
     def _h_cpuid(self, address, insn):
         p = self.probe
-        a, b, c, d = cpuid_model.cpuid(p.gpr(0) & 0xFFFFFFFF, p.gpr(1) & 0xFFFFFFFF,
-                                       self.apic_id, len(self.machine.cores))
+        a, b, c, d = self.cpu.cpuid_for(p.gpr(0) & 0xFFFFFFFF, p.gpr(1) & 0xFFFFFFFF,
+                                        self.apic_id, len(self.machine.cores))
         for n, v in ((0, a), (3, b), (1, c), (2, d)):
             p.set_gpr(n, v)
         self._skip(address, insn)

@@ -34,8 +34,9 @@ Inputs:
   the processor's own accesses) or any mapping from Linux field names to
   values (a missing field reads as 0; handy in tests).
 * ``caps``: an :class:`EntryCaps`, the capability inputs.
-  :meth:`EntryCaps.modelled` gives the modelled CPU (from
-  ``capabilities.py``); tests vary it with :func:`dataclasses.replace`.
+  :meth:`EntryCaps.for_model` gives a CPU model's (``devirt_emu/cpumodels``),
+  :meth:`EntryCaps.modelled` the default model's; tests vary it with
+  :func:`dataclasses.replace`.
 * ``read_mem(pa, n) -> bytes``: host-physical memory, for the
   virtual-APIC page (VTPR), the VMCS link pointer's region, the guest PDPTEs
   (without EPT) and the MSR-load area.  Bytes that ``read_mem`` cannot read
@@ -176,15 +177,25 @@ class EntryCaps:
 
     @classmethod
     def modelled(cls, **changes) -> "EntryCaps":
-        """The modelled CPU of ``capabilities.py``; keyword arguments override fields."""
-        msrs = vcaps.VMX_CAPABILITY_MSRS
+        """The default CPU model's (see :meth:`for_model`)."""
+        return cls.for_model(None, **changes)
+
+    @classmethod
+    def for_model(cls, model=None, **changes) -> "EntryCaps":
+        """A CPU model's capability MSRs, MAXPHYADDR and linear-address width
+        (``model``: a CpuModel, a spec string or None for the default model);
+        keyword arguments override fields."""
+        m = vcaps.model_of(model)
+        msrs = m.vmx_msrs
+        if vcaps.MSR_IA32_VMX_BASIC not in msrs:
+            raise ValueError(f"CPU model {m.name} has no VMX capability MSRs")
         values = dict(
-            pinbased=vcaps.allowed_settings("PINBASED"),
-            procbased=vcaps.allowed_settings("PROCBASED"),
-            procbased2=vcaps.allowed_settings("PROCBASED2"),
-            exit=vcaps.allowed_settings("EXIT"),
-            entry=vcaps.allowed_settings("ENTRY"),
-            vmfunc=vcaps.allowed_settings("VMFUNC")[1],
+            pinbased=vcaps.allowed_settings("PINBASED", model=m),
+            procbased=vcaps.allowed_settings("PROCBASED", model=m),
+            procbased2=vcaps.allowed_settings("PROCBASED2", model=m),
+            exit=vcaps.allowed_settings("EXIT", model=m),
+            entry=vcaps.allowed_settings("ENTRY", model=m),
+            vmfunc=vcaps.allowed_settings("VMFUNC", model=m)[1],
             basic=msrs[vcaps.MSR_IA32_VMX_BASIC],
             misc=msrs[vcaps.MSR_IA32_VMX_MISC],
             cr0_fixed0=msrs[vcaps.MSR_IA32_VMX_CR0_FIXED0],
@@ -192,6 +203,8 @@ class EntryCaps:
             cr4_fixed0=msrs[vcaps.MSR_IA32_VMX_CR4_FIXED0],
             cr4_fixed1=msrs[vcaps.MSR_IA32_VMX_CR4_FIXED1],
             ept_vpid_cap=msrs.get(vcaps.MSR_IA32_VMX_EPT_VPID_CAP, 0),
+            maxphyaddr=m.maxphyaddr,
+            linear_address_width=m.linear_bits,
         )
         values.update(changes)
         return cls(**values)

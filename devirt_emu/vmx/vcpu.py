@@ -62,6 +62,7 @@ accesses", no APIC-register virtualization or virtual-interrupt delivery):
 """
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple, Optional
 
@@ -82,10 +83,10 @@ from .entry import (EntryCaps, EntryFailure, FailureKind, check_event_injection,
 from .exit_reasons import Timing
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
-from .capabilities import MSR_IA32_VMX_MISC, VMX_CAPABILITY_MSRS
+from .capabilities import model_of
 from .ept import EptCaps
 from .ept_mmu import EptStage2, ept_exit_decision
-from .vmcs import _READABLE, FIELD_SLOTS, Vmcs, _key
+from .vmcs import FIELD_SLOTS, Vmcs, _key
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
 
 
@@ -184,9 +185,6 @@ APIC_TASKPRI = 0x80
 _APIC_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL),
                           int(F.APIC_ACCESS_ADDR), int(F.APIC_ACCESS_ADDR) | 1,
                           int(F.TPR_THRESHOLD)})
-#: The VMX-preemption timer's rate: it counts down once every 2^PTIMER_RATE TSC ticks.
-PTIMER_RATE = VMX_CAPABILITY_MSRS[MSR_IA32_VMX_MISC] & 0x1F
-_EPT_CAPS = EptCaps.modelled()
 #: The neutral event types of the seam (virt.EventType) as VMX interruption types
 #: (bits 10:8 of the interruption-information fields), and back.
 _VMX_INTR_TYPE = {
@@ -213,6 +211,14 @@ def idt_vectoring_info(d: Optional[Delivery]) -> tuple[int, int]:
     return info, ec or 0
 
 
+@functools.lru_cache(maxsize=64)
+def _absolute_slots(pa: int) -> dict[int, tuple]:
+    """The slot table of :class:`TrackedVmcs` for a region at ``pa``, shared by
+    every TrackedVmcs there: never modified (a plain dict, for lookup speed)."""
+    return {enc: (st.unpack_from, st.pack_into, pa + off, mask)
+            for enc, (off, st, mask) in FIELD_SLOTS.items()}
+
+
 class TrackedVmcs(Vmcs):
     """The current VMCS of a core, as the processor holds it.
 
@@ -228,14 +234,14 @@ class TrackedVmcs(Vmcs):
     guest-state fields written since the last one (``written``).
     """
 
-    def __init__(self, mem, pa: int, fetch=None):
-        super().__init__(mem, pa)
+    def __init__(self, mem, pa: int, fetch=None, model=None):
+        super().__init__(mem, pa, model)
         if self._view is None:
             raise ValueError("a core's VMCS lives in the machine's RAM (PhysMem)")
         # encoding -> (unpack_from, pack_into, offset in RAM, mask): the accessors run
-        # dozens of times per VM exit, so the slot arithmetic is done once here
-        self._abs = {enc: (st.unpack_from, st.pack_into, pa + off, mask)
-                     for enc, (off, st, mask) in FIELD_SLOTS.items()}
+        # dozens of times per VM exit, so the slot arithmetic is done once per region
+        # address (a harness creates a vCPU per case over the same region)
+        self._abs = _absolute_slots(pa)
         self.written: set[int] = set()     # encodings written since the vCPU last looked
         self.live = False                  # the engine holds the tracked guest-state fields
         self.fresh: set[int] = set()       # tracked encodings copied from the engine since
@@ -283,7 +289,7 @@ class TrackedVmcs(Vmcs):
         enc = field if t is int or t is F else _key(field)
         if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        if enc not in _READABLE:
+        if enc not in self._readable:
             return super().get(enc)        # (raises the error)
         unpack, _, off, _ = self._abs[enc]
         return unpack(self._view, off)[0]
@@ -291,7 +297,7 @@ class TrackedVmcs(Vmcs):
     def vmread(self, enc: int) -> int:
         if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        if enc not in _READABLE:
+        if enc not in self._readable:
             return super().vmread(enc)     # (raises the error)
         unpack, _, off, _ = self._abs[enc]
         return unpack(self._view, off)[0]
@@ -378,9 +384,15 @@ class VmxVcpu(VirtualizationLayer):
                  record=None):
         self.core = core
         self.mem = core.mem
-        self.vmcs = TrackedVmcs(core.mem, vmcs_pa, fetch=self._fetch)
+        #: The CPU model whose capabilities this vCPU has (the machine's).
+        self.model = model_of(getattr(core, "cpu", None))
+        self.vmcs = TrackedVmcs(core.mem, vmcs_pa, fetch=self._fetch, model=self.model)
         self.l0 = l0
-        self.caps = caps or EntryCaps.modelled()
+        self.caps = caps or EntryCaps.for_model(self.model)
+        self.ept_caps = EptCaps.for_model(self.model)
+        #: The VMX-preemption timer counts down once every 2^ptimer_rate TSC ticks
+        #: (IA32_VMX_MISC[4:0]).
+        self.ptimer_rate = self.model.preemption_timer_rate
         self.record = record            # callable(ExitRecord), the machine's exit log
         self.active = False             # in VMX non-root operation
         self.blocked = False            # the L0 halted this vCPU (HLT exit), host context
@@ -651,7 +663,7 @@ class VmxVcpu(VirtualizationLayer):
                 bool(v.peek(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_VMX_PREEMPTION_TIMER))
         self._mtf, ptimer = self._timer_controls
         if ptimer:
-            self._ptimer_deadline = core.now() + (v.peek(F.VMX_PREEMPTION_TIMER_VALUE) << PTIMER_RATE)
+            self._ptimer_deadline = core.now() + (v.peek(F.VMX_PREEMPTION_TIMER_VALUE) << self.ptimer_rate)
         else:
             self._ptimer_deadline = None
 
@@ -722,7 +734,7 @@ class VmxVcpu(VirtualizationLayer):
         self._write_exit_info(d, d.reason)
         if self._ptimer_deadline is not None and \
                 v.peek(F.VM_EXIT_CONTROLS) & C.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER:
-            left = max(0, self._ptimer_deadline - core.now()) >> PTIMER_RATE
+            left = max(0, self._ptimer_deadline - core.now()) >> self.ptimer_rate
             v.store(F.VMX_PREEMPTION_TIMER_VALUE, min(left, 0xFFFFFFFF))
         if core.probe.hflags() & HF_LMA != self._lma_saved:
             self._save_ia32e_mode()     # the rest of the guest state stays in the engine
@@ -790,7 +802,7 @@ class VmxVcpu(VirtualizationLayer):
                 core.set_second_stage(None)
             return
         if self.ept is None or self.ept.eptp != eptp:
-            self.ept = EptStage2(self.mem, eptp, lambda: self.active, caps=_EPT_CAPS)
+            self.ept = EptStage2(self.mem, eptp, lambda: self.active, caps=self.ept_caps)
             core.set_second_stage(self.ept)
         elif not vpid:
             core.flush_tlb()
