@@ -423,3 +423,55 @@ def test_every_control_bit_has_an_explanation():
     from devirt_emu.debugger.explain import CONTROL_DOCS
     from devirt_emu.debugger.views import CONTROL_BITS
     assert set(CONTROL_BITS) == set(CONTROL_DOCS)
+
+
+# --------------------------------------------------------------------------
+# the VMCB view (SVM), on the SVM case runner's vCPU
+# --------------------------------------------------------------------------
+def _vmcb_views(monkeypatch, *cases):
+    from devirt_emu.debugger.views import VmcbView, view_for
+    from devirt_emu.testing import svm_case as SC
+    seen = []
+    orig = SC._RecordingL0.handle_exit
+
+    def capture(self, vcpu):
+        view = view_for(vcpu.core)
+        assert isinstance(view, VmcbView)
+        base = vcpu.vmcb.get("msrpm_base_pa")
+        seen.append((view.why(), view.rows("intercept_word3"), view, vcpu,
+                     vcpu.mem.read(base, 8)))
+        return orig(self, vcpu)
+
+    monkeypatch.setattr(SC._RecordingL0, "handle_exit", capture)
+    runner = SC.CaseRunner()
+    for code, kw in cases:
+        runner.run(code, **kw)
+    return seen, runner
+
+
+def test_the_vmcb_view_explains_svm_intercepts(monkeypatch):
+    seen, runner = _vmcb_views(
+        monkeypatch,
+        ("mov ecx, 0x10\nrdmsr", dict(intercepts=["MSR_PROT"], msrpm={"read": [0x10]})),
+        ("hlt", dict(intercepts=["HLT"])))
+    (msr_why, msr_rows, view, vcpu, msrpm), (hlt_why, _, _, _, _) = seen
+    # APM Table B-1: MSR_PROT is bit 28 and HLT bit 24 of the vector at 00Ch (intercepts[3])
+    assert msr_why.headline.startswith("#VMEXIT MSR (exit code 0x7c)")
+    text = "\n".join(msr_why.lines())
+    assert "bit 28 of intercept_word3" in text and "offset 0x00c" in text
+    # APM "MSR Intercepts": two bits per MSR, the read bit of MSR 0x10 is bit 0x20 of the map
+    base = vcpu.vmcb.get("msrpm_base_pa")
+    assert msrpm[4] & 1
+    assert f"byte {base + 4:#x}" in text and "bit 0" in text
+    assert msr_rows[0].decoded == "INTERCEPT_MSR_PROT"
+    assert "bit 24 of intercept_word3" in "\n".join(hlt_why.lines())
+    # set one intercept bit by name, a too-wide value, an unknown name
+    assert view.set("INTERCEPT_CPUID", 1).endswith("(INTERCEPT_CPUID=1)")
+    assert vcpu.vmcb.get("intercept_word3") >> 18 & 1          # CPUID: bit 18 of word 3
+    from devirt_emu.debugger.views import ViewError
+    with pytest.raises(ViewError):
+        view.set("asid", 1 << 32)
+    with pytest.raises(ViewError):
+        view.set("no_such_field", 1)
+    assert "offset 0x058" in view.explain("asid")
+    assert view.rows("save")[0].group == "save"

@@ -553,13 +553,15 @@ def _symbols(r: Repl, args):
 
 
 # ---------------------------------------------------------------------- virtualization
-@command("vmcs", "vmcs [GROUP|NAME]", "The selected core's VMCS by field name (GROUP: control, "
-         "exit-info, guest, host; or part of a name), controls as named bits.")
-def _vmcs(r: Repl, args):
+def _view_table(r: Repl, args, kind: str):
     if len(args) > 1:
-        raise DebugError("usage: vmcs [GROUP|NAME]")
-    rows = r.s.need_view().rows(args[0] if args else None)
-    t = Table(title=f"VMCS of core {r.s.core}")
+        raise DebugError(f"usage: {kind} [GROUP|NAME]")
+    view = r.s.need_view()
+    if view.kind != kind:
+        raise DebugError(f"core {r.s.core} has a {view.kind.upper()}, not a {kind.upper()}: "
+                         f"use {view.kind}")
+    rows = view.rows(args[0] if args else None)
+    t = Table(title=f"{kind.upper()} of core {r.s.core}")
     for col in ("field", "value", "decoded"):
         t.add_column(col)
     for row in rows:
@@ -567,9 +569,16 @@ def _vmcs(r: Repl, args):
     r.out.print(t)
 
 
-@command("vmcb", "vmcb [GROUP|NAME]", "The VMCB of an SVM guest (SVM is not modelled yet).")
+@command("vmcs", "vmcs [GROUP|NAME]", "The selected core's VMCS by field name (GROUP: control, "
+         "exit-info, guest, host; or part of a name), controls as named bits.")
+def _vmcs(r: Repl, args):
+    _view_table(r, args, "vmcs")
+
+
+@command("vmcb", "vmcb [AREA|NAME]", "The selected core's VMCB by field name (AREA: control, "
+         "save; or part of a name), intercept vectors as named bits (SVM cores only).")
 def _vmcb(r: Repl, args):
-    raise DebugError("no VMCB: SVM is not modelled yet (--arch vmx has a VMCS: use vmcs)")
+    _view_table(r, args, "vmcb")
 
 
 @command("set", "set FIELD|$REG VALUE", "Write a VMCS field, or one control bit by its name (0 "

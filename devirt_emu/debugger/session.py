@@ -638,7 +638,7 @@ class Session:
     def need_view(self):
         v = self.view()
         if v is None:
-            raise DebugError("the machine runs natively: no VMCS (use --arch vmx)")
+            raise DebugError("the machine runs natively: no VMCS or VMCB (use --arch vmx)")
         return v
 
     def why(self):
