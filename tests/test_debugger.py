@@ -475,3 +475,12 @@ def test_the_vmcb_view_explains_svm_intercepts(monkeypatch):
         view.set("no_such_field", 1)
     assert "offset 0x058" in view.explain("asid")
     assert view.rows("save")[0].group == "save"
+
+
+def test_the_vmcs_view_lists_the_fields_of_the_cpu_model():
+    # SDM Appendix B: the EPTP-index field exists only with "EPT-violation #VE"; Westmere
+    # (2010) has no #VE, Skylake-SP has it
+    from devirt_emu.cpumodels import get_model
+    names = {r.name for r in Session(GUESTS / "hello.S", arch="vmx",
+                                     cpu=get_model("westmere")).view().rows()}
+    assert "EPT_POINTER" in names and "EPTP_INDEX" not in names

@@ -49,6 +49,8 @@ def add_parser(sub) -> None:
                    help="with --arch vmx: stock KVM (default) or KVM-devirt")
     d.add_argument("--max-time", type=_seconds, default=1.0, metavar="S",
                    help="virtual seconds before the run ends with verdict timeout (default 1)")
+    from ..cpumodels.cli import add_cpu_arguments
+    add_cpu_arguments(d)
     d.add_argument("--batch", metavar="FILE", help="run the commands of FILE ('-': stdin), exit")
     d.add_argument("-ex", dest="ex", action="append", default=[], metavar="CMD",
                    help="run CMD before anything else (repeatable)")
@@ -69,9 +71,11 @@ def cmd_debug(args) -> int:
     if args.config is not None and args.arch == "none":
         print("devirt-emu: error: --config needs --arch vmx", file=sys.stderr)
         return 2
+    from ..cpumodels.cli import model_from_args
     try:
+        cpu = model_from_args(args)
         session = Session(args.program, cores=args.cores, arch=args.arch, config=args.config,
-                          mem_mb=args.mem, max_ns=int(args.max_time * 1e9))
+                          mem_mb=args.mem, max_ns=int(args.max_time * 1e9), cpu=cpu)
     except (AsmError, GuestError, DebugError, ValueError, OSError) as e:
         print(f"devirt-emu: error: {e}", file=sys.stderr)
         return 2

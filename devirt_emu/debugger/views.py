@@ -16,7 +16,7 @@ from typing import Optional, Protocol
 
 from ..vmx import controls as C
 from ..vmx import exit_reasons as ER
-from ..vmx.capabilities import SUPPORTED_FIELDS
+from ..vmx.capabilities import supported_fields
 from ..vmx.fields import ALL_FIELDS, FieldType, field_by_name
 from . import explain as X
 
@@ -146,7 +146,10 @@ class VmcsView:
 
     def __init__(self, vcpu):
         self.vcpu = vcpu
-        self._fields = [f for f in ALL_FIELDS if not f.high and f.encoding in SUPPORTED_FIELDS]
+        #: the fields of the vCPU's CPU model (SDM Appendix B footnotes: a field exists
+        #: when the processor supports a control that uses it)
+        self.supported = supported_fields(getattr(vcpu, "model", None))
+        self._fields = [f for f in ALL_FIELDS if not f.high and f.encoding in self.supported]
 
     def groups(self) -> list[str]:
         return list(_GROUPS.values())
@@ -176,7 +179,7 @@ class VmcsView:
             info = field_by_name(name.upper())
         except KeyError:
             raise ViewError(f"no VMCS field or control bit is named {name!r}") from None
-        if info.encoding not in SUPPORTED_FIELDS:
+        if info.encoding not in self.supported:
             raise ViewError(f"{info.name} does not exist on the modelled processor")
         return info
 
