@@ -706,7 +706,7 @@ def interactive(repl: Repl) -> None:
         history = FileHistory(str(path))
     except OSError:
         history = InMemoryHistory()
-    completer = WordCompleter(completion_words(repl.s), sentence=True, match_middle=False)
+    completer = WordCompleter(completion_words(repl.s), WORD=True)
     ps = PromptSession(history=history, completer=completer)
     while not repl.done:
         try:
