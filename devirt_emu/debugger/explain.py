@@ -14,14 +14,13 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+from .. import x86
 from ..vmx import exit_reasons as ER
 from ..vmx import rules as R
 from ..vmx.fields import VmcsField as F
 from .state import CR0_BITS, CR4_BITS
 
-VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
-                8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
-                17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
+VECTOR_NAMES = x86.EXCEPTION_NAMES
 #: #PF error-code bits (SDM Vol. 3A "Interrupt 14 - Page-Fault Exception").
 PFEC_BITS = (("P", 0), ("W/R", 1), ("U/S", 2), ("RSVD", 3), ("I/D", 4), ("PK", 5), ("SS", 6),
              ("HLAT", 7), ("SGX", 15))
