@@ -581,8 +581,9 @@ def _vmcb(r: Repl, args):
     _view_table(r, args, "vmcb")
 
 
-@command("set", "set FIELD|$REG VALUE", "Write a VMCS field, or one control bit by its name (0 "
-         "or 1): the processor uses it at the next VM entry, whose checks then apply; or a "
+@command("set", "set FIELD|$REG VALUE", "Write a VMCS (or VMCB) field, or one control (or "
+         "intercept) bit by its name (0 or 1): the processor uses it at the next VM entry, whose "
+         "checks then apply; or a "
          "register of the selected core ($rax..$r15, $rip, $rflags, $cr0..$cr4).")
 def _set(r: Repl, args):
     if len(args) != 2:
@@ -633,8 +634,8 @@ def _why_not(r: Repl, args):
         r.say(line)
 
 
-@command("explain", "explain FIELD|CONTROL|REASON", "What a VMCS field, a control bit or an "
-         "exit reason is.")
+@command("explain", "explain FIELD|CONTROL|REASON", "What a VMCS (or VMCB) field, a control "
+         "(or intercept) bit or an exit reason is.")
 def _explain(r: Repl, args):
     if len(args) != 1:
         raise DebugError("usage: explain FIELD|CONTROL|REASON")
