@@ -484,3 +484,31 @@ def test_the_vmcs_view_lists_the_fields_of_the_cpu_model():
     names = {r.name for r in Session(GUESTS / "hello.S", arch="vmx",
                                      cpu=get_model("westmere")).view().rows()}
     assert "EPT_POINTER" in names and "EPTP_INDEX" not in names
+
+
+def test_finish_and_next_return_after_the_call():
+    syms = build_image(GUESTS / "lapic_timer.S").symbols
+    handler = syms["timer_handler"]
+    s = vmx()
+    s.break_at("timer_handler")
+    s.cont()
+    s.delete()
+    s.stepi(1)                               # push rbx (1 byte): at the call (5 bytes, e8 rel32)
+    assert s.read_virtual(handler + 1, 1) == b"\xe8"
+    at_call = s.cur().icount
+    s.break_at("this_cpu", core=s.core)
+    st = s.cont()
+    assert st.kind is StopKind.BREAKPOINT and st.rip == syms["this_cpu"]
+    s.delete()
+    st = s.finish()                          # at the function's entry: the return address
+    assert s.cur().rip() == handler + 6
+    # from inside the function (one instruction before its RET): stepping until the RET
+    s.reverse_stepi(1)
+    assert s.read_virtual(s.cur().rip(), 1) == b"\xc3"          # this_cpu's RET
+    s.finish()
+    assert s.cur().rip() == handler + 6
+    # next over the call, from the call itself
+    s.reverse_stepi(s.cur().icount - at_call)
+    assert s.cur().rip() == handler + 1
+    st = s.next()
+    assert st.kind is StopKind.STEP and s.cur().rip() == handler + 6
