@@ -512,3 +512,16 @@ def test_finish_and_next_return_after_the_call():
     assert s.cur().rip() == handler + 1
     st = s.next()
     assert st.kind is StopKind.STEP and s.cur().rip() == handler + 6
+
+
+def test_a_replay_runs_the_program_without_the_users_writes():
+    s = vmx()
+    s.break_at("timer_handler")
+    s.cont()
+    s.snapshot("bp")
+    rbx = s.regs()["rbx"]
+    s.write_register("rbx", rbx ^ 0xFF)
+    assert s.modified
+    s.restore("bp")
+    assert s.dropped_writes and not s.modified
+    assert s.regs()["rbx"] == rbx                    # the replayed run, not the written one

@@ -135,6 +135,10 @@ class Repl:
 
     def show_stop(self, st) -> None:
         s = self.s
+        if s.dropped_writes:
+            s.dropped_writes = False
+            self.say("note: the replay ran the program as loaded: your register, memory and "
+                     "VMCS writes since then are not in it")
         text = st.describe()
         sym = s.symbols.describe(st.rip)
         if sym:
@@ -593,7 +597,7 @@ def _set(r: Repl, args):
         r.s.write_register(args[0], value)
         r.say(f"{args[0]} = {value:#x}")
         return
-    r.say(r.s.need_view().set(args[0], value))
+    r.say(r.s.set_field(args[0], value))
 
 
 @command("exits", "exits [core N] [reason R] [last N]", "The VM exits taken (the last 20 by "

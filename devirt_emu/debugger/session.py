@@ -103,6 +103,11 @@ class Session:
         self._over_breakpoint: Optional[int] = None  # a replay left this core at a breakpoint
         #: reverse-continue found no earlier stop and went back to the boot state
         self.at_history_begin = False
+        #: the user wrote registers, memory or the VMCS since boot (or the last replay):
+        #: a replay runs the program as loaded, without those writes
+        self.modified = False
+        #: the last replay dropped such writes
+        self.dropped_writes = False
 
     # ------------------------------------------------------------------ building
     def _load_program(self) -> None:
@@ -444,9 +449,20 @@ class Session:
         """Back to the boot state (nothing has run)."""
         self._replay(Position(0, (0,) * self.cores, 0))
 
+    def _fresh(self) -> Machine:
+        """A new machine for a replay (the user's writes are not replayed)."""
+        self.dropped_writes, self.modified = self.modified, False
+        return self._new_machine()
+
+    def set_field(self, name: str, value: int) -> str:
+        """Write a field or control bit of the selected core's VMCS/VMCB view."""
+        out = self.need_view().set(name, value)
+        self.modified = True
+        return out
+
     def _replay(self, pos: Position) -> None:
         """A fresh machine run, with no stop armed, to ``pos``."""
-        self.machine = m = self._new_machine()
+        self.machine = m = self._fresh()
         self._machine_ids.clear()
         while m.verdict is None:
             total = sum(c.icount for c in m.cores)
@@ -492,7 +508,7 @@ class Session:
             raise DebugError("reverse-stepi needs a count of at least 1")
         k = self.core
         target = max(0, self.cur().icount - n)
-        self.machine = m = self._new_machine()
+        self.machine = m = self._fresh()
         self._machine_ids.clear()
         st = None
         while m.verdict is None and m.cores[k].icount < target:
@@ -510,7 +526,8 @@ class Session:
         the current point, or to the boot state if there was none."""
         here = self.position()
         saved_bps = dict(self.breakpoints)
-        self.machine = m = self._new_machine()
+        self.machine = m = self._fresh()
+        dropped = self.dropped_writes
         self._arm()
         found: Optional[tuple[Position, Stop]] = None
         self.last_stop = None
@@ -528,6 +545,7 @@ class Session:
                 if (pos.total, pos.exits) < (here.total, here.exits):
                     found = (pos, st)
         self.breakpoints = saved_bps
+        self.modified = dropped           # (the replays below must report them too)
         if found is None:
             self.restart()
             self.at_history_begin = True
@@ -559,6 +577,7 @@ class Session:
         if not 0 <= value < 1 << 64:
             raise DebugError(f"{value:#x} does not fit a 64-bit register")
         write_named_register(self.cur(), name.lower().lstrip("$"), value)
+        self.modified = True
 
     def read_virtual(self, address: int, n: int, core: Optional[int] = None) -> bytes:
         from ..platform.paging import PageFault, UnsupportedPaging
@@ -598,12 +617,14 @@ class Session:
             self.cur().write_linear(address, data)
         except Exception as e:
             raise DebugError(f"cannot write {address:#x}: {e}") from None
+        self.modified = True
 
     def write_physical(self, address: int, data: bytes) -> None:
         hpa = self._gpa_to_hpa(address)
         if not self.machine.mem.contains(hpa, len(data)):
             raise DebugError(f"physical {address:#x} is outside RAM")
         self.machine.write_phys(hpa, data)
+        self.modified = True
 
     def eptp(self) -> Optional[int]:
         """The EPT pointer the selected core's vCPU uses, None without EPT."""
