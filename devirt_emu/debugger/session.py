@@ -470,9 +470,9 @@ class Session:
                 break
             m.run_until(max_instructions=pos.total - total)
         st = self._settle(pos)
+        self._arm()
         if tuple(c.icount for c in m.cores) != pos.icounts and m.verdict is None:
             raise DebugError("the replay did not reach the same point (a nondeterministic stop)")
-        self._arm()
         self.core = pos.core
         c = m.cores[self.core]
         self.last_stop = st if st is not None else Stop(StopKind.STEP, self.core, c.rip())
