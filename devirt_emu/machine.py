@@ -95,6 +95,8 @@ class RunResult:
     exits_dropped: int = 0
     exit_counts: dict[str, int] = field(default_factory=dict)
     window_exit_counts: dict[str, int] = field(default_factory=dict)
+    #: exit_counts split by core (one dict per core; empty without a hypervisor).
+    exit_counts_per_core: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def mips(self) -> float:
@@ -178,6 +180,7 @@ class Machine:
         self.recent_exits: deque = deque(maxlen=RECENT_EXITS)
         self.exit_counts: dict[str, int] = {}
         self.window_exit_counts: dict[str, int] = {}
+        self.exit_counts_per_core: list[dict[str, int]] = [{} for _ in range(cores)]
         self.arch, self.config, self.l0 = arch, None, None
         if arch == "vmx":
             from .hypervisor.kvm import KvmL0
@@ -246,6 +249,8 @@ class Machine:
             self.exits_dropped += 1
         self.recent_exits.append(rec)
         self.exit_counts[rec.name] = self.exit_counts.get(rec.name, 0) + 1
+        per_core = self.exit_counts_per_core[rec.core]
+        per_core[rec.name] = per_core.get(rec.name, 0) + 1
         if rec.in_window:
             self.window_exit_counts[rec.name] = self.window_exit_counts.get(rec.name, 0) + 1
 
@@ -664,7 +669,9 @@ class Machine:
             exits=[e.to_json() for e in self.exits],
             exits_dropped=self.exits_dropped,
             exit_counts=dict(sorted(self.exit_counts.items())),
-            window_exit_counts=dict(sorted(self.window_exit_counts.items())))
+            window_exit_counts=dict(sorted(self.window_exit_counts.items())),
+            exit_counts_per_core=[dict(sorted(c.items())) for c in self.exit_counts_per_core]
+            if self.arch != "none" else [])
 
     def _verdict_stop(self) -> Stop:
         c = self.current or self.cores[0]
@@ -816,14 +823,19 @@ def measure_raw_rate() -> float:
     return _raw_rate
 
 
-def run_program(path: str | os.PathLike, cores: int = 1, **kwargs) -> RunResult:
+def run_program(path: str | os.PathLike, cores: int = 1, on_machine=None,
+                **kwargs) -> RunResult:
     """Assemble (or load, for an ELF) ``path`` with the firmware and run it.
 
-    ``kwargs`` are :class:`Machine`'s (``arch="vmx", config="devirt"``, ``fast``...).
+    ``kwargs`` are :class:`Machine`'s (``arch="vmx", config="devirt"``, ``fast``...);
+    ``on_machine(machine)``, if given, is called once the machine exists, before
+    anything is loaded (the timeline attaches there).
     """
     from .asm import build_image
     path = Path(path)
     m = Machine(cores=cores, **kwargs)
+    if on_machine is not None:
+        on_machine(m)
     if is_elf(path):
         entry = m.load_elf(path)
         if m.elf_class == 32:

@@ -65,12 +65,14 @@ Scope notes
   PLE fields only with PAUSE-loop exiting, ...), so on a VMCS that passed
   the VM-entry checks every read names a field the modelled CPU supports.
 
-* APIC-register virtualization, virtual-interrupt delivery and posted-
-  interrupt processing are not modelled by these rules: an APIC access with
-  APIC-register virtualization or virtual-interrupt delivery on raises
-  :class:`RuleInputError`; an interrupt with the posted-interrupt
-  notification vector is reported as not exiting (processing is the
-  posted-interrupt model's).
+* APIC-register virtualization and virtual-interrupt delivery: the rules
+  say whether an APIC access exits (which reads and writes of the
+  APIC-access page are virtualized: :mod:`devirt_emu.vmx.apicv`); what a
+  virtualized access then does (APIC-write emulation and the trap-like
+  APIC-write and EOI-induced exits that may follow it, x2APIC MSR
+  virtualization, the evaluation and delivery of virtual interrupts) is
+  the vCPU's, with the same module.  An interrupt with the posted-interrupt
+  notification vector does not exit (the vCPU processes it).
 * SMM (RSM, SMIs), SGX enablement, MONITOR/MWAIT at CPL > 0 enabled by MSR,
   and 5-level EPT are not modelled.
 * The TSS I/O-permission check is the platform's: an I/O instruction with
@@ -88,6 +90,7 @@ from devirt_emu.x86 import (EFER_LMA, ERROR_CODE_VECTORS, EXCEPTION_NAMES, X86_C
 from devirt_emu.events import GPR_NAMES, IO_SHAPE, Event, Kind
 from devirt_emu.vmx import controls as C
 from devirt_emu.platform.lapic import MAXPHYADDR
+from devirt_emu.vmx import apicv
 from devirt_emu.vmx import capabilities as vcaps
 from devirt_emu.vmx import exit_info as xi
 from devirt_emu.vmx.entry import eptp_problem
@@ -812,7 +815,9 @@ def _tpr_shadow_write(ev, vmcs, primary: int, tpr_high_nibble: int, cause: tuple
     delivery 0).  ``tpr_high_nibble`` is the new VTPR bits 7:4."""
     secondary = _secondary(vmcs, primary)
     if secondary & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY:
-        raise RuleInputError("virtual-interrupt delivery is not modelled by these rules")
+        return _no(*cause, "SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY=1: TPR virtualization is PPR "
+                           "virtualization and the evaluation of pending virtual interrupts, "
+                           "no TPR-below-threshold exit")
     threshold = vmcs.vmread(F.TPR_THRESHOLD) & 0xF
     c1 = f"new VTPR[7:4]={tpr_high_nibble:#x}, TPR_THRESHOLD[3:0]={threshold:#x}"
     if threshold > tpr_high_nibble:
@@ -1170,9 +1175,6 @@ def _apic_access(ev, vmcs, rm, pl):
     page = vmcs.vmread(F.APIC_ACCESS_ADDR) & ~0xFFF
     if gpa & ~0xFFF != page:
         return _no(c0, f"{gpa:#x} is not on the APIC-access page {page:#x}")
-    if secondary & (C.SECONDARY_EXEC_APIC_REGISTER_VIRT | C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY):
-        raise RuleInputError("APIC-register virtualization and virtual-interrupt delivery are "
-                             "not modelled by these rules")
     access = _need_extra(ev, "access")
     try:
         atype = _APIC_ACCESS_TYPES[access]
@@ -1182,17 +1184,36 @@ def _apic_access(ev, vmcs, rm, pl):
     offset = gpa & 0xFFF
     size = ev.extra.get("size", 4)
     c1 = f"{access} of {size} byte(s) at APIC-page offset {offset:#x}"
-    # SDM "Virtualizing Reads from the APIC-Access Page" / "Determining Whether a
-    # Write Access is Virtualized", with APIC-register virtualization and
-    # virtual-interrupt delivery 0: a read or write of at most 32 bits whose page
-    # offset is 080H is virtualized; 081H-083H and every other offset exit.
-    if atype != xi.APIC_ACCESS_LINEAR_FETCH and primary & C.CPU_BASED_TPR_SHADOW \
-            and offset == _APIC_TPR and size <= 4:
-        c2 = "CPU_BASED_TPR_SHADOW=1: an access of at most 32 bits at offset 080H is virtualized"
+    apicrv = secondary & C.SECONDARY_EXEC_APIC_REGISTER_VIRT
+    vid = secondary & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY
+    tpr_shadow = bool(primary & C.CPU_BASED_TPR_SHADOW)
+    if (apicrv or vid) and not tpr_shadow:
+        raise RuleInputError("APIC-register virtualization and virtual-interrupt delivery need "
+                             "CPU_BASED_TPR_SHADOW=1 (VM entry would have failed)")
+    if not apicrv and not vid:
+        # SDM "Virtualizing Reads from the APIC-Access Page" / "Determining Whether a
+        # Write Access is Virtualized", with APIC-register virtualization and
+        # virtual-interrupt delivery 0: a read or write of at most 32 bits whose page
+        # offset is 080H is virtualized; 081H-083H and every other offset exit.
+        if atype != xi.APIC_ACCESS_LINEAR_FETCH and tpr_shadow and offset == _APIC_TPR \
+                and size <= 4:
+            c2 = "CPU_BASED_TPR_SHADOW=1: an access of at most 32 bits at offset 080H is virtualized"
+            if atype == xi.APIC_ACCESS_LINEAR_READ:
+                return _no(c0, c1, c2, "read from the virtual-APIC page")
+            value = _need_extra(ev, "value")
+            return _tpr_shadow_write(ev, vmcs, primary, (value & 0xFF) >> 4, (c0, c1, c2))
+    elif atype != xi.APIC_ACCESS_LINEAR_FETCH and not ev.extra.get("during_delivery", False):
+        c2 = (f"SECONDARY_EXEC_APIC_REGISTER_VIRT={int(bool(apicrv))}",
+              f"SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY={int(bool(vid))}")
         if atype == xi.APIC_ACCESS_LINEAR_READ:
-            return _no(c0, c1, c2, "read from the virtual-APIC page")
-        value = _need_extra(ev, "value")
-        return _tpr_shadow_write(ev, vmcs, primary, (value & 0xFF) >> 4, (c0, c1, c2))
+            if apicv.read_virtualized(offset, size, tpr_shadow=tpr_shadow,
+                                      apic_register_virt=bool(apicrv)):
+                return _no(c0, c1, *c2, "a virtualized read: from the virtual-APIC page")
+        elif apicv.write_virtualized(offset, size, tpr_shadow=tpr_shadow,
+                                     apic_register_virt=bool(apicrv),
+                                     virtual_intr_delivery=bool(vid)):
+            return _no(c0, c1, *c2, "a virtualized write: to the virtual-APIC page, then "
+                                    "APIC-write emulation")
     if ev.extra.get("during_delivery", False):
         atype = xi.APIC_ACCESS_LINEAR_EVENT_DELIVERY
     qual = xi.apic_access_qualification(offset, atype)

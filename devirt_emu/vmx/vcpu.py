@@ -36,9 +36,12 @@ What VMX non-root operation changes for instructions that do not exit (SDM
 reads of CR0/CR4 see the read shadows for host-owned bits, writes leave the
 host-owned bits alone, CLTS/LMSW likewise, and RDTSC/RDTSCP add TSC_OFFSET.
 
-APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts", with
-the controls the modelled CPU has: "use TPR shadow" and "virtualize APIC
-accesses", no APIC-register virtualization or virtual-interrupt delivery):
+APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts"): the
+TPR shadow and the APIC-access page as below; virtual-interrupt delivery,
+x2APIC and APIC-register virtualization and posted-interrupt processing are
+:mod:`devirt_emu.vmx.virtual_apic`'s (``self.vapic``), with the algorithms of
+:mod:`devirt_emu.vmx.apicv`.  With "use TPR shadow" and "virtualize APIC
+accesses" alone:
 
 * with "use TPR shadow", MOV from CR8 reads VTPR[7:4] (byte 80H of the
   virtual-APIC page) and MOV to CR8 writes VTPR (bits 7:4 from the source,
@@ -87,6 +90,8 @@ from .capabilities import model_of
 from .ept import EptCaps
 from .ept_mmu import EptStage2, ept_exit_decision
 from .vmcs import FIELD_SLOTS, Vmcs, _key
+from .virtual_apic import VirtualApic
+from . import apicv
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
 
 
@@ -184,7 +189,8 @@ APIC_TASKPRI = 0x80
 #: TPR-threshold check (re-examined at VM entry).
 _APIC_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL),
                           int(F.APIC_ACCESS_ADDR), int(F.APIC_ACCESS_ADDR) | 1,
-                          int(F.TPR_THRESHOLD)})
+                          int(F.TPR_THRESHOLD), int(F.PIN_BASED_VM_EXEC_CONTROL),
+                          int(F.POSTED_INTR_NV)})
 #: The neutral event types of the seam (virt.EventType) as VMX interruption types
 #: (bits 10:8 of the interruption-information fields), and back.
 _VMX_INTR_TYPE = {
@@ -423,6 +429,8 @@ class VmxVcpu(VirtualizationLayer):
         self._tpr_threshold = 0                    # TPR_THRESHOLD[3:0] at the last entry
         self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
         self._trap_exit_pending: Optional[Decision] = None   # after a platform access (below)
+        #: virtual-interrupt delivery, x2APIC and APIC-register virtualization, posted interrupts
+        self.vapic = VirtualApic(self)
         self.ept: Optional[EptStage2] = None     # the EPT the core translates through, when enabled
         self._ept_state: Optional[tuple] = None   # (EPTP or None, VPID on) read at the last entry
 
@@ -622,6 +630,8 @@ class VmxVcpu(VirtualizationLayer):
         self.pause_loop = _PAUSE_LOOP_AT_ENTRY
         self.active = True
         self.blocked = False
+        if self.vapic.vid:
+            self.vapic.at_entry()       # PPR virtualization, evaluation of pending virtual interrupts
         if inject:
             info = v.peek(_INTR_INFO)
             if info & C.INTR_INFO_VALID_MASK:
@@ -947,8 +957,9 @@ class VmxVcpu(VirtualizationLayer):
         the boundary as soon as interrupts may open)?"""
         if not self.active:
             return False
-        return bool(self.vmcs.get(F.CPU_BASED_VM_EXEC_CONTROL)
-                    & (C.CPU_BASED_INTR_WINDOW_EXITING | C.CPU_BASED_NMI_WINDOW_EXITING))
+        return self.vapic.pending or bool(self.vmcs.get(F.CPU_BASED_VM_EXEC_CONTROL)
+                                          & (C.CPU_BASED_INTR_WINDOW_EXITING
+                                             | C.CPU_BASED_NMI_WINDOW_EXITING))
 
     def has_wakeup(self) -> Optional[bool]:
         """Scheduler: does this halted/waiting core have something to do now?
@@ -961,7 +972,9 @@ class VmxVcpu(VirtualizationLayer):
         if self.core.state is State.WAIT_SIPI:
             return lapic.sipi_pending is not None
         if self.blocked or self.vmcs.get(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_EXT_INTR_MASK:
-            return lapic.pending_vector() is not None or self.l0.has_pending(self)
+            return lapic.pending_vector() is not None or self.l0.has_pending(self) \
+                or (not self.blocked and self.vapic.pending
+                    and bool(self.core.probe.reg(X.UC_X86_REG_EFLAGS) & 0x200))
         return None
 
     def boundary(self, core) -> bool:
@@ -1016,6 +1029,7 @@ class VmxVcpu(VirtualizationLayer):
                 return True
             return False          # delivered natively by the core
         vec = lapic.pending_vector()
+        vapic = self.vapic
         if vec is not None and v.get(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_EXT_INTR_MASK:
             ev = Event(Kind.INTERRUPT, core.index, core.rip(), vector=vec, regs=core.lazy_regs())
             out = decide(ev, v, self.read_mem)
@@ -1025,6 +1039,25 @@ class VmxVcpu(VirtualizationLayer):
                     lapic.acknowledge()
                 self.vm_exit(out, ev)
                 return True
+            if vapic.posted and vec == vapic.nv:
+                # SDM "Posted-Interrupt Processing": acknowledged, processed, no exit
+                core.count(Kind.INTERRUPT)
+                lapic.acknowledge()
+                if core.trace is not None:
+                    core.trace(core, ev)
+                vapic.process_posted()
+                if core.state is State.HALTED and vapic.pending:
+                    core.state = State.RUNNING
+        if vapic.pending and vapic.deliverable(core.probe.reg(X.UC_X86_REG_EFLAGS),
+                                               core.icount == core.shadow_at):
+            if core.state is State.HALTED:
+                core.state = State.RUNNING
+            core.count(Kind.INTERRUPT)
+            vector = vapic.deliver()
+            if core.trace is not None:
+                core.trace(core, Event(Kind.INTERRUPT, core.index, core.rip(), vector=vector,
+                                       extra={"virtual": True}))
+            return True
         return False
 
     def _event_exit(self, ev: Event) -> bool:
@@ -1043,6 +1076,8 @@ class VmxVcpu(VirtualizationLayer):
         insn = ev.insn
         if k in (Kind.MOV_FROM_CR, Kind.MOV_TO_CR) and insn.cr == 8:
             return self._cr8_tpr_shadow(ev)
+        if (k is Kind.RDMSR or k is Kind.WRMSR) and self.vapic.x2apic:
+            return self._x2apic_msr(ev)
         if k is Kind.MOV_FROM_CR and insn.cr in (0, 4):
             mask, shadow = self._mask_shadow(insn.cr)
             real = core.probe.reg(X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4)
@@ -1107,7 +1142,43 @@ class VmxVcpu(VirtualizationLayer):
         else:
             value = uc.reg_read(GPR_IDS[insn.gpr]) & 0xF     # the rule made 63:4 set a #GP
             self._vapic_write(APIC_TASKPRI, (value << 4).to_bytes(4, "little"))
+            if self.vapic.vid:
+                # TPR virtualization with virtual-interrupt delivery: PPR virtualization,
+                # evaluation of pending virtual interrupts (no TPR-threshold exit)
+                self.vapic.apply(apicv.WriteEffect(self.vapic.status, tpr=True), ())
         self.core.set_rip(ev.rip + insn.length)
+        return True
+
+    def _x2apic_msr(self, ev: Event) -> bool:
+        """RDMSR/WRMSR of an x2APIC MSR that did not exit, with "virtualize x2APIC
+        mode" (SDM "Virtualizing MSR-Based APIC Accesses"): a virtualized access
+        uses the virtual-APIC page (a write may end in a trap-like EOI-induced or
+        APIC-write exit, after the instruction); False when it operates normally
+        (the platform accesses the physical x2APIC)."""
+        core = self.core
+        probe = core.probe
+        msr = probe.gpr(1) & 0xFFFFFFFF
+        if not 0x800 <= msr <= 0x8FF:
+            return False
+        if ev.kind is Kind.RDMSR:
+            value = self.vapic.rdmsr(msr)
+            if value is None:
+                return False
+            probe.set_gpr(0, value & 0xFFFFFFFF)
+            probe.set_gpr(2, value >> 32)
+            core.set_rip(ev.rip + ev.insn.length)
+            return True
+        value = (probe.gpr(2) & 0xFFFFFFFF) << 32 | (probe.gpr(0) & 0xFFFFFFFF)
+        w = self.vapic.wrmsr(msr, value)
+        if w.fault:
+            raise _Fault(13, 0)
+        if not w.virtualized:
+            return False
+        core.set_rip(ev.rip + ev.insn.length)
+        d = self.vapic.apply(w.effect, ("SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE=1",
+                                        f"WRMSR {msr:#x} virtualized"))
+        if d is not None:
+            self.vm_exit(d, None)        # trap-like: after the instruction
         return True
 
     def _apic_at_entry(self, changed: bool) -> None:
@@ -1121,6 +1192,7 @@ class VmxVcpu(VirtualizationLayer):
         core = self.core
         if changed or self._apic_stale:
             self._apic_stale = False
+            self.vapic.read_controls()
             primary = v.peek(F.CPU_BASED_VM_EXEC_CONTROL)
             secondary = v.peek(F.SECONDARY_VM_EXEC_CONTROL) \
                 if primary & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS else 0
@@ -1171,18 +1243,28 @@ class VmxVcpu(VirtualizationLayer):
             if out.exit and out.reason == er.APIC_ACCESS:
                 self.vm_exit(out, ev)             # fault-like: the instruction has no effect
                 return
-            # virtualized: run the instruction with VTPR at offset 080H of the page
+            # virtualized: run the instruction with the register's bytes 3:0 of the
+            # virtual-APIC page behind the APIC-access page (VTPR at 080H unless
+            # APIC-register virtualization or virtual-interrupt delivery is on)
             write = access.access == "write"
-            step = core.step_watched(page, (APIC_TASKPRI, self._vapic_read(APIC_TASKPRI, 4)),
-                                     writable=write)
+            offset = access.pa & 0xFFF
+            reg = offset & ~0xF if self.vapic.any else APIC_TASKPRI
+            step = core.step_watched(page, (reg, self._vapic_read(reg, 4)), writable=write)
             if step.denied is not None:
                 access = step.denied              # e.g. the write of a read-modify-write
                 continue
             if write and step.retired:
-                # APIC-write emulation for 080H: VTPR bytes 3:1 cleared, then TPR virtualization
-                self._vapic_write(APIC_TASKPRI, step.window[:1] + bytes(3))
-                if out.exit:
-                    self.vm_exit(out, None)       # TPR below threshold: trap-like
+                if not self.vapic.any:
+                    # APIC-write emulation for 080H: VTPR bytes 3:1 cleared, then TPR
+                    # virtualization
+                    self._vapic_write(APIC_TASKPRI, step.window[:1] + bytes(3))
+                    if out.exit:
+                        self.vm_exit(out, None)   # TPR below threshold: trap-like
+                    return
+                self._vapic_write(reg, step.window[:4])
+                d = self._apic_write_emulation(offset)
+                if d is not None:
+                    self.vm_exit(d, None)         # APIC write, EOI-induced: trap-like
             return
         raise GuestError(f"core {core.index}: an instruction at {core.rip():#x} accesses the "
                          "APIC-access page more often than the model handles")
@@ -1215,12 +1297,31 @@ class VmxVcpu(VirtualizationLayer):
             raise AccessAborted()
         if access.access == "read":
             return self._vapic_read(access.pa & 0xFFF, access.size)
-        self._vapic_write(APIC_TASKPRI, bytes([access.value & 0xFF, 0, 0, 0]))
+        if self.vapic.any:
+            offset = access.pa & 0xFFF
+            self._vapic_write(offset, (access.value & ((1 << 8 * access.size) - 1))
+                              .to_bytes(access.size, "little"))
+            out = self._apic_write_emulation(offset) or out
+        else:
+            self._vapic_write(APIC_TASKPRI, bytes([access.value & 0xFF, 0, 0, 0]))
         if out.exit:
             self._trap_exit_pending = out
             if core.in_run:
                 core.request_stop("check")
         return True
+
+    def _apic_write_emulation(self, offset: int) -> Optional[Decision]:
+        """After a virtualized write of the APIC-access page at ``offset`` with
+        APIC-register virtualization or virtual-interrupt delivery: APIC-write
+        emulation (:func:`apicv.apic_write_emulation`); the trap-like exit that
+        follows, if any."""
+        vapic = self.vapic
+        eff = apicv.apic_write_emulation(
+            vapic.page, vapic.status, offset, virtual_intr_delivery=vapic.vid,
+            eoi_exit_bitmap=vapic.eoi_exit_bitmap() if vapic.vid else 0)
+        return vapic.apply(eff, ("SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES=1",
+                                 f"virtualized write at APIC-page offset {offset:#x}",
+                                 "APIC-write emulation"))
 
     def _mask_shadow(self, cr: int):
         v = self.vmcs
