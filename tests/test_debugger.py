@@ -315,8 +315,9 @@ def test_breakpoint_on_one_core_only():
     assert st.kind is StopKind.BREAKPOINT and st.core == 0
 
 
-def test_why_under_the_devirt_configuration():
-    s = vmx("tsc_deadline.S", config="devirt")
+@pytest.mark.parametrize("config", ["devirt", "apicv"])
+def test_why_under_the_other_configurations(config):
+    s = vmx("tsc_deadline.S", config=config)
     s.break_exit()
     seen = set()
     while s.machine.verdict is None:

@@ -45,8 +45,10 @@ def add_parser(sub) -> None:
                    help="RAM in MiB (default 64)")
     d.add_argument("--arch", choices=("none", "vmx"), default="none",
                    help="none: native (default); vmx: under the L0 (a model of KVM)")
-    d.add_argument("--config", choices=("stock", "devirt"),
-                   help="with --arch vmx: stock KVM (default) or KVM-devirt")
+    from ..hypervisor.configs import VMX_CONFIGS
+    d.add_argument("--config", choices=tuple(VMX_CONFIGS),
+                   help="with --arch vmx: a configuration of devirt_emu/hypervisor/configs.py "
+                        "(default stock)")
     d.add_argument("--max-time", type=_seconds, default=1.0, metavar="S",
                    help="virtual seconds before the run ends with verdict timeout (default 1)")
     from ..cpumodels.cli import add_cpu_arguments
