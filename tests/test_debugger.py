@@ -295,6 +295,35 @@ def test_watchpoint_stops_after_the_store_retired():
     assert s.watchpoints[wp].hits == 1
 
 
+@pytest.mark.parametrize("arch", ["none", "vmx"])
+def test_physical_watchpoint_stops_after_the_store_retired(arch):
+    # a guest-physical watchpoint on the tick counter: under VMX the session translates
+    # it through the EPT (identity here) once the guest has touched the page
+    image = build_image(GUESTS / "lapic_timer.S")
+    syms = image.symbols
+    s = Session(GUESTS / "lapic_timer.S", cores=2, arch=arch,
+                config="stock" if arch == "vmx" else None)
+    s.break_at("timer_handler")
+    assert s.cont().kind is StopKind.BREAKPOINT
+    before = struct.unpack("<Q", s.read_physical(syms["ticks"], 8))[0]
+    s.delete()
+    wp = s.watch("ticks", 8, "w", physical=True)
+    st = s.cont()
+    assert st.kind is StopKind.WATCHPOINT and st.ident is not None and st.access == "write"
+    assert syms["ticks"] <= st.address < syms["ticks"] + 8
+    assert struct.unpack("<Q", s.read_physical(syms["ticks"], 8))[0] != before
+    assert s.watchpoints[wp].hits == 1 and s.watchpoints[wp].hpa == syms["ticks"]
+
+
+def test_physical_watchpoint_errors_are_one_line():
+    s = Session(GUESTS / "lapic_timer.S", cores=1, arch="none")
+    with pytest.raises(DebugError, match="outside RAM"):
+        s.watch(str(1 << 40), 4, "w", physical=True)
+    s = vmx()                                   # the EPT is built on demand: empty at first
+    with pytest.raises(DebugError, match="not mapped by the EPT"):
+        s.watch(str(1 << 40), 4, "w", physical=True)
+
+
 def test_break_interrupt_stops_at_the_gate_target():
     s = vmx()
     s.break_interrupt([0xEC])                 # the guest's LAPIC-timer vector

@@ -187,3 +187,12 @@ def test_tab_completes_a_symbol(tmp_path):
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
+
+
+def test_physical_watch(tmp_path):
+    # the tick counter is at guest-physical 0x1a1c0 = linear (the firmware maps RAM 1:1)
+    p = debug(GUESTS / "lapic_timer.S", "--cores", "2", "-ex", "watch -p ticks 8",
+              "-ex", "continue", "-ex", "watch -p", batch="", tmp_path=tmp_path)
+    assert "watchpoint 1 (write) on guest-physical 0x1a1c0+8" in p.stdout, p.stdout
+    assert "watchpoint 1" in p.stdout.split("(devirt) continue", 1)[1]
+    assert "error: watch: usage: watch [-p] ADDR [SIZE]" in p.stdout

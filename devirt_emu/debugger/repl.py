@@ -268,28 +268,32 @@ def _tbreak(r: Repl, args):
 
 
 def _watch(r: Repl, args, access):
+    physical = bool(args) and args[0] in ("-p", "-phys")
+    if physical:
+        args = args[1:]
     if not 1 <= len(args) <= 2:
-        raise DebugError("usage: watch ADDR [SIZE]")
-    if args[0] in ("-p", "-phys"):
-        raise DebugError("physical watchpoints are not supported yet (watch a linear address)")
+        raise DebugError("usage: watch [-p] ADDR [SIZE]")
     size = _int(args[1], "size") if len(args) == 2 else 1
-    ident = r.s.watch(args[0], size, access)
+    ident = r.s.watch(args[0], size, access, physical=physical)
+    wp = r.s.watchpoints[ident]
+    where = f"guest-physical {wp.address:#x}" if physical else r.s.where(wp.address)
     r.say(f"watchpoint {ident} ({ {'w': 'write', 'r': 'read', 'rw': 'access'}[access]}) "
-          f"on {r.s.where(r.s.watchpoints[ident].address)}+{size}")
+          f"on {where}+{size}")
 
 
-@command("watch", "watch ADDR [SIZE]", "Stop after an instruction writes a byte of [ADDR, "
-         "ADDR+SIZE) (linear addresses, every core).")
+@command("watch", "watch [-p] ADDR [SIZE]", "Stop after an instruction writes a byte of [ADDR, "
+         "ADDR+SIZE) (linear addresses, every core; -p: guest-physical, which also sees the "
+         "platform's own accesses such as interrupt frames).")
 def _watch_w(r: Repl, args):
     _watch(r, args, "w")
 
 
-@command("rwatch", "rwatch ADDR [SIZE]", "Stop after an instruction reads the range.")
+@command("rwatch", "rwatch [-p] ADDR [SIZE]", "Stop after an instruction reads the range.")
 def _watch_r(r: Repl, args):
     _watch(r, args, "r")
 
 
-@command("awatch", "awatch ADDR [SIZE]", "Stop after an instruction reads or writes the range.")
+@command("awatch", "awatch [-p] ADDR [SIZE]", "Stop after an instruction reads or writes the range.")
 def _watch_a(r: Repl, args):
     _watch(r, args, "rw")
 

@@ -66,6 +66,8 @@ class Watchpoint:
     access: str
     spec: str
     hits: int = 0
+    #: the machine RAM address of a physical watchpoint (``address`` is then guest-physical)
+    hpa: Optional[int] = None
 
 
 _ACCESS = {"w": "write", "r": "read", "rw": "access"}
@@ -142,7 +144,11 @@ class Session:
         for ident, bp in self.breakpoints.items():
             self._machine_ids[ident] = m.add_breakpoint(bp.address, core=bp.core)
         for ident, wp in self.watchpoints.items():
-            self._machine_ids[ident] = m.add_watchpoint(wp.address, wp.size, wp.access)
+            if wp.hpa is None:
+                self._machine_ids[ident] = m.add_watchpoint(wp.address, wp.size, wp.access)
+            else:
+                self._machine_ids[ident] = m.add_watchpoint(wp.hpa, wp.size, wp.access,
+                                                            physical=True)
         self._arm_exits()
         m.stop_on_vector(self.vector_stops or None)
 
@@ -228,15 +234,34 @@ class Session:
         self._machine_ids[ident] = self.machine.add_breakpoint(addr, core=core)
         return ident
 
-    def watch(self, spec: str, size: int = 1, access: str = "w") -> int:
+    def watch(self, spec: str, size: int = 1, access: str = "w", *,
+              physical: bool = False) -> int:
+        """A watchpoint on ``size`` bytes at ``spec``: a linear address (every core's
+        guest instructions), or with ``physical`` a guest-physical one (translated
+        through the selected core's EPT once, now): every access to the RAM behind
+        it, the platform's own included (see Machine.add_watchpoint)."""
         if access not in _ACCESS:
             raise DebugError(f"watch access is r, w or rw, not {access!r}")
         addr = self.resolve(spec)
         if not 1 <= size <= 1 << 20:
             raise DebugError(f"watch size {size} is not 1 .. 1 MiB")
+        hpa = None
+        if physical:
+            hpa = self._gpa_to_hpa(addr)
+            last = addr + size - 1
+            if self._gpa_to_hpa(last) != hpa + size - 1:
+                raise DebugError(f"guest-physical {addr:#x}+{size} is not contiguous in RAM "
+                                 f"(split it at the page boundary)")
         ident = self._new_id()
-        self.watchpoints[ident] = Watchpoint(addr, size, access, spec)
-        self._machine_ids[ident] = self.machine.add_watchpoint(addr, size, access)
+        try:
+            if hpa is None:
+                mid = self.machine.add_watchpoint(addr, size, access)
+            else:
+                mid = self.machine.add_watchpoint(hpa, size, access, physical=True)
+        except ValueError as e:
+            raise DebugError(str(e)) from None
+        self.watchpoints[ident] = Watchpoint(addr, size, access, spec, hpa=hpa)
+        self._machine_ids[ident] = mid
         return ident
 
     def delete(self, ident: Optional[int] = None) -> None:
