@@ -348,7 +348,10 @@ class Machine:
         if c.state is State.RUNNING:
             return c.clock
         if c.state is State.SHUTDOWN:
-            return None
+            # natively nothing here wakes a core in shutdown; in VMX non-root operation
+            # the preemption timer counts on and its expiry (or a pending MTF exit) does
+            d = c.virt.next_event_ns() if c.virt is not None else None
+            return None if d is None else max(c.clock, d)
         if c.has_wakeup():
             return c.clock
         if c.state is State.HALTED:

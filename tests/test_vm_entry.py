@@ -549,7 +549,7 @@ def test_unrestricted_guest_segment_relaxations():
 @pytest.mark.parametrize("changes", [
     {"GUEST_GDTR_BASE": 0x0000800000000000},
     {"GUEST_IDTR_LIMIT": 0x10000},
-    {"GUEST_RIP": 0x0000800000000000},                              # 64-bit: not canonical
+    {"GUEST_RIP": 0xFFFE800000000000},                              # 64-bit: bits 63:48 differ
     {"GUEST_RIP": 1 << 32, "GUEST_CS_AR_BYTES": 0xC09B},            # compatibility mode
     {"GUEST_RFLAGS": 0x0},                                          # bit 1 must be 1
     {"GUEST_RFLAGS": 0x2 | (1 << 3)},
