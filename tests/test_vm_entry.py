@@ -350,10 +350,10 @@ def test_no_error_code_in_real_mode():
     (VALID | (3 << 8) | 14 | DELIVER, 0xFFFF, 0, True),
     (VALID | (3 << 8) | 14 | DELIVER, 0x10000, 0, False),          # error code bits 31:16
     (VALID | (4 << 8) | 0x80, 0, 2, True),            # software interrupt, length 2
-    (VALID | (4 << 8) | 0x80, 0, 0, False),           # length 0 (IA32_VMX_MISC[30] = 0)
+    (VALID | (4 << 8) | 0x80, 0, 0, True),            # length 0: IA32_VMX_MISC[30] = 1 (issue 14)
     (VALID | (6 << 8) | 3, 0, 16, False),             # software exception, length 16
     (VALID | (5 << 8) | 1, 0, 1, True),               # privileged software exception (INT1)
-    (VALID | (5 << 8) | 1, 0, 0, False),
+    (VALID | (5 << 8) | 1, 0, 0, True),               # length 0: IA32_VMX_MISC[30] = 1
 ])
 def test_event_injection_fields(info, code, length, ok):
     f = run(inject(info, code, length))

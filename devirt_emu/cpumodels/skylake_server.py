@@ -12,9 +12,9 @@ interrupts, virtualize x2APIC mode, APIC-register virtualization,
 virtual-interrupt delivery, VM functions (EPTP switching), VMCS shadowing,
 ENCLS exiting, PML, EPT-violation #VE, conceal VMX from PT, mode-based
 execute control for EPT, TSC scaling, the PERF_GLOBAL_CTRL and BNDCFGS
-entry/exit controls, the Intel PT controls; IA32_VMX_MISC bits 14, 15, 28,
-29 and 30 (PT in VMX operation, RDMSR of SMBASE in SMM, VMXOFF blocking SMIs,
-VMWRITE to exit-information fields, injection with instruction length 0),
+entry/exit controls, the Intel PT controls; IA32_VMX_MISC bits 14, 15, 28
+and 29 (PT in VMX operation, RDMSR of SMBASE in SMM, VMXOFF blocking SMIs,
+VMWRITE to exit-information fields),
 and EPT execute-only translations (IA32_VMX_EPT_VPID_CAP bit 0).  The part
 does NOT have "enable user wait and pause" (WAITPKG arrived with Tremont and
 Sapphire Rapids), nor tertiary controls.
@@ -52,8 +52,11 @@ TRUE_CLEARABLE = {
     "EXIT": c.VM_EXIT_SAVE_DEBUG_CONTROLS,
     "ENTRY": c.VM_ENTRY_LOAD_DEBUG_CONTROLS,
 }
+#: Bit 30: a software interrupt or exception may be injected with instruction
+#: length 0 (Skylake and later parts).
 MISC = (5 | c.VMX_MISC_SAVE_EFER_LMA | c.VMX_MISC_ACTIVITY_HLT | c.VMX_MISC_ACTIVITY_SHUTDOWN
-        | c.VMX_MISC_ACTIVITY_WAIT_SIPI | (4 << c.VMX_MISC_CR3_COUNT_SHIFT))
+        | c.VMX_MISC_ACTIVITY_WAIT_SIPI | (4 << c.VMX_MISC_CR3_COUNT_SHIFT)
+        | c.VMX_MISC_ZERO_LEN_INS)
 EPT_VPID_CAP = IMPLEMENTED_VMX["EPT_VPID_CAP"]
 #: CR4 bits allowed 1 in VMX operation: VME..OSXMMEXCPT (10:0), VMXE, FSGSBASE,
 #: PCIDE, OSXSAVE, SMEP, SMAP (Skylake has no UMIP; SMX is not modelled).

@@ -1,0 +1,50 @@
+"""Features the CPU models advertise work (issue 14, "every feature a model
+advertises works, or the model does not advertise it").
+
+* IA32_VMX_MISC bit 30 (SDM Vol. 3D A.6; Vol. 3C "Checks on VM-Entry Control
+  Fields", "Event Injection"): with it, a software interrupt, privileged
+  software exception or software exception may be injected with VM-entry
+  instruction length 0; the frame then returns to GUEST_RIP itself.  Without
+  it (nehalem, westmere) the entry fails with VMfailValid 7.
+"""
+from __future__ import annotations
+
+import pytest
+
+from devirt_emu.cpumodels import get_model
+from devirt_emu.testing.vmx_case import CODE_BASE, run_case
+
+CPUID_EXIT = 10
+VALID = 1 << 31
+SOFT_INTR, PRIV_SOFT_EXC, SOFT_EXC = 4 << 8, 5 << 8, 6 << 8
+IDT_BASE = 0x12000                 # the fresh case's IDTR base
+VMXERR_ENTRY_INVALID_CONTROL_FIELD = 7
+
+
+def interrupt_gate(handler: int) -> bytes:
+    """A 64-bit interrupt gate (SDM "64-Bit IDT Gate Descriptors"): selector 0x08, type 0xE, P."""
+    lo = (handler & 0xFFFF) | 0x08 << 16 | 0xE << 40 | 1 << 47 | ((handler >> 16) & 0xFFFF) << 48
+    return (lo | (handler >> 32) << 64).to_bytes(16, "little")
+
+
+SRC = "nop\nhandler: mov rax, [rsp]\nexit: cpuid"
+
+
+@pytest.mark.parametrize("itype,vector", [(SOFT_INTR, 0x80), (PRIV_SOFT_EXC, 1), (SOFT_EXC, 3)])
+def test_injection_with_length_0_returns_to_guest_rip(itype, vector):
+    assert get_model("skylake-server").has("VMX_MISC_ZERO_LEN_INS")
+    sym = run_case(SRC).symbols
+    r = run_case(SRC, vmcs={"VM_ENTRY_INTR_INFO_FIELD": VALID | itype | vector,
+                            "VM_ENTRY_INSTRUCTION_LEN": 0},
+                 memory={IDT_BASE + 16 * vector: interrupt_gate(sym["handler"])})
+    assert r.exit is not None and r.exit.reason == CPUID_EXIT, str(r)
+    assert r.exit.regs["rax"] == CODE_BASE          # the pushed RIP: GUEST_RIP + 0
+
+
+@pytest.mark.parametrize("cpu", ["nehalem", "westmere"])
+def test_injection_with_length_0_fails_where_misc_bit_30_is_clear(cpu):
+    assert not get_model(cpu).has("VMX_MISC_ZERO_LEN_INS")
+    r = run_case(SRC, vmcs={"VM_ENTRY_INTR_INFO_FIELD": VALID | SOFT_INTR | 0x80,
+                            "VM_ENTRY_INSTRUCTION_LEN": 0}, cpu=cpu)
+    assert r.entry_failure is not None
+    assert r.entry_failure.error == VMXERR_ENTRY_INVALID_CONTROL_FIELD
