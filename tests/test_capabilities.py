@@ -238,7 +238,8 @@ def test_ept_vpid_cap():
     # single/all-context, A/D; INVVPID with all four types.
     want = bits(6, 8, 14, 16, 17, 20, 21, 25, 26, 32, 40, 41, 42, 43)
     assert v & want == want
-    assert not v & bits(0, 7, 22, 23)              # no execute-only, 5-level, advanced info, SSS
+    assert not v & bits(7, 22, 23)                 # no 5-level, advanced info, SSS
+    assert v & bits(0)                             # execute-only translations (issue 14)
     # INVEPT types are reported only with INVEPT itself (SDM A.10), same for INVVPID.
     assert not (v & bits(25, 26)) or v & (1 << 20)
     assert not (v & bits(40, 41, 42, 43)) or v & (1 << 32)

@@ -6,6 +6,10 @@ advertises works, or the model does not advertise it").
   software exception or software exception may be injected with VM-entry
   instruction length 0; the frame then returns to GUEST_RIP itself.  Without
   it (nehalem, westmere) the entry fails with VMfailValid 7.
+* IA32_VMX_EPT_VPID_CAP bit 0 (SDM Vol. 3C "EPT Misconfigurations"): with it an
+  EPT entry with bits 2:0 = 100b is an execute-only translation: fetches go,
+  a data read is an EPT violation reporting "executable" (qualification bit 5);
+  without it the entry is an EPT misconfiguration (exit 49).
 """
 from __future__ import annotations
 
@@ -48,3 +52,29 @@ def test_injection_with_length_0_fails_where_misc_bit_30_is_clear(cpu):
                             "VM_ENTRY_INSTRUCTION_LEN": 0}, cpu=cpu)
     assert r.entry_failure is not None
     assert r.entry_failure.error == VMXERR_ENTRY_INVALID_CONTROL_FIELD
+
+
+EPT_VIOLATION, EPT_MISCONFIG = 48, 49
+X_ONLY = 0b100
+Q_READ, Q_X, Q_GLA, Q_TRANSLATION = 1 << 0, 1 << 5, 1 << 7, 1 << 8
+
+
+@pytest.mark.parametrize("cpu", ["skylake-server", "nehalem", "sapphire-rapids"])
+def test_ept_execute_only_code_page_runs(cpu):
+    assert get_model(cpu).has("ept_x_only")
+    r = run_case("nop\ncpuid", ept=["identity", {CODE_BASE: (CODE_BASE, X_ONLY)}], cpu=cpu)
+    assert r.exit is not None and r.exit.reason == CPUID_EXIT, str(r)
+    assert r.exit.guest_rip == CODE_BASE + 1
+
+
+def test_ept_execute_only_page_refuses_a_data_read():
+    r = run_case("mov rax, [rip]\ncpuid", ept=["identity", {CODE_BASE: (CODE_BASE, X_ONLY)}])
+    assert r.exit is not None and r.exit.reason == EPT_VIOLATION, str(r)
+    assert r.exit.qualification == Q_READ | Q_X | Q_GLA | Q_TRANSLATION
+    assert r.exit.guest_physical_address == CODE_BASE + 7     # the byte after the 7-byte MOV
+
+
+def test_ept_execute_only_entry_is_a_misconfiguration_without_the_capability():
+    r = run_case("nop\ncpuid", ept=["identity", {CODE_BASE: (CODE_BASE, X_ONLY)}],
+                 cpu="skylake-server,-ept_x_only")
+    assert r.exit is not None and r.exit.reason == EPT_MISCONFIG, str(r)

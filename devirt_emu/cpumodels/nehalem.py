@@ -6,7 +6,8 @@ linear addresses.  No x2APIC, no TSC-deadline timer (both came with later
 parts; CPUID does not advertise them, so IA32_TSC_DEADLINE and the x2APIC
 MSRs #GP), no 1-GiB pages.
 
-VMX: EPT (4-level, WB and UC, 2-MiB pages, INVEPT single/all-context) and
+VMX: EPT (4-level, WB and UC, execute-only translations, 2-MiB pages,
+INVEPT single/all-context) and
 VPID with INVVPID, but NOT unrestricted guest (introduced with Westmere), NOT
 EPT accessed/dirty flags (introduced with Haswell), no 1-GiB EPT pages, no
 PAUSE-loop exiting (Westmere), no RDRAND/RDSEED exiting, INVPCID or

@@ -14,8 +14,9 @@ ENCLS exiting, PML, EPT-violation #VE, conceal VMX from PT, mode-based
 execute control for EPT, TSC scaling, the PERF_GLOBAL_CTRL and BNDCFGS
 entry/exit controls, the Intel PT controls; IA32_VMX_MISC bits 14, 15, 28
 and 29 (PT in VMX operation, RDMSR of SMBASE in SMM, VMXOFF blocking SMIs,
-VMWRITE to exit-information fields),
-and EPT execute-only translations (IA32_VMX_EPT_VPID_CAP bit 0).  The part
+VMWRITE to exit-information fields).  EPT execute-only translations
+(IA32_VMX_EPT_VPID_CAP bit 0) and injection with instruction length 0
+(IA32_VMX_MISC bit 30) are advertised.  The part
 does NOT have "enable user wait and pause" (WAITPKG arrived with Tremont and
 Sapphire Rapids), nor tertiary controls.
 
