@@ -78,3 +78,118 @@ def test_ept_execute_only_entry_is_a_misconfiguration_without_the_capability():
     r = run_case("nop\ncpuid", ept=["identity", {CODE_BASE: (CODE_BASE, X_ONLY)}],
                  cpu="skylake-server,-ept_x_only")
     assert r.exit is not None and r.exit.reason == EPT_MISCONFIG, str(r)
+
+
+# ---------------------------------------------------------------- MONITOR / MWAIT
+# SDM Vol. 2B MONITOR, MWAIT: CPL 0 only (#UD), reserved ECX bits #GP(0); MWAIT falls
+# through when the monitor is not armed (or was triggered), else it waits until a store
+# to the monitored line or an interrupt (IF = 1, or any with ECX[0] = 1), NMI, INIT.
+from devirt_emu.asm import assemble                         # noqa: E402
+from devirt_emu.machine import Machine                      # noqa: E402
+from devirt_emu.platform import longmode as LM              # noqa: E402
+from devirt_emu.platform.core import State                  # noqa: E402
+
+MONITOR_EXITING, MWAIT_EXITING = 1 << 29, 1 << 10
+MWAIT_EXIT, MONITOR_EXIT, EXC_EXIT = 36, 39, 0
+FLAG = 0x400000
+ARM = f"mov rax, {FLAG:#x}\nxor ecx, ecx\nxor edx, edx\nmonitor\n"
+
+
+def test_cpuid_advertises_monitor_and_leaf_5():
+    m = get_model("skylake-server")
+    assert m.cpuid_for(1, 0, 0, 1)[2] >> 3 & 1                  # CPUID.01H:ECX.MONITOR
+    eax, ebx, ecx, _ = m.cpuid_for(5, 0, 0, 1)
+    assert eax & 0xFFFF == ebx & 0xFFFF == 64 and ecx & 3 == 3
+
+
+def test_mwait_after_a_store_to_the_line_falls_through():
+    r = run_case(ARM + "mov byte ptr [rax], 1\nmwait\ncpuid")
+    assert r.exit is not None and r.exit.reason == CPUID_EXIT, str(r)
+
+
+def test_mwait_without_monitor_falls_through():
+    assert run_case("xor ecx, ecx\nmwait\ncpuid").exit.reason == CPUID_EXIT
+
+
+def test_mwait_on_an_armed_line_waits():
+    r = run_case(ARM + "mwait\ncpuid")
+    assert r.exit is None and r.no_exit.why == "halted"
+
+
+@pytest.mark.parametrize("code", ["mov ecx, 2\nmwait", "mov ecx, 1\nmov rax, 0x400000\nmonitor"])
+def test_reserved_ecx_bits_raise_gp(code):
+    r = run_case(code + "\ncpuid", vmcs={"EXCEPTION_BITMAP": 1 << 13})
+    assert r.exit is not None and r.exit.reason == EXC_EXIT
+    assert r.exit.interruption_info & 0xFF == 13 and r.exit.error_code == 0
+
+
+def test_monitor_and_mwait_raise_ud_on_a_model_without_them():
+    for code in ("monitor", "mwait"):
+        r = run_case(code + "\ncpuid", vmcs={"EXCEPTION_BITMAP": 1 << 6},
+                     cpu="skylake-server,-monitor")
+        assert r.exit is not None and r.exit.reason == EXC_EXIT and r.exit.interruption_info & 0xFF == 6
+
+
+def test_the_exit_rules_keep_working():
+    assert run_case("monitor\ncpuid", vmcs={"CPU_BASED_VM_EXEC_CONTROL": MONITOR_EXITING},
+                    legal=True).exit.reason == MONITOR_EXIT
+    # the MWAIT exit qualification says whether the monitor was armed (SDM Table 28-? "MWAIT")
+    armed = run_case(ARM + "mwait\ncpuid", vmcs={"CPU_BASED_VM_EXEC_CONTROL": MWAIT_EXITING},
+                     legal=True)
+    assert armed.exit.reason == MWAIT_EXIT and armed.exit.qualification == 1
+    idle = run_case("xor ecx, ecx\nmwait\ncpuid", vmcs={"CPU_BASED_VM_EXEC_CONTROL": MWAIT_EXITING},
+                    legal=True)
+    assert idle.exit.reason == MWAIT_EXIT and idle.exit.qualification == 0
+
+
+WAITER = 0x100000
+WRITER = 0x101000
+
+
+def _two_cores(waiter: str, writer: str) -> Machine:
+    m = Machine(cores=2, max_ns=10**8)
+    LM.write_environment(m)
+    for core, base, src in ((m.cores[0], WAITER, waiter), (m.cores[1], WRITER, writer)):
+        code, _ = assemble(src, base, "mwait")
+        m.write_phys(base, code)
+    LM.enter(m.cores[0], WAITER)
+    LM.enter(m.cores[1], WRITER, rsp=LM.STACK_TOP - 0x1000)
+    m.boot(prepared=True)
+    return m
+
+
+def test_a_store_by_another_core_wakes_mwait():
+    # core 0 waits on the line; core 1 spins a while, then stores 7 into it; core 0 then
+    # reports the flag through the exit port (0 would mean it woke too early)
+    waiter = ARM + "mwait\nmov al, [rax]\nxor al, 7\nout 0xf4, al\nhlt"
+    writer = f"mov ecx, 2000\n1: dec ecx\njnz 1b\nmov byte ptr [{FLAG:#x}], 7\n2: hlt\njmp 2b"
+    m = _two_cores(waiter, writer)
+    res = m.run()
+    assert res.verdict == "pass", res.message
+
+
+SPIN = "1: pause\njmp 1b"        # core 1 keeps the machine running
+
+
+def _waiting_with_a_masked_interrupt(ecx: int) -> Machine:
+    m = _two_cores(f"cli\n{ARM}mov ecx, {ecx}\nmwait\nmov al, 0\nout 0xf4, al\nhlt", SPIN)
+    m.run_until(max_instructions=200)
+    c0 = m.cores[0]
+    assert c0.state is State.HALTED and c0.monitor.waiting
+    c0.lapic.mmio_write(0xF0, 4, 0x1FF)        # SVR: the local APIC software-enabled
+    assert c0.lapic.accept(0x40)               # a fixed interrupt arrives, RFLAGS.IF = 0
+    return m
+
+
+def test_a_masked_interrupt_ends_the_wait_with_ecx_bit_0():
+    m = _waiting_with_a_masked_interrupt(1)
+    m.run_until(max_instructions=5000)
+    assert m.verdict == "pass", m.message
+    assert m.cores[0].lapic.pending_vector() == 0x40       # not delivered: IF = 0
+
+
+def test_a_masked_interrupt_does_not_end_the_wait_without_ecx_bit_0():
+    m = _waiting_with_a_masked_interrupt(0)
+    m.run_until(max_instructions=5000)
+    assert m.verdict is None
+    assert m.cores[0].state is State.HALTED and m.cores[0].monitor.waiting

@@ -41,11 +41,11 @@ EPT_VPID_CAP = skx.EPT_VPID_CAP & ~(c.VMX_EPT_AD_BIT | c.VMX_EPT_1GB_PAGE_BIT)
 
 CPUID = intel_cpuid(
     max_leaf=0xB, signature=0x000106A5,
-    ecx1=bits("pni", "ssse3", "cx16", "sse4_1", "sse4_2", "popcnt", table="1.ecx"),
+    ecx1=bits("pni", "monitor", "ssse3", "cx16", "sse4_1", "sse4_2", "popcnt", table="1.ecx"),
     edx1=skx.CPUID[(1, 0)][3],
     ext_ecx=bits("lahf_lm", table="ext.ecx"),
     ext_edx=bits("syscall", "nx", "rdtscp", "lm", table="ext.edx"),
-    maxphyaddr=MAXPHYADDR, linear_bits=LINEAR_BITS)
+    maxphyaddr=MAXPHYADDR, linear_bits=LINEAR_BITS, extra={(5, 0): skx.LEAF5})
 
 MODEL = register(CpuModel(
     name="nehalem", vendor="intel",

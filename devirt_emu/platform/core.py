@@ -77,12 +77,14 @@ from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from ..virt import Delivery, EventType
 from . import cpuid as cpuid_model
+from . import monitor
+from .monitor import MonitorState
 from . import tasks
 from .delivery import LegacyDelivery
 from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-exported)
 from .lapic import GeneralProtection
 from .memory import PAGE_SIZE, PhysicalAccessError
-from .msrs import check_read, check_write, reset_value
+from .msrs import check_read, check_write, is_canonical, reset_value
 from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
 from .rflags import RFLAGS_DF, RFLAGS_IF, RFLAGS_NT, RFLAGS_OF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
@@ -288,6 +290,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self._watch_hooks: dict[int, list[int]] = {}   # watchpoint id -> Unicorn hooks
         self._watch_code_hook = None
         self.watch_hit: tuple[int, int, str] | None = None   # (id, address, access)
+        self.monitor = MonitorState()          # MONITOR/MWAIT (platform/monitor.py)
         self._handlers = self._make_handlers()
 
     def _architectural_reset(self) -> None:
@@ -1057,6 +1060,8 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
                     event.port = insn.port if insn.port is not None else \
                         self.probe.gpr(2) & 0xFFFF
                     event.extra["io_permitted"] = False   # no TSS I/O bitmap is modelled
+                elif kind is Kind.MWAIT:
+                    event.extra["monitor_armed"] = not monitor.triggered(self)
                 if self.trace is not None:
                     self.trace(self, event)
                 if self.virt is not None and self.virt.on_event(self, event):
@@ -1178,6 +1183,8 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             Kind.PAUSE: self._h_pause,
             Kind.MARKER_BEGIN: self._h_marker_begin, Kind.MARKER_END: self._h_marker_end,
         })
+        if self.cpu.has("monitor"):
+            h.update({Kind.MONITOR: self._h_monitor, Kind.MWAIT: self._h_mwait})
         return h
 
     def _h_pass(self, address, insn):
@@ -1278,8 +1285,36 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
     def _h_hlt(self, address, insn):
         self._require_cpl0()
         self._skip(address, insn)
+        monitor.end_wait(self)
         self.state = State.HALTED
         self.request_stop("halt")
+
+    def _h_monitor(self, address, insn):
+        """MONITOR (see platform/monitor.py): #UD outside CPL 0, #GP(0) for ECX != 0."""
+        if self.cpl() != 0:
+            raise _Fault(6)
+        if self.probe.gpr(1) & 0xFFFFFFFF:
+            raise _Fault(13, 0)
+        linear = self.mem_operand_linear(insn, address)
+        if self.probe.hflags() & HF_CS64 and not is_canonical(linear):
+            raise _Fault(13, 0)
+        try:
+            monitor.do_monitor(self, linear)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        self._skip(address, insn)
+
+    def _h_mwait(self, address, insn):
+        """MWAIT (see platform/monitor.py): #UD outside CPL 0, #GP(0) for ECX[31:1] != 0."""
+        if self.cpl() != 0:
+            raise _Fault(6)
+        ecx = self.probe.gpr(1) & 0xFFFFFFFF
+        if ecx & ~monitor.MWAIT_ECX_INTERRUPT_BREAK:
+            raise _Fault(13, 0)
+        self._skip(address, insn)
+        if monitor.do_mwait(self, ecx):
+            self.state = State.HALTED
+            self.request_stop("halt")
 
     def _h_io(self, address, insn):
         self._require_iopl()
@@ -1634,6 +1669,10 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             return False
         if self.icount == self.shadow_at:
             return False
+        if self.state is State.HALTED and self.monitor.waiting and monitor.wake_due(
+                self, lapic.pending_vector() is not None,
+                bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF)):
+            self._wake()                # a break event ends MWAIT's wait
         if not self.nmi_blocked and lapic.take_nmi():
             self.count(Kind.NMI)
             self._wake()
@@ -1662,6 +1701,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
     def _wake(self):
         if self.state is State.HALTED:
             self.state = State.RUNNING
+            monitor.end_wait(self)
 
     def _deliver_external(self, vector: int, nmi: bool = False) -> None:
         self.delivering = Delivery(vector, EventType.NMI if nmi else EventType.EXTERNAL_INTERRUPT)
@@ -1698,8 +1738,10 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         if self.state is State.HALTED:
             if lapic.init_pending or (lapic.nmi_pending and not self.nmi_blocked):
                 return True
-            return bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF) and \
-                lapic.pending_vector() is not None
+            if_set = bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF)
+            if self.monitor.waiting:
+                return monitor.wake_due(self, lapic.pending_vector() is not None, if_set)
+            return if_set and lapic.pending_vector() is not None
         return self.state is State.RUNNING
 
     def reset_model_state(self) -> None:
@@ -1708,6 +1750,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         for a caller that restores a saved CPU context and starts afresh."""
         self.rearm_all()
         self.nmi_blocked = False
+        self.monitor.clear()
         self.shadow_at = -1
         self.msr_store.clear()
         self.tsc_offset = self.tsc_adjust = 0
@@ -1734,6 +1777,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self.rearm_all()
         self.uc.context_restore(self.reset_context)
         self.reset_pdpte_registers()
+        self.monitor.clear()
         self.nmi_blocked = False
         self.lapic.init_reset()
         self.state = State.WAIT_SIPI

@@ -84,6 +84,7 @@ from .capabilities import model_of
 from .ept import EptCaps
 from .ept_mmu import EptStage2, ept_exit_decision
 from .vmcs import FIELD_SLOTS, Vmcs, _key
+from ..platform.monitor import triggered as monitor_triggered
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
 
 CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
@@ -446,8 +447,8 @@ class VmxVcpu(VirtualizationLayer):
 
     def _activity(self) -> int:
         st = self.core.state
-        if st is State.HALTED and not self.blocked:
-            return C.GUEST_ACTIVITY_HLT
+        if st is State.HALTED and not self.blocked and not self.core.monitor.waiting:
+            return C.GUEST_ACTIVITY_HLT        # (an MWAIT wait is not an activity state)
         if st is State.WAIT_SIPI:
             return C.GUEST_ACTIVITY_WAIT_SIPI
         if st is State.SHUTDOWN:
@@ -534,6 +535,7 @@ class VmxVcpu(VirtualizationLayer):
                  C.GUEST_ACTIVITY_WAIT_SIPI: State.WAIT_SIPI,
                  C.GUEST_ACTIVITY_SHUTDOWN: State.SHUTDOWN}.get(act, State.RUNNING)
         self.core.state = state
+        self.core.monitor.waiting = False      # an entry to HLT is HLT's wait, not MWAIT's
         if state is not State.RUNNING:
             self.core.request_stop("halt")   # an entry from an exit handler inside a run
 
@@ -971,6 +973,8 @@ class VmxVcpu(VirtualizationLayer):
                 self._mtf_wake or (self._ptimer_deadline is not None
                                    and self.core.now() >= self._ptimer_deadline)):
             return True         # an MTF or preemption-timer exit wakes HLT and shutdown
+        if self.active and self.core.monitor.waiting and monitor_triggered(self.core):
+            return True         # a store to the monitored line ends MWAIT's wait
         lapic = self.core.lapic
         if lapic.init_pending or lapic.nmi_pending:
             return True
