@@ -193,3 +193,78 @@ def test_a_masked_interrupt_does_not_end_the_wait_without_ecx_bit_0():
     m.run_until(max_instructions=5000)
     assert m.verdict is None
     assert m.cores[0].state is State.HALTED and m.cores[0].monitor.waiting
+
+
+# ---------------------------------------------------------------- PCID / INVPCID
+# SDM Vol. 3A 4.10.1, Vol. 2A INVPCID, MOV to CR: CR4.PCIDE needs IA-32e mode and
+# CR3[11:0] = 0 (#GP(0)); with PCIDE, MOV to CR3 takes the PCID in bits 11:0 and does
+# not load bit 63; INVPCID #GP(0) for type > 3, reserved descriptor bits, a
+# non-canonical type-0 address, a non-zero PCID with type 0/1 while PCIDE = 0.
+import struct                                               # noqa: E402
+
+from devirt_emu.testing.vmx_case import legal_controls      # noqa: E402
+
+ENABLE_INVPCID, ACTIVATE_SECONDARY = 1 << 12, 1 << 31
+DESC = 0x400000
+SET_PCIDE = "mov rax, cr4\nbts rax, 17\nmov cr4, rax\n"
+
+
+def pcid_case(code, desc=(0, 0), cpu=None, invpcid=True):
+    fields = legal_controls({"CPU_BASED_VM_EXEC_CONTROL": ACTIVATE_SECONDARY}, cpu)
+    fields["SECONDARY_VM_EXEC_CONTROL"] = ENABLE_INVPCID if invpcid else 0
+    fields["EXCEPTION_BITMAP"] = (1 << 13) | (1 << 6)
+    return run_case(code + "\nexit: cpuid", vmcs=fields, memory={DESC: struct.pack("<QQ", *desc)},
+                    cpu=cpu)
+
+
+def exception_vector(r):
+    assert r.exit is not None and r.exit.reason == EXC_EXIT, str(r)
+    return r.exit.interruption_info & 0xFF
+
+
+@pytest.mark.parametrize("cpu,pcid,invpcid", [
+    ("skylake-server", True, True), ("icelake-server", True, True),
+    ("sapphire-rapids", True, True), ("westmere", True, False), ("nehalem", False, False)])
+def test_cpuid_pcid_and_invpcid_by_generation(cpu, pcid, invpcid):
+    # PCID: Westmere and later; INVPCID: Haswell and later
+    m = get_model(cpu)
+    assert m.has("pcid") == pcid and m.has("invpcid") == invpcid
+    assert bool(m.cpuid_for(7, 0, 0, 1)[1] >> 10 & 1) == invpcid
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2, 3])
+def test_invpcid_types_0_to_3_execute(kind):
+    r = pcid_case(f"mov rax, {kind}\ninvpcid rax, [{DESC:#x}]")
+    assert r.exit is not None and r.exit.reason == CPUID_EXIT, str(r)
+
+
+@pytest.mark.parametrize("kind,desc", [
+    (4, (0, 0)),                    # type above 3
+    (0, (1 << 12, 0)),              # descriptor bits 63:12
+    (0, (0, 1 << 47)),              # type 0, non-canonical address
+    (1, (5, 0)),                    # PCID 5 with CR4.PCIDE = 0
+    (0, (5, 0x1000)),
+])
+def test_invpcid_gp(kind, desc):
+    r = pcid_case(f"mov rax, {kind}\ninvpcid rax, [{DESC:#x}]", desc=desc)
+    assert exception_vector(r) == 13 and r.exit.error_code == 0
+
+
+def test_pcide_then_cr3_with_a_pcid_and_the_no_flush_bit():
+    r = pcid_case(SET_PCIDE + "mov rax, cr3\nor rax, 5\nbts rax, 63\nmov cr3, rax\nmov rbx, cr3\n"
+                  f"mov rax, 1\ninvpcid rax, [{DESC:#x}]\nmov rcx, [{DESC + 8:#x}]", desc=(5, 0))
+    assert r.exit is not None and r.exit.reason == CPUID_EXIT, str(r)
+    cr3 = r.exit.regs["rbx"]
+    assert cr3 & 0xFFF == 5 and not cr3 >> 63          # the PCID kept, bit 63 not loaded
+    assert r.exit.regs["cr4"] >> 17 & 1
+
+
+def test_setting_pcide_needs_cr3_bits_11_0_clear():
+    r = pcid_case("mov rax, cr3\nor rax, 8\nmov cr3, rax\n" + SET_PCIDE)
+    assert exception_vector(r) == 13
+
+
+def test_no_pcid_on_nehalem_and_no_invpcid_on_westmere():
+    assert exception_vector(pcid_case(SET_PCIDE, cpu="nehalem", invpcid=False)) == 13
+    r = pcid_case(f"xor eax, eax\ninvpcid rax, [{DESC:#x}]", cpu="westmere", invpcid=False)
+    assert exception_vector(r) == 6            # #UD: no INVPCID (and no "enable INVPCID")

@@ -22,8 +22,8 @@ Sapphire Rapids), nor tertiary controls.
 
 CPUID advertises only what the platform implements (see
 ``devirt_emu/platform/cpuid.py``): MONITOR/MWAIT (``platform/monitor.py``,
-leaf 5), but no PCID/INVPCID, no
-architectural PMU, no XSAVE, no leaf 7 features; the maximum basic leaf is
+leaf 5), PCID and INVPCID (``platform/pcid.py``), but no architectural PMU,
+no XSAVE, no other leaf 7 feature; the maximum basic leaf is
 0xB (the leaves between 2 and 0xA that a real part has are not modelled).
 The VMX-preemption timer rate (IA32_VMX_MISC[4:0]) is 5 and the TSC runs at
 the virtual clock's 1 GHz (a real part's nominal TSC rate is per SKU).
@@ -68,16 +68,19 @@ CR4_FIXED1 = 0x7FF | (1 << 13) | (1 << 16) | (1 << 17) | (1 << 18) | (1 << 20) |
 #: enumerated and interrupts as break events when masked (ECX[1:0]); EDX: two C1
 #: sub-states (the only MWAIT state modelled: hints are accepted and ignored).
 LEAF5 = (0x40, 0x40, 0x3, 0x20)
+#: CPUID leaf 7 subleaf 0: only INVPCID (EBX[10]) of the part's structured
+#: features is modelled (platform/pcid.py); EAX = 0: no further subleaves.
+LEAF7 = (0, bits("invpcid", table="7.ebx"), 0, 0)
 
 CPUID = intel_cpuid(
     max_leaf=0xB, signature=0x00050654,
-    ecx1=bits("pni", "monitor", "ssse3", "cx16", "sse4_1", "sse4_2", "x2apic", "popcnt",
+    ecx1=bits("pni", "monitor", "ssse3", "cx16", "pcid", "sse4_1", "sse4_2", "x2apic", "popcnt",
               "tsc_deadline_timer", table="1.ecx"),
     edx1=bits("fpu", "pse", "tsc", "msr", "pae", "cx8", "apic", "sep", "pge", "cmov", "pat",
               "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "ht", table="1.edx"),
     ext_ecx=bits("lahf_lm", table="ext.ecx"),
     ext_edx=bits("syscall", "nx", "pdpe1gb", "rdtscp", "lm", table="ext.edx"),
-    maxphyaddr=MAXPHYADDR, linear_bits=LINEAR_BITS, extra={(5, 0): LEAF5})
+    maxphyaddr=MAXPHYADDR, linear_bits=LINEAR_BITS, extra={(5, 0): LEAF5, (7, 0): LEAF7})
 
 MODEL = register(CpuModel(
     name="skylake-server", vendor="intel",

@@ -77,7 +77,7 @@ from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from ..virt import Delivery, EventType
 from . import cpuid as cpuid_model
-from . import monitor
+from . import monitor, pcid
 from .monitor import MonitorState
 from . import tasks
 from .delivery import LegacyDelivery
@@ -1185,6 +1185,8 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         })
         if self.cpu.has("monitor"):
             h.update({Kind.MONITOR: self._h_monitor, Kind.MWAIT: self._h_mwait})
+        if self.cpu.has("invpcid"):
+            h[Kind.INVPCID] = self._h_invpcid
         return h
 
     def _h_pass(self, address, insn):
@@ -1384,12 +1386,48 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             self._skip(address, insn)
             self.request_stop("check")
             return
+        probe = self.probe
+        if insn.cr == 4:
+            self.check_mov_to_cr4(probe.reg(GPR_IDS[insn.gpr]))
+        if insn.cr == 3 and probe.cr(4) & pcid.CR4_PCIDE:
+            # (platform/pcid.py: bit 63 is not loaded; Unicorn would load it)
+            self.uc.reg_write(X.UC_X86_REG_CR3, pcid.cr3_value(probe.reg(GPR_IDS[insn.gpr]),
+                                                              probe.cr(4)))
+            self._skip(address, insn)
+            pcid.flush_all(self)
+            self.request_stop("check")
+            return
         # CR0/CR3/CR4: Unicorn executes it; afterwards re-arm (paging or mode may change).
         # With PAE paging the PDPTE registers are loaded first (a reserved bit: #GP(0)).
         if insn.cr in (0, 3, 4):
             self.load_pdptes_for_mov_cr(insn.cr, self.probe.reg(GPR_IDS[insn.gpr]))
         self._step_then_check(address)
         self._rearm_after_step = True
+
+    def check_mov_to_cr4(self, new: int) -> None:
+        """MOV to CR4's checks of the CPU model's features: #GP(0) for CR4.PCIDE
+        set against the rules of platform/pcid.py."""
+        probe = self.probe
+        if pcid.cr4_write_problem(self.cpu.has("pcid"), probe.cr(4), new, probe.cr(3),
+                                  self.rdmsr_raw(MSR_EFER)):
+            raise _Fault(13, 0)
+
+    def _h_invpcid(self, address, insn):
+        """INVPCID (see platform/pcid.py): #GP(0) at CPL > 0 or for a bad type or descriptor."""
+        if self.cpl() != 0:
+            raise _Fault(13, 0)
+        kind = self.probe.reg(GPR_IDS[insn.gpr])
+        if not self.probe.hflags() & HF_CS64:
+            kind &= 0xFFFFFFFF
+        try:
+            desc = self.read_linear(self.mem_operand_linear(insn, address), 16)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        if pcid.invpcid_problem(kind, desc, self.probe.cr(4), is_canonical):
+            raise _Fault(13, 0)
+        self._skip(address, insn)
+        pcid.flush_all(self)
+        self.request_stop("check")
 
     def _h_mov_from_cr(self, address, insn):
         self._require_cpl0()

@@ -1092,6 +1092,7 @@ class VmxVcpu(VirtualizationLayer):
             new = (real & mask) | (core.probe.reg(GPR_IDS[insn.gpr]) & ~mask)
             if insn.cr == 4:
                 new &= ~CR4_VMXE
+                core.check_mov_to_cr4(new | CR4_VMXE)      # the model's CR4 features: #GP(0)
             core.load_pdptes_for_mov_cr(insn.cr, new)     # PAE paging: #GP(0) or the PDPTEs loaded
             uc.reg_write(rid, new)
             core.set_rip(ev.rip + insn.length)
