@@ -123,7 +123,7 @@ def test_feature_specs():
     ("skylake-server,+bogus", "unknown CPU feature"),
     ("skylake-server,pcid", "is not +FEATURE"),
     ("skylake-server,+", "empty feature name"),
-    ("skylake-server,+posted_intr", "not implemented by devirt-emu"),
+    ("skylake-server,+shadow_vmcs", "not implemented by devirt-emu"),
 ])
 def test_bad_specs_give_one_line_errors(spec, words):
     with pytest.raises(CpuModelError) as e:
@@ -141,13 +141,12 @@ def test_from_vmx_msrs_replays_a_dump():
 
 def test_from_vmx_msrs_clears_what_is_not_implemented_and_fixes_the_size():
     dump = dict(get_model().vmx_msrs)
-    dump[0x481] |= 1 << (32 + 7)                           # posted interrupts may be 1
-    dump[0x48D] |= 1 << (32 + 7)
+    dump[0x48B] |= 1 << (32 + 14)                          # VMCS shadowing may be 1
     dump[0x480] = (dump[0x480] & ~(0x1FFF << 32)) | (0x400 << 32)   # a 1 KiB VMCS
     m = CpuModel.from_vmx_msrs({f"{k:#x}": f"{v:#x}" for k, v in dump.items()})
-    assert not m.vmx_msrs[0x48D] >> (32 + 7) & 1
+    assert not m.vmx_msrs[0x48B] >> (32 + 14) & 1
     assert (m.vmx_msrs[0x480] >> 32) & 0x1FFF == 4096
-    assert any("PIN_BASED_POSTED_INTR" in n for n in m.notes)
+    assert any("SECONDARY_EXEC_SHADOW_VMCS" in n for n in m.notes)
 
 
 @pytest.mark.parametrize("drop,words", [(0x485, "IA32_VMX_MISC"), (0x48E, "bit 55"),

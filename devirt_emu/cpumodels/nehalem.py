@@ -11,11 +11,13 @@ INVEPT single/all-context) and
 VPID with INVVPID, but NOT unrestricted guest (introduced with Westmere), NOT
 EPT accessed/dirty flags (introduced with Haswell), no 1-GiB EPT pages, no
 PAUSE-loop exiting (Westmere), no RDRAND/RDSEED exiting, INVPCID or
-XSAVES controls (their instructions came later); IA32_VMX_MISC does not
-report "store EFER.LMA" (bit 5, Westmere and later) nor injection with
-instruction length 0 (bit 30, Skylake and later).  Not implemented by
-devirt-emu and so not advertised although the part has it: virtualize
-x2APIC mode, the PERF_GLOBAL_CTRL controls.
+XSAVES controls (their instructions came later), NOT APIC-register
+virtualization, virtual-interrupt delivery or posted interrupts (APICv came
+with Ivy Bridge-EP); IA32_VMX_MISC does not report "store EFER.LMA" (bit 5,
+Westmere and later) nor injection with instruction length 0 (bit 30, Skylake
+and later).  It has "virtualize x2APIC mode" (advertised).  Not implemented
+by devirt-emu and so not advertised although the part has them: the
+PERF_GLOBAL_CTRL controls.
 """
 from devirt_emu.cpumodels import CpuModel, bits, intel_cpuid, intel_vmx_msrs, register
 from devirt_emu.cpumodels import skylake_server as skx
@@ -33,8 +35,10 @@ SOURCES = (
 MAXPHYADDR, LINEAR_BITS = 40, 48
 
 ALLOWED_1 = dict(skx.ALLOWED_1)
+ALLOWED_1["PINBASED"] = skx.ALLOWED_1["PINBASED"] & ~c.PIN_BASED_POSTED_INTR
 ALLOWED_1["PROCBASED2"] = (c.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES | c.SECONDARY_EXEC_ENABLE_EPT
                            | c.SECONDARY_EXEC_DESC | c.SECONDARY_EXEC_ENABLE_RDTSCP
+                           | c.SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE
                            | c.SECONDARY_EXEC_ENABLE_VPID | c.SECONDARY_EXEC_WBINVD_EXITING)
 MISC = (skx.MISC & ~(c.VMX_MISC_SAVE_EFER_LMA | c.VMX_MISC_ZERO_LEN_INS))
 EPT_VPID_CAP = skx.EPT_VPID_CAP & ~(c.VMX_EPT_AD_BIT | c.VMX_EPT_1GB_PAGE_BIT)

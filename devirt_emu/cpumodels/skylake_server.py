@@ -6,10 +6,12 @@ the H0/M0/U0 steppings; MAXPHYADDR 46 and 48-bit linear addresses (4-level
 paging; 5-level paging came with Ice Lake).
 
 VMX (SDM Vol. 3D, Appendix A, and the per-feature "introduced with" notes of
-SDM Vol. 3C): a Skylake-SP core has every control listed below.  Controls
-the part has but devirt-emu does not implement are not advertised: posted
-interrupts, virtualize x2APIC mode, APIC-register virtualization,
-virtual-interrupt delivery, VM functions (EPTP switching), VMCS shadowing,
+SDM Vol. 3C): a Skylake-SP core has every control listed below, APIC
+virtualization included (process posted interrupts, virtualize x2APIC mode,
+APIC-register virtualization, virtual-interrupt delivery: APICv, which Linux's
+``cpu_has_vmx_apicv`` and ``cpu_has_vmx_posted_intr`` find on it).  Controls
+the part has but devirt-emu does not implement are not advertised: VM
+functions (EPTP switching), VMCS shadowing,
 ENCLS exiting, PML, EPT-violation #VE, conceal VMX from PT, mode-based
 execute control for EPT, TSC scaling, the PERF_GLOBAL_CTRL and BNDCFGS
 entry/exit controls, the Intel PT controls; IA32_VMX_MISC bits 14, 15, 28

@@ -47,6 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
+from devirt_emu.x86 import EFER_LMA, EFER_LME, EFER_NX, EFER_SCE, MSR_EFER
 from devirt_emu.platform.lapic import (
     APIC_REGISTERS, APIC_VERSION_VALUE, MAXPHYADDR, GeneralProtection, apic_base_write_check,
 )
@@ -137,7 +138,6 @@ def _mtrr_type_byte(value: int) -> Optional[str]:
 # The table
 # --------------------------------------------------------------------------
 
-EFER_SCE, EFER_LME, EFER_LMA, EFER_NX = 1 << 0, 1 << 8, 1 << 10, 1 << 11
 FEATURE_CONTROL_LOCKED = 1 << 0
 FEATURE_CONTROL_VMXON_OUTSIDE_SMX = 1 << 2
 
@@ -176,7 +176,7 @@ def _core_msrs() -> Tuple[MsrInfo, ...]:
         MsrInfo(0x2FF, "MSR_MTRRdefType", "store", 0, 0xFF | (1 << 10) | (1 << 11),
                 rule=_mtrr_type_byte),
         MsrInfo(0x6E0, "MSR_IA32_TSC_DEADLINE", "lapic", 0, _MASK64),
-        MsrInfo(0xC0000080, "MSR_EFER", "cpu", 0, EFER_SCE | EFER_LME | EFER_NX,
+        MsrInfo(MSR_EFER, "MSR_EFER", "cpu", 0, EFER_SCE | EFER_LME | EFER_NX,
                 ignored=EFER_LMA),
         MsrInfo(0xC0000081, "MSR_STAR", "cpu", 0, _MASK64),
         MsrInfo(0xC0000082, "MSR_LSTAR", "cpu", 0, _MASK64, rule=_canonical),

@@ -36,9 +36,12 @@ What VMX non-root operation changes for instructions that do not exit (SDM
 reads of CR0/CR4 see the read shadows for host-owned bits, writes leave the
 host-owned bits alone, CLTS/LMSW likewise, and RDTSC/RDTSCP add TSC_OFFSET.
 
-APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts", with
-the controls the modelled CPU has: "use TPR shadow" and "virtualize APIC
-accesses", no APIC-register virtualization or virtual-interrupt delivery):
+APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts"): the
+TPR shadow and the APIC-access page as below; virtual-interrupt delivery,
+x2APIC and APIC-register virtualization and posted-interrupt processing are
+:mod:`devirt_emu.vmx.virtual_apic`'s (``self.vapic``), with the algorithms of
+:mod:`devirt_emu.vmx.apicv`.  With "use TPR shadow" and "virtualize APIC
+accesses" alone:
 
 * with "use TPR shadow", MOV from CR8 reads VTPR[7:4] (byte 80H of the
   virtual-APIC page) and MOV to CR8 writes VTPR (bits 7:4 from the source,
@@ -62,11 +65,14 @@ accesses", no APIC-register virtualization or virtual-interrupt delivery):
 """
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple, Optional
 
 from unicorn import x86_const as X
 
+from ..x86 import (EFER_LMA, MSR_EFER, MSR_IA32_CR_PAT, X86_CR0_PG, X86_CR0_TS, X86_CR4_PAE,
+                   X86_CR4_VMXE)
 from ..events import Event, Kind
 from ..virt import SOFTWARE_EVENT_TYPES, Delivery, EventType, VirtualizationLayer
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, flags_to_ar
@@ -85,12 +91,10 @@ from .ept import EptCaps
 from .ept_mmu import EptStage2, ept_exit_decision
 from .vmcs import FIELD_SLOTS, Vmcs, _key
 from ..platform.monitor import triggered as monitor_triggered
+from .virtual_apic import VirtualApic
+from . import apicv
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
 
-CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
-CR4_PAE, CR4_VMXE = 1 << 5, 1 << 13
-RFLAGS_IF = 1 << 9
-EFER_LMA = 1 << 10
 
 # Segment registers: (index in core.read_segment, VMCS selector field); the
 # base, limit and access-rights fields follow the same naming.
@@ -180,15 +184,14 @@ _WAIT_SIPI, _SHUTDOWN = State.WAIT_SIPI, State.SHUTDOWN     # (no TPR-threshold 
 _TPR_THRESHOLD = int(F.TPR_THRESHOLD)
 _U64 = struct.Struct("<Q")
 
-MSR_IA32_CR_PAT = 0x277
 #: VTPR: the task-priority register's offset on the virtual-APIC and APIC-access pages.
 APIC_TASKPRI = 0x80
 #: Fields whose change can move or switch the APIC-access page or change the
 #: TPR-threshold check (re-examined at VM entry).
 _APIC_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL),
                           int(F.APIC_ACCESS_ADDR), int(F.APIC_ACCESS_ADDR) | 1,
-                          int(F.TPR_THRESHOLD)})
-MSR_EFER = 0xC0000080
+                          int(F.TPR_THRESHOLD), int(F.PIN_BASED_VM_EXEC_CONTROL),
+                          int(F.POSTED_INTR_NV)})
 #: The neutral event types of the seam (virt.EventType) as VMX interruption types
 #: (bits 10:8 of the interruption-information fields), and back.
 _VMX_INTR_TYPE = {
@@ -215,6 +218,14 @@ def idt_vectoring_info(d: Optional[Delivery]) -> tuple[int, int]:
     return info, ec or 0
 
 
+@functools.lru_cache(maxsize=64)
+def _absolute_slots(pa: int) -> dict[int, tuple]:
+    """The slot table of :class:`TrackedVmcs` for a region at ``pa``, shared by
+    every TrackedVmcs there: never modified (a plain dict, for lookup speed)."""
+    return {enc: (st.unpack_from, st.pack_into, pa + off, mask)
+            for enc, (off, st, mask) in FIELD_SLOTS.items()}
+
+
 class TrackedVmcs(Vmcs):
     """The current VMCS of a core, as the processor holds it.
 
@@ -235,9 +246,9 @@ class TrackedVmcs(Vmcs):
         if self._view is None:
             raise ValueError("a core's VMCS lives in the machine's RAM (PhysMem)")
         # encoding -> (unpack_from, pack_into, offset in RAM, mask): the accessors run
-        # dozens of times per VM exit, so the slot arithmetic is done once here
-        self._abs = {enc: (st.unpack_from, st.pack_into, pa + off, mask)
-                     for enc, (off, st, mask) in FIELD_SLOTS.items()}
+        # dozens of times per VM exit, so the slot arithmetic is done once per region
+        # address (a harness creates a vCPU per case over the same region)
+        self._abs = _absolute_slots(pa)
         self.written: set[int] = set()     # encodings written since the vCPU last looked
         self.live = False                  # the engine holds the tracked guest-state fields
         self.fresh: set[int] = set()       # tracked encodings copied from the engine since
@@ -405,6 +416,9 @@ class VmxVcpu(VirtualizationLayer):
         self.exit_pending = False
         self._exit_event: Optional[Event] = None   # the event of the last exit (the emulator's)
         self.last_failure: Optional[EntryFailure] = None
+        #: The last event the rules let through, and their Decision (for a
+        #: debugger's why-not; traces and explanations only, as last_exit).
+        self.last_no_exit: Optional[tuple[Event, Decision]] = None
         self.read_mem = self.mem.read
         self._apic_page: Optional[int] = None      # the APIC-access page the core watches
         self._apic_stale = True                    # re-examine the APIC controls at next entry
@@ -417,6 +431,8 @@ class VmxVcpu(VirtualizationLayer):
         self._tpr_threshold = 0                    # TPR_THRESHOLD[3:0] at the last entry
         self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
         self._trap_exit_pending: Optional[Decision] = None   # after a platform access (below)
+        #: virtual-interrupt delivery, x2APIC and APIC-register virtualization, posted interrupts
+        self.vapic = VirtualApic(self)
         self.ept: Optional[EptStage2] = None     # the EPT the core translates through, when enabled
         self._ept_state: Optional[tuple] = None   # (EPTP or None, VPID on) read at the last entry
 
@@ -497,12 +513,12 @@ class VmxVcpu(VirtualizationLayer):
         efer = g(F.GUEST_IA32_EFER)
         cr0, cr3, cr4 = g(F.GUEST_CR0), g(F.GUEST_CR3), g(F.GUEST_CR4)
         uc.reg_write(X.UC_X86_REG_CR3, cr3)
-        uc.reg_write(X.UC_X86_REG_CR4, cr4 & ~CR4_VMXE)
+        uc.reg_write(X.UC_X86_REG_CR4, cr4 & ~X86_CR4_VMXE)
         if not efer & EFER_LMA and self.core.probe.hflags() & HF_LMA:
             # leaving IA-32e mode: measured on Unicorn 2.1.4, a write of EFER keeps LMA
             # and only a CR0 write with PG clear clears it (else a guest entered with
             # legacy paging would run with 4-level paging)
-            uc.reg_write(X.UC_X86_REG_CR0, cr0 & ~CR0_PG)
+            uc.reg_write(X.UC_X86_REG_CR0, cr0 & ~X86_CR0_PG)
         uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, efer & ~EFER_LMA))
         uc.reg_write(X.UC_X86_REG_CR0, cr0)
         self.core.after_mode_change()
@@ -558,7 +574,7 @@ class VmxVcpu(VirtualizationLayer):
         undefined, here the same registers)."""
         core = self.core
         p = core.probe
-        if p.hflags() & HF_LMA or not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE):
+        if p.hflags() & HF_LMA or not (p.cr(0) & X86_CR0_PG and p.cr(4) & X86_CR4_PAE):
             return                              # (IA-32e mode first: one read for most guests)
         core.set_pdpte_registers(core.pdptes if self.ept is not None else core.read_pdptes(p.cr(3)))
 
@@ -569,7 +585,7 @@ class VmxVcpu(VirtualizationLayer):
         if self._ept_state is None or self._ept_state[0] is not None:
             return None
         p = self.core.probe
-        if p.hflags() & HF_LMA or not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE):
+        if p.hflags() & HF_LMA or not (p.cr(0) & X86_CR0_PG and p.cr(4) & X86_CR4_PAE):
             return None
         return check_guest_pdptes(self.vmcs, self.caps, self.read_mem)
 
@@ -623,6 +639,8 @@ class VmxVcpu(VirtualizationLayer):
         # the monitor trap flag with an entry to HLT or shutdown: an MTF VM exit is
         # pending at once and wakes the processor (issue 14; SDM "Monitor Trap Flag")
         self._mtf_wake = self._mtf and self.core.state in (State.HALTED, State.SHUTDOWN)
+        if self.vapic.vid:
+            self.vapic.at_entry()       # PPR virtualization, evaluation of pending virtual interrupts
         if inject:
             info = v.peek(_INTR_INFO)
             if info & C.INTR_INFO_VALID_MASK:
@@ -776,6 +794,12 @@ class VmxVcpu(VirtualizationLayer):
         self.l0.handle_exit(self)
         if not self.active and self.l0.wants_entry(self):
             self.vm_entry()
+
+    @property
+    def last_exit_event(self) -> Optional[Event]:
+        """The event of the last VM exit (None for an exit no event carries:
+        windows, timers, MTF), for explanations."""
+        return self._exit_event
 
     def complete_exit(self) -> None:
         """The exit the stepping API stopped at goes to the L0 now."""
@@ -937,6 +961,7 @@ class VmxVcpu(VirtualizationLayer):
                 return True
             self.vm_exit(out, event)
             return True
+        self.last_no_exit = (event, out)
         return self._nonroot(event)
 
     def on_exception(self, core, vector: int, error_code, cr2) -> bool:
@@ -954,6 +979,7 @@ class VmxVcpu(VirtualizationLayer):
         if out.exit:
             self.vm_exit(out, ev)      # a #PF that exits leaves CR2 alone: cr2 is the qualification
             return True
+        self.last_no_exit = (ev, out)
         return False
 
     def wants_window(self) -> bool:
@@ -961,8 +987,9 @@ class VmxVcpu(VirtualizationLayer):
         the boundary as soon as interrupts may open)?"""
         if not self.active:
             return False
-        return bool(self.vmcs.get(F.CPU_BASED_VM_EXEC_CONTROL)
-                    & (C.CPU_BASED_INTR_WINDOW_EXITING | C.CPU_BASED_NMI_WINDOW_EXITING))
+        return self.vapic.pending or bool(self.vmcs.get(F.CPU_BASED_VM_EXEC_CONTROL)
+                                          & (C.CPU_BASED_INTR_WINDOW_EXITING
+                                             | C.CPU_BASED_NMI_WINDOW_EXITING))
 
     def has_wakeup(self) -> Optional[bool]:
         """Scheduler: does this halted/waiting core have something to do now?
@@ -981,7 +1008,9 @@ class VmxVcpu(VirtualizationLayer):
         if self.core.state is State.WAIT_SIPI:
             return lapic.sipi_pending is not None
         if self.blocked or self.vmcs.get(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_EXT_INTR_MASK:
-            return lapic.pending_vector() is not None or self.l0.has_pending(self)
+            return lapic.pending_vector() is not None or self.l0.has_pending(self) \
+                or (not self.blocked and self.vapic.pending
+                    and bool(self.core.probe.reg(X.UC_X86_REG_EFLAGS) & 0x200))
         return None
 
     def boundary(self, core) -> bool:
@@ -1050,6 +1079,7 @@ class VmxVcpu(VirtualizationLayer):
                 return True
             return False          # delivered natively by the core
         vec = lapic.pending_vector()
+        vapic = self.vapic
         if vec is not None and v.get(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_EXT_INTR_MASK:
             ev = Event(Kind.INTERRUPT, core.index, core.rip(), vector=vec, regs=core.lazy_regs())
             out = decide(ev, v, self.read_mem)
@@ -1059,6 +1089,25 @@ class VmxVcpu(VirtualizationLayer):
                     lapic.acknowledge()
                 self.vm_exit(out, ev)
                 return True
+            if vapic.posted and vec == vapic.nv:
+                # SDM "Posted-Interrupt Processing": acknowledged, processed, no exit
+                core.count(Kind.INTERRUPT)
+                lapic.acknowledge()
+                if core.trace is not None:
+                    core.trace(core, ev)
+                vapic.process_posted()
+                if core.state is State.HALTED and vapic.pending:
+                    core.state = State.RUNNING
+        if vapic.pending and vapic.deliverable(core.probe.reg(X.UC_X86_REG_EFLAGS),
+                                               core.icount == core.shadow_at):
+            if core.state is State.HALTED:
+                core.state = State.RUNNING
+            core.count(Kind.INTERRUPT)
+            vector = vapic.deliver()
+            if core.trace is not None:
+                core.trace(core, Event(Kind.INTERRUPT, core.index, core.rip(), vector=vector,
+                                       extra={"virtual": True}))
+            return True
         return False
 
     def _event_exit(self, ev: Event) -> bool:
@@ -1077,11 +1126,13 @@ class VmxVcpu(VirtualizationLayer):
         insn = ev.insn
         if k in (Kind.MOV_FROM_CR, Kind.MOV_TO_CR) and insn.cr == 8:
             return self._cr8_tpr_shadow(ev)
+        if (k is Kind.RDMSR or k is Kind.WRMSR) and self.vapic.x2apic:
+            return self._x2apic_msr(ev)
         if k is Kind.MOV_FROM_CR and insn.cr in (0, 4):
             mask, shadow = self._mask_shadow(insn.cr)
             real = core.probe.reg(X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4)
             if insn.cr == 4:
-                real |= CR4_VMXE
+                real |= X86_CR4_VMXE
             uc.reg_write(GPR_IDS[insn.gpr], (real & ~mask) | (shadow & mask))
             core.set_rip(ev.rip + insn.length)
             return True
@@ -1091,8 +1142,8 @@ class VmxVcpu(VirtualizationLayer):
             real = core.probe.reg(rid)
             new = (real & mask) | (core.probe.reg(GPR_IDS[insn.gpr]) & ~mask)
             if insn.cr == 4:
-                new &= ~CR4_VMXE
-                core.check_mov_to_cr4(new | CR4_VMXE)      # the model's CR4 features: #GP(0)
+                new &= ~X86_CR4_VMXE
+                core.check_mov_to_cr4(new | X86_CR4_VMXE)   # the model's CR4 features: #GP(0)
             core.load_pdptes_for_mov_cr(insn.cr, new)     # PAE paging: #GP(0) or the PDPTEs loaded
             uc.reg_write(rid, new)
             core.set_rip(ev.rip + insn.length)
@@ -1100,7 +1151,7 @@ class VmxVcpu(VirtualizationLayer):
             return True
         if k is Kind.CLTS:
             mask, _ = self._mask_shadow(0)
-            if mask & CR0_TS:
+            if mask & X86_CR0_TS:
                 core.set_rip(ev.rip + insn.length)     # TS is host-owned: CLTS leaves it
                 return True
             return False
@@ -1142,7 +1193,43 @@ class VmxVcpu(VirtualizationLayer):
         else:
             value = uc.reg_read(GPR_IDS[insn.gpr]) & 0xF     # the rule made 63:4 set a #GP
             self._vapic_write(APIC_TASKPRI, (value << 4).to_bytes(4, "little"))
+            if self.vapic.vid:
+                # TPR virtualization with virtual-interrupt delivery: PPR virtualization,
+                # evaluation of pending virtual interrupts (no TPR-threshold exit)
+                self.vapic.apply(apicv.WriteEffect(self.vapic.status, tpr=True), ())
         self.core.set_rip(ev.rip + insn.length)
+        return True
+
+    def _x2apic_msr(self, ev: Event) -> bool:
+        """RDMSR/WRMSR of an x2APIC MSR that did not exit, with "virtualize x2APIC
+        mode" (SDM "Virtualizing MSR-Based APIC Accesses"): a virtualized access
+        uses the virtual-APIC page (a write may end in a trap-like EOI-induced or
+        APIC-write exit, after the instruction); False when it operates normally
+        (the platform accesses the physical x2APIC)."""
+        core = self.core
+        probe = core.probe
+        msr = probe.gpr(1) & 0xFFFFFFFF
+        if not 0x800 <= msr <= 0x8FF:
+            return False
+        if ev.kind is Kind.RDMSR:
+            value = self.vapic.rdmsr(msr)
+            if value is None:
+                return False
+            probe.set_gpr(0, value & 0xFFFFFFFF)
+            probe.set_gpr(2, value >> 32)
+            core.set_rip(ev.rip + ev.insn.length)
+            return True
+        value = (probe.gpr(2) & 0xFFFFFFFF) << 32 | (probe.gpr(0) & 0xFFFFFFFF)
+        w = self.vapic.wrmsr(msr, value)
+        if w.fault:
+            raise _Fault(13, 0)
+        if not w.virtualized:
+            return False
+        core.set_rip(ev.rip + ev.insn.length)
+        d = self.vapic.apply(w.effect, ("SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE=1",
+                                        f"WRMSR {msr:#x} virtualized"))
+        if d is not None:
+            self.vm_exit(d, None)        # trap-like: after the instruction
         return True
 
     def _apic_at_entry(self, changed: bool) -> None:
@@ -1156,6 +1243,7 @@ class VmxVcpu(VirtualizationLayer):
         core = self.core
         if changed or self._apic_stale:
             self._apic_stale = False
+            self.vapic.read_controls()
             primary = v.peek(F.CPU_BASED_VM_EXEC_CONTROL)
             secondary = v.peek(F.SECONDARY_VM_EXEC_CONTROL) \
                 if primary & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS else 0
@@ -1206,18 +1294,28 @@ class VmxVcpu(VirtualizationLayer):
             if out.exit and out.reason == er.APIC_ACCESS:
                 self.vm_exit(out, ev)             # fault-like: the instruction has no effect
                 return
-            # virtualized: run the instruction with VTPR at offset 080H of the page
+            # virtualized: run the instruction with the register's bytes 3:0 of the
+            # virtual-APIC page behind the APIC-access page (VTPR at 080H unless
+            # APIC-register virtualization or virtual-interrupt delivery is on)
             write = access.access == "write"
-            step = core.step_watched(page, (APIC_TASKPRI, self._vapic_read(APIC_TASKPRI, 4)),
-                                     writable=write)
+            offset = access.pa & 0xFFF
+            reg = offset & ~0xF if self.vapic.any else APIC_TASKPRI
+            step = core.step_watched(page, (reg, self._vapic_read(reg, 4)), writable=write)
             if step.denied is not None:
                 access = step.denied              # e.g. the write of a read-modify-write
                 continue
             if write and step.retired:
-                # APIC-write emulation for 080H: VTPR bytes 3:1 cleared, then TPR virtualization
-                self._vapic_write(APIC_TASKPRI, step.window[:1] + bytes(3))
-                if out.exit:
-                    self.vm_exit(out, None)       # TPR below threshold: trap-like
+                if not self.vapic.any:
+                    # APIC-write emulation for 080H: VTPR bytes 3:1 cleared, then TPR
+                    # virtualization
+                    self._vapic_write(APIC_TASKPRI, step.window[:1] + bytes(3))
+                    if out.exit:
+                        self.vm_exit(out, None)   # TPR below threshold: trap-like
+                    return
+                self._vapic_write(reg, step.window[:4])
+                d = self._apic_write_emulation(offset)
+                if d is not None:
+                    self.vm_exit(d, None)         # APIC write, EOI-induced: trap-like
             return
         raise GuestError(f"core {core.index}: an instruction at {core.rip():#x} accesses the "
                          "APIC-access page more often than the model handles")
@@ -1250,12 +1348,31 @@ class VmxVcpu(VirtualizationLayer):
             raise AccessAborted()
         if access.access == "read":
             return self._vapic_read(access.pa & 0xFFF, access.size)
-        self._vapic_write(APIC_TASKPRI, bytes([access.value & 0xFF, 0, 0, 0]))
+        if self.vapic.any:
+            offset = access.pa & 0xFFF
+            self._vapic_write(offset, (access.value & ((1 << 8 * access.size) - 1))
+                              .to_bytes(access.size, "little"))
+            out = self._apic_write_emulation(offset) or out
+        else:
+            self._vapic_write(APIC_TASKPRI, bytes([access.value & 0xFF, 0, 0, 0]))
         if out.exit:
             self._trap_exit_pending = out
             if core.in_run:
                 core.request_stop("check")
         return True
+
+    def _apic_write_emulation(self, offset: int) -> Optional[Decision]:
+        """After a virtualized write of the APIC-access page at ``offset`` with
+        APIC-register virtualization or virtual-interrupt delivery: APIC-write
+        emulation (:func:`apicv.apic_write_emulation`); the trap-like exit that
+        follows, if any."""
+        vapic = self.vapic
+        eff = apicv.apic_write_emulation(
+            vapic.page, vapic.status, offset, virtual_intr_delivery=vapic.vid,
+            eoi_exit_bitmap=vapic.eoi_exit_bitmap() if vapic.vid else 0)
+        return vapic.apply(eff, ("SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES=1",
+                                 f"virtualized write at APIC-page offset {offset:#x}",
+                                 "APIC-write emulation"))
 
     def _mask_shadow(self, cr: int):
         v = self.vmcs
@@ -1279,7 +1396,7 @@ _GETTERS = {
     F.GUEST_RFLAGS: lambda vcpu: vcpu.core.probe.reg(X.UC_X86_REG_EFLAGS),
     F.GUEST_CR0: lambda vcpu: vcpu.core.probe.cr(0),
     F.GUEST_CR3: lambda vcpu: vcpu.core.probe.cr(3),
-    F.GUEST_CR4: lambda vcpu: vcpu.core.probe.cr(4) | CR4_VMXE,
+    F.GUEST_CR4: lambda vcpu: vcpu.core.probe.cr(4) | X86_CR4_VMXE,
     F.GUEST_DR7: lambda vcpu: vcpu.core.probe.reg(X.UC_X86_REG_DR7),
     F.GUEST_IA32_EFER: lambda vcpu: vcpu.core.rdmsr_raw(MSR_EFER),
     F.GUEST_IA32_PAT: lambda vcpu: vcpu.core.rdmsr_raw(MSR_IA32_CR_PAT),
