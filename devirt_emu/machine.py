@@ -843,11 +843,11 @@ def run_program(path: str | os.PathLike, cores: int = 1, on_machine=None,
         entry = m.load_elf(path)
         if m.elf_class == 32:
             return m.run(entry32=entry)
-        _check_firmware_features(m.cpu)
+        check_firmware_features(m.cpu)
         image = build_image(None)
         m.load_image(image)
         return m.run(elf_entry=entry)
-    _check_firmware_features(m.cpu)
+    check_firmware_features(m.cpu)
     m.load_image(build_image(path))
     return m.run()
 
@@ -857,7 +857,8 @@ def run_program(path: str | os.PathLike, cores: int = 1, on_machine=None,
 FIRMWARE_FEATURES = ("x2apic", "tsc_deadline_timer")
 
 
-def _check_firmware_features(cpu) -> None:
+def check_firmware_features(cpu) -> None:
+    """ValueError (one line) if CPU model ``cpu`` lacks what the firmware uses."""
     missing = [f for f in FIRMWARE_FEATURES if not cpu.has(f)]
     if missing:
         raise ValueError(f"the firmware uses {' and '.join(missing)}, which CPU model "

@@ -33,8 +33,10 @@ def _endpoint(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", p
 
 
+
 def add_parser(sub) -> None:
     from ..cli import _positive, _seconds
+    from ..cpumodels.cli import add_cpu_arguments
     d = sub.add_parser("debug", help="debug a guest program (REPL or GDB stub)",
                        description="Debug a guest program: step, break, inspect the VMCS, "
                                    "ask why an exit fired.",
@@ -58,12 +60,14 @@ def add_parser(sub) -> None:
     d.add_argument("--gdb-symbols", metavar="FILE",
                    help="with --gdb: write the guest's symbols to FILE as an ELF for gdb's "
                         "symbol-file (default: a file in the temporary directory)")
+    add_cpu_arguments(d)
     d.set_defaults(func=cmd_debug)
 
 
 def cmd_debug(args) -> int:
     from ..asm import AsmError
     from ..platform.core import GuestError
+    from ..cpumodels.cli import model_from_args
     from .session import DebugError, Session
 
     if args.config is not None and args.arch == "none":
@@ -71,7 +75,8 @@ def cmd_debug(args) -> int:
         return 2
     try:
         session = Session(args.program, cores=args.cores, arch=args.arch, config=args.config,
-                          mem_mb=args.mem, max_ns=int(args.max_time * 1e9))
+                          mem_mb=args.mem, max_ns=int(args.max_time * 1e9),
+                          cpu=model_from_args(args))
     except (AsmError, GuestError, DebugError, ValueError, OSError) as e:
         print(f"devirt-emu: error: {e}", file=sys.stderr)
         return 2

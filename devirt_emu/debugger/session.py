@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..machine import Machine, is_elf
+from ..machine import Machine, check_firmware_features, is_elf
 from ..stepping import Stop, StopKind
 from ..vmx import exit_reasons as ER
 from . import state as S
@@ -76,12 +76,12 @@ class Session:
 
     def __init__(self, program: str | Path, *, cores: int = 1, arch: str = "none",
                  config: str | None = None, mem_mb: int = 64, max_ns: int = 1_000_000_000,
-                 quantum: int = 20_000):
+                 quantum: int = 20_000, cpu=None):
         self.program = Path(program)
         if not self.program.is_file():
             raise DebugError(f"no such file: {program}")
         self.options = dict(cores=cores, arch=arch, config=config, mem_mb=mem_mb, max_ns=max_ns,
-                            quantum=quantum)
+                            quantum=quantum, cpu=cpu)
         self.symbols = SymbolTable()
         self._image = None
         self._elf_entry = None
@@ -113,15 +113,17 @@ class Session:
     def _new_machine(self) -> Machine:
         o = self.options
         m = Machine(cores=o["cores"], mem_mb=o["mem_mb"], arch=o["arch"], config=o["config"],
-                    max_ns=o["max_ns"], quantum=o["quantum"], record_exits=True)
+                    max_ns=o["max_ns"], quantum=o["quantum"], record_exits=True, cpu=o["cpu"])
         m.load_image(self._image)
         if is_elf(self.program):
             entry = m.load_elf(self.program)
             if m.elf_class == 32:
                 m.boot(entry32=entry)
             else:
+                check_firmware_features(m.cpu)
                 m.boot(elf_entry=entry)
         else:
+            check_firmware_features(m.cpu)
             m.boot()
         return m
 
