@@ -6,12 +6,12 @@ import os
 import sys
 
 DEBUG_EPILOG = """\
-Without --batch, -ex or --gdb the debugger reads commands at a prompt (history
-in $XDG_STATE_HOME/devirt-emu/debug_history, Tab completes commands, symbols
-and VMCS field names; Ctrl-C stops a running machine).  -ex CMD runs CMD
-first (repeatable); --batch FILE then runs the commands of FILE ('-' for
-standard input) and exits.  `help` lists the commands; docs/debugging.md
-walks through a session.
+-ex CMD runs CMD first (repeatable).  --batch FILE then runs the commands of
+FILE ('-' for standard input) and exits.  Without --batch the prompt follows
+when standard input is a terminal (history in
+$XDG_STATE_HOME/devirt-emu/debug_history, Tab completes commands, symbols and
+VMCS field names, Ctrl-C stops a running machine).  `help` lists the
+commands; docs/debugging.md walks through a session.
 
 --gdb HOST:PORT serves the GDB remote serial protocol instead (loopback by
 default): `gdb -ex 'target remote 127.0.0.1:1234'`.
@@ -33,10 +33,8 @@ def _endpoint(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", p
 
 
-
 def add_parser(sub) -> None:
     from ..cli import _positive, _seconds
-    from ..cpumodels.cli import add_cpu_arguments
     d = sub.add_parser("debug", help="debug a guest program (REPL or GDB stub)",
                        description="Debug a guest program: step, break, inspect the VMCS, "
                                    "ask why an exit fired.",
@@ -47,10 +45,14 @@ def add_parser(sub) -> None:
                    help="RAM in MiB (default 64)")
     d.add_argument("--arch", choices=("none", "vmx"), default="none",
                    help="none: native (default); vmx: under the L0 (a model of KVM)")
-    d.add_argument("--config", choices=("stock", "devirt"),
-                   help="with --arch vmx: stock KVM (default) or KVM-devirt")
+    from ..hypervisor.configs import VMX_CONFIGS
+    d.add_argument("--config", choices=tuple(VMX_CONFIGS),
+                   help="with --arch vmx: a configuration of devirt_emu/hypervisor/configs.py "
+                        "(default stock)")
     d.add_argument("--max-time", type=_seconds, default=1.0, metavar="S",
                    help="virtual seconds before the run ends with verdict timeout (default 1)")
+    from ..cpumodels.cli import add_cpu_arguments
+    add_cpu_arguments(d)
     d.add_argument("--batch", metavar="FILE", help="run the commands of FILE ('-': stdin), exit")
     d.add_argument("-ex", dest="ex", action="append", default=[], metavar="CMD",
                    help="run CMD before anything else (repeatable)")
@@ -60,23 +62,22 @@ def add_parser(sub) -> None:
     d.add_argument("--gdb-symbols", metavar="FILE",
                    help="with --gdb: write the guest's symbols to FILE as an ELF for gdb's "
                         "symbol-file (default: a file in the temporary directory)")
-    add_cpu_arguments(d)
     d.set_defaults(func=cmd_debug)
 
 
 def cmd_debug(args) -> int:
     from ..asm import AsmError
     from ..platform.core import GuestError
-    from ..cpumodels.cli import model_from_args
     from .session import DebugError, Session
 
     if args.config is not None and args.arch == "none":
         print("devirt-emu: error: --config needs --arch vmx", file=sys.stderr)
         return 2
+    from ..cpumodels.cli import model_from_args
     try:
+        cpu = model_from_args(args)
         session = Session(args.program, cores=args.cores, arch=args.arch, config=args.config,
-                          mem_mb=args.mem, max_ns=int(args.max_time * 1e9),
-                          cpu=model_from_args(args))
+                          mem_mb=args.mem, max_ns=int(args.max_time * 1e9), cpu=cpu)
     except (AsmError, GuestError, DebugError, ValueError, OSError) as e:
         print(f"devirt-emu: error: {e}", file=sys.stderr)
         return 2
