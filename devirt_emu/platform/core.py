@@ -249,7 +249,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         self._task_switch_from: tuple | None = None   # (address, TR) of a task switch being stepped
         self.trace = machine.trace
         # page scanning
-        self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
+        self.hooks: dict[int, dict] = {}      # physical page -> {linear: (handle, insn)}
         self.exec_pages: set[int] = set()     # physical pages executable in this engine
         self._exit_sites: dict[int, Insn] = {}     # linear address -> site handled by exit
         self._exit_pages: dict[int, list[int]] = {}
@@ -531,10 +531,13 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         for m in modes:
             for addr, insn in self.machine.scan_cache(ppage, code + tail, lpage, m).items():
                 sites.setdefault(addr, {})[m] = insn
-        handles = self.hooks.setdefault(ppage, [])
+        handles = self.hooks.setdefault(ppage, {})
         for addr, by_mode in sites.items():
             insn = by_mode[64] if len(modes) == 1 else None
-            handles.append((self._add_site_hook(addr, insn, by_mode), addr, insn))
+            old = handles.get(addr)
+            if old is not None and old[0] is not None:
+                self._del_site_hook(old[0], addr)
+            handles[addr] = (self._add_site_hook(addr, insn, by_mode), insn)
         self.machine.mark_code_page(ppage)
         # writable here: a store into it is seen by its write hook (see CodeWatching)
         self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
@@ -543,7 +546,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
 
     def disarm_page(self, ppage: int) -> None:
         """Drop this engine's hooks, exits and execute permission for one physical page."""
-        for h, addr, _ in self.hooks.pop(ppage, ()):
+        for addr, (h, _) in self.hooks.pop(ppage, {}).items():
             if h is not None:
                 self._del_site_hook(h, addr)
         gone = self._exit_pages.pop(ppage, None)
@@ -589,18 +592,16 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         3000 exits cost nothing).  The run stops before such an instruction and
         the core handles it as the hook would have (see _take_exit)."""
         new = []
-        keep = []
-        for h, addr, insn in self.hooks.get(ppage, ()):
+        handles = self.hooks.get(ppage, {})
+        for addr, (h, insn) in handles.items():
             if h is not None and insn is not None and insn.kind in EXIT_KINDS:
                 self._del_site_hook(h, addr)
                 self._exit_sites[addr] = insn
                 new.append(addr)
-                keep.append((None, addr, insn))
-            else:
-                keep.append((h, addr, insn))
         if not new:
             return
-        self.hooks[ppage] = keep
+        for addr in new:
+            handles[addr] = (None, handles[addr][1])
         self._exit_pages.setdefault(ppage, []).extend(new)
         self._set_exits()
         self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
