@@ -5,12 +5,14 @@ How guest code runs
 RAM is mapped readable and writable but not executable.  The first fetch
 from a page stops the engine (UC_ERR_FETCH_PROT); the core then scans the
 page with :mod:`devirt_emu.cpu.scan`, puts a UC_HOOK_CODE hook on the exact
-address of every sensitive instruction found, makes the page executable and
-write-protected in every core, and resumes.  Ordinary instructions never
-reach Python.  A store into a scanned page (self-modifying code, or data
-sharing a page with code) stops the engine (UC_ERR_WRITE_PROT); the scan is
-dropped in every core, the page becomes writable and non-executable again,
-and the store is retried.  Hooks are keyed by linear address and execute
+address of every sensitive instruction found, makes the page executable,
+write-protects it in every other core, and resumes.  Ordinary instructions
+never reach Python.  A store into the page by this core (self-modifying code,
+or data sharing a page with code) lands as on hardware: a write hook rescans
+only the starts it can change (see :class:`~.watch.CodeWatching`).  A store
+into it by another core stops that core's engine (UC_ERR_WRITE_PROT); the
+scan is dropped in every core, the page becomes writable and non-executable
+again, and the store is retried.  Hooks are keyed by linear address and execute
 permission by physical page, so a second linear alias of a scanned page
 would run unhooked: the core therefore re-arms (drops execute permission
 everywhere) on CR3 loads, INVLPG and paging-mode changes.
