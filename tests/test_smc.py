@@ -170,3 +170,63 @@ def test_a_self_modifying_guest_stepped_one_instruction_at_a_time_is_the_free_ru
     assert _summary(m.result()) == _summary(ref)
     assert [n] == ref.instructions
     assert m.cores[0].probe.gpr(8) == free.cores[0].probe.gpr(8)
+
+
+CROSS_CORE = """
+    test rdi, rdi
+    jnz other
+1:  cmp byte ptr [ran], 0             # core 0 waits until core 1 has run probe once
+    je 1b
+    lea rax, [rip + probe]
+    {patch}
+    mov byte ptr [patched], 1
+2:  cmp byte ptr [done], 0
+    je 2b
+    xor eax, eax
+    ret
+other:
+    call probe
+    mov byte ptr [ran], 1
+3:  call probe                        # until it runs the patched bytes
+    {until}
+    mov byte ptr [done], 1
+    xor eax, eax
+    ret
+probe:
+    mov eax, 1
+    nop
+    nop
+    ret
+.data
+ran: .byte 0
+patched: .byte 0
+done: .byte 0
+"""
+
+
+def _cross_core(tmp_path, patch: str, until: str):
+    path = tmp_path / "xmc.S"
+    path.write_text(".text\nguest_main:\n" + CROSS_CORE.format(patch=patch, until=until))
+    m = Machine(cores=2, max_ns=50_000_000)
+    m.load_image(build_image(path))
+    return m, m.run()
+
+
+def test_a_store_by_one_core_into_code_another_core_runs_is_seen_by_it(tmp_path):
+    # cross-modifying code (SDM Vol. 3A "Cross-Modifying Code"): core 1 keeps
+    # calling probe, which core 0 (running from the same page) patches from
+    # "mov eax, 1" to "mov eax, 0"; core 1 must come to run the new bytes
+    m, res = _cross_core(tmp_path, "mov byte ptr [rax + 1], 0", "test eax, eax\n    jnz 3b")
+    assert res.verdict == "pass", res
+
+
+def test_a_sensitive_instruction_one_core_writes_is_caught_on_the_other(tmp_path):
+    # core 0 turns probe's NOP NOP into CPUID; core 1 calls probe once more after
+    # it sees the patch done.  The platform completes (and counts) each CPUID it
+    # catches: core 1 counts more of them than in the same run with a patch that
+    # writes NOP NOP again (the firmware's own CPUIDs are the same in both)
+    until = "cmp byte ptr [patched], 0\n    je 3b\n    call probe"
+    m, res = _cross_core(tmp_path, "mov word ptr [rax + 5], 0xA20F", until)
+    ref, ref_res = _cross_core(tmp_path, "mov word ptr [rax + 5], 0x9090", until)
+    assert res.verdict == ref_res.verdict == "pass", (res, ref_res)
+    assert m.cores[1].events.get("CPUID", 0) > ref.cores[1].events.get("CPUID", 0)
