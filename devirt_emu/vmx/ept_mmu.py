@@ -88,7 +88,7 @@ class EptStage2:
             raise Stage2Fault(r)
         rights = r.rights
         dirty = bool(need & ACC_WRITE) or bool(r.path[-1].entry & C.VMX_EPT_DIRTY_BIT)
-        if not peek:
+        if not peek or not self.ad:          # (a peek sets no accessed flag to cache)
             self._cache[page] = (r.hpa & ~0xFFF, rights, dirty)
         if self.ad and not dirty:
             rights &= _NO_WRITE
