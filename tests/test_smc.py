@@ -230,3 +230,14 @@ def test_a_sensitive_instruction_one_core_writes_is_caught_on_the_other(tmp_path
     ref, ref_res = _cross_core(tmp_path, "mov word ptr [rax + 5], 0x9090", until)
     assert res.verdict == ref_res.verdict == "pass", (res, ref_res)
     assert m.cores[1].events.get("CPUID", 0) > ref.cores[1].events.get("CPUID", 0)
+
+
+def test_consecutive_cases_with_different_ept_rights_see_their_own(runner):
+    # the case runner lets a case start with the EPT translations of the last case
+    # with the same EPT (same tables): a case with other rights must not see them
+    store = f"mov rax, {SCRATCH_BASE}\nmov qword ptr [rax], 1\ncpuid"
+    rw = runner.run(store, ept="identity")
+    ro = runner.run(store, ept=["identity", {SCRATCH_BASE: (SCRATCH_BASE, 1)}])
+    again = runner.run(store, ept="identity")
+    assert rw.exit.name == again.exit.name == "CPUID", (rw, again)
+    assert ro.exit.name == "EPT_VIOLATION" and ro.exit.qualification & 0b10, ro   # a data write
