@@ -285,13 +285,21 @@ class CodeWatching:
     store changes by itself, as the processor does (SDM Vol. 3A "Self-Modifying
     Code"): the store lands and the next fetch sees the new bytes, also when the
     store is into the storing instruction or the next one.  The hook keeps the
-    page scan right: it rescans only the starts a store can change (the 14
-    bytes before it and its own), and only when the stored bytes differ from
-    the old; when the sensitive instructions there changed it re-hooks them at
-    once, inside the engine, which goes on running.  Other cores executing the
-    page drop their translations of it before they next run (and rescan it, if
-    its sites changed); in the other cores a code page stays write-protected,
-    and a store by one of them invalidates it everywhere (the slow path).
+    page scan right without stopping the engine: nothing when the stored bytes
+    equal the old; else, unless :func:`~devirt_emu.cpu.scan.store_may_change_sites`
+    rules it out, a rescan of the starts the store can change (the 14 bytes
+    before it and its own), and when their sensitive instructions changed, new
+    hooks (a hook whose instruction went stays, dormant: see :meth:`_resite`).
+    Measured on Unicorn 2.1.4, two things need more: a store into the
+    translation block it runs in is undone and run again alone, and counted
+    twice (the hook takes the second count off, and the core runs such an
+    instruction alone when its run ended between the two); an unaligned store
+    into a page with translated code, once it hits the running block, leaves
+    every later store of the run unreported, so the run ends after it.
+    Other cores executing the page drop their translations of it before they
+    next run (and rescan it, if its sites changed); in the other cores a code
+    page stays write-protected, and a store by one of them invalidates it
+    everywhere (the slow path).
     """
 
     def _watch_code(self, ppage: int, lpage: int, modes: tuple, tail: bytes,

@@ -118,7 +118,9 @@ Reuse and speed
 :func:`run_case` uses one :class:`CaseRunner` per process (one machine,
 reset for each case: the guest CPU context, the core's model state, the
 local APIC, the environment tables, a freshly formatted VMCS).  Assembly is
-cached by source text.  A runner is not thread-safe; make one per thread.
+cached by source text.  A case with ``ept=`` (without ``ept_ad``) starts with
+the EPT translations cached by the last case with the same EPT, if that case
+left the EPT tables as built: the tables are the same, so are the walks.  A runner is not thread-safe; make one per thread.
 """
 from __future__ import annotations
 
