@@ -360,7 +360,13 @@ class CodeWatching:
                 # running translation block it calls no write hook again until the
                 # run ends: end the run after this instruction (see Core._engine_run)
                 self.request_stop("store")
-            data = (value & _MASKS[size]).to_bytes(size, "little")
+            mask = _MASKS.get(size)
+            if mask is None:
+                # wider than any store measured: rescan the whole page after the run
+                self._code_rescan.add(ppage)
+                self.request_stop("store")
+                return
+            data = (value & mask).to_bytes(size, "little")
             hi = lo + size
             if lo < 0:
                 data, lo = data[-lo:], 0
