@@ -89,7 +89,7 @@ from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, trans
 from .errors import GuestError, _Fault
 from .rflags import RFLAGS_DF, RFLAGS_IF, RFLAGS_NT, RFLAGS_OF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitching
-from .watch import CodeWatching, PageAccess, PageWatching
+from .watch import _DORMANT, CodeWatching, PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, PaeRegisters,
                   SecondStage, Stage2Fault, VirtualTlb, instruction_length)
 from .ucinternals import HF_CS64, EngineProbe
@@ -592,14 +592,21 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         where the platform completes the instruction itself (EXIT_KINDS): exits are
         checked when code is translated, not per counted instruction (measured:
         3000 exits cost nothing).  The run stops before such an instruction and
-        the core handles it as the hook would have (see _take_exit)."""
+        the core handles it as the hook would have (see _take_exit).  Dormant
+        hooks (CodeWatching._resite) go too: a hook costs counted runs speed."""
         new = []
         handles = self.hooks.get(ppage, {})
+        dormant = []
         for addr, (h, insn) in handles.items():
             if h is not None and insn is not None and insn.kind in EXIT_KINDS:
                 self._del_site_hook(h, addr)
                 self._exit_sites[addr] = insn
                 new.append(addr)
+            elif h is not None and self._site_of.get(addr) is _DORMANT:
+                dormant.append((addr, h))    # a store removed its instruction (CodeWatching)
+        for addr, h in dormant:
+            self._del_site_hook(h, addr)
+            del handles[addr]
         if not new:
             return
         for addr in new:
