@@ -241,3 +241,37 @@ def test_consecutive_cases_with_different_ept_rights_see_their_own(runner):
     again = runner.run(store, ept="identity")
     assert rw.exit.name == again.exit.name == "CPUID", (rw, again)
     assert ro.exit.name == "EPT_VIOLATION" and ro.exit.qualification & 0b10, ro   # a data write
+
+
+@pytest.mark.parametrize("ept", EPT)
+def test_every_step_limit_stops_after_exactly_that_many_instructions(runner, ept):
+    # an unaligned store (two bytes at an odd address) into its own translation
+    # block, after the instruction it patches: stopped after each number of
+    # instructions, the case has retired exactly that many and RIP is at the
+    # next one of the sequence the SDM gives (pass 2 runs the patched bytes)
+    code = """
+        lea rdi, [rip + site]
+        mov ecx, 2
+    again:
+        mov eax, 0x1234
+        xor edx, edx
+    site:
+        rdtsc
+        mov word ptr [rdi], 0x9090     # rdtsc -> nop; nop
+    after:
+        dec ecx
+    last:
+        jnz again
+    """
+    first = runner.run(code, ept=ept, max_steps=1)
+    s = first.symbols
+    assert s["site"] % 2, "the patched address must be odd for this test"
+    nop2 = s["site"] + 1
+    store = s["site"] + 2
+    rips = [s["again"] - 5, s["again"],                                   # after lea, mov ecx
+            s["again"] + 5, s["site"], store, s["after"], s["last"],      # pass 1
+            s["again"], s["again"] + 5, s["site"], nop2, store, s["after"], s["last"],
+            s["last"] + 2]                                                # falls through
+    for n, rip in enumerate(rips, start=1):
+        r = runner.run(code, ept=ept, max_steps=n)
+        assert (r.steps, r.no_exit.guest_rip) == (n, rip), (n, r)
