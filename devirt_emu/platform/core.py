@@ -75,20 +75,22 @@ from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_ERR_FETCH_PROT, UC_ERR_FE
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib  # (see _add_site_hook)
 
+from ..x86 import (ERROR_CODE_VECTORS, MSR_EFER, X86_EFLAGS_DF, X86_EFLAGS_IF, X86_EFLAGS_NT,
+                   X86_EFLAGS_OF, X86_EFLAGS_RF, X86_EFLAGS_TF, X86_EFLAGS_VM)
 from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from ..virt import Delivery, EventType
 from . import cpuid as cpuid_model
 from . import tasks
 from .delivery import LegacyDelivery
+from .descriptors import DescriptorTables
 from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-exported)
 from .lapic import GeneralProtection
 from .memory import PAGE_SIZE, PhysicalAccessError
-from .msrs import check_read, check_write
+from .msrs import check_read, check_write, reset_value
 from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
-from .rflags import RFLAGS_DF, RFLAGS_IF, RFLAGS_NT, RFLAGS_OF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
-from .task_switch import TASK_SWITCH_INSNS, TaskSwitching
+from .task_switch import TASK_SWITCH_INSNS, TaskSwitcher
 from .watch import _DORMANT, CodeWatching, PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, PaeRegisters,
                   SecondStage, Stage2Fault, VirtualTlb, instruction_length)
@@ -117,7 +119,6 @@ CALM_RUN = 20_000
 #: Virtual nanoseconds one PAUSE takes (about 140 cycles on Skylake and later).
 PAUSE_NS = 140
 
-MSR_EFER = 0xC0000080
 
 GPR_IDS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX,
            X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
@@ -158,9 +159,12 @@ _KIND_IN, _KIND_TASK_SWITCH = Kind.IN, Kind.TASK_SWITCH
 _SOFT_EVENT_TYPE = {Kind.INT: EventType.SOFTWARE_INTERRUPT, Kind.INT3: EventType.SOFTWARE_EXCEPTION,
                     Kind.INTO: EventType.SOFTWARE_EXCEPTION}
 
+#: Stop reasons a hook gives for a stop the stepping API asked for (Machine.stop_on_exit,
+#: watchpoints, Machine.stop_on_vector).
+_USER_STOPS = frozenset({"vm-exit", "watch", "vector"})
+
 # Exception classes for the double-fault rule (SDM "Conditions for Generating a Double Fault").
 _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
-_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 
 
 # Kinds that the modelled CPU does not implement natively: #UD.
@@ -206,12 +210,13 @@ class LazyRegs(dict):
             return default
 
 
-class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStage,
-           PaeRegisters):
+class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
     """One logical processor of a :class:`~devirt_emu.machine.Machine`."""
 
     def __init__(self, machine, index: int, lapic):
         self.machine = machine
+        #: The CPU model this core is (CPUID, the MSRs it has, the VMX capabilities).
+        self.cpu = cpuid_model.get_model(getattr(machine, "cpu", None))
         self.index = index
         self.apic_id = index
         self.lapic = lapic
@@ -248,7 +253,10 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         self.reset_pdpte_registers()           # the PDPTE registers of PAE paging (PaeRegisters)
         self.iret_unblocked_nmi = False        # the IRET being stepped unblocked NMIs
         self._straddle_exit: int | None = None  # temporary engine exit (see _straddle_fetch)
-        self._task_switch_from: tuple | None = None   # (address, TR) of a task switch being stepped
+        # parts: the GDT/LDT, task switches, delivery outside IA-32e mode
+        self.tables = DescriptorTables(self)
+        self.task_switcher = TaskSwitcher(self, self.tables)
+        self.legacy = LegacyDelivery(self, self.tables)
         self.trace = machine.trace
         # page scanning
         self.hooks: dict[int, dict] = {}      # physical page -> {linear: (handle, insn)}
@@ -311,7 +319,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         uc = self.uc
         uc.reg_write(X.UC_X86_REG_CR0, 0x60000010)
         uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
-        uc.reg_write(X.UC_X86_REG_EDX, cpuid_model.cpuid(1, 0, 0, 1)[0])
+        uc.reg_write(X.UC_X86_REG_EDX, self.cpu.cpuid_for(1, 0, 0, 1)[0])
         uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
         uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0xFFFF, 0))
         uc.reg_write(X.UC_X86_REG_DR7, 0x400)
@@ -384,7 +392,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
     def code_size(self) -> int:
         """16, 32 or 64: the current code size (CS.L/CS.D in protected mode; 16 in
         real-address and virtual-8086 mode)."""
-        if not self.probe.reg(X.UC_X86_REG_CR0) & 1 or self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_VM:
+        if not self.probe.reg(X.UC_X86_REG_CR0) & 1 or self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_VM:
             return 16
         desc = self._descriptor(self.probe.reg(X.UC_X86_REG_CS))
         if desc is None:
@@ -644,7 +652,6 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         Returns the reason the core stopped early ("halt", "shutdown", "check",
         "exit") or None when the budget was used up.
         """
-        uc = self.uc
         if self._at_breakpoint is not None:
             at, self._at_breakpoint = self._at_breakpoint, None
             if at == self.rip() and at in self.breakpoints and self.state is State.RUNNING:
@@ -801,7 +808,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         if self._straddle_exit is not None and self.rip() == self._straddle_exit:
             self._drop_straddle_exit()
         retired, err = self._engine_run(1)
-        if self._task_switch_from is not None:
+        if self.task_switcher.stepping_from is not None:
             self._after_task_switch_step(err is None)
         try:
             if err is not None:
@@ -904,9 +911,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         """Execute an instruction event with the platform's own semantics (what an L0
         does to emulate it on the hardware).  Instructions Unicorn executes itself are
         left to it: RIP stays at the instruction.  A TASK_SWITCH event is performed
-        (see TaskSwitching.emulate_task_switch)."""
+        (see TaskSwitcher.emulate)."""
         if event.kind is _KIND_TASK_SWITCH:
-            self.emulate_task_switch(event)
+            self.task_switcher.emulate(event)
             return
         self._handlers[event.kind](event.rip, event.insn)
 
@@ -1066,10 +1073,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
     def _dispatch(self, address: int, insn: Insn) -> None:
         """A sensitive instruction is about to execute (from its hook or an exit)."""
         kind = insn.kind
-        if kind in TASK_SWITCH_INSNS and self._task_switch_insn(address, insn):
+        if kind in TASK_SWITCH_INSNS and self._far_transfer(address, insn):
             return          # an ordinary far JMP/CALL (Unicorn's), or a task-switch attempt
-        self.count(kind)
-        self._run_events += 1
+        self.count_event(kind)
         timed = not self._counted           # fast mode estimates time from the hooks' share
         if timed:
             t0 = time.perf_counter_ns()
@@ -1092,6 +1098,22 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         finally:
             if timed:
                 self._hook_ns += time.perf_counter_ns() - t0
+
+    def _far_transfer(self, address: int, insn: Insn) -> bool:
+        """A far JMP/CALL or IRET: the task switcher's (True), or an IRET's usual path (False)."""
+        t0 = time.perf_counter_ns()
+        try:
+            return self.task_switcher.far_transfer(address, insn)
+        except Exception as e:
+            self._hook_failed(e)
+            return True
+        finally:
+            self._hook_ns += time.perf_counter_ns() - t0
+
+    def count_event(self, kind: Kind) -> None:
+        """A sensitive event is dispatched in this run: counted, and the run is not calm."""
+        self.count(kind)
+        self._run_events += 1
 
     def _hook_failed(self, e: Exception) -> None:
         """What ends a hooked instruction early: an exception to deliver, a VM exit
@@ -1127,7 +1149,11 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         """The core emulated the instruction: continue after it."""
         self.set_rip(address + insn.length)
 
-    def _step_then_check(self, address: int) -> None:
+    def rearm_after_step(self) -> None:
+        """Re-arm every page's scan after the instruction being stepped (it may change CR3)."""
+        self._rearm_after_step = True
+
+    def step_then_check(self, address: int) -> None:
         """Stop before this instruction; the run loop executes it alone, then checks interrupts."""
         self._skip_once = address
         self._uncount += 1
@@ -1137,7 +1163,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         # An exception raised by Unicorn (INT n and friends are hooked before they run).
         self.probe.clear_fault_tracking()
         self._uncount += 1
-        ec = self.probe.error_code() if intno in _ERROR_CODE_VECTORS else None
+        ec = self.probe.error_code() if intno in ERROR_CODE_VECTORS else None
         cr2 = None
         if intno == 14:
             # QEMU has written CR2 already; architecturally only the #PF's delivery
@@ -1216,7 +1242,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
             raise _Fault(13, 0)
 
     def _h_step(self, address, insn):
-        self._step_then_check(address)
+        self.step_then_check(address)
 
     def _h_rdmsr(self, address, insn):
         self._require_cpl0()
@@ -1231,7 +1257,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
     def rdmsr(self, index: int) -> int | None:
         """The value of an MSR, None when Unicorn's own copy is authoritative; #GP if absent."""
         try:
-            info = check_read(index)
+            info = check_read(index, self.cpu)
             owner = info.owner
             if owner == "vmx":
                 raise _Fault(13, 0)   # CPUID.1:ECX.VMX is 0 natively: the VMX MSRs #GP
@@ -1240,7 +1266,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
             if owner == "tsc":
                 return self.tsc()
             if owner == "store":
-                return self.msr_store.get(index, info.reset)
+                return self.msr_store.get(index, reset_value(info, self.cpu))
         except GeneralProtection:
             raise _Fault(13, 0) from None
         return None
@@ -1258,7 +1284,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
     def wrmsr(self, index: int, value: int) -> bool:
         """Write an MSR; False when Unicorn must execute the WRMSR itself; #GP as hardware."""
         try:
-            info = check_write(index, value)
+            info = check_write(index, value, model=self.cpu)
             owner = info.owner
             if owner == "vmx":
                 raise _Fault(13, 0)
@@ -1279,8 +1305,8 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
 
     def _h_cpuid(self, address, insn):
         p = self.probe
-        a, b, c, d = cpuid_model.cpuid(p.gpr(0) & 0xFFFFFFFF, p.gpr(1) & 0xFFFFFFFF,
-                                       self.apic_id, len(self.machine.cores))
+        a, b, c, d = self.cpu.cpuid_for(p.gpr(0) & 0xFFFFFFFF, p.gpr(1) & 0xFFFFFFFF,
+                                        self.apic_id, len(self.machine.cores))
         for n, v in ((0, a), (3, b), (1, c), (2, d)):
             p.set_gpr(n, v)
         self._skip(address, insn)
@@ -1328,7 +1354,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         amask = (1 << (8 * insn.addr_size)) - 1
         creg = {8: X.UC_X86_REG_RCX, 4: X.UC_X86_REG_ECX, 2: X.UC_X86_REG_CX}[insn.addr_size]
         count = self.probe.reg(creg) if insn.rep else 1
-        step = -size if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_DF else size
+        step = -size if self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_DF else size
         is_in = insn.kind is Kind.INS
         ireg = {8: X.UC_X86_REG_RDI, 4: X.UC_X86_REG_EDI, 2: X.UC_X86_REG_DI}[insn.addr_size] if is_in else \
             {8: X.UC_X86_REG_RSI, 4: X.UC_X86_REG_ESI, 2: X.UC_X86_REG_SI}[insn.addr_size]
@@ -1378,7 +1404,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         # With PAE paging the PDPTE registers are loaded first (a reserved bit: #GP(0)).
         if insn.cr in (0, 3, 4):
             self.load_pdptes_for_mov_cr(insn.cr, self.probe.reg(GPR_IDS[insn.gpr]))
-        self._step_then_check(address)
+        self.step_then_check(address)
         self._rearm_after_step = True
 
     def _h_mov_from_cr(self, address, insn):
@@ -1389,7 +1415,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
 
     def _h_invlpg(self, address, insn):
         self._require_cpl0()
-        self._step_then_check(address)
+        self.step_then_check(address)
         self._rearm_after_step = True
 
     def _h_sti(self, address, insn):
@@ -1397,8 +1423,8 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         uc = self.uc
         fl = self.probe.reg(X.UC_X86_REG_EFLAGS)
         self._skip(address, insn)
-        if not fl & RFLAGS_IF:
-            uc.reg_write(X.UC_X86_REG_EFLAGS, fl | RFLAGS_IF)
+        if not fl & X86_EFLAGS_IF:
+            uc.reg_write(X.UC_X86_REG_EFLAGS, fl | X86_EFLAGS_IF)
             self.shadow_at = self.retired_now() + 1
             if self.interrupt_wanted():
                 self.request_stop("check")
@@ -1419,14 +1445,14 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         # into virtual-8086 mode); the core only unblocks NMIs and checks interrupts after it
         self.iret_unblocked_nmi = self.nmi_blocked     # for an EPT exit during the IRET
         self.nmi_blocked = False
-        self._step_then_check(address)
+        self.step_then_check(address)
 
     def _h_int(self, address, insn):
         # INT n / INT3 / INTO / INT1 retire once their handler is entered (a fault in
         # delivery is raised as _Fault and then the INT does not retire).
         kind = insn.kind
         if kind is Kind.INT:
-            self._check_v86_int()         # IOPL-sensitive in virtual-8086 mode: #GP(0)
+            self.legacy.check_v86_int()         # IOPL-sensitive in virtual-8086 mode: #GP(0)
         etype = _SOFT_EVENT_TYPE.get(kind, EventType.PRIVILEGED_SOFTWARE_EXCEPTION)
         self.delivering = Delivery(insn.vector, etype, None, insn)
         try:
@@ -1443,7 +1469,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
     def _h_into(self, address, insn):
         """INTO (outside 64-bit mode, where it is not decoded as INTO): #OF, delivered
         as INT3 is (a software exception), if RFLAGS.OF = 1; else nothing."""
-        if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_OF:
+        if self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_OF:
             self._h_int(address, insn)
         else:
             self._skip(address, insn)
@@ -1544,7 +1570,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         Raises _Fault for an exception during delivery (the caller applies #DF rules).
         """
         if not self.rdmsr_raw(MSR_EFER) & (1 << 10):
-            if self._deliver_legacy(vector, error_code, return_rip, soft=soft):
+            if self.legacy.deliver(vector, error_code, return_rip, soft=soft):
                 self._delivered(vector, error_code, return_rip, exception, soft)
             return
         uc = self.uc
@@ -1600,9 +1626,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
                 self.write_linear(rsp, struct.pack(f"<{len(frame)}Q", *reversed(frame)))
         except PageFault as pf:
             raise _Fault(14, pf.error_code, pf.linear) from None
-        new_flags = rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
+        new_flags = rflags & ~(X86_EFLAGS_TF | X86_EFLAGS_NT | X86_EFLAGS_RF | X86_EFLAGS_VM)
         if gtype == 0xE:
-            new_flags &= ~RFLAGS_IF
+            new_flags &= ~X86_EFLAGS_IF
         if new_cpl < cpl:
             self.load_segment(2, new_cpl)
         if selector != old_cs:
@@ -1642,6 +1668,11 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
                 self._stop_reason = None
                 if self._step_one():
                     break
+                if self._stop_reason in _USER_STOPS:
+                    # the stepping API stops here (a VM exit it asked for, a watchpoint, a
+                    # vector): the instruction stays pending, not tried again
+                    self._stop_reason = None
+                    return False
             self._stop_reason = None
             if self.state is not State.RUNNING or self.machine.verdict is not None:
                 return False
@@ -1664,7 +1695,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
             self._wake()
             self._deliver_external(2, nmi=True)
             return False
-        if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF:
+        if self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF:
             vec = lapic.pending_vector()
             if vec is not None:
                 self.count(Kind.INTERRUPT)
@@ -1723,7 +1754,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
         if self.state is State.HALTED:
             if lapic.init_pending or (lapic.nmi_pending and not self.nmi_blocked):
                 return True
-            return bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF) and \
+            return bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF) and \
                 lapic.pending_vector() is not None
         return self.state is State.RUNNING
 
@@ -1752,7 +1783,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, CodeWatching, SecondStag
             self.vtlb.disable()
         self._drop_straddle_exit()
         self.reset_pdpte_registers()
-        self._task_switch_from = None
+        self.task_switcher.stepping_from = None
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""

@@ -153,6 +153,11 @@ class PageWatching:
         """The physical pages watched in this core now."""
         return frozenset(self._watched)
 
+    def watches(self, pa: int, n: int) -> bool:
+        """Is one of the ``n`` bytes at physical ``pa`` on a watched page (within a page pair)?"""
+        w = self._watched
+        return bool(w) and (pa & ~0xFFF in w or (pa + n - 1) & ~0xFFF in w)
+
     def _apply_watch_queue(self) -> None:
         queue, self._watch_queue = self._watch_queue, []
         for ppage, watcher in queue:
