@@ -276,6 +276,9 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         self._last_store: tuple | None = None  # (EIP, address, size, value) of the last store
         self._last_store_count = -1            # the instruction count it came at
         self._store_alone = False      # running an undone store alone (see _engine_run)
+        self._counter, self._eip = self.probe.executed, self.probe.eip   # (for the store hook)
+        self._ram = self.mem.view
+        self._peers: tuple | None = None       # the machine's other cores, once they all exist
         # per-run bookkeeping
         self._budget = 0
         self._uncount = 0

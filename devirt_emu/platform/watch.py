@@ -315,6 +315,8 @@ class CodeWatching:
         scan = CodeScan(ppage, lpage, modes, bytes(tail), by_offset, sorted(by_offset))
         scans = self._code_scans.get(ppage)
         if scans is None:
+            if self._peers is None:
+                self._peers = tuple(c for c in self.machine.cores if c is not self)
             self._code_scans[ppage] = [scan]
             h = uc_hook_h()
             begin = max(ppage - STORE_REACH, 0)
@@ -352,9 +354,9 @@ class CodeWatching:
                 # Unicorn undo the instruction before the store lands and run it
                 # again alone, and count it again; so the first store of an
                 # instruction, seen again one count later at the same EIP, is that
-                count = self.probe.executed()
+                count = self._counter()
                 if count != self._last_store_count:
-                    key = (self.probe.eip(), address, size, value)
+                    key = (self._eip(), address, size, value)
                     if count == self._last_store_count + 1 and key == self._last_store:
                         self._uncount += 1
                         key = None
@@ -377,7 +379,7 @@ class CodeWatching:
                 data, lo = data[-lo:], 0
             elif hi > PAGE_SIZE:
                 data, hi = data[:PAGE_SIZE - lo], PAGE_SIZE
-            if self.mem.view[ppage + lo:ppage + hi] != data:
+            if self._ram[ppage + lo:ppage + hi] != data:
                 self._code_stored(ppage, lo, hi, data)
         except BaseException as e:       # a bug of ours: end the run with verdict error
             self.machine.internal_error(self, e)
@@ -389,18 +391,16 @@ class CodeWatching:
         for scan in self._code_scans[ppage]:
             if self._rescan_window(scan, lo, hi, data):
                 changed = True
-            if lo < MAX_INSN_LEN:
+            if lo < MAX_INSN_LEN and self._code_by_lpage:
                 # the scan of the linear page before decoded across into these bytes
                 prev = self._code_by_lpage.get(scan.lpage - PAGE_SIZE)
                 if prev is not None:
                     n = min(hi, MAX_INSN_LEN) - lo
                     if self._rescan_window(prev, PAGE_SIZE + lo, PAGE_SIZE + lo + n, data[:n]):
                         changed = True
-        cores = self.machine.cores
-        if len(cores) > 1:
-            for core in cores:
-                if core is not self and ppage in core.exec_pages:
-                    core._code_stale.add(ppage)      # it translated the old bytes
+        for core in self._peers:
+            if ppage in core.exec_pages:
+                core._code_stale.add(ppage)          # it translated the old bytes
         if changed:
             self.machine.forget_scans(ppage)
 
@@ -417,11 +417,12 @@ class CodeWatching:
         if i == j and lo >= _BEFORE and end + _AFTER <= PAGE_SIZE:
             # no sensitive instruction starts near the store: most stores cannot
             # make one start there (see store_may_change_sites)
-            view = self.mem.view
+            view = self._ram
             code = b"".join((view[ppage + lo - _BEFORE:ppage + lo], data,
                              view[ppage + hi:ppage + end + _AFTER]))
+            n = _BEFORE + hi - lo
             for m in scan.modes:
-                if store_may_change_sites(code, _BEFORE, _BEFORE + hi - lo, m):
+                if store_may_change_sites(code, _BEFORE, n, m):
                     break
             else:
                 return False
