@@ -9,12 +9,10 @@ Expected values are the SDM's (Vol. 3A "Interrupt and Exception Handling":
 from __future__ import annotations
 
 import struct
-import time
 
 import pytest
 
 from devirt_emu.asm import assemble
-from devirt_emu.platform.core import GuestError
 from devirt_emu.machine import Machine, run_program
 from devirt_emu.platform import longmode as LM
 from devirt_emu.platform.ucinternals import calibrate

@@ -10,7 +10,7 @@ import pytest
 
 from devirt_emu.asm import build_image
 from devirt_emu.machine import Machine
-from devirt_emu.testing.vmx_case import CODE_BASE, SCRATCH_BASE, CaseRunner
+from devirt_emu.testing.vmx_case import SCRATCH_BASE, CaseRunner
 
 EPT = [None, "identity"]
 ZEROS = {SCRATCH_BASE: bytes(3 * 4096)}

@@ -88,14 +88,14 @@ from .delivery import LegacyDelivery
 from .descriptors import DescriptorTables
 from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-exported)
 from .lapic import GeneralProtection
-from .memory import PAGE_SIZE, PhysicalAccessError
+from .memory import PAGE_SIZE
 from .msrs import check_read, check_write, is_canonical, reset_value
 from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitcher
 from .watch import _DORMANT, CodeWatching, PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, PaeRegisters,
-                  SecondStage, Stage2Fault, VirtualTlb, instruction_length)
+                  SecondStage, Stage2Fault, VirtualTlb)
 from .ucinternals import HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
