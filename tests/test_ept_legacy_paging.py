@@ -510,4 +510,4 @@ def test_task_switch_to_another_cr3_with_pae_paging_uses_its_pdptes(under_l0):
     assert m.verdict == "pass", m.message
     core = m.cores[0]
     assert core.read_segment(7)[0] == 0x20 and core.probe.cr(3) == NEW_PDPT
-    assert core.pdpte_registers()[0] == PD_B | P
+    assert core.pae.current()[0] == PD_B | P

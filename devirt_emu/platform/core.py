@@ -212,7 +212,7 @@ class LazyRegs(dict):
             return default
 
 
-class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
+class Core(PageWatching, CodeWatching, SecondStage):
     """One logical processor of a :class:`~devirt_emu.machine.Machine`."""
 
     def __init__(self, machine, index: int, lapic):
@@ -252,7 +252,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         self.shadow_at = -1            # icount of the instruction in an interrupt shadow
         self.virt = None               # the VMX/SVM layer, when one is attached
         self.vtlb: VirtualTlb | None = None    # virtual-TLB mode (a second stage), made on first use
-        self.reset_pdpte_registers()           # the PDPTE registers of PAE paging (PaeRegisters)
+        self.pae = PaeRegisters(self)          # the PDPTE registers of PAE paging (a part)
         self.iret_unblocked_nmi = False        # the IRET being stepped unblocked NMIs
         self._straddle_exit: int | None = None  # temporary engine exit (see _straddle_fetch)
         # parts: the GDT/LDT, task switches, delivery outside IA-32e mode
@@ -459,7 +459,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
             return self._translate2(linear, ACC_WRITE if write else ACC_FETCH if fetch else ACC_READ,
                                     user, peek)
         cr0, cr3, cr4, efer = self._paging_regs()
-        pdptes = self.pdpte_registers(peek=peek) if paging_mode(cr0, cr4, efer) is PagingMode.PAE \
+        pdptes = self.pae.current(peek=peek) if paging_mode(cr0, cr4, efer) is PagingMode.PAE \
             else None
         return translate(self.mem, cr0, cr3, cr4, efer, linear, write=write, fetch=fetch, user=user,
                          pdptes=pdptes)
@@ -1454,7 +1454,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         # CR0/CR3/CR4: Unicorn executes it; afterwards re-arm (paging or mode may change).
         # With PAE paging the PDPTE registers are loaded first (a reserved bit: #GP(0)).
         if insn.cr in (0, 3, 4):
-            self.load_pdptes_for_mov_cr(insn.cr, self.probe.reg(GPR_IDS[insn.gpr]))
+            self.pae.load_for_mov_cr(insn.cr, self.probe.reg(GPR_IDS[insn.gpr]))
         self.step_then_check(address)
         self._rearm_after_step = True
 
@@ -1866,14 +1866,14 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         if self.vtlb is not None:
             self.vtlb.disable()
         self._drop_straddle_exit()
-        self.reset_pdpte_registers()
+        self.pae.reset()
         self.task_switcher.stepping_from = None
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""
         self.rearm_all()
         self.uc.context_restore(self.reset_context)
-        self.reset_pdpte_registers()
+        self.pae.reset()
         self.monitor.clear()
         self.nmi_blocked = False
         self.lapic.init_reset()

@@ -345,8 +345,8 @@ class VirtualTlb:
             linear &= 0xFFFF_FFFF
             if cr4 & X86_CR4_PAE:
                 mode = PagingMode.PAE
-                pdptes = self.core.pdpte_registers(peek=peek) if cr3 is None else \
-                    self.core._read_pdptes(cr3, True)
+                pdptes = self.core.pae.current(peek=peek) if cr3 is None else \
+                    self.core.pae.read(cr3, peek=True)
             else:
                 mode = PagingMode.BITS32
         efer = self.core.rdmsr_raw(MSR_EFER)
@@ -512,7 +512,7 @@ class SecondStage:
         except Stage2Fault as s:
             if peek:
                 raise PageFault(linear, 0) from None
-            self._stage2_exit(s)            # now, while the event being delivered is known
+            self.take_stage2_exit(s)            # now, while the event being delivered is known
             raise AccessAborted() from None
         except NonCanonical:
             if peek:
@@ -523,7 +523,7 @@ class SecondStage:
                 raise
             raise GuestError(f"core {self.index}: {e}") from None
 
-    def _stage2_exit(self, fault: Stage2Fault) -> None:
+    def take_stage2_exit(self, fault: Stage2Fault) -> None:
         """A second-stage fault: the VMX layer takes the VM exit."""
         if self.virt is None or not self.virt.on_stage2_fault(self, fault):
             raise GuestError(f"core {self.index}: second-stage fault outside VMX non-root "
@@ -555,7 +555,7 @@ class SecondStage:
         except UnsupportedPaging as e:
             raise GuestError(f"core {self.index}: {e}") from None
         except Stage2Fault as s:
-            self._stage2_exit(s)
+            self.take_stage2_exit(s)
         # else the translation changed since the refusal (another core, the L0): retry
 
     def _bytes_at_rip(self) -> bytes | None:
@@ -637,22 +637,22 @@ class SecondStage:
 
 
 class PaeRegisters:
-    """The PDPTE registers of a Core (SDM "PDPTE Registers"), a mixin: the four
-    PDPTEs PAE paging translates with, ``self.pdptes``, loaded
+    """The PDPTE registers of a core (SDM "PDPTE Registers"), a part of it: the
+    four PDPTEs PAE paging translates with, ``pdptes``, loaded
 
     * before a MOV to CR0, CR3 or CR4 runs that loads them (the core's hook and
-      the VMX layer's MOV to CR0/CR4 call :meth:`load_pdptes_for_mov_cr`): a
+      the VMX/SVM layer's MOV to CR0/CR4 call :meth:`load_for_mov_cr`): a
       present PDPTE with a reserved bit set is #GP(0), and the instruction
       then has no effect;
-    * at VM entry (the VMX layer calls :meth:`set_pdpte_registers`: from
-      GUEST_PDPTR0-3 with EPT, from memory without);
+    * at VM entry (the VMX layer calls :meth:`load`: from GUEST_PDPTR0-3 with
+      EPT, from memory without);
     * at the first walk after CR3 changed behind the core's back (a task
-      switch, which Unicorn performs): :meth:`pdpte_registers` reloads them
-      from the new CR3 then, unchecked (a reserved bit then gives a #PF with
-      RSVD at the walk, as QEMU's walker does);
+      switch, which Unicorn performs): :meth:`current` reloads them from the
+      new CR3 then, unchecked (a reserved bit then gives a #PF with RSVD at the
+      walk, as QEMU's walker does);
 
     and used by the platform's walks (:func:`~devirt_emu.platform.paging.walk`
-    in virtual-TLB mode, :meth:`translate` otherwise).  In virtual-TLB mode
+    in virtual-TLB mode, ``Core.translate`` otherwise).  In virtual-TLB mode
     (EPT) the 32-byte table is read through the second stage as a read with
     no guest-linear address: an EPT violation there is a VM exit whose
     qualification has bit 7 clear (SDM "Exit Qualification for EPT
@@ -661,67 +661,74 @@ class PaeRegisters:
     mode is off, re-reads the PDPTEs from memory on every TLB miss (a PDPTE
     rewritten after MOV to CR3 was used after an INVLPG) and MOV to CR3 does
     not check them (no #GP for a reserved bit): only the platform's walks
-    use the registers."""
+    use the registers.
 
-    def pdpte_registers(self, *, peek: bool = False) -> tuple:
+    ``core`` gives the engine's state (``probe``), RAM (``mem``), its second
+    stage (``vtlb``), ``rdmsr_raw``, ``flush_tlb`` and ``take_stage2_exit``."""
+
+    def __init__(self, core):
+        self.core = core
+        self.reset()
+
+    def current(self, *, peek: bool = False) -> tuple:
         """The PDPTE registers for the current CR3, reloaded from memory if CR3
         changed since they were loaded (with ``peek``, nothing is stored and
         nothing in memory changes).  May raise Stage2Fault in virtual-TLB mode."""
-        cr3 = self.probe.cr(3)
-        if self._pdptes_cr3 != cr3:
-            pdptes = self._read_pdptes(cr3, peek)
+        cr3 = self.core.probe.cr(3)
+        if self._cr3 != cr3:
+            pdptes = self.read(cr3, peek=peek)
             if peek:
                 return pdptes
-            self.pdptes, self._pdptes_cr3 = pdptes, cr3
+            self.pdptes, self._cr3 = pdptes, cr3
         return self.pdptes
 
-    def set_pdpte_registers(self, pdptes) -> None:
+    def load(self, pdptes) -> None:
         """Load the registers (VM entry) for the current CR3; the TLB of
         virtual-TLB mode is flushed if they changed."""
         pdptes = tuple(pdptes)
         changed = pdptes != self.pdptes
-        self.pdptes, self._pdptes_cr3 = pdptes, self.probe.cr(3)
+        self.pdptes, self._cr3 = pdptes, self.core.probe.cr(3)
         if changed:
-            self.flush_tlb()
+            self.core.flush_tlb()
 
-    def reset_pdpte_registers(self) -> None:
+    def reset(self) -> None:
         """Power-up and INIT: zero, and reloaded at their first use."""
-        self.pdptes, self._pdptes_cr3 = (0, 0, 0, 0), None
+        self.pdptes: tuple = (0, 0, 0, 0)
+        self._cr3: int | None = None
 
-    def read_pdptes(self, cr3: int) -> tuple:
+    def read(self, cr3: int, *, peek: bool = False) -> tuple:
         """The four PDPTEs of the table at CR3[31:5], read as a PDPTE load does
         (through the second stage when one is active); no check."""
-        return self._read_pdptes(cr3, False)
+        core = self.core
+        pa = pdpt_address(cr3)
+        vt = core.vtlb
+        if vt is not None and vt.active:
+            pa = vt.stage2.translate(pa, ACC_READ, None, False, peek)[0]
+        if not core.mem.contains(pa, 32):
+            return (_U64_MASK,) * 4          # no memory there: all ones, as on a PC
+        return _PDPT.unpack_from(core.mem.view, pa)
 
-    def load_pdptes_for_mov_cr(self, cr: int, value: int) -> None:
+    def load_for_mov_cr(self, cr: int, value: int) -> None:
         """MOV of ``value`` to CR``cr`` (0, 3 or 4) is about to run: if it loads the
         PDPTE registers (:func:`~devirt_emu.platform.paging.pdptes_reload`), load
         them, or raise _Fault(13, 0) when a present one sets a reserved bit
         (nothing changes), or AccessAborted when reading them was a VM exit."""
-        p = self.probe
+        core = self.core
+        p = core.probe
         if not p.hflags() & HF_LMA:
             value &= 0xFFFF_FFFF
         cr0, cr4 = p.cr(0), p.cr(4)
         new_cr0 = value if cr == 0 else cr0
         new_cr4 = value if cr == 4 else cr4
-        if not pdptes_reload(cr, cr0, cr4, new_cr0, new_cr4, self.rdmsr_raw(MSR_EFER)):
+        if not pdptes_reload(cr, cr0, cr4, new_cr0, new_cr4, core.rdmsr_raw(MSR_EFER)):
             return
         cr3 = value if cr == 3 else p.cr(3)
         try:
-            pdptes = self._read_pdptes(cr3, False)
+            pdptes = self.read(cr3)
         except Stage2Fault as s:
-            self._stage2_exit(s)
+            core.take_stage2_exit(s)
             raise AccessAborted() from None
         if any(pdpte_reserved(e) for e in pdptes):
             raise _Fault(13, 0)
-        self.pdptes, self._pdptes_cr3 = pdptes, cr3
-        self.flush_tlb()
-
-    def _read_pdptes(self, cr3: int, peek: bool) -> tuple:
-        pa = pdpt_address(cr3)
-        vt = self.vtlb
-        if vt is not None and vt.active:
-            pa = vt.stage2.translate(pa, ACC_READ, None, False, peek)[0]
-        if not self.mem.contains(pa, 32):
-            return (_U64_MASK,) * 4          # no memory there: all ones, as on a PC
-        return _PDPT.unpack_from(self.mem.view, pa)
+        self.pdptes, self._cr3 = pdptes, cr3
+        core.flush_tlb()

@@ -373,7 +373,7 @@ class SvmVcpu(VirtualizationLayer):
             uc.reg_write(UX.UC_X86_REG_MSR, (MSR_EFER, value & ~(EFER_LMA | EFER_SVME)))
         elif ev.kind is Kind.MOV_TO_CR and insn.cr in _CR_REGS:
             value = core.probe.gpr(insn.gpr)
-            core.load_pdptes_for_mov_cr(insn.cr, value)
+            core.pae.load_for_mov_cr(insn.cr, value)
             uc.reg_write(_CR_REGS[insn.cr], value)
         else:
             raise GuestError(f"core {core.index}: a write trap of {ev.kind.value} "

@@ -105,7 +105,7 @@ _SEGMENTS = (
 _SEG_FIELDS = [(i, F[f"GUEST_{n}_SELECTOR"], F[f"GUEST_{n}_BASE"], F[f"GUEST_{n}_LIMIT"],
                 F[f"GUEST_{n}_AR_BYTES"]) for i, n in _SEGMENTS]
 
-#: The PDPTE fields: the core's PDPTE registers (PaeRegisters) hold them while the VMCS is current.
+#: The PDPTE fields: the core's PDPTE registers (core.pae) hold them while the VMCS is current.
 _PDPTR_FIELDS = (F.GUEST_PDPTR0, F.GUEST_PDPTR1, F.GUEST_PDPTR2, F.GUEST_PDPTR3)
 #: Guest-state fields kept in the engine while the VMCS is current (see TrackedVmcs).
 _TRACKED = (F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4,
@@ -574,7 +574,7 @@ class VmxVcpu(VirtualizationLayer):
         fields while the VMCS is current (the guest translates with them if it
         is entered with PAE paging and EPT; see _pdptes_at_entry)."""
         g = self.vmcs.peek
-        self.core.set_pdpte_registers([g(f) for f in _PDPTR_FIELDS])
+        self.core.pae.load([g(f) for f in _PDPTR_FIELDS])
 
     def _pdptes_at_entry(self) -> None:
         """SDM "Loading Page-Directory-Pointer-Table Entries": a guest entered
@@ -590,7 +590,7 @@ class VmxVcpu(VirtualizationLayer):
         p = core.probe
         if p.hflags() & HF_LMA or not (p.cr(0) & X86_CR0_PG and p.cr(4) & X86_CR4_PAE):
             return                              # (IA-32e mode first: one read for most guests)
-        core.set_pdpte_registers(core.pdptes if self.ept is not None else core.read_pdptes(p.cr(3)))
+        core.pae.load(core.pae.pdptes if self.ept is not None else core.pae.read(p.cr(3)))
 
     def _check_pdptes_in_memory(self) -> Optional[EntryFailure]:
         """Without EPT every VM entry loads a PAE guest's PDPTEs from memory, so
@@ -1164,7 +1164,7 @@ class VmxVcpu(VirtualizationLayer):
             if insn.cr == 4:
                 new &= ~X86_CR4_VMXE
                 core.check_mov_to_cr4(new | X86_CR4_VMXE)   # the model's CR4 features: #GP(0)
-            core.load_pdptes_for_mov_cr(insn.cr, new)     # PAE paging: #GP(0) or the PDPTEs loaded
+            core.pae.load_for_mov_cr(insn.cr, new)     # PAE paging: #GP(0) or the PDPTEs loaded
             uc.reg_write(rid, new)
             core.set_rip(ev.rip + insn.length)
             core.after_mode_change()
@@ -1430,7 +1430,7 @@ _GETTERS = {
     F.GUEST_IDTR_LIMIT: lambda vcpu: vcpu.core.probe.dtr(ENV_IDT)[1],
     F.GUEST_INTERRUPTIBILITY_INFO: VmxVcpu._interruptibility,
     F.GUEST_ACTIVITY_STATE: VmxVcpu._activity,
-    **{f: (lambda n: lambda vcpu: vcpu.core.pdptes[n])(n) for n, f in enumerate(_PDPTR_FIELDS)},
+    **{f: (lambda n: lambda vcpu: vcpu.core.pae.pdptes[n])(n) for n, f in enumerate(_PDPTR_FIELDS)},
 }
 for _row in _SEG_FIELDS:
     _GETTERS.update(_segment_getters(*_row))
