@@ -112,11 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtual seconds before the run ends with verdict timeout (default 1)")
     r.add_argument("--wall-timeout", type=_seconds, default=300.0, metavar="S",
                    help="wall-clock seconds before verdict timeout (default 300)")
-    r.add_argument("--arch", choices=("none", "vmx"), default="none",
+    r.add_argument("--arch", choices=("none", "vmx", "svm"), default="none",
                    help="none: native, no hypervisor (default); vmx: the guest runs in VMX "
-                        "non-root operation under the L0 (a model of KVM)")
+                        "non-root operation under the L0 (a model of KVM); svm: the guest "
+                        "runs as an SVM guest under the L0 (a model of KVM on AMD)")
     r.add_argument("--config", choices=("stock", "devirt"),
-                   help="with --arch vmx: stock KVM (default) or KVM-devirt")
+                   help="with --arch vmx or svm: stock KVM (default) or KVM-devirt")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     r.add_argument("--trace", metavar="FILE", help="write every event to FILE as JSON Lines")
     r.add_argument("--exit-records", type=_records, default=10_000, metavar="N|all",
@@ -180,7 +181,7 @@ def cmd_run(args) -> int:
         sys.stdout.write(chr(byte))
 
     if args.config is not None and args.arch == "none":
-        print("devirt-emu: error: --config needs --arch vmx", file=sys.stderr)
+        print("devirt-emu: error: --config needs --arch vmx or svm", file=sys.stderr)
         return 2
     try:
         res = run_program(path, cores=args.cores, mem_mb=args.mem, fast=args.fast,

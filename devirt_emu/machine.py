@@ -96,7 +96,8 @@ class RunResult:
 
 class Machine:
     """An x86-64 machine of N cores, natively or under a hypervisor model
-    (``arch="vmx"``: the KVM L0 in configuration ``config``).
+    (``arch="vmx"`` or ``"svm"``: the KVM L0 for Intel or AMD in configuration
+    ``config``).
 
     ``load_image`` / ``load_elf`` put a guest in RAM; ``run`` boots and runs it
     to a verdict.  The stepping API does the same in steps: ``boot``, then
@@ -159,10 +160,14 @@ class Machine:
             from .hypervisor.kvm import KvmL0
             self.config = config or "stock"
             self.l0 = KvmL0(self, self.config)
+        elif arch == "svm":
+            from .hypervisor.kvm_svm import KvmSvmL0
+            self.config = config or "stock"
+            self.l0 = KvmSvmL0(self, self.config)
         elif arch != "none":
-            raise ValueError(f"unknown architecture {arch!r} (have: none, vmx)")
+            raise ValueError(f"unknown architecture {arch!r} (have: none, vmx, svm)")
         elif config is not None:
-            raise ValueError("a configuration needs --arch vmx")
+            raise ValueError("a configuration needs --arch vmx or svm")
         # the stepping API
         self.booted = False
         self._wall_used = 0.0

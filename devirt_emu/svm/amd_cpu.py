@@ -84,3 +84,27 @@ class SvmCaps:
 def cpuid_8000000a() -> tuple[int, int, int, int]:
     """CPUID Fn8000_000A: (EAX revision, EBX NASID, ECX 0, EDX features)."""
     return (SVM_REVISION, NASID, 0, SVM_FEATURES)
+
+
+def cpuid(leaf: int, subleaf: int, apic_id: int, ncores: int, *, svm: bool = True
+          ) -> tuple[int, int, int, int]:
+    """CPUID of the modelled AMD processor: the platform's leaves (the features
+    the platform implements, :mod:`devirt_emu.platform.cpuid`) with AMD's vendor
+    string and family/model/stepping in leaf 1, and with ``svm`` the SVM bit
+    (Fn8000_0001_ECX[2]) and leaf Fn8000_000A.  ``svm=False`` is what a KVM
+    guest sees without nested virtualization."""
+    from ..platform import cpuid as platform_cpuid
+    leaf &= 0xFFFFFFFF
+    if leaf == 0:
+        ebx, edx, ecx = VENDOR_REGS
+        return (platform_cpuid.cpuid(0, 0, apic_id, ncores)[0], ebx, ecx, edx)
+    if leaf == 0x8000000A:
+        return cpuid_8000000a() if svm else (0, 0, 0, 0)
+    a, b, c, d = platform_cpuid.cpuid(leaf, subleaf, apic_id, ncores)
+    if leaf == 1:
+        a = FAMILY_MODEL_STEPPING
+    elif leaf == 0x80000000 and svm:
+        a = max(a, 0x8000000A)
+    elif leaf == 0x80000001 and svm:
+        c |= CPUID_80000001_ECX_SVM
+    return (a, b, c, d)

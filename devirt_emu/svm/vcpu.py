@@ -196,13 +196,17 @@ class SvmVcpu(VirtualizationLayer):
         uc = core.uc
         g = v.get
         efer, cr0, cr3, cr4 = g("efer"), g("cr0"), g("cr3"), g("cr4")
-        uc.reg_write(UX.UC_X86_REG_CR3, cr3)
-        uc.reg_write(UX.UC_X86_REG_CR4, cr4)
-        if not efer & EFER_LMA and core.rdmsr_raw(MSR_EFER) & EFER_LMA:
-            uc.reg_write(UX.UC_X86_REG_CR0, cr0 & ~CR0_PG)   # (only this clears LMA in Unicorn)
-        # EFER.SVME stays out of the engine (QEMU's own SVM must not see it)
-        uc.reg_write(UX.UC_X86_REG_MSR, (MSR_EFER, efer & ~(EFER_LMA | EFER_SVME)))
-        uc.reg_write(UX.UC_X86_REG_CR0, cr0)
+        p = core.probe
+        engine_efer = efer & ~(EFER_LMA | EFER_SVME)   # (QEMU's own SVM must not see SVME)
+        mode_changed = (p.cr(0), p.cr(3), p.cr(4), core.rdmsr_raw(MSR_EFER) & ~EFER_LMA) != \
+            (cr0, cr3, cr4, engine_efer)
+        if mode_changed:
+            uc.reg_write(UX.UC_X86_REG_CR3, cr3)
+            uc.reg_write(UX.UC_X86_REG_CR4, cr4)
+            if not efer & EFER_LMA and core.rdmsr_raw(MSR_EFER) & EFER_LMA:
+                uc.reg_write(UX.UC_X86_REG_CR0, cr0 & ~CR0_PG)   # (only this clears LMA in Unicorn)
+            uc.reg_write(UX.UC_X86_REG_MSR, (MSR_EFER, engine_efer))
+            uc.reg_write(UX.UC_X86_REG_CR0, cr0)
         uc.reg_write(UX.UC_X86_REG_GDTR, (0, g("gdtr_base"), g("gdtr_limit"), 0))
         uc.reg_write(UX.UC_X86_REG_IDTR, (0, g("idtr_base"), g("idtr_limit"), 0))
         for idx, name in _SEGS:
@@ -213,12 +217,15 @@ class SvmVcpu(VirtualizationLayer):
         uc.reg_write(UX.UC_X86_REG_EFLAGS, g("rflags"))
         uc.reg_write(UX.UC_X86_REG_RSP, g("rsp"))
         uc.reg_write(UX.UC_X86_REG_RAX, g("rax"))
-        core.probe.set_eip(g("rip"))
+        rip = g("rip")
+        if rip != p.eip():
+            p.set_eip(rip)       # (only when it moved: a RIP write inside a hook restarts there)
         core.set_cr2(g("cr2"))
         core.shadow_at = core.icount if g("int_state") & V.SVM_INTERRUPT_SHADOW_MASK else -1
         if core.state is State.HALTED:
             core.state = State.RUNNING
-        core.after_mode_change()
+        if mode_changed:
+            core.after_mode_change()
 
     def save_guest_state(self) -> None:
         """Copy the guest state VMRUN loads and #VMEXIT saves from the engine
@@ -341,6 +348,55 @@ class SvmVcpu(VirtualizationLayer):
         ev = self._exit_event
         if ev is not None and ev.insn is not None and ev.kind is not _KIND_EXCEPTION:
             self.core.cancel_retirement()
+
+    # ------------------------------------------------------------------ L0 helpers
+    def gpr(self, n: int) -> int:
+        """Guest GPR ``n`` while the L0 runs: RAX and RSP from the save area, the
+        others from the engine (VMRUN does not load them)."""
+        if n == 0:
+            return self.vmcb.get("rax")
+        if n == 4:
+            return self.vmcb.get("rsp")
+        return self.core.probe.gpr(n)
+
+    def set_gpr(self, n: int, value: int) -> None:
+        value &= (1 << 64) - 1
+        if n == 0:
+            self.vmcb.put("rax", value)
+        elif n == 4:
+            self.vmcb.put("rsp", value)
+        else:
+            self.core.probe.set_gpr(n, value)
+
+    def skip_instruction(self) -> None:
+        """The save area's RIP to nRIP (KVM's skip_emulated_instruction with NRIPS)."""
+        v = self.vmcb
+        nrip = v.get("next_rip")
+        if not nrip:
+            raise GuestError(f"core {self.core.index}: skip without nRIP (exit {v.exitcode:#x})")
+        v.put("rip", nrip)
+
+    def inject(self, vector: int, etype: int, error_code: Optional[int] = None) -> None:
+        """EVENTINJ for the next VMRUN (``etype``: an SVM_EVTINJ_TYPE_* value)."""
+        v = self.vmcb
+        inj = V.SVM_EVTINJ_VALID | etype | vector
+        if error_code is not None:
+            inj |= V.SVM_EVTINJ_VALID_ERR
+            v.put("event_inj_err", error_code)
+        v.put("event_inj", inj)
+
+    def emulate_on_platform(self) -> None:
+        """Let the platform execute the exiting instruction (port I/O, MSRs) on the
+        guest state of the save area; the state it leaves is saved back."""
+        ev = self._exit_event
+        if ev is None or ev.insn is None:
+            raise GuestError(f"core {self.core.index}: the L0 asked to emulate the exiting "
+                             "instruction of an exit that has none")
+        self._load_guest_state()
+        try:
+            self.core.run_native(ev)
+        finally:
+            self.save_guest_state()
 
     # ------------------------------------------------------------------ the core's seam
     def on_event(self, core, event: Event) -> bool:
@@ -466,7 +522,8 @@ class SvmVcpu(VirtualizationLayer):
         if lapic.init_pending or lapic.nmi_pending:
             return True
         if self.blocked:
-            return lapic.pending_vector() is not None or self.l0.has_pending(self)
+            return lapic.sipi_pending is not None or lapic.pending_vector() is not None \
+                or self.l0.has_pending(self)
         if intercepted(self.vmcb, I.INTERCEPT_INTR) and lapic.pending_vector() is not None:
             return True
         if self.vmcb.get("int_ctl") & V.V_IRQ_MASK and \
