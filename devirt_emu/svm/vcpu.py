@@ -297,6 +297,11 @@ class SvmVcpu(VirtualizationLayer):
         self.last_exit = d
         v = self.vmcb
         self.save_guest_state()
+        base = core.probe.cs_base()
+        if base and d.next_rip:
+            # the rule's nRIP is linear (an Event's RIP is CS.base + RIP); the VMCB's is RIP
+            nrip = (d.next_rip - base) & ((1 << 64) - 1)
+            d = d._replace(next_rip=nrip, exit_info_2=nrip if d.code == X.IOIO else d.exit_info_2)
         code = d.code & ((1 << 64) - 1)
         put = v.put
         put("exit_code", code)
