@@ -44,12 +44,18 @@ VM exit: core, reason (basic exit reason), name, entry_failure, qualification,
 instruction_length, rip, in_window) for the first --exit-records exits,
 exits_dropped (the exits after those), exit_counts and window_exit_counts (by
 exit name, always complete; window: inside a core's steady-state window).
+For --arch svm the same keys, each exit being: core, exit_code (SVM_EXIT_*),
+name, exit_info_1, exit_info_2, rip, in_window.
 
 configurations (--arch vmx): stock is KVM's default VMCS with EPT and
 unrestricted guest, APICv off, PAUSE-loop exiting on; devirt is KVM-devirt:
 the guest boots under stock and each core asks for devirtualization at the end
 of boot (a paravirtual MSR write), after which external interrupts, HLT,
 MWAIT, PAUSE and the timer/IPI/EOI x2APIC MSRs no longer exit.
+configurations (--arch svm): stock is KVM's default VMCB with NPT and
+V_INTR_MASKING; devirt is KVM-devirt's SVM set (no INTR, HLT, MWAIT, PAUSE
+intercepts, V_INTR_MASKING and NPT off, the x2APIC timer/IPI/EOI MSRs passed
+through), reached the same way at the end of boot.
 --trace FILE writes every event as one JSON object per line (core, kind, rip,
 instruction, icount, ...).
 """
