@@ -115,23 +115,30 @@ exit, a condition the platform does not model): see :class:`NoExit`.
 
 Reuse and speed
 ---------------
-:func:`run_case` uses one :class:`CaseRunner` per process (one machine,
-reset for each case: the guest CPU context, the core's model state, the
-local APIC, the environment tables, a freshly formatted VMCS).  Assembly is
-cached by source text.  A runner is not thread-safe; make one per thread.
+:func:`run_case` uses one :class:`CaseRunner` per CPU model per process: one
+machine, reset for each case by restoring a snapshot (the CPU context, the
+core's model state, local APIC and clock, the RAM pages written since the last
+reset, the VMCS region as filled for every case), never rebuilt; a case gives
+what it gives on a fresh runner (docs/vmx-cases.md, "Reuse and speed").
+Assembly is cached by source text.  A runner is not thread-safe; make one
+per thread.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
+from time import perf_counter
 from types import MappingProxyType
 from typing import Iterable, Mapping, Optional, Union
 
+from unicorn import UC_HOOK_MEM_WRITE
 from unicorn import x86_const as X
 
 from ..asm import AsmError, assemble
-from ..events import GPR_NAMES, Kind
+from ..events import GPR_NAMES
 from ..platform import longmode
 from ..platform.core import GPR_IDS, GuestError, State
+from ..platform.memory import PAGE_SIZE
 from ..virt import Hypervisor
 from ..vmx import capabilities as caps
 from ..vmx import controls as C
@@ -142,7 +149,7 @@ from ..vmx.fields import VmcsField as F
 from ..vmx.fields import field_by_name, field_info
 from ..vmx.rules import Decision
 from ..vmx.vcpu import VmxVcpu
-from ..vmx.vmcs import Vmcs
+from ..vmx.vmcs import VMCS_REGION_SIZE, Vmcs
 
 __all__ = [
     "CODE_BASE", "CODE_LIMIT", "SCRATCH_BASE", "VMCS_PA", "MSR_BITMAP_PA", "IO_BITMAP_A_PA",
@@ -172,14 +179,25 @@ XAPIC_BASE = 0xFEE00000
 #: The page directory :func:`xapic_mapping` uses (the last scratch page).
 XAPIC_PD = 0xEFF000
 
-#: The control words of a fresh case, by VMCS field name (see the module docstring).
-DEFAULT_CONTROLS: Mapping[str, int] = MappingProxyType({
-    "PIN_BASED_VM_EXEC_CONTROL": caps.make_legal("PINBASED", 0),
-    "CPU_BASED_VM_EXEC_CONTROL": caps.make_legal("PROCBASED", 0),
-    "SECONDARY_VM_EXEC_CONTROL": 0,
-    "VM_EXIT_CONTROLS": caps.make_legal("EXIT", C.VM_EXIT_HOST_ADDR_SPACE_SIZE),
-    "VM_ENTRY_CONTROLS": caps.make_legal("ENTRY", C.VM_ENTRY_IA32E_MODE),
-})
+@lru_cache(maxsize=32)
+def _default_controls(model) -> Mapping[str, int]:
+    return MappingProxyType({
+        "PIN_BASED_VM_EXEC_CONTROL": caps.make_legal("PINBASED", 0, model=model),
+        "CPU_BASED_VM_EXEC_CONTROL": caps.make_legal("PROCBASED", 0, model=model),
+        "SECONDARY_VM_EXEC_CONTROL": 0,
+        "VM_EXIT_CONTROLS": caps.make_legal("EXIT", C.VM_EXIT_HOST_ADDR_SPACE_SIZE, model=model),
+        "VM_ENTRY_CONTROLS": caps.make_legal("ENTRY", C.VM_ENTRY_IA32E_MODE, model=model),
+    })
+
+
+def default_controls(model=None) -> Mapping[str, int]:
+    """The control words of a fresh case on a CPU model (a CpuModel, a spec
+    string or None for the default), by VMCS field name (see the module docstring)."""
+    return _default_controls(caps.model_of(model))
+
+
+#: The control words of a fresh case on the default CPU model.
+DEFAULT_CONTROLS: Mapping[str, int] = default_controls(None)
 
 # Control-word field name -> capability table name ("PINBASED", ...).
 _CONTROL_TABLE = {F(enc).name: table for table, enc in caps.CONTROL_FIELDS.items()}
@@ -194,15 +212,16 @@ class CaseError(ValueError):
 
 
 # --------------------------------------------------------------------------- helpers
-def legal_controls(vmcs: Mapping[str, int]) -> dict[str, int]:
+def legal_controls(vmcs: Mapping[str, int], model=None) -> dict[str, int]:
     """``vmcs`` with each control word made legal by the capability MSRs.
 
     Control words are PIN_BASED_VM_EXEC_CONTROL, CPU_BASED_VM_EXEC_CONTROL,
     SECONDARY_VM_EXEC_CONTROL, TERTIARY_VM_EXEC_CONTROL, VM_EXIT_CONTROLS,
     SECONDARY_VM_EXIT_CONTROLS, VM_ENTRY_CONTROLS and VM_FUNCTION_CONTROL:
     the must-be-1 bits are set and the bits that may not be 1 cleared
-    (the TRUE capability MSRs, as VM entry reads them).  Other fields are
-    returned unchanged.
+    (the TRUE capability MSRs, as VM entry reads them) of the CPU ``model``
+    (a CpuModel, a spec string, or None for the default ``skylake-server``).
+    Other fields are returned unchanged.
     """
     out = {}
     for name, value in vmcs.items():
@@ -210,7 +229,7 @@ def legal_controls(vmcs: Mapping[str, int]) -> dict[str, int]:
         table = _CONTROL_TABLE.get(key)
         if table is not None:
             _check_int(key, value)
-            value = caps.make_legal(table, value)
+            value = caps.make_legal(table, value, model=model)
         out[name] = value
     return out
 
@@ -467,7 +486,8 @@ class CaseResult:
     ``steps`` is the number of guest instructions retired.  ``vmcs`` is a
     snapshot (name -> value) of every supported VMCS field after the run.
     ``symbols`` are the labels of assembled code (empty for bytes);
-    ``code_end`` is the address of the HLT byte that follows the code.
+    ``code_end`` is the address of the HLT byte that follows the code;
+    ``code`` the code's bytes.
     """
 
     exit: Optional[CaseExit]
@@ -477,6 +497,8 @@ class CaseResult:
     vmcs: Mapping[str, int] = field(repr=False)
     symbols: Mapping[str, int] = field(repr=False)
     code_end: int = 0
+    #: The guest code as loaded at :data:`CODE_BASE` (for a disassembly).
+    code: bytes = field(default=b"", repr=False)
 
     @property
     def outcome(self) -> str:
@@ -559,17 +581,18 @@ def _exit_from(vcpu, d: Decision) -> CaseExit:
 
 
 def _regs(core, vmcs: Optional[Vmcs]) -> Mapping[str, int]:
-    uc = core.uc
-    regs = {n: uc.reg_read(r) for n, r in zip(GPR_NAMES, GPR_IDS)}
+    p = core.probe                  # (GPR_NAMES is in the SDM's numbering, as probe.gpr)
+    regs = {n: p.gpr(i) for i, n in enumerate(GPR_NAMES)}
     if vmcs is not None:
         g = vmcs.get
         regs.update(rsp=g(F.GUEST_RSP), rip=g(F.GUEST_RIP), rflags=g(F.GUEST_RFLAGS),
                     cr0=g(F.GUEST_CR0), cr3=g(F.GUEST_CR3), cr4=g(F.GUEST_CR4))
     else:
-        regs.update(rip=uc.reg_read(X.UC_X86_REG_RIP), rflags=uc.reg_read(X.UC_X86_REG_EFLAGS),
-                    cr0=uc.reg_read(X.UC_X86_REG_CR0), cr3=uc.reg_read(X.UC_X86_REG_CR3),
-                    cr4=uc.reg_read(X.UC_X86_REG_CR4) | (1 << 13))
-    regs["cr2"] = uc.reg_read(X.UC_X86_REG_CR2)
+        reg = p.reg
+        regs.update(rip=reg(X.UC_X86_REG_RIP), rflags=reg(X.UC_X86_REG_EFLAGS),
+                    cr0=reg(X.UC_X86_REG_CR0), cr3=reg(X.UC_X86_REG_CR3),
+                    cr4=reg(X.UC_X86_REG_CR4) | (1 << 13))
+    regs["cr2"] = p.reg(X.UC_X86_REG_CR2)
     return MappingProxyType(regs)
 
 
@@ -582,10 +605,15 @@ _CORE_REGS["cr2"] = X.UC_X86_REG_CR2
 class CaseRunner:
     """One machine that runs cases one after another (see :func:`run_case`)."""
 
-    def __init__(self):
+    def __init__(self, cpu=None):
         from ..machine import Machine
         # (virtual time runs on from case to case: no limit but the step count)
-        self.machine = Machine(cores=1, mem_mb=MEM_MB, max_ns=1 << 62)
+        self.machine = Machine(cores=1, mem_mb=MEM_MB, max_ns=1 << 62, cpu=cpu)
+        if not self.machine.cpu.has_vmx:
+            raise CaseError(f"CPU model {self.machine.cpu.name} has no VMX")
+        #: The CPU model the cases run on (``cpu``: a CpuModel, a spec string, or
+        #: None for skylake-server): its capability MSRs decide what VM entry allows.
+        self.cpu = self.machine.cpu
         self.core = self.machine.cores[0]
         self._asm_cache: dict[str, tuple[bytes, dict[str, int]]] = {}
         longmode.write_environment(self.machine)
@@ -605,6 +633,53 @@ class CaseRunner:
         #: (accessed and dirty flags) after the run.
         self.ept: Optional[EptBuilder] = None
         self._ept_snapshots: dict[tuple, tuple] = {}
+        self._snapshot()
+
+    # ----------------------------------------------------------------- the snapshot
+    def _snapshot(self) -> None:
+        """Take the fresh state every case starts from: the CPU context (above),
+        the clock, a copy of RAM, the formatted VMCS with the defaults and the
+        guest state written, and start logging the pages written from now on."""
+        m, core = self.machine, self.core
+        mem = m.mem
+        self._fresh_time = (core.clock, core.icount)
+        Vmcs.format(mem, VMCS_PA, model=self.cpu)
+        vcpu = VmxVcpu(core, VMCS_PA, _RecordingL0(m))
+        self._write_vmcs(vcpu, {})
+        v = vcpu.vmcs
+        self._fresh_vmcs = mem.read(VMCS_PA, VMCS_REGION_SIZE)
+        # what the processor holds beside the region after those writes
+        self._fresh_tracking = (v.live, frozenset(v.fresh), frozenset(v.written))
+        self._fresh_ram = bytes(mem.view)
+        self._code_len = 0              # bytes of code (and HLT) at CODE_BASE now
+        #: Pages (their addresses) written since the last reset: by the platform
+        #: (``Machine.write_log``) and by the guest's stores (a write hook).
+        self._dirty: set[int] = set()
+        self._dirty_all = False         # a store whose page was not found: compare all of RAM
+        m.write_log = self._dirty
+        self._seen_stores: set[tuple[int, int]] = set()     # (linear page, CR3) logged
+        self._cr3 = core.probe.cr_reader(3)
+        core.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_store)
+        #: Microseconds the last reset took (restoring the CPU, the dirty pages, the
+        #: VMCS; benchmarks/bench_cases.py reports it).
+        self.last_reset_us = 0.0
+
+    def _on_store(self, uc, access, address, size, value, data) -> None:
+        """A guest store (Unicorn reports its linear address): log its pages.
+
+        Each linear page is translated once per CR3 value in a case (a guest that
+        rewrites a live paging entry in place and stores through it without
+        changing CR3 is the one gap; the tests compare all of RAM)."""
+        cr3 = self._cr3()
+        seen = self._seen_stores
+        for linear in {address & ~0xFFF, (address + max(size, 1) - 1) & ~0xFFF}:
+            if (linear, cr3) in seen:
+                continue
+            seen.add((linear, cr3))
+            try:
+                self._dirty.add(self.core.translate(linear, peek=True) & ~0xFFF)
+            except Exception:           # (no translation now: the next reset compares all)
+                self._dirty_all = True
 
     # ----------------------------------------------------------------- inputs
     def _code(self, code) -> tuple[bytes, dict[str, int]]:
@@ -629,8 +704,7 @@ class CaseRunner:
             raise CaseError(f"the guest code is {len(data)} bytes; at most {CODE_LIMIT - 1} fit")
         return data, symbols
 
-    @staticmethod
-    def _fields(vmcs, legal: bool) -> dict[str, int]:
+    def _fields(self, vmcs, legal: bool) -> dict[str, int]:
         if vmcs is None:
             return {}
         if not isinstance(vmcs, Mapping):
@@ -641,12 +715,12 @@ class CaseRunner:
             _check_int(name, value)
             if field_by_name(name).read_only:
                 raise CaseError(f"{name} is a read-only VM-exit information field")
-            if not caps.is_field_supported(name):
-                raise CaseError(f"{name} is not a VMCS field of the modelled CPU")
+            if not caps.is_field_supported(name, self.cpu):
+                raise CaseError(f"{name} is not a VMCS field of CPU model {self.cpu.name}")
             if name in out:
                 raise CaseError(f"{name} is given twice")
             out[name] = value
-        return legal_controls(out) if legal else out
+        return legal_controls(out, self.cpu) if legal else out
 
     def _bitmaps_for(self, msr_bm, io_a, io_b) -> dict[int, bytes]:
         out = {}
@@ -749,14 +823,15 @@ class CaseRunner:
                                     f"({EPT_POOL:#x}-{EPT_POOL_END:#x})")
 
         m, core = self.machine, self.core
+        t0 = perf_counter()
         self._reset(data, bitmaps)
+        l0 = _RecordingL0(m)
+        vcpu = self._fresh_vcpu(l0)
+        self.last_reset_us = (perf_counter() - t0) * 1e6
         for pa, blob in writes:
             m.write_phys(pa, blob)
         self.ept = None if ept_items is None else self._ept(ept_items, bool(ept_ad))
-        l0 = _RecordingL0(m)
-        Vmcs.format(m.mem, VMCS_PA)
-        vcpu = VmxVcpu(core, VMCS_PA, l0)
-        self._write_vmcs(vcpu, fields)
+        self._write_fields(vcpu, fields)
         if self.ept is not None:
             v = vcpu.vmcs
             v.set(F.CPU_BASED_VM_EXEC_CONTROL,
@@ -777,12 +852,13 @@ class CaseRunner:
         finally:
             core.virt = None
         steps = core.icount - icount0
-        snapshot = MappingProxyType(dict(vcpu.vmcs.items()))
+        vcpu.vmcs.flush()               # (the guest-state fields the engine holds)
+        snapshot = _VmcsSnapshot(m.mem.read(VMCS_PA, VMCS_REGION_SIZE))
         code_end = CODE_BASE + len(data)
         if l0.exit is not None:
-            return CaseResult(l0.exit, None, None, steps, snapshot, symbols, code_end)
+            return CaseResult(l0.exit, None, None, steps, snapshot, symbols, code_end, data)
         if l0.failure is not None:
-            return CaseResult(None, l0.failure, None, steps, snapshot, symbols, code_end)
+            return CaseResult(None, l0.failure, None, steps, snapshot, symbols, code_end, data)
         if core.state is State.HALTED and m.verdict in (None, "halted"):
             why, msg = "halted", ""
         elif core.state is State.SHUTDOWN and m.verdict in (None, "shutdown"):
@@ -792,7 +868,7 @@ class CaseRunner:
         else:
             why, msg = "step limit", ""
         no = NoExit(why, core.rip(), _regs(core, None), msg)
-        return CaseResult(None, None, no, steps, snapshot, symbols, code_end)
+        return CaseResult(None, None, no, steps, snapshot, symbols, code_end, data)
 
     def _ept(self, items: tuple, ad: bool) -> EptBuilder:
         """Build the EPT of ``ept=`` in the pool (the tables of an EPT built
@@ -802,43 +878,102 @@ class CaseRunner:
         snap = self._ept_snapshots.get(key)
         if snap is not None:
             b.restore(snap)
-            return b
-        _build_ept(b, items)
-        if len(self._ept_snapshots) > 64:
-            self._ept_snapshots.clear()
-        self._ept_snapshots[key] = b.snapshot()
+        else:
+            try:
+                _build_ept(b, items)
+            finally:
+                # the builder and the EPT walk (accessed and dirty flags) write the
+                # pool's tables directly: the next reset restores every page in use
+                self._dirty.update(range(EPT_POOL, b.snapshot()[0], PAGE_4K))
+            if len(self._ept_snapshots) > 64:
+                self._ept_snapshots.clear()
+            snap = self._ept_snapshots[key] = b.snapshot()
+        self._dirty.update(range(EPT_POOL, snap[0], PAGE_4K))
         return b
 
     def _reset(self, code: bytes, bitmaps: dict[int, bytes]) -> None:
+        """Back to the fresh state: the CPU context, the core's model state, its
+        local APIC and its clock; the pages written since the last reset; the
+        bitmaps, the code and the environment tables where they differ; the
+        VMCS region.  Nothing is rebuilt."""
         m, core = self.machine, self.core
         mem = m.mem
         m.new_run()
-        # the environment tables and bitmaps, rewritten only where the last case changed them
-        env = self._env_bytes
-        if mem.read(longmode.GDT, len(env)) != env:
-            m.write_phys(longmode.GDT, env)     # byte for byte (a case may have added entries)
-        for pa, data in bitmaps.items():
-            if self._bitmaps.get(pa) != data or mem.read(pa, BITMAP_SIZE) != data:
-                m.write_phys(pa, data)
-                self._bitmaps[pa] = data
-        blob = code + HLT
-        if mem.read(CODE_BASE, len(blob)) != blob:
-            m.write_phys(CODE_BASE, blob)
+        fresh = self._fresh_ram
+        m.write_log = None              # (the restores below are not the next case's writes)
         # the core: CPU context, then the model state kept beside Unicorn
         core.uc.context_restore(self._fresh_context)
         core.reset_model_state()
         core.state = State.RUNNING
         core.lapic.reset()
+        core.clock, core.icount = self._fresh_time
+        # (measured: after a case that watched the xAPIC page, reset_model_state
+        # leaves the engine's CR2 changed; the fresh CPU context has CR2 = 0)
+        core.set_cr2(0)
+        if self._dirty_all:
+            self._dirty.update(_differing_pages(mem.view, fresh))
+            self._dirty_all = False
+        code_pages = range(CODE_BASE, CODE_BASE + CODE_LIMIT, PAGE_SIZE)
+        for page in self._dirty:
+            if page in code_pages:
+                self._code_len = CODE_LIMIT         # (compared and rewritten below)
+            if m.is_code_page(page):
+                m.write_phys(page, fresh[page:page + PAGE_SIZE])   # (drops its scans)
+            else:
+                mem.view[page:page + PAGE_SIZE] = fresh[page:page + PAGE_SIZE]
+        self._dirty.clear()
+        self._seen_stores.clear()
+        # the bitmaps as this case gives them, the code followed by HLT (and zeros
+        # where longer code was before): compared, rewritten where they differ
+        for pa, data in bitmaps.items():
+            if self._bitmaps.get(pa) != data or mem.read(pa, BITMAP_SIZE) != data:
+                m.write_phys(pa, data)
+                self._bitmaps[pa] = data
+        blob = code + HLT
+        if len(blob) < self._code_len:
+            blob += bytes(self._code_len - len(blob))
+        if mem.read(CODE_BASE, len(blob)) != blob:
+            m.write_phys(CODE_BASE, blob)
+        self._code_len = len(code) + 1
+        # the environment tables: the engine's page walk sets accessed and dirty
+        # flags in them without a store the hook sees, also
+        # while the engine drops translations (the core's reset, a code page rewritten)
+        env = self._env_bytes
+        if mem.read(longmode.GDT, len(env)) != env:
+            for page in _differing_pages(mem.view, fresh, longmode.GDT, longmode.GDT + len(env)):
+                m.write_phys(page, fresh[page:page + PAGE_SIZE])
+        m.write_log = self._dirty
+        # the VMCS region, as formatted and written for every case
+        mem.view[VMCS_PA:VMCS_PA + VMCS_REGION_SIZE] = self._fresh_vmcs
+
+    def _fresh_vcpu(self, l0) -> VmxVcpu:
+        """A vCPU over the restored VMCS, holding what the processor held after the
+        defaults and the guest state were written (see :meth:`_snapshot`)."""
+        vcpu = VmxVcpu(self.core, VMCS_PA, l0)
+        v = vcpu.vmcs
+        live, fresh, written = self._fresh_tracking
+        if live:
+            v.engine_holds()
+            v.fresh.update(fresh)
+        v.written.update(written)
+        return vcpu
 
     def _write_vmcs(self, vcpu: VmxVcpu, fields: dict[str, int]) -> None:
+        """The VMCS of a case from a formatted region: the defaults, the bitmap
+        addresses, the host and guest state, then ``fields``."""
         from ..hypervisor.kvm import prepare_vmcs
         s = vcpu.vmcs.set
-        for name, val in DEFAULT_CONTROLS.items():
+        for name, val in default_controls(self.cpu).items():
             s(F[name], val)
         s(F.MSR_BITMAP, MSR_BITMAP_PA)
         s(F.IO_BITMAP_A, IO_BITMAP_A_PA)
         s(F.IO_BITMAP_B, IO_BITMAP_B_PA)
         prepare_vmcs(vcpu, HOST_CR3)
+        self._write_fields(vcpu, fields)
+
+    @staticmethod
+    def _write_fields(vcpu: VmxVcpu, fields: dict[str, int]) -> None:
+        s = vcpu.vmcs.set
         for name, val in fields.items():
             try:
                 s(F[name], val)
@@ -846,7 +981,54 @@ class CaseRunner:
                 raise CaseError(f"{name}: {e}") from None
 
 
-_runner: Optional[CaseRunner] = None
+def _differing_pages(view, fresh: bytes, start: int = 0, end: Optional[int] = None) -> list[int]:
+    """The addresses of the pages in [start, end) where RAM differs from ``fresh``
+    (compared 64 KiB at a time, then page by page where a block differs)."""
+    end = len(fresh) if end is None else end
+    out = []
+    for block in range(start, end, 1 << 16):
+        top = min(block + (1 << 16), end)
+        if bytes(view[block:top]) != fresh[block:top]:    # (bytes compare with memcmp)
+            out.extend(p for p in range(block & ~0xFFF, top, PAGE_SIZE)
+                       if bytes(view[p:p + PAGE_SIZE]) != fresh[p:p + PAGE_SIZE])
+    return out
+
+
+class _RegionBytes:
+    """A copy of a VMCS region, as the memory a :class:`Vmcs` reads."""
+
+    def __init__(self, data: bytes):
+        self.view = memoryview(bytearray(data))
+
+
+class _VmcsSnapshot(Mapping):
+    """Every supported VMCS field (name -> value) of a copy of the region taken
+    after a case; decoded on first use (most tests look at the exit only)."""
+
+    def __init__(self, region: bytes):
+        self._region = region
+        self._fields: Optional[dict[str, int]] = None
+
+    def _decoded(self) -> dict[str, int]:
+        if self._fields is None:
+            self._fields = dict(Vmcs(_RegionBytes(self._region), 0).items())
+        return self._fields
+
+    def __getitem__(self, name: str) -> int:
+        return self._decoded()[name]
+
+    def __iter__(self):
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+    def __repr__(self) -> str:
+        return f"<VMCS snapshot of {len(self)} fields>"
+
+
+_runner: Optional[CaseRunner] = None     # run_case's runner on the default CPU model
+_runners: dict = {}                      # other CpuModel -> the CaseRunner run_case uses for it
 
 
 def run_case(code, *, vmcs: Optional[Mapping] = None,
@@ -855,7 +1037,7 @@ def run_case(code, *, vmcs: Optional[Mapping] = None,
              io_bitmap_b: Union[bytes, Iterable[int], None] = None,
              regs: Optional[Mapping[str, int]] = None,
              memory: Optional[Mapping[int, bytes]] = None, max_steps: int = 10_000,
-             legal: bool = False, ept=None, ept_ad: bool = False) -> CaseResult:
+             legal: bool = False, ept=None, ept_ad: bool = False, cpu=None) -> CaseResult:
     """Run ``code`` as a VMX guest from the fresh 64-bit state until the first VM exit.
 
     ``code``: Intel-syntax assembly (assembled at :data:`CODE_BASE`; labels are
@@ -871,12 +1053,25 @@ def run_case(code, *, vmcs: Optional[Mapping] = None,
     ``ept``: EPT in a line (see the module docstring, "EPT"): ``"identity"``,
     ``{gpa: (hpa, rights[, page_size])}``, :class:`EptMap`, :class:`EptEntry`
     or a list of them; ``ept_ad``: set EPTP bit 6 (accessed and dirty flags).
+    ``cpu``: the CPU model (a CpuModel, a spec string such as ``"nehalem"``,
+    or None for ``skylake-server``); one machine per model is kept.
 
-    Raises :class:`CaseError` for input that cannot be run as given.
+    Raises :class:`CaseError` for input that cannot be run as given (a bad
+    ``cpu`` spec included).
     """
+    try:
+        model = caps.model_of(cpu)
+    except ValueError as e:
+        raise CaseError(str(e)) from None
     global _runner
-    if _runner is None:
-        _runner = CaseRunner()
-    return _runner.run(code, vmcs=vmcs, msr_bitmap=msr_bitmap, io_bitmap_a=io_bitmap_a,
+    if model is caps.DEFAULT_MODEL:
+        if _runner is None:
+            _runner = CaseRunner(model)
+        runner = _runner
+    else:
+        runner = _runners.get(model)
+        if runner is None:
+            runner = _runners[model] = CaseRunner(model)
+    return runner.run(code, vmcs=vmcs, msr_bitmap=msr_bitmap, io_bitmap_a=io_bitmap_a,
                        io_bitmap_b=io_bitmap_b, regs=regs, memory=memory, max_steps=max_steps,
                        legal=legal, ept=ept, ept_ad=ept_ad)
