@@ -141,10 +141,14 @@ class Machine:
         if quantum < 1:
             raise ValueError("quantum must be at least 1 instruction")
         #: The CPU model every core is (a CpuModel; ``cpu`` may be one, a spec
-        #: string such as "nehalem,+pcid", or None for skylake-server).
-        self.cpu = get_model(cpu)
+        #: string such as "nehalem,+pcid", or None for skylake-server, or
+        #: epyc-rome with ``arch="svm"``).
+        self.cpu = get_model("epyc-rome" if cpu is None and arch == "svm" else cpu)
         if arch == "vmx" and not self.cpu.has_vmx:
             raise ValueError(f"CPU model {self.cpu.name} has no VMX; --arch vmx needs an Intel model")
+        if arch == "svm" and not self.cpu.has_svm:
+            raise ValueError(f"CPU model {self.cpu.name} has no SVM; --arch svm needs an AMD model "
+                             "(epyc-rome, the default with --arch svm)")
         self.mem = PhysMem(mem_mb << 20)
         self.deterministic = not fast
         self.fast = fast

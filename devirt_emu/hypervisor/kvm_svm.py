@@ -25,8 +25,8 @@ never from the rule's decision, and follow ``svm_exit_handlers``:
   KVM's sync_cr8_to_lapic / sync_lapic_to_cr8 do), the host keeping the
   physical TPR at 0 meanwhile; without it (``devirt``) the guest owns the
   physical TPR.
-* CPUID: the AMD model's leaves (:mod:`devirt_emu.svm.amd_cpu`, SVM hidden:
-  no nested virtualization) with KVM's; HLT: the vCPU blocks until an
+* CPUID: the machine's CPU model's leaves (``epyc-rome``; SVM hidden by
+  :func:`~devirt_emu.svm.amd_cpu.guest_cpuid`: no nested virtualization) with KVM's; HLT: the vCPU blocks until an
   interrupt is pending; IOIO and MSRs: the platform executes the instruction
   (x2APIC on the physical APIC), KVM's paravirtual MSRs here; CR accesses
   (KVM's cr_interception): CR0/CR3/CR4 in the save area, CR8 the TPR; DR
@@ -309,8 +309,9 @@ class KvmSvmL0(KvmCommon, MachineHypervisor):
         leaf = vcpu.gpr(0) & 0xFFFFFFFF
         sub = vcpu.gpr(1) & 0xFFFFFFFF
         n = len(self.machine.cores)
-        regs = kvm_cpuid(leaf, sub, lambda lf, sl: amd_cpu.cpuid(lf, sl, core.apic_id, n, svm=False),
-                         devirt=self.config_name == "devirt")
+        cpu = self.machine.cpu
+        regs = kvm_cpuid(leaf, sub, lambda lf, sl: amd_cpu.guest_cpuid(
+            cpu.cpuid_for(lf, sl, core.apic_id, n), lf), devirt=self.config_name == "devirt")
         for r, val in zip((0, 3, 1, 2), regs):
             vcpu.set_gpr(r, val)
         vcpu.skip_instruction()

@@ -135,7 +135,10 @@ class SvmVcpu(VirtualizationLayer):
         self.mem = core.mem
         self.vmcb = V.Vmcb(core.mem, vmcb_pa)
         self.l0 = l0
-        self.caps = caps or SvmCaps()
+        if caps is None:
+            model = getattr(core.machine, "cpu", None)
+            caps = SvmCaps.from_model(model) if model is not None and model.has_svm else SvmCaps()
+        self.caps = caps
         self.record = record
         self.read_mem = self.mem.read
         self.active = False          # in the guest (between VMRUN and #VMEXIT)

@@ -24,7 +24,8 @@ present), RIP = :data:`CODE_BASE`, every other GPR 0, DR7 = 0x400, DR6 =
 Control area: only INTERCEPT_VMRUN is set (VMRUN requires it), ASID 1,
 ``iopm_base_pa`` = :data:`IOPM_PA`, ``msrpm_base_pa`` = :data:`MSRPM_PA`,
 everything else 0 (no NPT, no EVENTINJ, ``int_ctl`` 0, ``tsc_offset`` 0).
-The modelled CPU has NRIPS, so ``next_rip`` is saved.
+The CPU model is ``epyc-rome`` (devirt_emu/cpumodels/epyc_rome.py): it has
+NRIPS, so ``next_rip`` is saved, and MAXPHYADDR 48.
 
 Intercepts: ``intercepts=`` names bits of :mod:`devirt_emu.svm.intercepts`
 (``"INTERCEPT_CPUID"``; the prefix may be left out: ``"CPUID"``); they are
@@ -303,7 +304,7 @@ class CaseRunner:
 
     def __init__(self):
         from ..machine import Machine
-        self.machine = Machine(cores=1, mem_mb=MEM_MB, max_ns=1 << 62)
+        self.machine = Machine(cores=1, mem_mb=MEM_MB, max_ns=1 << 62, cpu="epyc-rome")
         self.core = core = self.machine.cores[0]
         self._asm_cache: dict[str, tuple[bytes, dict[str, int]]] = {}
         longmode.write_environment(self.machine)
