@@ -57,7 +57,7 @@ from ..virt import EventType, VirtualizationLayer
 from . import exit_codes as X
 from . import intercepts as I
 from . import vmcb as V
-from .amd_cpu import SVM_FEATURE_NRIPS, SvmCaps
+from .amd_cpu import SVM_FEATURE_DECODE_ASSISTS, SVM_FEATURE_NRIPS, SvmCaps
 from .npt import NptStage2
 from .rules import (Decision, PauseFilter, decide, exit_decision, intercepted,
                     virtual_interrupt_exit, virtual_interrupt_ready)
@@ -481,12 +481,29 @@ class SvmVcpu(VirtualizationLayer):
         core.set_rip(ev.rip + insn.length)
         return True
 
+    def _insn_bytes(self) -> bytes:
+        """Decode assists (APM Vol. 2, "Decode Assists": #PF and NPF): the bytes
+        of the instruction at RIP the processor fetched, up to 15; fewer where
+        the next page cannot be read, none where the first cannot."""
+        if not self.caps.has(SVM_FEATURE_DECODE_ASSISTS):
+            return b""
+        core = self.core
+        rip = core.rip()
+        for n in (15, 0x1000 - (rip & 0xFFF)):
+            try:
+                return core.read_linear(rip, min(n, 15), peek=True)
+            except Exception:           # (a #PF, a nested fault, memory outside RAM)
+                continue
+        return b""
+
     def on_exception(self, core, vector: int, error_code, cr2) -> bool:
         if not self.active or vector == 2:
             return False
         d = core.delivering
         ev = Event(Kind.EXCEPTION, core.index, core.rip(), d.insn if d is not None else None,
                    vector=vector, error_code=error_code, cr2=cr2, regs=core.lazy_regs())
+        if vector == 14:
+            ev.extra["insn_bytes"] = self._insn_bytes()
         out = decide(ev, self.vmcb, self.read_mem)
         if out.exit:
             self.vm_exit(out, ev)
@@ -516,8 +533,8 @@ class SvmVcpu(VirtualizationLayer):
         if not self.active:
             return False
         f = fault.info
-        self.vm_exit(exit_decision(X.NPF, (f.reason,), exit_info_1=f.exit_info_1,
-                                   exit_info_2=f.gpa), None)
+        d = exit_decision(X.NPF, (f.reason,), exit_info_1=f.exit_info_1, exit_info_2=f.gpa)
+        self.vm_exit(d._replace(insn_bytes=self._insn_bytes()), None)
         return True
 
     def wants_window(self) -> bool:
