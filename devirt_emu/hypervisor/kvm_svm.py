@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from unicorn import x86_const as UX
 
+from ..events import Kind
 from ..platform.core import GuestError, State, _Fault
 from ..svm import amd_cpu
 from ..svm import exit_codes as X
@@ -364,7 +365,7 @@ class KvmSvmL0(KvmCommon, MachineHypervisor):
         v = vcpu.vmcb
         code = v.exitcode
         info = v.get("exit_info_1")
-        ev = vcpu._exit_event
+        ev = vcpu.exit_event
         write = code != X.CR0_SEL_WRITE and code >= X.WRITE_CR0
         cr = 0 if code == X.CR0_SEL_WRITE else (code - X.WRITE_CR0 if write else code - X.READ_CR0)
         if code == X.CR0_SEL_WRITE:
@@ -373,9 +374,9 @@ class KvmSvmL0(KvmCommon, MachineHypervisor):
             insn = ev.insn if ev is not None else None
             if insn is None:
                 raise GuestError("a CR exit without its instruction")
-            if insn.kind.value == "CLTS":
+            if insn.kind is Kind.CLTS:
                 v.put("cr0", v.get("cr0") & ~CR0_TS)
-            elif insn.kind.value == "LMSW":
+            elif insn.kind is Kind.LMSW:
                 src = vcpu.gpr(insn.gpr) if insn.mem is None else \
                     int.from_bytes(vcpu.core.read_linear(ev.linear, 2), "little")
                 cr0 = v.get("cr0")

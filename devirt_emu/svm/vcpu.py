@@ -358,6 +358,12 @@ class SvmVcpu(VirtualizationLayer):
             self.core.cancel_retirement()
 
     # ------------------------------------------------------------------ L0 helpers
+    @property
+    def exit_event(self) -> Optional[Event]:
+        """The event of the last #VMEXIT (None for one not tied to an event): the
+        instruction an L0 without decode assists for it (CLTS, LMSW) reads."""
+        return self._exit_event
+
     def gpr(self, n: int) -> int:
         """Guest GPR ``n`` while the L0 runs: RAX and RSP from the save area, the
         others from the engine (VMRUN does not load them)."""
