@@ -79,6 +79,27 @@ _SVM_TYPE = {
     EventType.SOFTWARE_INTERRUPT: V.SVM_EVTINJ_TYPE_SOFT,
 }
 _KIND_EXCEPTION, _KIND_PAUSE = Kind.EXCEPTION, Kind.PAUSE
+
+
+def _spans(*names: str) -> tuple:
+    """The byte ranges of fields, relative to :data:`_SAVE_LO`."""
+    return tuple((V.BY_NAME[n].offset - _SAVE_LO, V.BY_NAME[n].offset - _SAVE_LO + V.BY_NAME[n].size)
+                 for n in names)
+
+
+#: The part of the save area VMRUN loads and #VMEXIT saves (ES .. CR2).
+_SAVE_LO, _SAVE_HI = V.SAVE_AREA, V.BY_NAME["cr2"].offset + 8
+#: The groups of save-area fields VMRUN loads, each with its byte ranges.
+_GROUP_SPANS = (
+    ("cr", _spans("efer", "cr0", "cr3", "cr4")),
+    ("dtr", _spans("gdtr_base", "gdtr_limit", "idtr_base", "idtr_limit")),
+    ("seg", _spans(*(f"{s}_{p}" for s in ("es", "cs", "ss", "ds")
+                     for p in ("selector", "attrib", "limit", "base")))),
+    ("dr", _spans("dr6", "dr7")),
+    ("rflags", _spans("rflags")), ("rsp", _spans("rsp")), ("rax", _spans("rax")),
+    ("rip", _spans("rip")), ("cr2", _spans("cr2")),
+)
+_ALL_GROUPS = frozenset(g for g, _ in _GROUP_SPANS)
 _SVM_KINDS = frozenset({Kind.VMRUN, Kind.VMLOAD, Kind.VMSAVE, Kind.STGI, Kind.CLGI, Kind.SKINIT,
                         Kind.INVLPGA})
 
@@ -154,6 +175,8 @@ class SvmVcpu(VirtualizationLayer):
         self._v_intr_masking = False
         self._nrips = self.caps.has(SVM_FEATURE_NRIPS)
         self.npt: Optional[NptStage2] = None     # the nested tables the core uses, when enabled
+        self._clean: Optional[bytes] = None      # the save area as the engine holds it, if known
+        self._checked: Optional[bytes] = None    # the fields VMRUN's checks read, as last passed
 
     # ------------------------------------------------------------------ VMRUN
     def vmrun(self) -> bool:
@@ -161,10 +184,17 @@ class SvmVcpu(VirtualizationLayer):
         VMEXIT_INVALID written, the L0 told)."""
         v = self.vmcb
         self.l0.prepare_entry(self)
-        failure = check_vmrun(v, self.caps)
-        if failure is not None:
-            return self._vmrun_failed(failure)
-        self._load_guest_state()
+        view, pa = self.mem.view, v.pa
+        save = bytes(view[pa + _SAVE_LO:pa + _SAVE_HI])
+        key = bytes(view[pa:pa + 0x18]) + bytes(view[pa + 0x40:pa + 0x60]) + \
+            bytes(view[pa + 0x90:pa + 0xB8]) + save
+        if key != self._checked:
+            # (the fields the checks read are unchanged since the last VMRUN that passed them)
+            failure = check_vmrun(v, self.caps)
+            if failure is not None:
+                return self._vmrun_failed(failure)
+            self._checked = key
+        self._sync_engine(save)
         core = self.core
         asid, tlb = v.get("asid"), v.get("tlb_ctl")
         if tlb != V.TLB_CONTROL_DO_NOTHING or asid != self.asid:
@@ -194,15 +224,40 @@ class SvmVcpu(VirtualizationLayer):
         self.l0.entry_failed(self, failure)
         return False
 
-    def _load_guest_state(self) -> None:
+    def _sync_engine(self, save: Optional[bytes] = None) -> None:
+        """Load into the engine the save-area groups written since it last matched
+        the save area (all of them when that is not known)."""
+        if save is None:
+            pa = self.vmcb.pa
+            save = bytes(self.mem.view[pa + _SAVE_LO:pa + _SAVE_HI])
+        clean = self._clean
+        if clean is None:
+            self._load_guest_state(_ALL_GROUPS)
+        elif save != clean:
+            self._load_guest_state([grp for grp, spans in _GROUP_SPANS
+                                    if any(save[a:b] != clean[a:b] for a, b in spans)])
+        else:
+            self._load_guest_state(())
+        self._clean = save
+
+    def _load_guest_state(self, groups=None) -> None:
+        """Load the save area into the engine: the groups of fields (see
+        :data:`_GROUP_SPANS`) in ``groups`` (None: all), which VMRUN narrows to
+        those written since the engine last matched the save area (the saved
+        bytes at #VMEXIT or at the last VMRUN: ``_clean``); the interrupt shadow
+        always."""
         v, core = self.vmcb, self.core
         uc = core.uc
         g = v.get
-        efer, cr0, cr3, cr4 = g("efer"), g("cr0"), g("cr3"), g("cr4")
         p = core.probe
-        engine_efer = efer & ~(EFER_LMA | EFER_SVME)   # (QEMU's own SVM must not see SVME)
-        mode_changed = (p.cr(0), p.cr(3), p.cr(4), core.rdmsr_raw(MSR_EFER) & ~EFER_LMA) != \
-            (cr0, cr3, cr4, engine_efer)
+        if groups is None:
+            groups = _ALL_GROUPS
+        mode_changed = False
+        if "cr" in groups:
+            efer, cr0, cr3, cr4 = g("efer"), g("cr0"), g("cr3"), g("cr4")
+            engine_efer = efer & ~(EFER_LMA | EFER_SVME)   # (QEMU's own SVM must not see SVME)
+            mode_changed = (p.cr(0), p.cr(3), p.cr(4), core.rdmsr_raw(MSR_EFER) & ~EFER_LMA) != \
+                (cr0, cr3, cr4, engine_efer)
         if mode_changed:
             uc.reg_write(UX.UC_X86_REG_CR3, cr3)
             uc.reg_write(UX.UC_X86_REG_CR4, cr4)
@@ -210,20 +265,28 @@ class SvmVcpu(VirtualizationLayer):
                 uc.reg_write(UX.UC_X86_REG_CR0, cr0 & ~CR0_PG)   # (only this clears LMA in Unicorn)
             uc.reg_write(UX.UC_X86_REG_MSR, (MSR_EFER, engine_efer))
             uc.reg_write(UX.UC_X86_REG_CR0, cr0)
-        uc.reg_write(UX.UC_X86_REG_GDTR, (0, g("gdtr_base"), g("gdtr_limit"), 0))
-        uc.reg_write(UX.UC_X86_REG_IDTR, (0, g("idtr_base"), g("idtr_limit"), 0))
-        for idx, name in _SEGS:
-            core.write_segment(idx, g(f"{name}_selector"), g(f"{name}_base"), g(f"{name}_limit"),
-                               attrib_to_ar(g(f"{name}_attrib")))
-        uc.reg_write(UX.UC_X86_REG_DR6, g("dr6"))
-        uc.reg_write(UX.UC_X86_REG_DR7, g("dr7"))
-        uc.reg_write(UX.UC_X86_REG_EFLAGS, g("rflags"))
-        uc.reg_write(UX.UC_X86_REG_RSP, g("rsp"))
-        uc.reg_write(UX.UC_X86_REG_RAX, g("rax"))
-        rip = g("rip")
-        if rip != p.eip():
-            p.set_eip(rip)       # (only when it moved: a RIP write inside a hook restarts there)
-        core.set_cr2(g("cr2"))
+        if "dtr" in groups:
+            uc.reg_write(UX.UC_X86_REG_GDTR, (0, g("gdtr_base"), g("gdtr_limit"), 0))
+            uc.reg_write(UX.UC_X86_REG_IDTR, (0, g("idtr_base"), g("idtr_limit"), 0))
+        if "seg" in groups:
+            for idx, name in _SEGS:
+                core.write_segment(idx, g(f"{name}_selector"), g(f"{name}_base"),
+                                   g(f"{name}_limit"), attrib_to_ar(g(f"{name}_attrib")))
+        if "dr" in groups:
+            uc.reg_write(UX.UC_X86_REG_DR6, g("dr6"))
+            uc.reg_write(UX.UC_X86_REG_DR7, g("dr7"))
+        if "rflags" in groups:
+            uc.reg_write(UX.UC_X86_REG_EFLAGS, g("rflags"))
+        if "rsp" in groups:
+            p.set_gpr(4, g("rsp"))
+        if "rax" in groups:
+            p.set_gpr(0, g("rax"))
+        if "rip" in groups:
+            rip = g("rip")
+            if rip != p.eip():
+                p.set_eip(rip)   # (only when it moved: a RIP write inside a hook restarts there)
+        if "cr2" in groups:
+            core.set_cr2(g("cr2"))
         core.shadow_at = core.icount if g("int_state") & V.SVM_INTERRUPT_SHADOW_MASK else -1
         if core.state is State.HALTED:
             core.state = State.RUNNING
@@ -261,6 +324,8 @@ class SvmVcpu(VirtualizationLayer):
         s("rax", p.gpr(0))
         s("cpl", core.cpl())
         s("int_state", V.SVM_INTERRUPT_SHADOW_MASK if core.icount == core.shadow_at else 0)
+        pa = v.pa
+        self._clean = bytes(self.mem.view[pa + _SAVE_LO:pa + _SAVE_HI])
 
     def _inject(self, inj: int) -> None:
         """EVENTINJ (APM 15.20): deliver through the guest IDT now.  The model
@@ -406,7 +471,7 @@ class SvmVcpu(VirtualizationLayer):
         if ev is None or ev.insn is None:
             raise GuestError(f"core {self.core.index}: the L0 asked to emulate the exiting "
                              "instruction of an exit that has none")
-        self._load_guest_state()
+        self._sync_engine()
         try:
             self.core.run_native(ev)
         finally:
