@@ -46,6 +46,7 @@ Between VMRUN and #VMEXIT (15.21 "Interrupt and Local APIC Support"):
 """
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple, Optional
 
 from unicorn import x86_const as UX
@@ -100,6 +101,25 @@ _GROUP_SPANS = (
     ("rip", _spans("rip")), ("cr2", _spans("cr2")),
 )
 _ALL_GROUPS = frozenset(g for g, _ in _GROUP_SPANS)
+
+# save_guest_state writes the save area in a few packs (Table B-2's layout):
+_OFF = {n: V.BY_NAME[n].offset for n in ("es_selector", "gdtr_limit", "idtr_limit", "cpl", "efer",
+                                         "cr4", "rsp", "rax", "cr2")}
+_ES_AT, _GDTR_AT, _IDTR_AT = _OFF["es_selector"], _OFF["gdtr_limit"], _OFF["idtr_limit"]
+_CPL_AT, _EFER_AT, _CR4_AT = _OFF["cpl"], _OFF["efer"], _OFF["cr4"]
+_RSP_AT, _RAX_AT, _CR2_AT = _OFF["rsp"], _OFF["rax"], _OFF["cr2"]
+#: ES, CS, SS, DS: (selector, attrib, limit, base) each, consecutive.
+_SEG_BLOCK = struct.Struct("<" + "HHIQ" * 4)
+#: a descriptor-table register: limit, then base.
+_DTR = struct.Struct("<IQ")
+#: CR4, CR3, CR0, DR7, DR6, RFLAGS, RIP: consecutive quadwords.
+_CR_BLOCK = struct.Struct("<7Q")
+_U8, _U64 = struct.Struct("<B"), struct.Struct("<Q")
+assert [V.BY_NAME[f"{s}_selector"].offset for s in ("es", "cs", "ss", "ds")] == \
+    [_ES_AT + 16 * i for i in range(4)]
+assert V.BY_NAME["gdtr_base"].offset == _GDTR_AT + 4 and V.BY_NAME["idtr_base"].offset == _IDTR_AT + 4
+assert [V.BY_NAME[n].offset for n in ("cr4", "cr3", "cr0", "dr7", "dr6", "rflags", "rip")] == \
+    [_CR4_AT + 8 * i for i in range(7)]
 _SVM_KINDS = frozenset({Kind.VMRUN, Kind.VMLOAD, Kind.VMSAVE, Kind.STGI, Kind.CLGI, Kind.SKINIT,
                         Kind.INVLPGA})
 
@@ -298,32 +318,26 @@ class SvmVcpu(VirtualizationLayer):
         into the save area (also: an L0 adopting a running core's state)."""
         v, core = self.vmcb, self.core
         p = core.probe
-        s = v.put
-        s("efer", core.rdmsr_raw(MSR_EFER) | EFER_SVME)
-        s("cr0", p.cr(0))
-        s("cr2", core.cr2)                 # (the architectural CR2 the core keeps)
-        s("cr3", p.cr(3))
-        s("cr4", p.cr(4))
-        for idx, name in _SEGS:
+        view, pa = self.mem.view, v.pa
+        segs = []
+        for idx in (0, 1, 2, 3):                       # ES, CS, SS, DS: one 64-byte block
             sel, base, limit, ar = core.read_segment(idx)
-            s(f"{name}_selector", sel)
-            s(f"{name}_base", base)
-            s(f"{name}_limit", limit)
-            s(f"{name}_attrib", ar_to_attrib(ar))
+            segs += (sel, ar_to_attrib(ar), limit, base)
+        _SEG_BLOCK.pack_into(view, pa + _ES_AT, *segs)
         gb, gl = p.dtr(ENV_GDT)[:2]
         ib, il = p.dtr(ENV_IDT)[:2]
-        s("gdtr_base", gb)
-        s("gdtr_limit", gl)
-        s("idtr_base", ib)
-        s("idtr_limit", il)
-        s("dr6", p.reg(UX.UC_X86_REG_DR6) & 0xFFFFFFFF)
-        s("dr7", p.reg(UX.UC_X86_REG_DR7) & 0xFFFFFFFF)
-        s("rflags", p.reg(UX.UC_X86_REG_EFLAGS))
-        s("rip", p.eip())
-        s("rsp", p.gpr(4))
-        s("rax", p.gpr(0))
-        s("cpl", core.cpl())
-        s("int_state", V.SVM_INTERRUPT_SHADOW_MASK if core.icount == core.shadow_at else 0)
+        _DTR.pack_into(view, pa + _GDTR_AT, gl, gb)
+        _DTR.pack_into(view, pa + _IDTR_AT, il, ib)
+        _U8.pack_into(view, pa + _CPL_AT, core.cpl())
+        _U64.pack_into(view, pa + _EFER_AT, core.rdmsr_raw(MSR_EFER) | EFER_SVME)
+        _CR_BLOCK.pack_into(view, pa + _CR4_AT, p.cr(4), p.cr(3), p.cr(0),
+                            p.reg(UX.UC_X86_REG_DR7) & 0xFFFFFFFF,
+                            p.reg(UX.UC_X86_REG_DR6) & 0xFFFFFFFF,
+                            p.reg(UX.UC_X86_REG_EFLAGS), p.eip())
+        _U64.pack_into(view, pa + _RSP_AT, p.gpr(4))
+        _U64.pack_into(view, pa + _RAX_AT, p.gpr(0))
+        _U64.pack_into(view, pa + _CR2_AT, core.cr2)   # (the architectural CR2 the core keeps)
+        v.put("int_state", V.SVM_INTERRUPT_SHADOW_MASK if core.icount == core.shadow_at else 0)
         pa = v.pa
         self._clean = bytes(self.mem.view[pa + _SAVE_LO:pa + _SAVE_HI])
 
