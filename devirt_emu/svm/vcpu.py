@@ -83,9 +83,16 @@ _KIND_EXCEPTION, _KIND_PAUSE = Kind.EXCEPTION, Kind.PAUSE
 
 
 def _spans(*names: str) -> tuple:
-    """The byte ranges of fields, relative to :data:`_SAVE_LO`."""
-    return tuple((V.BY_NAME[n].offset - _SAVE_LO, V.BY_NAME[n].offset - _SAVE_LO + V.BY_NAME[n].size)
-                 for n in names)
+    """The byte ranges of fields, relative to :data:`_SAVE_LO`, adjacent ones
+    merged, as slices."""
+    out: list = []
+    for a, b in sorted((V.BY_NAME[n].offset - _SAVE_LO,
+                        V.BY_NAME[n].offset - _SAVE_LO + V.BY_NAME[n].size) for n in names):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return tuple(slice(a, b) for a, b in out)
 
 
 #: The part of the save area VMRUN loads and #VMEXIT saves (ES .. CR2).
@@ -254,8 +261,13 @@ class SvmVcpu(VirtualizationLayer):
         if clean is None:
             self._load_guest_state(_ALL_GROUPS)
         elif save != clean:
-            self._load_guest_state([grp for grp, spans in _GROUP_SPANS
-                                    if any(save[a:b] != clean[a:b] for a, b in spans)])
+            groups = []
+            for grp, spans in _GROUP_SPANS:
+                for sl in spans:
+                    if save[sl] != clean[sl]:
+                        groups.append(grp)
+                        break
+            self._load_guest_state(groups)
         else:
             self._load_guest_state(())
         self._clean = save
