@@ -251,6 +251,13 @@ class SvmVcpu(VirtualizationLayer):
         self.l0.entry_failed(self, failure)
         return False
 
+    def engine_matches_vmcb(self) -> None:
+        """Declare that the engine holds exactly the save area's state now (a
+        harness that restored the CPU context the VMCB was saved from): the next
+        VMRUN loads only the fields written after this."""
+        pa = self.vmcb.pa
+        self._clean = bytes(self.mem.view[pa + _SAVE_LO:pa + _SAVE_HI])
+
     def _sync_engine(self, save: Optional[bytes] = None) -> None:
         """Load into the engine the save-area groups written since it last matched
         the save area (all of them when that is not known)."""

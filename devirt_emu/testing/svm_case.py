@@ -287,7 +287,8 @@ def _exit_from(vcpu) -> CaseExit:
     g = v.get
     d = vcpu.last_exit
     core = vcpu.core
-    regs = {n: core.uc.reg_read(r) for n, r in zip(GPR_NAMES, GPR_IDS)}
+    gpr = core.probe.gpr
+    regs = {n: gpr(i) for i, n in enumerate(GPR_NAMES)}
     regs.update(rsp=g("rsp"), rax=g("rax"), rip=g("rip"), rflags=g("rflags"), cr0=g("cr0"),
                 cr2=g("cr2"), cr3=g("cr3"), cr4=g("cr4"), efer=g("efer"))
     n = g("insn_len")
@@ -477,6 +478,7 @@ class CaseRunner:
             fields["nested_ctl"] = fields.get("nested_ctl", 0) | V.SVM_NESTED_CTL_NP_ENABLE
         l0 = _RecordingL0(m)
         vcpu = SvmVcpu(core, VMCB_PA, l0)
+        vcpu.engine_matches_vmcb()       # (the fresh context is what the fresh VMCB was saved from)
         v = vcpu.vmcb
         for name, value in fields.items():
             v.set(name, value)
