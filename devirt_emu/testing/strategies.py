@@ -329,6 +329,13 @@ def _control_breakages(fields: dict, model) -> list:
             out.append(Breakage(f"{name}: bit {bit.bit_length() - 1} set (not allowed 1)",
                                 {name: value | bit}, name, error=_CTL))
     proc = fields["CPU_BASED_VM_EXEC_CONTROL"]
+    sec = fields["SECONDARY_VM_EXEC_CONTROL"] if proc & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS else 0
+    if not sec & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY:
+        # (with virtual-interrupt delivery the TPR threshold is not checked)
+        out.append(Breakage("TPR_THRESHOLD bits 31:4 with the TPR shadow",
+                            {"CPU_BASED_VM_EXEC_CONTROL": proc | C.CPU_BASED_TPR_SHADOW,
+                             "VIRTUAL_APIC_PAGE_ADDR": VIRTUAL_APIC_PAGE, "TPR_THRESHOLD": 0x10},
+                            "TPR_THRESHOLD", error=_CTL))
     out += [
         Breakage("CR3_TARGET_COUNT above IA32_VMX_MISC[24:16]", {"CR3_TARGET_COUNT": 5},
                  "CR3_TARGET_COUNT", error=_CTL),
@@ -342,10 +349,6 @@ def _control_breakages(fields: dict, model) -> list:
                  {"CPU_BASED_VM_EXEC_CONTROL": proc | C.CPU_BASED_TPR_SHADOW,
                   "VIRTUAL_APIC_PAGE_ADDR": VIRTUAL_APIC_PAGE + 0x10}, "VIRTUAL_APIC_PAGE_ADDR",
                  error=_CTL),
-        Breakage("TPR_THRESHOLD bits 31:4 with the TPR shadow",
-                 {"CPU_BASED_VM_EXEC_CONTROL": proc | C.CPU_BASED_TPR_SHADOW,
-                  "VIRTUAL_APIC_PAGE_ADDR": VIRTUAL_APIC_PAGE, "TPR_THRESHOLD": 0x10},
-                 "TPR_THRESHOLD", error=_CTL),
         Breakage("NMI-window exiting without virtual NMIs",
                  {"CPU_BASED_VM_EXEC_CONTROL": proc | C.CPU_BASED_NMI_WINDOW_EXITING,
                   "PIN_BASED_VM_EXEC_CONTROL": fields["PIN_BASED_VM_EXEC_CONTROL"]

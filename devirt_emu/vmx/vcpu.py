@@ -34,7 +34,8 @@ registers while the VMCS is current, like the other guest state.
 What VMX non-root operation changes for instructions that do not exit (SDM
 "Changes to Instruction Behavior in VMX Non-Root Operation") is done here:
 reads of CR0/CR4 see the read shadows for host-owned bits, writes leave the
-host-owned bits alone, CLTS/LMSW likewise, and RDTSC/RDTSCP add TSC_OFFSET.
+host-owned bits alone, CLTS/LMSW likewise, and RDTSC/RDTSCP and RDMSR of IA32_TSC add
+TSC_OFFSET.
 
 APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts"): the
 TPR shadow and the APIC-access page as below; virtual-interrupt delivery,
@@ -71,8 +72,8 @@ from typing import NamedTuple, Optional
 
 from unicorn import x86_const as X
 
-from ..x86 import (EFER_LMA, MSR_EFER, MSR_IA32_CR_PAT, X86_CR0_PG, X86_CR0_TS, X86_CR4_PAE,
-                   X86_CR4_VMXE)
+from ..x86 import (EFER_LMA, MSR_EFER, MSR_IA32_CR_PAT, MSR_IA32_TSC, X86_CR0_PG, X86_CR0_TS,
+                   X86_CR4_PAE, X86_CR4_VMXE)
 from ..events import Event, Kind
 from ..virt import SOFTWARE_EVENT_TYPES, Delivery, EventType, VirtualizationLayer
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, flags_to_ar
@@ -140,9 +141,16 @@ def _check_non_register(vcpu):
                                           current_vmcs_pa=vcpu.vmcs.pa)
 
 
+def _no_check(vcpu):
+    """The guest-interrupt status (RVI, SVI): no VM-entry check reads it (SDM
+    "Checks on Guest Non-Register State" has none for it)."""
+    return None
+
+
 #: Fields an L0 commonly writes between VM exit and VMRESUME -> the one group
 #: of VM-entry checks that reads them (any other written field: every check).
 _RESUME_CHECKS = {
+    int(F.GUEST_INTR_STATUS): _no_check,
     int(F.GUEST_RIP): _check_rip, int(F.GUEST_RFLAGS): _check_rflags,
     int(F.VM_ENTRY_INTR_INFO_FIELD): _check_injection,
     int(F.VM_ENTRY_EXCEPTION_ERROR_CODE): _check_injection,
@@ -402,6 +410,9 @@ class VmxVcpu(VirtualizationLayer):
         self.record = record            # callable(ExitRecord), the machine's exit log
         self.active = False             # in VMX non-root operation
         self.blocked = False            # the L0 halted this vCPU (HLT exit), host context
+        #: the L0 gave the core back to its host (KVM-devirt's take-back): nothing
+        #: but the L0 makes it run again
+        self.parked = False
         self.pause_loop = PauseLoop()
         self._mtf = False                     # monitor trap flag armed at the last entry
         self._entry_icount = 0
@@ -964,6 +975,8 @@ class VmxVcpu(VirtualizationLayer):
     def has_wakeup(self) -> Optional[bool]:
         """Scheduler: does this halted/waiting core have something to do now?
         None: decide as a native core would."""
+        if self.parked:
+            return False
         if not self.active and not self.blocked:
             return None
         lapic = self.core.lapic
@@ -980,6 +993,8 @@ class VmxVcpu(VirtualizationLayer):
     def boundary(self, core) -> bool:
         """Events on an instruction boundary in VMX non-root operation (replaces the
         native wake_check while active).  Returns True when it acted."""
+        if self.parked:
+            return False
         if self.blocked:
             return self.l0.unblock(self)
         if not self.active:
@@ -1076,8 +1091,8 @@ class VmxVcpu(VirtualizationLayer):
         insn = ev.insn
         if k in (Kind.MOV_FROM_CR, Kind.MOV_TO_CR) and insn.cr == 8:
             return self._cr8_tpr_shadow(ev)
-        if (k is Kind.RDMSR or k is Kind.WRMSR) and self.vapic.x2apic:
-            return self._x2apic_msr(ev)
+        if (k is Kind.RDMSR or k is Kind.WRMSR) and self.vapic.x2apic and self._x2apic_msr(ev):
+            return True
         if k is Kind.MOV_FROM_CR and insn.cr in (0, 4):
             mask, shadow = self._mask_shadow(insn.cr)
             real = core.probe.reg(X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4)
@@ -1104,7 +1119,11 @@ class VmxVcpu(VirtualizationLayer):
                 core.set_rip(ev.rip + insn.length)     # TS is host-owned: CLTS leaves it
                 return True
             return False
-        if k in (Kind.RDTSC, Kind.RDTSCP):
+        if k in (Kind.RDTSC, Kind.RDTSCP) or (k is Kind.RDMSR
+                                              and core.probe.gpr(1) & 0xFFFFFFFF == MSR_IA32_TSC):
+            # SDM "Changes to Instruction Behavior in VMX Non-Root Operation": RDTSC,
+            # RDTSCP and RDMSR of IA32_TIME_STAMP_COUNTER return TSC + TSC_OFFSET with
+            # "use TSC offsetting" (TSC scaling is not advertised)
             primary = v.get(F.CPU_BASED_VM_EXEC_CONTROL)
             if primary & C.CPU_BASED_USE_TSC_OFFSETTING:
                 core.tsc_adjust = v.get(F.TSC_OFFSET)
