@@ -57,6 +57,8 @@ def register(sub) -> None:
     p.add_argument("--timeline", metavar="FILE", help="write the runs as trace-event JSON")
     p.add_argument("--cost-model", metavar="FILE",
                    help="JSON file overriding cost-model rows (see docs/cost-model.md)")
+    from .cpumodels.cli import add_cpu_arguments
+    add_cpu_arguments(p)
     p.set_defaults(func=cmd_compare)
 
 
@@ -67,8 +69,10 @@ def configurations() -> list[str]:
 
 
 def run_all(path, cores: int, cost, *, mem_mb: int = 64, max_ns: int = 1_000_000_000,
-            wall_timeout_s: float = 300.0, timelines: list | None = None, progress=None) -> dict:
-    """Run ``path`` in every configuration; name -> (RunResult, Estimate)."""
+            wall_timeout_s: float = 300.0, timelines: list | None = None, progress=None,
+            cpu=None) -> dict:
+    """Run ``path`` in every configuration on CPU model ``cpu`` (None: the default);
+    name -> (RunResult, Estimate)."""
     from .machine import run_program
     from .timeline import Timeline
     out = {}
@@ -80,7 +84,7 @@ def run_all(path, cores: int, cost, *, mem_mb: int = 64, max_ns: int = 1_000_000
         res = run_program(path, cores=cores, mem_mb=mem_mb, max_ns=max_ns,
                           wall_timeout_s=wall_timeout_s, record_exits=False,
                           trace=tl.trace if tl else None,
-                          on_machine=tl.attach if tl else None, **kwargs)
+                          on_machine=tl.attach if tl else None, cpu=cpu, **kwargs)
         if tl is not None:
             timelines.append(tl)
         out[name] = (res, cost.estimate(res))
@@ -204,6 +208,12 @@ def cmd_compare(args) -> int:
             print(f"devirt-emu: error: no such directory for {opt}", file=sys.stderr)
             return 2
     timelines = [] if args.timeline else None
+    from .cpumodels.cli import model_from_args
+    try:
+        cpu = model_from_args(args)
+    except ValueError as e:
+        print(f"devirt-emu: error: {e}", file=sys.stderr)
+        return 2
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, BarColumn
     names = configurations()
@@ -221,7 +231,7 @@ def cmd_compare(args) -> int:
                 bar.update(task, description=f"running {path.name} {name}")
             runs = run_all(path, args.cores, cost, mem_mb=args.mem,
                            max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
-                           timelines=timelines, progress=progress)
+                           timelines=timelines, progress=progress, cpu=cpu)
             bar.advance(task)
     except (AsmError, GuestError, ValueError, OSError) as e:
         print(f"devirt-emu: error: {e}", file=sys.stderr)

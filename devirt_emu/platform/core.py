@@ -5,12 +5,14 @@ How guest code runs
 RAM is mapped readable and writable but not executable.  The first fetch
 from a page stops the engine (UC_ERR_FETCH_PROT); the core then scans the
 page with :mod:`devirt_emu.cpu.scan`, puts a UC_HOOK_CODE hook on the exact
-address of every sensitive instruction found, makes the page executable and
-write-protected in every core, and resumes.  Ordinary instructions never
-reach Python.  A store into a scanned page (self-modifying code, or data
-sharing a page with code) stops the engine (UC_ERR_WRITE_PROT); the scan is
-dropped in every core, the page becomes writable and non-executable again,
-and the store is retried.  Hooks are keyed by linear address and execute
+address of every sensitive instruction found, makes the page executable,
+write-protects it in every other core, and resumes.  Ordinary instructions
+never reach Python.  A store into the page by this core (self-modifying code,
+or data sharing a page with code) lands as on hardware: a write hook rescans
+only the starts it can change (see :class:`~.watch.CodeWatching`).  A store
+into it by another core stops that core's engine (UC_ERR_WRITE_PROT); the
+scan is dropped in every core, the page becomes writable and non-executable
+again, and the store is retried.  Hooks are keyed by linear address and execute
 permission by physical page, so a second linear alias of a scanned page
 would run unhooked: the core therefore re-arms (drops execute permission
 everywhere) on CR3 loads, INVLPG and paging-mode changes.
@@ -79,19 +81,21 @@ from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from ..virt import Delivery, EventType
 from . import cpuid as cpuid_model
+from . import monitor, pcid
+from .monitor import MonitorState
 from . import tasks
 from .delivery import LegacyDelivery
 from .descriptors import DescriptorTables
 from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-exported)
 from .lapic import GeneralProtection
-from .memory import PAGE_SIZE, PhysicalAccessError
-from .msrs import check_read, check_write, reset_value
+from .memory import PAGE_SIZE
+from .msrs import check_read, check_write, is_canonical, reset_value
 from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitcher
-from .watch import CodeWatching, PageAccess, PageWatching
+from .watch import _DORMANT, CodeWatching, PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, PaeRegisters,
-                  SecondStage, Stage2Fault, VirtualTlb, instruction_length)
+                  SecondStage, Stage2Fault, VirtualTlb)
 from .ucinternals import HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
@@ -257,7 +261,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         self.legacy = LegacyDelivery(self, self.tables)
         self.trace = machine.trace
         # page scanning
-        self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
+        self.hooks: dict[int, dict] = {}      # physical page -> {linear: (handle, insn)}
         self.exec_pages: set[int] = set()     # physical pages executable in this engine
         self._exit_sites: dict[int, Insn] = {}     # linear address -> site handled by exit
         self._exit_pages: dict[int, list[int]] = {}
@@ -274,6 +278,9 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         self._last_store: tuple | None = None  # (EIP, address, size, value) of the last store
         self._last_store_count = -1            # the instruction count it came at
         self._store_alone = False      # running an undone store alone (see _engine_run)
+        self._counter, self._eip = self.probe.executed, self.probe.eip   # (for the store hook)
+        self._ram = self.mem.view
+        self._peers: tuple | None = None       # the machine's other cores, once they all exist
         # per-run bookkeeping
         self._budget = 0
         self._uncount = 0
@@ -309,6 +316,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         self._watch_hooks: dict[int, list[int]] = {}   # watchpoint id -> Unicorn hooks
         self._watch_code_hook = None
         self.watch_hit: tuple[int, int, str] | None = None   # (id, address, access)
+        self.monitor = MonitorState()          # MONITOR/MWAIT (platform/monitor.py)
         self._handlers = self._make_handlers()
 
     def _architectural_reset(self) -> None:
@@ -539,10 +547,13 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         for m in modes:
             for addr, insn in self.machine.scan_cache(ppage, code + tail, lpage, m).items():
                 sites.setdefault(addr, {})[m] = insn
-        handles = self.hooks.setdefault(ppage, [])
+        handles = self.hooks.setdefault(ppage, {})
         for addr, by_mode in sites.items():
             insn = by_mode[64] if len(modes) == 1 else None
-            handles.append((self._add_site_hook(addr, insn, by_mode), addr, insn))
+            old = handles.get(addr)
+            if old is not None and old[0] is not None:
+                self._del_site_hook(old[0], addr)
+            handles[addr] = (self._add_site_hook(addr, insn, by_mode), insn)
         self.machine.mark_code_page(ppage)
         # writable here: a store into it is seen by its write hook (see CodeWatching)
         self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
@@ -551,7 +562,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
 
     def disarm_page(self, ppage: int) -> None:
         """Drop this engine's hooks, exits and execute permission for one physical page."""
-        for h, addr, _ in self.hooks.pop(ppage, ()):
+        for addr, (h, _) in self.hooks.pop(ppage, {}).items():
             if h is not None:
                 self._del_site_hook(h, addr)
         gone = self._exit_pages.pop(ppage, None)
@@ -595,20 +606,25 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         where the platform completes the instruction itself (EXIT_KINDS): exits are
         checked when code is translated, not per counted instruction (measured:
         3000 exits cost nothing).  The run stops before such an instruction and
-        the core handles it as the hook would have (see _take_exit)."""
+        the core handles it as the hook would have (see _take_exit).  Dormant
+        hooks (CodeWatching._resite) go too: a hook costs counted runs speed."""
         new = []
-        keep = []
-        for h, addr, insn in self.hooks.get(ppage, ()):
+        handles = self.hooks.get(ppage, {})
+        dormant = []
+        for addr, (h, insn) in handles.items():
             if h is not None and insn is not None and insn.kind in EXIT_KINDS:
                 self._del_site_hook(h, addr)
                 self._exit_sites[addr] = insn
                 new.append(addr)
-                keep.append((None, addr, insn))
-            else:
-                keep.append((h, addr, insn))
+            elif h is not None and self._site_of.get(addr) is _DORMANT:
+                dormant.append((addr, h))    # a store removed its instruction (CodeWatching)
+        for addr, h in dormant:
+            self._del_site_hook(h, addr)
+            del handles[addr]
         if not new:
             return
-        self.hooks[ppage] = keep
+        for addr in new:
+            handles[addr] = (None, handles[addr][1])
         self._exit_pages.setdefault(ppage, []).extend(new)
         self._set_exits()
         self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
@@ -1078,6 +1094,8 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
                     event.port = insn.port if insn.port is not None else \
                         self.probe.gpr(2) & 0xFFFF
                     event.extra["io_permitted"] = False   # no TSS I/O bitmap is modelled
+                elif kind is Kind.MWAIT:
+                    event.extra["monitor_armed"] = not monitor.triggered(self)
                 if self.trace is not None:
                     self.trace(self, event)
                 if self.virt is not None and self.virt.on_event(self, event):
@@ -1219,6 +1237,10 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
             Kind.PAUSE: self._h_pause,
             Kind.MARKER_BEGIN: self._h_marker_begin, Kind.MARKER_END: self._h_marker_end,
         })
+        if self.cpu.has("monitor"):
+            h.update({Kind.MONITOR: self._h_monitor, Kind.MWAIT: self._h_mwait})
+        if self.cpu.has("invpcid"):
+            h[Kind.INVPCID] = self._h_invpcid
         return h
 
     def _h_pass(self, address, insn):
@@ -1319,8 +1341,36 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
     def _h_hlt(self, address, insn):
         self._require_cpl0()
         self._skip(address, insn)
+        monitor.end_wait(self)
         self.state = State.HALTED
         self.request_stop("halt")
+
+    def _h_monitor(self, address, insn):
+        """MONITOR (see platform/monitor.py): #UD outside CPL 0, #GP(0) for ECX != 0."""
+        if self.cpl() != 0:
+            raise _Fault(6)
+        if self.probe.gpr(1) & 0xFFFFFFFF:
+            raise _Fault(13, 0)
+        linear = self.mem_operand_linear(insn, address)
+        if self.probe.hflags() & HF_CS64 and not is_canonical(linear):
+            raise _Fault(13, 0)
+        try:
+            monitor.do_monitor(self, linear)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        self._skip(address, insn)
+
+    def _h_mwait(self, address, insn):
+        """MWAIT (see platform/monitor.py): #UD outside CPL 0, #GP(0) for ECX[31:1] != 0."""
+        if self.cpl() != 0:
+            raise _Fault(6)
+        ecx = self.probe.gpr(1) & 0xFFFFFFFF
+        if ecx & ~monitor.MWAIT_ECX_INTERRUPT_BREAK:
+            raise _Fault(13, 0)
+        self._skip(address, insn)
+        if monitor.do_mwait(self, ecx):
+            self.state = State.HALTED
+            self.request_stop("halt")
 
     def _h_io(self, address, insn):
         self._require_iopl()
@@ -1390,12 +1440,48 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
             self._skip(address, insn)
             self.request_stop("check")
             return
+        probe = self.probe
+        if insn.cr == 4:
+            self.check_mov_to_cr4(probe.reg(GPR_IDS[insn.gpr]))
+        if insn.cr == 3 and probe.cr(4) & pcid.CR4_PCIDE:
+            # (platform/pcid.py: bit 63 is not loaded; Unicorn would load it)
+            self.uc.reg_write(X.UC_X86_REG_CR3, pcid.cr3_value(probe.reg(GPR_IDS[insn.gpr]),
+                                                              probe.cr(4)))
+            self._skip(address, insn)
+            pcid.flush_all(self)
+            self.request_stop("check")
+            return
         # CR0/CR3/CR4: Unicorn executes it; afterwards re-arm (paging or mode may change).
         # With PAE paging the PDPTE registers are loaded first (a reserved bit: #GP(0)).
         if insn.cr in (0, 3, 4):
             self.load_pdptes_for_mov_cr(insn.cr, self.probe.reg(GPR_IDS[insn.gpr]))
         self.step_then_check(address)
         self._rearm_after_step = True
+
+    def check_mov_to_cr4(self, new: int) -> None:
+        """MOV to CR4's checks of the CPU model's features: #GP(0) for CR4.PCIDE
+        set against the rules of platform/pcid.py."""
+        probe = self.probe
+        if pcid.cr4_write_problem(self.cpu.has("pcid"), probe.cr(4), new, probe.cr(3),
+                                  self.rdmsr_raw(MSR_EFER)):
+            raise _Fault(13, 0)
+
+    def _h_invpcid(self, address, insn):
+        """INVPCID (see platform/pcid.py): #GP(0) at CPL > 0 or for a bad type or descriptor."""
+        if self.cpl() != 0:
+            raise _Fault(13, 0)
+        kind = self.probe.reg(GPR_IDS[insn.gpr])
+        if not self.probe.hflags() & HF_CS64:
+            kind &= 0xFFFFFFFF
+        try:
+            desc = self.read_linear(self.mem_operand_linear(insn, address), 16)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        if pcid.invpcid_problem(kind, desc, self.probe.cr(4), is_canonical):
+            raise _Fault(13, 0)
+        self._skip(address, insn)
+        pcid.flush_all(self)
+        self.request_stop("check")
 
     def _h_mov_from_cr(self, address, insn):
         self._require_cpl0()
@@ -1680,6 +1766,10 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
             return False
         if self.icount == self.shadow_at:
             return False
+        if self.state is State.HALTED and self.monitor.waiting and monitor.wake_due(
+                self, lapic.pending_vector() is not None,
+                bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF)):
+            self._wake()                # a break event ends MWAIT's wait
         if not self.nmi_blocked and lapic.take_nmi():
             self.count(Kind.NMI)
             self._wake()
@@ -1708,6 +1798,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
     def _wake(self):
         if self.state is State.HALTED:
             self.state = State.RUNNING
+            monitor.end_wait(self)
 
     def _deliver_external(self, vector: int, nmi: bool = False) -> None:
         self.delivering = Delivery(vector, EventType.NMI if nmi else EventType.EXTERNAL_INTERRUPT)
@@ -1744,8 +1835,10 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         if self.state is State.HALTED:
             if lapic.init_pending or (lapic.nmi_pending and not self.nmi_blocked):
                 return True
-            return bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF) and \
-                lapic.pending_vector() is not None
+            if_set = bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF)
+            if self.monitor.waiting:
+                return monitor.wake_due(self, lapic.pending_vector() is not None, if_set)
+            return if_set and lapic.pending_vector() is not None
         return self.state is State.RUNNING
 
     def reset_model_state(self) -> None:
@@ -1754,6 +1847,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         for a caller that restores a saved CPU context and starts afresh."""
         self.rearm_all()
         self.nmi_blocked = False
+        self.monitor.clear()
         self.shadow_at = -1
         self.msr_store.clear()
         self.tsc_offset = self.tsc_adjust = 0
@@ -1780,6 +1874,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         self.rearm_all()
         self.uc.context_restore(self.reset_context)
         self.reset_pdpte_registers()
+        self.monitor.clear()
         self.nmi_blocked = False
         self.lapic.init_reset()
         self.state = State.WAIT_SIPI

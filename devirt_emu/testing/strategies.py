@@ -405,7 +405,10 @@ def _guest_breakages(fields: dict) -> list:
         Breakage("GUEST_CR4.VMXE cleared (a CR4 fixed-1 bit)", {"GUEST_CR4": FRESH_CR4 & ~(1 << 13)},
                  "GUEST_CR4", **g),
         Breakage("GUEST_RFLAGS bit 1 cleared", {"GUEST_RFLAGS": 0}, "GUEST_RFLAGS", **g),
-        Breakage("GUEST_RIP not canonical", {"GUEST_RIP": 0x0000800000000000}, "GUEST_RIP", **g),
+        # (SDM 26.3.1.4: bits 63:N identical, N = 48; bit 47 is not part of the check, so
+        # 0x0000_8000_0000_0000 enters and faults on the fetch instead)
+        Breakage("GUEST_RIP bits 63:48 not identical", {"GUEST_RIP": 0xFFFE800000000000},
+                 "GUEST_RIP", **g),
         Breakage("GUEST_ACTIVITY_STATE 4 (reserved)", {"GUEST_ACTIVITY_STATE": 4},
                  "GUEST_ACTIVITY_STATE", **g),
         Breakage("blocking by STI with RFLAGS.IF = 0", {"GUEST_INTERRUPTIBILITY_INFO": 1},

@@ -83,7 +83,7 @@ from . import controls as C
 from . import exit_reasons as er
 from .entry import (EntryCaps, EntryFailure, FailureKind, check_event_injection,
                     check_guest_non_register_state, check_guest_pdptes, check_guest_rflags,
-                    check_guest_rip, check_launch_state, check_vm_entry)
+                    check_guest_rip, check_launch_state, check_vm_entry, is_canonical)
 from .exit_reasons import Timing
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
@@ -91,6 +91,7 @@ from .capabilities import model_of
 from .ept import EptCaps
 from .ept_mmu import EptStage2, ept_exit_decision
 from .vmcs import FIELD_SLOTS, Vmcs, _key
+from ..platform.monitor import triggered as monitor_triggered
 from .virtual_apic import VirtualApic
 from . import apicv
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
@@ -415,6 +416,7 @@ class VmxVcpu(VirtualizationLayer):
         self.parked = False
         self.pause_loop = PauseLoop()
         self._mtf = False                     # monitor trap flag armed at the last entry
+        self._mtf_wake = False                # ... and that entry was to HLT or shutdown
         self._entry_icount = 0
         self._ptimer_deadline: Optional[int] = None   # VMX-preemption timer, virtual ns
         self._timer_controls: Optional[tuple] = None  # (MTF, preemption timer) at the last entry
@@ -443,6 +445,9 @@ class VmxVcpu(VirtualizationLayer):
         #: virtual-interrupt delivery, x2APIC and APIC-register virtualization, posted interrupts
         self.vapic = VirtualApic(self)
         self.ept: Optional[EptStage2] = None     # the EPT the core translates through, when enabled
+        #: (EPTP, EptStage2.translations()) that the first EPT with that EPTP starts
+        #: with: a caller that knows the tables unchanged (the case runner) sets it
+        self.ept_translations: Optional[tuple[int, dict]] = None
         self._ept_state: Optional[tuple] = None   # (EPTP or None, VPID on) read at the last entry
 
     # ------------------------------------------------------------------ guest state
@@ -472,8 +477,8 @@ class VmxVcpu(VirtualizationLayer):
 
     def _activity(self) -> int:
         st = self.core.state
-        if st is State.HALTED and not self.blocked:
-            return C.GUEST_ACTIVITY_HLT
+        if st is State.HALTED and not self.blocked and not self.core.monitor.waiting:
+            return C.GUEST_ACTIVITY_HLT        # (an MWAIT wait is not an activity state)
         if st is State.WAIT_SIPI:
             return C.GUEST_ACTIVITY_WAIT_SIPI
         if st is State.SHUTDOWN:
@@ -556,9 +561,13 @@ class VmxVcpu(VirtualizationLayer):
 
     def _load_activity(self) -> None:
         act = self.vmcs.peek(F.GUEST_ACTIVITY_STATE)
-        self.core.state = {C.GUEST_ACTIVITY_HLT: State.HALTED,
-                           C.GUEST_ACTIVITY_WAIT_SIPI: State.WAIT_SIPI,
-                           C.GUEST_ACTIVITY_SHUTDOWN: State.SHUTDOWN}.get(act, State.RUNNING)
+        state = {C.GUEST_ACTIVITY_HLT: State.HALTED,
+                 C.GUEST_ACTIVITY_WAIT_SIPI: State.WAIT_SIPI,
+                 C.GUEST_ACTIVITY_SHUTDOWN: State.SHUTDOWN}.get(act, State.RUNNING)
+        self.core.state = state
+        self.core.monitor.waiting = False      # an entry to HLT is HLT's wait, not MWAIT's
+        if state is not State.RUNNING:
+            self.core.request_stop("halt")   # an entry from an exit handler inside a run
 
     def _load_pdptes(self) -> None:
         """GUEST_PDPTR0-3 written: into the core's PDPTE registers, which hold the
@@ -641,13 +650,30 @@ class VmxVcpu(VirtualizationLayer):
         self.pause_loop = _PAUSE_LOOP_AT_ENTRY
         self.active = True
         self.blocked = False
+        # the monitor trap flag with an entry to HLT or shutdown: an MTF VM exit is
+        # pending at once and wakes the processor (issue 14; SDM "Monitor Trap Flag")
+        self._mtf_wake = self._mtf and self.core.state in (State.HALTED, State.SHUTDOWN)
         if self.vapic.vid:
             self.vapic.at_entry()       # PPR virtualization, evaluation of pending virtual interrupts
         if inject:
             info = v.peek(_INTR_INFO)
             if info & C.INTR_INFO_VALID_MASK:
                 self._inject(info)
+                return True
+        if self._fetch_not_canonical():
+            # (VM entry checks only bits 63:N of RIP: the first fetch faults)
+            self.core.deliver_exception(13, 0)
         return True
+
+    def _fetch_not_canonical(self) -> bool:
+        """A 64-bit guest entered active at a RIP whose bits 63:N-1 are not identical
+        (N the linear-address width): its first instruction fetch raises #GP(0)."""
+        core = self.core
+        # (the engine's state, not the VMCS copy: the guest-state fields stay in the
+        # engine from here on)
+        if core.state is not State.RUNNING or not core.probe.hflags() & HF_CS64:
+            return False
+        return not is_canonical(core.rip(), self.caps.linear_address_width)
 
     def _entry_checks(self, launch: bool) -> Optional[EntryFailure]:
         """The SDM's VM-entry checks.  VMLAUNCH runs them all; VMRESUME runs them
@@ -689,8 +715,15 @@ class VmxVcpu(VirtualizationLayer):
             self._ptimer_deadline = None
 
     def next_event_ns(self) -> Optional[int]:
-        """When the VMX-preemption timer expires (the scheduler cuts runs there)."""
-        return self._ptimer_deadline if self.active else None
+        """When the VMX-preemption timer expires (the scheduler cuts runs there), or
+        now while an MTF VM exit waits to wake the core from HLT or shutdown; the
+        timer counts in HLT and shutdown too (not in wait-for-SIPI, where its
+        expiry wakes nothing)."""
+        if not self.active:
+            return None
+        if self._mtf_wake:
+            return self.core.now()
+        return self._ptimer_deadline
 
     def single_step(self) -> bool:
         """The monitor trap flag is armed: the core must stop after every instruction."""
@@ -823,7 +856,9 @@ class VmxVcpu(VirtualizationLayer):
                 core.set_second_stage(None)
             return
         if self.ept is None or self.ept.eptp != eptp:
-            self.ept = EptStage2(self.mem, eptp, lambda: self.active, caps=self.ept_caps)
+            reuse = self.ept_translations
+            self.ept = EptStage2(self.mem, eptp, lambda: self.active, caps=self.ept_caps,
+                                 cached=reuse[1] if reuse and reuse[0] == eptp else None)
             core.set_second_stage(self.ept)
         elif not vpid:
             core.flush_tlb()
@@ -979,6 +1014,12 @@ class VmxVcpu(VirtualizationLayer):
             return False
         if not self.active and not self.blocked:
             return None
+        if self.active and self.core.state is not State.WAIT_SIPI and (
+                self._mtf_wake or (self._ptimer_deadline is not None
+                                   and self.core.now() >= self._ptimer_deadline)):
+            return True         # an MTF or preemption-timer exit wakes HLT and shutdown
+        if self.active and self.core.monitor.waiting and monitor_triggered(self.core):
+            return True         # a store to the monitored line ends MWAIT's wait
         lapic = self.core.lapic
         if lapic.init_pending or lapic.nmi_pending:
             return True
@@ -1020,18 +1061,32 @@ class VmxVcpu(VirtualizationLayer):
             ev = Event(Kind.SIPI, core.index, core.rip(), vector=vec, regs=core.lazy_regs())
             ev.regs["activity_state"] = self._activity()
             return self._event_exit(ev)
-        if core.state in (State.WAIT_SIPI, State.SHUTDOWN):
+        if core.state is State.WAIT_SIPI:
             return False
         v = self.vmcs
         d = boundary_exit(v, rflags=core.probe.reg(X.UC_X86_REG_EFLAGS),
                           interruptibility=self._interruptibility(),
                           activity_state=self._activity(),
-                          mtf_pending=self._mtf and core.icount > self._entry_icount,
+                          mtf_pending=self._mtf and (core.icount > self._entry_icount
+                                                     or self._mtf_wake),
                           preemption_timer_expired=self._ptimer_deadline is not None
                           and core.now() >= self._ptimer_deadline)
         if d.exit:
+            self._mtf_wake = False
             self.vm_exit(d, None)
             return True
+        if core.state is State.SHUTDOWN:
+            # external interrupts are blocked in shutdown; an NMI is not (with NMI
+            # exiting it causes a VM exit)
+            if lapic.nmi_pending and v.get(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_NMI_EXITING:
+                ev = Event(Kind.NMI, core.index, core.rip(), vector=2, regs=core.lazy_regs())
+                out = decide(ev, v, self.read_mem)
+                if out.exit:
+                    lapic.take_nmi()
+                    core.count(Kind.NMI)
+                    self.vm_exit(out, ev)
+                    return True
+            return False
         if core.icount == core.shadow_at:
             return False
         if lapic.nmi_pending and not core.nmi_blocked:
@@ -1108,6 +1163,7 @@ class VmxVcpu(VirtualizationLayer):
             new = (real & mask) | (core.probe.reg(GPR_IDS[insn.gpr]) & ~mask)
             if insn.cr == 4:
                 new &= ~X86_CR4_VMXE
+                core.check_mov_to_cr4(new | X86_CR4_VMXE)   # the model's CR4 features: #GP(0)
             core.load_pdptes_for_mov_cr(insn.cr, new)     # PAE paging: #GP(0) or the PDPTEs loaded
             uc.reg_write(rid, new)
             core.set_rip(ev.rip + insn.length)
