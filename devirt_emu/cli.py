@@ -49,6 +49,8 @@ the first --exit-records exits, exits_dropped (the exits after those),
 exit_counts and window_exit_counts (by exit name, always complete; window:
 inside a core's steady-state window) and exit_counts_per_core (exit_counts
 split by core).
+For --arch svm the same keys, each exit being: core, exit_code (SVM_EXIT_*),
+name, exit_info_1, exit_info_2, rip, in_window.
 
 configurations (--arch vmx): stock is KVM's default VMCS with EPT and
 unrestricted guest, APICv off, PAUSE-loop exiting on; apicv is the same with
@@ -57,6 +59,10 @@ and x2APIC virtualization: IPIs are posted, EOIs do not exit); devirt is KVM-dev
 the guest boots under stock and each core asks for devirtualization at the end
 of boot (a paravirtual MSR write), after which external interrupts, HLT,
 MWAIT, PAUSE and the timer/IPI/EOI x2APIC MSRs no longer exit.
+configurations (--arch svm): stock is KVM's default VMCB with NPT and
+V_INTR_MASKING; devirt is KVM-devirt's SVM set (no INTR, HLT, MWAIT, PAUSE
+intercepts, V_INTR_MASKING and NPT off, the x2APIC timer/IPI/EOI MSRs passed
+through), reached the same way at the end of boot.
 --trace FILE writes every event as one JSON object per line (core, kind, rip,
 instruction, icount, ...).  --timeline FILE writes the run as Chrome
 trace-event JSON: a track per core, VM exits as slices named by reason and as
@@ -135,13 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtual seconds before the run ends with verdict timeout (default 1)")
     r.add_argument("--wall-timeout", type=_seconds, default=300.0, metavar="S",
                    help="wall-clock seconds before verdict timeout (default 300)")
-    r.add_argument("--arch", choices=("none", "vmx"), default="none",
+    r.add_argument("--arch", choices=("none", "vmx", "svm"), default="none",
                    help="none: native, no hypervisor (default); vmx: the guest runs in VMX "
-                        "non-root operation under the L0 (a model of KVM)")
-    from .hypervisor.configs import VMX_CONFIGS
-    r.add_argument("--config", choices=tuple(VMX_CONFIGS),
+                        "non-root operation under the L0 (a model of KVM); svm: the guest "
+                        "runs as an SVM guest under the L0 (a model of KVM on AMD)")
+    from .hypervisor.configs import SVM_CONFIGS, VMX_CONFIGS
+    r.add_argument("--config", choices=tuple(dict.fromkeys((*VMX_CONFIGS, *SVM_CONFIGS))),
                    help="with --arch vmx: a configuration of devirt_emu/hypervisor/configs.py: "
-                        + ", ".join(VMX_CONFIGS) + " (default stock)")
+                        + ", ".join(VMX_CONFIGS) + "; with --arch svm: "
+                        + ", ".join(SVM_CONFIGS) + " (default stock)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     r.add_argument("--trace", metavar="FILE", help="write every event to FILE as JSON Lines")
     r.add_argument("--exit-records", type=_records, default=10_000, metavar="N|all",
@@ -225,7 +233,7 @@ def cmd_run(args) -> int:
         sys.stdout.write(chr(byte))
 
     if args.config is not None and args.arch == "none":
-        print("devirt-emu: error: --config needs --arch vmx", file=sys.stderr)
+        print("devirt-emu: error: --config needs --arch vmx or svm", file=sys.stderr)
         return 2
     try:
         cpu = model_from_args(args)

@@ -110,7 +110,8 @@ class RunResult:
 
 class Machine:
     """An x86-64 machine of N cores, natively or under a hypervisor model
-    (``arch="vmx"``: the KVM L0 in configuration ``config``).
+    (``arch="vmx"`` or ``"svm"``: the KVM L0 for Intel or AMD in configuration
+    ``config``).
 
     ``load_image`` / ``load_elf`` put a guest in RAM; ``run`` boots and runs it
     to a verdict.  The stepping API does the same in steps: ``boot``, then
@@ -140,10 +141,14 @@ class Machine:
         if quantum < 1:
             raise ValueError("quantum must be at least 1 instruction")
         #: The CPU model every core is (a CpuModel; ``cpu`` may be one, a spec
-        #: string such as "nehalem,+pcid", or None for skylake-server).
-        self.cpu = get_model(cpu)
+        #: string such as "nehalem,+pcid", or None for skylake-server, or
+        #: epyc-rome with ``arch="svm"``).
+        self.cpu = get_model("epyc-rome" if cpu is None and arch == "svm" else cpu)
         if arch == "vmx" and not self.cpu.has_vmx:
             raise ValueError(f"CPU model {self.cpu.name} has no VMX; --arch vmx needs an Intel model")
+        if arch == "svm" and not self.cpu.has_svm:
+            raise ValueError(f"CPU model {self.cpu.name} has no SVM; --arch svm needs an AMD model "
+                             "(epyc-rome, the default with --arch svm)")
         self.mem = PhysMem(mem_mb << 20)
         self.deterministic = not fast
         self.fast = fast
@@ -186,10 +191,14 @@ class Machine:
             from .hypervisor.kvm import KvmL0
             self.config = config or "stock"
             self.l0 = KvmL0(self, self.config)
+        elif arch == "svm":
+            from .hypervisor.kvm_svm import KvmSvmL0
+            self.config = config or "stock"
+            self.l0 = KvmSvmL0(self, self.config)
         elif arch != "none":
-            raise ValueError(f"unknown architecture {arch!r} (have: none, vmx)")
+            raise ValueError(f"unknown architecture {arch!r} (have: none, vmx, svm)")
         elif config is not None:
-            raise ValueError("a configuration needs --arch vmx")
+            raise ValueError("a configuration needs --arch vmx or svm")
         # the stepping API
         self.booted = False
         self._wall_used = 0.0

@@ -93,7 +93,7 @@ def test_assembly_error_names_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("args", [("run", HELLO, "--cores", "0"), ("run", HELLO, "--cores", "x"),
-                                  ("run", HELLO, "--arch", "svm"), ("run", HELLO, "--bogus"),
+                                  ("run", HELLO, "--arch", "arm"), ("run", HELLO, "--bogus"),
                                   ("run", HELLO, "--config", "devirt"), ("run", HELLO, "--mem", "8"),
                                   ("run", HELLO, "--exit-records", "-1"),
                                   ("run", HELLO, "--exit-records", "some")])

@@ -9,6 +9,7 @@ import pytest
 
 from devirt_emu import virt
 from devirt_emu.hypervisor.kvm import KvmL0
+from devirt_emu.hypervisor.kvm_svm import KvmSvmL0
 from devirt_emu.machine import run_program
 from devirt_emu.svm.vcpu import SvmVcpu
 from devirt_emu.testing.svm_case import _RecordingL0 as _SvmRecordingL0
@@ -29,6 +30,7 @@ def _protocol_methods(proto) -> list[str]:
     (KvmL0, virt.MachineHypervisor),
     (_RecordingL0, virt.Hypervisor),
     (SvmVcpu, virt.VirtualizationLayer),
+    (KvmSvmL0, virt.MachineHypervisor),
     (_SvmRecordingL0, virt.Hypervisor),
 ])
 def test_implementations_declare_and_implement_their_protocol(cls, proto):

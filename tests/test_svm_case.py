@@ -140,3 +140,16 @@ def test_the_examples_in_the_docs_run():
         exec(compile(block, "docs/svm-cases.md", "exec"), {})
     res = doctest.testmod(svm_case)
     assert res.attempted > 0 and res.failed == 0
+
+
+def test_decode_assists_give_the_instruction_bytes_of_a_pf_and_an_npf():
+    from devirt_emu.asm import assemble
+    from devirt_emu.testing.svm_case import SCRATCH_BASE
+    code = "mov rax, [0x7fffffff000]"
+    want, _ = assemble(code, CODE_BASE, "t")
+    r = run_case(code, intercepts=["INTERCEPT_EXCEPTION_14"])
+    assert len(r.exit.insn_bytes) == 15 and r.exit.insn_bytes.startswith(want + b"\xf4")
+    r = run_case("mov byte ptr [0x400000], 1", npt=["identity", {SCRATCH_BASE: (SCRATCH_BASE, "r")}])
+    want, _ = assemble("mov byte ptr [0x400000], 1", CODE_BASE, "t")
+    assert r.exit.insn_bytes.startswith(want)
+    assert run_case("cpuid", intercepts=["CPUID"]).exit.insn_bytes == b""

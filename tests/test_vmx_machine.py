@@ -113,7 +113,9 @@ def test_config_needs_vmx():
     with pytest.raises(ValueError):
         Machine(config="devirt")
     with pytest.raises(ValueError):
-        Machine(arch="svm")
+        Machine(arch="arm")
+    with pytest.raises(ValueError):            # SVM exists now, but not on an Intel model
+        Machine(arch="svm", cpu="skylake-server")
 
 
 def test_at_every_vm_exit_the_ia32e_mode_guest_control_is_efer_lma():

@@ -8,7 +8,8 @@ part of devirt-emu that depends on the processor reads it from the model the
 machine was built with (``Machine(cpu=...)``), never from a module constant.
 
 The models live one per module in this package (``skylake_server``, the
-default; ``icelake_server``; ``sapphire_rapids``; ``westmere``; ``nehalem``),
+default; ``icelake_server``; ``sapphire_rapids``; ``westmere``; ``nehalem``;
+``epyc_rome``, the AMD one, for ``--arch svm``),
 each with the vendor documentation it follows in ``sources``.  A model
 advertises only what devirt-emu implements: where the part has a feature the
 emulator does not give semantics to, the module says so and leaves the bit
@@ -271,8 +272,12 @@ def _cpuid_features() -> list[Feature]:
                     "gfni", "vaes", "vpclmulqdq", "avx512_vnni", "avx512_bitalg", None,
                     "avx512_vpopcntdq", None, "la57", None, None, None, None, None, "rdpid",
                     None, None, "cldemote", None, "movdiri", "movdir64b", None, None, None],
-        (0x80000001, 0, 2): ["lahf_lm", None, None, None, None, "abm", None, None,
+        (0x80000001, 0, 2): ["lahf_lm", None, "svm", None, None, "abm", None, None,
                              "3dnowprefetch"],
+        # AMD's SVM features, Fn8000_000A_EDX (APM Vol. 3 Appendix E; cpuinfo names)
+        (0x8000000A, 0, 3): ["npt", "lbrv", "svm_lock", "nrip_save", "tsc_scale", "vmcb_clean",
+                             "flushbyasid", "decodeassists", None, None, "pausefilter", None,
+                             "pfthreshold", "avic", None, "v_vmsave_vmload", "vgif"],
         (0x80000001, 0, 3): [None] * 11 + ["syscall"] + [None] * 8 + ["nx"] + [None] * 5
         + ["pdpe1gb", "rdtscp", None, "lm"],
     }
@@ -470,6 +475,11 @@ class CpuModel:
     @property
     def has_vmx(self) -> bool:
         return bool(self.vmx_msrs)
+
+    @property
+    def has_svm(self) -> bool:
+        """CPUID Fn8000_0001_ECX[2] (AMD's SVM)."""
+        return "svm" in self.features
 
     @property
     def preemption_timer_rate(self) -> int:
@@ -708,7 +718,8 @@ def _check_vmx_consistency(model: CpuModel) -> None:
 # --------------------------------------------------------------------------
 # Registry and specs
 # --------------------------------------------------------------------------
-_MODULES = ("skylake_server", "icelake_server", "sapphire_rapids", "westmere", "nehalem")
+_MODULES = ("skylake_server", "icelake_server", "sapphire_rapids", "westmere", "nehalem",
+            "epyc_rome")
 _REGISTRY: dict[str, CpuModel] = {}
 _loaded = False
 

@@ -13,7 +13,7 @@ import sys
 from . import (DEFAULT_MODEL, FEATURES, VMX_MSR_NAMES, CpuModel, CpuModelError, get_model,
                load_vmx_msrs, models)
 
-CPU_HELP = ("CPU model NAME[,+FEATURE,-FEATURE...] (default skylake-server; "
+CPU_HELP = ("CPU model NAME[,+FEATURE,-FEATURE...] (default skylake-server, epyc-rome with --arch svm; "
             "'devirt-emu cpus' lists them)")
 VMX_MSRS_HELP = ("replace the model's VMX capability MSRs by a dump: JSON {\"0x480\": \"0x...\"}, "
                  "'INDEX VALUE' hex pairs, or rdmsr's bare hex values for 0x480, 0x481, ... "
@@ -29,7 +29,10 @@ def add_cpu_arguments(parser: argparse.ArgumentParser) -> None:
 def model_from_args(args) -> CpuModel:
     """The CpuModel of ``--cpu`` and ``--vmx-msrs``; CpuModelError (a ValueError,
     one line) for a bad spec or dump."""
-    model = get_model(getattr(args, "cpu", None))
+    spec = getattr(args, "cpu", None)
+    if spec is None and getattr(args, "arch", None) == "svm":
+        spec = "epyc-rome"                  # the AMD model is the default with --arch svm
+    model = get_model(spec)
     path = getattr(args, "vmx_msrs", None)
     if path:
         model = CpuModel.from_vmx_msrs(load_vmx_msrs(path), base=model,

@@ -290,3 +290,82 @@ APICV = VmxConfig(
 VMX_CONFIGS = {c.name: c for c in (STOCK, APICV, DEVIRT)}
 #: The set a configuration boots under before its cores ask for devirtualization.
 BOOT_CONFIG = {"stock": STOCK, "apicv": APICV, "devirt": STOCK}
+
+
+# ------------------------------------------------------------------------ SVM
+# The named SVM configurations (the AMD side), intercept by intercept.
+#
+# ``stock`` is KVM's default VMCB with NPT on (svm.c ``init_vmcb`` on a host
+# with nested paging, an in-kernel local APIC and AVIC off): the CR0, CR4 read
+# and write intercepts and the CR8 write intercept (CR3 not: NPT); every DR
+# read and write; the #UD, #MC and #AC exceptions (#PF not: NPT); INTR, NMI,
+# SMI, the selective CR0 write, RDPMC, CPUID, INVD, INVLPGA, IOIO and MSR
+# protection, task switch, shutdown, HLT, PAUSE with the filter (count 3000,
+# threshold 128: KVM's pause_filter_count and pause_filter_thresh defaults),
+# RSM; VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, WBINVD, XSETBV,
+# RDPRU, MONITOR and MWAIT.  V_INTR_MASKING is set (svm.c sets it in
+# int_ctl), so the guest's CR8 is V_TPR.  The MSRPM passes through KVM's
+# direct-access MSRs (direct_access_msrs: STAR, LSTAR, CSTAR, SFMASK,
+# FS/GS base, KERNEL_GS_BASE, SYSENTER_*) and lets IA32_TSC be read.
+#
+# ``devirt`` is KVM-devirt's SVM set (DESIGN.md "SVM"): INTR intercept off,
+# V_INTR_MASKING off, NMI intercept on, no HLT/MWAIT/PAUSE intercepts, NPT
+# off, no AVIC; the MSRPM passes through the x2APIC EOI, IRR, TDCR, TMCCT,
+# LVTT, TMICT, ICR (0x830) and 0x831 (TSC_DEADLINE is not passed through on
+# AMD).  As under VMX, a devirt guest boots under ``stock`` and asks for
+# devirtualization at the end of boot (MSR_KVM_DEVIRT).  With NPT off and
+# direct physical addressing the guest's page tables hold host-physical
+# addresses, so neither CR3, INVLPG nor #PF is intercepted.
+#
+# Deviation from KVM in both: INTERCEPT_INIT is set.  KVM's vCPUs get INIT
+# from its software APIC and never see a physical one; this model's guest
+# APIC is the physical one, so the L0 intercepts INIT and resets the vCPU
+# itself (the AP then waits for SIPI in the host, as KVM's does).
+
+SVM_DEVIRT_PASSTHROUGH = (0x80B, 0x820, 0x83E, 0x839, 0x832, 0x838, 0x830, 0x831)
+SVM_KVM_PASSTHROUGH = (0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000100,
+                       0xC0000101, 0xC0000102, 0x174, 0x175, 0x176)
+
+
+@dataclass(frozen=True)
+class SvmConfig:
+    name: str
+    description: str
+    intercepts: tuple          # names of devirt_emu.svm.intercepts
+    v_intr_masking: bool
+    npt: bool
+    msr_passthrough: tuple = ()
+    msr_passthrough_read: tuple = ()
+    pause_filter_count: int = 0
+    pause_filter_thresh: int = 0
+
+
+_SVM_STOCK_INTERCEPTS = (
+    "INTERCEPT_CR0_READ", "INTERCEPT_CR4_READ", "INTERCEPT_CR0_WRITE", "INTERCEPT_CR4_WRITE",
+    "INTERCEPT_CR8_WRITE",
+    *(f"INTERCEPT_DR{n}_{rw}" for n in (0, 1, 2, 3, 4, 5, 6, 7) for rw in ("READ", "WRITE")),
+    "INTERCEPT_EXCEPTION_6", "INTERCEPT_EXCEPTION_17", "INTERCEPT_EXCEPTION_18",
+    "INTERCEPT_INTR", "INTERCEPT_NMI", "INTERCEPT_SMI", "INTERCEPT_INIT",
+    "INTERCEPT_SELECTIVE_CR0", "INTERCEPT_RDPMC", "INTERCEPT_CPUID", "INTERCEPT_INVD",
+    "INTERCEPT_INVLPGA", "INTERCEPT_IOIO_PROT", "INTERCEPT_MSR_PROT", "INTERCEPT_TASK_SWITCH",
+    "INTERCEPT_SHUTDOWN", "INTERCEPT_HLT", "INTERCEPT_PAUSE", "INTERCEPT_RSM",
+    "INTERCEPT_VMRUN", "INTERCEPT_VMMCALL", "INTERCEPT_VMLOAD", "INTERCEPT_VMSAVE",
+    "INTERCEPT_STGI", "INTERCEPT_CLGI", "INTERCEPT_SKINIT", "INTERCEPT_WBINVD",
+    "INTERCEPT_XSETBV", "INTERCEPT_RDPRU", "INTERCEPT_MONITOR", "INTERCEPT_MWAIT",
+)
+_SVM_DEVIRT_OFF = {"INTERCEPT_INTR", "INTERCEPT_HLT", "INTERCEPT_MWAIT", "INTERCEPT_PAUSE"}
+
+SVM_STOCK = SvmConfig(
+    name="stock", description="KVM's default SVM intercepts with NPT and V_INTR_MASKING",
+    intercepts=_SVM_STOCK_INTERCEPTS, v_intr_masking=True, npt=True,
+    msr_passthrough=SVM_KVM_PASSTHROUGH, msr_passthrough_read=KVM_PASSTHROUGH_READ,
+    pause_filter_count=3000, pause_filter_thresh=128)
+SVM_DEVIRT = SvmConfig(
+    name="devirt", description="KVM-devirt's SVM set: no INTR/HLT/MWAIT/PAUSE intercepts, "
+                               "V_INTR_MASKING off, NPT off, x2APIC timer/IPI/EOI MSRs passed through",
+    intercepts=tuple(n for n in _SVM_STOCK_INTERCEPTS if n not in _SVM_DEVIRT_OFF),
+    v_intr_masking=False, npt=False,
+    msr_passthrough=SVM_KVM_PASSTHROUGH + SVM_DEVIRT_PASSTHROUGH,
+    msr_passthrough_read=KVM_PASSTHROUGH_READ)
+SVM_CONFIGS = {c.name: c for c in (SVM_STOCK, SVM_DEVIRT)}
+SVM_BOOT_CONFIG = {"stock": SVM_STOCK, "devirt": SVM_STOCK}

@@ -186,6 +186,11 @@ def _core_msrs() -> Tuple[MsrInfo, ...]:
         MsrInfo(0xC0000101, "MSR_GS_BASE", "cpu", 0, _MASK64, rule=_canonical),
         MsrInfo(0xC0000102, "MSR_KERNEL_GS_BASE", "cpu", 0, _MASK64, rule=_canonical),
         MsrInfo(0xC0000103, "MSR_TSC_AUX", "cpu", 0, _MASK32),
+        # AMD APM Vol. 2, 15.30 "SVM Related MSRs": VM_CR (DPD, R_INIT, DIS_A20M writable;
+        # LOCK and SVMDIS clear: SVM enabled, not locked) and VM_HSAVE_PA (page-aligned,
+        # below MAXPHYADDR)
+        MsrInfo(0xC0010114, "MSR_VM_CR", "store", 0, 0x7),
+        MsrInfo(0xC0010117, "MSR_VM_HSAVE_PA", "store", 0, _PHYS_PAGE_BITS),
     ]
     for n in range(8):
         rows.append(MsrInfo(0x200 + 2 * n, f"MSR_MTRRphysBase{n}", "store", 0,
@@ -282,8 +287,10 @@ def msr_range(index: int) -> Optional[MsrRange]:
 
 
 #: MSRs that exist only with a CPUID feature (SDM Vol. 4, Table 2-2): the
-#: TSC-deadline MSR with CPUID.01H:ECX[24], the x2APIC registers with ECX[21].
-_CPUID_GATED = ((0x6E0, 0x6E0, "tsc_deadline_timer"), (0x800, 0x8FF, "x2apic"))
+#: TSC-deadline MSR with CPUID.01H:ECX[24], the x2APIC registers with ECX[21],
+#: AMD's VM_CR and VM_HSAVE_PA with CPUID Fn8000_0001_ECX[2] (SVM).
+_CPUID_GATED = ((0x6E0, 0x6E0, "tsc_deadline_timer"), (0x800, 0x8FF, "x2apic"),
+                (0xC0010114, 0xC0010117, "svm"))
 
 
 def _absent(index: int, model) -> bool:

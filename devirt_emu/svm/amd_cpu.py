@@ -1,30 +1,18 @@
-"""The modelled AMD CPU's numbers, in one place (they move to the CPU-model
-package when it lands): what SVM reads about the processor.
+"""What SVM reads about the processor: the SVM feature bits, the SVM MSRs, the
+EFER and CR4 bits VMRUN checks, and :class:`SvmCaps`, built from a CPU model.
 
-An AMD EPYC 7002 ("Rome", family 17h model 31h) core, trimmed to what the
-SVM layer gives semantics to.  Sources: AMD64 APM Vol. 2, Section 15.4
-"Enabling SVM" (CPUID Fn8000_0001_ECX[SVM], EFER.SVME), Section 15.30 "SVM
-Related MSRs" (VM_CR C001_0114h, VM_HSAVE_PA C001_0117h), APM Vol. 3,
-Appendix E "CPUID Fn8000_000A" (SVM revision, NASID, the feature bits in
-EDX), the PPR for family 17h model 31h for MAXPHYADDR (48 bits without SME)
-and the CR4/EFER bits the part implements.
-
-Only the features with semantics behind them in :mod:`devirt_emu.svm` are
-advertised in Fn8000_000A_EDX: NP, NRIPS, flush-by-ASID, decode assists,
-PAUSE filter and PAUSE filter threshold.  LBR virtualization, SVM lock,
-VMCB clean bits, virtual VMLOAD/VMSAVE, vGIF and AVIC are not.
+The numbers of a part (its CPUID leaves, MAXPHYADDR, NASID, which SVM
+features it has) are data in its CPU model (``devirt_emu/cpumodels/``,
+``epyc_rome.py``); this module holds the architectural bit positions that
+read them.  Sources: AMD64 APM Vol. 2, Section 15.4 "Enabling SVM" (CPUID
+Fn8000_0001_ECX[SVM], EFER.SVME), Section 15.30 "SVM Related MSRs" (VM_CR
+C001_0114h, VM_HSAVE_PA C001_0117h); APM Vol. 3, Appendix E "CPUID
+Fn8000_000A" (SVM revision in EAX, NASID in EBX, features in EDX; Linux
+X86_FEATURE_* names).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-VENDOR = "AuthenticAMD"
-#: CPUID Fn0000_0000 EBX, EDX, ECX spell "Auth" "enti" "cAMD".
-VENDOR_REGS = (0x68747541, 0x69746E65, 0x444D4163)   # EBX, EDX, ECX
-FAMILY_MODEL_STEPPING = 0x00830F10   # family 17h (0Fh + 08h), model 31h, stepping 0
-
-MAXPHYADDR = 48
-LINEAR_BITS = 48
 
 # Fn8000_0001_ECX
 CPUID_80000001_ECX_SVM = 1 << 2
@@ -43,12 +31,10 @@ SVM_FEATURE_AVIC = 1 << 13
 SVM_FEATURE_V_VMSAVE_VMLOAD = 1 << 15
 SVM_FEATURE_VGIF = 1 << 16
 
-SVM_REVISION = 1
-#: Number of ASIDs (Fn8000_000A_EBX); ASID 0 is the host's.
-NASID = 0x8000
-SVM_FEATURES = (SVM_FEATURE_NPT | SVM_FEATURE_NRIPS | SVM_FEATURE_FLUSH_BY_ASID
-                | SVM_FEATURE_DECODE_ASSISTS | SVM_FEATURE_PAUSE_FILTER
-                | SVM_FEATURE_PFTHRESHOLD)
+#: The SVM features devirt-emu gives semantics to (a model advertises no others).
+IMPLEMENTED_SVM_FEATURES = (SVM_FEATURE_NPT | SVM_FEATURE_NRIPS | SVM_FEATURE_FLUSH_BY_ASID
+                            | SVM_FEATURE_DECODE_ASSISTS | SVM_FEATURE_PAUSE_FILTER
+                            | SVM_FEATURE_PFTHRESHOLD)
 
 # MSRs (APM 15.30; Linux msr-index.h)
 MSR_VM_CR = 0xC0010114
@@ -68,19 +54,34 @@ CR4_VALID = 0xFFF | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 20 | 1 << 21
 
 @dataclass(frozen=True)
 class SvmCaps:
-    """What VMRUN's checks and the intercept rules read about the processor."""
+    """What VMRUN's checks and the intercept rules read about the processor.
+    The defaults are the ``epyc-rome`` model's (:meth:`from_model`)."""
 
-    maxphyaddr: int = MAXPHYADDR
+    maxphyaddr: int = 48
     efer_valid: int = EFER_VALID
     cr4_valid: int = CR4_VALID
     long_mode: bool = True
-    features: int = SVM_FEATURES
-    nasid: int = NASID
+    features: int = IMPLEMENTED_SVM_FEATURES
+    nasid: int = 0x8000
 
     def has(self, feature: int) -> bool:
         return bool(self.features & feature)
 
+    @classmethod
+    def from_model(cls, model) -> "SvmCaps":
+        """The capabilities of a CPU model (a CpuModel with SVM): MAXPHYADDR,
+        Fn8000_000A's NASID and features (only the implemented ones)."""
+        _, nasid, _, edx = model.cpuid.get((0x8000000A, 0), (0, 0, 0, 0))
+        return cls(maxphyaddr=model.maxphyaddr, features=edx & IMPLEMENTED_SVM_FEATURES,
+                   nasid=nasid)
 
-def cpuid_8000000a() -> tuple[int, int, int, int]:
-    """CPUID Fn8000_000A: (EAX revision, EBX NASID, ECX 0, EDX features)."""
-    return (SVM_REVISION, NASID, 0, SVM_FEATURES)
+
+def guest_cpuid(regs: tuple[int, int, int, int], leaf: int) -> tuple[int, int, int, int]:
+    """A leaf of the processor's CPUID as a KVM guest without nested
+    virtualization sees it: SVM (Fn8000_0001_ECX[2]) clear, Fn8000_000A zero."""
+    a, b, c, d = regs
+    if leaf == 0x80000001:
+        c &= ~CPUID_80000001_ECX_SVM
+    elif leaf == 0x8000000A:
+        return (0, 0, 0, 0)
+    return (a, b, c, d)

@@ -167,6 +167,20 @@ class NptBuilder:
             table = e & 0x000F_FFFF_FFFF_F000
         raise ValueError(f"level {level} is 1-4")
 
+    def leaf_level(self, gpa: int) -> Optional[int]:
+        """The level (2: a 2-MiB page, 1: a 4-KiB page) of the entry that maps
+        ``gpa`` or of the deepest table on its walk; None when the PML4E, PDPTE
+        or PDE on the way is not present."""
+        table = self.root
+        for lvl in (4, 3, 2, 1):
+            e = self.mem.read_u64(table + ((gpa >> (12 + 9 * (lvl - 1))) & 0x1FF) * 8)
+            if not e & 1:
+                return None if lvl > 1 else 1
+            if lvl == 2 and e & 0x80 or lvl == 1:
+                return lvl
+            table = e & 0x000F_FFFF_FFFF_F000
+        return None
+
     def map(self, gpa: int, hpa: int, size: int = 0x1000, *, writable: bool = True,
             user: bool = True, nx: bool = False, page_size: int = 0x1000,
             present: bool = True) -> None:

@@ -114,6 +114,11 @@ class Decision(NamedTuple):
 
     fault = False
 
+    @property
+    def reason(self) -> Optional[int]:
+        """The exit code under the name the machine's stepping API reads."""
+        return self.code
+
 
 @dataclass(frozen=True, slots=True)
 class Fault:

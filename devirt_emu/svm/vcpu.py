@@ -46,6 +46,7 @@ Between VMRUN and #VMEXIT (15.21 "Interrupt and Local APIC Support"):
 """
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple, Optional
 
 from unicorn import x86_const as UX
@@ -57,7 +58,7 @@ from ..virt import EventType, VirtualizationLayer
 from . import exit_codes as X
 from . import intercepts as I
 from . import vmcb as V
-from .amd_cpu import SVM_FEATURE_NRIPS, SvmCaps
+from .amd_cpu import SVM_FEATURE_DECODE_ASSISTS, SVM_FEATURE_NRIPS, SvmCaps
 from .npt import NptStage2
 from .rules import (Decision, PauseFilter, decide, exit_decision, intercepted,
                     virtual_interrupt_exit, virtual_interrupt_ready)
@@ -79,6 +80,53 @@ _SVM_TYPE = {
     EventType.SOFTWARE_INTERRUPT: V.SVM_EVTINJ_TYPE_SOFT,
 }
 _KIND_EXCEPTION, _KIND_PAUSE = Kind.EXCEPTION, Kind.PAUSE
+
+
+def _spans(*names: str) -> tuple:
+    """The byte ranges of fields, relative to :data:`_SAVE_LO`, adjacent ones
+    merged, as slices."""
+    out: list = []
+    for a, b in sorted((V.BY_NAME[n].offset - _SAVE_LO,
+                        V.BY_NAME[n].offset - _SAVE_LO + V.BY_NAME[n].size) for n in names):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return tuple(slice(a, b) for a, b in out)
+
+
+#: The part of the save area VMRUN loads and #VMEXIT saves (ES .. CR2).
+_SAVE_LO, _SAVE_HI = V.SAVE_AREA, V.BY_NAME["cr2"].offset + 8
+#: The groups of save-area fields VMRUN loads, each with its byte ranges.
+_GROUP_SPANS = (
+    ("cr", _spans("efer", "cr0", "cr3", "cr4")),
+    ("dtr", _spans("gdtr_base", "gdtr_limit", "idtr_base", "idtr_limit")),
+    ("seg", _spans(*(f"{s}_{p}" for s in ("es", "cs", "ss", "ds")
+                     for p in ("selector", "attrib", "limit", "base")))),
+    ("dr", _spans("dr6", "dr7")),
+    ("rflags", _spans("rflags")), ("rsp", _spans("rsp")), ("rax", _spans("rax")),
+    ("rip", _spans("rip")), ("cr2", _spans("cr2")),
+)
+_ALL_GROUPS = frozenset(g for g, _ in _GROUP_SPANS)
+
+# save_guest_state writes the save area in a few packs (Table B-2's layout):
+_OFF = {n: V.BY_NAME[n].offset for n in ("es_selector", "gdtr_limit", "idtr_limit", "cpl", "efer",
+                                         "cr4", "rsp", "rax", "cr2")}
+_ES_AT, _GDTR_AT, _IDTR_AT = _OFF["es_selector"], _OFF["gdtr_limit"], _OFF["idtr_limit"]
+_CPL_AT, _EFER_AT, _CR4_AT = _OFF["cpl"], _OFF["efer"], _OFF["cr4"]
+_RSP_AT, _RAX_AT, _CR2_AT = _OFF["rsp"], _OFF["rax"], _OFF["cr2"]
+#: ES, CS, SS, DS: (selector, attrib, limit, base) each, consecutive.
+_SEG_BLOCK = struct.Struct("<" + "HHIQ" * 4)
+#: a descriptor-table register: limit, then base.
+_DTR = struct.Struct("<IQ")
+#: CR4, CR3, CR0, DR7, DR6, RFLAGS, RIP: consecutive quadwords.
+_CR_BLOCK = struct.Struct("<7Q")
+_U8, _U64 = struct.Struct("<B"), struct.Struct("<Q")
+assert [V.BY_NAME[f"{s}_selector"].offset for s in ("es", "cs", "ss", "ds")] == \
+    [_ES_AT + 16 * i for i in range(4)]
+assert V.BY_NAME["gdtr_base"].offset == _GDTR_AT + 4 and V.BY_NAME["idtr_base"].offset == _IDTR_AT + 4
+assert [V.BY_NAME[n].offset for n in ("cr4", "cr3", "cr0", "dr7", "dr6", "rflags", "rip")] == \
+    [_CR4_AT + 8 * i for i in range(7)]
 _SVM_KINDS = frozenset({Kind.VMRUN, Kind.VMLOAD, Kind.VMSAVE, Kind.STGI, Kind.CLGI, Kind.SKINIT,
                         Kind.INVLPGA})
 
@@ -135,7 +183,10 @@ class SvmVcpu(VirtualizationLayer):
         self.mem = core.mem
         self.vmcb = V.Vmcb(core.mem, vmcb_pa)
         self.l0 = l0
-        self.caps = caps or SvmCaps()
+        if caps is None:
+            model = getattr(core.machine, "cpu", None)
+            caps = SvmCaps.from_model(model) if model is not None and model.has_svm else SvmCaps()
+        self.caps = caps
         self.record = record
         self.read_mem = self.mem.read
         self.active = False          # in the guest (between VMRUN and #VMEXIT)
@@ -151,6 +202,8 @@ class SvmVcpu(VirtualizationLayer):
         self._v_intr_masking = False
         self._nrips = self.caps.has(SVM_FEATURE_NRIPS)
         self.npt: Optional[NptStage2] = None     # the nested tables the core uses, when enabled
+        self._clean: Optional[bytes] = None      # the save area as the engine holds it, if known
+        self._checked: Optional[bytes] = None    # the fields VMRUN's checks read, as last passed
 
     # ------------------------------------------------------------------ VMRUN
     def vmrun(self) -> bool:
@@ -158,10 +211,17 @@ class SvmVcpu(VirtualizationLayer):
         VMEXIT_INVALID written, the L0 told)."""
         v = self.vmcb
         self.l0.prepare_entry(self)
-        failure = check_vmrun(v, self.caps)
-        if failure is not None:
-            return self._vmrun_failed(failure)
-        self._load_guest_state()
+        view, pa = self.mem.view, v.pa
+        save = bytes(view[pa + _SAVE_LO:pa + _SAVE_HI])
+        key = bytes(view[pa:pa + 0x18]) + bytes(view[pa + 0x40:pa + 0x60]) + \
+            bytes(view[pa + 0x90:pa + 0xB8]) + save
+        if key != self._checked:
+            # (the fields the checks read are unchanged since the last VMRUN that passed them)
+            failure = check_vmrun(v, self.caps)
+            if failure is not None:
+                return self._vmrun_failed(failure)
+            self._checked = key
+        self._sync_engine(save)
         core = self.core
         asid, tlb = v.get("asid"), v.get("tlb_ctl")
         if tlb != V.TLB_CONTROL_DO_NOTHING or asid != self.asid:
@@ -191,66 +251,114 @@ class SvmVcpu(VirtualizationLayer):
         self.l0.entry_failed(self, failure)
         return False
 
-    def _load_guest_state(self) -> None:
+    def engine_matches_vmcb(self) -> None:
+        """Declare that the engine holds exactly the save area's state now (a
+        harness that restored the CPU context the VMCB was saved from): the next
+        VMRUN loads only the fields written after this."""
+        pa = self.vmcb.pa
+        self._clean = bytes(self.mem.view[pa + _SAVE_LO:pa + _SAVE_HI])
+
+    def _sync_engine(self, save: Optional[bytes] = None) -> None:
+        """Load into the engine the save-area groups written since it last matched
+        the save area (all of them when that is not known)."""
+        if save is None:
+            pa = self.vmcb.pa
+            save = bytes(self.mem.view[pa + _SAVE_LO:pa + _SAVE_HI])
+        clean = self._clean
+        if clean is None:
+            self._load_guest_state(_ALL_GROUPS)
+        elif save != clean:
+            groups = []
+            for grp, spans in _GROUP_SPANS:
+                for sl in spans:
+                    if save[sl] != clean[sl]:
+                        groups.append(grp)
+                        break
+            self._load_guest_state(groups)
+        else:
+            self._load_guest_state(())
+        self._clean = save
+
+    def _load_guest_state(self, groups=None) -> None:
+        """Load the save area into the engine: the groups of fields (see
+        :data:`_GROUP_SPANS`) in ``groups`` (None: all), which VMRUN narrows to
+        those written since the engine last matched the save area (the saved
+        bytes at #VMEXIT or at the last VMRUN: ``_clean``); the interrupt shadow
+        always."""
         v, core = self.vmcb, self.core
         uc = core.uc
         g = v.get
-        efer, cr0, cr3, cr4 = g("efer"), g("cr0"), g("cr3"), g("cr4")
-        uc.reg_write(UX.UC_X86_REG_CR3, cr3)
-        uc.reg_write(UX.UC_X86_REG_CR4, cr4)
-        if not efer & EFER_LMA and core.rdmsr_raw(MSR_EFER) & EFER_LMA:
-            uc.reg_write(UX.UC_X86_REG_CR0, cr0 & ~CR0_PG)   # (only this clears LMA in Unicorn)
-        # EFER.SVME stays out of the engine (QEMU's own SVM must not see it)
-        uc.reg_write(UX.UC_X86_REG_MSR, (MSR_EFER, efer & ~(EFER_LMA | EFER_SVME)))
-        uc.reg_write(UX.UC_X86_REG_CR0, cr0)
-        uc.reg_write(UX.UC_X86_REG_GDTR, (0, g("gdtr_base"), g("gdtr_limit"), 0))
-        uc.reg_write(UX.UC_X86_REG_IDTR, (0, g("idtr_base"), g("idtr_limit"), 0))
-        for idx, name in _SEGS:
-            core.write_segment(idx, g(f"{name}_selector"), g(f"{name}_base"), g(f"{name}_limit"),
-                               attrib_to_ar(g(f"{name}_attrib")))
-        uc.reg_write(UX.UC_X86_REG_DR6, g("dr6"))
-        uc.reg_write(UX.UC_X86_REG_DR7, g("dr7"))
-        uc.reg_write(UX.UC_X86_REG_EFLAGS, g("rflags"))
-        uc.reg_write(UX.UC_X86_REG_RSP, g("rsp"))
-        uc.reg_write(UX.UC_X86_REG_RAX, g("rax"))
-        core.probe.set_eip(g("rip"))
-        core.set_cr2(g("cr2"))
+        p = core.probe
+        if groups is None:
+            groups = _ALL_GROUPS
+        mode_changed = False
+        if "cr" in groups:
+            efer, cr0, cr3, cr4 = g("efer"), g("cr0"), g("cr3"), g("cr4")
+            engine_efer = efer & ~(EFER_LMA | EFER_SVME)   # (QEMU's own SVM must not see SVME)
+            mode_changed = (p.cr(0), p.cr(3), p.cr(4), core.rdmsr_raw(MSR_EFER) & ~EFER_LMA) != \
+                (cr0, cr3, cr4, engine_efer)
+        if mode_changed:
+            uc.reg_write(UX.UC_X86_REG_CR3, cr3)
+            uc.reg_write(UX.UC_X86_REG_CR4, cr4)
+            if not efer & EFER_LMA and core.rdmsr_raw(MSR_EFER) & EFER_LMA:
+                uc.reg_write(UX.UC_X86_REG_CR0, cr0 & ~CR0_PG)   # (only this clears LMA in Unicorn)
+            uc.reg_write(UX.UC_X86_REG_MSR, (MSR_EFER, engine_efer))
+            uc.reg_write(UX.UC_X86_REG_CR0, cr0)
+        if "dtr" in groups:
+            uc.reg_write(UX.UC_X86_REG_GDTR, (0, g("gdtr_base"), g("gdtr_limit"), 0))
+            uc.reg_write(UX.UC_X86_REG_IDTR, (0, g("idtr_base"), g("idtr_limit"), 0))
+        if "seg" in groups:
+            for idx, name in _SEGS:
+                core.write_segment(idx, g(f"{name}_selector"), g(f"{name}_base"),
+                                   g(f"{name}_limit"), attrib_to_ar(g(f"{name}_attrib")))
+        if "dr" in groups:
+            uc.reg_write(UX.UC_X86_REG_DR6, g("dr6"))
+            uc.reg_write(UX.UC_X86_REG_DR7, g("dr7"))
+        if "rflags" in groups:
+            uc.reg_write(UX.UC_X86_REG_EFLAGS, g("rflags"))
+        if "rsp" in groups:
+            p.set_gpr(4, g("rsp"))
+        if "rax" in groups:
+            p.set_gpr(0, g("rax"))
+        if "rip" in groups:
+            rip = g("rip")
+            if rip != p.eip():
+                p.set_eip(rip)   # (only when it moved: a RIP write inside a hook restarts there)
+        if "cr2" in groups:
+            core.set_cr2(g("cr2"))
         core.shadow_at = core.icount if g("int_state") & V.SVM_INTERRUPT_SHADOW_MASK else -1
         if core.state is State.HALTED:
             core.state = State.RUNNING
-        core.after_mode_change()
+        if mode_changed:
+            core.after_mode_change()
 
     def save_guest_state(self) -> None:
         """Copy the guest state VMRUN loads and #VMEXIT saves from the engine
         into the save area (also: an L0 adopting a running core's state)."""
         v, core = self.vmcb, self.core
         p = core.probe
-        s = v.put
-        s("efer", core.rdmsr_raw(MSR_EFER) | EFER_SVME)
-        s("cr0", p.cr(0))
-        s("cr2", core.cr2)                 # (the architectural CR2 the core keeps)
-        s("cr3", p.cr(3))
-        s("cr4", p.cr(4))
-        for idx, name in _SEGS:
+        view, pa = self.mem.view, v.pa
+        segs = []
+        for idx in (0, 1, 2, 3):                       # ES, CS, SS, DS: one 64-byte block
             sel, base, limit, ar = core.read_segment(idx)
-            s(f"{name}_selector", sel)
-            s(f"{name}_base", base)
-            s(f"{name}_limit", limit)
-            s(f"{name}_attrib", ar_to_attrib(ar))
+            segs += (sel, ar_to_attrib(ar), limit, base)
+        _SEG_BLOCK.pack_into(view, pa + _ES_AT, *segs)
         gb, gl = p.dtr(ENV_GDT)[:2]
         ib, il = p.dtr(ENV_IDT)[:2]
-        s("gdtr_base", gb)
-        s("gdtr_limit", gl)
-        s("idtr_base", ib)
-        s("idtr_limit", il)
-        s("dr6", p.reg(UX.UC_X86_REG_DR6) & 0xFFFFFFFF)
-        s("dr7", p.reg(UX.UC_X86_REG_DR7) & 0xFFFFFFFF)
-        s("rflags", p.reg(UX.UC_X86_REG_EFLAGS))
-        s("rip", p.eip())
-        s("rsp", p.gpr(4))
-        s("rax", p.gpr(0))
-        s("cpl", core.cpl())
-        s("int_state", V.SVM_INTERRUPT_SHADOW_MASK if core.icount == core.shadow_at else 0)
+        _DTR.pack_into(view, pa + _GDTR_AT, gl, gb)
+        _DTR.pack_into(view, pa + _IDTR_AT, il, ib)
+        _U8.pack_into(view, pa + _CPL_AT, core.cpl())
+        _U64.pack_into(view, pa + _EFER_AT, core.rdmsr_raw(MSR_EFER) | EFER_SVME)
+        _CR_BLOCK.pack_into(view, pa + _CR4_AT, p.cr(4), p.cr(3), p.cr(0),
+                            p.reg(UX.UC_X86_REG_DR7) & 0xFFFFFFFF,
+                            p.reg(UX.UC_X86_REG_DR6) & 0xFFFFFFFF,
+                            p.reg(UX.UC_X86_REG_EFLAGS), p.eip())
+        _U64.pack_into(view, pa + _RSP_AT, p.gpr(4))
+        _U64.pack_into(view, pa + _RAX_AT, p.gpr(0))
+        _U64.pack_into(view, pa + _CR2_AT, core.cr2)   # (the architectural CR2 the core keeps)
+        v.put("int_state", V.SVM_INTERRUPT_SHADOW_MASK if core.icount == core.shadow_at else 0)
+        pa = v.pa
+        self._clean = bytes(self.mem.view[pa + _SAVE_LO:pa + _SAVE_HI])
 
     def _inject(self, inj: int) -> None:
         """EVENTINJ (APM 15.20): deliver through the guest IDT now.  The model
@@ -290,6 +398,11 @@ class SvmVcpu(VirtualizationLayer):
         self.last_exit = d
         v = self.vmcb
         self.save_guest_state()
+        base = core.probe.cs_base()
+        if base and d.next_rip:
+            # the rule's nRIP is linear (an Event's RIP is CS.base + RIP); the VMCB's is RIP
+            nrip = (d.next_rip - base) & ((1 << 64) - 1)
+            d = d._replace(next_rip=nrip, exit_info_2=nrip if d.code == X.IOIO else d.exit_info_2)
         code = d.code & ((1 << 64) - 1)
         put = v.put
         put("exit_code", code)
@@ -341,6 +454,61 @@ class SvmVcpu(VirtualizationLayer):
         ev = self._exit_event
         if ev is not None and ev.insn is not None and ev.kind is not _KIND_EXCEPTION:
             self.core.cancel_retirement()
+
+    # ------------------------------------------------------------------ L0 helpers
+    @property
+    def exit_event(self) -> Optional[Event]:
+        """The event of the last #VMEXIT (None for one not tied to an event): the
+        instruction an L0 without decode assists for it (CLTS, LMSW) reads."""
+        return self._exit_event
+
+    def gpr(self, n: int) -> int:
+        """Guest GPR ``n`` while the L0 runs: RAX and RSP from the save area, the
+        others from the engine (VMRUN does not load them)."""
+        if n == 0:
+            return self.vmcb.get("rax")
+        if n == 4:
+            return self.vmcb.get("rsp")
+        return self.core.probe.gpr(n)
+
+    def set_gpr(self, n: int, value: int) -> None:
+        value &= (1 << 64) - 1
+        if n == 0:
+            self.vmcb.put("rax", value)
+        elif n == 4:
+            self.vmcb.put("rsp", value)
+        else:
+            self.core.probe.set_gpr(n, value)
+
+    def skip_instruction(self) -> None:
+        """The save area's RIP to nRIP (KVM's skip_emulated_instruction with NRIPS)."""
+        v = self.vmcb
+        nrip = v.get("next_rip")
+        if not nrip:
+            raise GuestError(f"core {self.core.index}: skip without nRIP (exit {v.exitcode:#x})")
+        v.put("rip", nrip)
+
+    def inject(self, vector: int, etype: int, error_code: Optional[int] = None) -> None:
+        """EVENTINJ for the next VMRUN (``etype``: an SVM_EVTINJ_TYPE_* value)."""
+        v = self.vmcb
+        inj = V.SVM_EVTINJ_VALID | etype | vector
+        if error_code is not None:
+            inj |= V.SVM_EVTINJ_VALID_ERR
+            v.put("event_inj_err", error_code)
+        v.put("event_inj", inj)
+
+    def emulate_on_platform(self) -> None:
+        """Let the platform execute the exiting instruction (port I/O, MSRs) on the
+        guest state of the save area; the state it leaves is saved back."""
+        ev = self._exit_event
+        if ev is None or ev.insn is None:
+            raise GuestError(f"core {self.core.index}: the L0 asked to emulate the exiting "
+                             "instruction of an exit that has none")
+        self._sync_engine()
+        try:
+            self.core.run_native(ev)
+        finally:
+            self.save_guest_state()
 
     # ------------------------------------------------------------------ the core's seam
     def on_event(self, core, event: Event) -> bool:
@@ -417,12 +585,29 @@ class SvmVcpu(VirtualizationLayer):
         core.set_rip(ev.rip + insn.length)
         return True
 
+    def _insn_bytes(self) -> bytes:
+        """Decode assists (APM Vol. 2, "Decode Assists": #PF and NPF): the bytes
+        of the instruction at RIP the processor fetched, up to 15; fewer where
+        the next page cannot be read, none where the first cannot."""
+        if not self.caps.has(SVM_FEATURE_DECODE_ASSISTS):
+            return b""
+        core = self.core
+        rip = core.rip()
+        for n in (15, 0x1000 - (rip & 0xFFF)):
+            try:
+                return core.read_linear(rip, min(n, 15), peek=True)
+            except Exception:           # (a #PF, a nested fault, memory outside RAM)
+                continue
+        return b""
+
     def on_exception(self, core, vector: int, error_code, cr2) -> bool:
         if not self.active or vector == 2:
             return False
         d = core.delivering
         ev = Event(Kind.EXCEPTION, core.index, core.rip(), d.insn if d is not None else None,
                    vector=vector, error_code=error_code, cr2=cr2, regs=core.lazy_regs())
+        if vector == 14:
+            ev.extra["insn_bytes"] = self._insn_bytes()
         out = decide(ev, self.vmcb, self.read_mem)
         if out.exit:
             self.vm_exit(out, ev)
@@ -452,8 +637,8 @@ class SvmVcpu(VirtualizationLayer):
         if not self.active:
             return False
         f = fault.info
-        self.vm_exit(exit_decision(X.NPF, (f.reason,), exit_info_1=f.exit_info_1,
-                                   exit_info_2=f.gpa), None)
+        d = exit_decision(X.NPF, (f.reason,), exit_info_1=f.exit_info_1, exit_info_2=f.gpa)
+        self.vm_exit(d._replace(insn_bytes=self._insn_bytes()), None)
         return True
 
     def wants_window(self) -> bool:
@@ -466,7 +651,8 @@ class SvmVcpu(VirtualizationLayer):
         if lapic.init_pending or lapic.nmi_pending:
             return True
         if self.blocked:
-            return lapic.pending_vector() is not None or self.l0.has_pending(self)
+            return lapic.sipi_pending is not None or lapic.pending_vector() is not None \
+                or self.l0.has_pending(self)
         if intercepted(self.vmcb, I.INTERCEPT_INTR) and lapic.pending_vector() is not None:
             return True
         if self.vmcb.get("int_ctl") & V.V_IRQ_MASK and \

@@ -24,7 +24,8 @@ present), RIP = :data:`CODE_BASE`, every other GPR 0, DR7 = 0x400, DR6 =
 Control area: only INTERCEPT_VMRUN is set (VMRUN requires it), ASID 1,
 ``iopm_base_pa`` = :data:`IOPM_PA`, ``msrpm_base_pa`` = :data:`MSRPM_PA`,
 everything else 0 (no NPT, no EVENTINJ, ``int_ctl`` 0, ``tsc_offset`` 0).
-The modelled CPU has NRIPS, so ``next_rip`` is saved.
+The CPU model is ``epyc-rome`` (devirt_emu/cpumodels/epyc_rome.py): it has
+NRIPS, so ``next_rip`` is saved, and MAXPHYADDR 48.
 
 Intercepts: ``intercepts=`` names bits of :mod:`devirt_emu.svm.intercepts`
 (``"INTERCEPT_CPUID"``; the prefix may be left out: ``"CPUID"``); they are
@@ -286,7 +287,8 @@ def _exit_from(vcpu) -> CaseExit:
     g = v.get
     d = vcpu.last_exit
     core = vcpu.core
-    regs = {n: core.uc.reg_read(r) for n, r in zip(GPR_NAMES, GPR_IDS)}
+    gpr = core.probe.gpr
+    regs = {n: gpr(i) for i, n in enumerate(GPR_NAMES)}
     regs.update(rsp=g("rsp"), rax=g("rax"), rip=g("rip"), rflags=g("rflags"), cr0=g("cr0"),
                 cr2=g("cr2"), cr3=g("cr3"), cr4=g("cr4"), efer=g("efer"))
     n = g("insn_len")
@@ -303,7 +305,7 @@ class CaseRunner:
 
     def __init__(self):
         from ..machine import Machine
-        self.machine = Machine(cores=1, mem_mb=MEM_MB, max_ns=1 << 62)
+        self.machine = Machine(cores=1, mem_mb=MEM_MB, max_ns=1 << 62, cpu="epyc-rome")
         self.core = core = self.machine.cores[0]
         self._asm_cache: dict[str, tuple[bytes, dict[str, int]]] = {}
         longmode.write_environment(self.machine)
@@ -476,6 +478,7 @@ class CaseRunner:
             fields["nested_ctl"] = fields.get("nested_ctl", 0) | V.SVM_NESTED_CTL_NP_ENABLE
         l0 = _RecordingL0(m)
         vcpu = SvmVcpu(core, VMCB_PA, l0)
+        vcpu.engine_matches_vmcb()       # (the fresh context is what the fresh VMCB was saved from)
         v = vcpu.vmcb
         for name, value in fields.items():
             v.set(name, value)
