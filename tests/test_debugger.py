@@ -555,3 +555,25 @@ def test_a_replay_runs_the_program_without_the_users_writes():
     s.restore("bp")
     assert s.dropped_writes and not s.modified
     assert s.regs()["rbx"] == rbx                    # the replayed run, not the written one
+
+
+def test_svm_session_stops_at_a_vmexit_and_explains_it_from_the_vmcb():
+    # APM Vol. 2 "MSR Intercepts": the MSRPM's second 2 KiB cover MSRs C000_0000h-C000_1FFFh,
+    # two bits per MSR (read, then write): RDMSR of EFER (C000_0080h) reads bit
+    # 2 * 0x80 = 0x100 of that range, i.e. byte 0x800 + 0x20, bit 0, of the MSRPM
+    s = Session(GUESTS / "lapic_timer.S", cores=1, arch="svm", config="stock")
+    s.break_exit(["MSR"])
+    st = s.cont()
+    assert st.kind is StopKind.VM_EXIT and (st.reason, st.name) == (0x7C, "MSR")
+    view = s.view()
+    assert view.kind == "vmcb" and view.get("exit_code") == 0x7C and view.get("exit_info_1") == 0
+    base = view.get("msrpm_base_pa")
+    text = "\n".join(s.why().lines())
+    assert "INTERCEPT_MSR_PROT=1" in text
+    assert f"is byte {base + 0x820:#x}" in text and "bit 0" in text
+    # the firmware's earlier MOV to CR3 did not exit: stock SVM does not intercept CR3 writes
+    not_text = "\n".join(s.why_not().lines())
+    assert not_text.startswith("no #VMEXIT for") and "INTERCEPT_CR3_WRITE=0" in not_text
+    assert s.exits(reason="MSR")[-1].code == 0x7C
+    with pytest.raises(DebugError, match="no #VMEXIT code"):
+        s.break_exit(["NOSUCH"])

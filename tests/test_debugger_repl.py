@@ -196,3 +196,12 @@ def test_physical_watch(tmp_path):
     assert "watchpoint 1 (write) on guest-physical 0x1a1c0+8" in p.stdout, p.stdout
     assert "watchpoint 1" in p.stdout.split("(devirt) continue", 1)[1]
     assert "error: watch: usage: watch [-p] ADDR [SIZE]" in p.stdout
+
+
+def test_svm_session_in_the_repl(tmp_path):
+    p = debug(GUESTS / "lapic_timer.S", "--arch", "svm", "--config", "stock",
+              batch="break-exit IOIO\ncontinue\nvmcb exit_code\nwhy\nexits reason IOIO\n"
+                    "break-exit NOSUCH\n", tmp_path=tmp_path)
+    assert "VM exit IOIO (123)" in p.stdout, p.stdout          # APM: IOIO is exit code 7Bh
+    assert "INTERCEPT_IOIO_PROT=1" in p.stdout
+    assert "error: break-exit: no #VMEXIT code 'NOSUCH'" in p.stdout

@@ -43,12 +43,14 @@ def add_parser(sub) -> None:
     d.add_argument("--cores", type=_positive, default=1, help="number of cores (default 1)")
     d.add_argument("--mem", type=_positive, default=64, metavar="MIB",
                    help="RAM in MiB (default 64)")
-    d.add_argument("--arch", choices=("none", "vmx"), default="none",
-                   help="none: native (default); vmx: under the L0 (a model of KVM)")
-    from ..hypervisor.configs import VMX_CONFIGS
-    d.add_argument("--config", choices=tuple(VMX_CONFIGS),
-                   help="with --arch vmx: a configuration of devirt_emu/hypervisor/configs.py "
-                        "(default stock)")
+    d.add_argument("--arch", choices=("none", "vmx", "svm"), default="none",
+                   help="none: native (default); vmx or svm: under the L0 (a model of KVM on "
+                        "Intel or AMD)")
+    from ..hypervisor.configs import SVM_CONFIGS, VMX_CONFIGS
+    d.add_argument("--config", choices=tuple(dict.fromkeys((*VMX_CONFIGS, *SVM_CONFIGS))),
+                   help="with --arch vmx: a configuration of devirt_emu/hypervisor/configs.py: "
+                        + ", ".join(VMX_CONFIGS) + "; with --arch svm: " + ", ".join(SVM_CONFIGS)
+                        + " (default stock)")
     d.add_argument("--max-time", type=_seconds, default=1.0, metavar="S",
                    help="virtual seconds before the run ends with verdict timeout (default 1)")
     from ..cpumodels.cli import add_cpu_arguments
@@ -71,7 +73,7 @@ def cmd_debug(args) -> int:
     from .session import DebugError, Session
 
     if args.config is not None and args.arch == "none":
-        print("devirt-emu: error: --config needs --arch vmx", file=sys.stderr)
+        print("devirt-emu: error: --config needs --arch vmx or svm", file=sys.stderr)
         return 2
     from ..cpumodels.cli import model_from_args
     try:

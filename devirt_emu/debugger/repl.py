@@ -364,8 +364,9 @@ def _break_interrupt(r: Repl, args):
          "stop: the L0 ends the run there (verdict error) and the VMCS and the guest state stay "
          "for inspection.")
 def _break_entry(r: Repl, args):
-    if r.s.options["arch"] == "none":
-        raise DebugError("break-entry-failure needs --arch vmx")
+    if r.s.options["arch"] != "vmx":
+        raise DebugError("break-entry-failure needs --arch vmx (under svm a failed VMRUN is "
+                         "the #VMEXIT INVALID: break-exit INVALID)")
     r.s.entry_failure_stop = args != ["off"]
     r.say("entry-failure stop " + ("on" if r.s.entry_failure_stop else "off"))
 
@@ -619,11 +620,17 @@ def _exits(r: Repl, args):
     core = _int(opts["core"], "core") if opts["core"] is not None else None
     recs = r.s.exits(core=core, reason=opts["reason"], last=_int(opts["last"], "count"))
     t = Table(title=f"{len(recs)} exits")
-    for col in ("core", "reason", "qualification", "rip", "cause"):
+    svm = r.s.options["arch"] == "svm"
+    for col in ("core", "exit code" if svm else "reason",
+                "exit_info_1, exit_info_2" if svm else "qualification", "rip", "cause"):
         t.add_column(col)
     for rec in recs:
-        t.add_row(str(rec.core), rec.name + (" (entry failure)" if rec.entry_failure else ""),
-                  f"{rec.qualification:#x}", r.s.where(rec.rip), "; ".join(rec.cause))
+        if svm:
+            t.add_row(str(rec.core), rec.name, f"{rec.exit_info_1:#x}, {rec.exit_info_2:#x}",
+                      r.s.where(rec.rip), "; ".join(rec.cause))
+        else:
+            t.add_row(str(rec.core), rec.name + (" (entry failure)" if rec.entry_failure else ""),
+                      f"{rec.qualification:#x}", r.s.where(rec.rip), "; ".join(rec.cause))
     r.out.print(t)
 
 
@@ -649,7 +656,7 @@ def _explain(r: Repl, args):
         raise DebugError("usage: explain FIELD|CONTROL|REASON")
     view = r.s.view()
     if view is None:
-        raise DebugError("the machine runs natively: explain needs --arch vmx")
+        raise DebugError("the machine runs natively: explain needs --arch vmx or svm")
     r.say(view.explain(args[0]))
 
 

@@ -280,7 +280,7 @@ class Session:
         """Stop at VM exits of these reasons (names or numbers; none: every exit;
         ``"off"``: no longer)."""
         if self.options["arch"] == "none":
-            raise DebugError("break-exit needs --arch vmx (the machine runs natively)")
+            raise DebugError("break-exit needs --arch vmx or svm (the machine runs natively)")
         if reasons == "off":
             self.exit_stops = None
         elif not reasons:
@@ -288,11 +288,7 @@ class Session:
         else:
             out = set() if not isinstance(self.exit_stops, set) else set(self.exit_stops)
             for r in reasons:
-                try:
-                    out.add(ER.reason(int(r, 0) if isinstance(r, str) and r[:1].isdigit()
-                                      else (r.upper() if isinstance(r, str) else r)).number)
-                except (KeyError, ValueError):
-                    raise DebugError(f"no VM exit reason {r!r}") from None
+                out.add(self.exit_number(r))
             self.exit_stops = out
         self._arm_exits()
         return self.exit_stops_text()
@@ -302,7 +298,27 @@ class Session:
             return "no exit stops"
         if self.exit_stops == "all":
             return "stop at every VM exit"
-        return "stop at VM exits " + ", ".join(ER.name_of(r) for r in sorted(self.exit_stops))
+        return "stop at VM exits " + ", ".join(self.exit_name(r) for r in sorted(self.exit_stops))
+
+    def exit_number(self, r) -> int:
+        """A basic exit reason (VMX) or an exit code (SVM) from its name or number."""
+        try:
+            if self.options["arch"] == "svm":
+                from ..svm import exit_codes as XC
+                if isinstance(r, int):
+                    return r
+                return int(r, 0) if r[:1].isdigit() or r[:1] == "-" else XC.TABLE[r.upper()]
+            return ER.reason(int(r, 0) if isinstance(r, str) and r[:1].isdigit()
+                             else (r.upper() if isinstance(r, str) else r)).number
+        except (KeyError, ValueError):
+            what = "#VMEXIT code" if self.options["arch"] == "svm" else "VM exit reason"
+            raise DebugError(f"no {what} {r!r}") from None
+
+    def exit_name(self, n: int) -> str:
+        if self.options["arch"] == "svm":
+            from ..svm import exit_codes as XC
+            return XC.name_of(n)
+        return ER.name_of(n)
 
     def break_interrupt(self, vectors=None) -> str:
         if vectors == "off":
@@ -687,7 +703,7 @@ class Session:
     def need_view(self):
         v = self.view()
         if v is None:
-            raise DebugError("the machine runs natively: no VMCS or VMCB (use --arch vmx)")
+            raise DebugError("the machine runs natively: no VMCS or VMCB (use --arch vmx or svm)")
         return v
 
     def why(self):
@@ -703,11 +719,8 @@ class Session:
         if core is not None:
             recs = [r for r in recs if r.core == core]
         if reason is not None:
-            try:
-                want = ER.reason(int(reason, 0) if reason[:1].isdigit() else reason.upper()).number
-            except (KeyError, ValueError):
-                raise DebugError(f"no VM exit reason {reason!r}") from None
-            recs = [r for r in recs if r.reason == want]
+            want = self.exit_number(reason)
+            recs = [r for r in recs if getattr(r, "reason", getattr(r, "code", None)) == want]
         return list(recs)[-last:] if last else list(recs)
 
 

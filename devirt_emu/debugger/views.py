@@ -257,8 +257,8 @@ class VmcbView:
     (AMD APM Vol. 2 Appendix B; names are Linux's ``struct vmcb``): the
     control and state-save areas by field name, the intercept vectors as
     named bits (settable one by one), EXITCODE by name.  ``why`` explains
-    the last #VMEXIT from the SVM rule's cause; the SVM vCPU does not record
-    the events it let through, so ``why_not`` says so."""
+    the last #VMEXIT from the SVM rule's cause, ``why_not`` the last event the
+    rules let through (``SvmVcpu.last_no_exit``)."""
 
     kind = "vmcb"
 
@@ -392,4 +392,12 @@ class VmcbView:
         return self.explain(m.group(1))
 
     def why_not(self) -> Explanation:
-        return Explanation("why-not: the SVM vCPU does not record the events it let through yet")
+        last = self.vcpu.last_no_exit
+        if last is None:
+            return Explanation("no sensitive event has gone through the SVM rules without a "
+                               "#VMEXIT on this core yet")
+        event, d = last
+        head = f"no #VMEXIT for {event.kind.value} at {event.rip:#x}"
+        details = [x for x in (self._intercept_detail(line) for line in d.cause) if x]
+        return Explanation(head, f"devirt_emu.svm.rules for a {event.kind.value} event",
+                           tuple(d.cause), details)

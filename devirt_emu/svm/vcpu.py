@@ -195,6 +195,8 @@ class SvmVcpu(VirtualizationLayer):
         self.pause = PauseFilter(0)
         self.asid: Optional[int] = None     # the ASID of the last VMRUN
         self.last_exit: Optional[Decision] = None
+        #: The last event the intercept rules let through, and their decision (why-not).
+        self.last_no_exit: Optional[tuple[Event, Decision]] = None
         self.last_failure: Optional[VmrunFailure] = None
         self.stop_on_exit = None
         self.exit_pending = False
@@ -530,6 +532,7 @@ class SvmVcpu(VirtualizationLayer):
                 return True
             self.vm_exit(out, event)
             return True
+        self.last_no_exit = (event, out)
         return self._in_guest(event)
 
     def _complete_write(self, ev: Event) -> None:
