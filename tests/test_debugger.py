@@ -577,3 +577,22 @@ def test_svm_session_stops_at_a_vmexit_and_explains_it_from_the_vmcb():
     assert s.exits(reason="MSR")[-1].code == 0x7C
     with pytest.raises(DebugError, match="no #VMEXIT code"):
         s.break_exit(["NOSUCH"])
+
+
+def test_svm_page_walk_goes_through_the_nested_tables():
+    # APM "Nested Paging": a guest-physical address is translated through 4-level tables at
+    # nested_cr3; the L0 maps guest RAM 1:1 on demand (NPF), so a page the guest ran from is
+    # present with host-physical = guest-physical, and an untouched one is not present (an NPF
+    # of the final translation: EXITINFO1 bit 32 set, bit 0 clear)
+    s = Session(GUESTS / "lapic_timer.S", cores=1, arch="svm", config="stock")
+    s.break_exit(["MSR"])
+    assert s.cont().kind is StopKind.VM_EXIT
+    rip = s.cur().rip()
+    w = s.page(rip)
+    n = w["npt"]
+    assert [lv.name for lv in n["levels"]][:3] == ["nPML4E", "nPDPTE", "nPDE"]
+    assert n["hpa"] == w["gpa"] and n["rights"].startswith("r") and n["fault"] is None
+    far = s.page(0x3000000)["npt"]
+    assert far["hpa"] is None and "not present" in far["fault"]
+    info1 = int(far["fault"].rsplit("EXITINFO1 ", 1)[1].rstrip(")"), 16)
+    assert info1 >> 32 & 1 and not info1 & 1

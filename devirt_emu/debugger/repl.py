@@ -501,7 +501,8 @@ def _apic(r: Repl, args):
 
 
 @command("page", "page ADDR", "The page walk of linear ADDR on the selected core, level by "
-         "level, then the EPT walk of the guest-physical address when EPT is on.")
+         "level, then the EPT (or, under SVM, the nested) walk of the guest-physical address "
+         "when it is on.")
 def _page(r: Repl, args):
     if len(args) != 1:
         raise DebugError("usage: page ADDR")
@@ -530,6 +531,15 @@ def _page(r: Repl, args):
                   f"memory type {e.memory_type})")
         else:
             r.say(f"  EPT: {type(e).__name__}")
+    n = w.get("npt")
+    if n is not None:
+        for lv in n["levels"]:
+            r.say(f"  {lv.name:<15} at {lv.entry_address:#x}: {lv.value:#018x} "
+                  f"[{S.bits_text(S.PTE_BITS, lv.value)}]")
+        if n["fault"]:
+            r.say(f"  NPT: {n['fault']}")
+        else:
+            r.say(f"  host-physical {n['hpa']:#x} (NPT rights {n['rights']})")
 
 
 @command("idt", "idt [FIRST [LAST]]", "The selected core's IDT: every present gate (of vectors "

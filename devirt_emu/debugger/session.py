@@ -681,7 +681,16 @@ class Session:
         return view.get("EPT_POINTER")
 
     def page(self, address: int) -> dict:
-        return S.page_walk(self.cur(), address, self.eptp())
+        """The guest's walk of linear ``address``, then the EPT walk (VMX with EPT)
+        or the nested walk (SVM with nested paging: ``npt``) of its guest-physical
+        address."""
+        w = S.page_walk(self.cur(), address, self.eptp())
+        w["npt"] = None
+        view = self.view()
+        if w["gpa"] is not None and getattr(view, "kind", "") == "vmcb" and \
+                view.get("nested_ctl") & 1:                 # SVM_NESTED_CTL_NP_ENABLE
+            w["npt"] = S.npt_translate(self.machine.mem, view.get("nested_cr3"), w["gpa"])
+        return w
 
     def disas(self, address: Optional[int] = None, count: int = 8):
         c = self.cur()

@@ -218,6 +218,38 @@ def ept_translate(mem, eptp: int, gpa: int):
     return ept_walk(mem.read, lambda pa, data: None, eptp, gpa, EptAccess.READ)
 
 
+def npt_translate(mem, ncr3: int, gpa: int) -> dict:
+    """The nested (NPT) walk of ``gpa`` for a read, nothing written back (APM
+    "Nested Paging": the nested tables have the format of 4-level long-mode
+    tables, walked as user accesses): ``levels`` (WalkLevel list, the entries
+    the walk read), then ``hpa`` and ``rights`` ("rwx" letters), or ``fault``."""
+    from ..svm.npt import NptFault, npt_walk
+    from ..platform.tlb import ACC_FETCH, ACC_READ, ACC_WRITE
+
+    def read_entry(pa: int, size: int):
+        if not mem.contains(pa, size):
+            return None
+        return int.from_bytes(mem.read(pa, size), "little")
+
+    out: dict = {"levels": [], "hpa": None, "rights": None, "fault": None}
+    try:
+        w = P.walk(P.PagingMode.LEVEL4, gpa, ncr3, read_entry, code=P.PF_U, nxe=True)
+        entries = w.entries
+    except P.PageFault:
+        entries = _partial_entries(P.PagingMode.LEVEL4, gpa, ncr3, read_entry, None)
+    for i, (addr, value, _size) in enumerate(entries):
+        out["levels"].append(WalkLevel(("nPML4E", "nPDPTE", "nPDE", "nPTE")[i], addr, value))
+    r = npt_walk(mem, ncr3, gpa, ACC_READ, final=True, set_flags=False)
+    if isinstance(r, NptFault):
+        out["fault"] = f"{r.reason} (NPF EXITINFO1 {r.exit_info_1:#x})"
+    else:
+        hpa, rights = r
+        out["hpa"] = hpa
+        out["rights"] = "".join(c if rights & bit else "-" for c, bit in
+                                (("r", ACC_READ), ("w", ACC_WRITE), ("x", ACC_FETCH)))
+    return out
+
+
 def page_walk(core, linear: int, eptp: int | None = None) -> dict:
     """The guest's walk of ``linear``, level by level, then (``eptp``) the EPT
     walk of the guest-physical result.  Returns a dict: ``mode``, ``levels``
