@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .testing import fuzz
 
 DESCRIPTION = """\
 devirt-emu: an instruction-level x86-64 emulator of the KVM-devirt CPU path.
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VM exit records --json lists: the first N (default 10000) or all; "
                         "the counts are always complete")
     r.set_defaults(func=cmd_run)
+    fuzz.add_parser(sub)
     # Further subcommands live in their own modules: each registers its parser on ``sub`` and
     # sets ``func`` to its handler (one line here per subcommand).
     return p
