@@ -53,7 +53,7 @@ def test_the_results_are_the_programs_own():
     assert r.verdict == "pass"
     for core in (0, 1):
         acc = (((core * 3 + 5) ^ core) + 77) * 2
-        assert f"core {core:#x} acc {acc:#x} timers 0x1 ipis 0x2\n" in r.serial
+        assert f"core {core:#x} acc {acc:#x} timers 0x1 ipis 0x1 next 0x1\n" in r.serial
 
 
 def test_a_non_compliant_block_breaks_the_property():
