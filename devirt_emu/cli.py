@@ -6,7 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, compare
+from .cpumodels import cli as cpumodels_cli
+from .cpumodels.cli import add_cpu_arguments, model_from_args
+from .debugger.cli import add_parser as add_debug_parser
 from .testing import fuzz
 
 DESCRIPTION = """\
@@ -40,19 +43,38 @@ measured on this machine.
 --json prints one object: verdict, serial, cores, instructions (per core),
 virtual_ns, events (sensitive event kind -> count), wall_s, mips, exit_status,
 markers (per core: [begin, end] instruction counts of each steady-state
-window), message, mode, arch, config; and for --arch vmx: exits (one object per
-VM exit: core, reason (basic exit reason), name, entry_failure, qualification,
-instruction_length, rip, in_window) for the first --exit-records exits,
+window), message, mode, arch, config, cpu (the CPU model's spec); and for
+--arch vmx: exits (one object per VM exit: core, reason (basic exit reason),
+name, entry_failure, qualification, instruction_length, rip, in_window) for
+the first --exit-records exits,
 exits_dropped (the exits after those), exit_counts and window_exit_counts (by
-exit name, always complete; window: inside a core's steady-state window).
+exit name, always complete; window: inside a core's steady-state window) and
+exit_counts_per_core (exit_counts split by core).
 
 configurations (--arch vmx): stock is KVM's default VMCS with EPT and
-unrestricted guest, APICv off, PAUSE-loop exiting on; devirt is KVM-devirt:
+unrestricted guest, APICv off, PAUSE-loop exiting on; apicv is the same with
+KVM's enable_apicv=1 (posted interrupts, virtual-interrupt delivery, APIC-register
+and x2APIC virtualization: IPIs are posted, EOIs do not exit); devirt is KVM-devirt:
 the guest boots under stock and each core asks for devirtualization at the end
 of boot (a paravirtual MSR write), after which external interrupts, HLT,
 MWAIT, PAUSE and the timer/IPI/EOI x2APIC MSRs no longer exit.
 --trace FILE writes every event as one JSON object per line (core, kind, rip,
-instruction, icount, ...).
+instruction, icount, ...).  --timeline FILE writes the run as Chrome
+trace-event JSON: a track per core, VM exits as slices named by reason and as
+long as the cost model estimates (devirt_emu/costmodel.py), interrupts and IPIs
+as instant events, the steady-state windows as spans; its timestamps are
+estimated time (virtual time plus the estimated cost of earlier exits).
+
+CPU models: --cpu NAME[,+FEATURE,-FEATURE,...] picks the processor (default
+skylake-server; `devirt-emu cpus` lists them, `devirt-emu cpus NAME` shows
+one); features are /proc/cpuinfo flags (pcid, x2apic) or vmx.h names
+(SECONDARY_EXEC_UNRESTRICTED_GUEST; vmx flags such as ept_ad also work).
+--vmx-msrs FILE replaces the model's VMX capability MSRs with a dump of a real
+machine's: JSON {"0x480": "0x...", ...}, or text with one MSR per line, either
+"INDEX VALUE" in hex (e.g. "0x480 0xda040000000004") or bare hex values read
+as 0x480, 0x481, ... in order (the output of rdmsr over 0x480-0x493, with
+"-" for an MSR the processor does not have).  The VMCS size becomes 4096 and
+features devirt-emu does not implement are cleared (docs/cpu-models.md).
 """
 
 
@@ -116,17 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--arch", choices=("none", "vmx"), default="none",
                    help="none: native, no hypervisor (default); vmx: the guest runs in VMX "
                         "non-root operation under the L0 (a model of KVM)")
-    r.add_argument("--config", choices=("stock", "devirt"),
-                   help="with --arch vmx: stock KVM (default) or KVM-devirt")
+    from .hypervisor.configs import VMX_CONFIGS
+    r.add_argument("--config", choices=tuple(VMX_CONFIGS),
+                   help="with --arch vmx: a configuration of devirt_emu/hypervisor/configs.py: "
+                        + ", ".join(VMX_CONFIGS) + " (default stock)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     r.add_argument("--trace", metavar="FILE", help="write every event to FILE as JSON Lines")
     r.add_argument("--exit-records", type=_records, default=10_000, metavar="N|all",
                    help="VM exit records --json lists: the first N (default 10000) or all; "
                         "the counts are always complete")
+    r.add_argument("--timeline", metavar="FILE",
+                   help="write the run as Chrome trace-event JSON (Perfetto, chrome://tracing)")
+    add_cpu_arguments(r)
     r.set_defaults(func=cmd_run)
     fuzz.add_parser(sub)
     # Further subcommands live in their own modules: each registers its parser on ``sub`` and
     # sets ``func`` to its handler (one line here per subcommand).
+    compare.register(sub)
+    add_debug_parser(sub)
+    cpumodels_cli.register(sub)
     return p
 
 
@@ -178,6 +208,20 @@ def cmd_run(args) -> int:
         d["icount"] = core.retired_now()
         trace_file.write(json.dumps(d) + "\n")
 
+    timeline = None
+    if args.timeline:
+        from .timeline import Timeline
+        if not Path(args.timeline).resolve().parent.is_dir():
+            print(f"devirt-emu: error: no such directory for {args.timeline}", file=sys.stderr)
+            return 2
+        timeline = Timeline(label=args.config or ("stock" if args.arch == "vmx" else "native"))
+
+    def traces(core, event):
+        if trace_file:
+            trace(core, event)
+        if timeline is not None:
+            timeline.trace(core, event)
+
     def on_serial(byte: int):
         sys.stdout.write(chr(byte))
 
@@ -185,10 +229,16 @@ def cmd_run(args) -> int:
         print("devirt-emu: error: --config needs --arch vmx", file=sys.stderr)
         return 2
     try:
-        res = run_program(path, cores=args.cores, mem_mb=args.mem, fast=args.fast,
+        cpu = model_from_args(args)
+    except ValueError as e:
+        print(f"devirt-emu: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        res = run_program(path, cores=args.cores, mem_mb=args.mem, fast=args.fast, cpu=cpu,
                           quantum=args.quantum, arch=args.arch, config=args.config,
                           max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
-                          trace=trace if trace_file else None,
+                          trace=traces if trace_file or timeline else None,
+                          on_machine=timeline.attach if timeline else None,
                           record_exits=args.exit_records if args.json else False,
                           on_serial=None if args.json else on_serial)
     except (AsmError, GuestError, ValueError, OSError) as e:
@@ -200,6 +250,14 @@ def cmd_run(args) -> int:
     finally:
         if trace_file:
             trace_file.close()
+    if timeline is not None:
+        from .timeline import write
+        try:
+            write(args.timeline, [timeline])
+        except OSError as e:
+            print(f"devirt-emu: error: cannot write timeline {args.timeline}: {e.strerror}",
+                  file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(res.to_json()))
     else:

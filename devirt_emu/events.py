@@ -218,18 +218,6 @@ class Insn:
     addr_size: int = 8
     selector: Optional[int] = None
 
-    @property
-    def is_io(self) -> bool:
-        return self.kind in IO_KINDS
-
-    @property
-    def io_in(self) -> bool:
-        return IO_SHAPE.get(self.kind, (False, False))[0]
-
-    @property
-    def string(self) -> bool:
-        return IO_SHAPE.get(self.kind, (False, False))[1]
-
 
 IO_KINDS = frozenset({Kind.IN, Kind.OUT, Kind.INS, Kind.OUTS})
 #: I/O kind -> (is an input, is a string instruction).

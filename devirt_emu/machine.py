@@ -1,4 +1,11 @@
-"""The native machine: N cores, one RAM, local APICs, a UART and an exit port.
+"""The machine: N cores, one RAM, local APICs, a UART and an exit port.
+
+It runs natively or, with ``arch="vmx"``, with every core in VMX non-root
+operation under the L0 (:mod:`devirt_emu.hypervisor`); it boots the firmware
+and a guest program, schedules the cores on one deterministic clock, and is
+the stepping API (:meth:`Machine.boot`, :meth:`Machine.step`,
+:meth:`Machine.run_until`, breakpoints, watchpoints and stops on VM exits and
+vectors; see :mod:`devirt_emu.stepping`).
 
 Scheduling and time (deterministic mode, the default)
 -----------------------------------------------------
@@ -27,6 +34,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .cpumodels import get_model
 from .cpu.scan import scan_page
 from .platform.core import Core, GuestError, State
 from .platform.debug_exit import DebugExit
@@ -80,11 +88,15 @@ class RunResult:
     mode: str = "deterministic"
     arch: str = "none"
     config: str | None = None
+    #: The CPU model's name (its spec, e.g. "nehalem,+pcid").
+    cpu: str = "skylake-server"
     exits: list[dict] = field(default_factory=list)
     #: Exit records not kept in ``exits`` (see Machine's ``record_exits``).
     exits_dropped: int = 0
     exit_counts: dict[str, int] = field(default_factory=dict)
     window_exit_counts: dict[str, int] = field(default_factory=dict)
+    #: exit_counts split by core (one dict per core; empty without a hypervisor).
+    exit_counts_per_core: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def mips(self) -> float:
@@ -120,13 +132,18 @@ class Machine:
                  quantum: int = 20_000, max_ns: int = 1_000_000_000,
                  wall_timeout_s: float = 300.0, trace=None, on_serial=None,
                  arch: str = "none", config: str | None = None,
-                 record_exits: bool | int | None = None):
+                 record_exits: bool | int | None = None, cpu=None):
         if not 1 <= cores <= 64:
             raise ValueError(f"cores must be between 1 and 64, not {cores}")
         if not 16 <= mem_mb <= 3072:
             raise ValueError(f"memory must be between 16 and 3072 MiB, not {mem_mb}")
         if quantum < 1:
             raise ValueError("quantum must be at least 1 instruction")
+        #: The CPU model every core is (a CpuModel; ``cpu`` may be one, a spec
+        #: string such as "nehalem,+pcid", or None for skylake-server).
+        self.cpu = get_model(cpu)
+        if arch == "vmx" and not self.cpu.has_vmx:
+            raise ValueError(f"CPU model {self.cpu.name} has no VMX; --arch vmx needs an Intel model")
         self.mem = PhysMem(mem_mb << 20)
         self.deterministic = not fast
         self.fast = fast
@@ -146,7 +163,8 @@ class Machine:
         self.cores: list[Core] = []
         self.current: Core | None = None
         for i in range(cores):
-            lapic = LocalApic(i, now=self._clock_of(i), bus=self.bus, bsp=(i == 0))
+            lapic = LocalApic(i, now=self._clock_of(i), bus=self.bus, bsp=(i == 0),
+                              maxphyaddr=self.cpu.maxphyaddr)
             self.cores.append(Core(self, i, lapic))
         self.verdict: str | None = None
         self.message = ""
@@ -162,6 +180,7 @@ class Machine:
         self.recent_exits: deque = deque(maxlen=RECENT_EXITS)
         self.exit_counts: dict[str, int] = {}
         self.window_exit_counts: dict[str, int] = {}
+        self.exit_counts_per_core: list[dict[str, int]] = [{} for _ in range(cores)]
         self.arch, self.config, self.l0 = arch, None, None
         if arch == "vmx":
             from .hypervisor.kvm import KvmL0
@@ -176,7 +195,8 @@ class Machine:
         self._wall_used = 0.0
         self._interrupt = threading.Event()
         self._breakpoints: dict[int, tuple[int, int | None]] = {}   # id -> (linear, core)
-        self._watchpoints: dict[int, tuple] = {}                    # id -> (linear, size, access)
+        self._watchpoints: dict[int, tuple] = {}    # id -> (address, size, access, physical)
+        self._phys_watch_pages: dict[int, int] = {}  # page -> physical watchpoints on it
         self._next_id = 1
         self._exit_stop: frozenset | str | None = None
         self._stop: Stop | None = None          # set by a callback during a run
@@ -229,6 +249,8 @@ class Machine:
             self.exits_dropped += 1
         self.recent_exits.append(rec)
         self.exit_counts[rec.name] = self.exit_counts.get(rec.name, 0) + 1
+        per_core = self.exit_counts_per_core[rec.core]
+        per_core[rec.name] = per_core.get(rec.name, 0) + 1
         if rec.in_window:
             self.window_exit_counts[rec.name] = self.window_exit_counts.get(rec.name, 0) + 1
 
@@ -295,11 +317,15 @@ class Machine:
     def is_code_page(self, ppage: int) -> bool:
         return ppage in self.code_pages
 
+    def forget_scans(self, ppage: int) -> None:
+        """Drop the cached scans of ``ppage`` (its bytes changed)."""
+        for key in [k for k in self._scans if k[0] == ppage]:
+            del self._scans[key]
+
     def invalidate_code_page(self, ppage: int) -> None:
         """``ppage`` was written: drop every scan of it, make it writable again."""
         self.code_pages.discard(ppage)
-        for key in [k for k in self._scans if k[0] == ppage]:
-            del self._scans[key]
+        self.forget_scans(ppage)
         for c in self.cores:
             c.disarm_page(ppage)
             c.protect_page(ppage, writable=True)    # (a page a core watches keeps no access)
@@ -443,29 +469,92 @@ class Machine:
         """id -> (linear address, core or None for any)."""
         return dict(self._breakpoints)
 
-    def add_watchpoint(self, linear: int, size: int = 1, access: str = "w") -> int:
+    def add_watchpoint(self, address: int, size: int = 1, access: str = "w", *,
+                       physical: bool = False) -> int:
         """Stop after a guest instruction reads (``access`` "r"), writes ("w") or
-        either ("rw") a byte of ``[linear, linear + size)`` (linear addresses, on
-        every core; the platform's own accesses, such as an interrupt frame's
-        pushes, are not seen).  Returns the watchpoint's id."""
+        either ("rw") a byte of ``[address, address + size)``, on every core.
+        Returns the watchpoint's id.
+
+        Linear addresses (the default) are watched as the guest's instructions
+        access them; the platform's own accesses (an interrupt frame's pushes,
+        say) are not seen.  With ``physical`` the range is in the machine's RAM
+        (host-physical: under EPT, where guest-physical addresses are
+        translated, the RAM behind them): every access to its pages is seen,
+        the platform's included (which then stop the run after the instruction
+        or event delivery they belong to).  A physical watchpoint cannot share a
+        page with the VMX layer's own page watching (the APIC-access page), nor
+        watch a page the guest executes from: a fetch from it removes the
+        watchpoint and stops with access "fetch"."""
         if access not in ("r", "w", "rw"):
             raise ValueError(f"watchpoint access must be r, w or rw, not {access!r}")
-        if not 1 <= size <= 1 << 20 or not 0 <= linear < (1 << 64) - size:
-            raise ValueError(f"bad watch range {linear:#x}+{size:#x}")
+        if not 1 <= size <= 1 << 20 or not 0 <= address < (1 << 64) - size:
+            raise ValueError(f"bad watch range {address:#x}+{size:#x}")
+        pages = range(address & ~0xFFF, address + size, PAGE_SIZE)
+        if physical:
+            if not self.mem.contains(address, size):
+                raise ValueError(f"physical watch range {address:#x}+{size:#x} is outside RAM")
+            for ppage in pages:
+                if self.is_code_page(ppage):
+                    raise ValueError(f"physical page {ppage:#x} holds code the guest runs: a "
+                                     f"physical watchpoint there is not supported")
+                for c in self.cores:
+                    if ppage in c.watched_pages() and ppage not in self._phys_watch_pages:
+                        raise ValueError(f"physical page {ppage:#x} is watched by the "
+                                         f"virtualization layer already")
         ident = self._new_id()
-        self._watchpoints[ident] = (linear, size, access)
-        for c in self.cores:
-            c.add_watch(ident, linear, size, access)
+        self._watchpoints[ident] = (address, size, access, physical)
+        if physical:
+            for ppage in pages:
+                self._phys_watch_pages[ppage] = self._phys_watch_pages.get(ppage, 0) + 1
+                for c in self.cores:
+                    c.watch_page(ppage, self._physical_watcher)
+        else:
+            for c in self.cores:
+                c.add_watch(ident, address, size, access)
         return ident
 
     def remove_watchpoint(self, ident: int) -> None:
-        self._watchpoints.pop(ident)
-        for c in self.cores:
-            c.remove_watch(ident)
+        address, size, _, physical = self._watchpoints.pop(ident)
+        if not physical:
+            for c in self.cores:
+                c.remove_watch(ident)
+            return
+        for ppage in range(address & ~0xFFF, address + size, PAGE_SIZE):
+            left = self._phys_watch_pages.pop(ppage, 1) - 1
+            if left:
+                self._phys_watch_pages[ppage] = left
+            else:
+                for c in self.cores:
+                    c.unwatch_page(ppage)
 
-    def watchpoints(self) -> dict[int, tuple[int, int, str]]:
-        """id -> (linear address, size, access)."""
+    def watchpoints(self) -> dict[int, tuple[int, int, str, bool]]:
+        """id -> (address, size, access, physical)."""
         return dict(self._watchpoints)
+
+    def _physical_watcher(self, c: Core, access) -> None:
+        """An access to a page with a physical watchpoint (see watch_page): an
+        instruction's runs at once (step_watched); one that touches a watched range
+        of its kind records the hit and stops the run after it."""
+        kind = "w" if access.access == "write" else "r"
+        first, last = access.pa, access.pa + max(access.size, 1) - 1
+        hit = next((i for i, (a, n, acc, phys) in self._watchpoints.items()
+                    if phys and kind in acc and first < a + n and a <= last), None)
+        if access.access == "fetch":
+            ppage = access.pa & ~0xFFF
+            hit = next((i for i, (a, n, _, phys) in self._watchpoints.items()
+                        if phys and a & ~0xFFF <= ppage < a + n), None)
+            if hit is not None:
+                self.remove_watchpoint(hit)
+            c.watch_hit = (hit, access.pa, "fetch")
+            c.request_stop("watch")
+            return None
+        if hit is not None and c.watch_hit is None:
+            c.watch_hit = (hit, access.pa, "write" if kind == "w" else "read")
+            c.request_stop("watch")
+        if access.platform:
+            return None             # the platform's access goes to memory
+        c.step_watched(access.pa & ~0xFFF, writable=True)
+        return None
 
     def stop_on_exit(self, reasons) -> None:
         """Stop at VM exits of these basic reasons (an iterable of ints; "all" for
@@ -576,10 +665,13 @@ class Machine:
             virtual_ns=max(c.clock for c in self.cores), events=dict(sorted(events.items())),
             wall_s=self._wall_used, exit_status=status, markers=[c.markers for c in self.cores],
             message=self.message, mode="fast" if self.fast else "deterministic",
-            arch=self.arch, config=self.config, exits=[e.to_json() for e in self.exits],
+            arch=self.arch, config=self.config, cpu=self.cpu.name,
+            exits=[e.to_json() for e in self.exits],
             exits_dropped=self.exits_dropped,
             exit_counts=dict(sorted(self.exit_counts.items())),
-            window_exit_counts=dict(sorted(self.window_exit_counts.items())))
+            window_exit_counts=dict(sorted(self.window_exit_counts.items())),
+            exit_counts_per_core=[dict(sorted(c.items())) for c in self.exit_counts_per_core]
+            if self.arch != "none" else [])
 
     def _verdict_stop(self) -> Stop:
         c = self.current or self.cores[0]
@@ -731,23 +823,42 @@ def measure_raw_rate() -> float:
     return _raw_rate
 
 
-def run_program(path: str | os.PathLike, cores: int = 1, **kwargs) -> RunResult:
+def run_program(path: str | os.PathLike, cores: int = 1, on_machine=None,
+                **kwargs) -> RunResult:
     """Assemble (or load, for an ELF) ``path`` with the firmware and run it.
 
-    ``kwargs`` are :class:`Machine`'s (``arch="vmx", config="devirt"``, ``fast``...).
+    ``kwargs`` are :class:`Machine`'s (``arch="vmx", config="devirt"``, ``fast``...);
+    ``on_machine(machine)``, if given, is called once the machine exists, before
+    anything is loaded (the timeline attaches there).
     """
     from .asm import build_image
     path = Path(path)
     m = Machine(cores=cores, **kwargs)
+    if on_machine is not None:
+        on_machine(m)
     if is_elf(path):
         entry = m.load_elf(path)
         if m.elf_class == 32:
             return m.run(entry32=entry)
+        _check_firmware_features(m.cpu)
         image = build_image(None)
         m.load_image(image)
         return m.run(elf_entry=entry)
+    _check_firmware_features(m.cpu)
     m.load_image(build_image(path))
     return m.run()
+
+
+#: CPUID features the firmware (firmware/boot.S, lib.S) relies on: it runs the
+#: local APICs in x2APIC mode and its timer on IA32_TSC_DEADLINE.
+FIRMWARE_FEATURES = ("x2apic", "tsc_deadline_timer")
+
+
+def _check_firmware_features(cpu) -> None:
+    missing = [f for f in FIRMWARE_FEATURES if not cpu.has(f)]
+    if missing:
+        raise ValueError(f"the firmware uses {' and '.join(missing)}, which CPU model "
+                         f"{cpu.name} does not advertise (add ,+{',+'.join(missing)})")
 
 
 def is_elf(path: Path) -> bool:

@@ -179,8 +179,9 @@ def test_true_msrs_relax_what_hardware_relaxes():
 
 
 def test_advertised_pin_and_primary_controls():
-    assert hi(MSRS[PIN]) & bits(0, 3, 5, 6) == bits(0, 3, 5, 6)
-    assert not hi(MSRS[PIN]) & (1 << 7)            # no posted interrupts
+    # external-interrupt and NMI exiting, virtual NMIs, preemption timer, posted interrupts
+    assert hi(MSRS[PIN]) & bits(0, 3, 5, 6, 7) == bits(0, 3, 5, 6, 7)
+    assert not hi(MSRS[PIN]) & ~bits(0, 1, 2, 3, 4, 5, 6, 7)     # nothing above bit 7
     wanted = bits(2, 3, 7, 9, 10, 11, 12, 15, 16, 19, 20, 21, 22, 23, 24, 25, 27, 28, 29, 30, 31)
     assert hi(MSRS[PROC]) & wanted == wanted
     assert not hi(MSRS[PROC]) & (1 << 17)          # no tertiary controls
@@ -190,8 +191,12 @@ def test_advertised_pin_and_primary_controls():
 def test_advertised_secondary_controls():
     may1 = hi(MSRS[PROC2])
     assert lo(MSRS[PROC2]) == 0                    # no secondary control must be 1
-    on = bits(0, 1, 2, 3, 5, 6, 7, 10, 11, 12, 16, 20, 26)
-    off = bits(4, 8, 9, 13, 14, 15, 17, 18, 19, 21, 22, 23, 24, 25, 27, 28, 29, 30, 31)
+    # 4, 8, 9: virtualize x2APIC mode, APIC-register virtualization, virtual-interrupt
+    # delivery (APICv, which Skylake-SP has)
+    on = bits(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 20)
+    # 26, "enable user wait and pause", is not a Skylake-SP control (WAITPKG came with
+    # Tremont and Sapphire Rapids): the default model, a Xeon Scalable 1st gen, lacks it.
+    off = bits(13, 14, 15, 17, 18, 19, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31)
     assert may1 & on == on
     assert may1 & off == 0
 
@@ -290,8 +295,8 @@ def test_vmcs_enum_covers_every_readable_field():
     ("XSS_EXIT_BITMAP", True), ("VMX_PREEMPTION_TIMER_VALUE", True), ("GUEST_IA32_PAT", True),
     ("GUEST_IA32_EFER", True), ("HOST_IA32_PAT", True), ("HOST_IA32_EFER", True),
     ("SECONDARY_VM_EXEC_CONTROL", True), ("GUEST_SMBASE", True), ("IO_RIP", True),
-    ("POSTED_INTR_NV", False), ("POSTED_INTR_DESC_ADDR", False), ("GUEST_INTR_STATUS", False),
-    ("EOI_EXIT_BITMAP3", False), ("VMREAD_BITMAP", False), ("PML_ADDRESS", False),
+    ("POSTED_INTR_NV", True), ("POSTED_INTR_DESC_ADDR", True), ("GUEST_INTR_STATUS", True),
+    ("EOI_EXIT_BITMAP3", True), ("VMREAD_BITMAP", False), ("PML_ADDRESS", False),
     ("TSC_MULTIPLIER", False), ("VM_FUNCTION_CONTROL", False), ("EPTP_LIST_ADDRESS", False),
     ("TERTIARY_VM_EXEC_CONTROL", False), ("SECONDARY_VM_EXIT_CONTROLS", False),
     ("GUEST_IA32_PERF_GLOBAL_CTRL", False), ("HOST_IA32_PERF_GLOBAL_CTRL", False),
@@ -325,13 +330,15 @@ def test_allowed_settings_use_the_true_msrs():
 def test_is_allowed_and_make_legal_examples():
     assert caps.is_allowed("PINBASED", 0) == [1, 2, 4]
     assert caps.make_legal("PINBASED", 0) == bits(1, 2, 4)
-    assert caps.is_allowed("PINBASED", bits(1, 2, 4, 7)) == [7]     # posted interrupts off
-    assert caps.make_legal("PINBASED", 0xFFFFFFFF) == bits(0, 1, 2, 3, 4, 5, 6)
+    assert caps.is_allowed("PINBASED", bits(1, 2, 4, 7)) == []      # posted interrupts on
+    assert caps.is_allowed("PINBASED", bits(1, 2, 4, 8)) == [8]     # bit 8 is reserved
+    assert caps.make_legal("PINBASED", 0xFFFFFFFF) == bits(0, 1, 2, 3, 4, 5, 6, 7)
     # TRUE procbased: CR3 load/store exiting may be 0.
     assert caps.make_legal("PROCBASED", 0) == DEFAULT1[PROC] & ~bits(15, 16)
     assert caps.is_allowed("PROCBASED", DEFAULT1[PROC], use_true=False) == []
     assert caps.is_allowed("PROCBASED", DEFAULT1[PROC] & ~bits(15), use_true=False) == [15]
-    assert caps.is_allowed("PROCBASED2", bits(1, 9)) == [9]          # EPT yes, VID no
+    assert caps.is_allowed("PROCBASED2", bits(1, 9)) == []           # EPT, VID
+    assert caps.is_allowed("PROCBASED2", bits(1, 14)) == [14]        # no VMCS shadowing
     assert caps.make_legal("PROCBASED3", 0xFF) == 0
     with pytest.raises(ValueError):
         caps.is_allowed("PINBASED", -1)

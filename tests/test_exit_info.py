@@ -6,6 +6,7 @@ code under test.
 import pytest
 
 from devirt_emu.events import Insn, Kind, MemOperand
+from devirt_emu.vmx import controls as C
 from devirt_emu.vmx import exit_info as xi
 
 RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI = range(8)
@@ -209,26 +210,26 @@ def test_instruction_info_from_insn():
 # --- Interruption information / IDT-vectoring information -------------------
 def test_interruption_info():
     # #PF: vector 14, type 3 (8 << 8 = 0x300), error code bit 11, valid bit 31
-    assert xi.interruption_info(14, xi.INTR_TYPE_HARD_EXCEPTION, True) == 0x80000B0E
-    assert xi.interruption_info(2, xi.INTR_TYPE_NMI) == 0x80000202
-    assert xi.interruption_info(0x20, xi.INTR_TYPE_EXT_INTR) == 0x80000020
-    assert xi.interruption_info(3, xi.INTR_TYPE_SOFT_EXCEPTION) == 0x80000603
-    assert xi.interruption_info(1, xi.INTR_TYPE_PRIV_SW_EXCEPTION) == 0x80000501
+    assert xi.interruption_info(14, C.INTR_TYPE_HARD_EXCEPTION, True) == 0x80000B0E
+    assert xi.interruption_info(2, C.INTR_TYPE_NMI_INTR) == 0x80000202
+    assert xi.interruption_info(0x20, C.INTR_TYPE_EXT_INTR) == 0x80000020
+    assert xi.interruption_info(3, C.INTR_TYPE_SOFT_EXCEPTION) == 0x80000603
+    assert xi.interruption_info(1, C.INTR_TYPE_PRIV_SW_EXCEPTION) == 0x80000501
     # #GP with error code and NMI unblocking due to IRET (bit 12)
-    assert xi.interruption_info(13, xi.INTR_TYPE_HARD_EXCEPTION, True, True) == 0x80001B0D
+    assert xi.interruption_info(13, C.INTR_TYPE_HARD_EXCEPTION, True, True) == 0x80001B0D
 
 
 def test_interruption_info_rejects_inconsistent_input():
     with pytest.raises(ValueError):
-        xi.interruption_info(3, xi.INTR_TYPE_NMI)              # NMI must be vector 2
+        xi.interruption_info(3, C.INTR_TYPE_NMI_INTR)              # NMI must be vector 2
     with pytest.raises(ValueError):
-        xi.interruption_info(0x30, xi.INTR_TYPE_HARD_EXCEPTION)  # exceptions are 0..31
+        xi.interruption_info(0x30, C.INTR_TYPE_HARD_EXCEPTION)  # exceptions are 0..31
     with pytest.raises(ValueError):
-        xi.interruption_info(3, xi.INTR_TYPE_SOFT_EXCEPTION, True)  # no error code
+        xi.interruption_info(3, C.INTR_TYPE_SOFT_EXCEPTION, True)  # no error code
     with pytest.raises(ValueError):
-        xi.interruption_info(0, 1)                             # type 1 is reserved
+        xi.interruption_info(0, C.INTR_TYPE_RESERVED)           # type 1 is reserved
 
 
 def test_idt_vectoring_info():
-    assert xi.idt_vectoring_info(0x80, xi.INTR_TYPE_SOFT_INTR) == 0x80000480
-    assert xi.idt_vectoring_info(8, xi.INTR_TYPE_HARD_EXCEPTION, True) == 0x80000B08
+    assert xi.idt_vectoring_info(0x80, C.INTR_TYPE_SOFT_INTR) == 0x80000480
+    assert xi.idt_vectoring_info(8, C.INTR_TYPE_HARD_EXCEPTION, True) == 0x80000B08

@@ -10,6 +10,8 @@ import pytest
 from devirt_emu import virt
 from devirt_emu.hypervisor.kvm import KvmL0
 from devirt_emu.machine import run_program
+from devirt_emu.svm.vcpu import SvmVcpu
+from devirt_emu.testing.svm_case import _RecordingL0 as _SvmRecordingL0
 from devirt_emu.testing.vmx_case import _RecordingL0
 from devirt_emu.vmx.rules import exit_decision
 from devirt_emu.vmx.vcpu import VmxVcpu
@@ -26,6 +28,8 @@ def _protocol_methods(proto) -> list[str]:
     (VmxVcpu, virt.VirtualizationLayer),
     (KvmL0, virt.MachineHypervisor),
     (_RecordingL0, virt.Hypervisor),
+    (SvmVcpu, virt.VirtualizationLayer),
+    (_SvmRecordingL0, virt.Hypervisor),
 ])
 def test_implementations_declare_and_implement_their_protocol(cls, proto):
     assert proto in cls.__mro__             # stated in the class line

@@ -85,6 +85,25 @@ def test_stops_then_continuing_give_the_free_run_under_vmx():
     assert summary(m.result()) == summary(ref)
 
 
+def test_stops_on_hlt_exits_in_an_interrupt_shadow_give_the_free_run():
+    # ipi_pingpong's cores wait with STI; HLT: the HLT exit is taken in STI's interrupt
+    # shadow, at the boundary where the core steps the shadowed instruction alone, and the
+    # stop there must leave the HLT to the L0 once (it must not also be executed natively)
+    free = Machine(cores=2, arch="vmx", config="stock")
+    free.load_image(build_image(GUESTS / "ipi_pingpong.S"))
+    ref = free.run()
+    m, _ = machine(GUESTS / "ipi_pingpong.S", cores=2, arch="vmx", config="stock")
+    m.stop_on_exit({12})                                 # EXIT_REASON_HLT
+    stops = 0
+    while m.verdict is None:
+        s = m.run_until()
+        if s.kind is StopKind.VM_EXIT:
+            assert s.reason == 12 and m.cores[s.core].read_linear(s.rip, 1, peek=True) == b"\xf4"
+            stops += 1
+    assert stops == ref.exit_counts["HLT"]
+    assert summary(m.result()) == summary(ref)
+
+
 def test_breakpoint_stops_before_the_instruction_and_continuing_executes_it(tmp_path):
     m, syms = machine("""
     mov eax, 1
@@ -173,6 +192,94 @@ value: .quad 0
     assert m.mem.read(syms["value"], 8) == struct.pack("<Q", 5)   # the store has happened
     m.remove_watchpoint(wp)
     assert m.run_until().kind is StopKind.VERDICT and m.verdict == "pass"
+
+
+@pytest.mark.parametrize("access, after, kind", [("w", "after_store", "write"),
+                                                  ("r", "after_load", "read")])
+def test_physical_watchpoint_stops_after_the_accessing_instruction(tmp_path, access, after, kind):
+    # the store and the load go through a second linear mapping of the page (the
+    # firmware maps RAM 1:1, and the guest aliases the page 1 GiB higher), which a
+    # linear watch on the page's own address would not see
+    m, syms = machine("""
+    mov rax, value
+    add rax, 0x40000000
+    mov qword ptr [rax], 5
+after_store:
+    mov rbx, qword ptr [rax]
+after_load:
+""" + PASS_RET + """
+.data
+.balign 4096
+value: .quad 0
+""", tmp_path)
+    pa = syms["value"]
+    # once the firmware has built its page tables (1:1, 2 MiB pages), alias the first
+    # GiB at 1 GiB: PDPT[1] = PDPT[0] (RAM is 64 MiB, so nothing else maps there)
+    m.add_breakpoint(syms["guest_main"])
+    assert m.run_until().kind is StopKind.BREAKPOINT
+    assert pa < 1 << 30 and m.mem.size <= 1 << 30
+    pdpt = syms["fw_pdpt"]
+    m.mem.write(pdpt + 8, m.mem.read(pdpt, 8))
+    wp = m.add_watchpoint(pa, 8, access, physical=True)
+    assert m.watchpoints()[wp] == (pa, 8, access, True)
+    s = m.run_until()
+    assert (s.kind, s.ident, s.access, s.address) == (StopKind.WATCHPOINT, wp, kind, pa)
+    assert s.rip == syms[after]
+    assert m.mem.read(pa, 8) == struct.pack("<Q", 5)
+    m.remove_watchpoint(wp)
+    assert m.cores[0].watched_pages() == frozenset()
+    assert m.run_until().kind is StopKind.VERDICT and m.verdict == "pass"
+
+
+def test_physical_watchpoint_sees_the_platforms_pushes_of_an_interrupt_frame(tmp_path):
+    # INT 0x40 in 64-bit mode: the core pushes SS, RSP, RFLAGS, CS and RIP onto the
+    # stack (SDM "64-Bit Mode Stack Frame"); the first push, SS, is the 8 bytes below
+    # the stack top.  A linear watchpoint does not see the platform's accesses, a
+    # physical one does: the run stops after the delivery, in the handler.
+    source = """
+    push rbx
+    mov edi, 0x40
+    mov rsi, handler
+    call set_handler
+    mov rbx, rsp
+    mov rsp, stack_top
+    int 0x40
+after_int:
+    mov rsp, rbx
+    pop rbx
+""" + PASS_RET + """
+handler:
+    ret
+.data
+.balign 4096
+stack: .space 4096
+stack_top:
+"""
+    m, syms = machine(source, tmp_path)
+    top = syms["stack_top"]
+    m.add_watchpoint(top - 8, 8, "w")                   # linear: not seen
+    assert m.run_until().kind is StopKind.VERDICT and m.verdict == "pass"
+    m, syms = machine(source, tmp_path)
+    wp = m.add_watchpoint(top - 8, 8, "w", physical=True)
+    s = m.run_until()
+    assert (s.kind, s.ident, s.access) == (StopKind.WATCHPOINT, wp, "write")
+    assert top - 8 <= s.address < top
+    assert m.mem.read(top - 16, 8) == struct.pack("<Q", top)    # the old RSP is pushed: done
+    m.remove_watchpoint(wp)
+    assert m.run_until().kind is StopKind.VERDICT and m.verdict == "pass"
+
+
+def test_physical_watchpoint_errors(tmp_path):
+    m, syms = machine("    nop\n" + PASS_RET, tmp_path)
+    m.add_breakpoint(syms["guest_main"])
+    assert m.run_until().kind is StopKind.BREAKPOINT
+    m.step(1)                                             # its page is fetched from: code
+    with pytest.raises(ValueError, match="outside RAM"):
+        m.add_watchpoint(m.mem.size, 4, "w", physical=True)
+    with pytest.raises(ValueError, match="holds code"):
+        m.add_watchpoint(syms["guest_main"], 1, "r", physical=True)
+    with pytest.raises(ValueError, match="access must be"):
+        m.add_watchpoint(0x1000, 1, "x", physical=True)
 
 
 def test_stop_on_a_vm_exit_reason_comes_before_the_l0_handles_it():

@@ -164,9 +164,9 @@ def test_mapping_needs_launch_state():
 
 @pytest.mark.parametrize("changes", [
     {"PIN_BASED_VM_EXEC_CONTROL": PIN_NMI},                                   # default1 bits 1,2,4 cleared
-    {"PIN_BASED_VM_EXEC_CONTROL": BASE["PIN_BASED_VM_EXEC_CONTROL"] | PIN_POSTED},   # not allowed-1
+    {"PIN_BASED_VM_EXEC_CONTROL": BASE["PIN_BASED_VM_EXEC_CONTROL"] | (1 << 8)},     # not allowed-1
     {"CPU_BASED_VM_EXEC_CONTROL": BASE["CPU_BASED_VM_EXEC_CONTROL"] | (1 << 17)},    # tertiary: not allowed
-    {"SECONDARY_VM_EXEC_CONTROL": S_VID},                                     # not allowed on this CPU
+    {"SECONDARY_VM_EXEC_CONTROL": 1 << 14},                                   # VMCS shadowing: not allowed
     {"CR3_TARGET_COUNT": 5},
     {"MSR_BITMAP": 0x3008},
     {"MSR_BITMAP": 1 << 46},
@@ -777,8 +777,8 @@ def test_with_a_vmcs_region_in_memory():
 def test_pin_based_allowed_settings_property(pin):
     # SDM: the value is legal iff every allowed-0 bit (must be 1) is set and no
     # bit outside allowed-1 is set.  Modelled CPU: must-be-1 = bits 1, 2, 4 (0x16),
-    # may-be-1 = bits 0-6 (0x7f).
-    legal = (pin & 0x16) == 0x16 and not pin & ~0x7F
+    # may-be-1 = bits 0-7 (0xff).
+    legal = (pin & 0x16) == 0x16 and not pin & ~0xFF
     f = check_execution_controls(vmcs(PIN_BASED_VM_EXEC_CONTROL=pin), CAPS, PhysMem(4096).read)
     reserved_failure = f is not None and f.check.startswith("PIN_BASED_VM_EXEC_CONTROL:")
     assert reserved_failure == (not legal)

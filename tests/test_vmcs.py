@@ -307,11 +307,11 @@ def test_high_access_of_a_non_64_bit_field_is_unsupported(vmcs, enc):
 
 
 @pytest.mark.parametrize("enc", [
-    VmcsField.POSTED_INTR_DESC_ADDR,      # posted interrupts not advertised
     VmcsField.VMREAD_BITMAP,              # VMCS shadowing not advertised
+    VmcsField.VMWRITE_BITMAP,
     VmcsField.PML_ADDRESS, VmcsField.GUEST_PML_INDEX,
     VmcsField.TERTIARY_VM_EXEC_CONTROL,   # "activate tertiary controls" may not be 1
-    VmcsField.EOI_EXIT_BITMAP0,           # virtual-interrupt delivery not advertised
+    VmcsField.TSC_MULTIPLIER,             # TSC scaling not advertised
     0x0016, 0x2046, 0x4026, 0x482C, 0x6C1E,  # no SDM field at these encodings
     0x8000 | 0x681E,                      # bit 15 set
     0x1000 | 0x681E,                      # bit 12 set
@@ -354,7 +354,7 @@ def test_processor_set_of_exit_information(vmcs):
     with pytest.raises(ValueError, match="does not fit"):
         vmcs.set(VmcsField.GUEST_CS_SELECTOR, 0x10000)
     with pytest.raises(ValueError, match="not a VMCS field of the modelled CPU"):
-        vmcs.set(VmcsField.POSTED_INTR_DESC_ADDR, 0)
+        vmcs.set(VmcsField.PML_ADDRESS, 0)     # PML is not advertised
     with pytest.raises(KeyError):
         vmcs.get("NO_SUCH_FIELD")
 

@@ -312,6 +312,34 @@ def test_vmfunc():
     assert_no_exit(rules.decide(ev(rax=0, rcx=3), v, dm))
 
 
+@pytest.mark.parametrize("eptp, valid", [
+    (0x7000 | 0x18 | 6, True),                 # WB, 4-level walk
+    (0x7000 | 0x18 | 0, True),                 # UC, 4-level walk
+    (0x7000 | 0x18 | 6 | 0x40, True),          # A/D flags: the modelled CPU has them
+    (0x7000 | 0x18 | 6 | 1 << 45, True),       # an address bit below MAXPHYADDR (46)
+    (0x7000 | 0x18 | 6 | 1 << 47, False),      # bit 47: beyond MAXPHYADDR, below bit 52
+    (0x7000 | 0x18 | 6 | 0x80, False),         # supervisor shadow stack: not supported
+    (0x7000 | 0x18 | 6 | 0x100, False),        # reserved bit 8
+    (0x7000 | 0x10 | 6, False),                # page-walk length 3
+    (0x7000 | 0x18 | 5, False),                # memory type 5
+])
+def test_vmfunc_eptp_switching_checks_the_eptp_as_vm_entry_does(eptp, valid):
+    """SDM "EPTP Switching": an EPTP-list entry that VM entry would reject as the EPT
+    pointer causes a VMFUNC VM exit; one it would accept is switched to with no exit."""
+    from devirt_emu.vmx.entry import EntryCaps, eptp_problem
+    caps = EntryCaps.modelled()
+    assert (eptp_problem(eptp, caps.ept_vpid_cap, caps.maxphyaddr) is None) == valid
+    dm = DictMem()
+    dm.b[0x5000 + 8 * 3:0x5000 + 8 * 4] = eptp.to_bytes(8, "little")
+    v = DictVmcs(CPU_BASED_VM_EXEC_CONTROL=P_SECONDARY, SECONDARY_VM_EXEC_CONTROL=S_VMFUNC,
+                 VM_FUNCTION_CONTROL=1, EPTP_LIST_ADDRESS=0x5000)
+    out = rules.decide(ievent(Kind.VMFUNC, 3, regs_=regs(rax=0, rcx=3)), v, dm)
+    if valid:
+        assert_no_exit(out)
+    else:
+        assert_exit(out, 59, "VMFUNC", length=3)
+
+
 def test_encls_bitmap():
     dm = DictMem()
     v = DictVmcs(CPU_BASED_VM_EXEC_CONTROL=P_SECONDARY, SECONDARY_VM_EXEC_CONTROL=S_ENCLS,

@@ -44,6 +44,7 @@ MOV_DR, UNCOND_IO, USE_IO_BITMAPS, USE_MSR_BITMAPS, MONITOR, PAUSE, SECONDARY = 
     23, 24, 25, 28, 29, 30, 31
 S_DESC, S_RDTSCP, S_WBINVD, S_RDRAND, S_INVPCID, S_RDSEED, S_XSAVES, S_USR_WAIT = \
     2, 3, 6, 11, 12, 16, 20, 26
+S_VID = 9                  # virtual-interrupt delivery
 PIN_EXT, PIN_NMI = 0, 3
 
 
@@ -332,7 +333,9 @@ def oracle(s, e):
             return EXIT(28, q)
         if value > 15:
             return GP
-        if bit(proc, TPR_SHADOW) and s["tpr_threshold"] > value:
+        # SDM "TPR Virtualization": with virtual-interrupt delivery a VTPR write
+        # evaluates pending virtual interrupts instead of comparing with the threshold
+        if bit(proc, TPR_SHADOW) and not bit(sec, S_VID) and s["tpr_threshold"] > value:
             return EXIT(43, 0)
         return NONE
     if k is Kind.CLTS:

@@ -1,4 +1,10 @@
-"""The one table of every instruction a VMX or SVM hypervisor can intercept.
+"""The one table of the instructions the page scanner finds and the decoder names.
+
+Every instruction a VMX or SVM hypervisor can intercept is here, and so are a
+few that no hypervisor intercepts but the platform must see at their boundary:
+CLI, STI, MOV SS and POP SS (they open or close the interrupt window or set an
+interrupt shadow), UD2, and the steady-state markers (``xchg bx, bx`` /
+``xchg cx, cx`` with an operand-size prefix).
 
 Each :class:`Row` is one encoding, written as the Intel SDM (Vol. 2, opcode
 tables and Appendix A) and the AMD APM (Vol. 3) write it::
@@ -279,9 +285,6 @@ TABLE: tuple[Row, ...] = (
     _r(K.MARKER_BEGIN, "xchg bx, bx", "87 DB", pfx=P66, rex_clear=REX_W | REX_R | REX_X | REX_B),
     _r(K.MARKER_END, "xchg cx, cx", "87 C9", pfx=P66, rex_clear=REX_W | REX_R | REX_X | REX_B),
 )
-
-#: Kinds that are instructions (every one has at least one row).
-INSN_KINDS = frozenset(row.kind for row in TABLE)
 
 
 def modrm_bytes(row: Row) -> frozenset[int]:

@@ -113,22 +113,36 @@ def scan_page(code: bytes, base: int, mode: int) -> dict[int, Insn]:
         raise ValueError(f"base must be a 4 KiB-aligned address, not {base!r}")
     if len(code) > PAGE_SIZE + MAX_INSN_LEN:
         raise ValueError(f"code is {len(code)} bytes: at most a page plus {MAX_INSN_LEN}")
-    code = bytes(code)
-    page_len = min(len(code), PAGE_SIZE)
+    found = scan_starts(bytes(code), 0, min(len(code), PAGE_SIZE), mode)
+    return {base + off: insn for off, insn in found.items()}
+
+
+def scan_starts(code: bytes, first: int, stop: int, mode: int) -> dict[int, Insn]:
+    """Offset -> Insn for every offset in ``[first, stop)`` of ``code`` where a
+    sensitive instruction decodes (the same decode as :func:`scan_page`), the
+    bytes from ``stop`` on serving only to complete instructions that start
+    before it.  Offsets before ``first`` are never decoded, so ``code`` may be
+    any window of a page: a store into code rescans only the starts whose
+    bytes it changed.  ``mode`` must be valid (see :func:`check_mode`)."""
     prefixes = _PREFIX_BYTES_64 if mode == 64 else _PREFIX_BYTES_LEGACY
     one_byte = _ONE_BYTE[mode]
     found: dict[int, Insn] = {}
-    for m in OPCODE_RES[mode].finditer(code):
+    # an instruction starting before ``stop`` has its opcode within 14 bytes of its
+    # start (no endpos: the lookahead must see the bytes after the opcode)
+    last = stop + MAX_INSN_LEN - 1
+    for m in OPCODE_RES[mode].finditer(code, first):
         p = m.start()
+        if p >= last:
+            break
         s = p
-        low = max(0, p - (MAX_INSN_LEN - 1))
+        low = max(first, p - (MAX_INSN_LEN - 1))
         while True:
-            if s < page_len:
+            if s < stop:
                 insn = one_byte.get(code[p]) if s == p else None
                 if insn is None:
                     insn = decode_offset(code, s, mode)
                 if insn is not None:
-                    found[base + s] = insn
+                    found[s] = insn
             if s <= low or code[s - 1] not in prefixes:
                 break
             s -= 1

@@ -3,7 +3,8 @@
 ``stock`` is KVM's default VMCS on a modern Intel host with EPT and
 unrestricted guest on, an in-kernel local APIC, APICv off (no
 virtual-interrupt delivery, posted interrupts or APIC-register
-virtualization) and PAUSE-loop exiting on (``vmx.c``: ``setup_vmcs_config``,
+virtualization) and PAUSE-loop exiting on; ``apicv`` is the same with
+APICv on (see "APICv" below) (``vmx.c``: ``setup_vmcs_config``,
 ``vmx_exec_control``, ``vmx_compute_secondary_exec_control``,
 ``update_exception_bitmap``).
 
@@ -91,6 +92,40 @@ Deviations from KVM, all on purpose and the same in both sets:
   vectors (``guest_tests/msr_passthrough.S`` sends itself 0x1F) as natively.
   For the guest's own range (0xC1-0xFF) the two agree.
 
+APICv (the ``apicv`` set)
+-------------------------
+KVM (Linux 5.4) with ``enable_apicv=1`` on a CPU with APIC-register
+virtualization, virtual-interrupt delivery and posted interrupts
+(``cpu_has_vmx_apicv``, ``cpu_has_vmx_posted_intr``):
+
+* ``vmx_pin_based_exec_ctrl`` keeps "process posted interrupts";
+  ``vmx_compute_secondary_exec_control`` keeps APIC-register virtualization
+  and virtual-interrupt delivery; ``vmx_set_virtual_apic_mode`` sets
+  "virtualize APIC accesses" in xAPIC mode and "virtualize x2APIC mode" in
+  x2APIC mode (never both).
+* ``vmx_update_msr_bitmap_x2apic`` in x2APIC mode with APICv: every x2APIC
+  MSR (800H-8FFH) is read without an exit except the timer's current count
+  (839H); TPR (808H) read and written, EOI (80BH) and SELF IPI (83FH)
+  written without an exit; every other write (the ICR included) exits.
+* POSTED_INTR_NV is ``POSTED_INTR_VECTOR`` (F2H) and POSTED_INTR_DESC_ADDR
+  the vCPU's ``pi_desc``; the EOI-exit bitmap has the level-triggered IOAPIC
+  vectors (none here: 0); TPR_THRESHOLD stays 0 (``update_cr8_intercept``
+  returns early with APICv).
+* An interrupt for the guest (``__apic_accept_irq``) is posted
+  (``vmx_deliver_posted_interrupt``): PIR, ON, and the notification IPI to
+  the vCPU's processor if it is in guest mode, else a kick (a blocked vCPU is
+  woken: here with ``POSTED_INTR_WAKEUP_VECTOR`` to its core).  Before each
+  VM entry ``vmx_sync_pir_to_irr`` moves PIR into the virtual IRR and sets
+  RVI (``vmx_hwapic_irr_update``): the processor then delivers it, with no
+  interrupt-window exit.
+* An x2APIC ICR write exits (MSR write) and KVM posts the fixed IPI to its
+  destination vCPU; EOIs are virtualized (no exit).
+
+The deviations of the other two sets hold here too (the guest's APIC is the
+core's physical one: the L0 keeps the virtual-APIC page's copies of the
+registers the guest reads without an exit (ID, version, LDR, SVR, LVTs,
+initial count, divide configuration, ICR) equal to the physical APIC's).
+
 Devirt and the TPR shadow: KVM-devirt's changes (DESIGN.md) do not mention
 the TPR shadow, CR8 exiting or APIC-access virtualization, so its set keeps
 KVM's: "use TPR shadow" on, CR8 exiting off, "virtualize APIC accesses" on
@@ -108,6 +143,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..x86 import X86_CR0_TS, X86_CR0_WP
 from ..vmx import controls as C
 
 #: Paravirtual MSRs of our model of KVM-devirt, in KVM's range.
@@ -118,7 +154,6 @@ KVM_FEATURE_DEVIRT = 1 << 24
 #: Guest-physical address of KVM's APIC-access page (APIC_DEFAULT_PHYS_BASE, the xAPIC base).
 APIC_ACCESS_PAGE_GPA = 0xFEE00000
 
-X86_CR0_TS, X86_CR0_WP = 1 << 3, 1 << 16
 # KVM's possibly guest-owned CR4 bits (KVM_POSSIBLE_CR4_GUEST_BITS) with EPT (+PGE).
 KVM_CR4_GUEST_BITS = ((1 << 1) | (1 << 3) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 7)
                       | (1 << 2) | (1 << 16))
@@ -149,6 +184,13 @@ class VmxConfig:
     ple_gap: int = 0
     ple_window: int = 0
     notes: tuple = field(default_factory=tuple)
+    #: APICv (KVM's ``kvm_vcpu_apicv_active``): virtual-interrupt delivery and posted
+    #: interrupts, injection through RVI, IPIs posted (see "APICv" above)
+    apicv: bool = False
+    #: x2APIC MSRs passed through while the guest's APIC is in x2APIC mode (APICv:
+    #: ``vmx_update_msr_bitmap_x2apic``), read only and read-write
+    x2apic_passthrough_read: tuple = ()
+    x2apic_passthrough_write: tuple = ()
 
     @property
     def cr0_mask(self) -> int:
@@ -208,6 +250,35 @@ DEVIRT = VmxConfig(
     msr_passthrough_read=KVM_PASSTHROUGH_READ,
 )
 
-VMX_CONFIGS = {c.name: c for c in (STOCK, DEVIRT)}
+#: KVM's POSTED_INTR_VECTOR and POSTED_INTR_WAKEUP_VECTOR (arch/x86/include/asm/irq_vectors.h).
+POSTED_INTR_VECTOR = 0xF2
+POSTED_INTR_WAKEUP_VECTOR = 0xF1
+X2APIC_TMCCT, X2APIC_TPR, X2APIC_EOI, X2APIC_SELF_IPI = 0x839, 0x808, 0x80B, 0x83F
+
+APICV = VmxConfig(
+    name="apicv",
+    description="KVM defaults with enable_apicv=1 on a host with posted interrupts: stock plus "
+                "APIC-register virtualization, virtual-interrupt delivery, x2APIC virtualization "
+                "and posted interrupts",
+    pin=STOCK.pin | C.PIN_BASED_POSTED_INTR,
+    primary=STOCK.primary,
+    # "virtualize APIC accesses" in xAPIC mode, "virtualize x2APIC mode" in x2APIC mode
+    # (KvmL0.set_virtual_apic_mode), as vmx_set_virtual_apic_mode
+    secondary=(STOCK.secondary | C.SECONDARY_EXEC_APIC_REGISTER_VIRT
+               | C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY | C.SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE),
+    exit=_COMMON_EXIT,
+    entry=_COMMON_ENTRY,
+    exception_bitmap=_EXCEPTIONS,
+    cr0_guest_owned=STOCK.cr0_guest_owned,
+    cr4_guest_owned=KVM_CR4_GUEST_BITS,
+    msr_passthrough=KVM_PASSTHROUGH,
+    msr_passthrough_read=KVM_PASSTHROUGH_READ,
+    ple_gap=128, ple_window=4096,
+    apicv=True,
+    x2apic_passthrough_read=tuple(m for m in range(0x800, 0x900) if m != X2APIC_TMCCT),
+    x2apic_passthrough_write=(X2APIC_TPR, X2APIC_EOI, X2APIC_SELF_IPI),
+)
+
+VMX_CONFIGS = {c.name: c for c in (STOCK, APICV, DEVIRT)}
 #: The set a configuration boots under before its cores ask for devirtualization.
-BOOT_CONFIG = {"stock": STOCK, "devirt": STOCK}
+BOOT_CONFIG = {"stock": STOCK, "apicv": APICV, "devirt": STOCK}

@@ -32,11 +32,12 @@ import struct
 
 from unicorn import x86_const as X
 
+from ..x86 import X86_CR4_VMXE
 from ..events import Event, Kind
 from ..platform import cpuid as cpuid_model
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, descriptor_cache
 from ..platform.descriptors import desc_type
-from ..platform.lapic import MSR_IA32_APICBASE
+from ..platform.lapic import MSR_IA32_APICBASE, GeneralProtection
 from ..platform.paging import (PageFault, UnsupportedPaging, pdpt_address, pdpte_reserved,
                                pdptes_reload)
 from ..platform.tasks import MIN_TSS_LIMIT, TSS32_AVAILABLE, tss_layout
@@ -48,13 +49,13 @@ from ..vmx import exit_info as XI
 from ..vmx import exit_reasons as ER
 from ..vmx.ept import EptBuilder, EptBuildError
 from ..vmx.fields import VmcsField as F
-from ..vmx.vcpu import CR4_VMXE, VmxVcpu
+from ..vmx.vcpu import VmxVcpu
 from ..vmx.vmcs import Vmcs
-from .configs import (APIC_ACCESS_PAGE_GPA, BOOT_CONFIG, KVM_FEATURE_DEVIRT, MSR_KVM_APIC_MAPS,
-                      MSR_KVM_DEVIRT, VMX_CONFIGS, VmxConfig)
+from ..vmx import apicv as A
+from .configs import (APIC_ACCESS_PAGE_GPA, BOOT_CONFIG, POSTED_INTR_VECTOR,
+                      POSTED_INTR_WAKEUP_VECTOR, VMX_CONFIGS, VmxConfig)
+from .kvm_common import HOST_AREA, PARAVIRT_MSRS, KvmCommon, L0Error, kvm_cpuid  # noqa: F401 (re-exported)
 
-HOST_AREA = 4 << 20            # reserved at the top of RAM for the L0's structures
-KVM_CPUID_SIGNATURE = 0x40000000
 KVM_ENOSYS = 1000
 INIT_CR0 = 0x60000010          # CR0 after INIT (CD, NW, ET)
 _PROC = int(F.CPU_BASED_VM_EXEC_CONTROL)
@@ -71,7 +72,7 @@ _STRING_IO = frozenset({"insb", "insw", "insd", "outsb", "outsw", "outsd"})
 
 #: Host state that VM exits would load (a 64-bit Linux host, as KVM's vmx_set_constant_host_state).
 HOST_STATE = {
-    F.HOST_CR0: 0x80050033, F.HOST_CR4: 0x3726E0 | CR4_VMXE, F.HOST_CS_SELECTOR: 0x10,
+    F.HOST_CR0: 0x80050033, F.HOST_CR4: 0x3726E0 | X86_CR4_VMXE, F.HOST_CS_SELECTOR: 0x10,
     F.HOST_SS_SELECTOR: 0x18, F.HOST_DS_SELECTOR: 0, F.HOST_ES_SELECTOR: 0,
     F.HOST_FS_SELECTOR: 0, F.HOST_GS_SELECTOR: 0, F.HOST_TR_SELECTOR: 0x40,
     F.HOST_IA32_PAT: 0x0407050600070106, F.HOST_IA32_EFER: 0xD01,
@@ -84,15 +85,19 @@ HOST_STATE = {
 def prepare_vmcs(vcpu: VmxVcpu, host_cr3: int) -> None:
     """Fill a fresh VMCS as KVM's vcpu set-up does, controls aside (write them
     first): the host state, no VMCS link, the core's current state as the guest
-    state, and CR0/CR4 read shadows showing the guest its own values."""
+    state, and CR0/CR4 read shadows showing the guest its own values.  The
+    host's CR4 keeps only the bits the CPU model allows in VMX operation
+    (a Linux host enables no feature its processor lacks)."""
     v = vcpu.vmcs
     for f, val in HOST_STATE.items():
         v.set(f, val)
+    cr4_fixed1 = vcpu.model.vmx_msrs[caps.MSR_IA32_VMX_CR4_FIXED1]
+    v.set(F.HOST_CR4, HOST_STATE[F.HOST_CR4] & cr4_fixed1)
     v.set(F.HOST_CR3, host_cr3)
     v.set(F.VMCS_LINK_POINTER, (1 << 64) - 1)
     vcpu.save_guest_state()
     v.set(F.CR0_READ_SHADOW, v.get(F.GUEST_CR0))
-    v.set(F.CR4_READ_SHADOW, v.get(F.GUEST_CR4) & ~CR4_VMXE)
+    v.set(F.CR4_READ_SHADOW, v.get(F.GUEST_CR4) & ~X86_CR4_VMXE)
 
 
 #: Bytes of a 32-bit TSS a task switch reads and writes (its last byte is the minimum limit).
@@ -124,33 +129,25 @@ def tpr_threshold(tpr: int, max_irr: int | None) -> int:
     return irr_class if tpr >> 4 >= irr_class else 0
 
 
-class L0Error(Exception):
-    """The L0 met an exit it does not handle, or a VM entry failed."""
-
-
-class KvmL0(MachineHypervisor):
+class KvmL0(KvmCommon, MachineHypervisor):
     """KVM's side of one guest on a machine, configuration ``stock`` or ``devirt``
     (the hypervisor of :mod:`devirt_emu.virt` for its VMX vCPUs)."""
 
     def __init__(self, machine, config: str):
         if config not in VMX_CONFIGS:
             raise ValueError(f"unknown VMX configuration {config!r} (have: {', '.join(VMX_CONFIGS)})")
-        self.machine = machine
         self.config_name = config
         self.target = VMX_CONFIGS[config]
+        # The firmware starts each vCPU in real mode; without unrestricted guest KVM
+        # would emulate it (vm86 and its real-mode emulator), which is not modelled.
+        if caps.is_allowed("PROCBASED2", C.SECONDARY_EXEC_UNRESTRICTED_GUEST, model=machine.cpu):
+            raise ValueError(f"CPU model {machine.cpu.name} has no unrestricted guest, which the "
+                             "KVM model needs to run the firmware's real-mode start "
+                             "(KVM's real-mode emulation is not modelled)")
         mem = machine.mem
         if mem.size < 32 << 20:
             raise ValueError("a VMX guest needs at least 32 MiB of RAM (4 MiB are the L0's)")
-        self.host_base = mem.size - HOST_AREA
-        self.guest_ram = self.host_base
-        self.vcpus: list[VmxVcpu] = []
-        # KVM's share of each vCPU's local APIC: interrupts the host took on the
-        # guest's behalf wait in a virtual IRR, injected ones sit in a virtual ISR
-        # until the guest's EOI (see configs.py: the rest of the APIC is physical).
-        self.virr: dict[int, set[int]] = {}
-        self.visr: dict[int, list[int]] = {}
-        self.devirtualized: set[int] = set()
-        self.apic_maps_gpa: int | None = None
+        self._init_common(machine)
         # per vCPU: its virtual-APIC page, the control set loaded, where its VTPR
         # is while that set has the TPR shadow (None: no TPR shadow), and the
         # TPR_THRESHOLD the L0 last wrote (only the L0 writes it)
@@ -158,24 +155,18 @@ class KvmL0(MachineHypervisor):
         self._loaded: dict[int, VmxConfig] = {}
         self._vtpr_at: dict[int, int | None] = {}
         self._threshold: dict[int, int] = {}
-        self._bitmaps: dict[str, int] = {}
-        self._next_page = self.host_base
+        self._bitmaps: dict[tuple, int] = {}
+        #: per vCPU: its posted-interrupt descriptor (the apicv set)
+        self.pi_desc: dict[int, int] = {}
         self.ept = EptBuilder(mem, self._alloc(64), 64 * 4096)     # empty: see h_ept_violation
         #: basic exit reason -> handler(vcpu) (KVM's kvm_vmx_exit_handlers; replaceable)
         self.handlers = self._make_handlers()
 
     # ------------------------------------------------------------------ set-up
-    def _alloc(self, pages: int = 1) -> int:
-        pa = self._next_page
-        self._next_page += pages * 4096
-        if self._next_page > self.machine.mem.size:
-            raise L0Error("the L0's host area is full")
-        self.machine.write_phys(pa, bytes(pages * 4096))
-        return pa
-
-    def _msr_bitmap(self, cfg: VmxConfig) -> int:
-        """A 4 KiB MSR bitmap: every MSR exits but the configuration's passthrough ones."""
-        pa = self._bitmaps.get(cfg.name)
+    def _msr_bitmap(self, cfg: VmxConfig, x2apic: bool = False) -> int:
+        """A 4 KiB MSR bitmap: every MSR exits but the configuration's passthrough ones
+        (with ``x2apic``, also its x2APIC-mode ones)."""
+        pa = self._bitmaps.get((cfg.name, x2apic))
         if pa is not None:
             return pa
         bm = bytearray(b"\xff" * 4096)
@@ -191,21 +182,27 @@ class KvmL0(MachineHypervisor):
             clear(msr, True)
         for msr in cfg.msr_passthrough_read:
             clear(msr, False)
+        if x2apic:
+            for msr in cfg.x2apic_passthrough_read:
+                clear(msr, False)
+            for msr in cfg.x2apic_passthrough_write:
+                clear(msr, True)
         pa = self._alloc()
         self.machine.write_phys(pa, bytes(bm))
-        self._bitmaps[cfg.name] = pa
+        self._bitmaps[(cfg.name, x2apic)] = pa
         return pa
 
     def load_controls(self, vcpu: VmxVcpu, cfg: VmxConfig) -> None:
         """Write a configuration's control set into a vCPU's VMCS (legal per the capability MSRs)."""
         v = vcpu.vmcs
         s = v.set
-        s(F.PIN_BASED_VM_EXEC_CONTROL, caps.make_legal("PINBASED", cfg.pin))
-        s(F.CPU_BASED_VM_EXEC_CONTROL, caps.make_legal("PROCBASED", cfg.primary))
-        s(F.SECONDARY_VM_EXEC_CONTROL, caps.make_legal("PROCBASED2", cfg.secondary))
-        s(F.VM_EXIT_CONTROLS, caps.make_legal("EXIT", cfg.exit))
+        cpu = vcpu.model
+        s(F.PIN_BASED_VM_EXEC_CONTROL, caps.make_legal("PINBASED", cfg.pin, model=cpu))
+        s(F.CPU_BASED_VM_EXEC_CONTROL, caps.make_legal("PROCBASED", cfg.primary, model=cpu))
+        s(F.SECONDARY_VM_EXEC_CONTROL, caps.make_legal("PROCBASED2", cfg.secondary, model=cpu))
+        s(F.VM_EXIT_CONTROLS, caps.make_legal("EXIT", cfg.exit, model=cpu))
         ia32e = v.get(F.VM_ENTRY_CONTROLS) & C.VM_ENTRY_IA32E_MODE
-        s(F.VM_ENTRY_CONTROLS, caps.make_legal("ENTRY", cfg.entry) | ia32e)
+        s(F.VM_ENTRY_CONTROLS, caps.make_legal("ENTRY", cfg.entry, model=cpu) | ia32e)
         s(F.EXCEPTION_BITMAP, cfg.exception_bitmap)
         s(F.PAGE_FAULT_ERROR_CODE_MASK, 0)
         s(F.PAGE_FAULT_ERROR_CODE_MATCH, 0)
@@ -217,8 +214,9 @@ class KvmL0(MachineHypervisor):
             s(F.EPT_POINTER, self.ept.eptp)
         if cfg.secondary & C.SECONDARY_EXEC_ENABLE_VPID:
             s(F.VIRTUAL_PROCESSOR_ID, vcpu.core.index + 1)
-        s(F.PLE_GAP, cfg.ple_gap)
-        s(F.PLE_WINDOW, cfg.ple_window)
+        if caps.is_field_supported(F.PLE_GAP, cpu):        # (cpu_has_vmx_ple)
+            s(F.PLE_GAP, cfg.ple_gap)
+            s(F.PLE_WINDOW, cfg.ple_window)
         i = vcpu.core.index
         self._loaded[i] = cfg
         self._vtpr_at[i] = None
@@ -227,6 +225,16 @@ class KvmL0(MachineHypervisor):
             self._vtpr_at[i] = self.vapic_pa[i] + APIC_TASKPRI
         if cfg.secondary & C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES:
             s(F.APIC_ACCESS_ADDR, APIC_ACCESS_PAGE_GPA)
+        if cfg.apicv:
+            # vmx_vcpu_setup / vmx_vcpu_reset with APICv: the EOI-exit bitmap (no
+            # level-triggered IOAPIC vectors here), the guest-interrupt status, the
+            # notification vector and the vCPU's descriptor
+            for n in range(4):
+                s(F[f"EOI_EXIT_BITMAP{n}"], 0)
+            s(F.GUEST_INTR_STATUS, 0)
+            s(F.POSTED_INTR_NV, POSTED_INTR_VECTOR)
+            s(F.POSTED_INTR_DESC_ADDR, self.pi_desc[i])
+            self.mirror_apic(vcpu)
         self.set_virtual_apic_mode(vcpu)
 
     def set_virtual_apic_mode(self, vcpu: VmxVcpu) -> None:
@@ -235,13 +243,24 @@ class KvmL0(MachineHypervisor):
         the guest's APIC is in xAPIC mode; cleared in x2APIC mode and while the
         APIC is disabled (the modelled CPU has no "virtualize x2APIC mode")."""
         v = vcpu.vmcs
+        cfg = self._loaded[vcpu.core.index]
+        lapic = vcpu.core.lapic
         sec = v.get(F.SECONDARY_VM_EXEC_CONTROL)
-        want = sec & ~C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES
-        if self._loaded[vcpu.core.index].secondary & C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES \
-                and vcpu.core.lapic.xapic_enabled:
+        want = sec & ~(C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES
+                       | C.SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE)
+        if cfg.secondary & C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES and lapic.xapic_enabled:
             want |= C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES
+        if cfg.secondary & C.SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE and lapic.x2apic_enabled:
+            want |= C.SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE
         if want != sec:
             v.set(F.SECONDARY_VM_EXEC_CONTROL, want)
+        bitmap = self._msr_bitmap(cfg, x2apic=bool(cfg.x2apic_passthrough_read
+                                                   or cfg.x2apic_passthrough_write)
+                                  and lapic.x2apic_enabled)
+        if v.get(F.MSR_BITMAP) != bitmap:
+            v.set(F.MSR_BITMAP, bitmap)
+        if cfg.apicv:
+            self.mirror_apic(vcpu)
 
     def attach(self) -> None:
         """Create a vCPU per core with a fresh VMCS, the boot-time controls, the
@@ -250,9 +269,10 @@ class KvmL0(MachineHypervisor):
         boot = BOOT_CONFIG[self.config_name]
         for core in m.cores:
             vmcs_pa = self._alloc()
-            Vmcs.format(m.mem, vmcs_pa)
+            Vmcs.format(m.mem, vmcs_pa, model=m.cpu)
             vcpu = VmxVcpu(core, vmcs_pa, self, record=m.record_exit)
             self.vapic_pa[core.index] = self._alloc()      # KVM: the software APIC's register page
+            self.pi_desc[core.index] = self._alloc()       # KVM: vmx->pi_desc (64 bytes used)
             self._threshold[core.index] = 0                # (the formatted VMCS holds 0)
             v = vcpu.vmcs
             v.set(F.TSC_OFFSET, 0)
@@ -271,58 +291,23 @@ class KvmL0(MachineHypervisor):
                 return
 
     # ------------------------------------------------------------------ vCPU interface
-    def wants_entry(self, vcpu: VmxVcpu) -> bool:
-        return not vcpu.blocked and self.machine.verdict is None
-
-    # ----- the virtual IRR/ISR ---------------------------------------------
     def take_for_guest(self, vcpu: VmxVcpu, vector: int) -> None:
         """The host took a guest interrupt (acknowledged on exit or while the vCPU
-        was blocked): end it on the physical APIC, keep it in the virtual IRR."""
-        vcpu.core.lapic.eoi()
-        self.virr[vcpu.core.index].add(vector)
-
-    def deliverable(self, vcpu: VmxVcpu) -> int | None:
-        """The highest virtual-IRR vector whose priority class is above the virtual PPR."""
-        i = vcpu.core.index
-        if not self.virr[i]:
-            return None
-        vec = max(self.virr[i])
-        isrv = max(self.visr[i], default=0)
-        ppr = max(self.guest_tpr(vcpu) & 0xF0, isrv & 0xF0)
-        return vec if vec & 0xF0 > ppr else None
-
-    def guest_eoi(self, vcpu: VmxVcpu) -> bool:
-        """An exiting EOI write: ends the highest injected vector, if one is in service."""
-        visr = self.visr[vcpu.core.index]
-        if not visr:
-            return False
-        visr.remove(max(visr))
-        return True
-
-    def apic_register_read(self, vcpu: VmxVcpu, index: int) -> int | None:
-        """x2APIC IRR/ISR/PPR as the guest sees them (physical plus the virtual share)."""
-        i = vcpu.core.index
-        lapic = vcpu.core.lapic
-        if 0x820 <= index <= 0x827:
-            return lapic.rdmsr(index) | self._virr_word(vcpu, index - 0x820)
-        if 0x810 <= index <= 0x817:
-            word = index - 0x810
-            return sum(1 << (v - 32 * word) for v in self.visr[i] if v // 32 == word)
-        if index == 0x80A:
-            isrv = max(self.visr[i], default=0)
-            tpr = self.guest_tpr(vcpu)
-            return tpr if tpr & 0xF0 >= isrv & 0xF0 else isrv & 0xF0
-        return None
-
-    def _virr_word(self, vcpu: VmxVcpu, word: int) -> int:
-        """Bits 32 * ``word`` .. + 31 of the virtual IRR."""
-        return sum(1 << (v - 32 * word) for v in self.virr[vcpu.core.index] if v // 32 == word)
+        was blocked): end it on the physical APIC; with APICv post it
+        (__apic_accept_irq), else keep it in the virtual IRR."""
+        if self._loaded[vcpu.core.index].apicv:
+            vcpu.core.lapic.eoi()
+            self.post(vcpu, vector)
+            return
+        super().take_for_guest(vcpu, vector)
 
     def prepare_entry(self, vcpu: VmxVcpu) -> None:
         """KVM's inject_pending_event: inject the highest deliverable virtual-IRR
         vector if the guest can take it, else ask for an interrupt-window exit."""
         v = vcpu.vmcs
         primary = v.peek(_PROC)
+        if self._loaded[vcpu.core.index].apicv:
+            self.sync_pir_to_irr(vcpu)
         vec = self.deliverable(vcpu)
         if vec is not None and not v.get(F.VM_ENTRY_INTR_INFO_FIELD) & C.INTR_INFO_VALID_MASK:
             rflags = v.get(F.GUEST_RFLAGS)
@@ -379,16 +364,143 @@ class KvmL0(MachineHypervisor):
             self._threshold[i] = threshold
 
     def has_pending(self, vcpu: VmxVcpu) -> bool:
-        return self.deliverable(vcpu) is not None
+        if self._loaded[vcpu.core.index].apicv:
+            return self.apicv_pending(vcpu)
+        return super().has_pending(vcpu)
+
+    # ----- APICv: posted interrupts and the virtual-APIC page --------------
+    def _page(self, vcpu: VmxVcpu) -> A.BytesPage:
+        """The vCPU's virtual-APIC page, read (write it back with :meth:`_put_page`)."""
+        return A.BytesPage(bytearray(self.machine.mem.read(self.vapic_pa[vcpu.core.index], 4096)))
+
+    def _put_page(self, vcpu: VmxVcpu, page: A.BytesPage) -> None:
+        self.machine.mem.write(self.vapic_pa[vcpu.core.index], bytes(page.data))
+
+    def post(self, target: VmxVcpu, vector: int) -> None:
+        """KVM's ``vmx_deliver_posted_interrupt``: PIR[vector] and ON in the target's
+        descriptor; if ON was clear, the notification: POSTED_INTR_VECTOR to its core
+        if the target is in guest mode, else a kick (a blocked vCPU is woken with
+        POSTED_INTR_WAKEUP_VECTOR, as KVM's wake-up does through the scheduler)."""
+        mem = self.machine.mem
+        pa = self.pi_desc[target.core.index]
+        raw, notify = A.post_interrupt(mem.read(pa, A.PID_SIZE), vector)
+        mem.write(pa, raw)
+        if not notify:
+            return
+        if target.active:
+            self._host_ipi(target, POSTED_INTR_VECTOR)
+        elif target.blocked:
+            self._host_ipi(target, POSTED_INTR_WAKEUP_VECTOR)
+
+    def _host_ipi(self, target: VmxVcpu, vector: int) -> None:
+        """A fixed IPI from the host on the current core to ``target``'s core."""
+        src = self.machine.current or target.core
+        lapic = src.lapic
+        dest = target.core.apic_id << (32 if lapic.x2apic_enabled else 56)
+        self.machine.bus.send(lapic, dest | vector)
+
+    def sync_pir_to_irr(self, vcpu: VmxVcpu) -> None:
+        """KVM's ``vmx_sync_pir_to_irr`` before a VM entry: ON cleared, PIR moved
+        into the virtual IRR, RVI = the highest vector in it (``vmx_hwapic_irr_update``)."""
+        mem = self.machine.mem
+        pa = self.pi_desc[vcpu.core.index]
+        d = A.PostedDescriptor.decode(mem.read(pa, A.PID_SIZE))
+        v = vcpu.vmcs
+        status = v.get(F.GUEST_INTR_STATUS)
+        page = None
+        if d.on or d.pir:
+            mem.write(pa, d._replace(pir=0, on=False).encode(mem.read(pa, A.PID_SIZE)))
+            page = self._page(vcpu)
+            for n in range(8):
+                word = d.pir >> (32 * n) & 0xFFFFFFFF
+                if word:
+                    page.set32(A.APIC_IRR + 0x10 * n, page.get32(A.APIC_IRR + 0x10 * n) | word)
+            self._put_page(vcpu, page)
+        if page is None and not A.rvi(status):
+            return
+        page = page or self._page(vcpu)
+        max_irr = A.highest(page, A.APIC_IRR)
+        if max_irr != A.rvi(status):
+            v.set(F.GUEST_INTR_STATUS, A.make_status(max_irr, A.svi(status)))
+
+    def apicv_pending(self, vcpu: VmxVcpu) -> bool:
+        """``kvm_cpu_has_interrupt`` with APICv: the highest vector of the virtual IRR
+        and PIR has a priority class above the virtual PPR's (VTPR, SVI)."""
+        pir = A.PostedDescriptor.decode(
+            self.machine.mem.read(self.pi_desc[vcpu.core.index], A.PID_SIZE)).pir
+        page = self._page(vcpu)
+        top = max(A.highest(page, A.APIC_IRR), pir.bit_length() - 1 if pir else 0)
+        if not top:
+            return False
+        status = vcpu.vmcs.get(F.GUEST_INTR_STATUS)
+        ppr = max(self.guest_tpr(vcpu) & 0xF0, A.svi(status) & 0xF0)
+        return top & 0xF0 > ppr
+
+    #: x2APIC registers the guest reads from the virtual-APIC page without an exit
+    #: (APIC-register virtualization) that the L0 keeps equal to the physical APIC's
+    MIRRORED = (0x802, 0x803, 0x80D, 0x80F, 0x828, 0x832, 0x833, 0x834, 0x835, 0x836, 0x837,
+                0x838, 0x83E) + tuple(range(0x818, 0x820))
+
+    def mirror_apic(self, vcpu: VmxVcpu, indexes=None) -> None:
+        """Copy the physical APIC's registers the guest reads through the
+        virtual-APIC page there (KVM's page *is* its APIC's registers)."""
+        lapic = vcpu.core.lapic
+        page = self._page(vcpu)
+        for index in indexes or self.MIRRORED:
+            off = A.x2apic_offset(index)
+            try:
+                if lapic.x2apic_enabled:
+                    value = lapic.rdmsr(index)
+                elif lapic.xapic_enabled:
+                    value = lapic.mmio_read(off, 4)
+                else:
+                    continue
+            except GeneralProtection:
+                continue
+            page.set32(off, value & 0xFFFFFFFF)
+            if index == 0x830:
+                page.set32(A.APIC_ICR2, value >> 32)
+        self._put_page(vcpu, page)
+
+    def apicv_ipi(self, vcpu: VmxVcpu, icr: int) -> bool:
+        """An ICR write with APICv (``kvm_apic_send_ipi``): a fixed IPI is posted to
+        each destination vCPU (physical destination or shorthand); False for what
+        the platform sends itself (INIT, SIPI, NMI, logical destinations)."""
+        vector, mode = icr & 0xFF, icr >> 8 & 7
+        shorthand, logical = icr >> 18 & 3, icr >> 11 & 1
+        if mode != 0 or vector < 16 or (logical and shorthand == 0):
+            return False
+        by_id = {v.core.apic_id: v for v in self.vcpus}
+        if shorthand == 1:
+            targets = [vcpu]
+        elif shorthand == 2:
+            targets = list(self.vcpus)
+        elif shorthand == 3:
+            targets = [v for v in self.vcpus if v is not vcpu]
+        else:
+            dest = icr >> 32 if vcpu.core.lapic.x2apic_enabled else icr >> 56
+            targets = [by_id[dest]] if dest in by_id else []
+        for t in targets:
+            self.post(t, vector)
+        return True
 
     def unblock(self, vcpu: VmxVcpu) -> bool:
         """A vCPU blocked in HLT (host context) got an interrupt: the host takes
         it for the guest, then KVM re-enters the guest, which takes it."""
         lapic = vcpu.core.lapic
         vec = lapic.pending_vector()
-        if vec is None and self.deliverable(vcpu) is None and not lapic.nmi_pending:
+        if self._loaded[vcpu.core.index].apicv:
+            if vec is not None:
+                lapic.acknowledge()
+                if vec in (POSTED_INTR_VECTOR, POSTED_INTR_WAKEUP_VECTOR):
+                    lapic.eoi()             # the host's: the notification arrived in root mode
+                else:
+                    self.take_for_guest(vcpu, vec)
+            if not self.apicv_pending(vcpu) and not lapic.nmi_pending:
+                return False
+        elif vec is None and self.deliverable(vcpu) is None and not lapic.nmi_pending:
             return False
-        if vec is not None:
+        elif vec is not None:
             lapic.acknowledge()
             self.take_for_guest(vcpu, vec)
         vcpu.blocked = False
@@ -417,11 +529,6 @@ class KvmL0(MachineHypervisor):
         except _Fault as f:
             vcpu.inject(f.vector, C.INTR_TYPE_HARD_EXCEPTION, f.error_code)
 
-    def _fatal(self, vcpu: VmxVcpu, message: str) -> None:
-        self.machine.guest_error(f"core {vcpu.core.index}: {message}")
-        vcpu.blocked = True
-        vcpu.core.request_stop("exit")      # also between engine runs (an EPT exit)
-
     # ------------------------------------------------------------------ exit handlers
     def _make_handlers(self):
         R = ER
@@ -449,6 +556,8 @@ class KvmL0(MachineHypervisor):
             R.EPT_MISCONFIG: self.h_ept_misconfig,
             R.APIC_ACCESS: self.h_apic_access,
             R.TPR_BELOW_THRESHOLD: self.h_tpr_below_threshold,
+            R.APIC_WRITE: self.h_apic_write,
+            R.EOI_INDUCED: self.h_eoi_induced,
         }
         for name in ("VMCLEAR", "VMLAUNCH", "VMPTRLD", "VMPTRST", "VMREAD", "VMRESUME", "VMWRITE",
                      "VMOFF", "VMON", "INVEPT", "INVVPID", "VMFUNC"):
@@ -508,7 +617,7 @@ class KvmL0(MachineHypervisor):
         s = v.set
         s(F.GUEST_CR0, INIT_CR0 | (1 << 5))
         s(F.CR0_READ_SHADOW, INIT_CR0)
-        s(F.GUEST_CR4, CR4_VMXE)
+        s(F.GUEST_CR4, X86_CR4_VMXE)
         s(F.CR4_READ_SHADOW, 0)
         s(F.GUEST_CR3, 0)
         s(F.GUEST_IA32_EFER, 0)
@@ -552,15 +661,11 @@ class KvmL0(MachineHypervisor):
         probe = vcpu.core.probe
         leaf = probe.gpr(0) & 0xFFFFFFFF
         sub = probe.gpr(1) & 0xFFFFFFFF
-        if leaf == KVM_CPUID_SIGNATURE:
-            regs = (0x40000001, 0x4B4D564B, 0x564B4D56, 0x4D)   # "KVMKVMKVM\0\0\0"
-        elif leaf == KVM_CPUID_SIGNATURE + 1:
-            regs = (KVM_FEATURE_DEVIRT if self.config_name == "devirt" else 0, 0, 0, 0)
-        else:
-            a, b, c, dd = cpuid_model.cpuid(leaf, sub, vcpu.core.apic_id, len(self.machine.cores))
-            if leaf == 1:
-                c |= 1 << 31                      # hypervisor present
-            regs = (a, b, c, dd)
+        core = vcpu.core
+        regs = kvm_cpuid(leaf, sub, lambda lf, sl: cpuid_model.cpuid(lf, sl, core.apic_id,
+                                                                       len(self.machine.cores),
+                                                                       vcpu.model),
+                         devirt=self.config_name == "devirt")
         for n, val in zip((0, 3, 1, 2), regs):            # RAX, RBX, RCX, RDX
             probe.set_gpr(n, val)
         vcpu.skip_instruction()
@@ -671,7 +776,7 @@ class KvmL0(MachineHypervisor):
     def h_hlt(self, vcpu):
         """HLT: KVM blocks the vCPU until an interrupt is pending for it."""
         vcpu.skip_instruction()
-        if self.deliverable(vcpu) is not None:
+        if self.has_pending(vcpu):
             return                                # something to inject: re-enter at once
         vcpu.blocked = True
         vcpu.core.state = State.HALTED
@@ -688,15 +793,12 @@ class KvmL0(MachineHypervisor):
         probe = vcpu.core.probe               # (the guest's GPRs, straight from the engine)
         index = probe.gpr(1) & 0xFFFFFFFF
         write = vcpu.vmcs.vmread(_EXIT_REASON) & ER.BASIC_REASON_MASK == ER.MSR_WRITE
-        if index in (MSR_KVM_APIC_MAPS, MSR_KVM_DEVIRT):
+        if index in PARAVIRT_MSRS:
             if not write:
                 vcpu.inject(13, C.INTR_TYPE_HARD_EXCEPTION, 0)
                 return
             value = (probe.gpr(2) & 0xFFFFFFFF) << 32 | (probe.gpr(0) & 0xFFFFFFFF)
-            if index == MSR_KVM_APIC_MAPS:
-                self.set_apic_maps(value)
-            else:
-                self.devirtualize(vcpu)
+            self.paravirt_wrmsr(vcpu, index, value)
             vcpu.skip_instruction()
             return
         if not write:
@@ -709,6 +811,17 @@ class KvmL0(MachineHypervisor):
         elif index == 0x80B and self.guest_eoi(vcpu):
             vcpu.skip_instruction()
             return
+        elif index == 0x830 and self._loaded[vcpu.core.index].apicv \
+                and vcpu.core.lapic.x2apic_enabled:
+            value = (probe.gpr(2) & 0xFFFFFFFF) << 32 | (probe.gpr(0) & 0xFFFFFFFF)
+            if self.apicv_ipi(vcpu, value):
+                # kvm_x2apic_icr_write: the ICR register keeps the value
+                page = self._page(vcpu)
+                page.set32(A.APIC_ICR, value & 0xFFFFFFFF)
+                page.set32(A.APIC_ICR2, value >> 32)
+                self._put_page(vcpu, page)
+                vcpu.skip_instruction()
+                return
         if index == 0x10 and not write:
             t = (vcpu.core.tsc() + vcpu.vmcs.get(F.TSC_OFFSET)) & ((1 << 64) - 1)
             probe.set_gpr(0, t & 0xFFFFFFFF)
@@ -718,6 +831,8 @@ class KvmL0(MachineHypervisor):
         vcpu.emulate_on_platform()
         if write and index == MSR_IA32_APICBASE:
             self.set_virtual_apic_mode(vcpu)      # kvm_lapic_set_base on a mode change
+        elif write and 0x800 <= index <= 0x8FF and self._loaded[vcpu.core.index].apicv:
+            self.mirror_apic(vcpu, (index,))
 
     def h_cr_access(self, vcpu):
         """MOV to/from CR0/CR3/CR4/CR8, CLTS, LMSW (KVM's handle_cr)."""
@@ -734,9 +849,9 @@ class KvmL0(MachineHypervisor):
             if cr == 0:
                 self.set_cr0(vcpu, val)
             elif cr == 4:
-                self.load_pdptrs(vcpu, 4, v.get(F.GUEST_CR0), val | CR4_VMXE, v.get(F.GUEST_CR3))
+                self.load_pdptrs(vcpu, 4, v.get(F.GUEST_CR0), val | X86_CR4_VMXE, v.get(F.GUEST_CR3))
                 v.set(F.CR4_READ_SHADOW, val)
-                v.set(F.GUEST_CR4, val | CR4_VMXE)
+                v.set(F.GUEST_CR4, val | X86_CR4_VMXE)
             elif cr == 3:
                 self.load_pdptrs(vcpu, 3, v.get(F.GUEST_CR0), v.get(F.GUEST_CR4), val)
                 v.set(F.GUEST_CR3, val)
@@ -881,6 +996,41 @@ class KvmL0(MachineHypervisor):
         copied the new TPR into the physical APIC and :meth:`prepare_entry`
         re-evaluates the virtual IRR against it: nothing else to do."""
 
+    def h_apic_write(self, vcpu):
+        """APIC write (trap-like: the write is in the virtual-APIC page at the
+        qualification's offset).  KVM's ``handle_apic_write``:
+        ``kvm_apic_write_nodecode`` applies the register's new value to its APIC
+        (here the physical one; an ICR write posts a fixed IPI as
+        :meth:`apicv_ipi`), then the page shows the APIC's value again."""
+        offset = vcpu.vmcs.vmread(_QUALIFICATION) & 0xFFF
+        lapic = vcpu.core.lapic
+        page = self._page(vcpu)
+        value = page.get32(offset & ~3)
+        try:
+            if lapic.x2apic_enabled:
+                index = 0x800 + (offset >> 4)
+                if index == 0x830:
+                    value |= page.get32(A.APIC_ICR2) << 32
+                if index != 0x830 or not self.apicv_ipi(vcpu, value):
+                    lapic.wrmsr(index, value)
+            elif offset & ~0xF == A.APIC_ICR:
+                icr = page.get32(A.APIC_ICR2) << 32 | value
+                if not self.apicv_ipi(vcpu, icr):
+                    lapic.mmio_write(A.APIC_ICR2, 4, icr >> 32)
+                    lapic.mmio_write(A.APIC_ICR, 4, value)
+            else:
+                lapic.mmio_write(offset & ~0xF, 4, value)
+        except GeneralProtection:
+            pass                        # KVM's register write ignores what the APIC refuses
+        index = 0x800 + (offset >> 4)
+        if index in self.MIRRORED:
+            self.mirror_apic(vcpu, (index,))
+
+    def h_eoi_induced(self, vcpu):
+        """EOI-induced exit (trap-like; the virtual EOI is done): KVM's
+        ``handle_apic_eoi_induced`` ends the vector at the IOAPIC for a
+        level-triggered interrupt.  Nothing here has an IOAPIC: nothing to do."""
+
     def h_apic_access(self, vcpu):
         """APIC access (fault-like: the instruction has not run).  KVM emulates
         the instruction against its software APIC (``handle_apic_access``; an EOI
@@ -970,15 +1120,8 @@ class KvmL0(MachineHypervisor):
         self.load_controls(vcpu, self.target)
         self.devirtualized.add(vcpu.core.index)
 
-    def set_apic_maps(self, gpa: int) -> None:
-        """Fill KVM-devirt's apic_maps page: per vCPU {u16 physical APIC ID, u16 physical
-        CPU, i32 status, u64 TSC offset}."""
-        if gpa & 0xFFF or gpa + 4096 > self.guest_ram:
-            raise _Fault(13, 0)
-        self.apic_maps_gpa = gpa
-        data = b"".join(struct.pack("<HHiQ", v.core.apic_id, v.core.index, 1, v.vmcs.get(F.TSC_OFFSET))
-                        for v in self.vcpus)
-        self.machine.write_phys(gpa, data)
+    def tsc_offset(self, vcpu: VmxVcpu) -> int:
+        return vcpu.vmcs.get(F.TSC_OFFSET)
 
 
 def _cover(window, offset: int, size: int) -> tuple[int, bytes]:

@@ -73,21 +73,23 @@ from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_ERR_FETCH_PROT, UC_ERR_FE
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib  # (see _add_site_hook)
 
+from ..x86 import (ERROR_CODE_VECTORS, MSR_EFER, X86_EFLAGS_DF, X86_EFLAGS_IF, X86_EFLAGS_NT,
+                   X86_EFLAGS_OF, X86_EFLAGS_RF, X86_EFLAGS_TF, X86_EFLAGS_VM)
 from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from ..virt import Delivery, EventType
 from . import cpuid as cpuid_model
 from . import tasks
 from .delivery import LegacyDelivery
+from .descriptors import DescriptorTables
 from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-exported)
 from .lapic import GeneralProtection
 from .memory import PAGE_SIZE, PhysicalAccessError
-from .msrs import check_read, check_write
+from .msrs import check_read, check_write, reset_value
 from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
-from .rflags import RFLAGS_DF, RFLAGS_IF, RFLAGS_NT, RFLAGS_OF, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
-from .task_switch import TASK_SWITCH_INSNS, TaskSwitching
-from .watch import PageAccess, PageWatching
+from .task_switch import TASK_SWITCH_INSNS, TaskSwitcher
+from .watch import CodeWatching, PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, PaeRegisters,
                   SecondStage, Stage2Fault, VirtualTlb, instruction_length)
 from .ucinternals import HF_CS64, EngineProbe
@@ -98,6 +100,10 @@ IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
 #: x86-64 calling conventions (the other two stay in their registers) and spares
 #: converting them on every hooked instruction (measured: about 0.3 us a call).
 _SITE_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64)
+#: The code-page store hooks' callback type: a UC_HOOK_MEM_WRITE callback gets
+#: (uc, type, address, size, value, user_data); user_data is the code page.
+_CODE_WRITE_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
+                                    ctypes.c_int, ctypes.c_int64, ctypes.c_uint64)
 #: Kinds whose native handling always completes the instruction in Python (or
 #: raises a fault): on a compute phase's page they are caught by Unicorn exits.
 EXIT_KINDS = frozenset({
@@ -111,7 +117,6 @@ CALM_RUN = 20_000
 #: Virtual nanoseconds one PAUSE takes (about 140 cycles on Skylake and later).
 PAUSE_NS = 140
 
-MSR_EFER = 0xC0000080
 
 GPR_IDS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX,
            X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
@@ -152,9 +157,12 @@ _KIND_IN, _KIND_TASK_SWITCH = Kind.IN, Kind.TASK_SWITCH
 _SOFT_EVENT_TYPE = {Kind.INT: EventType.SOFTWARE_INTERRUPT, Kind.INT3: EventType.SOFTWARE_EXCEPTION,
                     Kind.INTO: EventType.SOFTWARE_EXCEPTION}
 
+#: Stop reasons a hook gives for a stop the stepping API asked for (Machine.stop_on_exit,
+#: watchpoints, Machine.stop_on_vector).
+_USER_STOPS = frozenset({"vm-exit", "watch", "vector"})
+
 # Exception classes for the double-fault rule (SDM "Conditions for Generating a Double Fault").
 _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
-_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 
 
 # Kinds that the modelled CPU does not implement natively: #UD.
@@ -200,11 +208,13 @@ class LazyRegs(dict):
             return default
 
 
-class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegisters):
+class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
     """One logical processor of a :class:`~devirt_emu.machine.Machine`."""
 
     def __init__(self, machine, index: int, lapic):
         self.machine = machine
+        #: The CPU model this core is (CPUID, the MSRs it has, the VMX capabilities).
+        self.cpu = cpuid_model.get_model(getattr(machine, "cpu", None))
         self.index = index
         self.apic_id = index
         self.lapic = lapic
@@ -214,6 +224,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         uc.mem_map_ptr(0, self.mem.size, UC_PROT_READ | UC_PROT_WRITE, self.mem.ptr)
         self._map_lapic_mmio()
         self._site_cb = _SITE_HOOK(self._on_site_raw)        # kept alive with the core
+        self._code_write_cb = _CODE_WRITE_HOOK(self._on_code_write_raw)
         self._site_of: dict[int, tuple] = {}   # hooked address -> (insn or None, insn by code size)
         uc.hook_add(UC_HOOK_MEM_FETCH_PROT, self._on_fetch_prot)
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._on_write_prot)
@@ -240,7 +251,10 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self.reset_pdpte_registers()           # the PDPTE registers of PAE paging (PaeRegisters)
         self.iret_unblocked_nmi = False        # the IRET being stepped unblocked NMIs
         self._straddle_exit: int | None = None  # temporary engine exit (see _straddle_fetch)
-        self._task_switch_from: tuple | None = None   # (address, TR) of a task switch being stepped
+        # parts: the GDT/LDT, task switches, delivery outside IA-32e mode
+        self.tables = DescriptorTables(self)
+        self.task_switcher = TaskSwitcher(self, self.tables)
+        self.legacy = LegacyDelivery(self, self.tables)
         self.trace = machine.trace
         # page scanning
         self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
@@ -251,6 +265,15 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         self.fetch_fault: int | None = None
         self._last_fetch_fault, self._last_fetch_icount = None, -1
         self.write_fault: int | None = None
+        # stores into executable pages (see CodeWatching)
+        self._code_scans: dict[int, list] = {}     # executable page -> [CodeScan]
+        self._code_by_lpage: dict[int, object] = {}   # linear page -> its CodeScan
+        self._code_write_hooks: dict[int, int] = {}   # executable page -> write hook
+        self._code_stale: set[int] = set()     # pages other cores stored into
+        self._code_rescan: set[int] = set()    # ... changing their sensitive sites
+        self._last_store: tuple | None = None  # (EIP, address, size, value) of the last store
+        self._last_store_count = -1            # the instruction count it came at
+        self._store_alone = False      # running an undone store alone (see _engine_run)
         # per-run bookkeeping
         self._budget = 0
         self._uncount = 0
@@ -294,7 +317,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         uc = self.uc
         uc.reg_write(X.UC_X86_REG_CR0, 0x60000010)
         uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
-        uc.reg_write(X.UC_X86_REG_EDX, cpuid_model.cpuid(1, 0, 0, 1)[0])
+        uc.reg_write(X.UC_X86_REG_EDX, self.cpu.cpuid_for(1, 0, 0, 1)[0])
         uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
         uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0xFFFF, 0))
         uc.reg_write(X.UC_X86_REG_DR7, 0x400)
@@ -367,7 +390,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
     def code_size(self) -> int:
         """16, 32 or 64: the current code size (CS.L/CS.D in protected mode; 16 in
         real-address and virtual-8086 mode)."""
-        if not self.probe.reg(X.UC_X86_REG_CR0) & 1 or self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_VM:
+        if not self.probe.reg(X.UC_X86_REG_CR0) & 1 or self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_VM:
             return 16
         desc = self._descriptor(self.probe.reg(X.UC_X86_REG_CS))
         if desc is None:
@@ -521,7 +544,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             insn = by_mode[64] if len(modes) == 1 else None
             handles.append((self._add_site_hook(addr, insn, by_mode), addr, insn))
         self.machine.mark_code_page(ppage)
-        self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC)
+        # writable here: a store into it is seen by its write hook (see CodeWatching)
+        self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
+        self._watch_code(ppage, lpage, modes, tail, sites)
         self.exec_pages.add(ppage)
 
     def disarm_page(self, ppage: int) -> None:
@@ -534,6 +559,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             for addr in gone:
                 self._exit_sites.pop(addr, None)
             self._set_exits()
+        self._unwatch_code(ppage)
         self.exec_pages.discard(ppage)
         self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)
 
@@ -616,7 +642,6 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         Returns the reason the core stopped early ("halt", "shutdown", "check",
         "exit") or None when the budget was used up.
         """
-        uc = self.uc
         if self._at_breakpoint is not None:
             at, self._at_breakpoint = self._at_breakpoint, None
             if at == self.rip() and at in self.breakpoints and self.state is State.RUNNING:
@@ -691,16 +716,41 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         instructions (hooks' cancellations taken off) are added to the count
         and the clock.  Returns (retired, the engine's error or None).  Both
         :meth:`run` and the single steps go through here."""
+        if self._code_stale or self._code_rescan:
+            self._drop_stale_code()
+        self._hook_ns = 0
+        self._run_events = 0
+        self._run_wall0 = time.perf_counter_ns()
+        retired, err = self._emu(count, wall_timeout_us)
+        store_stop = self._stop_reason == "store"
+        if store_stop:
+            self._stop_reason = None
+        if err is None and self._stop_reason is None and self._last_store is not None \
+                and self.probe.eip() == self._last_store[0] and \
+                (store_stop or count is not None and self._last_store_count >= count):
+            # the run ended between the two attempts of an instruction that stored
+            # into its own translation block (see _on_code_write_raw): its budget
+            # ran out, or an unaligned store asked to stop.  It did not retire: run
+            # it alone, with room for both attempts and an exit after it
+            if count is not None:
+                retired -= 1
+            more, err = self._run_undone_store()
+            retired += more
+        retired = max(retired, 0)
+        self.icount += retired
+        self.clock += retired + self._extra_ns
+        self._extra_ns = 0
+        return retired, err
+
+    def _emu(self, count: int | None, wall_timeout_us: int):
         self._uncount = 0
         self._budget = count or 0
+        self._last_store, self._last_store_count = None, -1
         self.fetch_fault = self.write_fault = None
         self._watch_hit = None
         self.probe.clear_fault_tracking()
         det = count is not None
         self._counted = det
-        self._hook_ns = 0
-        self._run_events = 0
-        self._run_wall0 = time.perf_counter_ns()
         self._in_run = True
         err = None
         try:
@@ -717,10 +767,25 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             else:
                 retired = self._free_run_estimate()
             self._in_run = False
-        retired = max(retired, 0)
-        self.icount += retired
-        self.clock += retired + self._extra_ns
-        self._extra_ns = 0
+        return retired, err
+
+    def _run_undone_store(self):
+        rip = self.rip()
+        size = self.instruction_length_at_rip()
+        after = rip + size if size else None
+        self._set_exits(after)
+        # the blocks made without that exit: from RIP, and the one from the exit on
+        # (measured: Unicorn may run the instruction in a one-instruction block that
+        # an undone attempt left pending, then chain to a block at the exit)
+        self.uc.ctl_remove_cache(rip, (after if after else rip) + 1)
+        self._store_alone = True
+        try:
+            retired, err = self._emu(2, 0)
+        finally:
+            self._store_alone = False
+            self._set_exits()
+        if err is None and after is not None and self.rip() == after:
+            retired = 1         # (an unaligned store's second attempt calls no hook)
         return retired, err
 
     def _step_one(self) -> int:
@@ -733,7 +798,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         if self._straddle_exit is not None and self.rip() == self._straddle_exit:
             self._drop_straddle_exit()
         retired, err = self._engine_run(1)
-        if self._task_switch_from is not None:
+        if self.task_switcher.stepping_from is not None:
             self._after_task_switch_step(err is None)
         try:
             if err is not None:
@@ -778,31 +843,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             self._last_fetch_fault, self._last_fetch_icount = self.fetch_fault, self.icount
             self._scan_and_arm(self.fetch_fault)
         elif no == UC_ERR_WRITE_PROT and self.write_fault is not None:
-            pa = self.write_fault
-            ppage = pa & ~0xFFF
-            self.machine.invalidate_code_page(ppage)
-            try:
-                here = self.translate(self.rip(), fetch=True, peek=True) & ~0xFFF
-            except (PageFault, UnsupportedPaging):
-                here = None
-            if here == ppage:
-                # the store is on the page it writes: run it alone on the page made
-                # writable and executable (unhooked), then fetches from the page fault
-                # again and rescan it
-                size = self._refuse_store_into_itself(pa)
-                self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
-                # measured: a store into code later in its own translation block never
-                # completes either; an exit after it ends the block at the store
-                self._set_exits(self.rip() + size if size else None)
-                self.uc.ctl_remove_cache(self.rip() & ~0xFFF, (self.rip() | 0xFFF) + 1)
-                try:
-                    self._step_one()
-                finally:
-                    self._set_exits()
-                    self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE)
-                    # (Unicorn takes a linear range: RIP's page)
-                    cpage = self.rip() & ~0xFFF
-                    self.uc.ctl_remove_cache(cpage, cpage + PAGE_SIZE)
+            # a store into a page another core executes, or this one did before it
+            # was disarmed: forget its scans everywhere; the store runs again
+            self.machine.invalidate_code_page(self.write_fault & ~0xFFF)
         elif no == UC_ERR_INSN_INVALID:
             raise _Fault(6)
         elif no == UC_ERR_FETCH_UNMAPPED and vt is not None and vt.active and \
@@ -844,25 +887,6 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         if self._exits_enabled:
             self.uc.ctl_set_exits(sorted(exits) or [IMPOSSIBLE_PC])
 
-    def _refuse_store_into_itself(self, pa: int) -> int | None:
-        """The length of the instruction at RIP, which stores at physical ``pa``
-        on its own page (None if unknown).  One that stores into its own bytes is a
-        guest error here.  Measured on Unicorn 2.1.4: executing it never returns
-        (QEMU retranslates the modified instruction and retries the store
-        forever), even with a wall-clock timeout."""
-        rip = self.rip()
-        try:
-            rip_pa = self.translate(rip, fetch=True, peek=True)
-            code = self.mem.read(rip_pa, 15)
-        except (PageFault, UnsupportedPaging, PhysicalAccessError):
-            return None
-        size = instruction_length(code, self.code_size())
-        if size is not None and rip_pa <= pa < rip_pa + size:
-            raise GuestError(f"core {self.index}: the instruction at {rip:#x} stores into its "
-                             f"own bytes at {rip + (pa - rip_pa):#x}, which "
-                             "the engine cannot execute")
-        return size
-
     def after_mode_change(self) -> None:
         """CR0/CR3/CR4/EFER were written (by a VMX entry or a shadowed MOV to CR):
         scans are re-armed outside the engine (changing page permissions from
@@ -877,9 +901,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         """Execute an instruction event with the platform's own semantics (what an L0
         does to emulate it on the hardware).  Instructions Unicorn executes itself are
         left to it: RIP stays at the instruction.  A TASK_SWITCH event is performed
-        (see TaskSwitching.emulate_task_switch)."""
+        (see TaskSwitcher.emulate)."""
         if event.kind is _KIND_TASK_SWITCH:
-            self.emulate_task_switch(event)
+            self.task_switcher.emulate(event)
             return
         self._handlers[event.kind](event.rip, event.insn)
 
@@ -1039,10 +1063,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
     def _dispatch(self, address: int, insn: Insn) -> None:
         """A sensitive instruction is about to execute (from its hook or an exit)."""
         kind = insn.kind
-        if kind in TASK_SWITCH_INSNS and self._task_switch_insn(address, insn):
+        if kind in TASK_SWITCH_INSNS and self._far_transfer(address, insn):
             return          # an ordinary far JMP/CALL (Unicorn's), or a task-switch attempt
-        self.count(kind)
-        self._run_events += 1
+        self.count_event(kind)
         timed = not self._counted           # fast mode estimates time from the hooks' share
         if timed:
             t0 = time.perf_counter_ns()
@@ -1065,6 +1088,22 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         finally:
             if timed:
                 self._hook_ns += time.perf_counter_ns() - t0
+
+    def _far_transfer(self, address: int, insn: Insn) -> bool:
+        """A far JMP/CALL or IRET: the task switcher's (True), or an IRET's usual path (False)."""
+        t0 = time.perf_counter_ns()
+        try:
+            return self.task_switcher.far_transfer(address, insn)
+        except Exception as e:
+            self._hook_failed(e)
+            return True
+        finally:
+            self._hook_ns += time.perf_counter_ns() - t0
+
+    def count_event(self, kind: Kind) -> None:
+        """A sensitive event is dispatched in this run: counted, and the run is not calm."""
+        self.count(kind)
+        self._run_events += 1
 
     def _hook_failed(self, e: Exception) -> None:
         """What ends a hooked instruction early: an exception to deliver, a VM exit
@@ -1100,7 +1139,11 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         """The core emulated the instruction: continue after it."""
         self.set_rip(address + insn.length)
 
-    def _step_then_check(self, address: int) -> None:
+    def rearm_after_step(self) -> None:
+        """Re-arm every page's scan after the instruction being stepped (it may change CR3)."""
+        self._rearm_after_step = True
+
+    def step_then_check(self, address: int) -> None:
         """Stop before this instruction; the run loop executes it alone, then checks interrupts."""
         self._skip_once = address
         self._uncount += 1
@@ -1110,7 +1153,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         # An exception raised by Unicorn (INT n and friends are hooked before they run).
         self.probe.clear_fault_tracking()
         self._uncount += 1
-        ec = self.probe.error_code() if intno in _ERROR_CODE_VECTORS else None
+        ec = self.probe.error_code() if intno in ERROR_CODE_VECTORS else None
         cr2 = None
         if intno == 14:
             # QEMU has written CR2 already; architecturally only the #PF's delivery
@@ -1189,7 +1232,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             raise _Fault(13, 0)
 
     def _h_step(self, address, insn):
-        self._step_then_check(address)
+        self.step_then_check(address)
 
     def _h_rdmsr(self, address, insn):
         self._require_cpl0()
@@ -1204,7 +1247,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
     def rdmsr(self, index: int) -> int | None:
         """The value of an MSR, None when Unicorn's own copy is authoritative; #GP if absent."""
         try:
-            info = check_read(index)
+            info = check_read(index, self.cpu)
             owner = info.owner
             if owner == "vmx":
                 raise _Fault(13, 0)   # CPUID.1:ECX.VMX is 0 natively: the VMX MSRs #GP
@@ -1213,7 +1256,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             if owner == "tsc":
                 return self.tsc()
             if owner == "store":
-                return self.msr_store.get(index, info.reset)
+                return self.msr_store.get(index, reset_value(info, self.cpu))
         except GeneralProtection:
             raise _Fault(13, 0) from None
         return None
@@ -1231,7 +1274,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
     def wrmsr(self, index: int, value: int) -> bool:
         """Write an MSR; False when Unicorn must execute the WRMSR itself; #GP as hardware."""
         try:
-            info = check_write(index, value)
+            info = check_write(index, value, model=self.cpu)
             owner = info.owner
             if owner == "vmx":
                 raise _Fault(13, 0)
@@ -1252,8 +1295,8 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
 
     def _h_cpuid(self, address, insn):
         p = self.probe
-        a, b, c, d = cpuid_model.cpuid(p.gpr(0) & 0xFFFFFFFF, p.gpr(1) & 0xFFFFFFFF,
-                                       self.apic_id, len(self.machine.cores))
+        a, b, c, d = self.cpu.cpuid_for(p.gpr(0) & 0xFFFFFFFF, p.gpr(1) & 0xFFFFFFFF,
+                                        self.apic_id, len(self.machine.cores))
         for n, v in ((0, a), (3, b), (1, c), (2, d)):
             p.set_gpr(n, v)
         self._skip(address, insn)
@@ -1301,7 +1344,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         amask = (1 << (8 * insn.addr_size)) - 1
         creg = {8: X.UC_X86_REG_RCX, 4: X.UC_X86_REG_ECX, 2: X.UC_X86_REG_CX}[insn.addr_size]
         count = self.probe.reg(creg) if insn.rep else 1
-        step = -size if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_DF else size
+        step = -size if self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_DF else size
         is_in = insn.kind is Kind.INS
         ireg = {8: X.UC_X86_REG_RDI, 4: X.UC_X86_REG_EDI, 2: X.UC_X86_REG_DI}[insn.addr_size] if is_in else \
             {8: X.UC_X86_REG_RSI, 4: X.UC_X86_REG_ESI, 2: X.UC_X86_REG_SI}[insn.addr_size]
@@ -1351,7 +1394,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         # With PAE paging the PDPTE registers are loaded first (a reserved bit: #GP(0)).
         if insn.cr in (0, 3, 4):
             self.load_pdptes_for_mov_cr(insn.cr, self.probe.reg(GPR_IDS[insn.gpr]))
-        self._step_then_check(address)
+        self.step_then_check(address)
         self._rearm_after_step = True
 
     def _h_mov_from_cr(self, address, insn):
@@ -1362,7 +1405,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
 
     def _h_invlpg(self, address, insn):
         self._require_cpl0()
-        self._step_then_check(address)
+        self.step_then_check(address)
         self._rearm_after_step = True
 
     def _h_sti(self, address, insn):
@@ -1370,8 +1413,8 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         uc = self.uc
         fl = self.probe.reg(X.UC_X86_REG_EFLAGS)
         self._skip(address, insn)
-        if not fl & RFLAGS_IF:
-            uc.reg_write(X.UC_X86_REG_EFLAGS, fl | RFLAGS_IF)
+        if not fl & X86_EFLAGS_IF:
+            uc.reg_write(X.UC_X86_REG_EFLAGS, fl | X86_EFLAGS_IF)
             self.shadow_at = self.retired_now() + 1
             if self.interrupt_wanted():
                 self.request_stop("check")
@@ -1392,14 +1435,14 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         # into virtual-8086 mode); the core only unblocks NMIs and checks interrupts after it
         self.iret_unblocked_nmi = self.nmi_blocked     # for an EPT exit during the IRET
         self.nmi_blocked = False
-        self._step_then_check(address)
+        self.step_then_check(address)
 
     def _h_int(self, address, insn):
         # INT n / INT3 / INTO / INT1 retire once their handler is entered (a fault in
         # delivery is raised as _Fault and then the INT does not retire).
         kind = insn.kind
         if kind is Kind.INT:
-            self._check_v86_int()         # IOPL-sensitive in virtual-8086 mode: #GP(0)
+            self.legacy.check_v86_int()         # IOPL-sensitive in virtual-8086 mode: #GP(0)
         etype = _SOFT_EVENT_TYPE.get(kind, EventType.PRIVILEGED_SOFTWARE_EXCEPTION)
         self.delivering = Delivery(insn.vector, etype, None, insn)
         try:
@@ -1416,7 +1459,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
     def _h_into(self, address, insn):
         """INTO (outside 64-bit mode, where it is not decoded as INTO): #OF, delivered
         as INT3 is (a software exception), if RFLAGS.OF = 1; else nothing."""
-        if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_OF:
+        if self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_OF:
             self._h_int(address, insn)
         else:
             self._skip(address, insn)
@@ -1517,7 +1560,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         Raises _Fault for an exception during delivery (the caller applies #DF rules).
         """
         if not self.rdmsr_raw(MSR_EFER) & (1 << 10):
-            if self._deliver_legacy(vector, error_code, return_rip, soft=soft):
+            if self.legacy.deliver(vector, error_code, return_rip, soft=soft):
                 self._delivered(vector, error_code, return_rip, exception, soft)
             return
         uc = self.uc
@@ -1573,9 +1616,9 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
                 self.write_linear(rsp, struct.pack(f"<{len(frame)}Q", *reversed(frame)))
         except PageFault as pf:
             raise _Fault(14, pf.error_code, pf.linear) from None
-        new_flags = rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
+        new_flags = rflags & ~(X86_EFLAGS_TF | X86_EFLAGS_NT | X86_EFLAGS_RF | X86_EFLAGS_VM)
         if gtype == 0xE:
-            new_flags &= ~RFLAGS_IF
+            new_flags &= ~X86_EFLAGS_IF
         if new_cpl < cpl:
             self.load_segment(2, new_cpl)
         if selector != old_cs:
@@ -1615,6 +1658,11 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
                 self._stop_reason = None
                 if self._step_one():
                     break
+                if self._stop_reason in _USER_STOPS:
+                    # the stepping API stops here (a VM exit it asked for, a watchpoint, a
+                    # vector): the instruction stays pending, not tried again
+                    self._stop_reason = None
+                    return False
             self._stop_reason = None
             if self.state is not State.RUNNING or self.machine.verdict is not None:
                 return False
@@ -1637,7 +1685,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             self._wake()
             self._deliver_external(2, nmi=True)
             return False
-        if self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF:
+        if self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF:
             vec = lapic.pending_vector()
             if vec is not None:
                 self.count(Kind.INTERRUPT)
@@ -1696,7 +1744,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
         if self.state is State.HALTED:
             if lapic.init_pending or (lapic.nmi_pending and not self.nmi_blocked):
                 return True
-            return bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & RFLAGS_IF) and \
+            return bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF) and \
                 lapic.pending_vector() is not None
         return self.state is State.RUNNING
 
@@ -1725,7 +1773,7 @@ class Core(TaskSwitching, LegacyDelivery, PageWatching, SecondStage, PaeRegister
             self.vtlb.disable()
         self._drop_straddle_exit()
         self.reset_pdpte_registers()
-        self._task_switch_from = None
+        self.task_switcher.stepping_from = None
 
     def do_init(self) -> None:
         """INIT: back to the reset state, waiting for SIPI (the BSP included)."""

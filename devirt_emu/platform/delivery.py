@@ -2,8 +2,8 @@
 
 Unicorn delivers no event through the guest's IDT (DESIGN.md: exceptions and
 INT n reach UC_HOOK_INTR or our hooks); the core does it.  IA-32e mode
-(64-bit gates) is in :meth:`Core.deliver_event`; this mixin of
-:class:`~devirt_emu.platform.core.Core` does the rest, as the "Operation" of
+(64-bit gates) is in :meth:`Core.deliver_event`; :class:`LegacyDelivery`, a part
+of :class:`~devirt_emu.platform.core.Core`, does the rest, as the "Operation" of
 INT n/INTO/INT3/INT1 in the Intel SDM Vol. 2 and Vol. 3A "Interrupt and
 Exception Handling" describe it:
 
@@ -23,7 +23,7 @@ Exception Handling" describe it:
   mode, at level 0 with GS, FS, DS and ES pushed and then nulled.  The frame
   (SS and ESP on a stack switch, EFLAGS, CS, EIP, the error code) has the
   gate's size; TF, NT, VM and RF are cleared, IF too through an interrupt gate.
-  INT n in virtual-8086 mode with IOPL < 3 is #GP(0) (the core's _h_int);
+  INT n in virtual-8086 mode with IOPL < 3 is #GP(0) (:meth:`LegacyDelivery.check_v86_int`);
   the virtual-8086 mode extensions (CR4.VME: the redirection of INT n to the
   8086 vector table) are not modelled and end the run with a guest error.
 
@@ -40,16 +40,16 @@ from typing import Optional
 
 from unicorn import x86_const as X
 
+from ..x86 import (X86_CR4_VME, X86_EFLAGS_AC, X86_EFLAGS_IF, X86_EFLAGS_NT, X86_EFLAGS_RF,
+                   X86_EFLAGS_TF, X86_EFLAGS_VM)
 from . import descriptors as D
 from .descriptors import descriptor_cache, flags_to_ar, selector_error_code
 from .errors import GuestError, _Fault
 from .paging import PageFault, UnsupportedPaging
-from .rflags import RFLAGS_AC, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM
 from .tasks import tss_layout
 from .ucinternals import ENV_IDT
 
 GP, NP, SS, TS, PF = 13, 11, 12, 10, 14
-CR4_VME = 1 << 0
 _DESC_B = 1 << 22                 # SegmentCache.flags: the B (big) bit of a stack segment
 _FLAGS_CODE, _FLAGS_EXPAND_DOWN = 1 << 11, 1 << 10
 
@@ -73,32 +73,48 @@ def push_offsets(sp: int, sizes, limit: int, flags: int) -> Optional[tuple[list[
     return out, sp
 
 
-class LegacyDelivery:
-    """The outside-IA-32e-mode half of a Core's event delivery."""
+def set_sp(probe, old_esp: int, new_sp: int, ss_flags: int) -> None:
+    """ESP after pushes: all 32 bits with a 32-bit stack (SS.B = 1), else SP only."""
+    if not ss_flags & _DESC_B:
+        new_sp = (old_esp & ~0xFFFF) | (new_sp & 0xFFFF)
+    probe.set_gpr(4, new_sp & 0xFFFFFFFF)
 
-    def _deliver_legacy(self, vector: int, error_code: Optional[int], return_rip: int, *,
+
+class LegacyDelivery:
+    """The outside-IA-32e-mode half of a core's event delivery (a part of the core).
+
+    ``core`` gives the engine's state (``probe``, ``uc``), CPL and RIP, segment
+    loads (``write_segment``), linear reads and writes, and its task switcher
+    (``task_switcher``: delivery through an IDT task gate); ``tables`` reads the GDT/LDT.
+    """
+
+    def __init__(self, core, tables):
+        self.core = core
+        self.tables = tables
+
+    def deliver(self, vector: int, error_code: Optional[int], return_rip: int, *,
                         soft: bool) -> bool:
         """Deliver ``vector`` in real-address or protected mode (``return_rip``:
         the linear address to return to; ``soft``: INT n, INT3 or INTO).
         Raises _Fault for an exception during delivery.  Returns False when the
         delivery ended in a VM exit (an IDT task gate under VMX)."""
         try:
-            if not self.probe.cr(0) & 1:
+            if not self.core.probe.cr(0) & 1:
                 self._deliver_real(vector, return_rip)
                 return True
             return self._deliver_protected(vector, error_code, return_rip, soft=soft)
         except UnsupportedPaging as e:
-            raise GuestError(f"core {self.index}: delivering vector {vector}: {e}") from None
+            raise GuestError(f"core {self.core.index}: delivering vector {vector}: {e}") from None
 
     # ------------------------------------------------------------------ real-address mode
     def _deliver_real(self, vector: int, return_rip: int) -> None:
-        idt_base, idt_limit = self.probe.dtr(ENV_IDT)
+        idt_base, idt_limit = self.core.probe.dtr(ENV_IDT)
         if vector * 4 + 3 > idt_limit:
             raise _Fault(GP, 0)
-        cs_sel, cs_base, cs_limit, cs_flags = self.probe.segment(1)
-        flags = self.probe.reg(X.UC_X86_REG_EFLAGS)
-        ss_sel, ss_base, ss_limit, ss_flags = self.probe.segment(2)
-        esp = self.probe.gpr(4)
+        cs_sel, cs_base, cs_limit, cs_flags = self.core.probe.segment(1)
+        flags = self.core.probe.reg(X.UC_X86_REG_EFLAGS)
+        ss_sel, ss_base, ss_limit, ss_flags = self.core.probe.segment(2)
+        esp = self.core.probe.gpr(4)
         pushes = push_offsets(esp, (2, 2, 2), ss_limit, ss_flags)
         if pushes is None:
             raise _Fault(SS, 0)
@@ -106,22 +122,22 @@ class LegacyDelivery:
         offsets, sp = pushes
         for off, value in zip(offsets, (flags, cs_sel, return_rip - cs_base)):
             self._write_linear_fault(ss_base + off, (value & 0xFFFF).to_bytes(2, "little"))
-        self._set_sp(esp, sp, ss_flags)
-        self.uc.reg_write(X.UC_X86_REG_EFLAGS, flags & ~(RFLAGS_IF | RFLAGS_TF | RFLAGS_AC | RFLAGS_RF))
+        set_sp(self.core.probe, esp, sp, ss_flags)
+        self.core.uc.reg_write(X.UC_X86_REG_EFLAGS, flags & ~(X86_EFLAGS_IF | X86_EFLAGS_TF | X86_EFLAGS_AC | X86_EFLAGS_RF))
         # a real-mode load of CS changes its selector and base only
-        self.probe.set_segment(1, cs, cs << 4, cs_limit, cs_flags)
-        self.probe.fix_hflags()
-        self.probe.set_eip(ip)
+        self.core.probe.set_segment(1, cs, cs << 4, cs_limit, cs_flags)
+        self.core.probe.fix_hflags()
+        self.core.probe.set_eip(ip)
 
     # ------------------------------------------------------------------ protected mode
     def _deliver_protected(self, vector: int, error_code: Optional[int], return_rip: int, *,
                            soft: bool) -> bool:
         ext = 0 if soft else 1
         idt_ec = vector * 8 + 2 + ext
-        fl = self.probe.reg(X.UC_X86_REG_EFLAGS)
-        v86 = bool(fl & RFLAGS_VM)
-        cpl = self.cpl()
-        idt_base, idt_limit = self.probe.dtr(ENV_IDT)
+        fl = self.core.probe.reg(X.UC_X86_REG_EFLAGS)
+        v86 = bool(fl & X86_EFLAGS_VM)
+        cpl = self.core.cpl()
+        idt_base, idt_limit = self.core.probe.dtr(ENV_IDT)
         if vector * 8 + 7 > idt_limit:
             raise _Fault(GP, idt_ec)
         gate = struct.unpack("<Q", self._read_linear_fault(idt_base + vector * 8, 8))[0]
@@ -133,13 +149,13 @@ class LegacyDelivery:
         if not D.is_present(gate):
             raise _Fault(NP, idt_ec)
         if gtype == D.TASK_GATE:
-            return not self._idt_task_switch(vector, gate, soft, error_code, return_rip)
+            return not self.core.task_switcher.idt_task_switch(vector, gate, soft, error_code, return_rip)
         selector = D.gate_selector(gate)
         offset = D.gate_offset(gate)
         if selector & ~3 == 0:
             raise _Fault(GP, ext)
         sel_ec = selector_error_code(selector, ext)
-        desc = self._segment_entry(selector)
+        desc = self.tables.segment_entry(selector)
         if desc is None or not D.is_code(desc) or D.desc_dpl(desc) > cpl:
             raise _Fault(GP, sel_ec)
         if not D.is_present(desc):
@@ -155,9 +171,9 @@ class LegacyDelivery:
             new_cpl = cpl
         size = 4 if gtype & 8 else 2
         cs_base, cs_limit, cs_flags = descriptor_cache(desc)
-        old_cs, old_cs_base = self.probe.segment(1)[:2]
-        old_ss, old_ss_base, old_ss_limit, old_ss_flags = self.probe.segment(2)
-        old_esp = self.probe.gpr(4)
+        old_cs, old_cs_base = self.core.probe.segment(1)[:2]
+        old_ss, old_ss_base, old_ss_limit, old_ss_flags = self.core.probe.segment(2)
+        old_esp = self.core.probe.gpr(4)
         tail = [fl, old_cs, return_rip - old_cs_base]
         if error_code is not None:
             tail.append(error_code)
@@ -167,7 +183,7 @@ class LegacyDelivery:
             ss_base, ss_limit, ss_flags = descriptor_cache(ss_desc)
             frame = [old_ss, old_esp] + tail
             if v86:
-                frame = [self.probe.segment(s)[0] for s in (5, 4, 3, 0)] + frame   # GS FS DS ES
+                frame = [self.core.probe.segment(s)[0] for s in (5, 4, 3, 0)] + frame   # GS FS DS ES
             pushes = push_offsets(new_esp, (size,) * len(frame), ss_limit, ss_flags)
             if pushes is None:
                 raise _Fault(SS, ss_ec)
@@ -186,25 +202,25 @@ class LegacyDelivery:
             self._write_linear_fault(ss_base + off, (value & mask).to_bytes(size, "little"))
         # the frame is on the stack: load the handler's state
         if new_cpl < cpl:
-            self.write_segment(2, (new_ss & ~3) | new_cpl, ss_base, ss_limit,
+            self.core.write_segment(2, (new_ss & ~3) | new_cpl, ss_base, ss_limit,
                                flags_to_ar(ss_flags | (1 << 8)))
             if v86:
                 for s in (0, 3, 4, 5):
-                    self.write_segment(s, 0, 0, 0, 1 << 16)     # null: unusable
-        self.write_segment(1, (selector & ~3) | new_cpl, cs_base, cs_limit,
+                    self.core.write_segment(s, 0, 0, 0, 1 << 16)     # null: unusable
+        self.core.write_segment(1, (selector & ~3) | new_cpl, cs_base, cs_limit,
                            flags_to_ar(cs_flags | (1 << 8)))
-        self._set_sp(new_esp, sp, ss_flags)
-        new_flags = fl & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_VM | RFLAGS_RF)
+        set_sp(self.core.probe, new_esp, sp, ss_flags)
+        new_flags = fl & ~(X86_EFLAGS_TF | X86_EFLAGS_NT | X86_EFLAGS_VM | X86_EFLAGS_RF)
         if not gtype & 1:                      # an interrupt gate (a trap gate leaves IF)
-            new_flags &= ~RFLAGS_IF
-        self.uc.reg_write(X.UC_X86_REG_EFLAGS, new_flags)
-        self.probe.set_eip(offset)
+            new_flags &= ~X86_EFLAGS_IF
+        self.core.uc.reg_write(X.UC_X86_REG_EFLAGS, new_flags)
+        self.core.probe.set_eip(offset)
         return True
 
     def _inner_stack(self, new_cpl: int, ext: int) -> tuple[int, int, int]:
         """The stack of privilege level ``new_cpl`` from the current TSS, checked
         (SDM INT n, INTER-PRIVILEGE-LEVEL-INTERRUPT): (SS, ESP, SS descriptor)."""
-        tr_sel, tr_base, tr_limit, tr_flags = self.probe.segment(7)
+        tr_sel, tr_base, tr_limit, tr_flags = self.core.probe.segment(7)
         layout = tss_layout((tr_flags >> 8) & 0xF)
         at_sp, at_ss = layout.stack(new_cpl)
         if at_ss + 1 > tr_limit:
@@ -215,7 +231,7 @@ class LegacyDelivery:
         if ss & ~3 == 0:
             raise _Fault(TS, ext)
         ss_ec = selector_error_code(ss, ext)
-        desc = self._segment_entry(ss)
+        desc = self.tables.segment_entry(ss)
         if desc is None or ss & 3 != new_cpl:
             raise _Fault(TS, ss_ec)
         if D.desc_dpl(desc) != new_cpl or not D.is_writable_data(desc):
@@ -225,38 +241,27 @@ class LegacyDelivery:
         return ss, esp, desc
 
     # ------------------------------------------------------------------ helpers
-    def _segment_entry(self, selector: int) -> Optional[int]:
-        """The descriptor ``selector`` names in the GDT or the LDT (its TI bit),
-        None beyond the table's limit."""
-        return self._ldt_entry(selector) if selector & 4 else self._gdt_entry(selector)
-
-    def _set_sp(self, old_esp: int, new_sp: int, ss_flags: int) -> None:
-        """ESP after pushes: all 32 bits with a 32-bit stack (SS.B = 1), else SP only."""
-        if not ss_flags & _DESC_B:
-            new_sp = (old_esp & ~0xFFFF) | (new_sp & 0xFFFF)
-        self.probe.set_gpr(4, new_sp & 0xFFFFFFFF)
-
     def _read_linear_fault(self, linear: int, n: int) -> bytes:
         """read_linear for delivery: a page fault is the guest's #PF."""
         try:
-            return self.read_linear(linear & 0xFFFFFFFF, n)
+            return self.core.read_linear(linear & 0xFFFFFFFF, n)
         except PageFault as pf:
             raise _Fault(PF, pf.error_code, pf.linear) from None
 
     def _write_linear_fault(self, linear: int, data: bytes) -> None:
         try:
-            self.write_linear(linear & 0xFFFFFFFF, data)
+            self.core.write_linear(linear & 0xFFFFFFFF, data)
         except PageFault as pf:
             raise _Fault(PF, pf.error_code, pf.linear) from None
 
-    def _check_v86_int(self) -> None:
+    def check_v86_int(self) -> None:
         """INT n in virtual-8086 mode: #GP(0) when IOPL < 3; with CR4.VME = 1 the
         redirection of INT n to the 8086 vector table is not modelled."""
-        fl = self.probe.reg(X.UC_X86_REG_EFLAGS)
-        if not fl & RFLAGS_VM or not self.probe.cr(0) & 1:
+        fl = self.core.probe.reg(X.UC_X86_REG_EFLAGS)
+        if not fl & X86_EFLAGS_VM or not self.core.probe.cr(0) & 1:
             return
-        if self.probe.cr(4) & CR4_VME:
-            raise GuestError(f"core {self.index}: INT n in virtual-8086 mode with CR4.VME=1 at "
-                             f"{self.rip():#x}: the virtual-8086 mode extensions are not modelled")
+        if self.core.probe.cr(4) & X86_CR4_VME:
+            raise GuestError(f"core {self.core.index}: INT n in virtual-8086 mode with CR4.VME=1 at "
+                             f"{self.core.rip():#x}: the virtual-8086 mode extensions are not modelled")
         if (fl >> 12) & 3 < 3:
             raise _Fault(GP, 0)

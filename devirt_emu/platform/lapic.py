@@ -84,6 +84,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
+from ..x86 import MSR_IA32_APICBASE, MSR_IA32_TSC_DEADLINE
+
 __all__ = [
     "GeneralProtection", "ApicRegister", "APIC_REGISTERS", "APIC_REGISTERS_BY_OFFSET",
     "APIC_REGISTERS_BY_MSR", "LocalApic", "ApicBus", "apic_base_write_check",
@@ -105,8 +107,6 @@ class GeneralProtection(Exception):
 #: report the same): bits at and above it are reserved in IA32_APIC_BASE.
 MAXPHYADDR = 46
 
-MSR_IA32_APICBASE = 0x1B
-MSR_IA32_TSC_DEADLINE = 0x6E0
 APIC_BASE_MSR = 0x800           # first x2APIC MSR
 X2APIC_MSR_LAST = 0x8FF
 
@@ -391,10 +391,6 @@ class LocalApic:
         self._reset_registers()
 
     @property
-    def apic_base(self) -> int:
-        return self._apic_base
-
-    @property
     def x2apic_enabled(self) -> bool:
         return _apic_state(self._apic_base) == "x2apic"
 
@@ -434,10 +430,6 @@ class LocalApic:
     @property
     def isr(self) -> int:
         return self._isr
-
-    @property
-    def tmr(self) -> int:
-        return self._tmr
 
     @property
     def tpr(self) -> int:

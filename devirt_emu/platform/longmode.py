@@ -25,6 +25,8 @@ import struct
 
 from unicorn import x86_const as X
 
+from ..x86 import MSR_EFER
+
 GDT = 0x10000
 TSS = 0x11000
 IDT = 0x12000
@@ -81,7 +83,7 @@ def enter(core, rip: int, rsp: int = STACK_TOP) -> None:
     uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT, 256 * 16 - 1, 0))
     uc.reg_write(X.UC_X86_REG_CR3, PML4)
     uc.reg_write(X.UC_X86_REG_CR4, CR4)
-    uc.reg_write(X.UC_X86_REG_MSR, (0xC0000080, EFER & ~0x400))
+    uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, EFER & ~0x400))
     uc.reg_write(X.UC_X86_REG_CR0, CR0)
     core.load_segment(1, KERNEL_CS)
     for seg in (0, 2, 3):

@@ -19,7 +19,6 @@ PAGE_SIZE = 4096
 #: The local APIC's MMIO page (IA32_APIC_BASE default).  RAM never covers it.
 LAPIC_MMIO_BASE = 0xFEE00000
 
-_U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -61,10 +60,6 @@ class PhysMem:
         self._check(pa, 1)
         return self.view[pa]
 
-    def read_u16(self, pa: int) -> int:
-        self._check(pa, 2)
-        return _U16.unpack_from(self.view, pa)[0]
-
     def read_u32(self, pa: int) -> int:
         self._check(pa, 4)
         return _U32.unpack_from(self.view, pa)[0]
@@ -76,10 +71,6 @@ class PhysMem:
     def write_u8(self, pa: int, v: int) -> None:
         self._check(pa, 1)
         self.view[pa] = v & 0xFF
-
-    def write_u16(self, pa: int, v: int) -> None:
-        self._check(pa, 2)
-        _U16.pack_into(self.view, pa, v & 0xFFFF)
 
     def write_u32(self, pa: int, v: int) -> None:
         self._check(pa, 4)

@@ -16,10 +16,14 @@ Owners: how the platform implements the MSR.
 * ``"tsc"``: the virtual time stamp counter (1 GHz: TSC == virtual ns);
 * ``"store"``: plain storage, no side effect (MTRRs, MISC_ENABLE,
   FEATURE_CONTROL);
-* ``"vmx"``: the VMX capability MSRs, read-only; their values come from
-  ``devirt_emu.vmx.capabilities`` (which also decides whether an optional one,
-  such as PROCBASED_CTLS3 or VMFUNC, exists).  This table holds their number
-  and name only (``reset`` is None).
+* ``"vmx"``: the VMX capability MSRs, read-only; their values come from the
+  CPU model (:func:`read_vmx_capability`; the model also decides whether an
+  optional one, such as PROCBASED_CTLS3 or VMFUNC, exists).  This table holds
+  their number and name only (``reset`` is None).
+
+With a CPU model given (``check_read(index, model)``), an MSR the model does
+not have (``CpuModel.absent_msrs``, a VMX capability MSR it does not list)
+raises #GP too; :func:`reset_value` applies the model's reset values.
 
 :func:`msr_info` returns None for an MSR the machine does not implement: the
 core raises #GP, as hardware does (Unicorn alone would read 0).  The
@@ -43,13 +47,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
+from devirt_emu.x86 import EFER_LMA, EFER_LME, EFER_NX, EFER_SCE, MSR_EFER
 from devirt_emu.platform.lapic import (
     APIC_REGISTERS, APIC_VERSION_VALUE, MAXPHYADDR, GeneralProtection, apic_base_write_check,
 )
 
 __all__ = ["MsrInfo", "MsrRange", "MSR_TABLE", "MSRS_BY_INDEX", "MSRS_BY_NAME",
            "MSR_RANGES", "msr_info", "msr_index", "msr_range", "check_write",
-           "check_read", "is_canonical", "GeneralProtection"]
+           "check_read", "is_canonical", "GeneralProtection", "reset_value", "read_vmx_capability"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
@@ -133,7 +138,6 @@ def _mtrr_type_byte(value: int) -> Optional[str]:
 # The table
 # --------------------------------------------------------------------------
 
-EFER_SCE, EFER_LME, EFER_LMA, EFER_NX = 1 << 0, 1 << 8, 1 << 10, 1 << 11
 FEATURE_CONTROL_LOCKED = 1 << 0
 FEATURE_CONTROL_VMXON_OUTSIDE_SMX = 1 << 2
 
@@ -172,7 +176,7 @@ def _core_msrs() -> Tuple[MsrInfo, ...]:
         MsrInfo(0x2FF, "MSR_MTRRdefType", "store", 0, 0xFF | (1 << 10) | (1 << 11),
                 rule=_mtrr_type_byte),
         MsrInfo(0x6E0, "MSR_IA32_TSC_DEADLINE", "lapic", 0, _MASK64),
-        MsrInfo(0xC0000080, "MSR_EFER", "cpu", 0, EFER_SCE | EFER_LME | EFER_NX,
+        MsrInfo(MSR_EFER, "MSR_EFER", "cpu", 0, EFER_SCE | EFER_LME | EFER_NX,
                 ignored=EFER_LMA),
         MsrInfo(0xC0000081, "MSR_STAR", "cpu", 0, _MASK64),
         MsrInfo(0xC0000082, "MSR_LSTAR", "cpu", 0, _MASK64, rule=_canonical),
@@ -277,18 +281,58 @@ def msr_range(index: int) -> Optional[MsrRange]:
     return None
 
 
-def check_read(index: int) -> MsrInfo:
-    """RDMSR rules: raise GeneralProtection for a missing or write-only MSR;
-    return its row otherwise."""
+#: MSRs that exist only with a CPUID feature (SDM Vol. 4, Table 2-2): the
+#: TSC-deadline MSR with CPUID.01H:ECX[24], the x2APIC registers with ECX[21].
+_CPUID_GATED = ((0x6E0, 0x6E0, "tsc_deadline_timer"), (0x800, 0x8FF, "x2apic"))
+
+
+def _absent(index: int, model) -> bool:
+    """Does the CPU model lack this platform MSR (its ``absent_msrs``, a VMX
+    capability MSR its table does not list, an MSR of a CPUID feature it does
+    not advertise)?"""
+    if model is None:
+        return False
+    if 0x480 <= index <= 0x493:
+        return index not in model.vmx_msrs
+    for first, last, feature in _CPUID_GATED:
+        if first <= index <= last:
+            return feature not in model.features
+    return index in model.absent_msrs
+
+
+def reset_value(info: MsrInfo, model=None) -> Optional[int]:
+    """The MSR's value after RESET on a CPU model (its ``msrs`` override the table)."""
+    if model is not None and info.index in model.msrs:
+        return model.msrs[info.index]
+    return info.reset
+
+
+def read_vmx_capability(index: int, model=None) -> int:
+    """The value of VMX capability MSR ``index`` on a CPU model (a CpuModel, a
+    spec string or None for the default); GeneralProtection if the model does
+    not have it (SDM Vol. 3D, Appendix A: an optional MSR exists only with the
+    controls that use it; RDMSR of a missing one raises #GP)."""
+    from devirt_emu.cpumodels import get_model
+    m = get_model(model)
+    if index not in m.vmx_msrs:
+        raise GeneralProtection(f"RDMSR of VMX capability MSR {index:#x}, which {m.name} "
+                                "does not have")
+    return m.vmx_msrs[index]
+
+
+def check_read(index: int, model=None) -> MsrInfo:
+    """RDMSR rules: raise GeneralProtection for a missing or write-only MSR
+    (missing from the table, or from the CPU ``model`` when given); return its
+    row otherwise."""
     info = MSRS_BY_INDEX.get(index)
-    if info is None:
+    if info is None or _absent(index, model):
         raise GeneralProtection(f"RDMSR of unimplemented MSR {index:#x}")
     if "r" not in info.access:
         raise GeneralProtection(f"RDMSR of write-only MSR {info.name}")
     return info
 
 
-def check_write(index: int, value: int, current: Optional[int] = None) -> MsrInfo:
+def check_write(index: int, value: int, current: Optional[int] = None, model=None) -> MsrInfo:
     """WRMSR rules: raise GeneralProtection if writing ``value`` is refused
     (missing or read-only MSR, reserved bit set, value rule broken; with the
     ``current`` value given, also IA32_APIC_BASE's illegal transitions and a
@@ -296,7 +340,7 @@ def check_write(index: int, value: int, current: Optional[int] = None) -> MsrInf
     if not isinstance(value, int) or not 0 <= value <= _MASK64:
         raise ValueError(f"WRMSR value must be a 64-bit unsigned integer, got {value!r}")
     info = MSRS_BY_INDEX.get(index)
-    if info is None:
+    if info is None or _absent(index, model):
         raise GeneralProtection(f"WRMSR to unimplemented MSR {index:#x}")
     if "w" not in info.access:
         raise GeneralProtection(f"WRMSR to read-only MSR {info.name}")

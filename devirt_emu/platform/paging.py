@@ -58,18 +58,17 @@ import enum
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from ..x86 import (EFER_LMA, EFER_LME, EFER_NX, X86_CR0_CD, X86_CR0_NW, X86_CR0_PG, X86_CR0_WP,
+                   X86_CR4_LA57, X86_CR4_PAE, X86_CR4_PGE, X86_CR4_PSE, X86_CR4_SMEP)
 from .cpuid import cpuid
 from .lapic import MAXPHYADDR
 from .memory import PhysMem
 
 PF_P, PF_W, PF_U, PF_RSVD, PF_I = 1, 2, 4, 8, 16
 
-CR0_WP, CR0_NW, CR0_CD, CR0_PG = 1 << 16, 1 << 29, 1 << 30, 1 << 31
-CR4_PSE, CR4_PAE, CR4_PGE, CR4_LA57, CR4_SMEP = 1 << 4, 1 << 5, 1 << 7, 1 << 12, 1 << 20
-EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 #: MOV to CR0/CR4 changing one of these reloads the PDPTEs if PAE paging is on after it.
-CR0_PDPTE_BITS = CR0_CD | CR0_NW | CR0_PG
-CR4_PDPTE_BITS = CR4_PAE | CR4_PGE | CR4_PSE | CR4_SMEP
+CR0_PDPTE_BITS = X86_CR0_CD | X86_CR0_NW | X86_CR0_PG
+CR4_PDPTE_BITS = X86_CR4_PAE | X86_CR4_PGE | X86_CR4_PSE | X86_CR4_SMEP
 
 _P, _RW, _US, _PS = 1, 2, 4, 1 << 7
 _XD = 1 << 63
@@ -117,12 +116,12 @@ class PagingMode(enum.Enum):
 
 def paging_mode(cr0: int, cr4: int, efer: int) -> PagingMode:
     """The paging mode in use (IA-32e mode is EFER.LMA)."""
-    if not cr0 & CR0_PG:
+    if not cr0 & X86_CR0_PG:
         return PagingMode.OFF
-    if not cr4 & CR4_PAE:
+    if not cr4 & X86_CR4_PAE:
         return PagingMode.BITS32
     if efer & EFER_LMA:
-        if cr4 & CR4_LA57:
+        if cr4 & X86_CR4_LA57:
             raise UnsupportedPaging("5-level paging (CR4.LA57) is not modelled")
         return PagingMode.LEVEL4
     return PagingMode.PAE
@@ -145,7 +144,7 @@ def pdptes_reload(cr: int, old_cr0: int, old_cr4: int, new_cr0: int, new_cr4: in
     load the PDPTE registers?  Yes if PAE paging is in use after it (CR0.PG,
     CR4.PAE, and IA32_EFER.LME = 0, so not IA-32e mode) and the instruction
     is a MOV to CR3, or changes CR0.CD/NW/PG or CR4.PAE/PGE/PSE/SMEP."""
-    if not (new_cr0 & CR0_PG and new_cr4 & CR4_PAE and not efer & EFER_LME):
+    if not (new_cr0 & X86_CR0_PG and new_cr4 & X86_CR4_PAE and not efer & EFER_LME):
         return False
     if cr == 3:
         return True
@@ -290,7 +289,7 @@ def translate(mem: PhysMem, cr0: int, cr3: int, cr4: int, efer: int, linear: int
         linear &= 0xFFFF_FFFF
     if mode is PagingMode.PAE and pdptes is None:
         pdptes = read_pdptes(mem.read, cr3)
-    nxe = bool(efer & EFER_NXE)
+    nxe = bool(efer & EFER_NX)
     code = error_code(mode, write=write, user=user, fetch=fetch, nxe=nxe)
 
     def read_entry(pa: int, size: int) -> Optional[int]:
@@ -298,8 +297,8 @@ def translate(mem: PhysMem, cr0: int, cr3: int, cr4: int, efer: int, linear: int
             return None
         return mem.read_u64(pa) if size == 8 else mem.read_u32(pa)
 
-    w = walk(mode, linear, cr3, read_entry, code=code, pdptes=pdptes, pse=bool(cr4 & CR4_PSE),
+    w = walk(mode, linear, cr3, read_entry, code=code, pdptes=pdptes, pse=bool(cr4 & X86_CR4_PSE),
              nxe=nxe)
-    check_rights(w, linear, code, write=write, user=user, fetch=fetch, wp=bool(cr0 & CR0_WP),
+    check_rights(w, linear, code, write=write, user=user, fetch=fetch, wp=bool(cr0 & X86_CR0_WP),
                  nxe=nxe)
     return w.pa

@@ -97,9 +97,11 @@ from typing import Optional
 from unicorn import UC_HOOK_TLB_FILL, UC_TLB_CPU, UC_TLB_VIRTUAL, UcError
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
+from ..x86 import (EFER_NX, MSR_EFER, X86_CR0_PG, X86_CR0_WP, X86_CR4_LA57, X86_CR4_PAE,
+                   X86_CR4_PSE)
 from .errors import GuestError, _Fault
 from .memory import PAGE_SIZE
-from .paging import (CR4_LA57, CR4_PAE, CR4_PSE, PF_I, PF_U, PF_W, PageFault, PagingMode,
+from .paging import (PF_I, PF_U, PF_W, PageFault, PagingMode,
                      UnsupportedPaging, Walk, check_rights, pdpt_address, pdpte_reserved,
                      pdptes_reload, walk)
 from .ucinternals import HF_CPL_MASK, HF_LMA, CalibrationError
@@ -108,8 +110,6 @@ from .ucinternals import HF_CPL_MASK, HF_LMA, CalibrationError
 ACC_READ, ACC_WRITE, ACC_FETCH = 1, 2, 4
 _UC_ACCESS = {16: ACC_READ, 17: ACC_WRITE, 18: ACC_FETCH}   # UC_MEM_READ/WRITE/FETCH
 
-CR0_WP, CR0_PG = 1 << 16, 1 << 31
-EFER_NXE = 1 << 11
 _PTE_A, _PTE_D = 1 << 5, 1 << 6
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -316,12 +316,12 @@ class VirtualTlb:
         mode uses it, (read, write, fetch) rights or None); raises the #PF."""
         p = self.probe
         cr0 = p.cr(0)
-        if not cr0 & CR0_PG:
+        if not cr0 & X86_CR0_PG:
             return None, linear & 0xFFFF_FFFF, None
         cr4 = p.cr(4)
         pdptes = None
         if p.hflags() & HF_LMA:
-            if cr4 & CR4_LA57:
+            if cr4 & X86_CR4_LA57:
                 raise UnsupportedPaging("5-level paging (CR4.LA57) is not modelled")
             mode = PagingMode.LEVEL4
             top = linear >> 47
@@ -329,14 +329,14 @@ class VirtualTlb:
                 raise NonCanonical(linear)
         else:
             linear &= 0xFFFF_FFFF
-            if cr4 & CR4_PAE:
+            if cr4 & X86_CR4_PAE:
                 mode = PagingMode.PAE
                 pdptes = self.core.pdpte_registers(peek=peek) if cr3 is None else \
                     self.core._read_pdptes(cr3, True)
             else:
                 mode = PagingMode.BITS32
-        efer = self.core.rdmsr_raw(0xC0000080)
-        nxe = bool(efer & EFER_NXE)
+        efer = self.core.rdmsr_raw(MSR_EFER)
+        nxe = bool(efer & EFER_NX)
         write = bool(access & ACC_WRITE)          # ACC_READ | ACC_WRITE: a read-modify-write
         fetch = access == ACC_FETCH
         # the #PF error code's access bits (paging.error_code, inlined: this runs on every fill)
@@ -353,9 +353,9 @@ class VirtualTlb:
             return (_U64 if size == 8 else _U32).unpack_from(view, ehpa)[0]
 
         w = walk(mode, linear, p.cr(3) if cr3 is None else cr3, read_entry, code=code,
-                 pdptes=pdptes, pse=bool(cr4 & CR4_PSE), nxe=nxe)
+                 pdptes=pdptes, pse=bool(cr4 & X86_CR4_PSE), nxe=nxe)
         return w, linear, check_rights(w, linear, code, write=write, user=user, fetch=fetch,
-                                       wp=bool(cr0 & CR0_WP), nxe=nxe)
+                                       wp=bool(cr0 & X86_CR0_WP), nxe=nxe)
 
     def _walk(self, linear: int, access: int, user: bool, peek: bool) -> tuple[int, int]:
         w, linear, allowed = self._first_stage(linear, access, user, peek)
@@ -465,10 +465,10 @@ class VirtualTlb:
 
 
 class SecondStage:
-    """The second-stage half of a Core (a mixin, as TaskSwitching and
-    PageWatching are): switching virtual-TLB mode on and off, the platform's
-    own two-stage translations, and what the core does when the engine stops
-    because the fill hook refused an access."""
+    """The second-stage half of a Core (a mixin, as PageWatching is): switching
+    virtual-TLB mode on and off, the platform's own two-stage translations, and
+    what the core does when the engine stops because the fill hook refused an
+    access."""
 
     def set_second_stage(self, stage2) -> None:
         """Translate this core's accesses through the guest's page tables and then
@@ -590,7 +590,7 @@ class SecondStage:
 
     def _after_task_switch_step(self, completed: bool) -> None:
         """The task switch of a far JMP/CALL or IRET was just stepped
-        (``_task_switch_from``: its address and the old TR).  Measured on Unicorn
+        (``task_switcher.stepping_from``: its address and the old TR).  Measured on Unicorn
         2.1.4 (scratch engine, 32-bit far JMP to a TSS, identity fill hook): in
         virtual-TLB mode with paging on, the switch is done (old state saved, TR,
         CR3, registers, segments and EFLAGS of the new task loaded) except EIP,
@@ -598,11 +598,11 @@ class SecondStage:
         CR3 load flushed the TLB, restore it); with paging off or in the default
         TLB mode EIP is the new task's.  So the new task's EIP is put from its
         TSS when TR changed and EIP did not."""
-        address, old_tr = self._task_switch_from
-        self._task_switch_from = None
+        address, old_tr = self.task_switcher.stepping_from
+        self.task_switcher.stepping_from = None
         vt = self.vtlb
         p = self.probe
-        if not completed or vt is None or not vt.active or not p.cr(0) & CR0_PG:
+        if not completed or vt is None or not vt.active or not p.cr(0) & X86_CR0_PG:
             return
         tr, base, _, flags = p.segment(7)
         if tr == old_tr or self.rip() != address:
@@ -687,7 +687,7 @@ class PaeRegisters:
         cr0, cr4 = p.cr(0), p.cr(4)
         new_cr0 = value if cr == 0 else cr0
         new_cr4 = value if cr == 4 else cr4
-        if not pdptes_reload(cr, cr0, cr4, new_cr0, new_cr4, self.rdmsr_raw(0xC0000080)):
+        if not pdptes_reload(cr, cr0, cr4, new_cr0, new_cr4, self.rdmsr_raw(MSR_EFER)):
             return
         cr3 = value if cr == 3 else p.cr(3)
         try:

@@ -40,6 +40,8 @@ from unicorn.x86_const import (UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4,
                                UC_X86_REG_RIP, UC_X86_REG_RSP)
 from unicorn.unicorn_py3.unicorn import uclib   # the C library (the binding's wrappers cost ~3 us a call)
 
+from ..x86 import MSR_EFER
+
 
 #: CPUX86State layout (QEMU 5, as in Unicorn 2.1), verified by calibrate():
 #: regs[16], eip, eflags, cc_dst, cc_src, cc_src2, cc_op, df, hflags, hflags2,
@@ -187,7 +189,7 @@ def _paged_engine():
     mu.mem_write(0x3000, struct.pack("<Q", 0x83))
     mu.reg_write(UC_X86_REG_CR3, 0x1000)
     mu.reg_write(UC_X86_REG_CR4, mu.reg_read(UC_X86_REG_CR4) | 0x20)
-    mu.reg_write(UC_X86_REG_MSR, (0xC0000080, 0x500))
+    mu.reg_write(UC_X86_REG_MSR, (MSR_EFER, 0x500))
     mu.reg_write(UC_X86_REG_CR0, mu.reg_read(UC_X86_REG_CR0) | 0x80010001)
     mu.reg_write(UC_X86_REG_RSP, 0x8000)
     return mu

@@ -65,15 +65,21 @@ WORDS = {"PINBASED": "PIN_BASED_VM_EXEC_CONTROL", "PROCBASED": "CPU_BASED_VM_EXE
 VIRTUAL_APIC_PAGE = SCRATCH_BASE + 0x200000
 APIC_ACCESS_PAGE = SCRATCH_BASE + 0x201000
 DATA_PAGE = SCRATCH_BASE + 0x1000           # memory operands of programs
+POSTED_INTR_DESC = SCRATCH_BASE + 0x202000   # a posted-interrupt descriptor (64-byte aligned)
+#: The notification vector the strategies give posted-interrupt processing.
+POSTED_INTR_VECTOR = 0xF2
 
 #: Bits the programs' oracle does not model (exits at instruction boundaries that
 #: do not depend on the program): :func:`cases` leaves them 0 by default.
 FUZZ_FORBIDDEN = {
-    "PINBASED": C.PIN_BASED_VMX_PREEMPTION_TIMER | C.PIN_BASED_VIRTUAL_NMIS,
+    "PINBASED": (C.PIN_BASED_VMX_PREEMPTION_TIMER | C.PIN_BASED_VIRTUAL_NMIS
+                 | C.PIN_BASED_POSTED_INTR),
     "PROCBASED": (C.CPU_BASED_MONITOR_TRAP_FLAG | C.CPU_BASED_NMI_WINDOW_EXITING
                   | C.CPU_BASED_INTR_WINDOW_EXITING | C.CPU_BASED_TPR_SHADOW),
     "PROCBASED2": (C.SECONDARY_EXEC_PAUSE_LOOP_EXITING | C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES
-                   | C.SECONDARY_EXEC_UNRESTRICTED_GUEST | C.SECONDARY_EXEC_ENABLE_EPT),
+                   | C.SECONDARY_EXEC_UNRESTRICTED_GUEST | C.SECONDARY_EXEC_ENABLE_EPT
+                   | C.SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE | C.SECONDARY_EXEC_APIC_REGISTER_VIRT
+                   | C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY),
     "EXIT": C.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER,
     "ENTRY": 0,
 }
@@ -134,6 +140,22 @@ def _fix_dependencies(fields: dict, ept: bool) -> tuple[dict, bool]:
         pin |= C.PIN_BASED_NMI_EXITING
     if ex & C.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER:
         pin |= C.PIN_BASED_VMX_PREEMPTION_TIMER
+    # APIC virtualization: posted interrupts need virtual-interrupt delivery and
+    # "acknowledge interrupt on exit"; virtual-interrupt delivery needs external-interrupt
+    # exiting; it, APIC-register virtualization and virtualize x2APIC mode need the TPR
+    # shadow; virtualize x2APIC mode excludes virtualize APIC accesses
+    if pin & C.PIN_BASED_POSTED_INTR:
+        sec |= C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY
+        ex |= C.VM_EXIT_ACK_INTR_ON_EXIT
+        fields["POSTED_INTR_NV"] = POSTED_INTR_VECTOR
+        fields["POSTED_INTR_DESC_ADDR"] = POSTED_INTR_DESC
+    if sec & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY:
+        pin |= C.PIN_BASED_EXT_INTR_MASK
+    if sec & (C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY | C.SECONDARY_EXEC_APIC_REGISTER_VIRT
+              | C.SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE):
+        proc |= C.CPU_BASED_TPR_SHADOW
+    if sec & C.SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE:
+        sec &= ~C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES
     if sec & C.SECONDARY_EXEC_UNRESTRICTED_GUEST:
         sec |= C.SECONDARY_EXEC_ENABLE_EPT
     if sec & C.SECONDARY_EXEC_ENABLE_EPT:
@@ -322,8 +344,14 @@ def _control_breakages(fields: dict, model) -> list:
                  {"CPU_BASED_VM_EXEC_CONTROL": proc | C.CPU_BASED_TPR_SHADOW,
                   "VIRTUAL_APIC_PAGE_ADDR": VIRTUAL_APIC_PAGE + 0x10}, "VIRTUAL_APIC_PAGE_ADDR",
                  error=_CTL),
+        # (the check applies without virtual-interrupt delivery, which posted
+        # interrupts need)
         Breakage("TPR_THRESHOLD bits 31:4 with the TPR shadow",
                  {"CPU_BASED_VM_EXEC_CONTROL": proc | C.CPU_BASED_TPR_SHADOW,
+                  "SECONDARY_VM_EXEC_CONTROL": fields["SECONDARY_VM_EXEC_CONTROL"]
+                  & ~C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY,
+                  "PIN_BASED_VM_EXEC_CONTROL": fields["PIN_BASED_VM_EXEC_CONTROL"]
+                  & ~C.PIN_BASED_POSTED_INTR,
                   "VIRTUAL_APIC_PAGE_ADDR": VIRTUAL_APIC_PAGE, "TPR_THRESHOLD": 0x10},
                  "TPR_THRESHOLD", error=_CTL),
         Breakage("NMI-window exiting without virtual NMIs",

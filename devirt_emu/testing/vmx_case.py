@@ -115,9 +115,9 @@ exit, a condition the platform does not model): see :class:`NoExit`.
 
 Reuse and speed
 ---------------
-:func:`run_case` uses one :class:`CaseRunner` per process: one machine,
-reset for each case by restoring a snapshot (the CPU context, the core's
-model state, local APIC and clock, the RAM pages written since the last
+:func:`run_case` uses one :class:`CaseRunner` per CPU model per process: one
+machine, reset for each case by restoring a snapshot (the CPU context, the
+core's model state, local APIC and clock, the RAM pages written since the last
 reset, the VMCS region as filled for every case), never rebuilt; a case gives
 what it gives on a fresh runner (docs/vmx-cases.md, "Reuse and speed").
 Assembly is cached by source text.  A runner is not thread-safe; make one
@@ -126,6 +126,7 @@ per thread.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from time import perf_counter
 from types import MappingProxyType
 from typing import Iterable, Mapping, Optional, Union
@@ -134,7 +135,7 @@ from unicorn import UC_HOOK_MEM_WRITE
 from unicorn import x86_const as X
 
 from ..asm import AsmError, assemble
-from ..events import GPR_NAMES, Kind
+from ..events import GPR_NAMES
 from ..platform import longmode
 from ..platform.core import GPR_IDS, GuestError, State
 from ..platform.memory import PAGE_SIZE
@@ -178,14 +179,25 @@ XAPIC_BASE = 0xFEE00000
 #: The page directory :func:`xapic_mapping` uses (the last scratch page).
 XAPIC_PD = 0xEFF000
 
-#: The control words of a fresh case, by VMCS field name (see the module docstring).
-DEFAULT_CONTROLS: Mapping[str, int] = MappingProxyType({
-    "PIN_BASED_VM_EXEC_CONTROL": caps.make_legal("PINBASED", 0),
-    "CPU_BASED_VM_EXEC_CONTROL": caps.make_legal("PROCBASED", 0),
-    "SECONDARY_VM_EXEC_CONTROL": 0,
-    "VM_EXIT_CONTROLS": caps.make_legal("EXIT", C.VM_EXIT_HOST_ADDR_SPACE_SIZE),
-    "VM_ENTRY_CONTROLS": caps.make_legal("ENTRY", C.VM_ENTRY_IA32E_MODE),
-})
+@lru_cache(maxsize=32)
+def _default_controls(model) -> Mapping[str, int]:
+    return MappingProxyType({
+        "PIN_BASED_VM_EXEC_CONTROL": caps.make_legal("PINBASED", 0, model=model),
+        "CPU_BASED_VM_EXEC_CONTROL": caps.make_legal("PROCBASED", 0, model=model),
+        "SECONDARY_VM_EXEC_CONTROL": 0,
+        "VM_EXIT_CONTROLS": caps.make_legal("EXIT", C.VM_EXIT_HOST_ADDR_SPACE_SIZE, model=model),
+        "VM_ENTRY_CONTROLS": caps.make_legal("ENTRY", C.VM_ENTRY_IA32E_MODE, model=model),
+    })
+
+
+def default_controls(model=None) -> Mapping[str, int]:
+    """The control words of a fresh case on a CPU model (a CpuModel, a spec
+    string or None for the default), by VMCS field name (see the module docstring)."""
+    return _default_controls(caps.model_of(model))
+
+
+#: The control words of a fresh case on the default CPU model.
+DEFAULT_CONTROLS: Mapping[str, int] = default_controls(None)
 
 # Control-word field name -> capability table name ("PINBASED", ...).
 _CONTROL_TABLE = {F(enc).name: table for table, enc in caps.CONTROL_FIELDS.items()}
@@ -200,15 +212,16 @@ class CaseError(ValueError):
 
 
 # --------------------------------------------------------------------------- helpers
-def legal_controls(vmcs: Mapping[str, int]) -> dict[str, int]:
+def legal_controls(vmcs: Mapping[str, int], model=None) -> dict[str, int]:
     """``vmcs`` with each control word made legal by the capability MSRs.
 
     Control words are PIN_BASED_VM_EXEC_CONTROL, CPU_BASED_VM_EXEC_CONTROL,
     SECONDARY_VM_EXEC_CONTROL, TERTIARY_VM_EXEC_CONTROL, VM_EXIT_CONTROLS,
     SECONDARY_VM_EXIT_CONTROLS, VM_ENTRY_CONTROLS and VM_FUNCTION_CONTROL:
     the must-be-1 bits are set and the bits that may not be 1 cleared
-    (the TRUE capability MSRs, as VM entry reads them).  Other fields are
-    returned unchanged.
+    (the TRUE capability MSRs, as VM entry reads them) of the CPU ``model``
+    (a CpuModel, a spec string, or None for the default ``skylake-server``).
+    Other fields are returned unchanged.
     """
     out = {}
     for name, value in vmcs.items():
@@ -216,7 +229,7 @@ def legal_controls(vmcs: Mapping[str, int]) -> dict[str, int]:
         table = _CONTROL_TABLE.get(key)
         if table is not None:
             _check_int(key, value)
-            value = caps.make_legal(table, value)
+            value = caps.make_legal(table, value, model=model)
         out[name] = value
     return out
 
@@ -592,10 +605,15 @@ _CORE_REGS["cr2"] = X.UC_X86_REG_CR2
 class CaseRunner:
     """One machine that runs cases one after another (see :func:`run_case`)."""
 
-    def __init__(self):
+    def __init__(self, cpu=None):
         from ..machine import Machine
         # (virtual time runs on from case to case: no limit but the step count)
-        self.machine = Machine(cores=1, mem_mb=MEM_MB, max_ns=1 << 62)
+        self.machine = Machine(cores=1, mem_mb=MEM_MB, max_ns=1 << 62, cpu=cpu)
+        if not self.machine.cpu.has_vmx:
+            raise CaseError(f"CPU model {self.machine.cpu.name} has no VMX")
+        #: The CPU model the cases run on (``cpu``: a CpuModel, a spec string, or
+        #: None for skylake-server): its capability MSRs decide what VM entry allows.
+        self.cpu = self.machine.cpu
         self.core = self.machine.cores[0]
         self._asm_cache: dict[str, tuple[bytes, dict[str, int]]] = {}
         longmode.write_environment(self.machine)
@@ -625,7 +643,7 @@ class CaseRunner:
         m, core = self.machine, self.core
         mem = m.mem
         self._fresh_time = (core.clock, core.icount)
-        Vmcs.format(mem, VMCS_PA)
+        Vmcs.format(mem, VMCS_PA, model=self.cpu)
         vcpu = VmxVcpu(core, VMCS_PA, _RecordingL0(m))
         self._write_vmcs(vcpu, {})
         v = vcpu.vmcs
@@ -686,8 +704,7 @@ class CaseRunner:
             raise CaseError(f"the guest code is {len(data)} bytes; at most {CODE_LIMIT - 1} fit")
         return data, symbols
 
-    @staticmethod
-    def _fields(vmcs, legal: bool) -> dict[str, int]:
+    def _fields(self, vmcs, legal: bool) -> dict[str, int]:
         if vmcs is None:
             return {}
         if not isinstance(vmcs, Mapping):
@@ -698,12 +715,12 @@ class CaseRunner:
             _check_int(name, value)
             if field_by_name(name).read_only:
                 raise CaseError(f"{name} is a read-only VM-exit information field")
-            if not caps.is_field_supported(name):
-                raise CaseError(f"{name} is not a VMCS field of the modelled CPU")
+            if not caps.is_field_supported(name, self.cpu):
+                raise CaseError(f"{name} is not a VMCS field of CPU model {self.cpu.name}")
             if name in out:
                 raise CaseError(f"{name} is given twice")
             out[name] = value
-        return legal_controls(out) if legal else out
+        return legal_controls(out, self.cpu) if legal else out
 
     def _bitmaps_for(self, msr_bm, io_a, io_b) -> dict[int, bytes]:
         out = {}
@@ -946,7 +963,7 @@ class CaseRunner:
         addresses, the host and guest state, then ``fields``."""
         from ..hypervisor.kvm import prepare_vmcs
         s = vcpu.vmcs.set
-        for name, val in DEFAULT_CONTROLS.items():
+        for name, val in default_controls(self.cpu).items():
             s(F[name], val)
         s(F.MSR_BITMAP, MSR_BITMAP_PA)
         s(F.IO_BITMAP_A, IO_BITMAP_A_PA)
@@ -1010,7 +1027,8 @@ class _VmcsSnapshot(Mapping):
         return f"<VMCS snapshot of {len(self)} fields>"
 
 
-_runner: Optional[CaseRunner] = None
+_runner: Optional[CaseRunner] = None     # run_case's runner on the default CPU model
+_runners: dict = {}                      # other CpuModel -> the CaseRunner run_case uses for it
 
 
 def run_case(code, *, vmcs: Optional[Mapping] = None,
@@ -1019,7 +1037,7 @@ def run_case(code, *, vmcs: Optional[Mapping] = None,
              io_bitmap_b: Union[bytes, Iterable[int], None] = None,
              regs: Optional[Mapping[str, int]] = None,
              memory: Optional[Mapping[int, bytes]] = None, max_steps: int = 10_000,
-             legal: bool = False, ept=None, ept_ad: bool = False) -> CaseResult:
+             legal: bool = False, ept=None, ept_ad: bool = False, cpu=None) -> CaseResult:
     """Run ``code`` as a VMX guest from the fresh 64-bit state until the first VM exit.
 
     ``code``: Intel-syntax assembly (assembled at :data:`CODE_BASE`; labels are
@@ -1035,12 +1053,25 @@ def run_case(code, *, vmcs: Optional[Mapping] = None,
     ``ept``: EPT in a line (see the module docstring, "EPT"): ``"identity"``,
     ``{gpa: (hpa, rights[, page_size])}``, :class:`EptMap`, :class:`EptEntry`
     or a list of them; ``ept_ad``: set EPTP bit 6 (accessed and dirty flags).
+    ``cpu``: the CPU model (a CpuModel, a spec string such as ``"nehalem"``,
+    or None for ``skylake-server``); one machine per model is kept.
 
-    Raises :class:`CaseError` for input that cannot be run as given.
+    Raises :class:`CaseError` for input that cannot be run as given (a bad
+    ``cpu`` spec included).
     """
+    try:
+        model = caps.model_of(cpu)
+    except ValueError as e:
+        raise CaseError(str(e)) from None
     global _runner
-    if _runner is None:
-        _runner = CaseRunner()
-    return _runner.run(code, vmcs=vmcs, msr_bitmap=msr_bitmap, io_bitmap_a=io_bitmap_a,
+    if model is caps.DEFAULT_MODEL:
+        if _runner is None:
+            _runner = CaseRunner(model)
+        runner = _runner
+    else:
+        runner = _runners.get(model)
+        if runner is None:
+            runner = _runners[model] = CaseRunner(model)
+    return runner.run(code, vmcs=vmcs, msr_bitmap=msr_bitmap, io_bitmap_a=io_bitmap_a,
                        io_bitmap_b=io_bitmap_b, regs=regs, memory=memory, max_steps=max_steps,
                        legal=legal, ept=ept, ept_ad=ept_ad)

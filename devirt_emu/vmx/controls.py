@@ -406,10 +406,6 @@ def vmx_basic_vmcs_size(vmx_basic: int) -> int:
     return (vmx_basic & VMX_BASIC_VMCS_SIZE_MASK) >> VMX_BASIC_VMCS_SIZE_SHIFT
 
 
-def vmx_basic_mem_type(vmx_basic: int) -> int:
-    return (vmx_basic & VMX_BASIC_MEM_TYPE_MASK) >> VMX_BASIC_MEM_TYPE_SHIFT
-
-
 def vmx_basic_encode(revision: int, size: int, memtype: int, flags: int = 0) -> int:
     """IA32_VMX_BASIC from its fields; ``flags`` are VMX_BASIC_* single bits."""
     if not 0 <= revision <= VMX_BASIC_REVISION_MASK:
@@ -464,10 +460,6 @@ def vmx_misc_max_msr(vmx_misc: int) -> int:
 def vmx_misc_msr_list_limit(vmx_misc: int) -> int:
     """Recommended maximum number of MSRs in each MSR-load/store list."""
     return VMX_MISC_MSR_LIST_MULTIPLIER * (vmx_misc_max_msr(vmx_misc) + 1)
-
-
-def vmx_misc_mseg_revid(vmx_misc: int) -> int:
-    return vmx_misc >> VMX_MISC_MSEG_REVID_SHIFT
 
 
 # --------------------------------------------------------------------------

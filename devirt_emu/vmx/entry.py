@@ -34,8 +34,9 @@ Inputs:
   the processor's own accesses) or any mapping from Linux field names to
   values (a missing field reads as 0; handy in tests).
 * ``caps``: an :class:`EntryCaps`, the capability inputs.
-  :meth:`EntryCaps.modelled` gives the modelled CPU (from
-  ``capabilities.py``); tests vary it with :func:`dataclasses.replace`.
+  :meth:`EntryCaps.for_model` gives a CPU model's (``devirt_emu/cpumodels``),
+  :meth:`EntryCaps.modelled` the default model's; tests vary it with
+  :func:`dataclasses.replace`.
 * ``read_mem(pa, n) -> bytes``: host-physical memory, for the
   virtual-APIC page (VTPR), the VMCS link pointer's region, the guest PDPTEs
   (without EPT) and the MSR-load area.  Bytes that ``read_mem`` cannot read
@@ -70,6 +71,11 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
+from devirt_emu.x86 import (EFER_LMA, EFER_LME, ERROR_CODE_VECTORS, MSR_FS_BASE, MSR_GS_BASE,
+                            MSR_IA32_SMBASE, MSR_IA32_SMM_MONITOR_CTL, MSR_IA32_UCODE_REV,
+                            MSR_IA32_UCODE_WRITE, X86_CR0_CD, X86_CR0_NW, X86_CR0_PE, X86_CR0_PG,
+                            X86_CR0_WP, X86_CR4_CET, X86_CR4_PAE, X86_CR4_PCIDE, X86_EFLAGS_FIXED,
+                            X86_EFLAGS_IF, X86_EFLAGS_TF, X86_EFLAGS_VM, X86_TRAP_CP)
 from devirt_emu.platform.lapic import MAXPHYADDR
 from devirt_emu.platform.memory import PhysicalAccessError
 from devirt_emu.platform.paging import RSVD_PDPTE_LOW
@@ -81,20 +87,6 @@ from devirt_emu.vmx.vmcs import VmInstructionErrorNumber as Err
 # --------------------------------------------------------------------------
 # Architectural bits used by the checks (SDM Vol. 3A; Linux names)
 # --------------------------------------------------------------------------
-X86_CR0_PE = 1 << 0
-X86_CR0_WP = 1 << 16
-X86_CR0_NW = 1 << 29
-X86_CR0_CD = 1 << 30
-X86_CR0_PG = 1 << 31
-X86_CR4_PAE = 1 << 5
-X86_CR4_PCIDE = 1 << 17
-X86_CR4_CET = 1 << 23
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-X86_EFLAGS_FIXED = 1 << 1
-X86_EFLAGS_TF = 1 << 8
-X86_EFLAGS_IF = 1 << 9
-X86_EFLAGS_VM = 1 << 17
 #: RFLAGS bits that must be 0 in the guest RFLAGS field: 63:22, 15, 5, 3.
 RFLAGS_RESERVED = ~((1 << 22) - 1) & ((1 << 64) - 1) | (1 << 15) | (1 << 5) | (1 << 3)
 DEBUGCTLMSR_BTF = 1 << 1
@@ -122,17 +114,13 @@ PENDING_DBG_BS = 1 << 14
 #: Bits 11:4, 13, 15 and 63:16 (bit 16, RTM, because RTM is not supported).
 PENDING_DBG_RESERVED = (0xFF0 | (1 << 13) | (1 << 15) | (((1 << 64) - 1) & ~0xFFFF))
 
-#: Hardware exceptions that deliver an error code: #DF #TS #NP #SS #GP #PF #AC.
-EXCEPTIONS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17})
+#: Hardware exceptions that deliver an error code: #DF #TS #NP #SS #GP #PF #AC (and #CP
+#: on a processor with CET, which the modelled one is not).
+EXCEPTIONS_WITH_ERROR_CODE = ERROR_CODE_VECTORS - {X86_TRAP_CP}
 INTR_INFO_RESERVED_30_12 = 0x7FFFF000
 
-# MSRs the MSR-load area may not load (SDM "Loading MSRs"; msr-index.h names).
-MSR_FS_BASE = 0xC0000100
-MSR_GS_BASE = 0xC0000101
-MSR_IA32_SMM_MONITOR_CTL = 0x9B     # writable only in SMM
-MSR_IA32_SMBASE = 0x9E              # accessible only in SMM
-MSR_IA32_UCODE_WRITE = 0x79         # model-specific: not loadable on VM entry (as KVM)
-MSR_IA32_UCODE_REV = 0x8B           # model-specific: not loadable on VM entry (as KVM)
+# MSRs the MSR-load area may not load (SDM "Loading MSRs"; the UCODE MSRs are model-specific and
+# not loadable on VM entry, as in KVM).
 _MSR_LOAD_FORBIDDEN = {
     MSR_FS_BASE: "IA32_FS_BASE may not be loaded from the MSR-load area",
     MSR_GS_BASE: "IA32_GS_BASE may not be loaded from the MSR-load area",
@@ -189,15 +177,25 @@ class EntryCaps:
 
     @classmethod
     def modelled(cls, **changes) -> "EntryCaps":
-        """The modelled CPU of ``capabilities.py``; keyword arguments override fields."""
-        msrs = vcaps.VMX_CAPABILITY_MSRS
+        """The default CPU model's (see :meth:`for_model`)."""
+        return cls.for_model(None, **changes)
+
+    @classmethod
+    def for_model(cls, model=None, **changes) -> "EntryCaps":
+        """A CPU model's capability MSRs, MAXPHYADDR and linear-address width
+        (``model``: a CpuModel, a spec string or None for the default model);
+        keyword arguments override fields."""
+        m = vcaps.model_of(model)
+        msrs = m.vmx_msrs
+        if vcaps.MSR_IA32_VMX_BASIC not in msrs:
+            raise ValueError(f"CPU model {m.name} has no VMX capability MSRs")
         values = dict(
-            pinbased=vcaps.allowed_settings("PINBASED"),
-            procbased=vcaps.allowed_settings("PROCBASED"),
-            procbased2=vcaps.allowed_settings("PROCBASED2"),
-            exit=vcaps.allowed_settings("EXIT"),
-            entry=vcaps.allowed_settings("ENTRY"),
-            vmfunc=vcaps.allowed_settings("VMFUNC")[1],
+            pinbased=vcaps.allowed_settings("PINBASED", model=m),
+            procbased=vcaps.allowed_settings("PROCBASED", model=m),
+            procbased2=vcaps.allowed_settings("PROCBASED2", model=m),
+            exit=vcaps.allowed_settings("EXIT", model=m),
+            entry=vcaps.allowed_settings("ENTRY", model=m),
+            vmfunc=vcaps.allowed_settings("VMFUNC", model=m)[1],
             basic=msrs[vcaps.MSR_IA32_VMX_BASIC],
             misc=msrs[vcaps.MSR_IA32_VMX_MISC],
             cr0_fixed0=msrs[vcaps.MSR_IA32_VMX_CR0_FIXED0],
@@ -205,6 +203,8 @@ class EntryCaps:
             cr4_fixed0=msrs[vcaps.MSR_IA32_VMX_CR4_FIXED0],
             cr4_fixed1=msrs[vcaps.MSR_IA32_VMX_CR4_FIXED1],
             ept_vpid_cap=msrs.get(vcaps.MSR_IA32_VMX_EPT_VPID_CAP, 0),
+            maxphyaddr=m.maxphyaddr,
+            linear_address_width=m.linear_bits,
         )
         values.update(changes)
         return cls(**values)

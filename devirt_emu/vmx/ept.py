@@ -113,9 +113,8 @@ class EptCaps:
 
     ``maxphyaddr`` is the physical-address width M (bits 51:M of every
     entry are reserved).  The flags mirror IA32_VMX_EPT_VPID_CAP bits 0,
-    16, 17, 21 and 22.  :meth:`modelled` (and :data:`DEFAULT_EPT_CAPS`) is
-    the modelled CPU of ``capabilities.py``: no execute-only pages, no
-    advanced VM-exit information.
+    16, 17, 21 and 22.  :meth:`for_model` gives a CPU model's;
+    :meth:`modelled` (and :data:`DEFAULT_EPT_CAPS`) the default model's.
     """
 
     maxphyaddr: int = MAXPHYADDR
@@ -141,8 +140,15 @@ class EptCaps:
 
     @classmethod
     def modelled(cls) -> "EptCaps":
-        """The modelled CPU: its IA32_VMX_EPT_VPID_CAP and the platform's MAXPHYADDR."""
-        return cls.from_msr(_vcaps.VMX_CAPABILITY_MSRS[_vcaps.MSR_IA32_VMX_EPT_VPID_CAP], MAXPHYADDR)
+        """The default CPU model's (see :meth:`for_model`)."""
+        return cls.for_model(None)
+
+    @classmethod
+    def for_model(cls, model=None) -> "EptCaps":
+        """A CPU model's: its IA32_VMX_EPT_VPID_CAP (0 if it has none) and MAXPHYADDR.
+        ``model``: a CpuModel, a spec string or None (the default model)."""
+        m = _vcaps.model_of(model)
+        return cls.from_msr(m.vmx_msrs.get(_vcaps.MSR_IA32_VMX_EPT_VPID_CAP, 0), m.maxphyaddr)
 
     @property
     def address_mask(self) -> int:

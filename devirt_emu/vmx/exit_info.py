@@ -41,6 +41,8 @@ from __future__ import annotations
 from typing import Optional
 
 from devirt_emu.events import Insn, Kind, MemOperand
+from devirt_emu.vmx import controls as C
+from devirt_emu.x86 import X86_TRAP_NMI
 
 _U64 = (1 << 64) - 1
 
@@ -399,37 +401,25 @@ DISPLACEMENT_KINDS = frozenset({
 # --------------------------------------------------------------------------
 # Interruption information and IDT-vectoring information
 # --------------------------------------------------------------------------
-#: Interruption types, bits 10:8 (unshifted values; controls.INTR_TYPE_* are
-#: the same values shifted left by 8).
-INTR_TYPE_EXT_INTR = 0
-INTR_TYPE_NMI = 2
-INTR_TYPE_HARD_EXCEPTION = 3
-INTR_TYPE_SOFT_INTR = 4
-INTR_TYPE_PRIV_SW_EXCEPTION = 5
-INTR_TYPE_SOFT_EXCEPTION = 6
-INTR_TYPE_OTHER_EVENT = 7
-
-INTR_INFO_DELIVER_CODE = 1 << 11
-INTR_INFO_UNBLOCK_NMI = 1 << 12
-INTR_INFO_VALID = 1 << 31
-
-#: Exception vectors that push an error code (in protected mode):
-#: #DF, #TS, #NP, #SS, #GP, #PF, #AC, #CP, #VC, #SX.
-ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+#: The interruption types an exit can report (not 1, reserved, nor 7, used only on entry).
+_EVENT_TYPES = frozenset({C.INTR_TYPE_EXT_INTR, C.INTR_TYPE_NMI_INTR, C.INTR_TYPE_HARD_EXCEPTION,
+                          C.INTR_TYPE_SOFT_INTR, C.INTR_TYPE_PRIV_SW_EXCEPTION,
+                          C.INTR_TYPE_SOFT_EXCEPTION})
 
 
 def interruption_info(vector: int, intr_type: int, error_code_valid: bool = False,
                       nmi_unblocked_by_iret: bool = False) -> int:
     """VM-exit interruption information: bits 7:0 vector, 10:8 type, 11 error
-    code valid, 12 NMI unblocking due to IRET, 31 valid.
+    code valid, 12 NMI unblocking due to IRET, 31 valid.  ``intr_type`` is a
+    :mod:`~devirt_emu.vmx.controls` ``INTR_TYPE_*`` value (already in bits 10:8).
 
     The SDM's constraints are enforced: type 1 is reserved and type 7 is not
     used on exits; an NMI has vector 2; only hardware exceptions carry error
     codes.
     """
     _check_event(vector, intr_type, error_code_valid)
-    return (vector | intr_type << 8 | (INTR_INFO_DELIVER_CODE if error_code_valid else 0)
-            | (INTR_INFO_UNBLOCK_NMI if nmi_unblocked_by_iret else 0) | INTR_INFO_VALID)
+    return (vector | intr_type | (C.INTR_INFO_DELIVER_CODE_MASK if error_code_valid else 0)
+            | (C.INTR_INFO_UNBLOCK_NMI if nmi_unblocked_by_iret else 0) | C.INTR_INFO_VALID_MASK)
 
 
 def idt_vectoring_info(vector: int, intr_type: int, error_code_valid: bool = False) -> int:
@@ -437,20 +427,20 @@ def idt_vectoring_info(vector: int, intr_type: int, error_code_valid: bool = Fal
     vector, 10:8 type, 11 error code valid, 31 valid (bit 12 is undefined,
     written 0)."""
     _check_event(vector, intr_type, error_code_valid)
-    return (vector | intr_type << 8 | (INTR_INFO_DELIVER_CODE if error_code_valid else 0)
-            | INTR_INFO_VALID)
+    return (vector | intr_type | (C.INTR_INFO_DELIVER_CODE_MASK if error_code_valid else 0)
+            | C.INTR_INFO_VALID_MASK)
 
 
 def _check_event(vector: int, intr_type: int, error_code_valid: bool) -> None:
     _check("vector", vector, 0xFF)
-    if intr_type not in (0, 2, 3, 4, 5, 6):
-        raise ValueError(f"interruption type {intr_type} is not valid here")
-    if intr_type == INTR_TYPE_NMI and vector != 2:
+    if intr_type not in _EVENT_TYPES:
+        raise ValueError(f"interruption type {intr_type:#x} is not valid here")
+    if intr_type == C.INTR_TYPE_NMI_INTR and vector != X86_TRAP_NMI:
         raise ValueError(f"an NMI has vector 2, not {vector}")
-    if intr_type in (INTR_TYPE_HARD_EXCEPTION, INTR_TYPE_PRIV_SW_EXCEPTION,
-                     INTR_TYPE_SOFT_EXCEPTION) and vector > 31:
+    if intr_type in (C.INTR_TYPE_HARD_EXCEPTION, C.INTR_TYPE_PRIV_SW_EXCEPTION,
+                     C.INTR_TYPE_SOFT_EXCEPTION) and vector > 31:
         raise ValueError(f"exception vector {vector} is above 31")
-    if error_code_valid and intr_type != INTR_TYPE_HARD_EXCEPTION:
+    if error_code_valid and intr_type != C.INTR_TYPE_HARD_EXCEPTION:
         raise ValueError("only hardware exceptions deliver an error code")
 
 

@@ -65,12 +65,14 @@ Scope notes
   PLE fields only with PAUSE-loop exiting, ...), so on a VMCS that passed
   the VM-entry checks every read names a field the modelled CPU supports.
 
-* APIC-register virtualization, virtual-interrupt delivery and posted-
-  interrupt processing are not modelled by these rules: an APIC access with
-  APIC-register virtualization or virtual-interrupt delivery on raises
-  :class:`RuleInputError`; an interrupt with the posted-interrupt
-  notification vector is reported as not exiting (processing is the
-  posted-interrupt model's).
+* APIC-register virtualization and virtual-interrupt delivery: the rules
+  say whether an APIC access exits (which reads and writes of the
+  APIC-access page are virtualized: :mod:`devirt_emu.vmx.apicv`); what a
+  virtualized access then does (APIC-write emulation and the trap-like
+  APIC-write and EOI-induced exits that may follow it, x2APIC MSR
+  virtualization, the evaluation and delivery of virtual interrupts) is
+  the vCPU's, with the same module.  An interrupt with the posted-interrupt
+  notification vector does not exit (the vCPU processes it).
 * SMM (RSM, SMIs), SGX enablement, MONITOR/MWAIT at CPL > 0 enabled by MSR,
   and 5-level EPT are not modelled.
 * The TSS I/O-permission check is the platform's: an I/O instruction with
@@ -81,9 +83,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Mapping, NamedTuple, Optional, Union
 
+from devirt_emu.x86 import (EFER_LMA, ERROR_CODE_VECTORS, EXCEPTION_NAMES, X86_CR0_PE, X86_CR0_TS,
+                            X86_CR4_DE, X86_CR4_OSXSAVE, X86_CR4_PCE, X86_CR4_SMXE, X86_CR4_TSD,
+                            X86_CR4_UMIP, X86_CR4_VMXE, X86_EFLAGS_IF, X86_EFLAGS_OF,
+                            X86_EFLAGS_VM)
 from devirt_emu.events import GPR_NAMES, IO_SHAPE, Event, Kind
 from devirt_emu.vmx import controls as C
+from devirt_emu.platform.lapic import MAXPHYADDR
+from devirt_emu.vmx import apicv
+from devirt_emu.vmx import capabilities as vcaps
 from devirt_emu.vmx import exit_info as xi
+from devirt_emu.vmx.entry import eptp_problem
 from devirt_emu.vmx import exit_reasons as er
 from devirt_emu.vmx.exit_reasons import Length, Timing
 from devirt_emu.vmx.fields import VmcsField as F
@@ -185,28 +195,15 @@ class Fault:
 
     @property
     def name(self) -> str:
-        return _VECTOR_NAMES.get(self.vector, f"#{self.vector}")
+        return EXCEPTION_NAMES.get(self.vector, f"#{self.vector}")
 
 
 Outcome = Union[Decision, Fault]
 
-_VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 6: "#UD", 7: "#NM", 8: "#DF",
-                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 17: "#AC", 18: "#MC"}
+#: The modelled CPU's IA32_VMX_EPT_VPID_CAP (what VMFUNC's EPTP check reads, as VM entry does).
+_EPT_VPID_CAP = vcaps.VMX_CAPABILITY_MSRS.get(vcaps.MSR_IA32_VMX_EPT_VPID_CAP, 0)
 
 # Architectural register bits used below.
-_CR0_PE = 1 << 0
-_CR0_TS = 1 << 3
-_CR4_TSD = 1 << 2
-_CR4_DE = 1 << 3
-_CR4_PCE = 1 << 8
-_CR4_UMIP = 1 << 11
-_CR4_VMXE = 1 << 13
-_CR4_SMXE = 1 << 14
-_CR4_OSXSAVE = 1 << 18
-_RFLAGS_IF = 1 << 9
-_RFLAGS_OF = 1 << 11
-_RFLAGS_VM = 1 << 17
-_EFER_LMA = 1 << 10
 _DR7_GD = 1 << 13
 _U32 = 0xFFFFFFFF
 
@@ -326,11 +323,11 @@ def _need_insn(ev: Event):
 
 
 def _protected(regs) -> bool:
-    return bool(regs["cr0"] & _CR0_PE)
+    return bool(regs["cr0"] & X86_CR0_PE)
 
 
 def _v86(regs) -> bool:
-    return bool(regs["rflags"] & _RFLAGS_VM)
+    return bool(regs["rflags"] & X86_EFLAGS_VM)
 
 
 def _gpr(regs, number: Optional[int], mode: int, what: str) -> int:
@@ -352,7 +349,7 @@ def _cpuid(ev, vmcs, rm, pl):
 
 
 def _getsec(ev, vmcs, rm, pl):
-    if not ev.regs["cr4"] & _CR4_SMXE:
+    if not ev.regs["cr4"] & X86_CR4_SMXE:
         return _ud("CR4.SMXE=0: GETSEC is #UD")
     return _exit(er.GETSEC, ev, ("CR4.SMXE=1", "GETSEC always exits in VMX non-root operation"))
 
@@ -363,7 +360,7 @@ def _invd(ev, vmcs, rm, pl):
 
 
 def _xsetbv(ev, vmcs, rm, pl):
-    if not ev.regs["cr4"] & _CR4_OSXSAVE:
+    if not ev.regs["cr4"] & X86_CR4_OSXSAVE:
         return _ud("CR4.OSXSAVE=0: XSETBV is #UD")
     return _need_cpl0(ev, "XSETBV") or _exit(
         er.XSETBV, ev, ("XSETBV always exits in VMX non-root operation",))
@@ -390,11 +387,11 @@ def _vmx_ud(ev: Event) -> Optional[Fault]:
         return _ud(f"CR0.PE=0: {ev.kind.value} is #UD in real-address mode")
     if _v86(regs):
         return _ud(f"RFLAGS.VM=1: {ev.kind.value} is #UD in virtual-8086 mode")
-    if regs["efer"] & _EFER_LMA and regs["mode"] != 64:
+    if regs["efer"] & EFER_LMA and regs["mode"] != 64:
         return _ud(f"IA32_EFER.LMA=1 and CS.L=0: {ev.kind.value} is #UD in compatibility mode")
     if ev.kind in _VMX_MEMORY_OPERAND and ev.insn.mem is None:
         return _ud(f"{ev.kind.value} with a register operand is #UD")
-    if ev.kind is Kind.VMXON and not regs["cr4"] & _CR4_VMXE:
+    if ev.kind is Kind.VMXON and not regs["cr4"] & X86_CR4_VMXE:
         return _ud("CR4.VMXE=0: VMXON is #UD")
     return None
 
@@ -454,27 +451,13 @@ def _vmfunc(ev, vmcs, rm, pl):
     if ecx >= C.VMFUNC_EPTP_ENTRIES:
         return _exit(er.VMFUNC, ev, (c0, "EPTP switching", f"ECX={ecx} >= 512"))
     entry = int.from_bytes(rm(vmcs.vmread(F.EPTP_LIST_ADDRESS) + 8 * ecx, 8), "little")
-    problem = _eptp_problem(entry)
+    # SDM "EPTP Switching": an EPTP that VM entry would reject causes the VM exit.
+    problem = eptp_problem(entry, _EPT_VPID_CAP, MAXPHYADDR)
     if problem:
         return _exit(er.VMFUNC, ev, (c0, "EPTP switching",
                                      f"EPTP list entry {ecx} = {entry:#x}: {problem}"))
     return _no(c0, "VM_FUNCTION_CONTROL bit 0=1",
                f"EPTP switching to list entry {ecx} = {entry:#x} (valid): no VM exit")
-
-
-def _eptp_problem(eptp: int) -> Optional[str]:
-    """Why an EPTP would be invalid for EPTP switching (SDM: the VM-entry
-    checks on the EPTP), None if valid.  4-level walks only; physical
-    addresses up to 52 bits; no supervisor shadow-stack control."""
-    if eptp & C.VMX_EPTP_MT_MASK not in (C.VMX_EPTP_MT_UC, C.VMX_EPTP_MT_WB):
-        return f"memory type {eptp & C.VMX_EPTP_MT_MASK} is not UC (0) or WB (6)"
-    if eptp & C.VMX_EPTP_PWL_MASK != C.VMX_EPTP_PWL_4:
-        return f"page-walk length {((eptp & C.VMX_EPTP_PWL_MASK) >> 3) + 1} is not 4"
-    if eptp & (C.VMX_EPTP_SSS_ENABLE_BIT | C.VMX_EPTP_RESERVED_LOW_MASK):
-        return "reserved bits 11:7 are not 0"
-    if eptp >> 52:
-        return "bits 63:52 are not 0"
-    return None
 
 
 def _encls_like(ev, vmcs, control: int, control_name: str, bitmap_field, number: int):
@@ -533,7 +516,7 @@ def _invlpg(ev, vmcs, rm, pl):
 
 def _rdpmc(ev, vmcs, rm, pl):
     regs = ev.regs
-    if regs["cpl"] and not regs["cr4"] & _CR4_PCE and _protected(regs):
+    if regs["cpl"] and not regs["cr4"] & X86_CR4_PCE and _protected(regs):
         return _gp0(f"CPL={regs['cpl']} and CR4.PCE=0: RDPMC is #GP(0)")
     on = _primary(vmcs) & C.CPU_BASED_RDPMC_EXITING
     cause = (_b("CPU_BASED_RDPMC_EXITING", on),)
@@ -542,7 +525,7 @@ def _rdpmc(ev, vmcs, rm, pl):
 
 def _tsd_fault(ev) -> Optional[Fault]:
     regs = ev.regs
-    if regs["cpl"] and regs["cr4"] & _CR4_TSD and _protected(regs):
+    if regs["cpl"] and regs["cr4"] & X86_CR4_TSD and _protected(regs):
         return _gp0(f"CPL={regs['cpl']} and CR4.TSD=1: {ev.kind.value} is #GP(0)")
     return None
 
@@ -712,7 +695,7 @@ def _xsaves(ev, vmcs, rm, pl):
                     C.SECONDARY_EXEC_ENABLE_XSAVES)
     if not secondary & C.SECONDARY_EXEC_ENABLE_XSAVES:
         return _ud(c0, f"{ev.kind.value} is #UD without enable XSAVES/XRSTORS")
-    if not regs["cr4"] & _CR4_OSXSAVE:
+    if not regs["cr4"] & X86_CR4_OSXSAVE:
         return _ud(f"CR4.OSXSAVE=0: {ev.kind.value} is #UD")
     fault = _need_cpl0(ev, ev.kind.value)
     if fault:
@@ -754,7 +737,7 @@ def _descriptor_table(ev, vmcs, rm, pl):
             return _gp0(f"CPL={cpl}: {name} needs CPL 0 (#GP(0) comes before any VM exit)")
         number = er.LDTR_TR
     if kind not in _DESC_LOADS and kind not in _LDT_TR_LOADS and cpl \
-            and regs["cr4"] & _CR4_UMIP:
+            and regs["cr4"] & X86_CR4_UMIP:
         return _gp0(f"CPL={cpl} and CR4.UMIP=1: {name} is #GP(0)")
     primary = _primary(vmcs)
     secondary = _secondary(vmcs, primary)
@@ -832,7 +815,9 @@ def _tpr_shadow_write(ev, vmcs, primary: int, tpr_high_nibble: int, cause: tuple
     delivery 0).  ``tpr_high_nibble`` is the new VTPR bits 7:4."""
     secondary = _secondary(vmcs, primary)
     if secondary & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY:
-        raise RuleInputError("virtual-interrupt delivery is not modelled by these rules")
+        return _no(*cause, "SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY=1: TPR virtualization is PPR "
+                           "virtualization and the evaluation of pending virtual interrupts, "
+                           "no TPR-below-threshold exit")
     threshold = vmcs.vmread(F.TPR_THRESHOLD) & 0xF
     c1 = f"new VTPR[7:4]={tpr_high_nibble:#x}, TPR_THRESHOLD[3:0]={threshold:#x}"
     if threshold > tpr_high_nibble:
@@ -873,9 +858,9 @@ def _clts(ev, vmcs, rm, pl):
         return fault
     mask = vmcs.vmread(F.CR0_GUEST_HOST_MASK)
     shadow = vmcs.vmread(F.CR0_READ_SHADOW)
-    cause = (f"CR0_GUEST_HOST_MASK.TS={1 if mask & _CR0_TS else 0}",
-             f"CR0_READ_SHADOW.TS={1 if shadow & _CR0_TS else 0}")
-    if mask & shadow & _CR0_TS:
+    cause = (f"CR0_GUEST_HOST_MASK.TS={1 if mask & X86_CR0_TS else 0}",
+             f"CR0_READ_SHADOW.TS={1 if shadow & X86_CR0_TS else 0}")
+    if mask & shadow & X86_CR0_TS:
         return _exit(er.CR_ACCESS, ev, cause,
                      xi.cr_access_qualification(0, xi.CR_ACCESS_CLTS))
     return _no(*cause)
@@ -895,7 +880,7 @@ def _lmsw(ev, vmcs, rm, pl):
     shadow = vmcs.vmread(F.CR0_READ_SHADOW)
     cause = (f"CR0_GUEST_HOST_MASK[3:0]={mask & 0xF:#x}", f"CR0_READ_SHADOW[3:0]={shadow & 0xF:#x}",
              f"LMSW source[3:0]={source & 0xF:#x}")
-    sets_pe = mask & source & _CR0_PE and not shadow & _CR0_PE
+    sets_pe = mask & source & X86_CR0_PE and not shadow & X86_CR0_PE
     changed = (source ^ shadow) & mask & 0xE
     if not sets_pe and not changed:
         return _no(*cause, "no masked bit would change (LMSW never clears PE)")
@@ -931,7 +916,7 @@ def _mov_dr(ev, vmcs, rm, pl):
     cpl = regs["cpl"]
     if cpl:
         return _gp0(c0, f"CPL={cpl}: MOV DR needs CPL 0")
-    if dr in (4, 5) and regs["cr4"] & _CR4_DE:
+    if dr in (4, 5) and regs["cr4"] & X86_CR4_DE:
         return _ud(c0, f"CR4.DE=1: DR{dr} is #UD")
     if _extra_reg(ev, "dr7") & _DR7_GD:
         return Fault(1, None, (c0, "DR7.GD=1: general-detect #DB"))
@@ -955,13 +940,13 @@ def _io(ev, vmcs, rm, pl):
     size = insn.io_size
     if size not in (1, 2, 4):
         raise RuleInputError(f"{ev.kind.value}: I/O size {size!r} is not 1, 2 or 4")
-    cpl = regs["cpl"] if regs["cr0"] & _CR0_PE else 0
+    cpl = regs["cpl"] if regs["cr0"] & X86_CR0_PE else 0
     if cpl:     # (CPL 0 is never above IOPL, and virtual-8086 mode runs at CPL 3)
         rflags = regs["rflags"]
         iopl = (rflags >> 12) & 3
-        if rflags & _RFLAGS_VM or cpl > iopl:
+        if rflags & X86_EFLAGS_VM or cpl > iopl:
             permitted = _need_extra(ev, "io_permitted")
-            where = "virtual-8086 mode" if rflags & _RFLAGS_VM else f"CPL={cpl} > IOPL={iopl}"
+            where = "virtual-8086 mode" if rflags & X86_EFLAGS_VM else f"CPL={cpl} > IOPL={iopl}"
             if not permitted:
                 return _gp0(f"{where} and the TSS I/O-permission bitmap denies port {port:#x}")
     is_in, string = IO_SHAPE[insn.kind]
@@ -1032,9 +1017,9 @@ def _exception_exit(ev, vmcs, vector: int, itype: int, cause_prefix: tuple) -> O
     in_bitmap = bitmap >> vector & 1
     c0 = f"EXCEPTION_BITMAP bit {vector}={in_bitmap}"
     regs = ev.regs
-    hard = itype == xi.INTR_TYPE_HARD_EXCEPTION
+    hard = itype == C.INTR_TYPE_HARD_EXCEPTION
     error_code = None
-    if hard and vector in xi.ERROR_CODE_VECTORS and _protected(regs):
+    if hard and vector in ERROR_CODE_VECTORS and _protected(regs):
         error_code = ev.error_code
         if error_code is None:
             raise RuleInputError(f"exception {vector}: the event needs its error code")
@@ -1071,7 +1056,7 @@ def _exception_exit(ev, vmcs, vector: int, itype: int, cause_prefix: tuple) -> O
     # those instructions do nothing but deliver, so any exception they raise
     # is one.  (The IDT-vectoring information of that case is the caller's.)
     length = (ev.insn.length if ev.insn is not None and
-              (itype != xi.INTR_TYPE_HARD_EXCEPTION or ev.insn.kind in _DELIVERY_KINDS)
+              (itype != C.INTR_TYPE_HARD_EXCEPTION or ev.insn.kind in _DELIVERY_KINDS)
               else None)
     return _exit(er.EXCEPTION_NMI, ev, cause, qual, length=length, interruption=info,
                  error_code=error_code)
@@ -1080,9 +1065,9 @@ def _exception_exit(ev, vmcs, vector: int, itype: int, cause_prefix: tuple) -> O
 _DELIVERY_KINDS = frozenset({Kind.INT, Kind.INT3, Kind.INTO, Kind.INT1})
 
 
-_SOFTWARE_EXCEPTION = {Kind.INT3: (3, xi.INTR_TYPE_SOFT_EXCEPTION),
-                       Kind.INTO: (4, xi.INTR_TYPE_SOFT_EXCEPTION),
-                       Kind.INT1: (1, xi.INTR_TYPE_PRIV_SW_EXCEPTION)}
+_SOFTWARE_EXCEPTION = {Kind.INT3: (3, C.INTR_TYPE_SOFT_EXCEPTION),
+                       Kind.INTO: (4, C.INTR_TYPE_SOFT_EXCEPTION),
+                       Kind.INT1: (1, C.INTR_TYPE_PRIV_SW_EXCEPTION)}
 
 
 def _exception(ev, vmcs, rm, pl):
@@ -1095,7 +1080,7 @@ def _exception(ev, vmcs, rm, pl):
     if src in _SOFTWARE_EXCEPTION and _SOFTWARE_EXCEPTION[src][0] == vector:
         itype = _SOFTWARE_EXCEPTION[src][1]
     else:
-        itype = xi.INTR_TYPE_HARD_EXCEPTION
+        itype = C.INTR_TYPE_HARD_EXCEPTION
     return _exception_exit(ev, vmcs, vector, itype, ())
 
 
@@ -1104,7 +1089,7 @@ def _soft_exception(ev, vmcs, rm, pl):
     if ev.kind is Kind.INTO:
         if ev.regs["mode"] == 64:
             return _ud("INTO is #UD in 64-bit mode")
-        if not ev.regs["rflags"] & _RFLAGS_OF:
+        if not ev.regs["rflags"] & X86_EFLAGS_OF:
             return _no("RFLAGS.OF=0: INTO raises no exception")
     return _exception_exit(ev, vmcs, vector, itype, (f"{ev.kind.value} raises vector {vector}",))
 
@@ -1113,7 +1098,7 @@ def _nmi(ev, vmcs, rm, pl):
     pin = vmcs.vmread(_PIN)
     if pin & C.PIN_BASED_NMI_EXITING:
         return _exit(er.EXCEPTION_NMI, ev, ("PIN_BASED_NMI_EXITING=1",),
-                     interruption=xi.interruption_info(2, xi.INTR_TYPE_NMI))
+                     interruption=xi.interruption_info(2, C.INTR_TYPE_NMI_INTR))
     return _no("PIN_BASED_NMI_EXITING=0", "NMI delivered through the guest IDT")
 
 
@@ -1135,7 +1120,7 @@ def _interrupt(ev, vmcs, rm, pl):
     return _exit(er.EXTERNAL_INTERRUPT, ev, (c0, "VM_EXIT_ACK_INTR_ON_EXIT=1: acknowledged, "
                                                  f"vector {vector:#x} in the interruption "
                                                  "information"),
-                 interruption=xi.interruption_info(vector, xi.INTR_TYPE_EXT_INTR))
+                 interruption=xi.interruption_info(vector, C.INTR_TYPE_EXT_INTR))
 
 
 def _init(ev, vmcs, rm, pl):
@@ -1190,9 +1175,6 @@ def _apic_access(ev, vmcs, rm, pl):
     page = vmcs.vmread(F.APIC_ACCESS_ADDR) & ~0xFFF
     if gpa & ~0xFFF != page:
         return _no(c0, f"{gpa:#x} is not on the APIC-access page {page:#x}")
-    if secondary & (C.SECONDARY_EXEC_APIC_REGISTER_VIRT | C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY):
-        raise RuleInputError("APIC-register virtualization and virtual-interrupt delivery are "
-                             "not modelled by these rules")
     access = _need_extra(ev, "access")
     try:
         atype = _APIC_ACCESS_TYPES[access]
@@ -1202,17 +1184,36 @@ def _apic_access(ev, vmcs, rm, pl):
     offset = gpa & 0xFFF
     size = ev.extra.get("size", 4)
     c1 = f"{access} of {size} byte(s) at APIC-page offset {offset:#x}"
-    # SDM "Virtualizing Reads from the APIC-Access Page" / "Determining Whether a
-    # Write Access is Virtualized", with APIC-register virtualization and
-    # virtual-interrupt delivery 0: a read or write of at most 32 bits whose page
-    # offset is 080H is virtualized; 081H-083H and every other offset exit.
-    if atype != xi.APIC_ACCESS_LINEAR_FETCH and primary & C.CPU_BASED_TPR_SHADOW \
-            and offset == _APIC_TPR and size <= 4:
-        c2 = "CPU_BASED_TPR_SHADOW=1: an access of at most 32 bits at offset 080H is virtualized"
+    apicrv = secondary & C.SECONDARY_EXEC_APIC_REGISTER_VIRT
+    vid = secondary & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY
+    tpr_shadow = bool(primary & C.CPU_BASED_TPR_SHADOW)
+    if (apicrv or vid) and not tpr_shadow:
+        raise RuleInputError("APIC-register virtualization and virtual-interrupt delivery need "
+                             "CPU_BASED_TPR_SHADOW=1 (VM entry would have failed)")
+    if not apicrv and not vid:
+        # SDM "Virtualizing Reads from the APIC-Access Page" / "Determining Whether a
+        # Write Access is Virtualized", with APIC-register virtualization and
+        # virtual-interrupt delivery 0: a read or write of at most 32 bits whose page
+        # offset is 080H is virtualized; 081H-083H and every other offset exit.
+        if atype != xi.APIC_ACCESS_LINEAR_FETCH and tpr_shadow and offset == _APIC_TPR \
+                and size <= 4:
+            c2 = "CPU_BASED_TPR_SHADOW=1: an access of at most 32 bits at offset 080H is virtualized"
+            if atype == xi.APIC_ACCESS_LINEAR_READ:
+                return _no(c0, c1, c2, "read from the virtual-APIC page")
+            value = _need_extra(ev, "value")
+            return _tpr_shadow_write(ev, vmcs, primary, (value & 0xFF) >> 4, (c0, c1, c2))
+    elif atype != xi.APIC_ACCESS_LINEAR_FETCH and not ev.extra.get("during_delivery", False):
+        c2 = (f"SECONDARY_EXEC_APIC_REGISTER_VIRT={int(bool(apicrv))}",
+              f"SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY={int(bool(vid))}")
         if atype == xi.APIC_ACCESS_LINEAR_READ:
-            return _no(c0, c1, c2, "read from the virtual-APIC page")
-        value = _need_extra(ev, "value")
-        return _tpr_shadow_write(ev, vmcs, primary, (value & 0xFF) >> 4, (c0, c1, c2))
+            if apicv.read_virtualized(offset, size, tpr_shadow=tpr_shadow,
+                                      apic_register_virt=bool(apicrv)):
+                return _no(c0, c1, *c2, "a virtualized read: from the virtual-APIC page")
+        elif apicv.write_virtualized(offset, size, tpr_shadow=tpr_shadow,
+                                     apic_register_virt=bool(apicrv),
+                                     virtual_intr_delivery=bool(vid)):
+            return _no(c0, c1, *c2, "a virtualized write: to the virtual-APIC page, then "
+                                    "APIC-write emulation")
     if ev.extra.get("during_delivery", False):
         atype = xi.APIC_ACCESS_LINEAR_EVENT_DELIVERY
     qual = xi.apic_access_qualification(offset, atype)
@@ -1417,7 +1418,7 @@ def boundary_exit(vmcs, *, rflags: int, interruptibility: int,
         cause.append("CPU_BASED_NMI_WINDOW_EXITING=0")
     if primary & C.CPU_BASED_INTR_WINDOW_EXITING:
         c = "CPU_BASED_INTR_WINDOW_EXITING=1"
-        if not rflags & _RFLAGS_IF:
+        if not rflags & X86_EFLAGS_IF:
             cause.append(c + " but RFLAGS.IF=0")
         elif interruptibility & (C.GUEST_INTR_STATE_STI | C.GUEST_INTR_STATE_MOV_SS):
             cause.append(c + " but blocking by STI or MOV SS")

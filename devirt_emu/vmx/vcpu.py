@@ -36,9 +36,12 @@ What VMX non-root operation changes for instructions that do not exit (SDM
 reads of CR0/CR4 see the read shadows for host-owned bits, writes leave the
 host-owned bits alone, CLTS/LMSW likewise, and RDTSC/RDTSCP add TSC_OFFSET.
 
-APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts", with
-the controls the modelled CPU has: "use TPR shadow" and "virtualize APIC
-accesses", no APIC-register virtualization or virtual-interrupt delivery):
+APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts"): the
+TPR shadow and the APIC-access page as below; virtual-interrupt delivery,
+x2APIC and APIC-register virtualization and posted-interrupt processing are
+:mod:`devirt_emu.vmx.virtual_apic`'s (``self.vapic``), with the algorithms of
+:mod:`devirt_emu.vmx.apicv`.  With "use TPR shadow" and "virtualize APIC
+accesses" alone:
 
 * with "use TPR shadow", MOV from CR8 reads VTPR[7:4] (byte 80H of the
   virtual-APIC page) and MOV to CR8 writes VTPR (bits 7:4 from the source,
@@ -68,6 +71,8 @@ from typing import NamedTuple, Optional
 
 from unicorn import x86_const as X
 
+from ..x86 import (EFER_LMA, MSR_EFER, MSR_IA32_CR_PAT, X86_CR0_PG, X86_CR0_TS, X86_CR4_PAE,
+                   X86_CR4_VMXE)
 from ..events import Event, Kind
 from ..virt import SOFTWARE_EVENT_TYPES, Delivery, EventType, VirtualizationLayer
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, flags_to_ar
@@ -81,16 +86,14 @@ from .entry import (EntryCaps, EntryFailure, FailureKind, check_event_injection,
 from .exit_reasons import Timing
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
-from .capabilities import MSR_IA32_VMX_MISC, VMX_CAPABILITY_MSRS
+from .capabilities import model_of
 from .ept import EptCaps
 from .ept_mmu import EptStage2, ept_exit_decision
-from .vmcs import _READABLE, FIELD_SLOTS, Vmcs, _key
+from .vmcs import FIELD_SLOTS, Vmcs, _key
+from .virtual_apic import VirtualApic
+from . import apicv
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
 
-CR0_PE, CR0_TS, CR0_NE, CR0_PG = 1, 1 << 3, 1 << 5, 1 << 31
-CR4_PAE, CR4_VMXE = 1 << 5, 1 << 13
-RFLAGS_IF = 1 << 9
-EFER_LMA = 1 << 10
 
 # Segment registers: (index in core.read_segment, VMCS selector field); the
 # base, limit and access-rights fields follow the same naming.
@@ -180,18 +183,14 @@ _WAIT_SIPI, _SHUTDOWN = State.WAIT_SIPI, State.SHUTDOWN     # (no TPR-threshold 
 _TPR_THRESHOLD = int(F.TPR_THRESHOLD)
 _U64 = struct.Struct("<Q")
 
-MSR_IA32_CR_PAT = 0x277
 #: VTPR: the task-priority register's offset on the virtual-APIC and APIC-access pages.
 APIC_TASKPRI = 0x80
 #: Fields whose change can move or switch the APIC-access page or change the
 #: TPR-threshold check (re-examined at VM entry).
 _APIC_FIELDS = frozenset({int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL),
                           int(F.APIC_ACCESS_ADDR), int(F.APIC_ACCESS_ADDR) | 1,
-                          int(F.TPR_THRESHOLD)})
-#: The VMX-preemption timer's rate: it counts down once every 2^PTIMER_RATE TSC ticks.
-PTIMER_RATE = VMX_CAPABILITY_MSRS[MSR_IA32_VMX_MISC] & 0x1F
-MSR_EFER = 0xC0000080
-_EPT_CAPS = EptCaps.modelled()
+                          int(F.TPR_THRESHOLD), int(F.PIN_BASED_VM_EXEC_CONTROL),
+                          int(F.POSTED_INTR_NV)})
 #: The neutral event types of the seam (virt.EventType) as VMX interruption types
 #: (bits 10:8 of the interruption-information fields), and back.
 _VMX_INTR_TYPE = {
@@ -241,8 +240,8 @@ class TrackedVmcs(Vmcs):
     guest-state fields written since the last one (``written``).
     """
 
-    def __init__(self, mem, pa: int, fetch=None):
-        super().__init__(mem, pa)
+    def __init__(self, mem, pa: int, fetch=None, model=None):
+        super().__init__(mem, pa, model)
         if self._view is None:
             raise ValueError("a core's VMCS lives in the machine's RAM (PhysMem)")
         # encoding -> (unpack_from, pack_into, offset in RAM, mask): the accessors run
@@ -296,7 +295,7 @@ class TrackedVmcs(Vmcs):
         enc = field if t is int or t is F else _key(field)
         if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        if enc not in _READABLE:
+        if enc not in self._readable:
             return super().get(enc)        # (raises the error)
         unpack, _, off, _ = self._abs[enc]
         return unpack(self._view, off)[0]
@@ -304,7 +303,7 @@ class TrackedVmcs(Vmcs):
     def vmread(self, enc: int) -> int:
         if self.live and enc in _TRACKED_ENCODINGS and enc not in self.fresh:
             self._fetch(enc)
-        if enc not in _READABLE:
+        if enc not in self._readable:
             return super().vmread(enc)     # (raises the error)
         unpack, _, off, _ = self._abs[enc]
         return unpack(self._view, off)[0]
@@ -391,9 +390,15 @@ class VmxVcpu(VirtualizationLayer):
                  record=None):
         self.core = core
         self.mem = core.mem
-        self.vmcs = TrackedVmcs(core.mem, vmcs_pa, fetch=self._fetch)
+        #: The CPU model whose capabilities this vCPU has (the machine's).
+        self.model = model_of(getattr(core, "cpu", None))
+        self.vmcs = TrackedVmcs(core.mem, vmcs_pa, fetch=self._fetch, model=self.model)
         self.l0 = l0
-        self.caps = caps or EntryCaps.modelled()
+        self.caps = caps or EntryCaps.for_model(self.model)
+        self.ept_caps = EptCaps.for_model(self.model)
+        #: The VMX-preemption timer counts down once every 2^ptimer_rate TSC ticks
+        #: (IA32_VMX_MISC[4:0]).
+        self.ptimer_rate = self.model.preemption_timer_rate
         self.record = record            # callable(ExitRecord), the machine's exit log
         self.active = False             # in VMX non-root operation
         self.blocked = False            # the L0 halted this vCPU (HLT exit), host context
@@ -409,6 +414,9 @@ class VmxVcpu(VirtualizationLayer):
         self.exit_pending = False
         self._exit_event: Optional[Event] = None   # the event of the last exit (the emulator's)
         self.last_failure: Optional[EntryFailure] = None
+        #: The last event the rules let through, and their Decision (for a
+        #: debugger's why-not; traces and explanations only, as last_exit).
+        self.last_no_exit: Optional[tuple[Event, Decision]] = None
         self.read_mem = self.mem.read
         self._apic_page: Optional[int] = None      # the APIC-access page the core watches
         self._apic_stale = True                    # re-examine the APIC controls at next entry
@@ -421,6 +429,8 @@ class VmxVcpu(VirtualizationLayer):
         self._tpr_threshold = 0                    # TPR_THRESHOLD[3:0] at the last entry
         self._tpr_exit_pending: Optional[tuple] = None   # (threshold, VTPR) after this entry
         self._trap_exit_pending: Optional[Decision] = None   # after a platform access (below)
+        #: virtual-interrupt delivery, x2APIC and APIC-register virtualization, posted interrupts
+        self.vapic = VirtualApic(self)
         self.ept: Optional[EptStage2] = None     # the EPT the core translates through, when enabled
         self._ept_state: Optional[tuple] = None   # (EPTP or None, VPID on) read at the last entry
 
@@ -501,12 +511,12 @@ class VmxVcpu(VirtualizationLayer):
         efer = g(F.GUEST_IA32_EFER)
         cr0, cr3, cr4 = g(F.GUEST_CR0), g(F.GUEST_CR3), g(F.GUEST_CR4)
         uc.reg_write(X.UC_X86_REG_CR3, cr3)
-        uc.reg_write(X.UC_X86_REG_CR4, cr4 & ~CR4_VMXE)
+        uc.reg_write(X.UC_X86_REG_CR4, cr4 & ~X86_CR4_VMXE)
         if not efer & EFER_LMA and self.core.probe.hflags() & HF_LMA:
             # leaving IA-32e mode: measured on Unicorn 2.1.4, a write of EFER keeps LMA
             # and only a CR0 write with PG clear clears it (else a guest entered with
             # legacy paging would run with 4-level paging)
-            uc.reg_write(X.UC_X86_REG_CR0, cr0 & ~CR0_PG)
+            uc.reg_write(X.UC_X86_REG_CR0, cr0 & ~X86_CR0_PG)
         uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, efer & ~EFER_LMA))
         uc.reg_write(X.UC_X86_REG_CR0, cr0)
         self.core.after_mode_change()
@@ -558,7 +568,7 @@ class VmxVcpu(VirtualizationLayer):
         undefined, here the same registers)."""
         core = self.core
         p = core.probe
-        if p.hflags() & HF_LMA or not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE):
+        if p.hflags() & HF_LMA or not (p.cr(0) & X86_CR0_PG and p.cr(4) & X86_CR4_PAE):
             return                              # (IA-32e mode first: one read for most guests)
         core.set_pdpte_registers(core.pdptes if self.ept is not None else core.read_pdptes(p.cr(3)))
 
@@ -569,7 +579,7 @@ class VmxVcpu(VirtualizationLayer):
         if self._ept_state is None or self._ept_state[0] is not None:
             return None
         p = self.core.probe
-        if p.hflags() & HF_LMA or not (p.cr(0) & CR0_PG and p.cr(4) & CR4_PAE):
+        if p.hflags() & HF_LMA or not (p.cr(0) & X86_CR0_PG and p.cr(4) & X86_CR4_PAE):
             return None
         return check_guest_pdptes(self.vmcs, self.caps, self.read_mem)
 
@@ -620,6 +630,8 @@ class VmxVcpu(VirtualizationLayer):
         self.pause_loop = _PAUSE_LOOP_AT_ENTRY
         self.active = True
         self.blocked = False
+        if self.vapic.vid:
+            self.vapic.at_entry()       # PPR virtualization, evaluation of pending virtual interrupts
         if inject:
             info = v.peek(_INTR_INFO)
             if info & C.INTR_INFO_VALID_MASK:
@@ -661,7 +673,7 @@ class VmxVcpu(VirtualizationLayer):
                 bool(v.peek(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_VMX_PREEMPTION_TIMER))
         self._mtf, ptimer = self._timer_controls
         if ptimer:
-            self._ptimer_deadline = core.now() + (v.peek(F.VMX_PREEMPTION_TIMER_VALUE) << PTIMER_RATE)
+            self._ptimer_deadline = core.now() + (v.peek(F.VMX_PREEMPTION_TIMER_VALUE) << self.ptimer_rate)
         else:
             self._ptimer_deadline = None
 
@@ -732,7 +744,7 @@ class VmxVcpu(VirtualizationLayer):
         self._write_exit_info(d, d.reason)
         if self._ptimer_deadline is not None and \
                 v.peek(F.VM_EXIT_CONTROLS) & C.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER:
-            left = max(0, self._ptimer_deadline - core.now()) >> PTIMER_RATE
+            left = max(0, self._ptimer_deadline - core.now()) >> self.ptimer_rate
             v.store(F.VMX_PREEMPTION_TIMER_VALUE, min(left, 0xFFFFFFFF))
         if core.probe.hflags() & HF_LMA != self._lma_saved:
             self._save_ia32e_mode()     # the rest of the guest state stays in the engine
@@ -752,6 +764,12 @@ class VmxVcpu(VirtualizationLayer):
         self.l0.handle_exit(self)
         if not self.active and self.l0.wants_entry(self):
             self.vm_entry()
+
+    @property
+    def last_exit_event(self) -> Optional[Event]:
+        """The event of the last VM exit (None for an exit no event carries:
+        windows, timers, MTF), for explanations."""
+        return self._exit_event
 
     def complete_exit(self) -> None:
         """The exit the stepping API stopped at goes to the L0 now."""
@@ -794,7 +812,7 @@ class VmxVcpu(VirtualizationLayer):
                 core.set_second_stage(None)
             return
         if self.ept is None or self.ept.eptp != eptp:
-            self.ept = EptStage2(self.mem, eptp, lambda: self.active, caps=_EPT_CAPS)
+            self.ept = EptStage2(self.mem, eptp, lambda: self.active, caps=self.ept_caps)
             core.set_second_stage(self.ept)
         elif not vpid:
             core.flush_tlb()
@@ -913,6 +931,7 @@ class VmxVcpu(VirtualizationLayer):
                 return True
             self.vm_exit(out, event)
             return True
+        self.last_no_exit = (event, out)
         return self._nonroot(event)
 
     def on_exception(self, core, vector: int, error_code, cr2) -> bool:
@@ -930,6 +949,7 @@ class VmxVcpu(VirtualizationLayer):
         if out.exit:
             self.vm_exit(out, ev)      # a #PF that exits leaves CR2 alone: cr2 is the qualification
             return True
+        self.last_no_exit = (ev, out)
         return False
 
     def wants_window(self) -> bool:
@@ -937,8 +957,9 @@ class VmxVcpu(VirtualizationLayer):
         the boundary as soon as interrupts may open)?"""
         if not self.active:
             return False
-        return bool(self.vmcs.get(F.CPU_BASED_VM_EXEC_CONTROL)
-                    & (C.CPU_BASED_INTR_WINDOW_EXITING | C.CPU_BASED_NMI_WINDOW_EXITING))
+        return self.vapic.pending or bool(self.vmcs.get(F.CPU_BASED_VM_EXEC_CONTROL)
+                                          & (C.CPU_BASED_INTR_WINDOW_EXITING
+                                             | C.CPU_BASED_NMI_WINDOW_EXITING))
 
     def has_wakeup(self) -> Optional[bool]:
         """Scheduler: does this halted/waiting core have something to do now?
@@ -951,7 +972,9 @@ class VmxVcpu(VirtualizationLayer):
         if self.core.state is State.WAIT_SIPI:
             return lapic.sipi_pending is not None
         if self.blocked or self.vmcs.get(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_EXT_INTR_MASK:
-            return lapic.pending_vector() is not None or self.l0.has_pending(self)
+            return lapic.pending_vector() is not None or self.l0.has_pending(self) \
+                or (not self.blocked and self.vapic.pending
+                    and bool(self.core.probe.reg(X.UC_X86_REG_EFLAGS) & 0x200))
         return None
 
     def boundary(self, core) -> bool:
@@ -1006,6 +1029,7 @@ class VmxVcpu(VirtualizationLayer):
                 return True
             return False          # delivered natively by the core
         vec = lapic.pending_vector()
+        vapic = self.vapic
         if vec is not None and v.get(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_EXT_INTR_MASK:
             ev = Event(Kind.INTERRUPT, core.index, core.rip(), vector=vec, regs=core.lazy_regs())
             out = decide(ev, v, self.read_mem)
@@ -1015,6 +1039,25 @@ class VmxVcpu(VirtualizationLayer):
                     lapic.acknowledge()
                 self.vm_exit(out, ev)
                 return True
+            if vapic.posted and vec == vapic.nv:
+                # SDM "Posted-Interrupt Processing": acknowledged, processed, no exit
+                core.count(Kind.INTERRUPT)
+                lapic.acknowledge()
+                if core.trace is not None:
+                    core.trace(core, ev)
+                vapic.process_posted()
+                if core.state is State.HALTED and vapic.pending:
+                    core.state = State.RUNNING
+        if vapic.pending and vapic.deliverable(core.probe.reg(X.UC_X86_REG_EFLAGS),
+                                               core.icount == core.shadow_at):
+            if core.state is State.HALTED:
+                core.state = State.RUNNING
+            core.count(Kind.INTERRUPT)
+            vector = vapic.deliver()
+            if core.trace is not None:
+                core.trace(core, Event(Kind.INTERRUPT, core.index, core.rip(), vector=vector,
+                                       extra={"virtual": True}))
+            return True
         return False
 
     def _event_exit(self, ev: Event) -> bool:
@@ -1033,11 +1076,13 @@ class VmxVcpu(VirtualizationLayer):
         insn = ev.insn
         if k in (Kind.MOV_FROM_CR, Kind.MOV_TO_CR) and insn.cr == 8:
             return self._cr8_tpr_shadow(ev)
+        if (k is Kind.RDMSR or k is Kind.WRMSR) and self.vapic.x2apic:
+            return self._x2apic_msr(ev)
         if k is Kind.MOV_FROM_CR and insn.cr in (0, 4):
             mask, shadow = self._mask_shadow(insn.cr)
             real = core.probe.reg(X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4)
             if insn.cr == 4:
-                real |= CR4_VMXE
+                real |= X86_CR4_VMXE
             uc.reg_write(GPR_IDS[insn.gpr], (real & ~mask) | (shadow & mask))
             core.set_rip(ev.rip + insn.length)
             return True
@@ -1047,7 +1092,7 @@ class VmxVcpu(VirtualizationLayer):
             real = core.probe.reg(rid)
             new = (real & mask) | (core.probe.reg(GPR_IDS[insn.gpr]) & ~mask)
             if insn.cr == 4:
-                new &= ~CR4_VMXE
+                new &= ~X86_CR4_VMXE
             core.load_pdptes_for_mov_cr(insn.cr, new)     # PAE paging: #GP(0) or the PDPTEs loaded
             uc.reg_write(rid, new)
             core.set_rip(ev.rip + insn.length)
@@ -1055,7 +1100,7 @@ class VmxVcpu(VirtualizationLayer):
             return True
         if k is Kind.CLTS:
             mask, _ = self._mask_shadow(0)
-            if mask & CR0_TS:
+            if mask & X86_CR0_TS:
                 core.set_rip(ev.rip + insn.length)     # TS is host-owned: CLTS leaves it
                 return True
             return False
@@ -1097,7 +1142,43 @@ class VmxVcpu(VirtualizationLayer):
         else:
             value = uc.reg_read(GPR_IDS[insn.gpr]) & 0xF     # the rule made 63:4 set a #GP
             self._vapic_write(APIC_TASKPRI, (value << 4).to_bytes(4, "little"))
+            if self.vapic.vid:
+                # TPR virtualization with virtual-interrupt delivery: PPR virtualization,
+                # evaluation of pending virtual interrupts (no TPR-threshold exit)
+                self.vapic.apply(apicv.WriteEffect(self.vapic.status, tpr=True), ())
         self.core.set_rip(ev.rip + insn.length)
+        return True
+
+    def _x2apic_msr(self, ev: Event) -> bool:
+        """RDMSR/WRMSR of an x2APIC MSR that did not exit, with "virtualize x2APIC
+        mode" (SDM "Virtualizing MSR-Based APIC Accesses"): a virtualized access
+        uses the virtual-APIC page (a write may end in a trap-like EOI-induced or
+        APIC-write exit, after the instruction); False when it operates normally
+        (the platform accesses the physical x2APIC)."""
+        core = self.core
+        probe = core.probe
+        msr = probe.gpr(1) & 0xFFFFFFFF
+        if not 0x800 <= msr <= 0x8FF:
+            return False
+        if ev.kind is Kind.RDMSR:
+            value = self.vapic.rdmsr(msr)
+            if value is None:
+                return False
+            probe.set_gpr(0, value & 0xFFFFFFFF)
+            probe.set_gpr(2, value >> 32)
+            core.set_rip(ev.rip + ev.insn.length)
+            return True
+        value = (probe.gpr(2) & 0xFFFFFFFF) << 32 | (probe.gpr(0) & 0xFFFFFFFF)
+        w = self.vapic.wrmsr(msr, value)
+        if w.fault:
+            raise _Fault(13, 0)
+        if not w.virtualized:
+            return False
+        core.set_rip(ev.rip + ev.insn.length)
+        d = self.vapic.apply(w.effect, ("SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE=1",
+                                        f"WRMSR {msr:#x} virtualized"))
+        if d is not None:
+            self.vm_exit(d, None)        # trap-like: after the instruction
         return True
 
     def _apic_at_entry(self, changed: bool) -> None:
@@ -1111,6 +1192,7 @@ class VmxVcpu(VirtualizationLayer):
         core = self.core
         if changed or self._apic_stale:
             self._apic_stale = False
+            self.vapic.read_controls()
             primary = v.peek(F.CPU_BASED_VM_EXEC_CONTROL)
             secondary = v.peek(F.SECONDARY_VM_EXEC_CONTROL) \
                 if primary & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS else 0
@@ -1161,18 +1243,28 @@ class VmxVcpu(VirtualizationLayer):
             if out.exit and out.reason == er.APIC_ACCESS:
                 self.vm_exit(out, ev)             # fault-like: the instruction has no effect
                 return
-            # virtualized: run the instruction with VTPR at offset 080H of the page
+            # virtualized: run the instruction with the register's bytes 3:0 of the
+            # virtual-APIC page behind the APIC-access page (VTPR at 080H unless
+            # APIC-register virtualization or virtual-interrupt delivery is on)
             write = access.access == "write"
-            step = core.step_watched(page, (APIC_TASKPRI, self._vapic_read(APIC_TASKPRI, 4)),
-                                     writable=write)
+            offset = access.pa & 0xFFF
+            reg = offset & ~0xF if self.vapic.any else APIC_TASKPRI
+            step = core.step_watched(page, (reg, self._vapic_read(reg, 4)), writable=write)
             if step.denied is not None:
                 access = step.denied              # e.g. the write of a read-modify-write
                 continue
             if write and step.retired:
-                # APIC-write emulation for 080H: VTPR bytes 3:1 cleared, then TPR virtualization
-                self._vapic_write(APIC_TASKPRI, step.window[:1] + bytes(3))
-                if out.exit:
-                    self.vm_exit(out, None)       # TPR below threshold: trap-like
+                if not self.vapic.any:
+                    # APIC-write emulation for 080H: VTPR bytes 3:1 cleared, then TPR
+                    # virtualization
+                    self._vapic_write(APIC_TASKPRI, step.window[:1] + bytes(3))
+                    if out.exit:
+                        self.vm_exit(out, None)   # TPR below threshold: trap-like
+                    return
+                self._vapic_write(reg, step.window[:4])
+                d = self._apic_write_emulation(offset)
+                if d is not None:
+                    self.vm_exit(d, None)         # APIC write, EOI-induced: trap-like
             return
         raise GuestError(f"core {core.index}: an instruction at {core.rip():#x} accesses the "
                          "APIC-access page more often than the model handles")
@@ -1205,12 +1297,31 @@ class VmxVcpu(VirtualizationLayer):
             raise AccessAborted()
         if access.access == "read":
             return self._vapic_read(access.pa & 0xFFF, access.size)
-        self._vapic_write(APIC_TASKPRI, bytes([access.value & 0xFF, 0, 0, 0]))
+        if self.vapic.any:
+            offset = access.pa & 0xFFF
+            self._vapic_write(offset, (access.value & ((1 << 8 * access.size) - 1))
+                              .to_bytes(access.size, "little"))
+            out = self._apic_write_emulation(offset) or out
+        else:
+            self._vapic_write(APIC_TASKPRI, bytes([access.value & 0xFF, 0, 0, 0]))
         if out.exit:
             self._trap_exit_pending = out
             if core.in_run:
                 core.request_stop("check")
         return True
+
+    def _apic_write_emulation(self, offset: int) -> Optional[Decision]:
+        """After a virtualized write of the APIC-access page at ``offset`` with
+        APIC-register virtualization or virtual-interrupt delivery: APIC-write
+        emulation (:func:`apicv.apic_write_emulation`); the trap-like exit that
+        follows, if any."""
+        vapic = self.vapic
+        eff = apicv.apic_write_emulation(
+            vapic.page, vapic.status, offset, virtual_intr_delivery=vapic.vid,
+            eoi_exit_bitmap=vapic.eoi_exit_bitmap() if vapic.vid else 0)
+        return vapic.apply(eff, ("SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES=1",
+                                 f"virtualized write at APIC-page offset {offset:#x}",
+                                 "APIC-write emulation"))
 
     def _mask_shadow(self, cr: int):
         v = self.vmcs
@@ -1234,7 +1345,7 @@ _GETTERS = {
     F.GUEST_RFLAGS: lambda vcpu: vcpu.core.probe.reg(X.UC_X86_REG_EFLAGS),
     F.GUEST_CR0: lambda vcpu: vcpu.core.probe.cr(0),
     F.GUEST_CR3: lambda vcpu: vcpu.core.probe.cr(3),
-    F.GUEST_CR4: lambda vcpu: vcpu.core.probe.cr(4) | CR4_VMXE,
+    F.GUEST_CR4: lambda vcpu: vcpu.core.probe.cr(4) | X86_CR4_VMXE,
     F.GUEST_DR7: lambda vcpu: vcpu.core.probe.reg(X.UC_X86_REG_DR7),
     F.GUEST_IA32_EFER: lambda vcpu: vcpu.core.rdmsr_raw(MSR_EFER),
     F.GUEST_IA32_PAT: lambda vcpu: vcpu.core.rdmsr_raw(MSR_IA32_CR_PAT),

@@ -23,7 +23,8 @@ offset         contents
 =============  ==============================================================
 
 Every field of the table has a slot (so the layout does not depend on the
-capability choices) but only the fields of ``capabilities.SUPPORTED_FIELDS``
+capability choices) but only the fields the view's CPU model supports
+(``Vmcs(mem, pa, model)``, :func:`field_access`; default: the default model)
 can be accessed.
 
 Access semantics (SDM Vol. 3C, VMREAD and VMWRITE in Chapter 31):
@@ -33,8 +34,8 @@ Access semantics (SDM Vol. 3C, VMREAD and VMWRITE in Chapter 31):
   any with bits 63:15 or bit 12 set) fails with VMfailValid(12,
   VMXERR_UNSUPPORTED_VMCS_COMPONENT).  VMWRITE to a VM-exit information
   field fails with VMfailValid(13, VMXERR_VMWRITE_READ_ONLY_VMCS_COMPONENT)
-  because IA32_VMX_MISC bit 29 is 0 on the modelled CPU (the check follows
-  that bit).  A failure writes the error number into this VMCS's
+  unless the model's IA32_VMX_MISC bit 29 is 1 (it is 0 on every modelled
+  part: devirt-emu does not advertise it).  A failure writes the error number into this VMCS's
   VM_INSTRUCTION_ERROR field, as VMfailValid does, then raises
   :class:`VmxInstructionError`; the caller sets RFLAGS (ZF=1, CF/PF/AF/SF/OF=0).
   VMfailInvalid (no current VMCS) is the caller's case: a Vmcs object is
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Iterator, Mapping, Optional, Union
 
@@ -147,12 +149,22 @@ def _slot_offsets() -> Mapping[int, tuple[int, struct.Struct, int]]:
 
 #: Layout of every field encoding in the region (offset, struct, mask).
 FIELD_SLOTS = _slot_offsets()
-#: The slots VMREAD may use / VMWRITE may use on the modelled CPU.
-_READABLE = {e: FIELD_SLOTS[e] for e in caps.SUPPORTED_FIELDS}
-_VMWRITE_ANY = bool(caps.VMX_CAPABILITY_MSRS[caps.MSR_IA32_VMX_MISC]
-                    & c.VMX_MISC_VMWRITE_SHADOW_RO_FIELDS)
-_WRITABLE = {e: s for e, s in _READABLE.items()
-             if _VMWRITE_ANY or not f.field_info(e).read_only}
+@lru_cache(maxsize=64)
+def field_access(model=None) -> tuple[Mapping[int, tuple], Mapping[int, tuple]]:
+    """The slots VMREAD may use and those VMWRITE may use on a CPU model (a
+    CpuModel, a spec string or None for the default): the fields the model
+    supports, and of those the read-only ones only if its IA32_VMX_MISC bit 29
+    allows VMWRITE to them."""
+    m = caps.model_of(model)
+    readable = {e: FIELD_SLOTS[e] for e in caps.supported_fields(m)}
+    vmwrite_any = bool(m.vmx_msrs.get(caps.MSR_IA32_VMX_MISC, 0)
+                       & c.VMX_MISC_VMWRITE_SHADOW_RO_FIELDS)
+    writable = {e: s for e, s in readable.items() if vmwrite_any or not f.field_info(e).read_only}
+    return MappingProxyType(readable), MappingProxyType(writable)
+
+
+#: The slots VMREAD may use / VMWRITE may use on the default CPU model.
+_READABLE, _WRITABLE = field_access(None)
 _ERR_FIELD = int(f.VmcsField.VM_INSTRUCTION_ERROR)
 
 FieldKey = Union[int, str]
@@ -188,9 +200,9 @@ class Vmcs:
     revision identifier) and clears its launch state.
     """
 
-    __slots__ = ("mem", "pa", "_view", "_read", "_write")
+    __slots__ = ("mem", "pa", "model", "_view", "_read", "_write", "_readable", "_writable")
 
-    def __init__(self, mem, pa: int):
+    def __init__(self, mem, pa: int, model=None):
         if pa < 0 or pa & 0xFFF:
             raise ValueError(f"a VMCS region is 4 KiB aligned; {pa:#x} is not")
         contains = getattr(mem, "contains", None)
@@ -198,6 +210,8 @@ class Vmcs:
             raise ValueError(f"VMCS region {pa:#x}+4 KiB is outside memory")
         self.mem = mem
         self.pa = pa
+        self.model = caps.model_of(model)     # whose fields exist (a CpuModel)
+        self._readable, self._writable = field_access(self.model)
         view = getattr(mem, "view", None)
         self._view = view if isinstance(view, memoryview) and len(view) >= pa + VMCS_REGION_SIZE else None
         if self._view is not None:
@@ -222,15 +236,17 @@ class Vmcs:
 
     # -- construction ------------------------------------------------------
     @classmethod
-    def format(cls, mem, pa: int, revision_id: Optional[int] = None, shadow: bool = False) -> "Vmcs":
-        """Zero the region, write the revision identifier (default: the modelled
-        CPU's, from IA32_VMX_BASIC) and the shadow-VMCS indicator, launch state clear."""
-        vmcs = cls(mem, pa)
+    def format(cls, mem, pa: int, revision_id: Optional[int] = None, shadow: bool = False,
+               model=None) -> "Vmcs":
+        """Zero the region, write the revision identifier (default: the CPU
+        model's, from IA32_VMX_BASIC) and the shadow-VMCS indicator, launch state clear."""
+        vmcs = cls(mem, pa, model)
         if vmcs._view is not None:
             vmcs._view[pa:pa + VMCS_REGION_SIZE] = bytes(VMCS_REGION_SIZE)
         else:
             mem.write(pa, bytes(VMCS_REGION_SIZE))
-        rev = caps.VMCS_REVISION_ID if revision_id is None else revision_id
+        rev = (c.vmx_basic_revision_id(vmcs.model.vmx_msrs[caps.MSR_IA32_VMX_BASIC])
+               if revision_id is None else revision_id)
         vmcs.revision_id = rev
         vmcs.shadow_indicator = shadow
         vmcs.clear()
@@ -300,7 +316,7 @@ class Vmcs:
     # -- VMREAD / VMWRITE ------------------------------------------------------
     def vmread(self, enc: int) -> int:
         """VMREAD of ``enc``: the field's value, zero-extended to 64 bits."""
-        slot = _READABLE.get(enc)
+        slot = self._readable.get(enc)
         if slot is None:
             _key(enc)
             raise self.vmfail_valid(VmInstructionErrorNumber.VMXERR_UNSUPPORTED_VMCS_COMPONENT,
@@ -309,10 +325,10 @@ class Vmcs:
 
     def vmwrite(self, enc: int, value: int) -> None:
         """VMWRITE of ``value`` (a 64-bit operand) to ``enc``, truncated to the field."""
-        slot = _WRITABLE.get(enc)
+        slot = self._writable.get(enc)
         if slot is None:
             _key(enc)
-            if enc in _READABLE:
+            if enc in self._readable:
                 raise self.vmfail_valid(
                     VmInstructionErrorNumber.VMXERR_VMWRITE_READ_ONLY_VMCS_COMPONENT,
                     f"VMWRITE to read-only VMCS component {_describe(enc)}")
@@ -330,7 +346,7 @@ class Vmcs:
     def get(self, field: FieldKey) -> int:
         """The value of a supported field, as the processor reads it."""
         enc = _key(field)
-        slot = _READABLE.get(enc)
+        slot = self._readable.get(enc)
         if slot is None:
             raise ValueError(f"{_describe(enc)} is not a VMCS field of the modelled CPU")
         return self._read(slot[0], slot[1])
@@ -341,7 +357,7 @@ class Vmcs:
         The value must fit the field (16, 32 or 64 bits; 32 for a high access).
         """
         enc = _key(field)
-        slot = _READABLE.get(enc)
+        slot = self._readable.get(enc)
         if slot is None:
             raise ValueError(f"{_describe(enc)} is not a VMCS field of the modelled CPU")
         if isinstance(value, bool) or not isinstance(value, int):
@@ -361,8 +377,8 @@ class Vmcs:
     def items(self) -> Iterator[tuple[str, int]]:
         """(name, value) of every supported full field, in table order."""
         for info in f.ALL_FIELDS:
-            if not info.high and info.encoding in _READABLE:
-                slot = _READABLE[info.encoding]
+            if not info.high and info.encoding in self._readable:
+                slot = self._readable[info.encoding]
                 yield info.name, self._read(slot[0], slot[1])
 
     def __repr__(self) -> str:
