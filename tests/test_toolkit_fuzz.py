@@ -22,6 +22,8 @@ from devirt_emu.testing.strategies import Case, Insn
 from devirt_emu.testing.vmx_case import DEFAULT_CONTROLS
 from devirt_emu.vmx import controls as C
 
+pytest_plugins = ["pytester"]
+
 ROOT = Path(__file__).resolve().parents[1]
 BREAK_INVLPG = """
 import devirt_emu.vmx.rules as R
@@ -111,3 +113,16 @@ def test_shrunk_programs_are_short():
     p = find(vs.programs(), lambda prog: any(i.kind == "invlpg" for i in prog),
              settings=settings(max_examples=1000, database=None))
     assert [i.kind for i in p] == ["invlpg"]
+
+
+def test_a_reproducer_for_another_cpu_model_runs_on_it(pytester):
+    """A reproducer of `fuzz --cpu westmere` runs its case on a westmere runner;
+    on the real model (no bug) it passes."""
+    from devirt_emu.testing.fuzz import PropertyFailure, write_reproducer
+    proc = DEFAULT_CONTROLS["CPU_BASED_VM_EXEC_CONTROL"] | C.CPU_BASED_HLT_EXITING
+    case = _case(Insn("hlt", "hlt"), CPU_BASED_VM_EXEC_CONTROL=proc)
+    path = write_reproducer(pytester.path, ("case", case), PropertyFailure("reference", "x"),
+                            FuzzSettings(cpu="westmere"))
+    text = path.read_text()
+    assert "CaseRunner(cpu='westmere')" in text and "--cpu westmere" in text
+    pytester.runpytest("-p", "devirt_emu.testing.plugin", str(path)).assert_outcomes(passed=1)

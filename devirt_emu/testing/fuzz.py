@@ -270,6 +270,8 @@ class FuzzSettings:
     time_s: Optional[float] = None
     out: Optional[str] = None
     progress: bool = True
+    #: The CPU model spec (None: the default model) the cases are drawn for and run on.
+    cpu: Optional[str] = None
 
 
 @dataclass
@@ -330,7 +332,7 @@ def run_fuzz(cfg: FuzzSettings) -> FuzzReport:
     from . import strategies as vs
     from .vmx_case import CaseRunner
 
-    runner = CaseRunner()
+    runner = CaseRunner(cpu=cfg.cpu)
     cov = Coverage()
     state = {"cases": 0, "failures": 0, "last": None}
     progress = _Progress(cfg.progress)
@@ -338,8 +340,8 @@ def run_fuzz(cfg: FuzzSettings) -> FuzzReport:
     # several cases per hypothesis example: its own cost per example (about 2 ms
     # measured on a loaded 2-core machine) is more than a case's; a failure
     # shrinks to a list of one
-    one = st.one_of(st.tuples(st.just("case"), vs.cases()),
-                    st.tuples(st.just("entry"), vs.entry_breakage()))
+    one = st.one_of(st.tuples(st.just("case"), vs.cases(model=cfg.cpu)),
+                    st.tuples(st.just("entry"), vs.entry_breakage(model=cfg.cpu)))
     example = st.lists(one, min_size=1, max_size=CASES_PER_EXAMPLE)
 
     class _OutOfTime(Exception):
@@ -399,7 +401,7 @@ def run_fuzz(cfg: FuzzSettings) -> FuzzReport:
 
 
 # --------------------------------------------------------------------------- reproducers
-_HEADER = '''"""A reproducer written by `devirt-emu fuzz --arch vmx --seed {seed}`.
+_HEADER = '''"""A reproducer written by `devirt-emu fuzz --arch vmx --seed {seed}{cpu}`.
 
 Property: {kind}.  What failed (shrunk by hypothesis):
 {message}
@@ -445,6 +447,17 @@ def _non_default(case) -> dict:
     return kw
 
 
+def _runner_line(cfg: FuzzSettings) -> str:
+    """For a CPU model other than the default: a ``vmx_case`` fixture of this
+    file that runs on that model (the plugin's runs on the default one)."""
+    if cfg.cpu is None:
+        return ""
+    return ("import pytest\n"
+            "from devirt_emu.testing.vmx_case import CaseRunner\n\n\n"
+            "@pytest.fixture(scope=\"module\")\n"
+            f"def vmx_case():\n    return CaseRunner(cpu={cfg.cpu!r}).run   # the model fuzzed\n\n\n")
+
+
 def write_reproducer(out: Path, item, err: PropertyFailure, cfg: FuzzSettings) -> Path:
     """Write ``item`` (the shrunk failing example) as a pytest file in ``out``."""
     kind, x = item
@@ -453,12 +466,13 @@ def write_reproducer(out: Path, item, err: PropertyFailure, cfg: FuzzSettings) -
         n += 1
     path = out / f"test_fuzz_repro_{n}.py"
     message = "\n".join("    " + line for line in str(err).splitlines())
-    text = _HEADER.format(seed=cfg.seed, kind=err.kind, message=message.replace('"""', "'''"),
-                          name=path.name)
+    text = _HEADER.format(seed=cfg.seed, cpu=f" --cpu {cfg.cpu}" if cfg.cpu else "",
+                          kind=err.kind, message=message.replace('"""', "'''"), name=path.name)
     if kind == "case":
         case = x
         want = reference(case)
         text += f"CODE = {case.code!r}\n\nKWARGS = {_literal(_non_default(case))}\n\n\n"
+        text += _runner_line(cfg)
         text += "def test_reproducer(vmx_case):\n    r = vmx_case(CODE, **KWARGS)\n"
         if want.reason is None:
             text += f"    # the reference: {want.why}\n    assert_no_exit(r, why=\"halted\")\n"
@@ -481,6 +495,7 @@ def write_reproducer(out: Path, item, err: PropertyFailure, cfg: FuzzSettings) -
     else:
         fields, _, b = x
         text += (f"FIELDS = {_literal(dict(fields))}\n\nBREAKAGE = {_literal(dict(b.fields))}\n\n\n"
+                 f"{_runner_line(cfg)}"
                  f"def test_reproducer(vmx_case):\n"
                  f"    # {b.name}\n"
                  f"    assert vmx_case(\"cpuid\", vmcs=FIELDS).entry_failure is None\n"
@@ -523,6 +538,10 @@ def add_parser(sub) -> None:
                    help="stop after T wall seconds (or at --examples, if given, first)")
     f.add_argument("--out", default=".", metavar="DIR",
                    help="where a reproducer is written (default: the current directory)")
+    f.add_argument("--cpu", metavar="SPEC", default=None,
+                   help="the CPU model whose capability MSRs the cases follow and run on "
+                        "(a name or NAME,+FEATURE,-FEATURE; default: the default model; "
+                        "see `devirt-emu cpus`)")
     f.add_argument("--json", action="store_true", help="print the report as one JSON object")
     f.set_defaults(func=cmd_fuzz)
 
@@ -555,9 +574,16 @@ def cmd_fuzz(args) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"devirt-emu: error: --out {args.out} is not a directory", file=sys.stderr)
         return 2
+    if args.cpu is not None:
+        from ..cpumodels import CpuModelError, get_model
+        try:
+            get_model(args.cpu)
+        except CpuModelError as e:
+            print(f"devirt-emu: error: --cpu: {e}", file=sys.stderr)
+            return 2
     examples = args.examples or (1 << 62 if args.time else 200)
     cfg = FuzzSettings(arch=args.arch, examples=examples, seed=args.seed, time_s=args.time,
-                       out=args.out, progress=not args.json)
+                       out=args.out, progress=not args.json, cpu=args.cpu)
     report = run_fuzz(cfg)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

@@ -35,7 +35,10 @@ Everything shrinks towards the fresh case of :mod:`~devirt_emu.testing.vmx_case`
 few instructions, no optional control bit, empty bitmaps.
 
 Every strategy takes ``model``: the CPU model whose capability MSRs it
-follows.  ``None`` is the one modelled CPU of ``vmx/capabilities.py``.  SVM
+follows (a :class:`~devirt_emu.cpumodels.CpuModel` or a spec such as
+``"westmere"``; ``None`` is the default model, skylake-server); run its cases
+on a runner of the same model (``CaseRunner(cpu=model)``: :attr:`Case.cpu`
+says which, and :meth:`Case.run` without a runner uses it).  SVM
 strategies (intercept vectors, MSRPM, IOPM) are not here yet: they belong in a
 sibling module over the SVM case API, with the same :class:`Case` shape.
 """
@@ -86,10 +89,9 @@ FUZZ_FORBIDDEN = {
 
 
 def _allowed(table: str, model=None) -> tuple[int, int]:
-    """(must-be-1, may-be-1) of a control word on ``model`` (None: the modelled CPU)."""
-    if model is None:
-        return caps.allowed_settings(table)
-    return model.allowed_settings(table)
+    """(must-be-1, may-be-1) of a control word on ``model`` (a CpuModel, a model
+    spec such as "icelake-server", or None: the default model)."""
+    return caps.allowed_settings(table, model=model)
 
 
 def _bits(mask: int) -> list[int]:
@@ -223,7 +225,7 @@ def cr_masks(draw, *, model=None):
     subset = subset_of
     cr0_mask = draw(subset(CR0_FLIPPABLE | 1 | (1 << 5) | (1 << 31)))
     cr4_mask = draw(subset(CR4_FLIPPABLE | (1 << 13)))
-    misc = caps.VMX_CAPABILITY_MSRS[caps.MSR_IA32_VMX_MISC] if model is None else model.misc
+    misc = caps.capability_msrs(model)[caps.MSR_IA32_VMX_MISC]
     limit = C.vmx_misc_cr3_count(misc)
     count = draw(st.integers(0, limit))
     out = {"CR0_GUEST_HOST_MASK": cr0_mask,
@@ -526,6 +528,8 @@ class Case:
     io_bitmap_a: tuple = ()
     io_bitmap_b: tuple = ()
     ept: bool = False
+    #: The CPU model the case was drawn for (None: the default model).
+    cpu: object = None
 
     @property
     def code(self) -> str:
@@ -552,7 +556,7 @@ class Case:
     def run(self, runner: Optional[CaseRunner] = None):
         """Run it (on ``runner``, or the process's shared one)."""
         if runner is None:
-            return run_case(self.code, **self.kwargs())
+            return run_case(self.code, cpu=self.cpu, **self.kwargs())
         return runner.run(self.code, **self.kwargs())
 
     def with_fields(self, **fields) -> "Case":
@@ -573,4 +577,4 @@ def cases(draw, *, model=None, forbid: Optional[Mapping[str, int]] = None, max_s
     ports = draw(io_ports())
     return Case(program=program, vmcs=fields, msr_bitmap=msr_bm,
                 io_bitmap_a=tuple(p for p in ports if p < 0x8000),
-                io_bitmap_b=tuple(p for p in ports if p >= 0x8000), ept=ept)
+                io_bitmap_b=tuple(p for p in ports if p >= 0x8000), ept=ept, cpu=model)
