@@ -181,8 +181,9 @@ def step_address(result, step: Optional[int]) -> int:
     return result.symbols[f"step{step}"]
 
 
-def check_case(runner, case, coverage: "Coverage") -> None:
-    """The four properties for one program case; raises :class:`PropertyFailure`."""
+def check_case(runner, case, coverage: "Coverage") -> int:
+    """The four properties for one program case; raises :class:`PropertyFailure`.
+    Returns the guest instructions the case retired."""
     try:
         r = case.run(runner)
     except Exception as e:              # (a CaseError is a bug of the strategies, as bad)
@@ -225,6 +226,7 @@ def check_case(runner, case, coverage: "Coverage") -> None:
     again = case.run(runner)
     if _observed(again) != _observed(r):
         raise PropertyFailure("determinism", f"a rerun gave {again}, the first run {r}")
+    return r.steps
 
 
 def check_breakage(runner, fields: dict, breakage, coverage: "Coverage") -> None:
@@ -326,7 +328,7 @@ def run_fuzz(cfg: FuzzSettings) -> FuzzReport:
     (then ``examples`` is a cap only in the sense that the rounds stop there)."""
     if cfg.arch != "vmx":
         raise ValueError(f"--arch {cfg.arch}: only vmx is available (SVM has no case API yet)")
-    from hypothesis import HealthCheck, Phase, given, seed, settings
+    from hypothesis import HealthCheck, Phase, given, seed, settings, target
     from hypothesis import strategies as st
 
     from . import strategies as vs
@@ -350,12 +352,13 @@ def run_fuzz(cfg: FuzzSettings) -> FuzzReport:
     def prop(items):
         if deadline is not None and time.perf_counter() > deadline and state["failures"] == 0:
             raise _OutOfTime()
+        steps = 0
         for item in items:
             kind, x = item
             state["cases"] += 1
             try:
                 if kind == "case":
-                    check_case(runner, x, cov)
+                    steps += check_case(runner, x, cov)
                 else:
                     check_breakage(runner, x[0], x[2], cov)
             except PropertyFailure as e:
@@ -365,6 +368,9 @@ def run_fuzz(cfg: FuzzSettings) -> FuzzReport:
             finally:
                 if state["cases"] % 25 == 0:
                     progress.update(state["cases"], cov, state["failures"])
+        # hypothesis's targeted search: towards programs that run further before
+        # their exit (more of the platform's non-root execution between exits)
+        target(float(steps), label="guest instructions retired before the exits")
 
     examples = max(1, min(cfg.examples, 1 << 20) // CASES_PER_EXAMPLE * 2)   # (4.5 cases each)
     batch = examples if deadline is None else min(examples, 50)
@@ -375,7 +381,8 @@ def run_fuzz(cfg: FuzzSettings) -> FuzzReport:
         while True:
             test = settings(max_examples=batch, deadline=None, database=None, derandomize=False,
                             suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
-                            phases=[Phase.generate, Phase.shrink])(given(example)(prop))
+                            phases=[Phase.generate, Phase.target, Phase.shrink],
+                            )(given(example)(prop))
             test = seed(cfg.seed + round_)(test)
             try:
                 test()

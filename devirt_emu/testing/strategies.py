@@ -44,7 +44,7 @@ sibling module over the SVM case API, with the same :class:`Case` shape.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from hypothesis import strategies as st
@@ -558,9 +558,6 @@ class Case:
         if runner is None:
             return run_case(self.code, cpu=self.cpu, **self.kwargs())
         return runner.run(self.code, **self.kwargs())
-
-    def with_fields(self, **fields) -> "Case":
-        return replace(self, vmcs={**self.vmcs, **fields})
 
 
 @st.composite
