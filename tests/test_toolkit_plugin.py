@@ -23,6 +23,10 @@ def test_fixtures_work(pytester):
         def test_case(vmx_case, assert_exit):
             assert_exit(vmx_case("cpuid"), reason=10, instruction_length=2)
 
+        def test_svm(svm_case):
+            r = svm_case("cpuid", intercepts=["INTERCEPT_CPUID"])
+            assert r.exit.code == 0x72          # APM: VMEXIT_CPUID
+
         def test_machine(devirt_machine):
             m = devirt_machine(cores=2)
             assert len(m.cores) == 2 and m.l0 is not None
@@ -32,7 +36,7 @@ def test_fixtures_work(pytester):
         def test_same_runner_in_another_module(vmx_runner):
             assert builtins._devirt_runner is vmx_runner
     """)
-    pytester.runpytest(*PLUGIN).assert_outcomes(passed=4)
+    pytester.runpytest(*PLUGIN).assert_outcomes(passed=5)
 
 
 def test_the_docs_example_file_passes(pytester):

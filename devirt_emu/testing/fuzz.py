@@ -22,8 +22,9 @@ pytest file using the plugin (``pytest -p devirt_emu.testing.plugin FILE``).
 On success the command prints what it covered: exit reasons, VM-entry checks,
 rule causes.
 
-The SVM side (``--arch svm``) plugs in here with its own case strategies,
-reference and reproducer template once the SVM case API exists.
+The SVM side (``--arch svm``, refused for now) plugs in here with its own
+case strategies, reference and reproducer template over the SVM case API
+(:mod:`devirt_emu.testing.svm_case`).
 """
 from __future__ import annotations
 
@@ -327,7 +328,7 @@ def run_fuzz(cfg: FuzzSettings) -> FuzzReport:
     out), after at least ``cfg.examples`` cases, or after ``cfg.time_s`` seconds
     (then ``examples`` is a cap only in the sense that the rounds stop there)."""
     if cfg.arch != "vmx":
-        raise ValueError(f"--arch {cfg.arch}: only vmx is available (SVM has no case API yet)")
+        raise ValueError(f"--arch {cfg.arch}: only vmx can be fuzzed yet")
     from hypothesis import HealthCheck, Phase, given, seed, settings, target
     from hypothesis import strategies as st
 
@@ -536,7 +537,7 @@ def add_parser(sub) -> None:
                                    "checks broken one at a time.",
                        epilog=FUZZ_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("--arch", choices=("vmx", "svm"), default="vmx",
-                   help="vmx (default); svm once its case API exists")
+                   help="vmx (default); svm is refused until it has strategies and a reference")
     f.add_argument("--examples", type=_positive, default=None, metavar="N",
                    help="cases to run, at least (default 200, or no limit with --time; "
                         f"hypothesis draws up to {CASES_PER_EXAMPLE} per example)")
@@ -575,8 +576,8 @@ def _seconds(text: str) -> float:
 
 def cmd_fuzz(args) -> int:
     if args.arch != "vmx":
-        print("devirt-emu: error: --arch svm: SVM has no case API yet; only vmx can be fuzzed",
-              file=sys.stderr)
+        print("devirt-emu: error: --arch svm: not yet: fuzzing needs SVM strategies and a "
+              "reference over the SVM case API; only vmx can be fuzzed", file=sys.stderr)
         return 2
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"devirt-emu: error: --out {args.out} is not a directory", file=sys.stderr)
