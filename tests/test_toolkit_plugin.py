@@ -73,6 +73,8 @@ def test_failing_assertions_print_why_and_the_code(pytester):
     # a missing exit: the controls in effect, and RIP after the HLT that halted
     r.stdout.fnmatch_lines(["*expected a VM exit HLT, got no exit (halted)*",
                             "*CPU_BASED_VM_EXEC_CONTROL = 0x*no optional bit*",
+                            "*the last event the rules let through: HLT at 0x100000, "
+                            "because CPU_BASED_HLT_EXITING=0*",
                             "*=> 0x100001: hlt*"])
     # an unexpected exit: the exception bitmap's bit for #UD
     assert "EXCEPTION_BITMAP" in out and "=> 0x100001: ud2" in out

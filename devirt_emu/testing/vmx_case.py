@@ -499,6 +499,9 @@ class CaseResult:
     code_end: int = 0
     #: The guest code as loaded at :data:`CODE_BASE` (for a disassembly).
     code: bytes = field(default=b"", repr=False)
+    #: The last sensitive event the exit rules let through, as (kind, RIP, the
+    #: rule's cause), or None: why an instruction did not exit.
+    last_no_exit: Optional[tuple] = field(default=None, repr=False)
 
     @property
     def outcome(self) -> str:
@@ -855,10 +858,14 @@ class CaseRunner:
         vcpu.vmcs.flush()               # (the guest-state fields the engine holds)
         snapshot = _VmcsSnapshot(m.mem.read(VMCS_PA, VMCS_REGION_SIZE))
         code_end = CODE_BASE + len(data)
+        let_through = None
+        if vcpu.last_no_exit is not None:
+            ev, d = vcpu.last_no_exit
+            let_through = (ev.kind.value, ev.rip, tuple(d.cause))
         if l0.exit is not None:
-            return CaseResult(l0.exit, None, None, steps, snapshot, symbols, code_end, data)
+            return CaseResult(l0.exit, None, None, steps, snapshot, symbols, code_end, data, let_through)
         if l0.failure is not None:
-            return CaseResult(None, l0.failure, None, steps, snapshot, symbols, code_end, data)
+            return CaseResult(None, l0.failure, None, steps, snapshot, symbols, code_end, data, let_through)
         if core.state is State.HALTED and m.verdict in (None, "halted"):
             why, msg = "halted", ""
         elif core.state is State.SHUTDOWN and m.verdict in (None, "shutdown"):
@@ -868,7 +875,7 @@ class CaseRunner:
         else:
             why, msg = "step limit", ""
         no = NoExit(why, core.rip(), _regs(core, None), msg)
-        return CaseResult(None, None, no, steps, snapshot, symbols, code_end, data)
+        return CaseResult(None, None, no, steps, snapshot, symbols, code_end, data, let_through)
 
     def _ept(self, items: tuple, ad: bool) -> EptBuilder:
         """Build the EPT of ``ept=`` in the pool (the tables of an EPT built
