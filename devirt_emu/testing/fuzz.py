@@ -496,10 +496,13 @@ def write_reproducer(out: Path, item, err: PropertyFailure, cfg: FuzzSettings) -
             text += ("    # the exit-information fields are the rule's decision\n"
                      "    d = r.exit.decision\n"
                      "    assert (d.reason, d.qualification) == (r.exit.reason, r.exit.qualification)\n")
-        text += ("    # a rerun gives the same result\n"
-                 "    again = vmx_case(CODE, **KWARGS)\n"
-                 "    assert (again.outcome, again.steps, again.exit and again.exit.exit_reason) == "
-                 "(r.outcome, r.steps, r.exit and r.exit.exit_reason)\n")
+        text += ("    # a rerun gives the same result: outcome, steps, exit fields, registers\n"
+                 "    assert _seen(vmx_case(CODE, **KWARGS)) == _seen(r)\n\n\n"
+                 "def _seen(r):\n"
+                 "    e = r.exit or r.no_exit\n"
+                 "    fields = r.exit and (r.exit.exit_reason, r.exit.qualification, "
+                 "r.exit.guest_rip)\n"
+                 "    return r.outcome, r.steps, fields, e and dict(e.regs)\n")
     else:
         fields, _, b = x
         text += (f"FIELDS = {_literal(dict(fields))}\n\nBREAKAGE = {_literal(dict(b.fields))}\n\n\n"
