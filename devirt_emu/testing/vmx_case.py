@@ -650,6 +650,7 @@ class CaseRunner:
         vcpu = VmxVcpu(core, VMCS_PA, _RecordingL0(m))
         self._write_vmcs(vcpu, {})
         v = vcpu.vmcs
+        self._caps = vcpu.caps          # (an EntryCaps is immutable: every case's vCPU shares it)
         self._fresh_vmcs = mem.read(VMCS_PA, VMCS_REGION_SIZE)
         # what the processor holds beside the region after those writes
         self._fresh_tracking = (v.live, frozenset(v.fresh), frozenset(v.written))
@@ -956,7 +957,7 @@ class CaseRunner:
     def _fresh_vcpu(self, l0) -> VmxVcpu:
         """A vCPU over the restored VMCS, holding what the processor held after the
         defaults and the guest state were written (see :meth:`_snapshot`)."""
-        vcpu = VmxVcpu(self.core, VMCS_PA, l0)
+        vcpu = VmxVcpu(self.core, VMCS_PA, l0, caps=self._caps)
         v = vcpu.vmcs
         live, fresh, written = self._fresh_tracking
         if live:
