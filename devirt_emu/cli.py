@@ -46,10 +46,10 @@ markers (per core: [begin, end] instruction counts of each steady-state
 window), message, mode, arch, config, cpu (the CPU model's spec); and for
 --arch vmx: exits (one object per VM exit: core, reason (basic exit reason),
 name, entry_failure, qualification, instruction_length, rip, in_window) for
-the first --exit-records exits,
-exits_dropped (the exits after those), exit_counts and window_exit_counts (by
-exit name, always complete; window: inside a core's steady-state window) and
-exit_counts_per_core (exit_counts split by core).
+the first --exit-records exits, exits_dropped (the exits after those),
+exit_counts and window_exit_counts (by exit name, always complete; window:
+inside a core's steady-state window) and exit_counts_per_core (exit_counts
+split by core).
 
 configurations (--arch vmx): stock is KVM's default VMCS with EPT and
 unrestricted guest, APICv off, PAUSE-loop exiting on; apicv is the same with
@@ -74,7 +74,8 @@ machine's: JSON {"0x480": "0x...", ...}, or text with one MSR per line, either
 "INDEX VALUE" in hex (e.g. "0x480 0xda040000000004") or bare hex values read
 as 0x480, 0x481, ... in order (the output of rdmsr over 0x480-0x493, with
 "-" for an MSR the processor does not have).  The VMCS size becomes 4096 and
-features devirt-emu does not implement are cleared (docs/cpu-models.md).
+features devirt-emu does not implement are cleared (docs/cpu-models.md).  The
+firmware needs x2apic and tsc_deadline_timer, --arch vmx unrestricted guest.
 """
 
 

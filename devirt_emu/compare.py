@@ -16,7 +16,8 @@ from pathlib import Path
 EPILOG = """\
 columns: verdict; instructions (all cores); virtual time (ns, exact: one
 instruction per ns); VM exits; exits per million instructions; exits inside
-the steady-state windows; estimated exit cost (ns, all cores: the cost model's
+the steady-state windows and their estimated cost (ns); estimated exit cost
+(ns, all cores: the cost model's
 transition plus handler per exit); estimated run time (virtual time plus the
 busiest core's exit cost, plus the memory term when --cost-model sets a
 memory-bound fraction) and its overhead against the native run.  The estimate
@@ -56,6 +57,8 @@ def register(sub) -> None:
     p.add_argument("--timeline", metavar="FILE", help="write the runs as trace-event JSON")
     p.add_argument("--cost-model", metavar="FILE",
                    help="JSON file overriding cost-model rows (see docs/cost-model.md)")
+    from .cpumodels.cli import add_cpu_arguments
+    add_cpu_arguments(p)
     p.set_defaults(func=cmd_compare)
 
 
@@ -66,8 +69,10 @@ def configurations() -> list[str]:
 
 
 def run_all(path, cores: int, cost, *, mem_mb: int = 64, max_ns: int = 1_000_000_000,
-            wall_timeout_s: float = 300.0, timelines: list | None = None, progress=None) -> dict:
-    """Run ``path`` in every configuration; name -> (RunResult, Estimate)."""
+            wall_timeout_s: float = 300.0, timelines: list | None = None, progress=None,
+            cpu=None) -> dict:
+    """Run ``path`` in every configuration on CPU model ``cpu`` (None: the default);
+    name -> (RunResult, Estimate)."""
     from .machine import run_program
     from .timeline import Timeline
     out = {}
@@ -79,15 +84,18 @@ def run_all(path, cores: int, cost, *, mem_mb: int = 64, max_ns: int = 1_000_000
         res = run_program(path, cores=cores, mem_mb=mem_mb, max_ns=max_ns,
                           wall_timeout_s=wall_timeout_s, record_exits=False,
                           trace=tl.trace if tl else None,
-                          on_machine=tl.attach if tl else None, **kwargs)
+                          on_machine=tl.attach if tl else None, cpu=cpu, **kwargs)
         if tl is not None:
             timelines.append(tl)
         out[name] = (res, cost.estimate(res))
     return out
 
 
-def rows(runs: dict) -> list[dict]:
-    """One summary row per configuration (the table, and --json's additions)."""
+def rows(runs: dict, cost=None) -> list[dict]:
+    """One summary row per configuration (the table, and --json's additions);
+    ``cost`` (the cost model) prices the steady-state windows' exits."""
+    from .costmodel import CostModel
+    cost = cost or CostModel()
     native = runs["native"][1].estimated_ns
     out = []
     for name, (res, est) in runs.items():
@@ -98,19 +106,22 @@ def rows(runs: dict) -> list[dict]:
             "virtual_ns": res.virtual_ns, "exits": exits,
             "exits_per_minsn": exits * 1e6 / insns if insns else 0.0,
             "window_exits": sum(res.window_exit_counts.values()),
+            "estimated_window_exit_ns": sum(n * cost.exit_cost(k)
+                                            for k, n in res.window_exit_counts.items()),
             "estimated_exit_ns": est.exit_ns, "estimated_ns": est.estimated_ns,
             "estimated_overhead": est.estimated_ns / native - 1 if native else 0.0,
         })
     return out
 
 
-def format_table(runs: dict) -> str:
+def format_table(runs: dict, cost=None) -> str:
     head = ("config", "verdict", "instructions", "virtual ns", "VM exits", "exits/Minsn",
-            "in windows", "est. exit ns", "est. ns", "est. overhead")
+            "in windows", "est. window ns", "est. exit ns", "est. ns", "est. overhead")
     body = [(r["config"], r["verdict"], str(r["instructions"]), str(r["virtual_ns"]),
              str(r["exits"]), f"{r['exits_per_minsn']:.1f}", str(r["window_exits"]),
+             f"{r['estimated_window_exit_ns']:.0f}",
              f"{r['estimated_exit_ns']:.0f}", f"{r['estimated_ns']:.0f}",
-             f"{100 * r['estimated_overhead']:+.1f}%") for r in rows(runs)]
+             f"{100 * r['estimated_overhead']:+.1f}%") for r in rows(runs, cost)]
     lines = _columns(head, body)
     reasons = sorted({k for res, _ in runs.values() for k in res.exit_counts})
     if reasons:
@@ -140,7 +151,7 @@ def plot_paths(path: str) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")
 
 
-def plot(runs: dict, path: str, title: str) -> tuple[Path, Path]:
+def plot(runs: dict, path: str, title: str, cost=None) -> tuple[Path, Path]:
     """Exits by reason (stacked) and estimated exit cost by reason, per configuration."""
     import matplotlib
     matplotlib.use("Agg")
@@ -151,19 +162,20 @@ def plot(runs: dict, path: str, title: str) -> tuple[Path, Path]:
     cmap = plt.get_cmap("tab20")
     bottom_a = [0.0] * len(names)
     bottom_b = [0.0] * len(names)
+    summary = rows(runs, cost)
     for i, k in enumerate(reasons):
         counts = [runs[n][0].exit_counts.get(k, 0) for n in names]
-        cost = [runs[n][1].exit_ns_by_reason.get(k, 0.0) / 1000 for n in names]
+        spent = [runs[n][1].exit_ns_by_reason.get(k, 0.0) / 1000 for n in names]
         a.bar(names, counts, bottom=bottom_a, label=k, color=cmap(i % 20))
-        b.bar(names, cost, bottom=bottom_b, label=k, color=cmap(i % 20))
+        b.bar(names, spent, bottom=bottom_b, label=k, color=cmap(i % 20))
         bottom_a = [x + y for x, y in zip(bottom_a, counts)]
-        bottom_b = [x + y for x, y in zip(bottom_b, cost)]
+        bottom_b = [x + y for x, y in zip(bottom_b, spent)]
     a.set_title("VM exits by reason")
     a.set_ylabel("VM exits")
     b.set_title("estimated exit cost (cost model)")
     b.set_ylabel("estimated µs (all cores)")
     for n, name in enumerate(names):
-        b.annotate(f"{100 * rows(runs)[n]['estimated_overhead']:+.1f}%",
+        b.annotate(f"{100 * summary[n]['estimated_overhead']:+.1f}%",
                    (n, bottom_b[n]), ha="center", va="bottom", fontsize=8)
     if reasons:
         b.legend(fontsize=7, loc="upper right")
@@ -196,6 +208,12 @@ def cmd_compare(args) -> int:
             print(f"devirt-emu: error: no such directory for {opt}", file=sys.stderr)
             return 2
     timelines = [] if args.timeline else None
+    from .cpumodels.cli import model_from_args
+    try:
+        cpu = model_from_args(args)
+    except ValueError as e:
+        print(f"devirt-emu: error: {e}", file=sys.stderr)
+        return 2
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, BarColumn
     names = configurations()
@@ -213,7 +231,7 @@ def cmd_compare(args) -> int:
                 bar.update(task, description=f"running {path.name} {name}")
             runs = run_all(path, args.cores, cost, mem_mb=args.mem,
                            max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
-                           timelines=timelines, progress=progress)
+                           timelines=timelines, progress=progress, cpu=cpu)
             bar.advance(task)
     except (AsmError, GuestError, ValueError, OSError) as e:
         print(f"devirt-emu: error: {e}", file=sys.stderr)
@@ -228,23 +246,24 @@ def cmd_compare(args) -> int:
             written.append(args.timeline)
         if args.plot:
             written += [str(p) for p in plot(runs, args.plot,
-                                             f"{path.name}, {args.cores} core(s)")]
+                                             f"{path.name}, {args.cores} core(s)", cost)]
     except OSError as e:
         print(f"devirt-emu: error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     if args.json:
         configs = {}
-        for r in rows(runs):
+        for r in rows(runs, cost):
             res, est = runs[r["config"]]
             d = res.to_json()
             d["estimate"] = est.to_json()
+            d["estimate"]["window_exit_ns"] = round(r["estimated_window_exit_ns"], 1)
             d["estimated_overhead"] = r["estimated_overhead"]
             d["exits_per_minsn"] = r["exits_per_minsn"]
             configs[r["config"]] = d
         print(json.dumps({"program": str(path), "cores": args.cores, "arch": args.arch,
                           "cost_model": cost.table(), "configs": configs}))
     else:
-        print(format_table(runs))
+        print(format_table(runs, cost))
         for w in written:
             print(f"wrote {w}")
     bad = [n for n, (res, _) in runs.items() if res.verdict != runs["native"][0].verdict]

@@ -383,7 +383,10 @@ class Machine:
         if c.state is State.RUNNING:
             return c.clock
         if c.state is State.SHUTDOWN:
-            return None
+            # natively nothing here wakes a core in shutdown; in VMX non-root operation
+            # the preemption timer counts on and its expiry (or a pending MTF exit) does
+            d = c.virt.next_event_ns() if c.virt is not None else None
+            return None if d is None else max(c.clock, d)
         if c.has_wakeup():
             return c.clock
         if c.state is State.HALTED:
@@ -840,11 +843,11 @@ def run_program(path: str | os.PathLike, cores: int = 1, on_machine=None,
         entry = m.load_elf(path)
         if m.elf_class == 32:
             return m.run(entry32=entry)
-        _check_firmware_features(m.cpu)
+        check_firmware_features(m.cpu)
         image = build_image(None)
         m.load_image(image)
         return m.run(elf_entry=entry)
-    _check_firmware_features(m.cpu)
+    check_firmware_features(m.cpu)
     m.load_image(build_image(path))
     return m.run()
 
@@ -854,7 +857,8 @@ def run_program(path: str | os.PathLike, cores: int = 1, on_machine=None,
 FIRMWARE_FEATURES = ("x2apic", "tsc_deadline_timer")
 
 
-def _check_firmware_features(cpu) -> None:
+def check_firmware_features(cpu) -> None:
+    """ValueError (one line) if CPU model ``cpu`` lacks what the firmware uses."""
     missing = [f for f in FIRMWARE_FEATURES if not cpu.has(f)]
     if missing:
         raise ValueError(f"the firmware uses {' and '.join(missing)}, which CPU model "

@@ -297,3 +297,73 @@ def test_posted_then_delivered_in_priority_order(vectors):
         status = A.eoi_virtualization(p, status, 0).status
     assert got == sorted(set(vectors), reverse=True)
     assert not bits(p, A.APIC_IRR) and not bits(p, A.APIC_ISR)
+
+
+# ---------------------------------------------------------------- the exit rules
+from devirt_emu.events import Event, Insn, Kind  # noqa: E402
+from devirt_emu.vmx import controls as C  # noqa: E402
+from devirt_emu.vmx import rules  # noqa: E402
+from devirt_emu.vmx.fields import VmcsField as F  # noqa: E402
+
+APIC_PAGE = 0xFEE00000
+
+
+class DictVmcs:
+    def __init__(self, **fields):
+        self.f = {int(F[k]): v for k, v in fields.items()}
+
+    def vmread(self, field):
+        return self.f.get(int(field), 0)
+
+
+def apicv_vmcs(secondary, primary=C.CPU_BASED_TPR_SHADOW):
+    return DictVmcs(CPU_BASED_VM_EXEC_CONTROL=primary | C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS,
+                    SECONDARY_VM_EXEC_CONTROL=C.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES | secondary,
+                    APIC_ACCESS_ADDR=APIC_PAGE, PIN_BASED_VM_EXEC_CONTROL=C.PIN_BASED_EXT_INTR_MASK)
+
+
+def access(kind, offset, value=None, size=4, **extra):
+    ex = {"gpa": APIC_PAGE + offset, "access": kind, "size": size, **extra}
+    if value is not None:
+        ex["value"] = value
+    regs = {"cpl": 0, "mode": 64, "rflags": 2, "cr0": 0x80000031, "cr4": 0x20, "efer": 0xD00}
+    return Event(Kind.APIC_ACCESS, 0, 0x401000, Insn(Kind.APIC_ACCESS, 6, "mov"),
+                 linear=APIC_PAGE + offset, regs=regs, extra=ex)
+
+
+def test_rule_apic_register_virtualization_reads():
+    v = apicv_vmcs(C.SECONDARY_EXEC_APIC_REGISTER_VIRT)
+    assert not rules.decide(access("read", 0x020), v, None).exit         # ID: virtualized
+    d = rules.decide(access("read", 0x390), v, None)                     # current count
+    assert d.exit and d.name == "APIC_ACCESS" and d.qualification == 0x390   # type 0: read
+    d = rules.decide(access("write", 0x390, 5), v, None)
+    assert d.exit and d.qualification == 1 << 12 | 0x390                 # type 1: write
+
+
+def test_rule_virtual_interrupt_delivery_writes():
+    v = apicv_vmcs(C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY)
+    for off in (0x080, 0x0B0, 0x300):                                    # TPR, EOI, ICR low
+        assert not rules.decide(access("write", off, 0), v, None).exit, hex(off)
+    d = rules.decide(access("write", 0x320, 0), v, None)                 # LVT: not with VID alone
+    assert d.exit and d.name == "APIC_ACCESS" and d.qualification == 1 << 12 | 0x320
+    d = rules.decide(access("read", 0x0B0), v, None)                     # reads: TPR only
+    assert d.exit and d.qualification == 0x0B0
+    # an access during event delivery is never virtualized (access type 3)
+    d = rules.decide(access("write", 0x080, 0, during_delivery=True), v, None)
+    assert d.exit and d.qualification >> 12 == 3
+
+
+def test_rule_tpr_write_with_vid_has_no_threshold_exit():
+    v = apicv_vmcs(C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY)
+    v.f[int(F.TPR_THRESHOLD)] = 0xF
+    assert not rules.decide(access("write", 0x080, 0x10), v, None).exit
+
+
+def test_rule_notification_vector_does_not_exit():
+    v = DictVmcs(PIN_BASED_VM_EXEC_CONTROL=C.PIN_BASED_EXT_INTR_MASK | C.PIN_BASED_POSTED_INTR,
+                 VM_EXIT_CONTROLS=C.VM_EXIT_ACK_INTR_ON_EXIT, POSTED_INTR_NV=0xF2)
+    ev = lambda vec: Event(Kind.INTERRUPT, 0, 0x401000, vector=vec,  # noqa: E731
+                           regs={"rflags": 0x202, "cpl": 0, "mode": 64})
+    assert not rules.decide(ev(0xF2), v, None).exit
+    d = rules.decide(ev(0xF3), v, None)
+    assert d.exit and d.name == "EXTERNAL_INTERRUPT" and d.interruption_info == 0x800000F3

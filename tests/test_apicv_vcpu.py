@@ -294,3 +294,13 @@ def test_mmio_eoi_with_vid(runner):
                  memory={VAPIC + 0x120: reg32(1 << 0x10)})
     assert_exit(r, EOI_INDUCED, 0x50, sym["done"])
     assert vector_set(runner, 0x100) == set()
+
+
+def test_virtual_interrupt_wakes_hlt(runner):
+    # a self-IPI virtualized with IF = 0 stays pending; STI; HLT (in the STI shadow)
+    # halts, then the recognized virtual interrupt wakes the core and is delivered:
+    # the frame returns past the HLT
+    code = wrmsr(0x83F, 0x66) + "sti\nhlt\nafter: nop\ncpuid\nhandler: cpuid"
+    r, sym = run(runner, code, fields(), handlers={0x66: "handler"}, rflags=0x2)
+    e = assert_exit(r, CPUID, 0, sym["handler"])
+    assert int.from_bytes(runner.machine.mem.read(e.regs["rsp"], 8), "little") == sym["after"]

@@ -67,6 +67,9 @@ def test_compare_estimate_follows_the_cost_table(compared):
                    for k, n in c["exit_counts"].items())
         assert c["estimate"]["exit_ns"] == pytest.approx(want, abs=1)
         # estimated time: virtual time plus the busiest core's exit cost (no memory term)
+        win = sum(n * (rows["transition"] + rows.get(f"handler:{k}", rows["handler:default"]))
+                  for k, n in c["window_exit_counts"].items())
+        assert c["estimate"]["window_exit_ns"] == pytest.approx(win, abs=1)
         busiest = max(c["estimate"]["exit_ns_per_core"])
         assert c["estimate"]["estimated_ns"] == pytest.approx(c["virtual_ns"] + busiest, abs=1)
     # the devirt set removes the ping-pong's exits from the steady state

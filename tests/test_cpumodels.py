@@ -170,3 +170,15 @@ def test_parse_dumps():
     for bad in ("{nope", "0x480 0x1 0x2", "zz"):
         with pytest.raises(CpuModelError):
             parse_vmx_msrs(bad)
+
+
+def test_from_vmx_msrs_drops_the_msrs_of_cleared_controls():
+    # a dump allowing "enable VM functions" (secondary bit 13) has IA32_VMX_VMFUNC; devirt-emu
+    # does not implement VM functions, so the control is cleared and the MSR, which exists only
+    # with it (SDM A.11), goes too
+    dump = dict(get_model().vmx_msrs)
+    dump[0x48B] |= 1 << (32 + 13)
+    dump[0x491] = 1                                        # EPTP switching
+    m = CpuModel.from_vmx_msrs(dump)
+    assert not m.vmx_msrs[0x48B] >> (32 + 13) & 1
+    assert 0x491 not in m.vmx_msrs

@@ -174,3 +174,20 @@ def test_cli_run_with_cpu_and_vmx_msrs(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"0x480": "zz"}')
     assert "not a hexadecimal number" in one_error_line(cli("run", HELLO, "--vmx-msrs", bad))
+
+
+@pytest.mark.parametrize("args,words", [
+    (("compare", HELLO, "--cpu", "bogus"), "unknown CPU model"),
+    (("debug", HELLO, "--cpu", "skylake-server,+nope"), "unknown CPU feature"),
+])
+def test_compare_and_debug_take_cpu(args, words):
+    p = cli(*args)
+    assert p.returncode == 2
+    assert words in one_error_line(p)
+
+
+def test_compare_runs_on_the_model():
+    p = cli("compare", HELLO, "--cpu", "icelake-server", "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert {run["cpu"] for run in d["configs"].values()} == {"icelake-server"}

@@ -149,3 +149,50 @@ def test_the_interactive_prompt(tmp_path):
     finally:
         child.close(force=True)
     assert (tmp_path / "devirt-emu" / "debug_history").read_text().count("continue") == 2
+
+
+def test_set_a_register(tmp_path):
+    p = debug(GUESTS / "hello.S", "-ex", "stepi 100", "-ex", "set $rbx 0x1234",
+              "-ex", "x/1gx $rbx", "-ex", "set $xmm0 1", "-ex", "set $rbx 0x10000000000000000",
+              batch="", tmp_path=tmp_path)
+    assert "$rbx = 0x1234" in p.stdout
+    assert "0x1234:" in p.stdout                 # $rbx resolves to the new value
+    assert p.stdout.count("error:") == 2 and p.returncode == 1
+
+
+def test_gdb_stub_that_cannot_listen_is_one_line(tmp_path):
+    p = debug(GUESTS / "hello.S", "--gdb", "192.0.2.1:1234", "--gdb-symbols",
+              tmp_path / "s.elf", tmp_path=tmp_path)
+    assert p.returncode == 2 and "cannot listen on 192.0.2.1:1234" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_tab_completes_a_symbol(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    import time
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path), TERM="xterm")
+    child = pexpect.spawn(sys.executable, ["-m", "devirt_emu", "debug",
+                                           str(GUESTS / "lapic_timer.S")], cwd=str(ROOT),
+                          env=env, encoding="utf-8", timeout=30, dimensions=(24, 200))
+    try:
+        child.expect(r"\(devirt\)")
+        child.send("break timer_han")
+        time.sleep(1.0)
+        child.send("\t")
+        time.sleep(1.0)
+        child.send("\r")
+        child.expect("breakpoint 1 at 0x[0-9a-f]+ <timer_handler>")
+        child.expect(r"\(devirt\)")
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+
+
+def test_physical_watch(tmp_path):
+    # the tick counter is at guest-physical 0x1a1c0 = linear (the firmware maps RAM 1:1)
+    p = debug(GUESTS / "lapic_timer.S", "--cores", "2", "-ex", "watch -p ticks 8",
+              "-ex", "continue", "-ex", "watch -p", batch="", tmp_path=tmp_path)
+    assert "watchpoint 1 (write) on guest-physical 0x1a1c0+8" in p.stdout, p.stdout
+    assert "watchpoint 1" in p.stdout.split("(devirt) continue", 1)[1]
+    assert "error: watch: usage: watch [-p] ADDR [SIZE]" in p.stdout

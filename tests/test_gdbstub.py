@@ -166,6 +166,35 @@ def test_the_server_survives_garbage_on_the_wire():
     assert not t.is_alive()
 
 
+def test_interrupt_byte_stops_a_running_continue(tmp_path):
+    import socket
+    import threading
+    import time
+    from devirt_emu.debugger.gdbstub import serve
+    guest = tmp_path / "spin.S"
+    guest.write_text(".text\nguest_main:\n    nop\nspin:\n    jmp spin\n")
+    ports = []
+    ready = threading.Event()
+    t = threading.Thread(target=serve, args=(Session(guest, max_ns=10**12), "127.0.0.1", 0),
+                         kwargs={"ready": lambda p: (ports.append(p), ready.set())}, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    with socket.create_connection(("127.0.0.1", ports[0]), timeout=30) as c:
+        c.sendall(packet(b"QStartNoAckMode"))
+        got = b""
+        while b"#" not in got:
+            got += c.recv(4096)
+        c.sendall(packet(b"c"))
+        time.sleep(1.0)
+        c.sendall(b"\x03")
+        got = b""
+        while b"#" not in got:
+            got += c.recv(4096)
+        assert got.startswith(b"$T02thread:1;"), got      # SIGINT, on core 0's thread
+        c.sendall(packet(b"k"))
+    t.join(10)
+
+
 # --------------------------------------------------------------------------
 # the machine's real gdb
 # --------------------------------------------------------------------------

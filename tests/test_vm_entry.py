@@ -350,10 +350,10 @@ def test_no_error_code_in_real_mode():
     (VALID | (3 << 8) | 14 | DELIVER, 0xFFFF, 0, True),
     (VALID | (3 << 8) | 14 | DELIVER, 0x10000, 0, False),          # error code bits 31:16
     (VALID | (4 << 8) | 0x80, 0, 2, True),            # software interrupt, length 2
-    (VALID | (4 << 8) | 0x80, 0, 0, False),           # length 0 (IA32_VMX_MISC[30] = 0)
+    (VALID | (4 << 8) | 0x80, 0, 0, True),            # length 0: IA32_VMX_MISC[30] = 1 (issue 14)
     (VALID | (6 << 8) | 3, 0, 16, False),             # software exception, length 16
     (VALID | (5 << 8) | 1, 0, 1, True),               # privileged software exception (INT1)
-    (VALID | (5 << 8) | 1, 0, 0, False),
+    (VALID | (5 << 8) | 1, 0, 0, True),               # length 0: IA32_VMX_MISC[30] = 1
 ])
 def test_event_injection_fields(info, code, length, ok):
     f = run(inject(info, code, length))
@@ -549,7 +549,7 @@ def test_unrestricted_guest_segment_relaxations():
 @pytest.mark.parametrize("changes", [
     {"GUEST_GDTR_BASE": 0x0000800000000000},
     {"GUEST_IDTR_LIMIT": 0x10000},
-    {"GUEST_RIP": 0x0000800000000000},                              # 64-bit: not canonical
+    {"GUEST_RIP": 0xFFFE800000000000},                              # 64-bit: bits 63:48 differ
     {"GUEST_RIP": 1 << 32, "GUEST_CS_AR_BYTES": 0xC09B},            # compatibility mode
     {"GUEST_RFLAGS": 0x0},                                          # bit 1 must be 1
     {"GUEST_RFLAGS": 0x2 | (1 << 3)},

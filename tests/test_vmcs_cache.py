@@ -134,7 +134,9 @@ def test_a_guest_state_field_written_by_the_l0_is_loaded_at_vmresume():
 
 def test_vmresume_checks_a_guest_rip_the_l0_wrote():
     def bad_rip(vcpu):
-        vcpu.vmcs.set(F.GUEST_RIP, 0x0000_8000_0000_0000)   # not canonical (48-bit linear addresses)
+        # bits 63:48 not identical (48-bit linear addresses); 0x0000_8000_0000_0000 would pass
+        # the check (bit 47 is not part of it, SDM 26.3.1.4) and fault on the fetch instead
+        vcpu.vmcs.set(F.GUEST_RIP, 0xFFFE_8000_0000_0000)
         return False
     m = run(machine_with(bad_rip))
     assert m.verdict == "error"

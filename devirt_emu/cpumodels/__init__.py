@@ -129,8 +129,10 @@ IMPLEMENTED_VMX: Mapping[str, int] = MappingProxyType({
     "VMFUNC": 0,
     "MISC": (c.VMX_MISC_PREEMPTION_TIMER_RATE_MASK | c.VMX_MISC_SAVE_EFER_LMA
              | c.VMX_MISC_ACTIVITY_HLT | c.VMX_MISC_ACTIVITY_SHUTDOWN
-             | c.VMX_MISC_ACTIVITY_WAIT_SIPI | c.VMX_MISC_CR3_COUNT_MASK | c.VMX_MISC_MAX_MSR_MASK),
-    "EPT_VPID_CAP": (c.VMX_EPT_PAGE_WALK_4_BIT | c.VMX_EPTP_UC_BIT | c.VMX_EPTP_WB_BIT
+             | c.VMX_MISC_ACTIVITY_WAIT_SIPI | c.VMX_MISC_CR3_COUNT_MASK | c.VMX_MISC_MAX_MSR_MASK
+             | c.VMX_MISC_ZERO_LEN_INS),
+    "EPT_VPID_CAP": (c.VMX_EPT_EXECUTE_ONLY_BIT | c.VMX_EPT_PAGE_WALK_4_BIT | c.VMX_EPTP_UC_BIT
+                     | c.VMX_EPTP_WB_BIT
                      | c.VMX_EPT_2MB_PAGE_BIT | c.VMX_EPT_1GB_PAGE_BIT | c.VMX_EPT_INVEPT_BIT
                      | c.VMX_EPT_AD_BIT | c.VMX_EPT_EXTENT_CONTEXT_BIT | c.VMX_EPT_EXTENT_GLOBAL_BIT
                      | ((c.VMX_VPID_INVVPID_BIT | c.VMX_VPID_EXTENT_INDIVIDUAL_ADDR_BIT
@@ -555,7 +557,9 @@ class CpuModel:
         all be given.  Two values are adjusted, and :attr:`notes` says so: the
         VMCS size (bits 44:32 of IA32_VMX_BASIC) becomes 4096, the size of
         devirt-emu's VMCS layout, and allowed-1 settings (and MISC/EPT_VPID_CAP
-        bits) of features devirt-emu does not implement are cleared.
+        bits) of features devirt-emu does not implement are cleared (then the
+        optional MSRs only those features implied are dropped and
+        IA32_VMX_VMCS_ENUM is recomputed).
         """
         base_model = get_model(base) if not isinstance(base, CpuModel) else base
         if base_model.vendor != "intel":
@@ -580,7 +584,10 @@ class CpuModel:
             given[_BASIC] = (basic & ~c.VMX_BASIC_VMCS_SIZE_MASK) | (VMCS_SIZE << 32)
         dropped = _mask_unimplemented(given)
         if dropped:
-            notes.append("not implemented by devirt-emu, cleared: " + ", ".join(dropped))
+            _fix_optional_msrs(given)
+            notes.append("not implemented by devirt-emu, cleared: " + ", ".join(dropped)
+                         + " (the MSRs those controls implied dropped, IA32_VMX_VMCS_ENUM "
+                           "recomputed)")
         for index, why in _required_msrs(given):
             if index not in given:
                 raise CpuModelError(f"the dump lacks {VMX_MSR_NAMES[index]} ({index:#x}), "
@@ -645,12 +652,18 @@ def _toggle_vmx(model: str, vmx: dict, ft: Feature, on: bool) -> None:
 def _fix_optional_msrs(vmx: dict) -> None:
     """After a control changed: drop the optional MSRs that no longer exist
     (SDM Appendix A) and recompute IA32_VMX_VMCS_ENUM."""
-    proc1 = may_be_1_of(vmx)["PROCBASED"]
-    if not proc1 & c.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS:
+    may1 = may_be_1_of(vmx)
+    if not may1["PROCBASED"] & c.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS:
         vmx.pop(_PROC2, None)
+    if not may1["PROCBASED"] & c.CPU_BASED_ACTIVATE_TERTIARY_CONTROLS:
+        vmx.pop(_PROC3, None)
+    if not may1["EXIT"] & c.VM_EXIT_ACTIVATE_SECONDARY_CONTROLS:
+        vmx.pop(_EXIT2, None)
     sec = vmx.get(_PROC2, 0) >> 32
     if not sec & (c.SECONDARY_EXEC_ENABLE_EPT | c.SECONDARY_EXEC_ENABLE_VPID):
         vmx.pop(_EPTVPID, None)
+    if not sec & c.SECONDARY_EXEC_ENABLE_VMFUNC:
+        vmx.pop(_VMFUNC, None)
     vmx[_ENUM] = _highest_field_index(may_be_1_of(vmx)) << 1
 
 

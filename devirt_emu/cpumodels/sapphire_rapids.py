@@ -35,7 +35,7 @@ CPUID = intel_cpuid(
     ecx1=skx.CPUID[(1, 0)][2], edx1=skx.CPUID[(1, 0)][3],
     ext_ecx=bits("lahf_lm", table="ext.ecx"),
     ext_edx=bits("syscall", "nx", "pdpe1gb", "rdtscp", "lm", table="ext.edx"),
-    maxphyaddr=MAXPHYADDR, linear_bits=LINEAR_BITS)
+    maxphyaddr=MAXPHYADDR, linear_bits=LINEAR_BITS, extra={(5, 0): skx.LEAF5, (7, 0): skx.LEAF7})
 
 MODEL = register(CpuModel(
     name="sapphire-rapids", vendor="intel",

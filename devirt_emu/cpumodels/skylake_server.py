@@ -14,16 +14,18 @@ the part has but devirt-emu does not implement are not advertised: VM
 functions (EPTP switching), VMCS shadowing,
 ENCLS exiting, PML, EPT-violation #VE, conceal VMX from PT, mode-based
 execute control for EPT, TSC scaling, the PERF_GLOBAL_CTRL and BNDCFGS
-entry/exit controls, the Intel PT controls; IA32_VMX_MISC bits 14, 15, 28,
-29 and 30 (PT in VMX operation, RDMSR of SMBASE in SMM, VMXOFF blocking SMIs,
-VMWRITE to exit-information fields, injection with instruction length 0),
-and EPT execute-only translations (IA32_VMX_EPT_VPID_CAP bit 0).  The part
+entry/exit controls, the Intel PT controls; IA32_VMX_MISC bits 14, 15, 28
+and 29 (PT in VMX operation, RDMSR of SMBASE in SMM, VMXOFF blocking SMIs,
+VMWRITE to exit-information fields).  EPT execute-only translations
+(IA32_VMX_EPT_VPID_CAP bit 0) and injection with instruction length 0
+(IA32_VMX_MISC bit 30) are advertised.  The part
 does NOT have "enable user wait and pause" (WAITPKG arrived with Tremont and
 Sapphire Rapids), nor tertiary controls.
 
 CPUID advertises only what the platform implements (see
-``devirt_emu/platform/cpuid.py``): no MONITOR/MWAIT, no PCID/INVPCID, no
-architectural PMU, no XSAVE, no leaf 7 features; the maximum basic leaf is
+``devirt_emu/platform/cpuid.py``): MONITOR/MWAIT (``platform/monitor.py``,
+leaf 5), PCID and INVPCID (``platform/pcid.py``), but no architectural PMU,
+no XSAVE, no other leaf 7 feature; the maximum basic leaf is
 0xB (the leaves between 2 and 0xA that a real part has are not modelled).
 The VMX-preemption timer rate (IA32_VMX_MISC[4:0]) is 5 and the TSC runs at
 the virtual clock's 1 GHz (a real part's nominal TSC rate is per SKU).
@@ -54,22 +56,33 @@ TRUE_CLEARABLE = {
     "EXIT": c.VM_EXIT_SAVE_DEBUG_CONTROLS,
     "ENTRY": c.VM_ENTRY_LOAD_DEBUG_CONTROLS,
 }
+#: Bit 30: a software interrupt or exception may be injected with instruction
+#: length 0 (Skylake and later parts).
 MISC = (5 | c.VMX_MISC_SAVE_EFER_LMA | c.VMX_MISC_ACTIVITY_HLT | c.VMX_MISC_ACTIVITY_SHUTDOWN
-        | c.VMX_MISC_ACTIVITY_WAIT_SIPI | (4 << c.VMX_MISC_CR3_COUNT_SHIFT))
+        | c.VMX_MISC_ACTIVITY_WAIT_SIPI | (4 << c.VMX_MISC_CR3_COUNT_SHIFT)
+        | c.VMX_MISC_ZERO_LEN_INS)
 EPT_VPID_CAP = IMPLEMENTED_VMX["EPT_VPID_CAP"]
 #: CR4 bits allowed 1 in VMX operation: VME..OSXMMEXCPT (10:0), VMXE, FSGSBASE,
 #: PCIDE, OSXSAVE, SMEP, SMAP (Skylake has no UMIP; SMX is not modelled).
 CR4_FIXED1 = 0x7FF | (1 << 13) | (1 << 16) | (1 << 17) | (1 << 18) | (1 << 20) | (1 << 21)
 
+#: CPUID leaf 5 (MONITOR/MWAIT): 64-byte monitor lines (EAX, EBX), MWAIT extensions
+#: enumerated and interrupts as break events when masked (ECX[1:0]); EDX: two C1
+#: sub-states (the only MWAIT state modelled: hints are accepted and ignored).
+LEAF5 = (0x40, 0x40, 0x3, 0x20)
+#: CPUID leaf 7 subleaf 0: only INVPCID (EBX[10]) of the part's structured
+#: features is modelled (platform/pcid.py); EAX = 0: no further subleaves.
+LEAF7 = (0, bits("invpcid", table="7.ebx"), 0, 0)
+
 CPUID = intel_cpuid(
     max_leaf=0xB, signature=0x00050654,
-    ecx1=bits("pni", "ssse3", "cx16", "sse4_1", "sse4_2", "x2apic", "popcnt",
+    ecx1=bits("pni", "monitor", "ssse3", "cx16", "pcid", "sse4_1", "sse4_2", "x2apic", "popcnt",
               "tsc_deadline_timer", table="1.ecx"),
     edx1=bits("fpu", "pse", "tsc", "msr", "pae", "cx8", "apic", "sep", "pge", "cmov", "pat",
               "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "ht", table="1.edx"),
     ext_ecx=bits("lahf_lm", table="ext.ecx"),
     ext_edx=bits("syscall", "nx", "pdpe1gb", "rdtscp", "lm", table="ext.edx"),
-    maxphyaddr=MAXPHYADDR, linear_bits=LINEAR_BITS)
+    maxphyaddr=MAXPHYADDR, linear_bits=LINEAR_BITS, extra={(5, 0): LEAF5, (7, 0): LEAF7})
 
 MODEL = register(CpuModel(
     name="skylake-server", vendor="intel",

@@ -6,12 +6,12 @@ import os
 import sys
 
 DEBUG_EPILOG = """\
-Without --batch, -ex or --gdb the debugger reads commands at a prompt (history
-in $XDG_STATE_HOME/devirt-emu/debug_history, Tab completes commands, symbols
-and VMCS field names; Ctrl-C stops a running machine).  -ex CMD runs CMD
-first (repeatable); --batch FILE then runs the commands of FILE ('-' for
-standard input) and exits.  `help` lists the commands; docs/debugging.md
-walks through a session.
+-ex CMD runs CMD first (repeatable).  --batch FILE then runs the commands of
+FILE ('-' for standard input) and exits.  Without --batch the prompt follows
+when standard input is a terminal (history in
+$XDG_STATE_HOME/devirt-emu/debug_history, Tab completes commands, symbols and
+VMCS field names, Ctrl-C stops a running machine).  `help` lists the
+commands; docs/debugging.md walks through a session.
 
 --gdb HOST:PORT serves the GDB remote serial protocol instead (loopback by
 default): `gdb -ex 'target remote 127.0.0.1:1234'`.
@@ -45,10 +45,14 @@ def add_parser(sub) -> None:
                    help="RAM in MiB (default 64)")
     d.add_argument("--arch", choices=("none", "vmx"), default="none",
                    help="none: native (default); vmx: under the L0 (a model of KVM)")
-    d.add_argument("--config", choices=("stock", "devirt"),
-                   help="with --arch vmx: stock KVM (default) or KVM-devirt")
+    from ..hypervisor.configs import VMX_CONFIGS
+    d.add_argument("--config", choices=tuple(VMX_CONFIGS),
+                   help="with --arch vmx: a configuration of devirt_emu/hypervisor/configs.py "
+                        "(default stock)")
     d.add_argument("--max-time", type=_seconds, default=1.0, metavar="S",
                    help="virtual seconds before the run ends with verdict timeout (default 1)")
+    from ..cpumodels.cli import add_cpu_arguments
+    add_cpu_arguments(d)
     d.add_argument("--batch", metavar="FILE", help="run the commands of FILE ('-': stdin), exit")
     d.add_argument("-ex", dest="ex", action="append", default=[], metavar="CMD",
                    help="run CMD before anything else (repeatable)")
@@ -69,9 +73,11 @@ def cmd_debug(args) -> int:
     if args.config is not None and args.arch == "none":
         print("devirt-emu: error: --config needs --arch vmx", file=sys.stderr)
         return 2
+    from ..cpumodels.cli import model_from_args
     try:
+        cpu = model_from_args(args)
         session = Session(args.program, cores=args.cores, arch=args.arch, config=args.config,
-                          mem_mb=args.mem, max_ns=int(args.max_time * 1e9))
+                          mem_mb=args.mem, max_ns=int(args.max_time * 1e9), cpu=cpu)
     except (AsmError, GuestError, DebugError, ValueError, OSError) as e:
         print(f"devirt-emu: error: {e}", file=sys.stderr)
         return 2

@@ -14,15 +14,13 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from ..vmx import controls as C
+from .. import x86
 from ..vmx import exit_reasons as ER
 from ..vmx import rules as R
 from ..vmx.fields import VmcsField as F
 from .state import CR0_BITS, CR4_BITS
 
-VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
-                8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
-                17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
+VECTOR_NAMES = x86.EXCEPTION_NAMES
 #: #PF error-code bits (SDM Vol. 3A "Interrupt 14 - Page-Fault Exception").
 PFEC_BITS = (("P", 0), ("W/R", 1), ("U/S", 2), ("RSVD", 3), ("I/D", 4), ("PK", 5), ("SS", 6),
              ("HLAT", 7), ("SGX", 15))
@@ -105,6 +103,59 @@ CONTROL_DOCS = {
     "VM_ENTRY_SMM": "Entry to SMM (dual-monitor treatment only).",
     "VM_ENTRY_LOAD_IA32_PAT": "IA32_PAT is loaded from GUEST_IA32_PAT on VM entry.",
     "VM_ENTRY_LOAD_IA32_EFER": "IA32_EFER is loaded from GUEST_IA32_EFER on VM entry.",
+    "SECONDARY_EXEC_ENCLS_EXITING": "ENCLS leaf functions exit as the ENCLS-exiting bitmap says.",
+    "SECONDARY_EXEC_ENABLE_PML": "Page-modification logging: the GPA of each page whose EPT dirty "
+                                 "flag gets set is logged to the PML buffer.",
+    "SECONDARY_EXEC_EPT_VIOLATION_VE": "Some EPT violations become virtualization exceptions "
+                                       "(#VE) in the guest instead of VM exits.",
+    "SECONDARY_EXEC_PT_CONCEAL_VMX": "Intel PT hides that the processor is in non-root operation.",
+    "SECONDARY_EXEC_PASID_TRANSLATION": "ENQCMD/ENQCMDS PASIDs are translated through the PASID "
+                                        "directory.",
+    "SECONDARY_EXEC_MODE_BASED_EPT_EXEC": "EPT execute permission is split into supervisor and "
+                                          "user-mode execute bits.",
+    "SECONDARY_EXEC_EPT_SUB_PAGE_WRITE": "EPT write permission may be given per 128-byte sub-page.",
+    "SECONDARY_EXEC_PT_USE_GPA": "Intel PT output addresses are guest-physical (translated by EPT).",
+    "SECONDARY_EXEC_TSC_SCALING": "RDTSC/RDTSCP results are multiplied by TSC_MULTIPLIER before "
+                                  "the offset is added.",
+    "SECONDARY_EXEC_ENABLE_PCONFIG": "PCONFIG is allowed (else #UD).",
+    "SECONDARY_EXEC_ENCLV_EXITING": "ENCLV leaf functions exit as the ENCLV-exiting bitmap says.",
+    "SECONDARY_EXEC_BUS_LOCK_DETECTION": "A bus lock causes a VM exit (after the instruction).",
+    "SECONDARY_EXEC_NOTIFY_VM_EXITING": "An instruction that blocks event windows longer than the "
+                                        "notify window causes a VM exit.",
+    "TERTIARY_EXEC_LOADIWKEY_EXITING": "LOADIWKEY causes a VM exit.",
+    "TERTIARY_EXEC_ENABLE_HLAT": "Hypervisor-managed linear-address translation.",
+    "TERTIARY_EXEC_EPT_PAGING_WRITE": "EPT paging-write control for guest paging-structure updates.",
+    "TERTIARY_EXEC_GUEST_PAGING_VERIFY": "Guest-paging verification of EPT mappings.",
+    "TERTIARY_EXEC_IPI_VIRT": "IPI virtualization: ICR writes are sent through the PID-pointer "
+                              "table without a VM exit.",
+    "TERTIARY_EXEC_VIRT_SPEC_CTRL": "IA32_SPEC_CTRL is virtualized with a mask and a shadow.",
+    "VM_EXIT_LOAD_IA32_PERF_GLOBAL_CTRL": "IA32_PERF_GLOBAL_CTRL is loaded from the host field on "
+                                          "VM exit.",
+    "VM_EXIT_CLEAR_BNDCFGS": "IA32_BNDCFGS is cleared on VM exit.",
+    "VM_EXIT_PT_CONCEAL_PIP": "Intel PT hides the VM exit (no PIP packet).",
+    "VM_EXIT_CLEAR_IA32_RTIT_CTL": "IA32_RTIT_CTL is cleared on VM exit.",
+    "VM_EXIT_CLEAR_IA32_LBR_CTL": "IA32_LBR_CTL is cleared on VM exit.",
+    "VM_EXIT_CLEAR_UINV": "The user-interrupt notification vector is cleared on VM exit.",
+    "VM_EXIT_LOAD_CET_STATE": "The host's CET state is loaded on VM exit.",
+    "VM_EXIT_LOAD_IA32_PKRS": "IA32_PKRS is loaded from the host field on VM exit.",
+    "VM_EXIT_SAVE_IA32_PERF_GLOBAL_CTRL": "IA32_PERF_GLOBAL_CTRL is saved on VM exit.",
+    "VM_EXIT_ACTIVATE_SECONDARY_CONTROLS": "The secondary VM-exit controls are used.",
+    "SECONDARY_VM_EXIT_SAVE_IA32_FRED": "The guest's FRED MSRs are saved on VM exit.",
+    "SECONDARY_VM_EXIT_LOAD_IA32_FRED": "The host's FRED MSRs are loaded on VM exit.",
+    "VM_ENTRY_DEACT_DUAL_MONITOR": "Deactivate the dual-monitor treatment (SMM only).",
+    "VM_ENTRY_LOAD_IA32_PERF_GLOBAL_CTRL": "IA32_PERF_GLOBAL_CTRL is loaded from the guest field "
+                                           "on VM entry.",
+    "VM_ENTRY_LOAD_BNDCFGS": "IA32_BNDCFGS is loaded from the guest field on VM entry.",
+    "VM_ENTRY_PT_CONCEAL_PIP": "Intel PT hides the VM entry (no PIP packet).",
+    "VM_ENTRY_LOAD_IA32_RTIT_CTL": "IA32_RTIT_CTL is loaded from the guest field on VM entry.",
+    "VM_ENTRY_LOAD_UINV": "The user-interrupt notification vector is loaded on VM entry.",
+    "VM_ENTRY_LOAD_CET_STATE": "The guest's CET state is loaded on VM entry.",
+    "VM_ENTRY_LOAD_IA32_LBR_CTL": "IA32_LBR_CTL is loaded from the guest field on VM entry.",
+    "VM_ENTRY_LOAD_IA32_PKRS": "IA32_PKRS is loaded from the guest field on VM entry.",
+    "VM_ENTRY_LOAD_IA32_FRED": "The guest's FRED MSRs are loaded on VM entry.",
+    "VMX_VMFUNC_EPTP_SWITCHING": "VM function 0: the guest may switch to another EPTP of the "
+                                 "EPTP list.",
+    "GUEST_INTR_STATE_ENCLAVE_INTR": "The VM exit came from inside an enclave (SGX).",
     "GUEST_INTR_STATE_STI": "Blocking by STI: interrupts are blocked for one instruction.",
     "GUEST_INTR_STATE_MOV_SS": "Blocking by MOV SS/POP SS for one instruction.",
     "GUEST_INTR_STATE_SMI": "Blocking by SMI.",

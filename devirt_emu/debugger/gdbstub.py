@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import select
 import socket
-import struct
 import threading
 from typing import Callable, Optional
 
@@ -210,16 +209,27 @@ def read_register(core, index: int) -> bytes:
 def write_register(core, index: int, data: bytes) -> None:
     name, bits, kind = REGISTERS[index]
     v = int.from_bytes(data, "little")
-    uc = core.uc
-    if kind == "gpr":
-        uc.reg_write(_GPR_IDS[name], v)
-    elif kind == "rip":
-        uc.reg_write(X.UC_X86_REG_RIP, v)
-    elif kind == "rflags":
-        uc.reg_write(X.UC_X86_REG_EFLAGS, v | 2)
-    elif kind == "cr" and name in _CR_IDS:
-        uc.reg_write(_CR_IDS[name], v)
+    if kind in ("gpr", "rip", "rflags") or (kind == "cr" and name in _CR_IDS):
+        if v != int.from_bytes(read_register(core, index), "little"):   # (G writes them all)
+            write_named_register(core, name, v)
     # segments (their descriptor caches), MSRs, CR8, x87/SSE: not written from GDB
+
+
+def write_named_register(core, name: str, value: int) -> None:
+    """Write a GPR, RIP, RFLAGS (bit 1 stays 1) or CR0/CR2/CR3/CR4 of a stopped core."""
+    uc = core.uc
+    if name in _GPR_IDS:
+        uc.reg_write(_GPR_IDS[name], value)
+    elif name == "rip":
+        uc.reg_write(X.UC_X86_REG_RIP, value)
+    elif name in ("rflags", "eflags"):
+        uc.reg_write(X.UC_X86_REG_EFLAGS, value | 2)
+    elif name in _CR_IDS:
+        uc.reg_write(_CR_IDS[name], value)
+        if name != "cr2":
+            core.after_mode_change()       # paging may differ: the scans are re-armed
+    else:
+        raise DebugError(f"register {name!r} cannot be written (GPRs, rip, rflags, cr0-cr4)")
 
 
 # ---------------------------------------------------------------- the stub
@@ -292,7 +302,7 @@ class GdbStub:
     def handle(self, payload: str) -> Optional[str]:
         try:
             return self._handle(payload)
-        except (ProtocolError, IndexError, KeyError) as e:
+        except (ProtocolError, IndexError, KeyError):
             return "E01"
         except DebugError:
             return "E0E"
@@ -385,7 +395,10 @@ class GdbStub:
             core = self.c_core if self.c_core is not None else self.g_core
             return self._run(lambda: self._reverse_step(core))
         if p == "bc":
-            return self._run(self.s.reverse_cont)
+            reply = self._run(self.s.reverse_cont)
+            if self.s.at_history_begin and reply.startswith("T"):
+                reply += "replaylog:begin;"       # GDB: no more reverse-execution history
+            return reply
         if c == "D":
             self.detached = True
             return "OK"

@@ -135,6 +135,10 @@ class Repl:
 
     def show_stop(self, st) -> None:
         s = self.s
+        if s.dropped_writes:
+            s.dropped_writes = False
+            self.say("note: the replay ran the program as loaded: your register, memory and "
+                     "VMCS writes since then are not in it")
         text = st.describe()
         sym = s.symbols.describe(st.rip)
         if sym:
@@ -264,28 +268,32 @@ def _tbreak(r: Repl, args):
 
 
 def _watch(r: Repl, args, access):
+    physical = bool(args) and args[0] in ("-p", "-phys")
+    if physical:
+        args = args[1:]
     if not 1 <= len(args) <= 2:
-        raise DebugError("usage: watch ADDR [SIZE]")
-    if args[0] in ("-p", "-phys"):
-        raise DebugError("physical watchpoints are not supported yet (watch a linear address)")
+        raise DebugError("usage: watch [-p] ADDR [SIZE]")
     size = _int(args[1], "size") if len(args) == 2 else 1
-    ident = r.s.watch(args[0], size, access)
+    ident = r.s.watch(args[0], size, access, physical=physical)
+    wp = r.s.watchpoints[ident]
+    where = f"guest-physical {wp.address:#x}" if physical else r.s.where(wp.address)
     r.say(f"watchpoint {ident} ({ {'w': 'write', 'r': 'read', 'rw': 'access'}[access]}) "
-          f"on {r.s.where(r.s.watchpoints[ident].address)}+{size}")
+          f"on {where}+{size}")
 
 
-@command("watch", "watch ADDR [SIZE]", "Stop after an instruction writes a byte of [ADDR, "
-         "ADDR+SIZE) (linear addresses, every core).")
+@command("watch", "watch [-p] ADDR [SIZE]", "Stop after an instruction writes a byte of [ADDR, "
+         "ADDR+SIZE) (linear addresses, every core; -p: guest-physical, which also sees the "
+         "platform's own accesses such as interrupt frames).")
 def _watch_w(r: Repl, args):
     _watch(r, args, "w")
 
 
-@command("rwatch", "rwatch ADDR [SIZE]", "Stop after an instruction reads the range.")
+@command("rwatch", "rwatch [-p] ADDR [SIZE]", "Stop after an instruction reads the range.")
 def _watch_r(r: Repl, args):
     _watch(r, args, "r")
 
 
-@command("awatch", "awatch ADDR [SIZE]", "Stop after an instruction reads or writes the range.")
+@command("awatch", "awatch [-p] ADDR [SIZE]", "Stop after an instruction reads or writes the range.")
 def _watch_a(r: Repl, args):
     _watch(r, args, "rw")
 
@@ -553,13 +561,15 @@ def _symbols(r: Repl, args):
 
 
 # ---------------------------------------------------------------------- virtualization
-@command("vmcs", "vmcs [GROUP|NAME]", "The selected core's VMCS by field name (GROUP: control, "
-         "exit-info, guest, host; or part of a name), controls as named bits.")
-def _vmcs(r: Repl, args):
+def _view_table(r: Repl, args, kind: str):
     if len(args) > 1:
-        raise DebugError("usage: vmcs [GROUP|NAME]")
-    rows = r.s.need_view().rows(args[0] if args else None)
-    t = Table(title=f"VMCS of core {r.s.core}")
+        raise DebugError(f"usage: {kind} [GROUP|NAME]")
+    view = r.s.need_view()
+    if view.kind != kind:
+        raise DebugError(f"core {r.s.core} has a {view.kind.upper()}, not a {kind.upper()}: "
+                         f"use {view.kind}")
+    rows = view.rows(args[0] if args else None)
+    t = Table(title=f"{kind.upper()} of core {r.s.core}")
     for col in ("field", "value", "decoded"):
         t.add_column(col)
     for row in rows:
@@ -567,17 +577,31 @@ def _vmcs(r: Repl, args):
     r.out.print(t)
 
 
-@command("vmcb", "vmcb [GROUP|NAME]", "The VMCB of an SVM guest (SVM is not modelled yet).")
+@command("vmcs", "vmcs [GROUP|NAME]", "The selected core's VMCS by field name (GROUP: control, "
+         "exit-info, guest, host; or part of a name), controls as named bits.")
+def _vmcs(r: Repl, args):
+    _view_table(r, args, "vmcs")
+
+
+@command("vmcb", "vmcb [AREA|NAME]", "The selected core's VMCB by field name (AREA: control, "
+         "save; or part of a name), intercept vectors as named bits (SVM cores only).")
 def _vmcb(r: Repl, args):
-    raise DebugError("no VMCB: SVM is not modelled yet (--arch vmx has a VMCS: use vmcs)")
+    _view_table(r, args, "vmcb")
 
 
-@command("set", "set FIELD VALUE", "Write a VMCS field, or one control bit by its name (0 or "
-         "1); the processor uses it at the next VM entry, whose checks then apply.")
+@command("set", "set FIELD|$REG VALUE", "Write a VMCS (or VMCB) field, or one control (or "
+         "intercept) bit by its name (0 or 1): the processor uses it at the next VM entry, whose "
+         "checks then apply; or a "
+         "register of the selected core ($rax..$r15, $rip, $rflags, $cr0..$cr4).")
 def _set(r: Repl, args):
     if len(args) != 2:
-        raise DebugError("usage: set FIELD VALUE")
-    r.say(r.s.need_view().set(args[0], _int(args[1], "value")))
+        raise DebugError("usage: set FIELD|$REG VALUE")
+    value = _int(args[1], "value")
+    if args[0].startswith("$"):
+        r.s.write_register(args[0], value)
+        r.say(f"{args[0]} = {value:#x}")
+        return
+    r.say(r.s.set_field(args[0], value))
 
 
 @command("exits", "exits [core N] [reason R] [last N]", "The VM exits taken (the last 20 by "
@@ -618,8 +642,8 @@ def _why_not(r: Repl, args):
         r.say(line)
 
 
-@command("explain", "explain FIELD|CONTROL|REASON", "What a VMCS field, a control bit or an "
-         "exit reason is.")
+@command("explain", "explain FIELD|CONTROL|REASON", "What a VMCS (or VMCB) field, a control "
+         "(or intercept) bit or an exit reason is.")
 def _explain(r: Repl, args):
     if len(args) != 1:
         raise DebugError("usage: explain FIELD|CONTROL|REASON")
@@ -691,7 +715,7 @@ def interactive(repl: Repl) -> None:
         history = FileHistory(str(path))
     except OSError:
         history = InMemoryHistory()
-    completer = WordCompleter(completion_words(repl.s), sentence=True, match_middle=False)
+    completer = WordCompleter(completion_words(repl.s), WORD=True)
     ps = PromptSession(history=history, completer=completer)
     while not repl.done:
         try:

@@ -66,9 +66,14 @@ class Watchpoint:
     access: str
     spec: str
     hits: int = 0
+    #: the machine RAM address of a physical watchpoint (``address`` is then guest-physical)
+    hpa: Optional[int] = None
 
 
 _ACCESS = {"w": "write", "r": "read", "rw": "access"}
+#: Instructions ``finish`` steps at most when it cannot read the return address
+#: (measured: about 0.5 ms each, a step and a disassembly).
+FINISH_STEPS = 200_000
 
 
 class Session:
@@ -76,12 +81,12 @@ class Session:
 
     def __init__(self, program: str | Path, *, cores: int = 1, arch: str = "none",
                  config: str | None = None, mem_mb: int = 64, max_ns: int = 1_000_000_000,
-                 quantum: int = 20_000):
+                 quantum: int = 20_000, cpu=None):
         self.program = Path(program)
         if not self.program.is_file():
             raise DebugError(f"no such file: {program}")
         self.options = dict(cores=cores, arch=arch, config=config, mem_mb=mem_mb, max_ns=max_ns,
-                            quantum=quantum)
+                            quantum=quantum, cpu=cpu)
         self.symbols = SymbolTable()
         self._image = None
         self._elf_entry = None
@@ -98,6 +103,13 @@ class Session:
         self.snapshots: dict[str, Position] = {}
         self.last_stop: Optional[Stop] = None
         self._over_breakpoint: Optional[int] = None  # a replay left this core at a breakpoint
+        #: reverse-continue found no earlier stop and went back to the boot state
+        self.at_history_begin = False
+        #: the user wrote registers, memory or the VMCS since boot (or the last replay):
+        #: a replay runs the program as loaded, without those writes
+        self.modified = False
+        #: the last replay dropped such writes
+        self.dropped_writes = False
 
     # ------------------------------------------------------------------ building
     def _load_program(self) -> None:
@@ -113,7 +125,7 @@ class Session:
     def _new_machine(self) -> Machine:
         o = self.options
         m = Machine(cores=o["cores"], mem_mb=o["mem_mb"], arch=o["arch"], config=o["config"],
-                    max_ns=o["max_ns"], quantum=o["quantum"], record_exits=True)
+                    max_ns=o["max_ns"], quantum=o["quantum"], record_exits=True, cpu=o["cpu"])
         m.load_image(self._image)
         if is_elf(self.program):
             entry = m.load_elf(self.program)
@@ -132,7 +144,11 @@ class Session:
         for ident, bp in self.breakpoints.items():
             self._machine_ids[ident] = m.add_breakpoint(bp.address, core=bp.core)
         for ident, wp in self.watchpoints.items():
-            self._machine_ids[ident] = m.add_watchpoint(wp.address, wp.size, wp.access)
+            if wp.hpa is None:
+                self._machine_ids[ident] = m.add_watchpoint(wp.address, wp.size, wp.access)
+            else:
+                self._machine_ids[ident] = m.add_watchpoint(wp.hpa, wp.size, wp.access,
+                                                            physical=True)
         self._arm_exits()
         m.stop_on_vector(self.vector_stops or None)
 
@@ -218,15 +234,34 @@ class Session:
         self._machine_ids[ident] = self.machine.add_breakpoint(addr, core=core)
         return ident
 
-    def watch(self, spec: str, size: int = 1, access: str = "w") -> int:
+    def watch(self, spec: str, size: int = 1, access: str = "w", *,
+              physical: bool = False) -> int:
+        """A watchpoint on ``size`` bytes at ``spec``: a linear address (every core's
+        guest instructions), or with ``physical`` a guest-physical one (translated
+        through the selected core's EPT once, now): every access to the RAM behind
+        it, the platform's own included (see Machine.add_watchpoint)."""
         if access not in _ACCESS:
             raise DebugError(f"watch access is r, w or rw, not {access!r}")
         addr = self.resolve(spec)
         if not 1 <= size <= 1 << 20:
             raise DebugError(f"watch size {size} is not 1 .. 1 MiB")
+        hpa = None
+        if physical:
+            hpa = self._gpa_to_hpa(addr)
+            last = addr + size - 1
+            if self._gpa_to_hpa(last) != hpa + size - 1:
+                raise DebugError(f"guest-physical {addr:#x}+{size} is not contiguous in RAM "
+                                 f"(split it at the page boundary)")
         ident = self._new_id()
-        self.watchpoints[ident] = Watchpoint(addr, size, access, spec)
-        self._machine_ids[ident] = self.machine.add_watchpoint(addr, size, access)
+        try:
+            if hpa is None:
+                mid = self.machine.add_watchpoint(addr, size, access)
+            else:
+                mid = self.machine.add_watchpoint(hpa, size, access, physical=True)
+        except ValueError as e:
+            raise DebugError(str(e)) from None
+        self.watchpoints[ident] = Watchpoint(addr, size, access, spec, hpa=hpa)
+        self._machine_ids[ident] = mid
         return ident
 
     def delete(self, ident: Optional[int] = None) -> None:
@@ -287,30 +322,41 @@ class Session:
         return "stop at vectors " + ", ".join(f"{v:#x}" for v in sorted(self.vector_stops))
 
     # ------------------------------------------------------------------ running
-    def _run(self, fn) -> Stop:
+    def _run(self, fn, step_core: Optional[int] = None, steps: Optional[int] = None) -> Stop:
+        """Run ``fn`` (a machine run returning a Stop).  ``step_core``/``steps``:
+        ``fn`` steps that core that many instructions (a step over a restored
+        breakpoint counts as one of them)."""
         m = self.machine
         if m.verdict is not None:
             raise DebugError(f"the run has ended (verdict {m.verdict}); restore a snapshot or "
                              "use reverse-stepi / reverse-continue / restart")
         over = self._over_breakpoint
         self._over_breakpoint = None
-        if over is not None:
-            # a replay left this core in front of a breakpoint: execute it first
+        if over is not None and steps != 0:
+            # a replay left this core in front of the breakpoint it had stopped at: the
+            # machine would stop there again at once, so its instruction runs first (as
+            # continuing from a breakpoint stop does)
             c = m.cores[over]
-            hits = [(i, bp) for i, bp in self.breakpoints.items() if bp.address == c.rip()]
-            for i, _ in hits:
-                m.remove_breakpoint(self._machine_ids.pop(i))
-            try:
-                st = m.step(1, core=over)
-            finally:
-                for i, bp in hits:
-                    self._machine_ids[i] = m.add_breakpoint(bp.address, core=bp.core)
-            if st.kind is not StopKind.STEP:
-                return self._stopped(st)
+            hits = [(i, bp) for i, bp in self.breakpoints.items()
+                    if bp.address == c.rip() and bp.core in (None, over)]
+            if hits:
+                for i, _ in hits:
+                    m.remove_breakpoint(self._machine_ids.pop(i))
+                try:
+                    st = m.step(1, core=over)
+                finally:
+                    for i, bp in hits:
+                        self._machine_ids[i] = m.add_breakpoint(bp.address, core=bp.core)
+                if st.kind is not StopKind.STEP:
+                    return self._stopped(st)
+                if step_core == over:
+                    if steps == 1:
+                        return self._stopped(st)
+                    fn = (lambda k=over, n=steps - 1: m.step(n, core=k))
         return self._stopped(fn())
 
     def _stopped(self, st: Stop) -> Stop:
-        m = self.machine
+        self.at_history_begin = False
         if st.kind is StopKind.BREAKPOINT:
             for i, bp in list(self.breakpoints.items()):
                 if self._machine_ids.get(i) == st.ident:
@@ -341,7 +387,7 @@ class Session:
     def stepi(self, n: int = 1) -> Stop:
         if n < 0:
             raise DebugError("a step count is at least 0")
-        return self._run(lambda: self.machine.step(n, core=self.core))
+        return self._run(lambda: self.machine.step(n, core=self.core), self.core, n)
 
     def cont(self) -> Stop:
         return self._run(self.machine.run_until)
@@ -386,7 +432,7 @@ class Session:
         """Run until the current function returns.  At a function's first
         instruction (a symbol's address) the return address is at [RSP]; else
         the core is stepped, counting CALLs and RETs, until the RET that leaves
-        the current function (at most 1,000,000 instructions)."""
+        the current function (at most FINISH_STEPS instructions; Ctrl-C stops it)."""
         c = self.cur()
         rip = c.rip()
         hit = self.symbols.lookup(rip)
@@ -395,7 +441,7 @@ class Session:
             return self.until(f"{ret:#x}")
         depth = 0
         st = None
-        for _ in range(1_000_000):
+        for _ in range(FINISH_STEPS):
             insn = self._insn(self.cur().rip())
             st = self.stepi(1)
             if st.kind is not StopKind.STEP:
@@ -428,9 +474,20 @@ class Session:
         """Back to the boot state (nothing has run)."""
         self._replay(Position(0, (0,) * self.cores, 0))
 
+    def _fresh(self) -> Machine:
+        """A new machine for a replay (the user's writes are not replayed)."""
+        self.dropped_writes, self.modified = self.modified, False
+        return self._new_machine()
+
+    def set_field(self, name: str, value: int) -> str:
+        """Write a field or control bit of the selected core's VMCS/VMCB view."""
+        out = self.need_view().set(name, value)
+        self.modified = True
+        return out
+
     def _replay(self, pos: Position) -> None:
         """A fresh machine run, with no stop armed, to ``pos``."""
-        self.machine = m = self._new_machine()
+        self.machine = m = self._fresh()
         self._machine_ids.clear()
         while m.verdict is None:
             total = sum(c.icount for c in m.cores)
@@ -438,9 +495,9 @@ class Session:
                 break
             m.run_until(max_instructions=pos.total - total)
         st = self._settle(pos)
+        self._arm()
         if tuple(c.icount for c in m.cores) != pos.icounts and m.verdict is None:
             raise DebugError("the replay did not reach the same point (a nondeterministic stop)")
-        self._arm()
         self.core = pos.core
         c = m.cores[self.core]
         self.last_stop = st if st is not None else Stop(StopKind.STEP, self.core, c.rip())
@@ -476,7 +533,7 @@ class Session:
             raise DebugError("reverse-stepi needs a count of at least 1")
         k = self.core
         target = max(0, self.cur().icount - n)
-        self.machine = m = self._new_machine()
+        self.machine = m = self._fresh()
         self._machine_ids.clear()
         st = None
         while m.verdict is None and m.cores[k].icount < target:
@@ -494,7 +551,8 @@ class Session:
         the current point, or to the boot state if there was none."""
         here = self.position()
         saved_bps = dict(self.breakpoints)
-        self.machine = m = self._new_machine()
+        self.machine = m = self._fresh()
+        dropped = self.dropped_writes
         self._arm()
         found: Optional[tuple[Position, Stop]] = None
         self.last_stop = None
@@ -512,9 +570,11 @@ class Session:
                 if (pos.total, pos.exits) < (here.total, here.exits):
                     found = (pos, st)
         self.breakpoints = saved_bps
+        self.modified = dropped           # (the replays below must report them too)
         if found is None:
             self.restart()
-            return Stop(StopKind.STEP, 0, self.machine.cores[0].rip())
+            self.at_history_begin = True
+            return self.last_stop
         self._replay(found[0])
         st = found[1]
         self.core = st.core
@@ -534,6 +594,15 @@ class Session:
                           ("kernel_gs_base", S.MSR_KERNEL_GS_BASE)):
             out[name] = c.rdmsr_raw(msr)
         return out
+
+    def write_register(self, name: str, value: int) -> None:
+        """Write a GPR, RIP, RFLAGS or CR0/2/3/4 of the selected core (a stopped
+        machine: the next run uses it)."""
+        from .gdbstub import write_named_register
+        if not 0 <= value < 1 << 64:
+            raise DebugError(f"{value:#x} does not fit a 64-bit register")
+        write_named_register(self.cur(), name.lower().lstrip("$"), value)
+        self.modified = True
 
     def read_virtual(self, address: int, n: int, core: Optional[int] = None) -> bytes:
         from ..platform.paging import PageFault, UnsupportedPaging
@@ -573,12 +642,14 @@ class Session:
             self.cur().write_linear(address, data)
         except Exception as e:
             raise DebugError(f"cannot write {address:#x}: {e}") from None
+        self.modified = True
 
     def write_physical(self, address: int, data: bytes) -> None:
         hpa = self._gpa_to_hpa(address)
         if not self.machine.mem.contains(hpa, len(data)):
             raise DebugError(f"physical {address:#x} is outside RAM")
         self.machine.write_phys(hpa, data)
+        self.modified = True
 
     def eptp(self) -> Optional[int]:
         """The EPT pointer the selected core's vCPU uses, None without EPT."""
@@ -616,7 +687,7 @@ class Session:
     def need_view(self):
         v = self.view()
         if v is None:
-            raise DebugError("the machine runs natively: no VMCS (use --arch vmx)")
+            raise DebugError("the machine runs natively: no VMCS or VMCB (use --arch vmx)")
         return v
 
     def why(self):

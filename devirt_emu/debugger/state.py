@@ -16,30 +16,47 @@ from dataclasses import dataclass
 
 from unicorn import x86_const as X
 
+from .. import x86
 from ..events import GPR_NAMES, SEG_NAMES
+from ..vmx import controls as _C
 from ..platform import paging as P
 from ..platform.descriptors import desc_base, desc_dpl, desc_limit, desc_type, is_present, is_system
 
 # ---------------------------------------------------------------- bit tables
-#: RFLAGS bits (IOPL is a 2-bit field, shown as IOPL=n).
-RFLAGS_BITS = (("CF", 0), ("PF", 2), ("AF", 4), ("ZF", 6), ("SF", 7), ("TF", 8), ("IF", 9),
-               ("DF", 10), ("OF", 11), ("NT", 14), ("RF", 16), ("VM", 17), ("AC", 18),
-               ("VIF", 19), ("VIP", 20), ("ID", 21))
-CR0_BITS = (("PE", 0), ("MP", 1), ("EM", 2), ("TS", 3), ("ET", 4), ("NE", 5), ("WP", 16),
-            ("AM", 18), ("NW", 29), ("CD", 30), ("PG", 31))
-CR4_BITS = (("VME", 0), ("PVI", 1), ("TSD", 2), ("DE", 3), ("PSE", 4), ("PAE", 5), ("MCE", 6),
-            ("PGE", 7), ("PCE", 8), ("OSFXSR", 9), ("OSXMMEXCPT", 10), ("UMIP", 11),
-            ("LA57", 12), ("VMXE", 13), ("SMXE", 14), ("FSGSBASE", 16), ("PCIDE", 17),
-            ("OSXSAVE", 18), ("SMEP", 20), ("SMAP", 21), ("PKE", 22), ("CET", 23), ("PKS", 24))
-EFER_BITS = (("SCE", 0), ("LME", 8), ("LMA", 10), ("NXE", 11), ("SVME", 12), ("LMSLE", 13),
-             ("FFXSR", 14), ("TCE", 15))
+def _bits_of(module, prefix: str, exclude=()) -> tuple:
+    """(short name, bit) of every single-bit constant ``prefix*`` of ``module``,
+    lowest bit first: the display tables are derived from the one table of
+    each architectural list (devirt_emu/x86.py, vmx/controls.py)."""
+    out = []
+    for name, v in vars(module).items():
+        if name.startswith(prefix) and name not in exclude and isinstance(v, int) \
+                and v > 0 and not v & (v - 1):
+            out.append((name[len(prefix):], v.bit_length() - 1))
+    return tuple(sorted(out, key=lambda t: t[1]))
+
+
+#: RFLAGS bits (IOPL, a 2-bit field, is shown as IOPL=n; bit 1 is always 1).
+RFLAGS_BITS = _bits_of(x86, "X86_EFLAGS_", exclude=("X86_EFLAGS_FIXED",))
+CR0_BITS = _bits_of(x86, "X86_CR0_")
+CR4_BITS = _bits_of(x86, "X86_CR4_")
+EFER_BITS = _bits_of(x86, "EFER_")
+#: EPT paging-structure entry bits (vmx/controls.py).
+EPT_BITS = (("R", _C.VMX_EPT_READABLE_MASK.bit_length() - 1),
+            ("W", _C.VMX_EPT_WRITABLE_MASK.bit_length() - 1),
+            ("X", _C.VMX_EPT_EXECUTABLE_MASK.bit_length() - 1),
+            ("IPAT", _C.VMX_EPT_IPAT_BIT.bit_length() - 1),
+            ("LARGE", _C.VMX_EPT_LARGE_PAGE_BIT.bit_length() - 1),
+            ("A", _C.VMX_EPT_ACCESS_BIT.bit_length() - 1),
+            ("D", _C.VMX_EPT_DIRTY_BIT.bit_length() - 1),
+            ("XU", _C.VMX_EPT_USER_EXECUTABLE_MASK.bit_length() - 1),
+            ("SVE", _C.VMX_EPT_SUPPRESS_VE_BIT.bit_length() - 1))
 #: Segment access rights in the VMCS layout (SDM "Guest Register State").
 AR_BITS = (("S", 4), ("P", 7), ("AVL", 12), ("L", 13), ("DB", 14), ("G", 15), ("UNUSABLE", 16))
-#: Paging-structure entry bits (4-level, PAE and 32-bit paging share these).
+#: Paging-structure entry bits of 4-level, PAE and 32-bit paging (SDM Vol. 3A
+#: "Formats of Paging-Structure Entries"; the platform's walk keeps its own
+#: private masks).
 PTE_BITS = (("P", 0), ("RW", 1), ("US", 2), ("PWT", 3), ("PCD", 4), ("A", 5), ("D", 6),
             ("PS", 7), ("G", 8), ("XD", 63))
-EPT_BITS = (("R", 0), ("W", 1), ("X", 2), ("IPAT", 6), ("LARGE", 7), ("A", 8), ("D", 9),
-            ("XU", 10), ("SVE", 63))
 
 
 def decode(table, value: int) -> list[str]:
@@ -60,11 +77,7 @@ def bits_text(table, value: int) -> str:
 # ---------------------------------------------------------------- registers
 #: Control registers by the names of Event.regs.
 CONTROL_REGS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")
-_SEG_IDS = (X.UC_X86_REG_ES, X.UC_X86_REG_CS, X.UC_X86_REG_SS, X.UC_X86_REG_DS,
-            X.UC_X86_REG_FS, X.UC_X86_REG_GS)
-MSR_FS_BASE = 0xC0000100
-MSR_GS_BASE = 0xC0000101
-MSR_KERNEL_GS_BASE = 0xC0000102
+MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE = x86.MSR_FS_BASE, x86.MSR_GS_BASE, x86.MSR_KERNEL_GS_BASE
 
 
 def gprs(core) -> dict[str, int]:
@@ -115,8 +128,8 @@ def long_mode(core) -> bool:
 
 
 def gdt_entries(core, max_entries: int = 64) -> list[tuple[int, str]]:
-    """(selector, description) of each GDT slot (16-byte system descriptors in
-    IA-32e mode take two slots)."""
+    """(selector, description) of each non-null GDT slot after the null
+    descriptor (16-byte system descriptors in IA-32e mode take two slots)."""
     base, limit = descriptor_tables(core)["gdtr"]
     lm = long_mode(core)
     out = []
@@ -126,7 +139,10 @@ def gdt_entries(core, max_entries: int = 64) -> list[tuple[int, str]]:
         d = struct.unpack("<Q", raw)[0]
         size = 8
         if d == 0:
-            text = "null"
+            off += 8
+            if off == 8:
+                out.append((0, "null"))
+            continue
         elif is_system(d):
             t = desc_type(d)
             kind = {2: "LDT", 9: "TSS (available)", 0xB: "TSS (busy)", 1: "TSS16 (available)",

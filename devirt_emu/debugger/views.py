@@ -1,8 +1,7 @@
 """The virtualization views of the debugger: one interface, :class:`VirtView`,
 that the Session, the REPL and the GDB stub's ``monitor`` use for the control
-structure of a core (VMX's VMCS today; AMD's VMCB plugs in as another
-implementation when the SVM layer exists: ``view_for`` is the one place that
-picks it).
+structure of a core: :class:`VmcsView` for a VMX vCPU, :class:`VmcbView` for
+an SVM vCPU (``view_for`` is the one place that picks it).
 
 A view lists fields by name with their decoded value (controls as named
 bits), writes a field or a single control bit, explains a field or bit, and
@@ -17,7 +16,7 @@ from typing import Optional, Protocol
 
 from ..vmx import controls as C
 from ..vmx import exit_reasons as ER
-from ..vmx.capabilities import SUPPORTED_FIELDS
+from ..vmx.capabilities import supported_fields
 from ..vmx.fields import ALL_FIELDS, FieldType, field_by_name
 from . import explain as X
 
@@ -78,6 +77,8 @@ def view_for(core) -> Optional[VirtView]:
         return None
     if hasattr(virt, "vmcs"):
         return VmcsView(virt)
+    if hasattr(virt, "vmcb"):
+        return VmcbView(virt)
     return None
 
 
@@ -145,7 +146,10 @@ class VmcsView:
 
     def __init__(self, vcpu):
         self.vcpu = vcpu
-        self._fields = [f for f in ALL_FIELDS if not f.high and f.encoding in SUPPORTED_FIELDS]
+        #: the fields of the vCPU's CPU model (SDM Appendix B footnotes: a field exists
+        #: when the processor supports a control that uses it)
+        self.supported = supported_fields(getattr(vcpu, "model", None))
+        self._fields = [f for f in ALL_FIELDS if not f.high and f.encoding in self.supported]
 
     def groups(self) -> list[str]:
         return list(_GROUPS.values())
@@ -175,7 +179,7 @@ class VmcsView:
             info = field_by_name(name.upper())
         except KeyError:
             raise ViewError(f"no VMCS field or control bit is named {name!r}") from None
-        if info.encoding not in SUPPORTED_FIELDS:
+        if info.encoding not in self.supported:
             raise ViewError(f"{info.name} does not exist on the modelled processor")
         return info
 
@@ -245,3 +249,147 @@ def parse_bitmap_cause(text: str) -> Optional[tuple[str, int, int]]:
     if m is None:
         return None
     return m.group(1), int(m.group(2), 0), int(m.group(3))
+
+
+# ---------------------------------------------------------------------- SVM
+class VmcbView:
+    """:class:`VirtView` of an :class:`~devirt_emu.svm.vcpu.SvmVcpu`'s VMCB
+    (AMD APM Vol. 2 Appendix B; names are Linux's ``struct vmcb``): the
+    control and state-save areas by field name, the intercept vectors as
+    named bits (settable one by one), EXITCODE by name.  ``why`` explains
+    the last #VMEXIT from the SVM rule's cause; the SVM vCPU does not record
+    the events it let through, so ``why_not`` says so."""
+
+    kind = "vmcb"
+
+    def __init__(self, vcpu):
+        from ..svm import intercepts as I
+        from ..svm import vmcb as V
+        self.vcpu = vcpu
+        self._I, self._V = I, V
+
+    def groups(self) -> list[str]:
+        return ["control", "save"]
+
+    def field_names(self) -> list[str]:
+        return [f.name for f in self._V.TABLE] + list(self._I.TABLE)
+
+    def _value(self, name: str) -> int:
+        v = self.vcpu.vmcb.get(name)
+        return int.from_bytes(v, "little") if isinstance(v, (bytes, bytearray)) else v
+
+    def decode(self, name: str, value: int) -> str:
+        I, V = self._I, self._V
+        if name in V.INTERCEPT_WORDS:
+            word = V.INTERCEPT_WORDS.index(name)
+            return " ".join(I.BY_BIT.get(32 * word + b, f"bit {b}") for b in range(32)
+                            if value >> b & 1) or "-"
+        if name == "exit_code":
+            from ..svm import exit_codes as XC
+            return XC.name_of(self.vcpu.vmcb.exitcode)
+        if name in ("event_inj", "exit_int_info"):
+            if not value & V.SVM_EVTINJ_VALID:
+                return "not valid"
+            return (f"valid vector={value & 0xFF:#x} type={(value >> 8) & 7}"
+                    + (" error-code" if value & V.SVM_EVTINJ_VALID_ERR else ""))
+        from . import state as S
+        table = {"cr0": S.CR0_BITS, "cr4": S.CR4_BITS, "efer": S.EFER_BITS}.get(name)
+        if table is not None:
+            return S.bits_text(table, value)
+        if name == "rflags":
+            return S.rflags_text(value)
+        return ""
+
+    def rows(self, pattern: Optional[str] = None) -> list[FieldRow]:
+        pat = pattern.lower() if pattern else None
+        out = []
+        for f in self._V.TABLE:
+            if pat and pat != f.area and pat not in f.name.lower():
+                continue
+            value = self._value(f.name)
+            out.append(FieldRow(f.name, f.area, value, self.decode(f.name, value), 8 * f.size))
+        if pat and not out:
+            raise ViewError(f"no VMCB field or area matches {pattern!r} (areas: control, save)")
+        return out
+
+    def get(self, name: str) -> int:
+        try:
+            self._V.field(name.lower())
+        except KeyError:
+            raise ViewError(f"no VMCB field is named {name!r}") from None
+        return self._value(name.lower())
+
+    def set(self, name: str, value: int) -> str:
+        I, V = self._I, self._V
+        vmcb = self.vcpu.vmcb
+        if name.upper() in I.TABLE or name in I.TABLE:
+            key = name if name in I.TABLE else name.upper()
+            if value not in (0, 1):
+                raise ViewError(f"{key} is one bit: set it to 0 or 1, not {value:#x}")
+            bit = I.TABLE[key]
+            word_name = V.INTERCEPT_WORDS[bit // 32]
+            old = vmcb.get(word_name)
+            new = old | 1 << (bit % 32) if value else old & ~(1 << (bit % 32))
+            vmcb.set(word_name, new)
+            return f"{word_name} {old:#x} -> {new:#x} ({key}={value})"
+        key = name.lower()
+        try:
+            V.field(key)
+        except KeyError:
+            raise ViewError(f"no VMCB field or intercept bit is named {name!r}") from None
+        old = self._value(key)
+        try:
+            vmcb.set(key, value)
+        except ValueError as e:
+            raise ViewError(str(e)) from None
+        return f"{key} {old:#x} -> {value:#x}"
+
+    def explain(self, name: str) -> str:
+        I, V = self._I, self._V
+        key = name if name in I.TABLE else name.upper()
+        if key in I.TABLE:
+            bit = I.TABLE[key]
+            word_name = V.INTERCEPT_WORDS[bit // 32]
+            f = V.field(word_name)
+            now = self.vcpu.vmcb.get(word_name) >> (bit % 32) & 1
+            return (f"{key}: bit {bit % 32} of {word_name} (intercepts[{bit // 32}] at offset "
+                    f"{f.offset:#05x}; now {now})")
+        from ..svm import exit_codes as XC
+        if key in XC.TABLE:
+            return f"exit code {XC.TABLE[key]:#x} {key}"
+        try:
+            f = V.field(name.lower())
+        except KeyError:
+            raise ViewError(f"no VMCB field, intercept bit or exit code is named {name!r}") from None
+        return f"{f.name}: {f.area} area, offset {f.offset:#05x}, {f.size} bytes"
+
+    def why(self) -> Explanation:
+        d = self.vcpu.last_exit
+        if d is None:
+            return Explanation("no #VMEXIT yet on this core")
+        event = self.vcpu.last_exit_event if hasattr(type(self.vcpu), "last_exit_event") else None
+        head = (f"#VMEXIT {d.name} (exit code {d.code:#x}), EXITINFO1 {d.exit_info_1:#x}, "
+                f"EXITINFO2 {d.exit_info_2:#x}")
+        rule = "devirt_emu.svm.rules" + (f" for a {event.kind.value} event" if event else "")
+        details = []
+        for line in d.cause:
+            d2 = self._intercept_detail(line)
+            if d2:
+                details.append(d2)
+        return Explanation(head, rule, tuple(d.cause), details)
+
+    def _intercept_detail(self, line: str) -> Optional[str]:
+        m = re.search(r"(MSRPM|IOPM) bit (0x[0-9a-f]+|\d+)", line)
+        if m is not None:
+            base_name = "msrpm_base_pa" if m.group(1) == "MSRPM" else "iopm_base_pa"
+            base = self.vcpu.vmcb.get(base_name)
+            n = int(m.group(2), 0)
+            return (f"{m.group(1)} bit {n:#x} is byte {base + (n >> 3):#x} ({base_name} "
+                    f"{base:#x} + {n >> 3:#x}), bit {n & 7}")
+        m = re.match(r"([A-Za-z0-9_]+)=([01])\b", line)
+        if m is None or m.group(1) not in self._I.TABLE:
+            return None
+        return self.explain(m.group(1))
+
+    def why_not(self) -> Explanation:
+        return Explanation("why-not: the SVM vCPU does not record the events it let through yet")

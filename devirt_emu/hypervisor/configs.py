@@ -250,6 +250,14 @@ DEVIRT = VmxConfig(
     msr_passthrough_read=KVM_PASSTHROUGH_READ,
 )
 
+#: KVM-devirt's interrupt vectors (DESIGN's "Interrupts and IPIs"): name -> (first, last).
+DEVIRT_VECTOR_RANGES = {
+    "host devices": (0x20, 0x6A), "host system": (0x6B, 0x7F),
+    "guest devices": (0xC1, 0xEB), "guest system": (0xEC, 0xFF),
+}
+#: KVM-devirt's named guest system vectors.
+DEVIRT_GUEST_VECTORS = {"timer": 0xEC, "reschedule": 0xFD, "spurious": 0xFF}
+
 #: KVM's POSTED_INTR_VECTOR and POSTED_INTR_WAKEUP_VECTOR (arch/x86/include/asm/irq_vectors.h).
 POSTED_INTR_VECTOR = 0xF2
 POSTED_INTR_WAKEUP_VECTOR = 0xF1

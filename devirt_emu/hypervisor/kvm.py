@@ -25,6 +25,13 @@ TPR_THRESHOLD as KVM does and hands the physical TPR to the host (see
 ``configs.py``, "The local APIC").  The APIC-access page is the xAPIC page
 at guest-physical 0xFEE00000, watched while the guest's APIC is in xAPIC
 mode; APIC-access exits are emulated on the physical APIC.
+
+With the ``apicv`` set the guest's interrupts are posted (:meth:`KvmL0.post`) and
+reach the guest through RVI and virtual-interrupt delivery instead.  On a
+devirtualized core (``devirt``) an interrupt the L0 wants to inject is a
+self-IPI on the physical APIC at the next entry (:meth:`KvmL0.inject_as_self_ipis`),
+and the host takes a core back with an NMI and a forced failed VM entry
+(:meth:`KvmL0.take_back`, :meth:`KvmL0.give_back`), as KVM-devirt does.
 """
 from __future__ import annotations
 
@@ -37,7 +44,8 @@ from ..events import Event, Kind
 from ..platform import cpuid as cpuid_model
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, descriptor_cache
 from ..platform.descriptors import desc_type
-from ..platform.lapic import MSR_IA32_APICBASE, GeneralProtection
+from ..platform.lapic import (APIC_DEST_SELF, APIC_DM_NMI, APIC_DM_SHIFT, APIC_INT_ASSERT,
+                              APIC_SHORT_SHIFT, MSR_IA32_APICBASE, GeneralProtection)
 from ..platform.paging import (PageFault, UnsupportedPaging, pdpt_address, pdpte_reserved,
                                pdptes_reload)
 from ..platform.tasks import MIN_TSS_LIMIT, TSS32_AVAILABLE, tss_layout
@@ -148,6 +156,11 @@ class KvmL0(KvmCommon, MachineHypervisor):
         if mem.size < 32 << 20:
             raise ValueError("a VMX guest needs at least 32 MiB of RAM (4 MiB are the L0's)")
         self._init_common(machine)
+        #: KVM-devirt taking cores back: vCPUs an NMI has been sent to, and those whose
+        #: forced failed VM entry returned the core to the host (see take_back)
+        self.taking_back: set[int] = set()
+        self.taken_back: set[int] = set()
+        self._held_rflags: dict[int, int] = {}     # the real GUEST_RFLAGS of a taken-back vCPU
         # per vCPU: its virtual-APIC page, the control set loaded, where its VTPR
         # is while that set has the TPR shadow (None: no TPR shadow), and the
         # TPR_THRESHOLD the L0 last wrote (only the L0 writes it)
@@ -308,6 +321,8 @@ class KvmL0(KvmCommon, MachineHypervisor):
         primary = v.peek(_PROC)
         if self._loaded[vcpu.core.index].apicv:
             self.sync_pir_to_irr(vcpu)
+        if vcpu.core.index in self.devirtualized and self.virr[vcpu.core.index]:
+            self.inject_as_self_ipis(vcpu)
         vec = self.deliverable(vcpu)
         if vec is not None and not v.get(F.VM_ENTRY_INTR_INFO_FIELD) & C.INTR_INFO_VALID_MASK:
             rflags = v.get(F.GUEST_RFLAGS)
@@ -362,6 +377,48 @@ class KvmL0(KvmCommon, MachineHypervisor):
         if threshold != self._threshold[i]:
             vcpu.vmcs.set(F.TPR_THRESHOLD, threshold)
             self._threshold[i] = threshold
+
+    def inject_as_self_ipis(self, vcpu: VmxVcpu) -> None:
+        """KVM-devirt: on a devirtualized core an interrupt KVM wants to inject is
+        not event injection but a self-IPI on the physical local APIC at the next
+        VM entry: the guest takes it through its IDT (no external-interrupt
+        exiting) and ends it with its own EOI, which reaches the physical APIC (the
+        EOI MSR is passed through), so no virtual ISR is kept for it."""
+        lapic = vcpu.core.lapic
+        virr = self.virr[vcpu.core.index]
+        for vector in sorted(virr):
+            self.machine.bus.send(lapic, APIC_DEST_SELF << APIC_SHORT_SHIFT | vector)
+        virr.clear()
+
+    # ----- KVM-devirt: taking a core back -----------------------------------
+    def take_back(self, vcpu: VmxVcpu) -> None:
+        """The host takes a devirtualized core back (KVM-devirt): it sends the core
+        an NMI; NMI exiting (on in every set) makes it a VM exit, and the L0 then
+        forces the next VM entry to fail, which returns the core to the host: the
+        vCPU stops until :meth:`give_back`."""
+        self.taking_back.add(vcpu.core.index)
+        src = self.machine.current or vcpu.core
+        dest = vcpu.core.apic_id << (32 if src.lapic.x2apic_enabled else 56)
+        self.machine.bus.send(src.lapic, dest | APIC_INT_ASSERT | APIC_DM_NMI << APIC_DM_SHIFT)
+
+    def _force_failed_entry(self, vcpu: VmxVcpu) -> None:
+        """Make the next VM entry fail its guest-state checks: RFLAGS bit 1, which
+        must be 1 (SDM "Checks on Guest RIP, RFLAGS, and SSP"), is cleared; the
+        real value is kept and restored when the core is given back."""
+        v = vcpu.vmcs
+        self._held_rflags[vcpu.core.index] = v.get(F.GUEST_RFLAGS)
+        v.set(F.GUEST_RFLAGS, v.get(F.GUEST_RFLAGS) & ~2)
+
+    def give_back(self, vcpu: VmxVcpu) -> bool:
+        """Return a taken-back core to its guest: the guest state as it was, VM entry."""
+        i = vcpu.core.index
+        if i not in self.taken_back:
+            return False
+        self.taken_back.discard(i)
+        vcpu.vmcs.set(F.GUEST_RFLAGS, self._held_rflags.pop(i))
+        vcpu.parked = vcpu.blocked = False
+        vcpu.core.state = State.RUNNING
+        return vcpu.vm_entry()
 
     def has_pending(self, vcpu: VmxVcpu) -> bool:
         if self._loaded[vcpu.core.index].apicv:
@@ -426,11 +483,15 @@ class KvmL0(KvmCommon, MachineHypervisor):
     def apicv_pending(self, vcpu: VmxVcpu) -> bool:
         """``kvm_cpu_has_interrupt`` with APICv: the highest vector of the virtual IRR
         and PIR has a priority class above the virtual PPR's (VTPR, SVI)."""
-        pir = A.PostedDescriptor.decode(
-            self.machine.mem.read(self.pi_desc[vcpu.core.index], A.PID_SIZE)).pir
-        page = self._page(vcpu)
-        top = max(A.highest(page, A.APIC_IRR), pir.bit_length() - 1 if pir else 0)
-        if not top:
+        mem = self.machine.mem
+        i = vcpu.core.index
+        pir = int.from_bytes(mem.read(self.pi_desc[i], 32), "little")     # PIR: bits 255:0
+        virr_at = self.vapic_pa[i] + A.APIC_IRR
+        virr = 0
+        for n in range(8):
+            virr |= mem.read_u32(virr_at + 0x10 * n) << (32 * n)
+        top = (pir | virr).bit_length() - 1
+        if top <= 0:
             return False
         status = vcpu.vmcs.get(F.GUEST_INTR_STATUS)
         ppr = max(self.guest_tpr(vcpu) & 0xF0, A.svi(status) & 0xF0)
@@ -510,6 +571,16 @@ class KvmL0(KvmCommon, MachineHypervisor):
         return True
 
     def entry_failed(self, vcpu: VmxVcpu, failure) -> None:
+        i = vcpu.core.index
+        if i in self.taking_back:
+            # the forced failure of take_back: the core is the host's now
+            self.taking_back.discard(i)
+            self.taken_back.add(i)
+            vcpu.blocked = vcpu.parked = True
+            vcpu.core.state = State.HALTED
+            if vcpu.core.in_run:
+                vcpu.core.request_stop("halt")
+            return
         self.machine.guest_error(f"core {vcpu.core.index}: VM entry failed: {failure}")
         vcpu.core.request_stop("exit") if vcpu.core.in_run else None
 
@@ -588,6 +659,8 @@ class KvmL0(KvmCommon, MachineHypervisor):
         info = v.vmread(_EXIT_INTR_INFO)
         itype = info & C.INTR_INFO_INTR_TYPE_MASK
         if itype == C.INTR_TYPE_NMI_INTR:
+            if vcpu.core.index in self.taking_back:
+                self._force_failed_entry(vcpu)
             return
         vec = info & C.INTR_INFO_VECTOR_MASK
         ec = v.vmread(_EXIT_INTR_ERROR_CODE) if info & C.INTR_INFO_DELIVER_CODE_MASK else None

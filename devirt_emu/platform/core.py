@@ -79,13 +79,15 @@ from ..cpu.decode import resolve_linear
 from ..events import GPR_NAMES, IO_KINDS, Event, Insn, Kind
 from ..virt import Delivery, EventType
 from . import cpuid as cpuid_model
+from . import monitor, pcid
+from .monitor import MonitorState
 from . import tasks
 from .delivery import LegacyDelivery
 from .descriptors import DescriptorTables
 from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-exported)
 from .lapic import GeneralProtection
 from .memory import PAGE_SIZE, PhysicalAccessError
-from .msrs import check_read, check_write, reset_value
+from .msrs import check_read, check_write, is_canonical, reset_value
 from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitcher
@@ -309,6 +311,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         self._watch_hooks: dict[int, list[int]] = {}   # watchpoint id -> Unicorn hooks
         self._watch_code_hook = None
         self.watch_hit: tuple[int, int, str] | None = None   # (id, address, access)
+        self.monitor = MonitorState()          # MONITOR/MWAIT (platform/monitor.py)
         self._handlers = self._make_handlers()
 
     def _architectural_reset(self) -> None:
@@ -1078,6 +1081,8 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
                     event.port = insn.port if insn.port is not None else \
                         self.probe.gpr(2) & 0xFFFF
                     event.extra["io_permitted"] = False   # no TSS I/O bitmap is modelled
+                elif kind is Kind.MWAIT:
+                    event.extra["monitor_armed"] = not monitor.triggered(self)
                 if self.trace is not None:
                     self.trace(self, event)
                 if self.virt is not None and self.virt.on_event(self, event):
@@ -1219,6 +1224,10 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
             Kind.PAUSE: self._h_pause,
             Kind.MARKER_BEGIN: self._h_marker_begin, Kind.MARKER_END: self._h_marker_end,
         })
+        if self.cpu.has("monitor"):
+            h.update({Kind.MONITOR: self._h_monitor, Kind.MWAIT: self._h_mwait})
+        if self.cpu.has("invpcid"):
+            h[Kind.INVPCID] = self._h_invpcid
         return h
 
     def _h_pass(self, address, insn):
@@ -1319,8 +1328,36 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
     def _h_hlt(self, address, insn):
         self._require_cpl0()
         self._skip(address, insn)
+        monitor.end_wait(self)
         self.state = State.HALTED
         self.request_stop("halt")
+
+    def _h_monitor(self, address, insn):
+        """MONITOR (see platform/monitor.py): #UD outside CPL 0, #GP(0) for ECX != 0."""
+        if self.cpl() != 0:
+            raise _Fault(6)
+        if self.probe.gpr(1) & 0xFFFFFFFF:
+            raise _Fault(13, 0)
+        linear = self.mem_operand_linear(insn, address)
+        if self.probe.hflags() & HF_CS64 and not is_canonical(linear):
+            raise _Fault(13, 0)
+        try:
+            monitor.do_monitor(self, linear)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        self._skip(address, insn)
+
+    def _h_mwait(self, address, insn):
+        """MWAIT (see platform/monitor.py): #UD outside CPL 0, #GP(0) for ECX[31:1] != 0."""
+        if self.cpl() != 0:
+            raise _Fault(6)
+        ecx = self.probe.gpr(1) & 0xFFFFFFFF
+        if ecx & ~monitor.MWAIT_ECX_INTERRUPT_BREAK:
+            raise _Fault(13, 0)
+        self._skip(address, insn)
+        if monitor.do_mwait(self, ecx):
+            self.state = State.HALTED
+            self.request_stop("halt")
 
     def _h_io(self, address, insn):
         self._require_iopl()
@@ -1390,12 +1427,48 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
             self._skip(address, insn)
             self.request_stop("check")
             return
+        probe = self.probe
+        if insn.cr == 4:
+            self.check_mov_to_cr4(probe.reg(GPR_IDS[insn.gpr]))
+        if insn.cr == 3 and probe.cr(4) & pcid.CR4_PCIDE:
+            # (platform/pcid.py: bit 63 is not loaded; Unicorn would load it)
+            self.uc.reg_write(X.UC_X86_REG_CR3, pcid.cr3_value(probe.reg(GPR_IDS[insn.gpr]),
+                                                              probe.cr(4)))
+            self._skip(address, insn)
+            pcid.flush_all(self)
+            self.request_stop("check")
+            return
         # CR0/CR3/CR4: Unicorn executes it; afterwards re-arm (paging or mode may change).
         # With PAE paging the PDPTE registers are loaded first (a reserved bit: #GP(0)).
         if insn.cr in (0, 3, 4):
             self.load_pdptes_for_mov_cr(insn.cr, self.probe.reg(GPR_IDS[insn.gpr]))
         self.step_then_check(address)
         self._rearm_after_step = True
+
+    def check_mov_to_cr4(self, new: int) -> None:
+        """MOV to CR4's checks of the CPU model's features: #GP(0) for CR4.PCIDE
+        set against the rules of platform/pcid.py."""
+        probe = self.probe
+        if pcid.cr4_write_problem(self.cpu.has("pcid"), probe.cr(4), new, probe.cr(3),
+                                  self.rdmsr_raw(MSR_EFER)):
+            raise _Fault(13, 0)
+
+    def _h_invpcid(self, address, insn):
+        """INVPCID (see platform/pcid.py): #GP(0) at CPL > 0 or for a bad type or descriptor."""
+        if self.cpl() != 0:
+            raise _Fault(13, 0)
+        kind = self.probe.reg(GPR_IDS[insn.gpr])
+        if not self.probe.hflags() & HF_CS64:
+            kind &= 0xFFFFFFFF
+        try:
+            desc = self.read_linear(self.mem_operand_linear(insn, address), 16)
+        except PageFault as pf:
+            raise _Fault(14, pf.error_code, pf.linear) from None
+        if pcid.invpcid_problem(kind, desc, self.probe.cr(4), is_canonical):
+            raise _Fault(13, 0)
+        self._skip(address, insn)
+        pcid.flush_all(self)
+        self.request_stop("check")
 
     def _h_mov_from_cr(self, address, insn):
         self._require_cpl0()
@@ -1680,6 +1753,10 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
             return False
         if self.icount == self.shadow_at:
             return False
+        if self.state is State.HALTED and self.monitor.waiting and monitor.wake_due(
+                self, lapic.pending_vector() is not None,
+                bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF)):
+            self._wake()                # a break event ends MWAIT's wait
         if not self.nmi_blocked and lapic.take_nmi():
             self.count(Kind.NMI)
             self._wake()
@@ -1708,6 +1785,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
     def _wake(self):
         if self.state is State.HALTED:
             self.state = State.RUNNING
+            monitor.end_wait(self)
 
     def _deliver_external(self, vector: int, nmi: bool = False) -> None:
         self.delivering = Delivery(vector, EventType.NMI if nmi else EventType.EXTERNAL_INTERRUPT)
@@ -1744,8 +1822,10 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         if self.state is State.HALTED:
             if lapic.init_pending or (lapic.nmi_pending and not self.nmi_blocked):
                 return True
-            return bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF) and \
-                lapic.pending_vector() is not None
+            if_set = bool(self.probe.reg(X.UC_X86_REG_EFLAGS) & X86_EFLAGS_IF)
+            if self.monitor.waiting:
+                return monitor.wake_due(self, lapic.pending_vector() is not None, if_set)
+            return if_set and lapic.pending_vector() is not None
         return self.state is State.RUNNING
 
     def reset_model_state(self) -> None:
@@ -1754,6 +1834,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         for a caller that restores a saved CPU context and starts afresh."""
         self.rearm_all()
         self.nmi_blocked = False
+        self.monitor.clear()
         self.shadow_at = -1
         self.msr_store.clear()
         self.tsc_offset = self.tsc_adjust = 0
@@ -1780,6 +1861,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         self.rearm_all()
         self.uc.context_restore(self.reset_context)
         self.reset_pdpte_registers()
+        self.monitor.clear()
         self.nmi_blocked = False
         self.lapic.init_reset()
         self.state = State.WAIT_SIPI

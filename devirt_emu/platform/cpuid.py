@@ -7,9 +7,11 @@ topology of leaf 0xB: one thread per core, ``ncores`` cores).  What a model
 advertises is trimmed to what the platform implements: x2APIC and the
 TSC-deadline timer (on parts that have them), 4-MiB pages (PSE) and PSE-36,
 which Unicorn's walker and the platform's (:mod:`devirt_emu.platform.paging`)
-both implement; not VMX (natively the VMX instructions raise #UD until guest
-hypervisors land), nor XSAVE, MONITOR/MWAIT, PCID/INVPCID or performance
-counters, whose instructions raise #UD/#GP here.
+both implement, MONITOR/MWAIT (:mod:`devirt_emu.platform.monitor`, leaf 5),
+PCID and INVPCID (:mod:`devirt_emu.platform.pcid`) on the parts that have
+them; not VMX (natively the VMX instructions raise #UD until guest
+hypervisors land), nor XSAVE or performance counters, whose instructions
+raise #UD/#GP here.
 """
 from __future__ import annotations
 

@@ -366,15 +366,18 @@ class VirtualTlb:
         entries = w.entries
         leaf = entries[-1][1]
         if not peek:
-            # accessed flags on every entry used, dirty on the leaf for a write
-            # (writes to paging-structure entries: data writes for the second stage)
+            # accessed flags on every entry used, dirty on the leaf for a write: a
+            # locked read-modify-write of the entry, a data read and a data write for
+            # the second stage (an EPT violation reports both, qualification bits 0
+            # and 1, as kvm-unit-tests' ept_access_test_paddr_read_only_ad_disabled
+            # expects on hardware)
             write = bool(access & ACC_WRITE)
             last = len(entries) - 1
             view = self.view
             for i, (egpa, e, size) in enumerate(entries):
                 new = e | _PTE_A | (_PTE_D if write and i == last else 0)
                 if new != e:
-                    ehpa = s2(egpa, ACC_WRITE, linear, False, False)[0]
+                    ehpa = s2(egpa, ACC_READ | ACC_WRITE, linear, False, False)[0]
                     (_U64 if size == 8 else _U32).pack_into(view, ehpa, new)
                     if i == last:
                         leaf = new

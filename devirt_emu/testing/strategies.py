@@ -333,6 +333,13 @@ def _control_breakages(fields: dict, model) -> list:
             out.append(Breakage(f"{name}: bit {bit.bit_length() - 1} set (not allowed 1)",
                                 {name: value | bit}, name, error=_CTL))
     proc = fields["CPU_BASED_VM_EXEC_CONTROL"]
+    sec = fields["SECONDARY_VM_EXEC_CONTROL"] if proc & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS else 0
+    if not sec & C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY:
+        # (with virtual-interrupt delivery the TPR threshold is not checked)
+        out.append(Breakage("TPR_THRESHOLD bits 31:4 with the TPR shadow",
+                            {"CPU_BASED_VM_EXEC_CONTROL": proc | C.CPU_BASED_TPR_SHADOW,
+                             "VIRTUAL_APIC_PAGE_ADDR": VIRTUAL_APIC_PAGE, "TPR_THRESHOLD": 0x10},
+                            "TPR_THRESHOLD", error=_CTL))
     out += [
         Breakage("CR3_TARGET_COUNT above IA32_VMX_MISC[24:16]", {"CR3_TARGET_COUNT": 5},
                  "CR3_TARGET_COUNT", error=_CTL),
@@ -346,16 +353,6 @@ def _control_breakages(fields: dict, model) -> list:
                  {"CPU_BASED_VM_EXEC_CONTROL": proc | C.CPU_BASED_TPR_SHADOW,
                   "VIRTUAL_APIC_PAGE_ADDR": VIRTUAL_APIC_PAGE + 0x10}, "VIRTUAL_APIC_PAGE_ADDR",
                  error=_CTL),
-        # (the check applies without virtual-interrupt delivery, which posted
-        # interrupts need)
-        Breakage("TPR_THRESHOLD bits 31:4 with the TPR shadow",
-                 {"CPU_BASED_VM_EXEC_CONTROL": proc | C.CPU_BASED_TPR_SHADOW,
-                  "SECONDARY_VM_EXEC_CONTROL": fields["SECONDARY_VM_EXEC_CONTROL"]
-                  & ~C.SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY,
-                  "PIN_BASED_VM_EXEC_CONTROL": fields["PIN_BASED_VM_EXEC_CONTROL"]
-                  & ~C.PIN_BASED_POSTED_INTR,
-                  "VIRTUAL_APIC_PAGE_ADDR": VIRTUAL_APIC_PAGE, "TPR_THRESHOLD": 0x10},
-                 "TPR_THRESHOLD", error=_CTL),
         Breakage("NMI-window exiting without virtual NMIs",
                  {"CPU_BASED_VM_EXEC_CONTROL": proc | C.CPU_BASED_NMI_WINDOW_EXITING,
                   "PIN_BASED_VM_EXEC_CONTROL": fields["PIN_BASED_VM_EXEC_CONTROL"]
@@ -412,7 +409,10 @@ def _guest_breakages(fields: dict) -> list:
         Breakage("GUEST_CR4.VMXE cleared (a CR4 fixed-1 bit)", {"GUEST_CR4": FRESH_CR4 & ~(1 << 13)},
                  "GUEST_CR4", **g),
         Breakage("GUEST_RFLAGS bit 1 cleared", {"GUEST_RFLAGS": 0}, "GUEST_RFLAGS", **g),
-        Breakage("GUEST_RIP not canonical", {"GUEST_RIP": 0x0000800000000000}, "GUEST_RIP", **g),
+        # (SDM 26.3.1.4: bits 63:N identical, N = 48; bit 47 is not part of the check, so
+        # 0x0000_8000_0000_0000 enters and faults on the fetch instead)
+        Breakage("GUEST_RIP bits 63:48 not identical", {"GUEST_RIP": 0xFFFE800000000000},
+                 "GUEST_RIP", **g),
         Breakage("GUEST_ACTIVITY_STATE 4 (reserved)", {"GUEST_ACTIVITY_STATE": 4},
                  "GUEST_ACTIVITY_STATE", **g),
         Breakage("blocking by STI with RFLAGS.IF = 0", {"GUEST_INTERRUPTIBILITY_INFO": 1},

@@ -26,7 +26,6 @@ APIC_ID, APIC_LVR, APIC_TASKPRI, APIC_PROCPRI, APIC_EOI = 0x20, 0x30, 0x80, 0xA0
 APIC_LDR, APIC_DFR, APIC_SPIV, APIC_ISR, APIC_TMR, APIC_IRR = 0xD0, 0xE0, 0xF0, 0x100, 0x180, 0x200
 APIC_ESR, APIC_ICR, APIC_ICR2, APIC_LVTT, APIC_TMICT, APIC_TDCR = 0x280, 0x300, 0x310, 0x320, 0x380, 0x3E0
 APIC_SELF_IPI = 0x3F0               # x2APIC mode only (MSR 83FH)
-X2APIC_MSR_BASE = 0x800
 
 #: Offsets (of 16-byte registers) whose reads of at most 32 bits, entirely in
 #: bytes 0-3 of the register, are virtualized with APIC-register virtualization

@@ -319,6 +319,14 @@ def is_canonical(addr: int, width: int = 48) -> bool:
     return top == 0 or top == (1 << (65 - width)) - 1
 
 
+def upper_bits_identical(addr: int, width: int = 48) -> bool:
+    """Bits 63:width of a 64-bit address are all equal (the guest-RIP check of
+    SDM 26.3.1.4 with N = width, the linear-address width: bit N-1 is not part
+    of it, so a RIP may pass it and still not be canonical)."""
+    top = addr >> width
+    return top == 0 or top == (1 << (64 - width)) - 1
+
+
 def _beyond_width(addr: int, caps: EntryCaps) -> bool:
     return addr >> caps.maxphyaddr != 0
 
@@ -987,8 +995,12 @@ def check_guest_rip(vmcs, caps: EntryCaps) -> Optional[EntryFailure]:
     v = _Fields(vmcs)
     rip = v["GUEST_RIP"]
     if v["VM_ENTRY_CONTROLS"] & c.VM_ENTRY_IA32E_MODE and v["GUEST_CS_AR_BYTES"] & VMX_AR_L_MASK:
-        if not is_canonical(rip, caps.linear_address_width):
-            return _guest(f"GUEST_RIP {rip:#x} is not canonical (64-bit guest)", "GUEST_RIP")
+        # "bits 63:N must be identical", N the linear-address width; a RIP that passes
+        # but is not canonical enters, and its first fetch raises #GP(0).
+        width = caps.linear_address_width
+        if not upper_bits_identical(rip, width):
+            return _guest(f"GUEST_RIP {rip:#x}: bits 63:{width} are not identical (64-bit guest)",
+                          "GUEST_RIP")
     elif rip >> 32:
         return _guest(f"GUEST_RIP {rip:#x}: bits 63:32 must be 0 unless the guest is in 64-bit mode", "GUEST_RIP")
     return None

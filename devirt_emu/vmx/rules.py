@@ -1391,11 +1391,16 @@ def boundary_exit(vmcs, *, rflags: int, interruptibility: int,
     while PIN_BASED_VMX_PREEMPTION_TIMER is 1; the countdown is the
     caller's).  ``interruptibility`` is the guest interruptibility state
     (GUEST_INTR_STATE_* bits; bit 3 is virtual-NMI blocking when virtual NMIs
-    are on).  In the shutdown and wait-for-SIPI activity states none of these
-    exits occur.
+    are on).  In the wait-for-SIPI activity state none of these exits occur;
+    in the shutdown state the MTF, VMX-preemption timer and NMI-window exits
+    but not the interrupt window (the timer counts in shutdown and its expiry
+    wakes the processor in every state but wait-for-SIPI: SDM Vol. 3C
+    "VMX-Preemption Timer"; NMI-window exits wake from the states an NMI
+    wakes from, shutdown among them; external interrupts are blocked in
+    shutdown, SDM "Activity State"); in HLT all of them (they wake the processor).
     """
-    if activity_state in (C.GUEST_ACTIVITY_SHUTDOWN, C.GUEST_ACTIVITY_WAIT_SIPI):
-        return _no(f"activity state {activity_state}: no boundary exits")
+    if activity_state == C.GUEST_ACTIVITY_WAIT_SIPI:
+        return _no(f"activity state {activity_state} (wait-for-SIPI): no boundary exits")
     primary = _primary(vmcs)
     if mtf_pending:
         return _exit(er.MONITOR_TRAP_FLAG, None, ("MTF VM exit pending",), length=None)
@@ -1416,6 +1421,9 @@ def boundary_exit(vmcs, *, rflags: int, interruptibility: int,
                      "blocks (virtual-NMI or MOV SS)")
     else:
         cause.append("CPU_BASED_NMI_WINDOW_EXITING=0")
+    if activity_state == C.GUEST_ACTIVITY_SHUTDOWN:
+        cause.append("activity state 2 (shutdown) blocks external interrupts: no interrupt window")
+        return _no(*cause)
     if primary & C.CPU_BASED_INTR_WINDOW_EXITING:
         c = "CPU_BASED_INTR_WINDOW_EXITING=1"
         if not rflags & X86_EFLAGS_IF:

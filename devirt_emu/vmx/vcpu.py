@@ -34,7 +34,8 @@ registers while the VMCS is current, like the other guest state.
 What VMX non-root operation changes for instructions that do not exit (SDM
 "Changes to Instruction Behavior in VMX Non-Root Operation") is done here:
 reads of CR0/CR4 see the read shadows for host-owned bits, writes leave the
-host-owned bits alone, CLTS/LMSW likewise, and RDTSC/RDTSCP add TSC_OFFSET.
+host-owned bits alone, CLTS/LMSW likewise, and RDTSC/RDTSCP and RDMSR of IA32_TSC add
+TSC_OFFSET.
 
 APIC virtualization (SDM "APIC Virtualization and Virtual Interrupts"): the
 TPR shadow and the APIC-access page as below; virtual-interrupt delivery,
@@ -71,8 +72,8 @@ from typing import NamedTuple, Optional
 
 from unicorn import x86_const as X
 
-from ..x86 import (EFER_LMA, MSR_EFER, MSR_IA32_CR_PAT, X86_CR0_PG, X86_CR0_TS, X86_CR4_PAE,
-                   X86_CR4_VMXE)
+from ..x86 import (EFER_LMA, MSR_EFER, MSR_IA32_CR_PAT, MSR_IA32_TSC, X86_CR0_PG, X86_CR0_TS,
+                   X86_CR4_PAE, X86_CR4_VMXE)
 from ..events import Event, Kind
 from ..virt import SOFTWARE_EVENT_TYPES, Delivery, EventType, VirtualizationLayer
 from ..platform.core import GPR_IDS, GuestError, State, _Fault, flags_to_ar
@@ -82,7 +83,7 @@ from . import controls as C
 from . import exit_reasons as er
 from .entry import (EntryCaps, EntryFailure, FailureKind, check_event_injection,
                     check_guest_non_register_state, check_guest_pdptes, check_guest_rflags,
-                    check_guest_rip, check_launch_state, check_vm_entry)
+                    check_guest_rip, check_launch_state, check_vm_entry, is_canonical)
 from .exit_reasons import Timing
 from .fields import VmcsField as F
 from .rules import Decision, PauseLoop, boundary_exit, decide, exit_decision
@@ -90,6 +91,7 @@ from .capabilities import model_of
 from .ept import EptCaps
 from .ept_mmu import EptStage2, ept_exit_decision
 from .vmcs import FIELD_SLOTS, Vmcs, _key
+from ..platform.monitor import triggered as monitor_triggered
 from .virtual_apic import VirtualApic
 from . import apicv
 from ..platform.ucinternals import ENV_GDT, ENV_IDT, HF_CS64, HF_LMA
@@ -140,9 +142,16 @@ def _check_non_register(vcpu):
                                           current_vmcs_pa=vcpu.vmcs.pa)
 
 
+def _no_check(vcpu):
+    """The guest-interrupt status (RVI, SVI): no VM-entry check reads it (SDM
+    "Checks on Guest Non-Register State" has none for it)."""
+    return None
+
+
 #: Fields an L0 commonly writes between VM exit and VMRESUME -> the one group
 #: of VM-entry checks that reads them (any other written field: every check).
 _RESUME_CHECKS = {
+    int(F.GUEST_INTR_STATUS): _no_check,
     int(F.GUEST_RIP): _check_rip, int(F.GUEST_RFLAGS): _check_rflags,
     int(F.VM_ENTRY_INTR_INFO_FIELD): _check_injection,
     int(F.VM_ENTRY_EXCEPTION_ERROR_CODE): _check_injection,
@@ -402,8 +411,12 @@ class VmxVcpu(VirtualizationLayer):
         self.record = record            # callable(ExitRecord), the machine's exit log
         self.active = False             # in VMX non-root operation
         self.blocked = False            # the L0 halted this vCPU (HLT exit), host context
+        #: the L0 gave the core back to its host (KVM-devirt's take-back): nothing
+        #: but the L0 makes it run again
+        self.parked = False
         self.pause_loop = PauseLoop()
         self._mtf = False                     # monitor trap flag armed at the last entry
+        self._mtf_wake = False                # ... and that entry was to HLT or shutdown
         self._entry_icount = 0
         self._ptimer_deadline: Optional[int] = None   # VMX-preemption timer, virtual ns
         self._timer_controls: Optional[tuple] = None  # (MTF, preemption timer) at the last entry
@@ -461,8 +474,8 @@ class VmxVcpu(VirtualizationLayer):
 
     def _activity(self) -> int:
         st = self.core.state
-        if st is State.HALTED and not self.blocked:
-            return C.GUEST_ACTIVITY_HLT
+        if st is State.HALTED and not self.blocked and not self.core.monitor.waiting:
+            return C.GUEST_ACTIVITY_HLT        # (an MWAIT wait is not an activity state)
         if st is State.WAIT_SIPI:
             return C.GUEST_ACTIVITY_WAIT_SIPI
         if st is State.SHUTDOWN:
@@ -545,9 +558,13 @@ class VmxVcpu(VirtualizationLayer):
 
     def _load_activity(self) -> None:
         act = self.vmcs.peek(F.GUEST_ACTIVITY_STATE)
-        self.core.state = {C.GUEST_ACTIVITY_HLT: State.HALTED,
-                           C.GUEST_ACTIVITY_WAIT_SIPI: State.WAIT_SIPI,
-                           C.GUEST_ACTIVITY_SHUTDOWN: State.SHUTDOWN}.get(act, State.RUNNING)
+        state = {C.GUEST_ACTIVITY_HLT: State.HALTED,
+                 C.GUEST_ACTIVITY_WAIT_SIPI: State.WAIT_SIPI,
+                 C.GUEST_ACTIVITY_SHUTDOWN: State.SHUTDOWN}.get(act, State.RUNNING)
+        self.core.state = state
+        self.core.monitor.waiting = False      # an entry to HLT is HLT's wait, not MWAIT's
+        if state is not State.RUNNING:
+            self.core.request_stop("halt")   # an entry from an exit handler inside a run
 
     def _load_pdptes(self) -> None:
         """GUEST_PDPTR0-3 written: into the core's PDPTE registers, which hold the
@@ -630,13 +647,30 @@ class VmxVcpu(VirtualizationLayer):
         self.pause_loop = _PAUSE_LOOP_AT_ENTRY
         self.active = True
         self.blocked = False
+        # the monitor trap flag with an entry to HLT or shutdown: an MTF VM exit is
+        # pending at once and wakes the processor (issue 14; SDM "Monitor Trap Flag")
+        self._mtf_wake = self._mtf and self.core.state in (State.HALTED, State.SHUTDOWN)
         if self.vapic.vid:
             self.vapic.at_entry()       # PPR virtualization, evaluation of pending virtual interrupts
         if inject:
             info = v.peek(_INTR_INFO)
             if info & C.INTR_INFO_VALID_MASK:
                 self._inject(info)
+                return True
+        if self._fetch_not_canonical():
+            # (VM entry checks only bits 63:N of RIP: the first fetch faults)
+            self.core.deliver_exception(13, 0)
         return True
+
+    def _fetch_not_canonical(self) -> bool:
+        """A 64-bit guest entered active at a RIP whose bits 63:N-1 are not identical
+        (N the linear-address width): its first instruction fetch raises #GP(0)."""
+        core = self.core
+        # (the engine's state, not the VMCS copy: the guest-state fields stay in the
+        # engine from here on)
+        if core.state is not State.RUNNING or not core.probe.hflags() & HF_CS64:
+            return False
+        return not is_canonical(core.rip(), self.caps.linear_address_width)
 
     def _entry_checks(self, launch: bool) -> Optional[EntryFailure]:
         """The SDM's VM-entry checks.  VMLAUNCH runs them all; VMRESUME runs them
@@ -678,8 +712,15 @@ class VmxVcpu(VirtualizationLayer):
             self._ptimer_deadline = None
 
     def next_event_ns(self) -> Optional[int]:
-        """When the VMX-preemption timer expires (the scheduler cuts runs there)."""
-        return self._ptimer_deadline if self.active else None
+        """When the VMX-preemption timer expires (the scheduler cuts runs there), or
+        now while an MTF VM exit waits to wake the core from HLT or shutdown; the
+        timer counts in HLT and shutdown too (not in wait-for-SIPI, where its
+        expiry wakes nothing)."""
+        if not self.active:
+            return None
+        if self._mtf_wake:
+            return self.core.now()
+        return self._ptimer_deadline
 
     def single_step(self) -> bool:
         """The monitor trap flag is armed: the core must stop after every instruction."""
@@ -964,8 +1005,16 @@ class VmxVcpu(VirtualizationLayer):
     def has_wakeup(self) -> Optional[bool]:
         """Scheduler: does this halted/waiting core have something to do now?
         None: decide as a native core would."""
+        if self.parked:
+            return False
         if not self.active and not self.blocked:
             return None
+        if self.active and self.core.state is not State.WAIT_SIPI and (
+                self._mtf_wake or (self._ptimer_deadline is not None
+                                   and self.core.now() >= self._ptimer_deadline)):
+            return True         # an MTF or preemption-timer exit wakes HLT and shutdown
+        if self.active and self.core.monitor.waiting and monitor_triggered(self.core):
+            return True         # a store to the monitored line ends MWAIT's wait
         lapic = self.core.lapic
         if lapic.init_pending or lapic.nmi_pending:
             return True
@@ -980,6 +1029,8 @@ class VmxVcpu(VirtualizationLayer):
     def boundary(self, core) -> bool:
         """Events on an instruction boundary in VMX non-root operation (replaces the
         native wake_check while active).  Returns True when it acted."""
+        if self.parked:
+            return False
         if self.blocked:
             return self.l0.unblock(self)
         if not self.active:
@@ -1005,18 +1056,32 @@ class VmxVcpu(VirtualizationLayer):
             ev = Event(Kind.SIPI, core.index, core.rip(), vector=vec, regs=core.lazy_regs())
             ev.regs["activity_state"] = self._activity()
             return self._event_exit(ev)
-        if core.state in (State.WAIT_SIPI, State.SHUTDOWN):
+        if core.state is State.WAIT_SIPI:
             return False
         v = self.vmcs
         d = boundary_exit(v, rflags=core.probe.reg(X.UC_X86_REG_EFLAGS),
                           interruptibility=self._interruptibility(),
                           activity_state=self._activity(),
-                          mtf_pending=self._mtf and core.icount > self._entry_icount,
+                          mtf_pending=self._mtf and (core.icount > self._entry_icount
+                                                     or self._mtf_wake),
                           preemption_timer_expired=self._ptimer_deadline is not None
                           and core.now() >= self._ptimer_deadline)
         if d.exit:
+            self._mtf_wake = False
             self.vm_exit(d, None)
             return True
+        if core.state is State.SHUTDOWN:
+            # external interrupts are blocked in shutdown; an NMI is not (with NMI
+            # exiting it causes a VM exit)
+            if lapic.nmi_pending and v.get(F.PIN_BASED_VM_EXEC_CONTROL) & C.PIN_BASED_NMI_EXITING:
+                ev = Event(Kind.NMI, core.index, core.rip(), vector=2, regs=core.lazy_regs())
+                out = decide(ev, v, self.read_mem)
+                if out.exit:
+                    lapic.take_nmi()
+                    core.count(Kind.NMI)
+                    self.vm_exit(out, ev)
+                    return True
+            return False
         if core.icount == core.shadow_at:
             return False
         if lapic.nmi_pending and not core.nmi_blocked:
@@ -1076,8 +1141,8 @@ class VmxVcpu(VirtualizationLayer):
         insn = ev.insn
         if k in (Kind.MOV_FROM_CR, Kind.MOV_TO_CR) and insn.cr == 8:
             return self._cr8_tpr_shadow(ev)
-        if (k is Kind.RDMSR or k is Kind.WRMSR) and self.vapic.x2apic:
-            return self._x2apic_msr(ev)
+        if (k is Kind.RDMSR or k is Kind.WRMSR) and self.vapic.x2apic and self._x2apic_msr(ev):
+            return True
         if k is Kind.MOV_FROM_CR and insn.cr in (0, 4):
             mask, shadow = self._mask_shadow(insn.cr)
             real = core.probe.reg(X.UC_X86_REG_CR0 if insn.cr == 0 else X.UC_X86_REG_CR4)
@@ -1093,6 +1158,7 @@ class VmxVcpu(VirtualizationLayer):
             new = (real & mask) | (core.probe.reg(GPR_IDS[insn.gpr]) & ~mask)
             if insn.cr == 4:
                 new &= ~X86_CR4_VMXE
+                core.check_mov_to_cr4(new | X86_CR4_VMXE)   # the model's CR4 features: #GP(0)
             core.load_pdptes_for_mov_cr(insn.cr, new)     # PAE paging: #GP(0) or the PDPTEs loaded
             uc.reg_write(rid, new)
             core.set_rip(ev.rip + insn.length)
@@ -1104,7 +1170,11 @@ class VmxVcpu(VirtualizationLayer):
                 core.set_rip(ev.rip + insn.length)     # TS is host-owned: CLTS leaves it
                 return True
             return False
-        if k in (Kind.RDTSC, Kind.RDTSCP):
+        if k in (Kind.RDTSC, Kind.RDTSCP) or (k is Kind.RDMSR
+                                              and core.probe.gpr(1) & 0xFFFFFFFF == MSR_IA32_TSC):
+            # SDM "Changes to Instruction Behavior in VMX Non-Root Operation": RDTSC,
+            # RDTSCP and RDMSR of IA32_TIME_STAMP_COUNTER return TSC + TSC_OFFSET with
+            # "use TSC offsetting" (TSC scaling is not advertised)
             primary = v.get(F.CPU_BASED_VM_EXEC_CONTROL)
             if primary & C.CPU_BASED_USE_TSC_OFFSETTING:
                 core.tsc_adjust = v.get(F.TSC_OFFSET)
