@@ -5,16 +5,21 @@ keystone 0.9.2 assembles one unit of Intel-syntax source (``.code16`` /
 no sections, no numeric local labels, no comments and no line numbers in its
 errors.  This module adds them with a small preprocessor:
 
-* comments: ``;``, ``#`` and ``//`` to the end of the line (outside string
-  and character literals);
+* comments: ``#`` and ``//`` to the end of the line (outside string and
+  character literals); ``;`` separates statements on a line, as in GNU as on
+  x86 (``xor eax, eax; cpuid`` is two statements);
+* strict operands: an unbalanced ``[`` / ``]`` or ``(`` / ``)`` and a binary
+  operator with nothing after it (``[rbx+``, ``rax, 5 *``) are errors, which
+  keystone would otherwise repair silently (``mov rax, [rbx+`` as
+  ``mov rax, [rbx]``, ``mov rax, [rbx`` as a load from address 0);
 * ``.include "file"``: the path is tried relative to the including file,
   then in ``firmware/``;
 * ``.text`` / ``.rodata`` / ``.data``: the unit is laid out as all the code,
   then all ``.rodata`` lines from a fresh 4 KiB page (label ``_rodata_start``),
   then all ``.data`` lines from a fresh page (label ``_data_start``).  So data
-  the guest writes never shares a page with code (the platform
-  write-protects code pages; a store into one costs a rescan), and code
-  pages hold no strings or tables that a linear-sweep scan would decode as
+  the guest writes never shares a page with code (a store into a code page
+  makes the platform check the page's sensitive instructions around it), and
+  code pages hold no strings or tables that the page scan would decode as
   instructions.  Each line keeps the ``.codeNN`` mode that was in force
   where it was written; padding is zero bytes;
 * ``.macro`` definitions are hoisted to the start of the unit (they emit
@@ -155,30 +160,88 @@ _MODES = {".code16", ".code32", ".code64"}
 _UNSUPPORTED_SECTIONS = {".section", ".bss", ".previous", ".pushsection", ".popsection"}
 
 
+def _literal_end(text: str, i: int) -> int:
+    """``text[i]`` opens a "string" or a 'c' character literal: the index after
+    it (the end of the text for an unterminated string; ``i + 1`` for a lone
+    quote)."""
+    n = len(text)
+    if text[i] == '"':
+        j = i + 1
+        while j < n:
+            if text[j] == "\\":
+                j += 2
+                continue
+            if text[j] == '"':
+                return j + 1
+            j += 1
+        return n
+    end = text.find("'", i + 2 if i + 1 < n and text[i + 1] == "\\" else i + 1)
+    return end + 1 if end != -1 else i + 1
+
+
 def _strip_comment(text: str) -> str:
-    """Cut a ``;``, ``#`` or ``//`` comment, respecting "strings" and 'c' literals."""
+    """Cut a ``#`` or ``//`` comment, respecting "strings" and 'c' literals."""
     i, n = 0, len(text)
-    quote = None
     while i < n:
         c = text[i]
-        if quote:
-            if c == "\\":
-                i += 2
-                continue
-            if c == quote:
-                quote = None
-        elif c == '"':
-            quote = c
-        elif c == "'":
-            # a character literal 'x' or '\x'
-            end = text.find("'", i + 2 if i + 1 < n and text[i + 1] == "\\" else i + 1)
-            if end != -1:
-                i = end + 1
-                continue
-        elif c in ";#" or (c == "/" and text.startswith("//", i)):
+        if c in "\"'":
+            i = _literal_end(text, i)
+            continue
+        if c == "#" or (c == "/" and text.startswith("//", i)):
             return text[:i]
         i += 1
     return text
+
+
+def _split_statements(text: str) -> list[str]:
+    """Split a line (comment stripped) at each ``;`` outside literals."""
+    parts, start, i, n = [], 0, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'":
+            i = _literal_end(text, i)
+            continue
+        if c == ";":
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    parts.append(text[start:])
+    return parts
+
+
+_OPENERS = {"[": "]", "(": ")"}
+_CLOSERS = {"]": "[", ")": "("}
+#: A binary operator followed by nothing: by the end of the statement, a comma or a
+#: closing bracket (unary + - ~ ! only before an operand, so they dangle here too).
+_DANGLING_OPERATOR = re.compile(r"(<<|>>|[-+*/%|&^~!])\s*(?:$|[\],)])")
+
+
+def _operand_error(text: str) -> Optional[str]:
+    """Why the operands of a statement are malformed (None if they are not):
+    brackets and parentheses must balance, and no operator may dangle."""
+    plain, i, n = [], 0, len(text)
+    while i < n:                      # literals out of the way: "a[" and '+' are fine
+        if text[i] in "\"'":
+            plain.append(" 0 ")
+            i = _literal_end(text, i)
+            continue
+        plain.append(text[i])
+        i += 1
+    code = "".join(plain)
+    stack = []
+    for c in code:
+        if c in _OPENERS:
+            stack.append(c)
+        elif c in _CLOSERS:
+            if not stack or stack[-1] != _CLOSERS[c]:
+                return f"'{c}' without a matching '{_CLOSERS[c]}'"
+            stack.pop()
+    if stack:
+        return f"'{stack[-1]}' is not closed"
+    m = _DANGLING_OPERATOR.search(code)
+    if m:
+        return f"operator '{m.group(1)}' with no operand after it"
+    return None
 
 
 def _read_lines(path: Path, loc: Optional[_Loc], stack: tuple[Path, ...]) -> Iterator[tuple[str, _Loc]]:
@@ -200,17 +263,21 @@ def _expand(source: str, filename: str, directory: Optional[Path],
             stack: tuple[Path, ...]) -> Iterator[tuple[str, _Loc]]:
     for number, raw in enumerate(source.splitlines(), start=1):
         loc = _Loc(filename, number, raw)
-        text = _strip_comment(raw).rstrip()
-        m = _INCLUDE_RE.match(text)
-        if m:
-            target = _resolve_include(m.group(1), directory, loc)
-            if target.resolve() in stack:
-                raise AsmError(f'recursive .include of "{m.group(1)}"', *_loc_parts(loc))
-            yield from _read_lines(target, loc, stack)
-            continue
-        if re.match(r"^\s*\.include\b", text):
-            raise AsmError('malformed .include (expected .include "file")', *_loc_parts(loc))
-        yield text, loc
+        for text in _split_statements(_strip_comment(raw)):
+            text = text.rstrip()
+            m = _INCLUDE_RE.match(text)
+            if m:
+                target = _resolve_include(m.group(1), directory, loc)
+                if target.resolve() in stack:
+                    raise AsmError(f'recursive .include of "{m.group(1)}"', *_loc_parts(loc))
+                yield from _read_lines(target, loc, stack)
+                continue
+            if re.match(r"^\s*\.include\b", text):
+                raise AsmError('malformed .include (expected .include "file")', *_loc_parts(loc))
+            why = _operand_error(text)
+            if why is not None:
+                raise AsmError(why, *_loc_parts(loc))
+            yield text, loc
 
 
 def _resolve_include(name: str, directory: Optional[Path], loc: _Loc) -> Path:

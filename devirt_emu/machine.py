@@ -307,7 +307,8 @@ class Machine:
         return sites
 
     def mark_code_page(self, ppage: int) -> None:
-        """A core executes from ``ppage``: write-protect it in every core."""
+        """A core executes from ``ppage``: write-protect it in every core that
+        does not execute it (a core that does watches its stores instead)."""
         if ppage in self.code_pages:
             return
         self.code_pages.add(ppage)

@@ -1,27 +1,27 @@
-; boot.S: from reset/multiboot state to guest_main on every core.
-;
-; Loaded at IMAGE_BASE (0x8000) as image offset 0.  Two ways in:
-;   * the BSP at _start32, as a multiboot loader leaves a CPU: 32-bit protected
-;     mode, paging off, flat CS = 0x08 / data 0x10 (the loader's GDT), IF = 0;
-;   * an AP at ap_entry (image offset 0) in real mode after INIT-SIPI-SIPI with
-;     SIPI vector 0x08 (CS = 0x0800, IP = 0).
-; Both go to long mode through the same 32-bit sequence (fw_ENTER_LONG_MODE),
-; then set up their per-core state (fw_cpu_init) and meet in fw_run_guest.
-; The layout and calling conventions are in docs/guest-abi.md.
-;
-; keystone quirks this file works around (see DESIGN.md):
-;   * .code32 lgdt/lidt get a bogus 0x66 prefix: emitted as bytes;
-;   * .code32/.code16 far jumps: emitted as bytes;
-;   * .code16 memory operands with a symbolic displacement are mis-encoded:
-;     addressed through a register loaded with an immediate instead.
+# boot.S: from reset/multiboot state to guest_main on every core.
+#
+# Loaded at IMAGE_BASE (0x8000) as image offset 0.  Two ways in:
+#   * the BSP at _start32, as a multiboot loader leaves a CPU: 32-bit protected
+#     mode, paging off, flat CS = 0x08 / data 0x10 (the loader's GDT), IF = 0;
+#   * an AP at ap_entry (image offset 0) in real mode after INIT-SIPI-SIPI with
+#     SIPI vector 0x08 (CS = 0x0800, IP = 0).
+# Both go to long mode through the same 32-bit sequence (fw_ENTER_LONG_MODE),
+# then set up their per-core state (fw_cpu_init) and meet in fw_run_guest.
+# The layout and calling conventions are in docs/guest-abi.md.
+#
+# keystone quirks this file works around (see DESIGN.md):
+#   * .code32 lgdt/lidt get a bogus 0x66 prefix: emitted as bytes;
+#   * .code32/.code16 far jumps: emitted as bytes;
+#   * .code16 memory operands with a symbolic displacement are mis-encoded:
+#     addressed through a register loaded with an immediate instead.
 
 .include "defs.S"
 
-; The IA-32e entry sequence of the SDM (vol. 3A, 10.8.5), from 32-bit
-; protected mode with paging off and the identity-mapped page tables built:
-; the flat data selectors loaded, CR4.PAE, CR3, EFER.LME, then CR0.PG,
-; immediately followed by a far jump to a 64-bit code segment.  Also enables SSE (CR4.OSFXSR/OSXMMEXCPT, CR0.MP,
-; CR0.EM clear) so that compiled guest code may use it, and clears CD/NW.
+# The IA-32e entry sequence of the SDM (vol. 3A, 10.8.5), from 32-bit
+# protected mode with paging off and the identity-mapped page tables built:
+# the flat data selectors loaded, CR4.PAE, CR3, EFER.LME, then CR0.PG,
+# immediately followed by a far jump to a 64-bit code segment.  Also enables SSE (CR4.OSFXSR/OSXMMEXCPT, CR0.MP,
+# CR0.EM clear) so that compiled guest code may use it, and clears CD/NW.
 .set fw_APIC_PDE, APIC_MMIO_BASE | _PAGE_PRESENT | _PAGE_RW | _PAGE_PSE | _PAGE_PCD | _PAGE_PWT
 .set fw_APIC_PDE_OFFSET, (APIC_MMIO_BASE >> 21) * 8
 .set fw_CR0_BOOT_CLEAR, 0xFFFFFFFF - (X86_CR0_EM | X86_CR0_NW | X86_CR0_CD)
@@ -45,14 +45,14 @@
     and eax, fw_CR0_BOOT_CLEAR
     or eax, X86_CR0_PG | X86_CR0_WP | X86_CR0_NE | X86_CR0_MP | X86_CR0_PE
     mov cr0, eax
-    .byte 0xEA                  ; ljmp SEL_CODE64:\target
+    .byte 0xEA                  # ljmp SEL_CODE64:\target
     .long \target
     .word SEL_CODE64
 .endm
 
 .text
-; ============================================================================
-; AP real-mode entry: image offset 0
+# ============================================================================
+# AP real-mode entry: image offset 0
 .code16
 ap_entry:
     cli
@@ -60,48 +60,48 @@ ap_entry:
     mov ax, cs
     mov ds, ax
     mov bx, fw_gdt_ptr - ap_entry
-    .byte 0x66                  ; 32-bit operand: the full 32-bit GDT base
+    .byte 0x66                  # 32-bit operand: the full 32-bit GDT base
     lgdt [bx]
     mov eax, cr0
     or eax, X86_CR0_PE
     mov cr0, eax
-    .byte 0x66, 0xEA            ; ljmp SEL_CODE32:fw_ap_protected (32-bit offset)
+    .byte 0x66, 0xEA            # ljmp SEL_CODE32:fw_ap_protected (32-bit offset)
     .long fw_ap_protected
     .word SEL_CODE32
 
 .balign 8
-fw_gdt_ptr:                        ; read by lgdt in all three modes
+fw_gdt_ptr:                        # read by lgdt in all three modes
     .word GDT_LIMIT
     .quad fw_gdt
 fw_idt_ptr:
     .word 256 * 16 - 1
     .quad fw_idt
 
-; Each CPU mode gets its own code page, so that a page is only ever decoded
-; in one mode (the platform scans a code page on its first fetch).
+# Each CPU mode gets its own code page, so that a page is only ever decoded
+# in one mode (the platform scans a code page on its first fetch).
 .balign 4096, 0
 .code32
 fw_ap_protected:
     fw_ENTER_LONG_MODE fw_ap_long
 
-; ============================================================================
-; BSP entry, 32-bit protected mode, paging off
+# ============================================================================
+# BSP entry, 32-bit protected mode, paging off
 _start32:
     cli
     cld
-    mov ax, SEL_DATA            ; reload the flat data selectors from the
-    mov ds, ax                  ; loader's GDT: never trust hidden bases
+    mov ax, SEL_DATA            # reload the flat data selectors from the
+    mov ds, ax                  # loader's GDT: never trust hidden bases
     mov es, ax
     mov ss, ax
     mov fs, ax
     mov gs, ax
     cmp dword ptr [BOOTINFO_MAGIC], BOOTINFO_MAGIC_VALUE
     jne fw_bad_bootinfo32
-    cmp dword ptr [BOOTINFO_RAM_BYTES + 4], 0       ; RAM must end below 4 GiB
+    cmp dword ptr [BOOTINFO_RAM_BYTES + 4], 0       # RAM must end below 4 GiB
     jne fw_bad_bootinfo32
 
-    ; Identity map: PML4[0] -> PDPT, PDPT[0..3] -> 4 page directories of
-    ; 2 MiB pages covering RAM (rounded up to 2 MiB), plus the xAPIC page.
+    # Identity map: PML4[0] -> PDPT, PDPT[0..3] -> 4 page directories of
+    # 2 MiB pages covering RAM (rounded up to 2 MiB), plus the xAPIC page.
     mov eax, fw_pdpt
     or eax, _PAGE_PRESENT | _PAGE_RW
     mov dword ptr [fw_pml4], eax
@@ -118,7 +118,7 @@ _start32:
     mov ecx, dword ptr [BOOTINFO_RAM_BYTES]
     add ecx, 0x1FFFFF
     jc fw_bad_bootinfo32
-    shr ecx, 21                 ; number of 2 MiB pages
+    shr ecx, 21                 # number of 2 MiB pages
     jz fw_bad_bootinfo32
     mov edi, fw_pd
     mov eax, _PAGE_PRESENT | _PAGE_RW | _PAGE_PSE
@@ -131,15 +131,15 @@ _start32:
     add edi, fw_APIC_PDE_OFFSET
     mov dword ptr [edi], fw_APIC_PDE
 
-    .byte 0x0F, 0x01, 0x15      ; lgdt [fw_gdt_ptr]
+    .byte 0x0F, 0x01, 0x15      # lgdt [fw_gdt_ptr]
     .long fw_gdt_ptr
-    .byte 0xEA                  ; ljmp SEL_CODE32:fw_bsp_protected
+    .byte 0xEA                  # ljmp SEL_CODE32:fw_bsp_protected
     .long fw_bsp_protected
     .word SEL_CODE32
 fw_bsp_protected:
     fw_ENTER_LONG_MODE fw_bsp_long
 
-; no stack, no long mode: report on the UART and fail through the exit device
+# no stack, no long mode: report on the UART and fail through the exit device
 fw_bad_bootinfo32:
     mov esi, fw_msg_bad_bootinfo
 3:  mov al, byte ptr [esi]
@@ -159,10 +159,10 @@ fw_bad_bootinfo32:
 6:  hlt
     jmp 6b
 
-; ============================================================================
+# ============================================================================
 .balign 4096, 0
 .code64
-fw_bsp_long:                    ; (the data selectors were loaded by fw_ENTER_LONG_MODE)
+fw_bsp_long:                    # (the data selectors were loaded by fw_ENTER_LONG_MODE)
     mov eax, dword ptr [BOOTINFO_NR_CPUS]
     test eax, eax
     jz fw_bad_cpu_count
@@ -174,7 +174,7 @@ fw_bsp_long:                    ; (the data selectors were loaded by fw_ENTER_LO
     jz fw_bad_tsc_hz
     mov qword ptr [fw_tsc_hz_value], rax
 
-    ; stacks: CPU_STACK_SLOT bytes per core, downwards from the top of RAM
+    # stacks: CPU_STACK_SLOT bytes per core, downwards from the top of RAM
     mov rax, qword ptr [BOOTINFO_RAM_BYTES]
     and rax, -4096
     mov qword ptr [fw_stack_area_top], rax
@@ -187,7 +187,7 @@ fw_bsp_long:                    ; (the data selectors were loaded by fw_ENTER_LO
     jb fw_ram_too_small
     mov rsp, qword ptr [fw_stack_area_top]
 
-    ; the core -> x2APIC ID table (the contract: core i has APIC ID i)
+    # the core -> x2APIC ID table (the contract: core i has APIC ID i)
     xor ecx, ecx
 7:  mov dword ptr [fw_apic_id_table + rcx * 4], ecx
     inc ecx
@@ -211,7 +211,7 @@ fw_bsp_long:                    ; (the data selectors were loaded by fw_ENTER_LO
 
     call fw_start_aps
 
-    mov ebx, 1                  ; go: one IPI to each AP
+    mov ebx, 1                  # go: one IPI to each AP
 8:  cmp ebx, dword ptr [fw_nr_cpus]
     jae fw_run_guest
     mov edi, ebx
@@ -232,17 +232,17 @@ fw_ram_too_small:
 fw_bsp_not_core0:
     mov rdi, fw_msg_bsp_not_core0
     jmp fw_boot_fatal
-fw_boot_fatal:                     ; rdi = message; needs a stack
+fw_boot_fatal:                     # rdi = message; needs a stack
     mov rsp, fw_boot_fatal_stack_top
     call print
     mov edi, 0xFE
     call fail
 
-; ----------------------------------------------------------------------------
-; fw_start_aps: INIT + SIPI to every AP (x2APIC ICR, physical destination), then
-; wait for each to come online; a second SIPI goes only to the APs that are
-; not online after the first wait (an AP that already left wait-for-SIPI
-; ignores it anyway).  An AP still missing after the second wait is fatal.
+# ----------------------------------------------------------------------------
+# fw_start_aps: INIT + SIPI to every AP (x2APIC ICR, physical destination), then
+# wait for each to come online; a second SIPI goes only to the APs that are
+# not online after the first wait (an AP that already left wait-for-SIPI
+# ignores it anyway).  An AP still missing after the second wait is fatal.
 fw_start_aps:
     push rbx
     mov ebx, 1
@@ -252,17 +252,17 @@ fw_start_aps:
     mov eax, APIC_INT_ASSERT | APIC_DM_INIT
     mov ecx, X2APIC_ICR
     wrmsr
-    mov edi, 10000              ; 10 us
+    mov edi, 10000              # 10 us
     call delay_ns
     mov edi, ebx
     call fw_send_sipi
     inc ebx
     jmp 1b
-2:  mov edi, 10000000           ; up to 10 ms for all APs
+2:  mov edi, 10000000           # up to 10 ms for all APs
     call fw_wait_aps_online
     test eax, eax
     jz 5f
-    mov ebx, 1                  ; second SIPI to the missing ones
+    mov ebx, 1                  # second SIPI to the missing ones
 3:  cmp ebx, dword ptr [fw_nr_cpus]
     jae 4f
     mov rax, rbx
@@ -274,7 +274,7 @@ fw_start_aps:
     call fw_send_sipi
 31: inc ebx
     jmp 3b
-4:  mov edi, 100000000          ; up to 100 ms more
+4:  mov edi, 100000000          # up to 100 ms more
     call fw_wait_aps_online
     test eax, eax
     jz 5f
@@ -288,7 +288,7 @@ fw_start_aps:
 5:  pop rbx
     ret
 
-fw_send_sipi:                      ; edi = core index
+fw_send_sipi:                      # edi = core index
     mov edi, edi
     mov edx, dword ptr [fw_apic_id_table + rdi * 4]
     mov eax, APIC_INT_ASSERT | APIC_DM_STARTUP | AP_SIPI_VECTOR
@@ -296,12 +296,12 @@ fw_send_sipi:                      ; edi = core index
     wrmsr
     ret
 
-; fw_wait_aps_online(edi = timeout in ns, below 2**32): sleeps (STI; HLT)
-; until every AP's online flag is set, or the LAPIC timer (one-shot, divide
-; by 1, so one count per ns) ends the wait.  An AP sends an IPI after setting
-; its flag only to wake the BSP: IPIs of one vector coalesce in the IRR, so
-; they are not counted.  eax = 0 when every core is online, else the index
-; of the first core that is not.
+# fw_wait_aps_online(edi = timeout in ns, below 2**32): sleeps (STI; HLT)
+# until every AP's online flag is set, or the LAPIC timer (one-shot, divide
+# by 1, so one count per ns) ends the wait.  An AP sends an IPI after setting
+# its flag only to wake the BSP: IPIs of one vector coalesce in the IRR, so
+# they are not counted.  eax = 0 when every core is online, else the index
+# of the first core that is not.
 fw_wait_aps_online:
     mov dword ptr [fw_boot_timer_fired], 0
     mov esi, FW_BOOT_TIMER_VECTOR
@@ -316,17 +316,17 @@ fw_wait_aps_online:
     hlt
     jmp 1b
 2:  call timer_stop
-    sti                                 ; a boot interrupt that became pending
-    nop                                 ; meanwhile is taken here, by the
-    cli                                 ; firmware's handler
+    sti                                 # a boot interrupt that became pending
+    nop                                 # meanwhile is taken here, by the
+    cli                                 # firmware's handler
     mov ecx, X2APIC_LVTT
     mov eax, APIC_LVT_MASKED | LOCAL_TIMER_VECTOR
     xor edx, edx
     wrmsr
     jmp fw_first_offline
 
-; fw_first_offline(): eax = index of the first core whose online flag is
-; clear, 0 if every core is online.
+# fw_first_offline(): eax = index of the first core whose online flag is
+# clear, 0 if every core is online.
 fw_first_offline:
     mov ecx, 1
 1:  cmp ecx, dword ptr [fw_nr_cpus]
@@ -342,10 +342,10 @@ fw_first_offline:
 3:  mov eax, ecx
     ret
 
-; Boot vector FW_BOOT_IPI_VECTOR: on the BSP a wake-up from an AP that came
-; online, on an AP the BSP's "go".  Both handlers stay registered after boot
-; (guests may replace them), so a late boot interrupt never reaches the
-; unhandled path.
+# Boot vector FW_BOOT_IPI_VECTOR: on the BSP a wake-up from an AP that came
+# online, on an AP the BSP's "go".  Both handlers stay registered after boot
+# (guests may replace them), so a late boot interrupt never reaches the
+# unhandled path.
 fw_boot_ipi_handler:
     cmp qword ptr gs:[PERCPU_ID], 0
     je 1f
@@ -356,11 +356,11 @@ fw_boot_timer_handler:
     mov dword ptr [fw_boot_timer_fired], 1
     jmp eoi
 
-; ----------------------------------------------------------------------------
-; AP in long mode: find its core index by its x2APIC ID, take its stack,
-; set up, check in (online flag and an IPI to the BSP), sleep until the
-; BSP's go IPI has been taken.
-fw_ap_long:                     ; (the data selectors were loaded by fw_ENTER_LONG_MODE)
+# ----------------------------------------------------------------------------
+# AP in long mode: find its core index by its x2APIC ID, take its stack,
+# set up, check in (online flag and an IPI to the BSP), sleep until the
+# BSP's go IPI has been taken.
+fw_ap_long:                     # (the data selectors were loaded by fw_ENTER_LONG_MODE)
     mov ecx, MSR_IA32_APICBASE
     rdmsr
     or eax, MSR_IA32_APICBASE_ENABLE
@@ -383,7 +383,7 @@ fw_ap_long:                     ; (the data selectors were loaded by fw_ENTER_LO
     mov edi, ebx
     call fw_cpu_init
     mov dword ptr gs:[PERCPU_ONLINE], 1
-    mov edx, dword ptr [fw_apic_id_table]   ; the BSP's APIC ID
+    mov edx, dword ptr [fw_apic_id_table]   # the BSP's APIC ID
     mov eax, FW_BOOT_IPI_VECTOR
     mov ecx, X2APIC_ICR
     wrmsr
@@ -393,22 +393,22 @@ fw_ap_long:                     ; (the data selectors were loaded by fw_ENTER_LO
     sti
     hlt
     jmp 3b
-fw_ap_unknown:                     ; an APIC ID outside the table: stay offline
+fw_ap_unknown:                     # an APIC ID outside the table: stay offline
     cli
     hlt
     jmp fw_ap_unknown
 
-; ----------------------------------------------------------------------------
-; fw_cpu_init(edi = core index), on the core's own stack: per-core area and GS
-; base, TSS with IST1 and its GDT descriptor, LTR, LIDT, x2APIC mode, SVR
-; software enable with the spurious vector, timer divide-by-1 and masked.
+# ----------------------------------------------------------------------------
+# fw_cpu_init(edi = core index), on the core's own stack: per-core area and GS
+# base, TSS with IST1 and its GDT descriptor, LTR, LIDT, x2APIC mode, SVR
+# software enable with the spurious vector, timer divide-by-1 and masked.
 fw_cpu_init:
     push rbx
     push r12
     mov r12d, edi
     mov rbx, r12
     imul rbx, rbx, PERCPU_SIZE
-    add rbx, fw_percpu                     ; rbx = this core's area
+    add rbx, fw_percpu                     # rbx = this core's area
     mov qword ptr [rbx + PERCPU_ID], r12
     mov qword ptr [rbx + PERCPU_SELF], rbx
     mov rax, qword ptr [fw_stack_area_top]
@@ -426,34 +426,34 @@ fw_cpu_init:
     shr rdx, 32
     wrmsr
 
-    ; TSS: RSP0, IST1, no I/O bitmap (IOPB offset past the limit)
+    # TSS: RSP0, IST1, no I/O bitmap (IOPB offset past the limit)
     mov rdi, r12
-    shl rdi, 7                          ; 128 bytes per TSS
+    shl rdi, 7                          # 128 bytes per TSS
     add rdi, fw_tss_table
     mov rax, qword ptr [rbx + PERCPU_STACK_TOP]
     mov qword ptr [rdi + TSS_RSP0], rax
     mov rax, qword ptr [rbx + PERCPU_IST_TOP]
     mov qword ptr [rdi + TSS_IST1], rax
     mov word ptr [rdi + TSS_IOPB], TSS_SIZE
-    ; 16-byte available 64-bit TSS descriptor (type 9, P = 1, DPL 0)
-    mov rax, TSS_SIZE - 1               ; limit 15:0
+    # 16-byte available 64-bit TSS descriptor (type 9, P = 1, DPL 0)
+    mov rax, TSS_SIZE - 1               # limit 15:0
     mov rdx, rdi
     and edx, 0xFFFFFF
-    shl rdx, 16                         ; base 23:0 -> bits 39:16
+    shl rdx, 16                         # base 23:0 -> bits 39:16
     or rax, rdx
-    mov rdx, 0x89 << 40                 ; P | type 9
+    mov rdx, 0x89 << 40                 # P | type 9
     or rax, rdx
     mov rdx, rdi
     shr rdx, 24
     and edx, 0xFF
-    shl rdx, 56                         ; base 31:24 -> bits 63:56
+    shl rdx, 56                         # base 31:24 -> bits 63:56
     or rax, rdx
     mov rcx, r12
     shl rcx, 4
     add rcx, fw_gdt + SEL_TSS0
     mov qword ptr [rcx], rax
     mov rdx, rdi
-    shr rdx, 32                         ; base 63:32
+    shr rdx, 32                         # base 63:32
     mov qword ptr [rcx + 8], rdx
     mov eax, r12d
     shl eax, 4
@@ -461,7 +461,7 @@ fw_cpu_init:
     ltr ax
     lidt [fw_idt_ptr]
 
-    ; x2APIC mode (xAPIC first, then x2APIC, as the SDM allows)
+    # x2APIC mode (xAPIC first, then x2APIC, as the SDM allows)
     mov ecx, MSR_IA32_APICBASE
     rdmsr
     or eax, MSR_IA32_APICBASE_ENABLE
@@ -482,31 +482,31 @@ fw_cpu_init:
     pop rbx
     ret
 
-; ----------------------------------------------------------------------------
-; fw_build_idt: 256 64-bit interrupt gates (type 0xE, P, DPL 0) on SEL_CODE64,
-; gate v -> fw_isr_stubs + 16 * v; NMI and #DF on IST1.
+# ----------------------------------------------------------------------------
+# fw_build_idt: 256 64-bit interrupt gates (type 0xE, P, DPL 0) on SEL_CODE64,
+# gate v -> fw_isr_stubs + 16 * v; NMI and #DF on IST1.
 fw_build_idt:
     mov rsi, fw_isr_stubs
     mov rdi, fw_idt
     xor ecx, ecx
 1:  mov rax, rsi
-    and eax, 0xFFFF                     ; offset 15:0
+    and eax, 0xFFFF                     # offset 15:0
     or rax, SEL_CODE64 << 16
-    mov rdx, 0x8E << 40                 ; P | DPL 0 | 64-bit interrupt gate
+    mov rdx, 0x8E << 40                 # P | DPL 0 | 64-bit interrupt gate
     or rax, rdx
     mov rdx, rsi
     shr rdx, 16
     and edx, 0xFFFF
-    shl rdx, 48                         ; offset 31:16
+    shl rdx, 48                         # offset 31:16
     or rax, rdx
     cmp ecx, NMI_VECTOR
     je 2f
     cmp ecx, DF_VECTOR
     jne 3f
-2:  bts rax, 32                         ; IST = 1
+2:  bts rax, 32                         # IST = 1
 3:  mov qword ptr [rdi], rax
     mov rax, rsi
-    shr rax, 32                         ; offset 63:32, reserved 0
+    shr rax, 32                         # offset 63:32, reserved 0
     mov qword ptr [rdi + 8], rax
     add rsi, 16
     add rdi, 16
@@ -515,9 +515,9 @@ fw_build_idt:
     jb 1b
     ret
 
-; ----------------------------------------------------------------------------
-; Interrupt entry stubs, 16 bytes each.  Vectors without a CPU error code push
-; a 0 in its place, so every frame has the same layout (FRAME_* in defs.S).
+# ----------------------------------------------------------------------------
+# Interrupt entry stubs, 16 bytes each.  Vectors without a CPU error code push
+# a 0 in its place, so every frame has the same layout (FRAME_* in defs.S).
 .balign 16
 fw_isr_stubs:
 .set fw_isr_vec, 0
@@ -532,9 +532,9 @@ fw_isr_stubs:
     .set fw_isr_vec, fw_isr_vec + 1
 .endr
 
-; Saves the general registers (the frame), calls fw_handler_table[vector] as
-; fn(vector, frame) on a 16-byte aligned stack, restores the registers from
-; the frame (so a handler may change them, RIP included), IRETQ.
+# Saves the general registers (the frame), calls fw_handler_table[vector] as
+# fn(vector, frame) on a 16-byte aligned stack, restores the registers from
+# the frame (so a handler may change them, RIP included), IRETQ.
 fw_isr_common:
     push r15
     push r14
@@ -577,11 +577,11 @@ fw_isr_return:
     pop r13
     pop r14
     pop r15
-    add rsp, 16                 ; vector, error code
+    add rsp, 16                 # vector, error code
     iretq
 
 fw_isr_no_handler:
-    cmp edi, SPURIOUS_APIC_VECTOR   ; a spurious interrupt needs no EOI: ignore
+    cmp edi, SPURIOUS_APIC_VECTOR   # a spurious interrupt needs no EOI: ignore
     je fw_isr_return
     mov rbx, rsp
     and rsp, -16
@@ -607,9 +607,9 @@ fw_isr_no_handler:
     mov edi, 0xFD
     call fail
 
-; ----------------------------------------------------------------------------
-; Every core: call the guest with (core id, number of cores, library table).
-; The BSP reports the return value (0 = pass); an AP that returns is parked.
+# ----------------------------------------------------------------------------
+# Every core: call the guest with (core id, number of cores, library table).
+# The BSP reports the return value (0 = pass); an AP that returns is parked.
 fw_run_guest:
     call fw_devirt_request
     mov rdi, qword ptr gs:[PERCPU_ID]
@@ -632,12 +632,12 @@ fw_park:
     hlt
     jmp fw_park
 
-; ----------------------------------------------------------------------------
-; End of boot under KVM-devirt: if a hypervisor is present (CPUID.1:ECX[31]),
-; is KVM (signature leaf) and offers devirtualization (KVM_FEATURE_DEVIRT),
-; ask it to devirtualize this core with a write of MSR_KVM_DEVIRT.  Natively
-; and under other hypervisors nothing is done.  These CPUIDs and the WRMSR are
-; the last exits of boot; the guest runs after them.
+# ----------------------------------------------------------------------------
+# End of boot under KVM-devirt: if a hypervisor is present (CPUID.1:ECX[31]),
+# is KVM (signature leaf) and offers devirtualization (KVM_FEATURE_DEVIRT),
+# ask it to devirtualize this core with a write of MSR_KVM_DEVIRT.  Natively
+# and under other hypervisors nothing is done.  These CPUIDs and the WRMSR are
+# the last exits of boot; the guest runs after them.
 fw_devirt_request:
     push rbx
     mov eax, 1
@@ -676,22 +676,22 @@ fw_msg_unhandled_core: .asciz ", core "
 fw_msg_close_paren:    .asciz ")\n"
 .text
 
-; ============================================================================
-; Written data: the .data pages, after all the code.
+# ============================================================================
+# Written data: the .data pages, after all the code.
 .data
 .balign 4096
 fw_pml4:           .space 4096
 fw_pdpt:           .space 4096
-fw_pd:             .space 4 * 4096     ; 4 GiB of 2 MiB pages
+fw_pd:             .space 4 * 4096     # 4 GiB of 2 MiB pages
 fw_idt:            .space 256 * 16
-fw_handler_table:  .space 256 * 8      ; set_handler(); 0 = none
+fw_handler_table:  .space 256 * 8      # set_handler(); 0 = none
 .balign 16
 fw_gdt:
-    .quad 0                         ; null
-    .quad 0x00AF9B000000FFFF        ; 0x08 64-bit code (accessed bit preset)
-    .quad 0x00CF93000000FFFF        ; 0x10 flat data
-    .quad 0x00CF9B000000FFFF        ; 0x18 flat 32-bit code
-    .space 16 * MAX_CPUS            ; 0x20 + 16 i: core i's TSS
+    .quad 0                         # null
+    .quad 0x00AF9B000000FFFF        # 0x08 64-bit code (accessed bit preset)
+    .quad 0x00CF93000000FFFF        # 0x10 flat data
+    .quad 0x00CF9B000000FFFF        # 0x18 flat 32-bit code
+    .space 16 * MAX_CPUS            # 0x20 + 16 i: core i's TSS
 .balign 128
 fw_tss_table:      .space 128 * MAX_CPUS
 .balign 64

@@ -1,6 +1,6 @@
-; no_guest.S: stands in for the guest program when the image is built for an
-; ELF guest (build_image(None)).  The firmware calls guest_main only when the
-; boot info names no ELF entry, which is then an error.
+# no_guest.S: stands in for the guest program when the image is built for an
+# ELF guest (build_image(None)).  The firmware calls guest_main only when the
+# boot info names no ELF entry, which is then an error.
 .text
 guest_main:
     mov rdi, fw_msg_no_guest

@@ -1,15 +1,15 @@
-; exceptions.S: #DE, #GP, #PF (read and write) and #UD raised, handled and
-; resumed on every core, with the frame checked against the SDM (vol. 3A,
-; 6.13-6.15 and 6.14.2 "64-bit mode stack frame"):
-;   * #DE (0) and #UD (6) push no error code (the frame's error slot is the
-;     dispatcher's 0 and RIP/CS/RFLAGS/RSP/SS sit where they belong);
-;   * #GP (13) from a non-canonical data address pushes error code 0;
-;   * #PF (14): not-present read -> error code 0, not-present write -> 2
-;     (bit 0 P = 0, bit 1 W/R), CR2 = the faulting linear address;
-;   * all four are faults: the saved RIP is the faulting instruction's, the
-;     saved RSP the RSP before it, CS = 0x08, SS = 0x10, RFLAGS.IF = 0.
-; Steady state: #DE, #GP and #PF (not in KVM-devirt's exception bitmap);
-; #UD (still intercepted) is raised after steady_end.
+# exceptions.S: #DE, #GP, #PF (read and write) and #UD raised, handled and
+# resumed on every core, with the frame checked against the SDM (vol. 3A,
+# 6.13-6.15 and 6.14.2 "64-bit mode stack frame"):
+#   * #DE (0) and #UD (6) push no error code (the frame's error slot is the
+#     dispatcher's 0 and RIP/CS/RFLAGS/RSP/SS sit where they belong);
+#   * #GP (13) from a non-canonical data address pushes error code 0;
+#   * #PF (14): not-present read -> error code 0, not-present write -> 2
+#     (bit 0 P = 0, bit 1 W/R), CR2 = the faulting linear address;
+#   * all four are faults: the saved RIP is the faulting instruction's, the
+#     saved RSP the RSP before it, CS = 0x08, SS = 0x10, RFLAGS.IF = 0.
+# Steady state: #DE, #GP and #PF (not in KVM-devirt's exception bitmap);
+# #UD (still intercepted) is raised after steady_end.
 
 .set REC_COUNT,   0
 .set REC_VECTOR,  8
@@ -24,7 +24,7 @@
 .set REC_EXP_RSP, 80
 .set REC_SIZE,    128
 
-; 32 GiB: PML4[0] -> PDPT[32], which the firmware leaves not present
+# 32 GiB: PML4[0] -> PDPT[32], which the firmware leaves not present
 .set NOT_PRESENT_ADDR, 0x800000000
 .set NON_CANONICAL_ADDR, 0x8000000000000000
 
@@ -32,7 +32,7 @@
 guest_main:
     push rbx
     push r12
-    mov r12, rdi                    ; core id
+    mov r12, rdi                    # core id
     test r12, r12
     jnz 1f
     mov rdi, msg_start
@@ -53,10 +53,10 @@ guest_main:
 
     mov rbx, r12
     imul rbx, rbx, REC_SIZE
-    add rbx, records                ; rbx = this core's record (survives faults)
+    add rbx, records                # rbx = this core's record (survives faults)
 
     call steady_begin
-    ; ---- #DE: DIV by zero
+    # ---- #DE: DIV by zero
     mov rax, de_resume
     mov qword ptr [rbx + REC_RESUME], rax
     mov qword ptr [rbx + REC_EXP_RSP], rsp
@@ -76,7 +76,7 @@ de_resume:
     mov r8d, 0x10
     call check_record
 
-    ; ---- #GP(0): load from a non-canonical address
+    # ---- #GP(0): load from a non-canonical address
     mov rax, gp_resume
     mov qword ptr [rbx + REC_RESUME], rax
     mov qword ptr [rbx + REC_EXP_RSP], rsp
@@ -94,7 +94,7 @@ gp_resume:
     mov r8d, 0x20
     call check_record
 
-    ; ---- #PF, not-present read: error code 0, CR2 = address
+    # ---- #PF, not-present read: error code 0, CR2 = address
     mov rax, pf_read_resume
     mov qword ptr [rbx + REC_RESUME], rax
     mov qword ptr [rbx + REC_EXP_RSP], rsp
@@ -118,7 +118,7 @@ pf_read_resume:
     mov esi, 0x3A
     call fail_msg
 
-    ; ---- #PF, not-present write: error code 2 (W/R), CR2 = address
+    # ---- #PF, not-present write: error code 2 (W/R), CR2 = address
 2:  mov rax, pf_write_resume
     mov qword ptr [rbx + REC_RESUME], rax
     mov qword ptr [rbx + REC_EXP_RSP], rsp
@@ -143,7 +143,7 @@ pf_write_resume:
     call fail_msg
 3:  call steady_end
 
-    ; ---- #UD: UD2 (outside the window: #UD stays in KVM's exception bitmap)
+    # ---- #UD: UD2 (outside the window: #UD stays in KVM's exception bitmap)
     mov rax, ud_resume
     mov qword ptr [rbx + REC_RESUME], rax
     mov qword ptr [rbx + REC_EXP_RSP], rsp
@@ -161,13 +161,13 @@ ud_resume:
     call check_record
 
     mov rdi, msg_ok
-    call report_ok                      ; barrier, core 0 prints, eax = 0
+    call report_ok                      # barrier, core 0 prints, eax = 0
     pop r12
     pop rbx
     ret
 
-; check_record(vector, error, fault rip, expected count, code base) with
-; rbx = the record: every field against the SDM's expectation.
+# check_record(vector, error, fault rip, expected count, code base) with
+# rbx = the record: every field against the SDM's expectation.
 check_record:
     cmp qword ptr [rbx + REC_COUNT], rcx
     jne 1f
@@ -181,13 +181,13 @@ check_record:
     jne 5f
     cmp qword ptr [rbx + REC_SS], SEL_DATA
     jne 6f
-    mov rax, qword ptr [rbx + REC_EXP_RSP]   ; RSP recorded just before the fault
+    mov rax, qword ptr [rbx + REC_EXP_RSP]   # RSP recorded just before the fault
     cmp qword ptr [rbx + REC_RSP], rax
     jne 7f
     mov rax, qword ptr [rbx + REC_RFLAGS]
-    test eax, 2                     ; bit 1 is always 1
+    test eax, 2                     # bit 1 is always 1
     jz 8f
-    test eax, 0x200                 ; IF was 0 at the fault
+    test eax, 0x200                 # IF was 0 at the fault
     jnz 8f
     ret
 1:  mov rdi, msg_bad_count
@@ -215,11 +215,11 @@ check_record:
 9:  mov esi, r8d
     call fail_msg
 
-; exc_handler(vector, frame): record the frame and CR2, resume at REC_RESUME.
+# exc_handler(vector, frame): record the frame and CR2, resume at REC_RESUME.
 exc_handler:
     push rbx
-    mov rbx, rsi                    ; frame
-    mov r8, rdi                     ; vector
+    mov rbx, rsi                    # frame
+    mov r8, rdi                     # vector
     call this_cpu
     imul rax, rax, REC_SIZE
     add rax, records

@@ -1,13 +1,13 @@
-; hello.S: every core says hello; the BSP waits for all and passes.
-; Steady state: a short compute loop on every core (no sensitive instructions).
+# hello.S: every core says hello; the BSP waits for all and passes.
+# Steady state: a short compute loop on every core (no sensitive instructions).
 .text
-guest_main:                     ; rdi = core id, rsi = number of cores
+guest_main:                     # rdi = core id, rsi = number of cores
     push rbx
     push r12
     push r13
     mov r12, rdi
     mov r13, rsi
-    ; "hello from core i of n" (print takes the console lock: one line per core)
+    # "hello from core i of n" (print takes the console lock: one line per core)
     mov rdi, msg_hello
     call print_begin_line
     mov rdi, r12
@@ -21,7 +21,7 @@ guest_main:                     ; rdi = core id, rsi = number of cores
     call print_end_line
 
     call steady_begin
-    xor eax, eax                ; sum 1..1000 = 500500
+    xor eax, eax                # sum 1..1000 = 500500
     mov ecx, 1000
 1:  add rax, rcx
     dec ecx
@@ -31,7 +31,7 @@ guest_main:                     ; rdi = core id, rsi = number of cores
     cmp rbx, 500500
     jne 2f
 
-    call barrier                ; everyone has printed before the BSP's verdict
+    call barrier                # everyone has printed before the BSP's verdict
     xor eax, eax
     jmp 3f
 2:  mov eax, 1
@@ -40,7 +40,7 @@ guest_main:                     ; rdi = core id, rsi = number of cores
     pop rbx
     ret
 
-; one line from several print calls: hold the console for the whole line
+# one line from several print calls: hold the console for the whole line
 print_begin_line:
     push rdi
     call console_lock

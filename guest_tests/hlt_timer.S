@@ -1,14 +1,14 @@
-; hlt_timer.S: HLT woken by the LAPIC timer, on every core, 10 times.
-; Each round: interrupts off, arm a one-shot of 20000 ticks (divide by 1),
-; then exactly one STI; HLT; CLI.  HLT stops the core until an interrupt
-; (SDM vol. 2A, HLT; the STI shadow keeps the interrupt from being taken
-; between STI and HLT), so when the CLI after it runs the timer interrupt
-; must have been taken, once, and at least 20000 ticks after arming.
-; Steady state: the 10 rounds (LVTT, TMICT, EOI, RDTSC, STI, HLT).
+# hlt_timer.S: HLT woken by the LAPIC timer, on every core, 10 times.
+# Each round: interrupts off, arm a one-shot of 20000 ticks (divide by 1),
+# then exactly one STI; HLT; CLI.  HLT stops the core until an interrupt
+# (SDM vol. 2A, HLT; the STI shadow keeps the interrupt from being taken
+# between STI and HLT), so when the CLI after it runs the timer interrupt
+# must have been taken, once, and at least 20000 ticks after arming.
+# Steady state: the 10 rounds (LVTT, TMICT, EOI, RDTSC, STI, HLT).
 
 .set COUNT,  20000
 .set ROUNDS, 10
-.set SLOT,   64                 ; per-core: interrupt count
+.set SLOT,   64                 # per-core: interrupt count
 
 .text
 guest_main:
@@ -32,10 +32,10 @@ guest_main:
     call steady_begin
     mov edi, 1
     call timer_divide
-    xor r14d, r14d                      ; round
+    xor r14d, r14d                      # round
 2:  cli
     call rdtsc64
-    mov r13, rax                        ; before arming
+    mov r13, rax                        # before arming
     mov edi, COUNT
     mov esi, LOCAL_TIMER_VECTOR
     call timer_oneshot
@@ -45,7 +45,7 @@ guest_main:
     call rdtsc64
     sub rax, r13
     inc r14
-    cmp qword ptr [rbx], r14            ; exactly one interrupt per round so far
+    cmp qword ptr [rbx], r14            # exactly one interrupt per round so far
     jne fail_count
     cmp rax, COUNT
     jb fail_early
@@ -54,7 +54,7 @@ guest_main:
     call steady_end
 
     mov rdi, msg_ok
-    call report_ok                      ; barrier, core 0 prints, eax = 0
+    call report_ok                      # barrier, core 0 prints, eax = 0
     pop r14
     pop r13
     pop r12

@@ -1,12 +1,12 @@
-; ipi_pingpong.S: 1000 round trips of a token IPI around all cores.
-; Core 0 sends the token (fixed IPI, vector RESCHEDULE_VECTOR, physical
-; destination through the x2APIC ICR) to core 1, core i forwards it to core
-; i + 1, the last core back to core 0: one round trip.  With one core the
-; token is a self-IPI.  Every receiver EOIs; cores wait with STI; HLT.  After
-; the last round core 0 sets `done` and wakes the others with one more IPI.
-; Checked: core 0 counted 1000 rounds, every other core forwarded exactly
-; 1000 tokens.
-; Steady state: the whole ping-pong (ICR, EOI, HLT, STI/CLI).
+# ipi_pingpong.S: 1000 round trips of a token IPI around all cores.
+# Core 0 sends the token (fixed IPI, vector RESCHEDULE_VECTOR, physical
+# destination through the x2APIC ICR) to core 1, core i forwards it to core
+# i + 1, the last core back to core 0: one round trip.  With one core the
+# token is a self-IPI.  Every receiver EOIs; cores wait with STI; HLT.  After
+# the last round core 0 sets `done` and wakes the others with one more IPI.
+# Checked: core 0 counted 1000 rounds, every other core forwarded exactly
+# 1000 tokens.
+# Steady state: the whole ping-pong (ICR, EOI, HLT, STI/CLI).
 
 .set ROUNDS, 1000
 .set VECTOR, RESCHEDULE_VECTOR
@@ -16,8 +16,8 @@ guest_main:
     push rbx
     push r12
     push r13
-    mov r12, rdi                        ; core id
-    mov r13, rsi                        ; number of cores
+    mov r12, rdi                        # core id
+    mov r13, rsi                        # number of cores
     test r12, r12
     jnz 1f
     mov rdi, msg_start
@@ -30,7 +30,7 @@ guest_main:
     call steady_begin
     test r12, r12
     jnz 2f
-    mov rdi, r13                        ; core 0 sends the first token
+    mov rdi, r13                        # core 0 sends the first token
     cmp rdi, 1
     je 11f
     mov edi, 1
@@ -49,7 +49,7 @@ guest_main:
     call barrier
     test r12, r12
     jnz 5f
-    cmp qword ptr [received], ROUNDS    ; core 0: rounds
+    cmp qword ptr [received], ROUNDS    # core 0: rounds
     jne fail_rounds
     mov ecx, 1
 4:  cmp rcx, r13
@@ -66,26 +66,26 @@ guest_main:
     pop rbx
     ret
 
-; token_handler(vector, frame): EOI; count; forward (or finish on core 0).
+# token_handler(vector, frame): EOI; count; forward (or finish on core 0).
 token_handler:
     push rbx
     call eoi
     cmp dword ptr [done], 0
-    jne 9f                              ; the final wake-up: nothing to do
+    jne 9f                              # the final wake-up: nothing to do
     call this_cpu
     mov rbx, rax
     inc qword ptr [received + rbx * 8]
     call num_cpus
-    lea rdi, [rbx + 1]                  ; next core
+    lea rdi, [rbx + 1]                  # next core
     cmp rdi, rax
     jb 1f
     xor edi, edi
 1:  test rbx, rbx
     jnz 3f
-    cmp qword ptr [received], ROUNDS    ; core 0: one more round done
+    cmp qword ptr [received], ROUNDS    # core 0: one more round done
     jb 3f
     mov dword ptr [done], 1
-    mov rbx, rax                        ; wake the others
+    mov rbx, rax                        # wake the others
 2:  dec rbx
     jz 9f
     mov rdi, rbx

@@ -1,14 +1,14 @@
-; lapic_timer.S: the LAPIC timer in one-shot and periodic mode on every core
-; (SDM vol. 3A, 10.5.4).  The timer counts down from TMICT at the bus clock
-; divided by TDCR; this machine's timer clock and TSC both run at 1 GHz
-; (docs/guest-abi.md), so a count C at divider D lasts C * D TSC ticks.
-;   one-shot: count 50000, divide by 4 -> the interrupt comes at least
-;     200000 ticks after arming (TSC read before the TMICT write) and at most
-;     half a period late; TMCCT is in (0, count] while running and 0 after;
-;   periodic: count 25000, divide by 4 -> period P = 100000 ticks; the k-th
-;     interrupt comes at least k * P after arming, the 5th at most P/2 late;
-;     timer_stop then leaves TMCCT at 0.
-; Steady state: the whole exercise (TDCR, LVTT, TMICT, TMCCT, EOI, RDTSC, HLT).
+# lapic_timer.S: the LAPIC timer in one-shot and periodic mode on every core
+# (SDM vol. 3A, 10.5.4).  The timer counts down from TMICT at the bus clock
+# divided by TDCR; this machine's timer clock and TSC both run at 1 GHz
+# (docs/guest-abi.md), so a count C at divider D lasts C * D TSC ticks.
+#   one-shot: count 50000, divide by 4 -> the interrupt comes at least
+#     200000 ticks after arming (TSC read before the TMICT write) and at most
+#     half a period late; TMCCT is in (0, count] while running and 0 after;
+#   periodic: count 25000, divide by 4 -> period P = 100000 ticks; the k-th
+#     interrupt comes at least k * P after arming, the 5th at most P/2 late;
+#     timer_stop then leaves TMCCT at 0.
+# Steady state: the whole exercise (TDCR, LVTT, TMICT, TMCCT, EOI, RDTSC, HLT).
 
 .set ONESHOT_COUNT,  50000
 .set PERIODIC_COUNT, 25000
@@ -19,7 +19,7 @@
 .set ONESHOT_LATEST, ONESHOT_TICKS + ONESHOT_TICKS / 2
 .set PERIODIC_LATEST, TICKS * PERIOD + PERIOD / 2
 .set LAST_TICK,      TICKS * 8
-.set SLOT,           64                 ; per-core: count, then TSC of each interrupt
+.set SLOT,           64                 # per-core: count, then TSC of each interrupt
 
 .text
 guest_main:
@@ -27,7 +27,7 @@ guest_main:
     push r12
     push r13
     push r14
-    mov r12, rdi                        ; core id
+    mov r12, rdi                        # core id
     test r12, r12
     jnz 1f
     mov rdi, msg_start
@@ -38,15 +38,15 @@ guest_main:
 1:  call barrier
     mov rbx, r12
     imul rbx, rbx, SLOT
-    add rbx, ticks                      ; rbx = this core's slot
+    add rbx, ticks                      # rbx = this core's slot
 
     call steady_begin
     mov edi, DIVIDER
     call timer_divide
 
-    ; ---- one-shot
+    # ---- one-shot
     call rdtsc64
-    mov r13, rax                        ; t0, before arming
+    mov r13, rax                        # t0, before arming
     mov edi, ONESHOT_COUNT
     mov esi, LOCAL_TIMER_VECTOR
     call timer_oneshot
@@ -60,13 +60,13 @@ guest_main:
     call timer_current
     test eax, eax
     jnz fail_tmcct_expired
-    mov r14, qword ptr [rbx + 8]        ; TSC at the interrupt
-    sub r14, r13                        ; elapsed
+    mov r14, qword ptr [rbx + 8]        # TSC at the interrupt
+    sub r14, r13                        # elapsed
 
-    ; ---- periodic
+    # ---- periodic
     mov qword ptr [rbx], 0
     call rdtsc64
-    mov r13, rax                        ; t0
+    mov r13, rax                        # t0
     mov edi, PERIODIC_COUNT
     mov esi, LOCAL_TIMER_VECTOR
     call timer_periodic
@@ -74,17 +74,17 @@ guest_main:
     call wait_ticks
     call timer_stop
     call timer_current
-    mov r8d, eax                        ; TMCCT after timer_stop
+    mov r8d, eax                        # TMCCT after timer_stop
     call steady_end
 
-    ; ---- checks (outside the window)
+    # ---- checks (outside the window)
     cmp r14, ONESHOT_TICKS
     jb fail_oneshot_early
     cmp r14, ONESHOT_LATEST
     ja fail_oneshot_late
     test r8d, r8d
     jnz fail_tmcct_stopped
-    mov ecx, 1                          ; k-th interrupt at least k * P after t0
+    mov ecx, 1                          # k-th interrupt at least k * P after t0
     mov rdx, PERIOD
 2:  mov rax, qword ptr [rbx + rcx * 8]
     sub rax, r13
@@ -100,14 +100,14 @@ guest_main:
     ja fail_periodic_late
 
     mov rdi, msg_ok
-    call report_ok                      ; barrier, core 0 prints, eax = 0
+    call report_ok                      # barrier, core 0 prints, eax = 0
     pop r14
     pop r13
     pop r12
     pop rbx
     ret
 
-; wait_ticks(n): sleep (STI; HLT) until this core's slot counts n interrupts.
+# wait_ticks(n): sleep (STI; HLT) until this core's slot counts n interrupts.
 wait_ticks:
 1:  cli
     cmp qword ptr [rbx], rdi
@@ -117,7 +117,7 @@ wait_ticks:
     jmp 1b
 2:  ret
 
-; timer_handler(vector, frame): count, record the TSC, EOI.
+# timer_handler(vector, frame): count, record the TSC, EOI.
 timer_handler:
     push rbx
     call this_cpu
@@ -126,7 +126,7 @@ timer_handler:
     mov rbx, rax
     mov rcx, qword ptr [rbx]
     cmp rcx, 6
-    jae 1f                              ; more than the slot holds: just count
+    jae 1f                              # more than the slot holds: just count
     inc rcx
     mov qword ptr [rbx], rcx
     call rdtsc64

@@ -1,18 +1,18 @@
-; msr_cr.S: write / read back / restore round trips of EFER, PAT, CR0 and CR4
-; on every core.  Expectations from the SDM:
-;   * EFER (vol. 3A, 2.2.1): in 64-bit mode LME (bit 8) and LMA (bit 10) are
-;     set; NXE (bit 11) and SCE (bit 0) read back as written;
-;   * IA32_PAT (vol. 3A, 12.12.4): nobody has written it, so it holds its
-;     power-up value 0x0007040600070406; a value with WC (01) in PA1 and PA5
-;     reads back as written;
-;   * CR0 (vol. 3A, 2.5): the firmware left PE, MP, NE, WP, PG set and EM
-;     clear; TS (bit 3) set by MOV reads back set, CLTS clears it; WP
-;     cleared reads back clear;
-;   * CR4: the firmware left PAE, OSFXSR, OSXMMEXCPT set; TSD (bit 2) and
-;     PGE (bit 7) read back as written.
-; Every register is restored and read back equal to its first value.
-; Steady state: only a checksum over the values read (the round trips
-; themselves are what a hypervisor intercepts).
+# msr_cr.S: write / read back / restore round trips of EFER, PAT, CR0 and CR4
+# on every core.  Expectations from the SDM:
+#   * EFER (vol. 3A, 2.2.1): in 64-bit mode LME (bit 8) and LMA (bit 10) are
+#     set; NXE (bit 11) and SCE (bit 0) read back as written;
+#   * IA32_PAT (vol. 3A, 12.12.4): nobody has written it, so it holds its
+#     power-up value 0x0007040600070406; a value with WC (01) in PA1 and PA5
+#     reads back as written;
+#   * CR0 (vol. 3A, 2.5): the firmware left PE, MP, NE, WP, PG set and EM
+#     clear; TS (bit 3) set by MOV reads back set, CLTS clears it; WP
+#     cleared reads back clear;
+#   * CR4: the firmware left PAE, OSFXSR, OSXMMEXCPT set; TSD (bit 2) and
+#     PGE (bit 7) read back as written.
+# Every register is restored and read back equal to its first value.
+# Steady state: only a checksum over the values read (the round trips
+# themselves are what a hypervisor intercepts).
 
 .set PAT_POWER_UP, 0x0007040600070406
 .set PAT_WC,       0x0007010600070106
@@ -33,16 +33,16 @@ guest_main:
     call print
 1:  call barrier
 
-    ; ---- EFER
+    # ---- EFER
     mov ecx, MSR_EFER
     call rdmsr64
-    mov r13, rax                        ; original
+    mov r13, rax                        # original
     mov rdx, rax
     and rdx, EFER_LONG
     cmp rdx, EFER_LONG
     jne fail_efer_long
     mov rax, r13
-    xor rax, EFER_NX | EFER_SCE         ; flip NXE and SCE
+    xor rax, EFER_NX | EFER_SCE         # flip NXE and SCE
     mov r14, rax
     mov ecx, MSR_EFER
     call wrmsr64
@@ -58,7 +58,7 @@ guest_main:
     cmp rax, r13
     jne fail_efer_restore
 
-    ; ---- IA32_PAT
+    # ---- IA32_PAT
     mov ecx, MSR_IA32_CR_PAT
     call rdmsr64
     mov r13, rax
@@ -81,7 +81,7 @@ guest_main:
     cmp rax, r13
     jne fail_pat_restore
 
-    ; ---- CR0
+    # ---- CR0
     mov r13, cr0
     mov rax, r13
     mov rdx, CR0_BOOT_SET | X86_CR0_EM
@@ -110,7 +110,7 @@ guest_main:
     cmp rdx, r13
     jne fail_cr0_restore
 
-    ; ---- CR4
+    # ---- CR4
     mov r14, cr4
     mov rax, r14
     and rax, CR4_BOOT_SET
@@ -133,7 +133,7 @@ guest_main:
     cmp rdx, r14
     jne fail_cr4_restore
 
-    ; ---- steady state: fold the values read into a checksum
+    # ---- steady state: fold the values read into a checksum
     call steady_begin
     mov rax, r13
     xor rax, r14
@@ -145,20 +145,20 @@ guest_main:
     call steady_end
 
     mov rdi, msg_ok
-    call report_ok                      ; barrier, core 0 prints, eax = 0
+    call report_ok                      # barrier, core 0 prints, eax = 0
     pop r14
     pop r13
     pop r12
     pop rbx
     ret
 
-rdmsr64:                                ; ecx = MSR -> rax
+rdmsr64:                                # ecx = MSR -> rax
     rdmsr
     shl rdx, 32
     or rax, rdx
     ret
 
-wrmsr64:                                ; ecx = MSR, rax = value
+wrmsr64:                                # ecx = MSR, rax = value
     mov rdx, rax
     shr rdx, 32
     wrmsr

@@ -1,19 +1,19 @@
-; msr_passthrough.S: in its steady-state window, only the MSRs KVM-devirt
-; passes through (VMX MSR bitmap): IA32_TSC_DEADLINE 0x6E0, x2APIC EOI 0x80B,
-; IRR[31:0] 0x820, TDCR 0x83E, TMCCT 0x839, LVTT 0x832, TMICT 0x838, ICR 0x830.
-; Each is used and checked against the SDM (vol. 3A, chapter 10):
-;   * TDCR reads back the divide value written (0x3 = /16, 0xB = /1);
-;   * LVTT reads back vector, mask and timer mode as written;
-;   * TMICT reads back the initial count; TMCCT runs down from it even with
-;     the LVT masked (at /1 and 1 GHz: at least 10000 lower after 10 us), and
-;     TMICT = 0 stops the timer (TMCCT reads 0);
-;   * IA32_TSC_DEADLINE reads 0 and ignores writes outside TSC-deadline mode
-;     (10.5.4.1); in that mode it reads back what was written, and 0 after 0;
-;   * ICR: a fixed self-IPI of vector 0x1F (16-31 are legal vectors, 10.5.2)
-;     sent with IF = 0 stays pending: IRR[31:0] bit 31 set; the ICR reads back
-;     the value written (x2APIC: no delivery-status bit); after STI the
-;     handler runs once, writes EOI, and IRR bit 31 is clear again.
-; Runs on every core, each on its own LAPIC.
+# msr_passthrough.S: in its steady-state window, only the MSRs KVM-devirt
+# passes through (VMX MSR bitmap): IA32_TSC_DEADLINE 0x6E0, x2APIC EOI 0x80B,
+# IRR[31:0] 0x820, TDCR 0x83E, TMCCT 0x839, LVTT 0x832, TMICT 0x838, ICR 0x830.
+# Each is used and checked against the SDM (vol. 3A, chapter 10):
+#   * TDCR reads back the divide value written (0x3 = /16, 0xB = /1);
+#   * LVTT reads back vector, mask and timer mode as written;
+#   * TMICT reads back the initial count; TMCCT runs down from it even with
+#     the LVT masked (at /1 and 1 GHz: at least 10000 lower after 10 us), and
+#     TMICT = 0 stops the timer (TMCCT reads 0);
+#   * IA32_TSC_DEADLINE reads 0 and ignores writes outside TSC-deadline mode
+#     (10.5.4.1); in that mode it reads back what was written, and 0 after 0;
+#   * ICR: a fixed self-IPI of vector 0x1F (16-31 are legal vectors, 10.5.2)
+#     sent with IF = 0 stays pending: IRR[31:0] bit 31 set; the ICR reads back
+#     the value written (x2APIC: no delivery-status bit); after STI the
+#     handler runs once, writes EOI, and IRR bit 31 is clear again.
+# Runs on every core, each on its own LAPIC.
 
 .set IPI_VECTOR,  0x1F
 .set IPI_IRR_BIT, 1 << 31
@@ -41,10 +41,10 @@ guest_main:
     mov rbx, r12
     imul rbx, rbx, SLOT
     add rbx, counts
-    mov r13d, dword ptr gs:[PERCPU_APIC_ID]   ; this core's x2APIC ID, read at boot
+    mov r13d, dword ptr gs:[PERCPU_APIC_ID]   # this core's x2APIC ID, read at boot
 
     call steady_begin
-    ; ---- TDCR
+    # ---- TDCR
     mov ecx, X2APIC_TDCR
     mov eax, APIC_TDR_DIV_16
     call wrmsr32
@@ -60,7 +60,7 @@ guest_main:
     cmp rax, APIC_TDR_DIV_1
     jne fail_tdcr
 
-    ; ---- LVTT, TMICT, TMCCT (masked one-shot, so no interrupt)
+    # ---- LVTT, TMICT, TMCCT (masked one-shot, so no interrupt)
     mov ecx, X2APIC_LVTT
     mov eax, LVTT_MASKED_ONESHOT
     call wrmsr32
@@ -77,7 +77,7 @@ guest_main:
     jne fail_tmict
     mov ecx, X2APIC_TMCCT
     call rdmsr64
-    mov r14, rax                        ; first TMCCT
+    mov r14, rax                        # first TMCCT
     test rax, rax
     jz fail_tmcct
     cmp rax, TMICT_VALUE
@@ -98,7 +98,7 @@ guest_main:
     test rax, rax
     jnz fail_tmcct_stop
 
-    ; ---- IA32_TSC_DEADLINE outside and inside TSC-deadline mode
+    # ---- IA32_TSC_DEADLINE outside and inside TSC-deadline mode
     mov ecx, MSR_IA32_TSC_DEADLINE
     mov rax, FAR_FUTURE
     call wrmsr64
@@ -133,7 +133,7 @@ guest_main:
     mov eax, LVTT_MASKED_ONESHOT
     call wrmsr32
 
-    ; ---- ICR self-IPI, IRR, EOI
+    # ---- ICR self-IPI, IRR, EOI
     cli
     mov ecx, X2APIC_IRR
     call rdmsr64
@@ -141,7 +141,7 @@ guest_main:
     jnz fail_irr_early
     mov rax, r13
     shl rax, 32
-    or rax, IPI_VECTOR                  ; fixed, physical, edge, dest = self
+    or rax, IPI_VECTOR                  # fixed, physical, edge, dest = self
     mov r14, rax
     mov ecx, X2APIC_ICR
     call wrmsr64
@@ -156,7 +156,7 @@ guest_main:
     cmp qword ptr [rbx], 0
     jne fail_taken_early
     sti
-    nop                                 ; the STI shadow ends here
+    nop                                 # the STI shadow ends here
     cli
     cmp qword ptr [rbx], 1
     jne fail_not_taken
@@ -167,7 +167,7 @@ guest_main:
     call steady_end
 
     mov rdi, msg_ok
-    call report_ok                      ; barrier, core 0 prints, eax = 0
+    call report_ok                      # barrier, core 0 prints, eax = 0
     pop r14
     pop r13
     pop r12
@@ -181,17 +181,17 @@ ipi_handler:
     inc qword ptr [rax]
     jmp eoi
 
-rdmsr64:                                ; ecx -> rax
+rdmsr64:                                # ecx -> rax
     rdmsr
     shl rdx, 32
     or rax, rdx
     ret
-wrmsr64:                                ; ecx, rax
+wrmsr64:                                # ecx, rax
     mov rdx, rax
     shr rdx, 32
     wrmsr
     ret
-wrmsr32:                                ; ecx, eax (edx = 0)
+wrmsr32:                                # ecx, eax (edx = 0)
     xor edx, edx
     wrmsr
     ret

@@ -1,8 +1,8 @@
-; spinlock.S: every core increments a shared counter 5000 times, each time
-; under spin_lock with a plain (non-atomic) load / add / store, so a lock
-; that lets two cores in at once loses increments.  After a barrier the BSP
-; checks the total: 5000 x number of cores.
-; Steady state: the increment loop (XCHG, PAUSE, loads and stores).
+# spinlock.S: every core increments a shared counter 5000 times, each time
+# under spin_lock with a plain (non-atomic) load / add / store, so a lock
+# that lets two cores in at once loses increments.  After a barrier the BSP
+# checks the total: 5000 x number of cores.
+# Steady state: the increment loop (XCHG, PAUSE, loads and stores).
 
 .set ITERATIONS, 5000
 

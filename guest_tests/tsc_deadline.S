@@ -1,12 +1,12 @@
-; tsc_deadline.S: the LAPIC timer in TSC-deadline mode on every core (SDM
-; vol. 3A, 10.5.4.1):
-;   * armed 100000 ticks ahead, the interrupt comes at or after the deadline
-;     (at most 50000 ticks late), and IA32_TSC_DEADLINE reads 0 afterwards
-;     (the timer disarms itself when it fires);
-;   * a deadline already in the past fires at once (within 20000 ticks);
-;   * a deadline disarmed by writing 0 never fires (100000 ticks of waiting
-;     with interrupts enabled, five times past the deadline that was armed).
-; Steady state: the whole exercise (LVTT, IA32_TSC_DEADLINE, EOI, RDTSC, HLT).
+# tsc_deadline.S: the LAPIC timer in TSC-deadline mode on every core (SDM
+# vol. 3A, 10.5.4.1):
+#   * armed 100000 ticks ahead, the interrupt comes at or after the deadline
+#     (at most 50000 ticks late), and IA32_TSC_DEADLINE reads 0 afterwards
+#     (the timer disarms itself when it fires);
+#   * a deadline already in the past fires at once (within 20000 ticks);
+#   * a deadline disarmed by writing 0 never fires (100000 ticks of waiting
+#     with interrupts enabled, five times past the deadline that was armed).
+# Steady state: the whole exercise (LVTT, IA32_TSC_DEADLINE, EOI, RDTSC, HLT).
 
 .set AHEAD,        100000
 .set LATE_SLACK,   50000
@@ -14,7 +14,7 @@
 .set PAST_SLACK,   20000
 .set DISARM_AHEAD, 20000
 .set DISARM_WAIT,  100000
-.set SLOT,         64               ; per-core: interrupt count, TSC of the last one
+.set SLOT,         64               # per-core: interrupt count, TSC of the last one
 
 .text
 guest_main:
@@ -37,31 +37,31 @@ guest_main:
     add rbx, slots
 
     call steady_begin
-    ; ---- a deadline in the future
+    # ---- a deadline in the future
     call rdtsc64
-    lea r13, [rax + AHEAD]              ; the deadline
+    lea r13, [rax + AHEAD]              # the deadline
     mov rdi, r13
     mov esi, LOCAL_TIMER_VECTOR
     call tsc_deadline
     mov edi, 1
     call wait_count
-    mov r14, qword ptr [rbx + 8]        ; TSC in the handler
+    mov r14, qword ptr [rbx + 8]        # TSC in the handler
     mov ecx, MSR_IA32_TSC_DEADLINE
     rdmsr
     shl rdx, 32
     or rax, rdx
-    mov r15, rax                        ; IA32_TSC_DEADLINE after firing
+    mov r15, rax                        # IA32_TSC_DEADLINE after firing
 
-    ; ---- a deadline in the past
+    # ---- a deadline in the past
     call rdtsc64
-    mov qword ptr [rbx + 16], rax       ; when it was armed
+    mov qword ptr [rbx + 16], rax       # when it was armed
     lea rdi, [rax - PAST]
     mov esi, LOCAL_TIMER_VECTOR
     call tsc_deadline
     mov edi, 2
     call wait_count
 
-    ; ---- armed, then disarmed with 0: no interrupt
+    # ---- armed, then disarmed with 0: no interrupt
     call rdtsc64
     lea rdi, [rax + DISARM_AHEAD]
     mov esi, LOCAL_TIMER_VECTOR
@@ -71,10 +71,10 @@ guest_main:
     mov edi, DISARM_WAIT
     call delay_ns
     cli
-    mov r8, qword ptr [rbx]             ; interrupts so far
+    mov r8, qword ptr [rbx]             # interrupts so far
     call steady_end
 
-    ; ---- checks
+    # ---- checks
     cmp r14, r13
     jb fail_early
     sub r14, r13
@@ -90,7 +90,7 @@ guest_main:
     jne fail_disarmed_fired
 
     mov rdi, msg_ok
-    call report_ok                      ; barrier, core 0 prints, eax = 0
+    call report_ok                      # barrier, core 0 prints, eax = 0
     pop r15
     pop r14
     pop r13
@@ -98,7 +98,7 @@ guest_main:
     pop rbx
     ret
 
-; wait_count(n): STI; HLT until this core has seen n interrupts.
+# wait_count(n): STI; HLT until this core has seen n interrupts.
 wait_count:
 1:  cli
     cmp qword ptr [rbx], rdi

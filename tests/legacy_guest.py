@@ -5,7 +5,6 @@ its end."""
 from __future__ import annotations
 
 import struct
-import time
 
 from unicorn import x86_const as X
 

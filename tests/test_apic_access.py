@@ -21,7 +21,6 @@ Expectations are written here from the Intel SDM Vol. 3C as literals:
 * an "operation" is one iteration of a REP string instruction.
 """
 import struct
-import time
 
 import pytest
 

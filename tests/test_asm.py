@@ -47,10 +47,66 @@ def test_local_and_numeric_labels_are_not_listed_and_resolve():
 
 
 def test_comments_are_stripped_but_not_inside_strings():
-    src = 'nop ; a comment\nnop # another\nnop // and another\nmsg: .asciz "a;b#c//d"\n'
+    src = 'nop # a comment\nnop // another\nmsg: .asciz "a;b#c//d"\n'
     data, syms = assemble(src, 0)
-    assert data == b"\x90\x90\x90" + b"a;b#c//d\x00"
-    assert syms["msg"] == 3
+    assert data == b"\x90\x90" + b"a;b#c//d\x00"
+    assert syms["msg"] == 2
+
+
+def test_a_semicolon_separates_statements_as_in_gnu_as():
+    # GNU as on x86: ';' is a line separator, so this is two instructions
+    # (31 C0 = xor eax, eax; 0F A2 = cpuid), and a label may start each
+    data, syms = assemble("xor eax, eax; cpuid\nl1: nop; l2: ret", 0)
+    assert data == bytes([0x31, 0xC0, 0x0F, 0xA2, 0x90, 0xC3])
+    assert syms == {"l1": 4, "l2": 5}
+    # not inside a string or a character literal, nor in a comment
+    data, _ = assemble("mov al, ';'\n.ascii \"x;y\"  # a; b", 0)
+    assert data == bytes([0xB0, ord(";")]) + b"x;y"
+
+
+def test_a_semicolon_comment_is_now_a_statement_and_an_error_with_its_line():
+    with pytest.raises(AsmError) as e:
+        assemble("nop\nnop ; a comment\n", 0, "old.S")
+    assert (e.value.filename, e.value.line) == ("old.S", 2)
+
+
+def test_run_case_runs_both_statements_of_a_line():
+    from devirt_emu.testing.vmx_case import run_case
+    r = run_case("mov eax, 7; cpuid")
+    assert r.exit.name == "CPUID" and r.exit.regs["rax"] == 7
+    assert r.steps == 1
+
+
+@pytest.mark.parametrize("line, why", [
+    ("mov rax, [rbx+", "'[' is not closed"),
+    ("mov rax, [rbx", "'[' is not closed"),
+    ("mov rax, rbx]", "']' without a matching '['"),
+    ("mov rax, (5 + 3", "'(' is not closed"),
+    ("mov rax, [rbx + 8)]", "')' without a matching '('"),
+    ("mov rax, 5 +", "operator '+' with no operand after it"),
+    ("mov rax, [rbx + rcx*]", "operator '*' with no operand after it"),
+    ("add rax, 1 <<, rbx", "operator '<<' with no operand after it"),
+    (".quad 1 |", "operator '|' with no operand after it"),
+])
+def test_malformed_operands_are_errors_with_file_and_line(line, why):
+    # keystone alone assembles the first as mov rax, [rbx], the second as a load
+    # from address 0 and the fourth as mov rax, 8
+    with pytest.raises(AsmError) as e:
+        assemble(f"nop\n    {line}   # a comment\nnop\n", 0, "bad.S")
+    assert (e.value.filename, e.value.line) == ("bad.S", 2)
+    assert e.value.message == why
+    assert str(e.value) == f"bad.S:2: {why}: {line}   # a comment"
+
+
+def test_well_formed_operands_are_not_rejected():
+    data, _ = assemble('mov rax, [rbx + rcx*4 - 8]\nmov eax, -1\nmov al, \'[\'\n'
+                       '.ascii "(["\nmov eax, ~0\nmov eax, (1 << 4) | 2\n', 0)
+    assert data[:5] == bytes([0x48, 0x8B, 0x44, 0x8B, 0xF8])      # REX.W 8B /r, SIB, disp8 -8
+    assert data[5:10] == bytes([0xB8, 0xFF, 0xFF, 0xFF, 0xFF])
+    assert data[10:12] == bytes([0xB0, ord("[")])
+    assert data[12:14] == b"(["
+    assert data[14:19] == bytes([0xB8, 0xFF, 0xFF, 0xFF, 0xFF])
+    assert data[19:24] == bytes([0xB8, 0x12, 0, 0, 0])
 
 
 def test_constants_are_folded_around_keystone_expression_bug():

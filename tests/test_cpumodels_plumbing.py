@@ -21,7 +21,7 @@ from devirt_emu.machine import Machine
 from devirt_emu.platform import msrs
 from devirt_emu.platform.lapic import GeneralProtection
 from devirt_emu.testing.vmx_case import CaseError, CaseRunner, legal_controls, run_case
-from devirt_emu.vmx.entry import EntryCaps, check_vm_entry
+from devirt_emu.vmx.entry import EntryCaps
 from devirt_emu.vmx.vmcs import Vmcs, VmxInstructionError
 from devirt_emu.platform.memory import PhysMem
 

@@ -131,7 +131,7 @@ guest_main:
     push rbx
     mov rdi, msg_start
     call print
-    ; MOV to CR8 writes TPR[7:4] and clears TPR[3:0]
+    # MOV to CR8 writes TPR[7:4] and clears TPR[3:0]
     mov eax, 5
     mov cr8, rax
     mov rbx, cr8
@@ -141,7 +141,7 @@ guest_main:
     rdmsr
     cmp eax, 0x50
     jne fail_1
-    ; an x2APIC TPR write is what CR8 reads
+    # an x2APIC TPR write is what CR8 reads
     mov ecx, 0x808
     mov eax, 0x73
     xor edx, edx
@@ -153,7 +153,7 @@ guest_main:
     rdmsr
     cmp eax, 0x73
     jne fail_2
-    ; a class-E interrupt waits while TPR[7:4] >= 0xE and is taken when CR8 drops to 0xD
+    # a class-E interrupt waits while TPR[7:4] >= 0xE and is taken when CR8 drops to 0xD
     mov edi, TV
     mov rsi, handler
     call set_handler
@@ -225,7 +225,7 @@ XAPIC_GUEST = f"""
 guest_main:
     push rbx
     push r12
-    ; xAPIC mode: x2APIC -> disabled -> xAPIC (SDM "x2APIC State Transitions")
+    # xAPIC mode: x2APIC -> disabled -> xAPIC (SDM "x2APIC State Transitions")
     mov ecx, 0x1B
     rdmsr
     mov r12d, eax
@@ -235,7 +235,7 @@ guest_main:
     and eax, 0xFFFFFBFF
     wrmsr
     mov rbx, APIC_PAGE
-    ; SVR (0xFF after the disable) written and read back, the version register
+    # SVR (0xFF after the disable) written and read back, the version register
     mov eax, dword ptr [rbx + 0xF0]
     cmp eax, 0xFF
     jne fail_1
@@ -246,12 +246,12 @@ guest_main:
     mov eax, dword ptr [rbx + 0x30]
     cmp eax, 0x01060014
     jne fail_1
-    ; a read-modify-write: the divide configuration (0 after the disable; bits 0, 1, 3)
+    # a read-modify-write: the divide configuration (0 after the disable; bits 0, 1, 3)
     or dword ptr [rbx + 0x3E0], 0xB
     mov eax, dword ptr [rbx + 0x3E0]
     cmp eax, 0xB
     jne fail_1
-    ; the TPR through the page; CR8 and PPR agree with it
+    # the TPR through the page; CR8 and PPR agree with it
     mov dword ptr [rbx + 0x80], 0x45
     mov eax, dword ptr [rbx + 0x80]
     cmp eax, 0x45
@@ -267,7 +267,7 @@ guest_main:
     mov eax, dword ptr [rbx + 0x80]
     cmp eax, 0x20
     jne fail_2
-    ; a self-IPI held back by TPR 0xF0 written through the page, taken when TPR 0 is
+    # a self-IPI held back by TPR 0xF0 written through the page, taken when TPR 0 is
     mov edi, TV
     mov rsi, handler
     call set_handler
@@ -283,14 +283,14 @@ after_tpr_0:
     cmp qword ptr [count], 1
     jne fail_3
     cli
-    cmp dword ptr [isr_seen], 8             ; ISR bits 255:224: vector 0xE3 is bit 3
+    cmp dword ptr [isr_seen], 8             # ISR bits 255:224: vector 0xE3 is bit 3
     jne fail_3
-    cmp dword ptr [ppr_seen], 0xE0          ; TPR 0 < ISRV class 0xE
+    cmp dword ptr [ppr_seen], 0xE0          # TPR 0 < ISRV class 0xE
     jne fail_3
-    mov eax, dword ptr [rbx + 0x170]        ; the EOI ended it
+    mov eax, dword ptr [rbx + 0x170]        # the EOI ended it
     test eax, eax
     jnz fail_3
-    ; back to x2APIC mode for the library
+    # back to x2APIC mode for the library
     mov ecx, 0x1B
     mov eax, r12d
     xor edx, edx
@@ -309,7 +309,7 @@ handler:
     mov dword ptr [isr_seen], ecx
     mov ecx, dword ptr [rax + 0xA0]
     mov dword ptr [ppr_seen], ecx
-    mov dword ptr [rax + 0xB0], 0           ; EOI
+    mov dword ptr [rax + 0xB0], 0           # EOI
     ret
 
 {FAIL_1_TO_3}

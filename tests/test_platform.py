@@ -9,12 +9,10 @@ Expected values are the SDM's (Vol. 3A "Interrupt and Exception Handling":
 from __future__ import annotations
 
 import struct
-import time
 
 import pytest
 
 from devirt_emu.asm import assemble
-from devirt_emu.platform.core import GuestError
 from devirt_emu.machine import Machine, run_program
 from devirt_emu.platform import longmode as LM
 from devirt_emu.platform.ucinternals import calibrate
@@ -63,7 +61,7 @@ def test_instruction_counts_are_exact():
 
 
 FRAME_HANDLER = """
-handler_ec:                 ; error-code frame: EC, RIP, CS, RFLAGS, RSP, SS
+handler_ec:                 # error-code frame: EC, RIP, CS, RFLAGS, RSP, SS
     mov rax, [rsp]
     mov [LOG], rax
     mov rax, [rsp + 8]
@@ -87,7 +85,7 @@ def test_page_fault_frame_and_error_code():
     # the frame is SS, RSP, RFLAGS, CS, RIP (of the faulting instruction), error code.
     src = f"""
 .set LOG, {LOG:#x}
-    mov rsp, 0x9F000 - 8      ; misaligned on purpose: the frame is 16-byte aligned
+    mov rsp, 0x9F000 - 8      # misaligned on purpose: the frame is 16-byte aligned
     pushfq
     pop rbx
     mov [LOG + 64], rbx
@@ -118,7 +116,7 @@ def test_general_protection_error_code_zero_and_read_fault():
 .set LOG, {LOG:#x}
     mov rax, 0x8000000000000000
 fault:
-    mov rax, [rax]                          ; non-canonical: #GP(0)
+    mov rax, [rax]                          # non-canonical: #GP(0)
 """ + FRAME_HANDLER
     m = run64(src, {"handler_ec": [13]})
     ec, rip = u64s(m, LOG, 2)
@@ -217,7 +215,7 @@ df:
 def test_unknown_msr_raises_gp_and_known_msr_round_trips():
     src = f"""
 .set LOG, {LOG:#x}
-    mov ecx, 0xC0000102        ; KERNEL_GS_BASE
+    mov ecx, 0xC0000102        # KERNEL_GS_BASE
     mov eax, 0x12345678
     mov edx, 0x7FFF
     wrmsr
@@ -226,7 +224,7 @@ def test_unknown_msr_raises_gp_and_known_msr_round_trips():
     rdmsr
     mov [LOG], eax
     mov [LOG + 4], edx
-    mov ecx, 0x12345           ; no such MSR
+    mov ecx, 0x12345           # no such MSR
 fault:
     rdmsr
 handler_ec:
@@ -247,16 +245,16 @@ def test_interrupt_after_sti_waits_one_instruction():
     # the following INCs had run: exactly one.
     src = f"""
 .set LOG, {LOG:#x}
-    mov ecx, 0x1B              ; IA32_APIC_BASE: enable the x2APIC
+    mov ecx, 0x1B              # IA32_APIC_BASE: enable the x2APIC
     rdmsr
     or eax, 0xC00
     wrmsr
-    mov ecx, 0x80F             ; SVR: software enable
+    mov ecx, 0x80F             # SVR: software enable
     mov eax, 0x1FF
     xor edx, edx
     wrmsr
     xor r8, r8
-    mov ecx, 0x830             ; ICR: fixed, vector 0x50, to self (x2APIC ID 0)
+    mov ecx, 0x830             # ICR: fixed, vector 0x50, to self (x2APIC ID 0)
     mov eax, 0x50
     xor edx, edx
     wrmsr
@@ -294,7 +292,7 @@ patch:
     mov eax, 1
     dec ecx
     jz done
-    mov byte ptr [patch + 1], 0       ; mov eax, 1 -> mov eax, 0
+    mov byte ptr [patch + 1], 0       # mov eax, 1 -> mov eax, 0
     jmp again
 done:
     out 0xf4, al
@@ -306,7 +304,7 @@ done:
 def test_store_into_the_next_instruction_is_honoured():
     # the store is on the page it runs from, into the bytes right after it
     src = """
-    mov byte ptr [next + 1], 0       ; next: mov eax, 1 -> mov eax, 0
+    mov byte ptr [next + 1], 0       # next: mov eax, 1 -> mov eax, 0
 next:
     mov eax, 1
     out 0xf4, al
@@ -343,7 +341,7 @@ def test_sensitive_instructions_are_caught_where_linear_and_physical_differ():
 
 def test_store_into_code_where_linear_and_physical_differ():
     m = run_high("""
-    mov byte ptr [next + 1], 0       ; next: mov eax, 1 -> mov eax, 0
+    mov byte ptr [next + 1], 0       # next: mov eax, 1 -> mov eax, 0
 next:
     mov eax, 1
     out 0xf4, al

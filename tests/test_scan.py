@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from devirt_emu.cpu.decode import decode_at
-from devirt_emu.cpu.scan import PAGE_SIZE, scan_page
+from devirt_emu.cpu.scan import PAGE_SIZE, scan_page, scan_starts, store_may_change_sites
 from devirt_emu.asm import keystone_engine
 from devirt_emu.events import Kind
 
@@ -204,3 +204,55 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         scan_page(bytes(PAGE_SIZE + 16), BASE, 64)
     assert scan_page(b"", BASE, 64) == {}
+
+
+def starts_in(code: bytes, first: int, stop: int, mode: int) -> dict:
+    """The definition scan_starts must meet: decode_at at every offset of [first, stop)."""
+    out = {}
+    for off in range(first, stop):
+        insn = decode_at(code[off:], off, mode)
+        if insn is not None:
+            out[off] = insn
+    return out
+
+
+_BYTES = st.lists(st.one_of(st.sampled_from(_INTERESTING), st.integers(0, 255)),
+                  min_size=48, max_size=120)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=_BYTES, mode=st.sampled_from([16, 32, 64]), a=st.integers(0, 120),
+       b=st.integers(0, 120))
+def test_scan_of_a_window_is_decoding_each_start_in_it(data, mode, a, b):
+    code = bytes(data)
+    first, stop = sorted((min(a, len(code)), min(b, len(code))))
+    assert scan_starts(code, first, stop, mode) == starts_in(code, first, stop, mode)
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=_BYTES, mode=st.sampled_from([16, 32, 64]), at=st.integers(4, 20),
+       new=st.lists(st.one_of(st.sampled_from(_INTERESTING), st.integers(0, 255)),
+                    min_size=1, max_size=8))
+def test_a_store_ruled_out_changes_no_start(data, mode, at, new):
+    # store_may_change_sites may only say False when no start in the 14 bytes
+    # before the store or in it decodes as a sensitive instruction after it,
+    # given that none did before
+    old = bytes(data)
+    lo, hi = at, at + len(new)
+    if hi + 18 > len(old):
+        return
+    first = max(lo - 14, 0)
+    if starts_in(old, first, hi, mode):
+        return                       # the precondition: no old start near the store
+    code = old[:lo] + bytes(new) + old[hi:]
+    if not store_may_change_sites(code, lo, hi, mode):
+        assert starts_in(code, first, hi, mode) == {}
+
+
+def test_a_store_next_to_code_is_ruled_out_and_one_making_cpuid_is_not():
+    code = bytes(16) + b"\x90" * 4 + b"\x34\x12" + bytes(30)   # NOPs, then a stored 0x1234
+    assert not store_may_change_sites(code, 20, 28, 64)
+    code = bytes(20) + b"\x0f\xa2" + bytes(30)            # the store wrote CPUID
+    assert store_may_change_sites(code, 20, 22, 64)
+    code = bytes(20) + b"\xf3" + b"\x90" + bytes(30)      # F3 before a 90: PAUSE
+    assert store_may_change_sites(code, 20, 21, 64)

@@ -10,7 +10,7 @@ import pytest
 
 from devirt_emu.asm import build_image
 from devirt_emu.machine import Machine
-from devirt_emu.testing.vmx_case import CODE_BASE, SCRATCH_BASE, CaseRunner
+from devirt_emu.testing.vmx_case import SCRATCH_BASE, CaseRunner
 
 EPT = [None, "identity"]
 ZEROS = {SCRATCH_BASE: bytes(3 * 4096)}
@@ -170,3 +170,108 @@ def test_a_self_modifying_guest_stepped_one_instruction_at_a_time_is_the_free_ru
     assert _summary(m.result()) == _summary(ref)
     assert [n] == ref.instructions
     assert m.cores[0].probe.gpr(8) == free.cores[0].probe.gpr(8)
+
+
+CROSS_CORE = """
+    test rdi, rdi
+    jnz other
+1:  cmp byte ptr [ran], 0             # core 0 waits until core 1 has run probe once
+    je 1b
+    lea rax, [rip + probe]
+    {patch}
+    mov byte ptr [patched], 1
+2:  cmp byte ptr [done], 0
+    je 2b
+    xor eax, eax
+    ret
+other:
+    call probe
+    mov byte ptr [ran], 1
+3:  call probe                        # until it runs the patched bytes
+    {until}
+    mov byte ptr [done], 1
+    xor eax, eax
+    ret
+probe:
+    mov eax, 1
+    nop
+    nop
+    ret
+.data
+ran: .byte 0
+patched: .byte 0
+done: .byte 0
+"""
+
+
+def _cross_core(tmp_path, patch: str, until: str):
+    path = tmp_path / "xmc.S"
+    path.write_text(".text\nguest_main:\n" + CROSS_CORE.format(patch=patch, until=until))
+    m = Machine(cores=2, max_ns=50_000_000)
+    m.load_image(build_image(path))
+    return m, m.run()
+
+
+def test_a_store_by_one_core_into_code_another_core_runs_is_seen_by_it(tmp_path):
+    # cross-modifying code (SDM Vol. 3A "Cross-Modifying Code"): core 1 keeps
+    # calling probe, which core 0 (running from the same page) patches from
+    # "mov eax, 1" to "mov eax, 0"; core 1 must come to run the new bytes
+    m, res = _cross_core(tmp_path, "mov byte ptr [rax + 1], 0", "test eax, eax\n    jnz 3b")
+    assert res.verdict == "pass", res
+
+
+def test_a_sensitive_instruction_one_core_writes_is_caught_on_the_other(tmp_path):
+    # core 0 turns probe's NOP NOP into CPUID; core 1 calls probe once more after
+    # it sees the patch done.  The platform completes (and counts) each CPUID it
+    # catches: core 1 counts more of them than in the same run with a patch that
+    # writes NOP NOP again (the firmware's own CPUIDs are the same in both)
+    until = "cmp byte ptr [patched], 0\n    je 3b\n    call probe"
+    m, res = _cross_core(tmp_path, "mov word ptr [rax + 5], 0xA20F", until)
+    ref, ref_res = _cross_core(tmp_path, "mov word ptr [rax + 5], 0x9090", until)
+    assert res.verdict == ref_res.verdict == "pass", (res, ref_res)
+    assert m.cores[1].events.get("CPUID", 0) > ref.cores[1].events.get("CPUID", 0)
+
+
+def test_consecutive_cases_with_different_ept_rights_see_their_own(runner):
+    # the case runner lets a case start with the EPT translations of the last case
+    # with the same EPT (same tables): a case with other rights must not see them
+    store = f"mov rax, {SCRATCH_BASE}\nmov qword ptr [rax], 1\ncpuid"
+    rw = runner.run(store, ept="identity")
+    ro = runner.run(store, ept=["identity", {SCRATCH_BASE: (SCRATCH_BASE, 1)}])
+    again = runner.run(store, ept="identity")
+    assert rw.exit.name == again.exit.name == "CPUID", (rw, again)
+    assert ro.exit.name == "EPT_VIOLATION" and ro.exit.qualification & 0b10, ro   # a data write
+
+
+@pytest.mark.parametrize("ept", EPT)
+def test_every_step_limit_stops_after_exactly_that_many_instructions(runner, ept):
+    # an unaligned store (two bytes at an odd address) into its own translation
+    # block, after the instruction it patches: stopped after each number of
+    # instructions, the case has retired exactly that many and RIP is at the
+    # next one of the sequence the SDM gives (pass 2 runs the patched bytes)
+    code = """
+        lea rdi, [rip + site]
+        mov ecx, 2
+    again:
+        mov eax, 0x1234
+        xor edx, edx
+    site:
+        rdtsc
+        mov word ptr [rdi], 0x9090     # rdtsc -> nop; nop
+    after:
+        dec ecx
+    last:
+        jnz again
+    """
+    first = runner.run(code, ept=ept, max_steps=1)
+    s = first.symbols
+    assert s["site"] % 2, "the patched address must be odd for this test"
+    nop2 = s["site"] + 1
+    store = s["site"] + 2
+    rips = [s["again"] - 5, s["again"],                                   # after lea, mov ecx
+            s["again"] + 5, s["site"], store, s["after"], s["last"],      # pass 1
+            s["again"], s["again"] + 5, s["site"], nop2, store, s["after"], s["last"],
+            s["last"] + 2]                                                # falls through
+    for n, rip in enumerate(rips, start=1):
+        r = runner.run(code, ept=ept, max_steps=n)
+        assert (r.steps, r.no_exit.guest_rip) == (n, rip), (n, r)

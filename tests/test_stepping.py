@@ -137,7 +137,7 @@ def test_breakpoints_survive_disarm_rearm_and_self_modifying_code(tmp_path):
     mov cr3, rax
     call func
     lea rax, [rip + patched]
-    mov byte ptr [rax + 1], 5       ; patched: mov eax, 1 -> mov eax, 5
+    mov byte ptr [rax + 1], 5       # patched: mov eax, 1 -> mov eax, 5
     call func
     pop rbx
     cmp eax, 5

@@ -27,7 +27,6 @@ the VMCS must see regardless:
 from __future__ import annotations
 
 import struct
-import time
 
 from devirt_emu.asm import assemble
 from devirt_emu.machine import Machine

@@ -93,6 +93,15 @@ _ONE_BYTE: dict[int, dict[int, Insn]] = {
     for mode in MODES
 }
 
+#: Per mode and first opcode byte, the prefix classes ("", "66", "F3", "F2") any
+#: row of the table starting with that byte allows (empty: no row).
+_PREFIX_CLASSES: dict[int, tuple] = {
+    mode: tuple(frozenset().union(*(r.pfx for r in TABLE
+                                    if r.opcode[0] == b and mode in r.modes))
+                for b in range(256))
+    for mode in MODES
+}
+
 _PREFIX_BYTES_LEGACY = frozenset(LEGACY_PREFIXES)
 _PREFIX_BYTES_64 = _PREFIX_BYTES_LEGACY | frozenset(range(0x40, 0x50))
 
@@ -126,6 +135,7 @@ def scan_starts(code: bytes, first: int, stop: int, mode: int) -> dict[int, Insn
     bytes it changed.  ``mode`` must be valid (see :func:`check_mode`)."""
     prefixes = _PREFIX_BYTES_64 if mode == 64 else _PREFIX_BYTES_LEGACY
     one_byte = _ONE_BYTE[mode]
+    classes = _PREFIX_CLASSES[mode]
     found: dict[int, Insn] = {}
     # an instruction starting before ``stop`` has its opcode within 14 bytes of its
     # start (no endpos: the lookahead must see the bytes after the opcode)
@@ -136,8 +146,14 @@ def scan_starts(code: bytes, first: int, stop: int, mode: int) -> dict[int, Insn
             break
         s = p
         low = max(first, p - (MAX_INSN_LEN - 1))
+        # the prefix class of a start (as decode_offset has it: the F2/F3 nearest the
+        # opcode, else 66, else none); a start whose class no row of the opcode
+        # allows (90 is PAUSE only after F3) is not decoded
+        allowed = classes[code[p]]
+        rep, p66 = 0, False
         while True:
-            if s < stop:
+            if s < stop and (("F3" if rep == 0xF3 else "F2") if rep else
+                             ("66" if p66 else "")) in allowed:
                 insn = one_byte.get(code[p]) if s == p else None
                 if insn is None:
                     insn = decode_offset(code, s, mode)
@@ -146,4 +162,51 @@ def scan_starts(code: bytes, first: int, stop: int, mode: int) -> dict[int, Insn
             if s <= low or code[s - 1] not in prefixes:
                 break
             s -= 1
+            b = code[s]
+            if b == 0x66:
+                p66 = True
+            elif (b == 0xF2 or b == 0xF3) and not rep:
+                rep = b
     return found
+
+
+
+def store_may_change_sites(code: bytes, lo: int, hi: int, mode: int) -> bool:
+    """Can the new bytes ``code[lo:hi]`` change a scan's sensitive starts, given
+    that none starts within the 14 bytes before them or among them?  ``code``
+    holds the bytes as they are after the store, from at least 4 before ``lo``
+    (_LONGEST_PATTERN - 1) to at least 18 after ``hi`` (MAX_INSN_LEN - 1 and a
+    pattern).
+
+    A new start would need an opcode pattern (the opcode bytes and the ModRM
+    byte the table constrains, or the SIB byte after it, which can change the
+    length) that overlaps the new bytes, or new prefix bytes in front of a
+    pattern after them: a start whose prefix, pattern and SIB bytes are all
+    unchanged decodes as before (its displacement and immediate bytes give
+    neither its length nor whether it decodes), and before, it decoded as
+    nothing sensitive.  False means the starts cannot change; True that they may."""
+    pattern = OPCODE_RES[mode]
+    reach = OPCODE_REACH[mode]
+    # (the lookahead sees up to endpos: every pattern starting before hi fits)
+    for m in pattern.finditer(code, lo - (_LONGEST_PATTERN - 1), hi + _LONGEST_PATTERN - 1):
+        p = m.start()
+        if p >= hi:
+            break
+        if p >= lo or p + reach[code[p]] > lo:
+            return True
+    prefixes = _PREFIX_BYTES_64 if mode == 64 else _PREFIX_BYTES_LEGACY
+    if code[hi - 1] not in prefixes:
+        return False
+    q = hi
+    while q < len(code) and code[q] in prefixes:
+        q += 1
+    return pattern.match(code, q) is not None
+
+
+#: Per code size and first opcode byte: how many bytes from it a pattern of the
+#: table can depend on (its opcode bytes, and ModRM plus SIB when it has ModRM).
+OPCODE_REACH = {mode: bytes(max((len(row.opcode) + 2 * row.modrm for row in TABLE
+                                 if mode in row.modes and row.opcode[0] == b), default=0)
+                            for b in range(256))
+                for mode in MODES}
+_LONGEST_PATTERN = max(max(reach) for reach in OPCODE_REACH.values())

@@ -62,7 +62,7 @@ from ..vmx.vmcs import Vmcs
 from ..vmx import apicv as A
 from .configs import (APIC_ACCESS_PAGE_GPA, BOOT_CONFIG, POSTED_INTR_VECTOR,
                       POSTED_INTR_WAKEUP_VECTOR, VMX_CONFIGS, VmxConfig)
-from .kvm_common import HOST_AREA, PARAVIRT_MSRS, KvmCommon, L0Error, kvm_cpuid  # noqa: F401 (re-exported)
+from .kvm_common import PARAVIRT_MSRS, KvmCommon, kvm_cpuid
 
 KVM_ENOSYS = 1000
 INIT_CR0 = 0x60000010          # CR0 after INIT (CD, NW, ET)

@@ -5,12 +5,14 @@ How guest code runs
 RAM is mapped readable and writable but not executable.  The first fetch
 from a page stops the engine (UC_ERR_FETCH_PROT); the core then scans the
 page with :mod:`devirt_emu.cpu.scan`, puts a UC_HOOK_CODE hook on the exact
-address of every sensitive instruction found, makes the page executable and
-write-protected in every core, and resumes.  Ordinary instructions never
-reach Python.  A store into a scanned page (self-modifying code, or data
-sharing a page with code) stops the engine (UC_ERR_WRITE_PROT); the scan is
-dropped in every core, the page becomes writable and non-executable again,
-and the store is retried.  Hooks are keyed by linear address and execute
+address of every sensitive instruction found, makes the page executable,
+write-protects it in every other core, and resumes.  Ordinary instructions
+never reach Python.  A store into the page by this core (self-modifying code,
+or data sharing a page with code) lands as on hardware: a write hook rescans
+only the starts it can change (see :class:`~.watch.CodeWatching`).  A store
+into it by another core stops that core's engine (UC_ERR_WRITE_PROT); the
+scan is dropped in every core, the page becomes writable and non-executable
+again, and the store is retried.  Hooks are keyed by linear address and execute
 permission by physical page, so a second linear alias of a scanned page
 would run unhooked: the core therefore re-arms (drops execute permission
 everywhere) on CR3 loads, INVLPG and paging-mode changes.
@@ -86,14 +88,14 @@ from .delivery import LegacyDelivery
 from .descriptors import DescriptorTables
 from .descriptors import ar_to_flags, descriptor_cache, flags_to_ar  # (re-exported)
 from .lapic import GeneralProtection
-from .memory import PAGE_SIZE, PhysicalAccessError
+from .memory import PAGE_SIZE
 from .msrs import check_read, check_write, is_canonical, reset_value
 from .paging import PageFault, PagingMode, UnsupportedPaging, paging_mode, translate
 from .errors import GuestError, _Fault
 from .task_switch import TASK_SWITCH_INSNS, TaskSwitcher
-from .watch import CodeWatching, PageAccess, PageWatching
+from .watch import _DORMANT, CodeWatching, PageAccess, PageWatching
 from .tlb import (ACC_FETCH, ACC_READ, ACC_WRITE, AccessAborted, NonCanonical, PaeRegisters,
-                  SecondStage, Stage2Fault, VirtualTlb, instruction_length)
+                  SecondStage, Stage2Fault, VirtualTlb)
 from .ucinternals import HF_CS64, EngineProbe
 
 IMPOSSIBLE_PC = 0xFFFF_FFFF_FFFF_FFFF
@@ -259,7 +261,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         self.legacy = LegacyDelivery(self, self.tables)
         self.trace = machine.trace
         # page scanning
-        self.hooks: dict[int, list] = {}      # physical page -> [(linear, handle)]
+        self.hooks: dict[int, dict] = {}      # physical page -> {linear: (handle, insn)}
         self.exec_pages: set[int] = set()     # physical pages executable in this engine
         self._exit_sites: dict[int, Insn] = {}     # linear address -> site handled by exit
         self._exit_pages: dict[int, list[int]] = {}
@@ -276,6 +278,9 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         self._last_store: tuple | None = None  # (EIP, address, size, value) of the last store
         self._last_store_count = -1            # the instruction count it came at
         self._store_alone = False      # running an undone store alone (see _engine_run)
+        self._counter, self._eip = self.probe.executed, self.probe.eip   # (for the store hook)
+        self._ram = self.mem.view
+        self._peers: tuple | None = None       # the machine's other cores, once they all exist
         # per-run bookkeeping
         self._budget = 0
         self._uncount = 0
@@ -542,10 +547,13 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         for m in modes:
             for addr, insn in self.machine.scan_cache(ppage, code + tail, lpage, m).items():
                 sites.setdefault(addr, {})[m] = insn
-        handles = self.hooks.setdefault(ppage, [])
+        handles = self.hooks.setdefault(ppage, {})
         for addr, by_mode in sites.items():
             insn = by_mode[64] if len(modes) == 1 else None
-            handles.append((self._add_site_hook(addr, insn, by_mode), addr, insn))
+            old = handles.get(addr)
+            if old is not None and old[0] is not None:
+                self._del_site_hook(old[0], addr)
+            handles[addr] = (self._add_site_hook(addr, insn, by_mode), insn)
         self.machine.mark_code_page(ppage)
         # writable here: a store into it is seen by its write hook (see CodeWatching)
         self.uc.mem_protect(ppage, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC)
@@ -554,7 +562,7 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
 
     def disarm_page(self, ppage: int) -> None:
         """Drop this engine's hooks, exits and execute permission for one physical page."""
-        for h, addr, _ in self.hooks.pop(ppage, ()):
+        for addr, (h, _) in self.hooks.pop(ppage, {}).items():
             if h is not None:
                 self._del_site_hook(h, addr)
         gone = self._exit_pages.pop(ppage, None)
@@ -598,20 +606,25 @@ class Core(PageWatching, CodeWatching, SecondStage, PaeRegisters):
         where the platform completes the instruction itself (EXIT_KINDS): exits are
         checked when code is translated, not per counted instruction (measured:
         3000 exits cost nothing).  The run stops before such an instruction and
-        the core handles it as the hook would have (see _take_exit)."""
+        the core handles it as the hook would have (see _take_exit).  Dormant
+        hooks (CodeWatching._resite) go too: a hook costs counted runs speed."""
         new = []
-        keep = []
-        for h, addr, insn in self.hooks.get(ppage, ()):
+        handles = self.hooks.get(ppage, {})
+        dormant = []
+        for addr, (h, insn) in handles.items():
             if h is not None and insn is not None and insn.kind in EXIT_KINDS:
                 self._del_site_hook(h, addr)
                 self._exit_sites[addr] = insn
                 new.append(addr)
-                keep.append((None, addr, insn))
-            else:
-                keep.append((h, addr, insn))
+            elif h is not None and self._site_of.get(addr) is _DORMANT:
+                dormant.append((addr, h))    # a store removed its instruction (CodeWatching)
+        for addr, h in dormant:
+            self._del_site_hook(h, addr)
+            del handles[addr]
         if not new:
             return
-        self.hooks[ppage] = keep
+        for addr in new:
+            handles[addr] = (None, handles[addr][1])
         self._exit_pages.setdefault(ppage, []).extend(new)
         self._set_exits()
         self.uc.ctl_remove_cache(ppage, ppage + PAGE_SIZE)

@@ -265,6 +265,12 @@ class VirtualTlb:
         self._refused: tuple | None = None     # (page, access, user) of the last refused fill
         self._error: BaseException | None = None
         self._placeholders: set[int] = set()
+        #: (linear page, access, user) -> host-physical page of the platform's
+        #: successful peeks since the last flush: a TLB of the platform's own
+        #: reads (a processor may cache translations until an invalidation,
+        #: SDM Vol. 3A "Caching Translation Information"); peeks have no side
+        #: effect, so no accessed or dirty flag is skipped
+        self._peeks: dict[tuple, int] = {}
         self.fills = 0                        # hook calls (TLB misses), for benchmarks
         self._invalid_addr = core.uc._uch.value + calibrate_invalid_addr()
         self.uc.hook_add(UC_HOOK_TLB_FILL, self._on_fill)
@@ -291,6 +297,7 @@ class VirtualTlb:
         """Drop every cached translation of the engine (measured: neither a mode
         switch nor context_restore does)."""
         self._placeholders.clear()
+        self._peeks.clear()
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     # ------------------------------------------------------------------ the walk
@@ -299,7 +306,14 @@ class VirtualTlb:
         """Host-physical address of ``linear`` for ``access`` (ACC_*).  Raises
         PageFault (the guest's #PF), NonCanonical, UnsupportedPaging or
         Stage2Fault; with ``peek`` nothing in memory changes."""
-        return self._walk(linear, access, user, peek)[0]
+        if not peek:
+            return self._walk(linear, access, user, False)[0]
+        key = (linear >> 12, access, user)
+        page = self._peeks.get(key)
+        if page is None:
+            page = self._walk(linear, access, user, True)[0] & ~0xFFF
+            self._peeks[key] = page
+        return page | (linear & 0xFFF)
 
     def guest_walk(self, linear: int, cr3: Optional[int] = None) -> Optional[Walk]:
         """The first stage alone, as a peek (a supervisor read, no side effect):

@@ -25,7 +25,7 @@ from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from ..cpu.decode import MAX_INSN_LEN
-from ..cpu.scan import scan_starts
+from ..cpu.scan import scan_starts, store_may_change_sites
 from .errors import GuestError, _Fault
 from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
 
@@ -34,6 +34,13 @@ from .memory import LAPIC_MMIO_BASE, PAGE_SIZE
 #: SSE store is two, FXSAVE many), and a piece that crosses into the next page is
 #: reported once, at its first address, to the hooks whose range holds that.
 STORE_REACH = 7
+#: The site of a hook whose instruction a store removed: it does nothing when it fires.
+_DORMANT = (None, {})
+#: The bytes before and after a store's rescan window store_may_change_sites reads.
+_BEFORE = 4
+_AFTER = 4
+#: The value masks of the store sizes a write hook reports.
+_MASKS = {n: (1 << (8 * n)) - 1 for n in range(1, 9)}
 
 
 @dataclass(frozen=True)
@@ -283,13 +290,21 @@ class CodeWatching:
     store changes by itself, as the processor does (SDM Vol. 3A "Self-Modifying
     Code"): the store lands and the next fetch sees the new bytes, also when the
     store is into the storing instruction or the next one.  The hook keeps the
-    page scan right: it rescans only the starts a store can change (the 14
-    bytes before it and its own), and only when the stored bytes differ from
-    the old; when the sensitive instructions there changed it re-hooks them at
-    once, inside the engine, which goes on running.  Other cores executing the
-    page drop their translations of it before they next run (and rescan it, if
-    its sites changed); in the other cores a code page stays write-protected,
-    and a store by one of them invalidates it everywhere (the slow path).
+    page scan right without stopping the engine: nothing when the stored bytes
+    equal the old; else, unless :func:`~devirt_emu.cpu.scan.store_may_change_sites`
+    rules it out, a rescan of the starts the store can change (the 14 bytes
+    before it and its own), and when their sensitive instructions changed, new
+    hooks (a hook whose instruction went stays, dormant: see :meth:`_resite`).
+    Measured on Unicorn 2.1.4, two things need more: a store into the
+    translation block it runs in is undone and run again alone, and counted
+    twice (the hook takes the second count off, and the core runs such an
+    instruction alone when its run ended between the two); an unaligned store
+    into a page with translated code, once it hits the running block, leaves
+    every later store of the run unreported, so the run ends after it.
+    Other cores executing the page drop their translations of it before they
+    next run (and rescan it, if its sites changed); in the other cores a code
+    page stays write-protected, and a store by one of them invalidates it
+    everywhere (the slow path).
     """
 
     def _watch_code(self, ppage: int, lpage: int, modes: tuple, tail: bytes,
@@ -300,6 +315,8 @@ class CodeWatching:
         scan = CodeScan(ppage, lpage, modes, bytes(tail), by_offset, sorted(by_offset))
         scans = self._code_scans.get(ppage)
         if scans is None:
+            if self._peers is None:
+                self._peers = tuple(c for c in self.machine.cores if c is not self)
             self._code_scans[ppage] = [scan]
             h = uc_hook_h()
             begin = max(ppage - STORE_REACH, 0)
@@ -330,17 +347,16 @@ class CodeWatching:
         # ``address`` lands; nothing may escape from here
         try:
             lo = address - ppage
-            hi = lo + size
-            if hi <= 0:
+            if lo + size <= 0:
                 return              # a store before the page that does not reach it
             if self._counted:
                 # measured: a store into the translation block it runs in makes
                 # Unicorn undo the instruction before the store lands and run it
                 # again alone, and count it again; so the first store of an
                 # instruction, seen again one count later at the same EIP, is that
-                count = self.probe.executed()
+                count = self._counter()
                 if count != self._last_store_count:
-                    key = (self.probe.eip(), address, size, value)
+                    key = (self._eip(), address, size, value)
                     if count == self._last_store_count + 1 and key == self._last_store:
                         self._uncount += 1
                         key = None
@@ -351,14 +367,20 @@ class CodeWatching:
                 # running translation block it calls no write hook again until the
                 # run ends: end the run after this instruction (see Core._engine_run)
                 self.request_stop("store")
-            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            mask = _MASKS.get(size)
+            if mask is None:
+                # wider than any store measured: rescan the whole page after the run
+                self._code_rescan.add(ppage)
+                self.request_stop("store")
+                return
+            data = (value & mask).to_bytes(size, "little")
+            hi = lo + size
             if lo < 0:
                 data, lo = data[-lo:], 0
-            if hi > PAGE_SIZE:
+            elif hi > PAGE_SIZE:
                 data, hi = data[:PAGE_SIZE - lo], PAGE_SIZE
-            if self.mem.view[ppage + lo:ppage + hi] == data:
-                return              # the same bytes: nothing to rescan
-            self._code_stored(ppage, lo, hi, data)
+            if self._ram[ppage + lo:ppage + hi] != data:
+                self._code_stored(ppage, lo, hi, data)
         except BaseException as e:       # a bug of ours: end the run with verdict error
             self.machine.internal_error(self, e)
             self.request_stop("exit")
@@ -366,18 +388,19 @@ class CodeWatching:
     def _code_stored(self, ppage: int, lo: int, hi: int, data: bytes) -> None:
         """``data`` is about to replace bytes ``[lo, hi)`` of executable page ``ppage``."""
         changed = False
-        for scan in self._code_scans.get(ppage, ()):
-            changed |= self._rescan_window(scan, lo, hi, data)
-            if lo < MAX_INSN_LEN:
+        for scan in self._code_scans[ppage]:
+            if self._rescan_window(scan, lo, hi, data):
+                changed = True
+            if lo < MAX_INSN_LEN and self._code_by_lpage:
                 # the scan of the linear page before decoded across into these bytes
                 prev = self._code_by_lpage.get(scan.lpage - PAGE_SIZE)
                 if prev is not None:
                     n = min(hi, MAX_INSN_LEN) - lo
-                    changed |= self._rescan_window(prev, PAGE_SIZE + lo, PAGE_SIZE + lo + n,
-                                                   data[:n])
-        for core in self.machine.cores:
-            if core is not self and ppage in core.exec_pages:
-                core._code_stale.add(ppage)      # it translated the old bytes
+                    if self._rescan_window(prev, PAGE_SIZE + lo, PAGE_SIZE + lo + n, data[:n]):
+                        changed = True
+        for core in self._peers:
+            if ppage in core.exec_pages:
+                core._code_stale.add(ppage)          # it translated the old bytes
         if changed:
             self.machine.forget_scans(ppage)
 
@@ -388,65 +411,114 @@ class CodeWatching:
         first = lo - (MAX_INSN_LEN - 1) if lo > MAX_INSN_LEN - 1 else 0
         end = hi + MAX_INSN_LEN - 1
         ppage = scan.ppage
-        view = self.mem.view
-        buf = bytearray(view[ppage + first:ppage + min(end, PAGE_SIZE)])
-        if end > PAGE_SIZE:
+        offsets = scan.offsets
+        i = bisect_left(offsets, first)
+        j = bisect_left(offsets, hi, i)
+        if i == j and lo >= _BEFORE and end + _AFTER <= PAGE_SIZE:
+            # no sensitive instruction starts near the store: most stores cannot
+            # make one start there (see store_may_change_sites)
+            view = self._ram
+            code = b"".join((view[ppage + lo - _BEFORE:ppage + lo], data,
+                             view[ppage + hi:ppage + end + _AFTER]))
+            n = _BEFORE + hi - lo
+            for m in scan.modes:
+                if store_may_change_sites(code, _BEFORE, n, m):
+                    break
+            else:
+                return False
+        if end <= PAGE_SIZE:
+            buf = bytearray(self.mem.view[ppage + first:ppage + end])
+        else:
+            buf = bytearray(self.mem.view[ppage + first:ppage + PAGE_SIZE])
             buf += scan.tail[max(first - PAGE_SIZE, 0):end - PAGE_SIZE]
         buf[lo - first:hi - first] = data
         if hi > PAGE_SIZE:
             t = bytearray(scan.tail)
             t[max(lo - PAGE_SIZE, 0):hi - PAGE_SIZE] = data[max(PAGE_SIZE - lo, 0):]
             scan.tail = bytes(t)
-        stop = min(hi, PAGE_SIZE)
+        stop = hi if hi < PAGE_SIZE else PAGE_SIZE
         if first >= stop:
             return False
         buf = bytes(buf)
-        offsets = scan.offsets
-        i, j = bisect_left(offsets, first), bisect_left(offsets, stop)
-        new: dict[int, dict] = {}
-        for m in scan.modes:
-            for off, insn in scan_starts(buf, 0, stop - first, m).items():
-                new.setdefault(first + off, {})[m] = insn
-        if not new and i == j:
-            return False
-        old = {off: scan.sites[off] for off in offsets[i:j]}
+        j = bisect_left(offsets, stop, i)
+        modes = scan.modes
+        if len(modes) == 1:
+            found = scan_starts(buf, 0, stop - first, modes[0])
+            if not found and i == j:
+                return False
+            m = modes[0]
+            new = {first + off: {m: insn} for off, insn in found.items()}
+        else:
+            new = {}
+            for m in modes:
+                for off, insn in scan_starts(buf, 0, stop - first, m).items():
+                    new.setdefault(first + off, {})[m] = insn
+            if not new and i == j:
+                return False
+        sites = scan.sites
+        old = {off: sites[off] for off in offsets[i:j]}
         if new == old:
             return False
-        self._resite(scan, old, new)
+        self._resite(scan, old, new, i, j)
         return True
 
-    def _resite(self, scan: CodeScan, old: dict, new: dict) -> None:
-        """Replace the site hooks of ``old`` (offset -> {mode: Insn}) by hooks on
-        ``new``, from inside the engine (measured on Unicorn 2.1.4: a hook deleted
-        in a callback never fires again, one added fires in code translated
-        after; the store itself makes Unicorn retranslate the code it changed)."""
-        lpage = scan.lpage
-        single = len(scan.modes) == 1
-        gone = {lpage + off for off in old}
-        kept = []
-        exits_changed = False
-        for h, addr, insn in self.hooks.get(scan.ppage, ()):
-            if addr not in gone:
-                kept.append((h, addr, insn))
-            elif h is not None:
-                self._del_site_hook(h, addr)
-            elif self._exit_sites.pop(addr, None) is not None:
-                exits_changed = True
-        if exits_changed:
-            self._exit_pages[scan.ppage] = [a for a in self._exit_pages.get(scan.ppage, ())
-                                            if a not in gone]
-            self._set_exits()
-        for off, by_mode in new.items():
-            insn = by_mode[64] if single else None
-            kept.append((self._add_site_hook(lpage + off, insn, by_mode), lpage + off, insn))
-        self.hooks[scan.ppage] = kept
+    def _resite(self, scan: CodeScan, old: dict, new: dict, i: int, j: int) -> None:
+        """Replace the sites ``old`` (offset -> {mode: Insn}, the ``offsets[i:j]``
+        of ``scan``) by ``new``, from inside the engine.  Measured on Unicorn
+        2.1.4: adding or deleting a code hook during a run costs about 50 us (the
+        engine drops its translations), so a site that goes keeps its hook,
+        dormant (it does nothing when it fires), and a site that comes back at
+        that address wakes it; only a site at an address never hooked adds a
+        hook (which fires in the code the store made Unicorn retranslate)."""
+        lpage, ppage = scan.lpage, scan.ppage
+        handles = self.hooks[ppage]
+        sites = scan.sites
+        site_of = self._site_of
+        gone_exits = []
         for off in old:
-            del scan.sites[off]
-        scan.sites.update(new)
-        scan.offsets = sorted(scan.sites)
-        for core in self.machine.cores:
-            if core is not self and scan.ppage in core.exec_pages:
-                core._code_rescan.add(scan.ppage)
+            if off in new:
+                continue
+            del sites[off]
+            addr = lpage + off
+            entry = handles.get(addr)
+            if entry is None:
+                continue
+            if entry[0] is None:            # an exit site (see _hooks_to_exits)
+                del handles[addr]
+                if self._exit_sites.pop(addr, None) is not None:
+                    gone_exits.append(addr)
+            else:
+                site_of[addr] = _DORMANT
+                handles[addr] = (entry[0], None)
+        if gone_exits:
+            exits = self._exit_pages.get(ppage, [])
+            self._exit_pages[ppage] = [a for a in exits if a not in gone_exits]
+            self._set_exits()
+        single = len(scan.modes) == 1
+        for off, by_mode in new.items():
+            if old.get(off) == by_mode:
+                continue
+            addr = lpage + off
+            insn = by_mode[64] if single else None
+            entry = handles.get(addr)
+            if entry is not None and entry[0] is None:      # an exit site changed
+                self._exit_sites.pop(addr, None)
+                exits = self._exit_pages.get(ppage, [])
+                self._exit_pages[ppage] = [a for a in exits if a != addr]
+                self._set_exits()
+                entry = None
+            if entry is None:
+                handles[addr] = (self._add_site_hook(addr, insn, by_mode), insn)
+            else:
+                site_of[addr] = (insn, by_mode)
+                handles[addr] = (entry[0], insn)
+            sites[off] = by_mode
+        scan.offsets[i:j] = sorted(new)
+        cores = self.machine.cores
+        if len(cores) > 1:
+            for core in cores:
+                if core is not self and ppage in core.exec_pages:
+                    core._code_rescan.add(ppage)
 
     def _drop_stale_code(self) -> None:
         """Before a run: forget what other cores' stores made stale here."""

@@ -120,8 +120,10 @@ machine, reset for each case by restoring a snapshot (the CPU context, the
 core's model state, local APIC and clock, the RAM pages written since the last
 reset, the VMCS region as filled for every case), never rebuilt; a case gives
 what it gives on a fresh runner (docs/vmx-cases.md, "Reuse and speed").
-Assembly is cached by source text.  A runner is not thread-safe; make one
-per thread.
+Assembly is cached by source text.  A case with ``ept=`` (without
+``ept_ad``) starts with the EPT translations cached by the last case with the
+same EPT, if that case left the EPT tables as built: the tables are the same,
+so are the walks.  A runner is not thread-safe; make one per thread.
 """
 from __future__ import annotations
 
@@ -636,6 +638,8 @@ class CaseRunner:
         #: (accessed and dirty flags) after the run.
         self.ept: Optional[EptBuilder] = None
         self._ept_snapshots: dict[tuple, tuple] = {}
+        self._ept_key: Optional[tuple] = None          # the snapshot key of the last ept=
+        self._ept_translations: dict[tuple, tuple] = {}   # key -> (EPTP, translations)
         self._snapshot()
 
     # ----------------------------------------------------------------- the snapshot
@@ -842,6 +846,8 @@ class CaseRunner:
                   v.get(F.CPU_BASED_VM_EXEC_CONTROL) | C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS)
             v.set(F.SECONDARY_VM_EXEC_CONTROL, v.get(F.SECONDARY_VM_EXEC_CONTROL) | C.SECONDARY_EXEC_ENABLE_EPT)
             v.set(F.EPT_POINTER, self.ept.eptp)
+            if not ept_ad:
+                vcpu.ept_translations = self._ept_translations.get(self._ept_key)
         for name, value in core_regs.items():
             core.uc.reg_write(_CORE_REGS[name], value)
             if name == "cr2":
@@ -856,6 +862,7 @@ class CaseRunner:
         finally:
             core.virt = None
         steps = core.icount - icount0
+        self._keep_ept_translations(vcpu, bool(ept_ad))
         vcpu.vmcs.flush()               # (the guest-state fields the engine holds)
         snapshot = _VmcsSnapshot(m.mem.read(VMCS_PA, VMCS_REGION_SIZE))
         code_end = CODE_BASE + len(data)
@@ -878,11 +885,27 @@ class CaseRunner:
         no = NoExit(why, core.rip(), _regs(core, None), msg)
         return CaseResult(None, None, no, steps, snapshot, symbols, code_end, data, let_through)
 
+    def _keep_ept_translations(self, vcpu: VmxVcpu, ad: bool) -> None:
+        """After a case with ``ept=`` and without A/D flags whose EPT tables are
+        as built (the guest did not write them): keep the EPT translations it
+        cached for the next case with the same EPT, which starts from the same
+        tables (so its walks would give the same translations)."""
+        key = self._ept_key
+        if self.ept is None or ad or vcpu.ept is None or vcpu.ept.eptp != self.ept.eptp:
+            return
+        _, data = self._ept_snapshots[key]
+        if self.machine.mem.read(self.ept.pml4, len(data)) == data:
+            if len(self._ept_translations) > 64:
+                self._ept_translations.clear()
+            self._ept_translations[key] = (self.ept.eptp, vcpu.ept.translations())
+        else:
+            self._ept_translations.pop(key, None)
+
     def _ept(self, items: tuple, ad: bool) -> EptBuilder:
         """Build the EPT of ``ept=`` in the pool (the tables of an EPT built
         before are put back from a snapshot: building 4096 leaves takes ~30 ms)."""
         b = EptBuilder(self.machine.mem, EPT_POOL, EPT_POOL_END - EPT_POOL, ad=ad)
-        key = (items, ad)
+        key = self._ept_key = (items, ad)
         snap = self._ept_snapshots.get(key)
         if snap is not None:
             b.restore(snap)

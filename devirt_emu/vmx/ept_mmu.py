@@ -53,13 +53,21 @@ class EptStage2:
     """
 
     def __init__(self, mem, eptp: int, active: Callable[[], bool], *,
-                 caps: EptCaps = DEFAULT_EPT_CAPS):
+                 caps: EptCaps = DEFAULT_EPT_CAPS, cached: Optional[dict] = None):
         self.mem = mem
         self.eptp = eptp
         self.caps = caps
         self.ad = bool(eptp & C.VMX_EPTP_AD_ENABLE_BIT)
         self._active = active
-        self._cache: dict[int, tuple[int, int, bool]] = {}   # gpa page -> (hpa page, rights, dirty)
+        # gpa page -> (hpa page, rights, dirty); ``cached``: the translations of an
+        # earlier EptStage2 over the same tables (see translations())
+        self._cache: dict[int, tuple[int, int, bool]] = dict(cached) if cached else {}
+
+    def translations(self) -> dict:
+        """The cached translations, for a later EptStage2 over tables with the
+        same contents (a processor keeps EPT translations across VM entries
+        with the same EPTP until INVEPT)."""
+        return dict(self._cache)
 
     def invalidate(self) -> None:
         """INVEPT (single context): forget every cached translation."""
@@ -88,7 +96,7 @@ class EptStage2:
             raise Stage2Fault(r)
         rights = r.rights
         dirty = bool(need & ACC_WRITE) or bool(r.path[-1].entry & C.VMX_EPT_DIRTY_BIT)
-        if not peek:
+        if not peek or not self.ad:          # (a peek sets no accessed flag to cache)
             self._cache[page] = (r.hpa & ~0xFFF, rights, dirty)
         if self.ad and not dirty:
             rights &= _NO_WRITE

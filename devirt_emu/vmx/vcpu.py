@@ -445,6 +445,9 @@ class VmxVcpu(VirtualizationLayer):
         #: virtual-interrupt delivery, x2APIC and APIC-register virtualization, posted interrupts
         self.vapic = VirtualApic(self)
         self.ept: Optional[EptStage2] = None     # the EPT the core translates through, when enabled
+        #: (EPTP, EptStage2.translations()) that the first EPT with that EPTP starts
+        #: with: a caller that knows the tables unchanged (the case runner) sets it
+        self.ept_translations: Optional[tuple[int, dict]] = None
         self._ept_state: Optional[tuple] = None   # (EPTP or None, VPID on) read at the last entry
 
     # ------------------------------------------------------------------ guest state
@@ -853,7 +856,9 @@ class VmxVcpu(VirtualizationLayer):
                 core.set_second_stage(None)
             return
         if self.ept is None or self.ept.eptp != eptp:
-            self.ept = EptStage2(self.mem, eptp, lambda: self.active, caps=self.ept_caps)
+            reuse = self.ept_translations
+            self.ept = EptStage2(self.mem, eptp, lambda: self.active, caps=self.ept_caps,
+                                 cached=reuse[1] if reuse and reuse[0] == eptp else None)
             core.set_second_stage(self.ept)
         elif not vpid:
             core.flush_tlb()
