@@ -120,15 +120,17 @@ class DevirtProgram:
 
 
 _TEMPLATE = """\
-; a devirt-compliant program of devirt_emu.testing.zero_exit
+# a devirt-compliant program of devirt_emu.testing.zero_exit
 .text
 guest_main:
     push rbx
     push r12
     push r13
     call steady_begin
-    mov r12, rdi                    ; core id
-    mov r13, rsi                    ; number of cores
+    # core id
+    mov r12, rdi
+    # number of cores
+    mov r13, rsi
     test r12, r12
     jnz 1f
     mov edi, {ipi_vector}
@@ -146,17 +148,20 @@ guest_main:
     add rbx, zx_slots
     mov qword ptr [rbx + {acc}], r12
 {body}
-    sti                             ; take the previous core's last IPIs: it waits for them
+    # take the previous core's last IPIs: it waits for them
+    sti
 2:  cmp qword ptr [rbx + {next_ipis}], {expected_next}
     jae 3f
     pause
     jmp 2b
 3:  cli
     call steady_end
-    call barrier                    ; every core has closed its window before core 0 prints
+    # every core has closed its window before core 0 prints
+    call barrier
     test r12, r12
     jnz 5f
-    xor r12d, r12d                  ; core 0 prints every core's results
+    # core 0 prints every core's results
+    xor r12d, r12d
 4:  mov rbx, r12
     imul rbx, rbx, {slot}
     add rbx, zx_slots
@@ -191,7 +196,8 @@ guest_main:
     pop rbx
     ret
 
-zx_pd_entry:                        ; rax = the PDE of this core's alias (PML4[0] -> PDPT[0] -> PD)
+# rax = the PDE of this core's alias (PML4[0] -> PDPT[0] -> PD)
+zx_pd_entry:
     mov rax, cr3
     and rax, -0x1000
     mov rax, qword ptr [rax]
