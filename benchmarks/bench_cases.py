@@ -15,9 +15,9 @@ its snapshot (the CPU context, the pages written, the VMCS region):
 * cases per second: timed cases / wall time, the best of ``--repeats``
   rounds (other load on a shared machine only ever slows a round down), the
   median beside it;
-* fuzz examples per second (``--fuzz N``, default 0 = skipped): the
-  property checks of ``devirt-emu fuzz --arch vmx`` over N hypothesis
-  examples, as the command reports them.
+* fuzz cases per second (``--fuzz N``, default 0 = skipped): the property
+  checks of ``devirt-emu fuzz --arch vmx`` over at least N cases, hypothesis
+  included, as the command reports them.
 
     python benchmarks/bench_cases.py [--cases N] [--repeats N] [--fuzz N]
 """
@@ -97,7 +97,8 @@ def main() -> None:
     print(f"({args.repeats} rounds of {args.cases:,} cases, {len(CASES)} different cases in turn)")
     if args.fuzz:
         rate, n = fuzz_rate(args.fuzz)
-        print(f"fuzz: {n:,} examples at {rate:,.0f} examples/s")
+        print(f"fuzz: {n:,} cases at {rate:,.0f} cases/s (each checked as devirt-emu fuzz does: "
+              "a program case runs twice, a breakage twice)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from . import __version__, compare
 from .cpumodels import cli as cpumodels_cli
 from .cpumodels.cli import add_cpu_arguments, model_from_args
 from .debugger.cli import add_parser as add_debug_parser
+from .testing import fuzz
 
 DESCRIPTION = """\
 devirt-emu: an instruction-level x86-64 emulator of the KVM-devirt CPU path.
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the run as Chrome trace-event JSON (Perfetto, chrome://tracing)")
     add_cpu_arguments(r)
     r.set_defaults(func=cmd_run)
+    fuzz.add_parser(sub)
     # Further subcommands live in their own modules: each registers its parser on ``sub`` and
     # sets ``func`` to its handler (one line here per subcommand).
     compare.register(sub)

@@ -23,6 +23,10 @@ def test_fixtures_work(pytester):
         def test_case(vmx_case, assert_exit):
             assert_exit(vmx_case("cpuid"), reason=10, instruction_length=2)
 
+        def test_svm(svm_case):
+            r = svm_case("cpuid", intercepts=["INTERCEPT_CPUID"])
+            assert r.exit.code == 0x72          # APM: VMEXIT_CPUID
+
         def test_machine(devirt_machine):
             m = devirt_machine(cores=2)
             assert len(m.cores) == 2 and m.l0 is not None
@@ -32,7 +36,7 @@ def test_fixtures_work(pytester):
         def test_same_runner_in_another_module(vmx_runner):
             assert builtins._devirt_runner is vmx_runner
     """)
-    pytester.runpytest(*PLUGIN).assert_outcomes(passed=4)
+    pytester.runpytest(*PLUGIN).assert_outcomes(passed=5)
 
 
 def test_the_docs_example_file_passes(pytester):
@@ -69,6 +73,8 @@ def test_failing_assertions_print_why_and_the_code(pytester):
     # a missing exit: the controls in effect, and RIP after the HLT that halted
     r.stdout.fnmatch_lines(["*expected a VM exit HLT, got no exit (halted)*",
                             "*CPU_BASED_VM_EXEC_CONTROL = 0x*no optional bit*",
+                            "*the last event the rules let through: HLT at 0x100000, "
+                            "because CPU_BASED_HLT_EXITING=0*",
                             "*=> 0x100001: hlt*"])
     # an unexpected exit: the exception bitmap's bit for #UD
     assert "EXCEPTION_BITMAP" in out and "=> 0x100001: ud2" in out

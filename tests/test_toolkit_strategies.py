@@ -143,3 +143,33 @@ def test_the_docs_example_runs(runner):
     scope: dict = {}
     exec(compile(code, "docs/testing.md", "exec"), scope)
     settings(max_examples=20, deadline=None)(scope["test_every_case_ends_architecturally"])(runner)
+
+
+@pytest.mark.parametrize("model", ["nehalem", "westmere", "icelake-server", "sapphire-rapids"])
+def test_strategies_follow_the_cpu_model(model):
+    """On each CPU model: the control words pass that model's allowed settings,
+    its valid settings enter on a runner of that model, and each breakage fails
+    its check there."""
+    runner = CaseRunner(cpu=model)
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(vs.entry_breakage(model=model))
+    def check(x):
+        fields, ept, b = x
+        for table, name in vs.WORDS.items():
+            if name == "SECONDARY_VM_EXEC_CONTROL" and not (
+                    fields["CPU_BASED_VM_EXEC_CONTROL"] & C.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS):
+                continue
+            assert caps.is_allowed(table, fields[name], model=model) == []
+        base = runner.run("cpuid", vmcs=fields)
+        assert base.entry_failure is None, str(base.entry_failure)
+        f = runner.run("cpuid", vmcs={**fields, **b.fields}).entry_failure
+        assert b.matches(f), f"{b.name}: {f}"
+    check()
+
+
+def test_cases_carry_their_model():
+    case = find(vs.cases(model="westmere"), lambda c: True, settings=settings(database=None))
+    assert case.cpu == "westmere"
+    r = case.run()                      # run_case on a westmere runner
+    assert r.entry_failure is None

@@ -7,6 +7,8 @@
 * :mod:`devirt_emu.testing.plugin`: the pytest plugin (fixtures
   ``vmx_runner``, ``vmx_case``, ``devirt_machine``).
 * :mod:`devirt_emu.testing.strategies`: hypothesis strategies.
+* :mod:`devirt_emu.testing.fuzz`: ``devirt-emu fuzz``.
+* :mod:`devirt_emu.testing.zero_exit`: the zero-exit property of KVM-devirt.
 """
 from . import vmx_case
 from .vmx_case import (CaseError, CaseExit, CaseResult, CaseRunner, NoExit, io_bitmaps,

@@ -9,7 +9,8 @@ A failing assertion's message has three parts: what was expected and what
 happened; the *why*: the exit rule's cause (the rule, and the control bits,
 bitmap bits, masks and shadows it looked at: ``CaseExit.cause``), the entry
 check that failed (``EntryFailure.check`` and its field), or, when the case
-did not exit, the control words in effect, bit by bit; and the guest's
+did not exit, the control words in effect, bit by bit, and the last event the
+rules let through with their cause (``CaseResult.last_no_exit``); and the guest's
 disassembly around RIP (``=>`` marks the instruction at RIP).
 
 The helpers take a :class:`~devirt_emu.testing.vmx_case.CaseResult`.  An SVM
@@ -119,6 +120,10 @@ def explain(result: CaseResult) -> str:
         lines.append(f"why: no VM exit ({n.why}{': ' + n.message if n.message else ''}); "
                      "no rule asked for an exit under these controls:")
         lines += _controls(result)
+    if result.exit is None and result.last_no_exit is not None:
+        kind, rip, cause = result.last_no_exit
+        lines.append(f"the last event the rules let through: {kind} at {rip:#x}, because "
+                     + "; ".join(cause))
     lines.append("code:")
     lines.append(disassemble_around(result))
     return "\n".join(lines)

@@ -501,6 +501,9 @@ class CaseResult:
     code_end: int = 0
     #: The guest code as loaded at :data:`CODE_BASE` (for a disassembly).
     code: bytes = field(default=b"", repr=False)
+    #: The last sensitive event the exit rules let through, as (kind, RIP, the
+    #: rule's cause), or None: why an instruction did not exit.
+    last_no_exit: Optional[tuple] = field(default=None, repr=False)
 
     @property
     def outcome(self) -> str:
@@ -651,6 +654,7 @@ class CaseRunner:
         vcpu = VmxVcpu(core, VMCS_PA, _RecordingL0(m))
         self._write_vmcs(vcpu, {})
         v = vcpu.vmcs
+        self._caps = vcpu.caps          # (an EntryCaps is immutable: every case's vCPU shares it)
         self._fresh_vmcs = mem.read(VMCS_PA, VMCS_REGION_SIZE)
         # what the processor holds beside the region after those writes
         self._fresh_tracking = (v.live, frozenset(v.fresh), frozenset(v.written))
@@ -862,10 +866,14 @@ class CaseRunner:
         vcpu.vmcs.flush()               # (the guest-state fields the engine holds)
         snapshot = _VmcsSnapshot(m.mem.read(VMCS_PA, VMCS_REGION_SIZE))
         code_end = CODE_BASE + len(data)
+        let_through = None
+        if vcpu.last_no_exit is not None:
+            ev, d = vcpu.last_no_exit
+            let_through = (ev.kind.value, ev.rip, tuple(d.cause))
         if l0.exit is not None:
-            return CaseResult(l0.exit, None, None, steps, snapshot, symbols, code_end, data)
+            return CaseResult(l0.exit, None, None, steps, snapshot, symbols, code_end, data, let_through)
         if l0.failure is not None:
-            return CaseResult(None, l0.failure, None, steps, snapshot, symbols, code_end, data)
+            return CaseResult(None, l0.failure, None, steps, snapshot, symbols, code_end, data, let_through)
         if core.state is State.HALTED and m.verdict in (None, "halted"):
             why, msg = "halted", ""
         elif core.state is State.SHUTDOWN and m.verdict in (None, "shutdown"):
@@ -875,7 +883,7 @@ class CaseRunner:
         else:
             why, msg = "step limit", ""
         no = NoExit(why, core.rip(), _regs(core, None), msg)
-        return CaseResult(None, None, no, steps, snapshot, symbols, code_end, data)
+        return CaseResult(None, None, no, steps, snapshot, symbols, code_end, data, let_through)
 
     def _keep_ept_translations(self, vcpu: VmxVcpu, ad: bool) -> None:
         """After a case with ``ept=`` and without A/D flags whose EPT tables are
@@ -972,7 +980,7 @@ class CaseRunner:
     def _fresh_vcpu(self, l0) -> VmxVcpu:
         """A vCPU over the restored VMCS, holding what the processor held after the
         defaults and the guest state were written (see :meth:`_snapshot`)."""
-        vcpu = VmxVcpu(self.core, VMCS_PA, l0)
+        vcpu = VmxVcpu(self.core, VMCS_PA, l0, caps=self._caps)
         v = vcpu.vmcs
         live, fresh, written = self._fresh_tracking
         if live:
