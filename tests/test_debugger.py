@@ -596,3 +596,61 @@ def test_svm_page_walk_goes_through_the_nested_tables():
     assert far["hpa"] is None and "not present" in far["fault"]
     info1 = int(far["fault"].rsplit("EXITINFO1 ", 1)[1].rstrip(")"), 16)
     assert info1 >> 32 & 1 and not info1 & 1
+
+
+# APM Vol. 2 Appendix C (#VMEXIT codes) and B (the intercept vectors), written out again
+SVM_CODES = {"READ_CR0": 0x00, "READ_CR4": 0x04, "WRITE_CR0": 0x10, "WRITE_CR4": 0x14,
+             "EXCP_6": 0x46, "INTR": 0x60, "VINTR": 0x64, "CPUID": 0x72, "HLT": 0x78,
+             "IOIO": 0x7B, "MSR": 0x7C, "NPF": 0x400}
+#: exit -> (intercept word, bit): CR reads 0-15 and writes 16-31 of word 0, exceptions in
+#: word 2, INTR 0, VINTR 4, CPUID 18, HLT 24, IOIO_PROT 27, MSR_PROT 28 of word 3
+SVM_INTERCEPTS = {"READ_CR0": ("intercept_cr", 0), "READ_CR4": ("intercept_cr", 4),
+                  "WRITE_CR0": ("intercept_cr", 16), "WRITE_CR4": ("intercept_cr", 20),
+                  "EXCP_6": ("intercept_exceptions", 6), "INTR": ("intercept_word3", 0),
+                  "VINTR": ("intercept_word3", 4), "CPUID": ("intercept_word3", 18),
+                  "HLT": ("intercept_word3", 24), "IOIO": ("intercept_word3", 27),
+                  "MSR": ("intercept_word3", 28)}
+
+
+def check_why_svm(s, name, why):
+    v = s.view()
+    text = "\n".join(why.lines())
+    code = SVM_CODES[name]
+    assert v.get("exit_code") == code and f"exit code {code:#x}" in why.headline
+    assert why.cause == tuple(s.cur().virt.last_exit.cause)     # the rule's own cause
+    if name in SVM_INTERCEPTS:
+        word, bit = SVM_INTERCEPTS[name]
+        assert v.get(word) >> bit & 1, (name, word, bit)
+    if name == "MSR":
+        msr, write = s.regs()["rcx"] & 0xFFFFFFFF, v.get("exit_info_1") & 1
+        base = {0: 0, 0xC0000000: 0x800, 0xC0010000: 0x1000}[msr & ~0x1FFF]
+        n = 8 * base + 2 * (msr & 0x1FFF) + write                   # two bits per MSR
+        pm = v.get("msrpm_base_pa")
+        assert _bit(s, pm, n) == 1
+        assert f"is byte {pm + (n >> 3):#x}" in text
+    elif name == "IOIO":
+        port = v.get("exit_info_1") >> 16
+        assert _bit(s, v.get("iopm_base_pa"), port) == 1              # one bit per port
+    elif name == "NPF":
+        # EXITINFO2 is the faulting guest-physical address; at the stop the L0 has not mapped
+        # it yet, so the nested walk misses there; EXITINFO1 bit 32 (final translation) or 33
+        # (a guest page-table access) says which
+        from devirt_emu.debugger import state as S
+        walk = S.npt_translate(s.machine.mem, v.get("nested_cr3"), v.get("exit_info_2"))
+        assert walk["fault"] is not None and "not present" in walk["fault"]
+        assert v.get("exit_info_1") >> 32 & 3
+
+
+@pytest.mark.parametrize("guest", ["exceptions.S", "ipi_pingpong.S", "msr_passthrough.S"])
+def test_why_names_the_cause_of_every_svm_exit(guest):
+    s = Session(GUESTS / guest, cores=2, arch="svm", config="stock")
+    s.break_exit()
+    seen: dict[str, int] = {}
+    while s.machine.verdict is None:
+        st = s.cont()
+        if st.kind is not StopKind.VM_EXIT or seen.get(st.name, 0) >= 10:
+            continue
+        seen[st.name] = seen.get(st.name, 0) + 1
+        check_why_svm(s, st.name, s.why())
+    assert s.machine.verdict == "pass"
+    assert {"CPUID", "HLT", "IOIO", "MSR", "WRITE_CR0", "NPF"} <= set(seen)
