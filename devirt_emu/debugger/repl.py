@@ -344,8 +344,9 @@ def _info(r: Repl, args):
 
 
 @command("break-exit", "break-exit [REASON...|off]", "Stop at VM exits of these reasons (names "
-         "such as MSR_WRITE or numbers; none: every exit; off: no longer), after the processor "
-         "wrote the exit information and before the L0 handles it.")
+         "such as MSR_WRITE or numbers; under SVM #VMEXIT codes such as MSR or IOIO; none: every "
+         "exit; off: no longer), after the processor wrote the exit information and before the "
+         "L0 handles it.")
 def _break_exit(r: Repl, args):
     r.say(r.s.break_exit("off" if args == ["off"] else args))
 
@@ -466,7 +467,8 @@ def _x(r: Repl, args, fmt: str = ""):
     _examine(r, args, fmt, False)
 
 
-@command("xp", "xp/FMT ADDR", "Examine guest-physical memory (through the EPT when it is on).")
+@command("xp", "xp/FMT ADDR", "Examine guest-physical memory (through the EPT when it is on; "
+         "under SVM the L0's nested paging is the identity).")
 def _xp(r: Repl, args, fmt: str = ""):
     _examine(r, args, fmt, True)
 
