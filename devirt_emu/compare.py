@@ -1,7 +1,7 @@
-"""``devirt-emu compare``: one guest natively and under every VMX configuration, side by side.
+"""``devirt-emu compare``: one guest natively and under every VMX (or SVM) configuration, side by side.
 
 Each configuration is an ordinary run (the same as ``devirt-emu run PROGRAM
---arch vmx --config NAME``, so the numbers are those runs' numbers); the table
+--arch vmx|svm --config NAME``, so the numbers are those runs' numbers); the table
 adds what the cost model (:mod:`devirt_emu.costmodel`) estimates they would
 cost on hardware.  Virtual time stays one instruction per ns; the estimate is
 printed beside it and labelled so.
@@ -40,14 +40,16 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help="run a guest natively and under each configuration; "
                                        "compare exits and estimated cost",
                        description="Run a guest natively and under each VMX configuration "
-                                   "(stock, apicv when present, devirt) and compare them.",
+                                   "(stock, apicv, devirt), each SVM one (stock, devirt) or "
+                                   "both, and compare them.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("program", help="guest program: assembly (.S) or ELF executable")
     p.add_argument("--cores", type=_positive, default=1, help="number of cores (1-64, default 1)")
     p.add_argument("--mem", type=_positive, default=64, metavar="MIB",
                    help="RAM in MiB (32-3072 under VMX, default 64)")
-    p.add_argument("--arch", choices=("vmx",), default="vmx",
-                   help="the virtualization architecture (only vmx: SVM is not modelled yet)")
+    p.add_argument("--arch", choices=("vmx", "svm", "both"), default="vmx",
+                   help="the configurations to run beside native: VMX's (default), SVM's (on "
+                        "the AMD model), or both (named 'vmx stock', 'svm stock', ...)")
     p.add_argument("--max-time", type=_seconds, default=1.0, metavar="S",
                    help="virtual seconds per run before verdict timeout (default 1)")
     p.add_argument("--wall-timeout", type=_seconds, default=300.0, metavar="S",
@@ -62,29 +64,45 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-def configurations() -> list[str]:
-    """native, then every VMX configuration the L0 has, in its table's order."""
-    from .hypervisor.configs import VMX_CONFIGS
-    return ["native", *VMX_CONFIGS]
+def configurations(arch: str = "vmx") -> list[tuple[str, dict]]:
+    """(label, the run's arch and config) for native, then every configuration the L0
+    of ``arch`` ("vmx", "svm" or "both") has, in its table's order.  With "both"
+    the labels carry the architecture ("vmx stock", "svm devirt")."""
+    from .hypervisor.configs import SVM_CONFIGS, VMX_CONFIGS
+    out = [("native", {})]
+    for a, table in (("vmx", VMX_CONFIGS), ("svm", SVM_CONFIGS)):
+        if arch in (a, "both"):
+            out += [(f"{a} {c}" if arch == "both" else c, {"arch": a, "config": c})
+                    for c in table]
+    return out
+
+
+def _cpu_for(cpu, run_arch: str | None):
+    """The CPU model of one run: the user's when its vendor fits the run (SVM needs
+    an AMD model, VMX an Intel one), else that run's default (None)."""
+    if cpu is None or run_arch is None:
+        return cpu
+    return cpu if (cpu.vendor == "amd") == (run_arch == "svm") else None
 
 
 def run_all(path, cores: int, cost, *, mem_mb: int = 64, max_ns: int = 1_000_000_000,
             wall_timeout_s: float = 300.0, timelines: list | None = None, progress=None,
-            cpu=None) -> dict:
-    """Run ``path`` in every configuration on CPU model ``cpu`` (None: the default);
-    name -> (RunResult, Estimate)."""
+            cpu=None, arch: str = "vmx") -> dict:
+    """Run ``path`` natively and in every configuration of ``arch`` on CPU model
+    ``cpu`` (None: the default; with "both", the runs of the other vendor use
+    their default); label -> (RunResult, Estimate)."""
     from .machine import run_program
     from .timeline import Timeline
     out = {}
-    for n, name in enumerate(configurations()):
+    for n, (name, kwargs) in enumerate(configurations(arch)):
         if progress is not None:
             progress(name)
         tl = Timeline(cost, label=name, pid=n + 1) if timelines is not None else None
-        kwargs = {} if name == "native" else {"arch": "vmx", "config": name}
+        run_cpu = _cpu_for(cpu, kwargs.get("arch")) if arch == "both" else cpu
         res = run_program(path, cores=cores, mem_mb=mem_mb, max_ns=max_ns,
                           wall_timeout_s=wall_timeout_s, record_exits=False,
                           trace=tl.trace if tl else None,
-                          on_machine=tl.attach if tl else None, cpu=cpu, **kwargs)
+                          on_machine=tl.attach if tl else None, cpu=run_cpu, **kwargs)
         if tl is not None:
             timelines.append(tl)
         out[name] = (res, cost.estimate(res))
@@ -216,7 +234,7 @@ def cmd_compare(args) -> int:
         return 2
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, BarColumn
-    names = configurations()
+    names = [label for label, _ in configurations(args.arch)]
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                       TextColumn("{task.completed}/{task.total}"),
@@ -231,7 +249,7 @@ def cmd_compare(args) -> int:
                 bar.update(task, description=f"running {path.name} {name}")
             runs = run_all(path, args.cores, cost, mem_mb=args.mem,
                            max_ns=int(args.max_time * 1e9), wall_timeout_s=args.wall_timeout,
-                           timelines=timelines, progress=progress, cpu=cpu)
+                           timelines=timelines, progress=progress, cpu=cpu, arch=args.arch)
             bar.advance(task)
     except (AsmError, GuestError, ValueError, OSError) as e:
         print(f"devirt-emu: error: {e}", file=sys.stderr)

@@ -185,7 +185,7 @@ def test_cost_model_file_and_memory_term(tmp_path):
 
 def test_compare_bad_input_is_one_line(tmp_path):
     for args in (("compare", tmp_path / "none.S"),
-                 ("compare", HELLO, "--arch", "svm"),
+                 ("compare", HELLO, "--arch", "svm", "--cpu", "skylake-server"),  # no SVM
                  ("compare", HELLO, "--cost-model", tmp_path / "missing.json"),
                  ("compare", HELLO, "--plot", tmp_path / "no" / "dir.png")):
         p = cli(*args)
@@ -199,8 +199,33 @@ def test_compare_text_table():
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert lines[0].split()[:2] == ["config", "verdict"]
-    names = configurations()
+    names = [label for label, _ in configurations()]
     assert names[0] == "native" and {"stock", "devirt"} <= set(names)
     assert [ln.split()[0] for ln in lines[2:2 + len(names)]] == names
     assert all(ln.split()[1] == "pass" for ln in lines[2:2 + len(names)])
     assert "estimated by the cost model" in p.stdout
+
+
+@pytest.mark.parametrize("arch, want", [
+    ("svm", ["native", "stock", "devirt"]),
+    ("both", ["native", "vmx stock", "vmx apicv", "vmx devirt", "svm stock", "svm devirt"]),
+])
+def test_compare_svm_and_both(arch, want):
+    p = cli("compare", HELLO, "--arch", arch, "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert list(d["configs"]) == want and d["arch"] == arch
+    svm = [n for n in want if n in ("stock", "devirt") and arch == "svm" or n.startswith("svm ")]
+    for n in want:
+        c = d["configs"][n]
+        assert c["verdict"] == "pass"
+        if n in svm:
+            assert c["arch"] == "svm" and c["cpu"] == "epyc-rome"
+        elif n != "native":
+            assert c["arch"] == "vmx" and c["cpu"] == "skylake-server"
+    # each SVM configuration's numbers are those of its own run
+    run = cli("run", HELLO, "--arch", "svm", "--config", "devirt", "--json")
+    one = json.loads(run.stdout)
+    name = "devirt" if arch == "svm" else "svm devirt"
+    assert d["configs"][name]["exit_counts"] == one["exit_counts"]
+    assert d["configs"][name]["instructions"] == one["instructions"]
