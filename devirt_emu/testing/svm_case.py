@@ -84,7 +84,7 @@ from ..svm.npt import NptBuilder
 from ..svm.rules import Decision, msrpm_bit
 from ..svm.vcpu import SvmVcpu
 from ..svm.vmrun import VmrunFailure
-from ..virt import Hypervisor
+from .case_l0 import FirstExitL0
 
 __all__ = ["CODE_BASE", "CODE_LIMIT", "SCRATCH_BASE", "VMCB_PA", "MSRPM_PA", "IOPM_PA",
            "CaseError", "CaseExit", "NoExit", "CaseResult", "CaseRunner", "run_case",
@@ -247,39 +247,15 @@ class CaseResult:
 
 
 # --------------------------------------------------------------------------- the L0 of a case
-class _RecordingL0(Hypervisor):
-    """An L0 that takes the first #VMEXIT and ends the run."""
+class _RecordingL0(FirstExitL0):
+    """An L0 that takes the first #VMEXIT (a failed VMRUN is #VMEXIT -1) and ends the run."""
 
-    def __init__(self, machine):
-        self.machine = machine
-        self.exit: Optional[CaseExit] = None
-        self.failure: Optional[VmrunFailure] = None
+    EXIT, ENTRY = "#VMEXIT", "VMRUN"
 
-    def prepare_entry(self, vcpu) -> None:
-        pass
+    def record(self, vcpu) -> CaseExit:
+        return _exit_from(vcpu)
 
-    def wants_entry(self, vcpu) -> bool:
-        return False
-
-    def has_pending(self, vcpu) -> bool:
-        return False
-
-    def unblock(self, vcpu) -> bool:
-        return False
-
-    def entry_failed(self, vcpu, failure) -> None:
-        self.failure = failure
-        self.exit = _exit_from(vcpu)
-        self.machine.finish("pass", f"VMRUN failed: {failure}")
-        if vcpu.core.in_run:
-            vcpu.core.request_stop("exit")
-
-    def handle_exit(self, vcpu) -> None:
-        if self.exit is None:
-            self.exit = _exit_from(vcpu)
-        self.machine.finish("pass", f"#VMEXIT {vcpu.last_exit.name}")
-        vcpu.abandon_exiting_instruction()
-        vcpu.core.request_stop("exit")
+    record_failure = record
 
 
 def _exit_from(vcpu) -> CaseExit:

@@ -141,7 +141,7 @@ from ..events import GPR_NAMES
 from ..platform import longmode
 from ..platform.core import GPR_IDS, GuestError, State
 from ..platform.memory import PAGE_SIZE
-from ..virt import Hypervisor
+from .case_l0 import FirstExitL0
 from ..vmx import capabilities as caps
 from ..vmx import controls as C
 from ..vmx import exit_reasons
@@ -520,42 +520,11 @@ class CaseResult:
 
 
 # --------------------------------------------------------------------------- the L0 of a case
-class _RecordingL0(Hypervisor):
+class _RecordingL0(FirstExitL0):
     """An L0 that takes the first VM exit (or VM-entry failure) and ends the run."""
 
-    def __init__(self, machine):
-        self.machine = machine
-        self.exit: Optional[CaseExit] = None
-        self.failure: Optional[EntryFailure] = None
-
-    def prepare_entry(self, vcpu) -> None:
-        pass
-
-    def wants_entry(self, vcpu) -> bool:
-        return False
-
-    def has_pending(self, vcpu) -> bool:
-        return False
-
-    def unblock(self, vcpu) -> bool:
-        return False
-
-    def entry_failed(self, vcpu, failure: EntryFailure) -> None:
-        self.failure = failure
-        self.machine.finish("pass", f"VM entry failed: {failure}")
-        if vcpu.core.in_run:
-            vcpu.core.request_stop("exit")
-
-    def handle_exit(self, vcpu) -> None:
-        d = vcpu.last_exit             # (the rule's cause, for the result's explanation)
-        if self.exit is None:
-            self.exit = _exit_from(vcpu, d)
-        self.machine.finish("pass", f"VM exit {d.name}")
-        # the exiting instruction does not execute: it does not retire
-        vcpu.abandon_exiting_instruction()
-        # stop the core, also when the exit was found between engine runs (an EPT
-        # violation or a fault the engine reported): the run loop checks this
-        vcpu.core.request_stop("exit")
+    def record(self, vcpu) -> CaseExit:
+        return _exit_from(vcpu, vcpu.last_exit)   # (the rule's cause, for the explanation)
 
 
 def _exit_from(vcpu, d: Decision) -> CaseExit:
