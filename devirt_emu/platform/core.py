@@ -954,6 +954,21 @@ class Core(PageWatching, CodeWatching, SecondStage):
         done had the hook returned at once."""
         self._skip_once = address
 
+    def settle_pending_exit(self, event: Optional[Event], guest_running: bool) -> None:
+        """A stop at a VM exit left ``event``'s instruction pending (its retirement
+        cancelled) and the layer above has since handed the exit to its hypervisor:
+        an instruction the hypervisor left to the engine (RIP unchanged, the guest
+        running again) runs without calling its hook again; one it emulated or
+        skipped (RIP moved) retires now.  Exceptions and events without an
+        instruction, and calls from inside a run, need nothing."""
+        if event is None or event.insn is None or event.kind is Kind.EXCEPTION or self._in_run:
+            return
+        rip = self.rip()
+        if guest_running and rip == event.rip:
+            self.resume_in_engine(event.rip)
+        elif rip != event.rip:
+            self.retire_completed()
+
     def retire_completed(self) -> None:
         """The instruction a stop left pending (its retirement cancelled) was
         completed by the layer above since: it retires now."""

@@ -440,16 +440,10 @@ class SvmVcpu(VirtualizationLayer):
         if not self.exit_pending:
             return
         self.exit_pending = False
-        core, event = self.core, self._exit_event
         self.l0.handle_exit(self)
         if not self.active and self.l0.wants_entry(self):
             self.vmrun()
-        if event is not None and event.insn is not None and event.kind is not _KIND_EXCEPTION \
-                and core.in_run is False:
-            if self.active and core.rip() == event.rip:
-                core.resume_in_engine(event.rip)
-            elif core.rip() != event.rip:
-                core.retire_completed()
+        self.core.settle_pending_exit(self._exit_event, self.active)
 
     def abandon_exiting_instruction(self) -> None:
         """The hypervisor will not complete the instruction that exited."""

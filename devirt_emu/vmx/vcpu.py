@@ -820,17 +820,10 @@ class VmxVcpu(VirtualizationLayer):
         if not self.exit_pending:
             return
         self.exit_pending = False
-        core, event = self.core, self._exit_event
         self.l0.handle_exit(self)
         if not self.active and self.l0.wants_entry(self):
             self.vm_entry()
-        if event is not None and event.insn is not None and event.kind is not _KIND_EXCEPTION \
-                and core.in_run is False:
-            if self.active and core.rip() == event.rip:
-                # the L0 left the instruction to the engine (as when a hook returns)
-                core.resume_in_engine(event.rip)
-            elif core.rip() != event.rip:
-                core.retire_completed()     # the L0 emulated or skipped it
+        self.core.settle_pending_exit(self._exit_event, self.active)
 
     # ------------------------------------------------------------------ EPT at run time
     def _sync_ept(self, changed: bool) -> None:
