@@ -846,20 +846,6 @@ class KvmL0(KvmCommon, MachineHypervisor):
                                layout.width))
         return ranges, new_cr3
 
-    def h_hlt(self, vcpu):
-        """HLT: KVM blocks the vCPU until an interrupt is pending for it."""
-        vcpu.skip_instruction()
-        if self.has_pending(vcpu):
-            return                                # something to inject: re-enter at once
-        vcpu.blocked = True
-        vcpu.core.state = State.HALTED
-        if vcpu.core.in_run:
-            vcpu.core.request_stop("halt")
-
-    def h_native(self, vcpu):
-        """I/O and MOV DR: the platform executes the instruction."""
-        vcpu.emulate_on_platform()
-
     def h_msr(self, vcpu):
         """RDMSR/WRMSR: KVM's paravirtual MSRs here; IA32_TSC with the TSC offset;
         everything else on the platform (x2APIC on the physical local APIC)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 
-from ..platform.core import _Fault
+from ..platform.core import State, _Fault
 from .configs import KVM_FEATURE_DEVIRT, MSR_KVM_APIC_MAPS, MSR_KVM_DEVIRT
 
 KVM_CPUID_SIGNATURE = 0x40000000
@@ -126,6 +126,21 @@ class KvmCommon:
 
     def has_pending(self, vcpu) -> bool:
         return self.deliverable(vcpu) is not None
+
+    # ----- exit handlers both L0s share --------------------------------------
+    def h_hlt(self, vcpu):
+        """HLT: KVM blocks the vCPU until an interrupt is pending for it."""
+        vcpu.skip_instruction()
+        if self.has_pending(vcpu):
+            return                                # something to inject: re-enter at once
+        vcpu.blocked = True
+        vcpu.core.state = State.HALTED
+        if vcpu.core.in_run:
+            vcpu.core.request_stop("halt")
+
+    def h_native(self, vcpu):
+        """I/O (and, under VMX, MOV DR): the platform executes the instruction."""
+        vcpu.emulate_on_platform()
 
     def _fatal(self, vcpu, message: str) -> None:
         self.machine.guest_error(f"core {vcpu.core.index}: {message}")

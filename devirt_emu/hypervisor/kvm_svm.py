@@ -317,20 +317,6 @@ class KvmSvmL0(KvmCommon, MachineHypervisor):
             vcpu.set_gpr(r, val)
         vcpu.skip_instruction()
 
-    def h_hlt(self, vcpu):
-        """HLT: the vCPU blocks until an interrupt is pending for it."""
-        vcpu.skip_instruction()
-        if self.deliverable(vcpu) is not None:
-            return
-        vcpu.blocked = True
-        vcpu.core.state = State.HALTED
-        if vcpu.core.in_run:
-            vcpu.core.request_stop("halt")
-
-    def h_native(self, vcpu):
-        """Port I/O: the platform executes the instruction."""
-        vcpu.emulate_on_platform()
-
     def h_msr(self, vcpu):
         """RDMSR/WRMSR (EXITINFO1 1: a write): KVM-devirt's paravirtual MSRs here,
         IA32_TSC with the TSC offset, the x2APIC reads over the virtual IRR/ISR,
