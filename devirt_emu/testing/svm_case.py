@@ -74,7 +74,6 @@ from typing import Iterable, Mapping, Optional, Union
 
 from unicorn import x86_const as UX
 
-from ..asm import AsmError, assemble
 from ..events import GPR_NAMES
 from ..platform import longmode
 from ..platform.core import GPR_IDS, GuestError, State
@@ -84,7 +83,7 @@ from ..svm.npt import NptBuilder
 from ..svm.rules import Decision, msrpm_bit
 from ..svm.vcpu import SvmVcpu
 from ..svm.vmrun import VmrunFailure
-from .case_l0 import FirstExitL0
+from .case_common import CaseError, FirstExitL0, case_code
 
 __all__ = ["CODE_BASE", "CODE_LIMIT", "SCRATCH_BASE", "VMCB_PA", "MSRPM_PA", "IOPM_PA",
            "CaseError", "CaseExit", "NoExit", "CaseResult", "CaseRunner", "run_case",
@@ -107,9 +106,6 @@ _U64 = (1 << 64) - 1
 _SAVE_REGS = {"rip", "rflags", "rsp", "rax"}
 _ENGINE_REGS = {n: r for n, r in zip(GPR_NAMES, GPR_IDS) if n not in _SAVE_REGS}
 
-
-class CaseError(ValueError):
-    """A case that cannot be run as given."""
 
 
 def _check_int(what: str, value) -> None:
@@ -312,27 +308,8 @@ class CaseRunner:
         #: ``entry_address(gpa, level)`` lets a test read the entries' A/D flags.
         self.npt: Optional[NptBuilder] = None
 
-    def _code(self, code):
-        if isinstance(code, str):
-            hit = self._asm_cache.get(code)
-            if hit is None:
-                try:
-                    hit = assemble(code, CODE_BASE, "<case>")
-                except AsmError as e:
-                    raise CaseError(f"the guest code does not assemble: {e}") from e
-                if len(self._asm_cache) > 4096:
-                    self._asm_cache.clear()
-                self._asm_cache[code] = hit
-            data, symbols = hit
-        elif isinstance(code, (bytes, bytearray, memoryview)):
-            data, symbols = bytes(code), {}
-        else:
-            raise CaseError(f"code is assembly text or bytes, not {type(code).__name__}")
-        if not data:
-            raise CaseError("the guest code is empty")
-        if len(data) + 1 > CODE_LIMIT:
-            raise CaseError(f"the guest code is {len(data)} bytes; at most {CODE_LIMIT - 1} fit")
-        return data, symbols
+    def _code(self, code) -> tuple[bytes, dict[str, int]]:
+        return case_code(code, self._asm_cache, CODE_BASE, CODE_LIMIT)
 
     @staticmethod
     def _fields(vmcb_fields, intercepts, regs) -> tuple[dict, dict]:

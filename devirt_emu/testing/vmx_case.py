@@ -136,12 +136,11 @@ from typing import Iterable, Mapping, Optional, Union
 from unicorn import UC_HOOK_MEM_WRITE
 from unicorn import x86_const as X
 
-from ..asm import AsmError, assemble
 from ..events import GPR_NAMES
 from ..platform import longmode
 from ..platform.core import GPR_IDS, GuestError, State
 from ..platform.memory import PAGE_SIZE
-from .case_l0 import FirstExitL0
+from .case_common import CaseError, FirstExitL0, case_code
 from ..vmx import capabilities as caps
 from ..vmx import controls as C
 from ..vmx import exit_reasons
@@ -206,11 +205,6 @@ _CONTROL_TABLE = {F(enc).name: table for table, enc in caps.CONTROL_FIELDS.items
 
 _MSR_LOW_MAX = 0x1FFF
 _MSR_HIGH_MIN, _MSR_HIGH_MAX = 0xC0000000, 0xC0001FFF
-
-
-class CaseError(ValueError):
-    """A case that cannot be run as given (unknown field, value too wide,
-    code that does not assemble, malformed bitmap or register)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -660,26 +654,7 @@ class CaseRunner:
 
     # ----------------------------------------------------------------- inputs
     def _code(self, code) -> tuple[bytes, dict[str, int]]:
-        if isinstance(code, str):
-            hit = self._asm_cache.get(code)
-            if hit is None:
-                try:
-                    hit = assemble(code, CODE_BASE, "<case>")
-                except AsmError as e:
-                    raise CaseError(f"the guest code does not assemble: {e}") from e
-                if len(self._asm_cache) > 4096:
-                    self._asm_cache.clear()
-                self._asm_cache[code] = hit
-            data, symbols = hit
-        elif isinstance(code, (bytes, bytearray, memoryview)):
-            data, symbols = bytes(code), {}
-        else:
-            raise CaseError(f"code is assembly text or bytes, not {type(code).__name__}")
-        if not data:
-            raise CaseError("the guest code is empty")
-        if len(data) + 1 > CODE_LIMIT:
-            raise CaseError(f"the guest code is {len(data)} bytes; at most {CODE_LIMIT - 1} fit")
-        return data, symbols
+        return case_code(code, self._asm_cache, CODE_BASE, CODE_LIMIT)
 
     def _fields(self, vmcs, legal: bool) -> dict[str, int]:
         if vmcs is None:

@@ -1,8 +1,41 @@
-"""The L0 of a direct case (VMX's and SVM's alike): it takes the first VM exit, or
-the failed VM entry, records it and ends the run, re-entering never."""
+"""What the direct case APIs (VMX's vmx_case and SVM's svm_case) share: their
+error, the assembly of a case's code, and the L0 of a case, which takes the
+first VM exit or the failed VM entry, records it and ends the run."""
 from __future__ import annotations
 
+from ..asm import AsmError, assemble
 from ..virt import Hypervisor
+
+
+class CaseError(ValueError):
+    """A case that cannot be run as given (unknown field, value too wide,
+    code that does not assemble, malformed bitmap or register)."""
+
+
+def case_code(code, cache: dict, base: int, limit: int) -> tuple[bytes, dict[str, int]]:
+    """(bytes, symbols) of a case's ``code``: assembly text (assembled at ``base``,
+    cached in ``cache`` by its text) or bytes; at most ``limit`` - 1 bytes (the
+    byte after the code is the HLT the case ends on)."""
+    if isinstance(code, str):
+        hit = cache.get(code)
+        if hit is None:
+            try:
+                hit = assemble(code, base, "<case>")
+            except AsmError as e:
+                raise CaseError(f"the guest code does not assemble: {e}") from e
+            if len(cache) > 4096:
+                cache.clear()
+            cache[code] = hit
+        data, symbols = hit
+    elif isinstance(code, (bytes, bytearray, memoryview)):
+        data, symbols = bytes(code), {}
+    else:
+        raise CaseError(f"code is assembly text or bytes, not {type(code).__name__}")
+    if not data:
+        raise CaseError("the guest code is empty")
+    if len(data) + 1 > limit:
+        raise CaseError(f"the guest code is {len(data)} bytes; at most {limit - 1} fit")
+    return data, symbols
 
 
 class FirstExitL0(Hypervisor):
