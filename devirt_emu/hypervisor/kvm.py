@@ -292,10 +292,7 @@ class KvmL0(KvmCommon, MachineHypervisor):
             self.load_controls(vcpu, boot)
             prepare_vmcs(vcpu, self.host_base)
             v.set(F.GUEST_CR0, v.get(F.GUEST_CR0) | (1 << 5))  # CR0.NE is fixed to 1 in VMX operation
-            core.virt = vcpu
-            self.vcpus.append(vcpu)
-            self.virr[core.index] = set()
-            self.visr[core.index] = []
+            self.adopt_vcpu(vcpu)
 
     def launch(self) -> None:
         """VMLAUNCH on every core (the APs sit in wait-for-SIPI)."""

@@ -70,6 +70,15 @@ class KvmCommon:
         self.apic_maps_gpa: int | None = None
         self._next_page = self.host_base
 
+    def adopt_vcpu(self, vcpu) -> None:
+        """``vcpu`` becomes its core's virtualization layer and one of this L0's, with an
+        empty virtual IRR and ISR."""
+        core = vcpu.core
+        core.virt = vcpu
+        self.vcpus.append(vcpu)
+        self.virr[core.index] = set()
+        self.visr[core.index] = []
+
     def _alloc(self, pages: int = 1) -> int:
         pa = self._next_page
         self._next_page += pages * 4096

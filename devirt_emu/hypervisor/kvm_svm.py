@@ -130,10 +130,7 @@ class KvmSvmL0(KvmCommon, MachineHypervisor):
             v.set("asid", core.index + 1)
             self.load_config(vcpu, boot)
             vcpu.save_guest_state()
-            core.virt = vcpu
-            self.vcpus.append(vcpu)
-            self.virr[core.index] = set()
-            self.visr[core.index] = []
+            self.adopt_vcpu(vcpu)
 
     def launch(self) -> None:
         """VMRUN on every core; an AP waiting for SIPI waits in the host."""
