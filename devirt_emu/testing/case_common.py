@@ -3,6 +3,8 @@ error, the assembly of a case's code, and the L0 of a case, which takes the
 first VM exit or the failed VM entry, records it and ends the run."""
 from __future__ import annotations
 
+from typing import Mapping
+
 from ..asm import AsmError, assemble
 from ..virt import Hypervisor
 
@@ -10,6 +12,40 @@ from ..virt import Hypervisor
 class CaseError(ValueError):
     """A case that cannot be run as given (unknown field, value too wide,
     code that does not assemble, malformed bitmap or register)."""
+
+
+def check_int(what: str, value) -> None:
+    """``value`` must be a non-negative int (not a bool): else a CaseError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CaseError(f"{what}: expected an int, not {type(value).__name__}")
+    if value < 0:
+        raise CaseError(f"{what}: {value} is negative")
+
+
+def case_memory(memory, ram_size: int, reserved: tuple[int, int], reserved_what: str,
+                advice: str) -> list[tuple[int, bytes]]:
+    """A case's ``memory`` ({physical address: bytes}) as (address, bytes) pairs, each
+    checked: inside the RAM of ``ram_size`` bytes and clear of the ``reserved``
+    [lo, hi) range that holds ``reserved_what`` (``advice`` says what to use instead)."""
+    if memory is None:
+        return []
+    if not isinstance(memory, Mapping):
+        raise CaseError(f"memory maps physical addresses to bytes, not {type(memory).__name__}")
+    lo, hi = reserved
+    out = []
+    for pa, blob in memory.items():
+        check_int("memory address", pa)
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise CaseError(f"memory at {pa:#x}: expected bytes, not {type(blob).__name__}")
+        blob = bytes(blob)
+        if pa + len(blob) > ram_size:
+            raise CaseError(f"memory at {pa:#x}+{len(blob):#x} is outside the {ram_size >> 20} MiB "
+                            f"of RAM")
+        if pa < hi and pa + len(blob) > lo:
+            raise CaseError(f"memory at {pa:#x}+{len(blob):#x} overlaps {reserved_what} "
+                            f"({lo:#x}-{hi:#x}): {advice}")
+        out.append((pa, blob))
+    return out
 
 
 def case_code(code, cache: dict, base: int, limit: int) -> tuple[bytes, dict[str, int]]:

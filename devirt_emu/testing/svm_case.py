@@ -83,7 +83,7 @@ from ..svm.npt import NptBuilder
 from ..svm.rules import Decision, msrpm_bit
 from ..svm.vcpu import SvmVcpu
 from ..svm.vmrun import VmrunFailure
-from .case_common import CaseError, FirstExitL0, case_code
+from .case_common import CaseError, FirstExitL0, case_code, case_memory, check_int
 
 __all__ = ["CODE_BASE", "CODE_LIMIT", "SCRATCH_BASE", "VMCB_PA", "MSRPM_PA", "IOPM_PA",
            "CaseError", "CaseExit", "NoExit", "CaseResult", "CaseRunner", "run_case",
@@ -108,13 +108,6 @@ _ENGINE_REGS = {n: r for n, r in zip(GPR_NAMES, GPR_IDS) if n not in _SAVE_REGS}
 
 
 
-def _check_int(what: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CaseError(f"{what}: expected an int, not {type(value).__name__}")
-    if value < 0:
-        raise CaseError(f"{what}: {value} is negative")
-
-
 def msrpm(read: Iterable[int] = (), write: Iterable[int] = ()) -> bytes:
     """An 8 KiB MSRPM intercepting RDMSR of ``read`` and WRMSR of ``write``
     (APM "MSR Intercepts": MSRs 0-1FFFh, C000_0000h-C000_1FFFh and
@@ -122,7 +115,7 @@ def msrpm(read: Iterable[int] = (), write: Iterable[int] = ()) -> bytes:
     pm = bytearray(MSRPM_SIZE)
     for msrs, is_write in ((read, False), (write, True)):
         for msr in msrs:
-            _check_int("MSR number", msr)
+            check_int("MSR number", msr)
             b = msrpm_bit(msr, is_write)
             if b is None:
                 raise CaseError(f"MSR {msr:#x} is outside the MSRPM's ranges: its RDMSR/WRMSR "
@@ -136,7 +129,7 @@ def iopm(ports: Iterable[int]) -> bytes:
     are what a multi-byte access at the top ports reads)."""
     pm = bytearray(IOPM_SIZE)
     for p in ports:
-        _check_int("port", p)
+        check_int("port", p)
         if p > 0x10002:
             raise CaseError(f"port {p:#x} is beyond the IOPM (0-0xFFFF, and 0x10000-0x10002 "
                             "for accesses that cross 0xFFFF)")
@@ -157,8 +150,8 @@ def _npt_items(npt) -> list:
                     or set(spec[1]) - set("rwx"):
                 raise CaseError(f"npt[{gpa!r}]: expected (hpa, rights) with rights a string of "
                                 f"'r', 'w', 'x' ('' = not present), not {spec!r}")
-            _check_int("npt gpa", gpa)
-            _check_int("npt hpa", spec[0])
+            check_int("npt gpa", gpa)
+            check_int("npt hpa", spec[0])
             if gpa % 0x1000 or spec[0] % 0x1000:
                 raise CaseError(f"npt[{gpa:#x}]: addresses are 4 KiB aligned")
             out.append((gpa, spec[0], 0x1000, spec[1], 0x1000))
@@ -321,7 +314,7 @@ class CaseRunner:
                 if not isinstance(value, (bytes, bytearray)) or len(value) > 15:
                     raise CaseError("insn_bytes is at most 15 bytes")
             else:
-                _check_int(name, value)
+                check_int(name, value)
                 if value >> (8 * V.BY_NAME[name].size):
                     raise CaseError(f"{name} is {8 * V.BY_NAME[name].size} bits; "
                                     f"{value:#x} does not fit")
@@ -337,7 +330,7 @@ class CaseRunner:
             words[4] |= 1 << (I.INTERCEPT_VMRUN & 31)
         engine = {}
         for name, value in (regs or {}).items():
-            _check_int(f"register {name!r}", value)
+            check_int(f"register {name!r}", value)
             if value > _U64:
                 raise CaseError(f"register {name!r}: {value:#x} does not fit 64 bits")
             if name in _SAVE_REGS:
@@ -372,24 +365,8 @@ class CaseRunner:
             raise CaseError(f"{what} is {size} bytes or an iterable of ports") from None
 
     def _memory(self, memory) -> list[tuple[int, bytes]]:
-        if memory is None:
-            return []
-        if not isinstance(memory, Mapping):
-            raise CaseError(f"memory maps physical addresses to bytes, not {type(memory).__name__}")
-        out = []
-        size = self.machine.mem.size
-        for pa, blob in memory.items():
-            _check_int("memory address", pa)
-            if not isinstance(blob, (bytes, bytearray, memoryview)):
-                raise CaseError(f"memory at {pa:#x}: expected bytes, not {type(blob).__name__}")
-            blob = bytes(blob)
-            if pa + len(blob) > size:
-                raise CaseError(f"memory at {pa:#x}+{len(blob):#x} is outside the RAM")
-            if pa < RESERVED_END and pa + len(blob) > VMCB_PA:
-                raise CaseError(f"memory at {pa:#x}+{len(blob):#x} overlaps the VMCB and maps "
-                                f"({VMCB_PA:#x}-{RESERVED_END:#x}): use vmcb=, msrpm=, iopm=")
-            out.append((pa, blob))
-        return out
+        return case_memory(memory, self.machine.mem.size, (VMCB_PA, RESERVED_END), "the VMCB and maps",
+                           "use vmcb=, msrpm=, iopm=")
 
     def run(self, code, *, vmcb: Optional[Mapping] = None, intercepts: Optional[Iterable[str]] = None,
             msrpm: Union[bytes, Mapping, None] = None, iopm: Union[bytes, Iterable[int], None] = None,

@@ -140,7 +140,7 @@ from ..events import GPR_NAMES
 from ..platform import longmode
 from ..platform.core import GPR_IDS, GuestError, State
 from ..platform.memory import PAGE_SIZE
-from .case_common import CaseError, FirstExitL0, case_code
+from .case_common import CaseError, FirstExitL0, case_code, case_memory, check_int
 from ..vmx import capabilities as caps
 from ..vmx import controls as C
 from ..vmx import exit_reasons
@@ -224,7 +224,7 @@ def legal_controls(vmcs: Mapping[str, int], model=None) -> dict[str, int]:
         key = _field_name(name)
         table = _CONTROL_TABLE.get(key)
         if table is not None:
-            _check_int(key, value)
+            check_int(key, value)
             value = caps.make_legal(table, value, model=model)
         out[name] = value
     return out
@@ -241,7 +241,7 @@ def msr_bitmap(read: Iterable[int] = (), write: Iterable[int] = ()) -> bytes:
     bm = bytearray(BITMAP_SIZE)
     for msrs, base in ((read, 0), (write, 2048)):
         for msr in msrs:
-            _check_int("MSR number", msr)
+            check_int("MSR number", msr)
             if msr <= _MSR_LOW_MAX:
                 off, bit = base, msr
             elif _MSR_HIGH_MIN <= msr <= _MSR_HIGH_MAX:
@@ -257,7 +257,7 @@ def io_bitmaps(ports: Iterable[int]) -> tuple[bytes, bytes]:
     """I/O bitmaps A (ports 0-0x7FFF) and B (0x8000-0xFFFF) intercepting ``ports``."""
     a, b = bytearray(BITMAP_SIZE), bytearray(BITMAP_SIZE)
     for port in ports:
-        _check_int("port", port)
+        check_int("port", port)
         if not 0 <= port <= 0xFFFF:
             raise CaseError(f"port {port:#x} is not a 16-bit I/O port")
         bm = a if port < 0x8000 else b
@@ -277,13 +277,6 @@ def xapic_mapping() -> dict[int, bytes]:
     pde = (XAPIC_BASE >> 21) & 0x1FF
     return {pdpt + 8 * gib: (XAPIC_PD | 3).to_bytes(8, "little"),
             XAPIC_PD + 8 * pde: ((XAPIC_BASE & ~0x1FFFFF) | 0x83).to_bytes(8, "little")}
-
-
-def _check_int(what: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CaseError(f"{what}: expected an int, not {type(value).__name__}")
-    if value < 0:
-        raise CaseError(f"{what}: {value} is negative")
 
 
 def _field_name(key) -> str:
@@ -374,7 +367,7 @@ def _build_ept(builder: EptBuilder, items: tuple) -> None:
     for item in items:
         for name in ("gpa", "hpa", "size", "rights", "page_size", "memory_type", "level", "value"):
             if hasattr(item, name):
-                _check_int(f"{type(item).__name__}.{name}", getattr(item, name))
+                check_int(f"{type(item).__name__}.{name}", getattr(item, name))
         try:
             if isinstance(item, EptEntry):
                 if item.level not in (1, 2, 3, 4):
@@ -664,7 +657,7 @@ class CaseRunner:
         out: dict[str, int] = {}
         for key, value in vmcs.items():
             name = _field_name(key)
-            _check_int(name, value)
+            check_int(name, value)
             if field_by_name(name).read_only:
                 raise CaseError(f"{name} is a read-only VM-exit information field")
             if not caps.is_field_supported(name, self.cpu):
@@ -698,7 +691,7 @@ class CaseRunner:
                     raise CaseError(f"{what} is {BITMAP_SIZE} bytes or an iterable of ports, "
                                     f"not {type(value).__name__}") from None
                 for p in ports:
-                    _check_int(f"{what} port", p)
+                    check_int(f"{what} port", p)
                     if not lo <= p <= lo + 0x7FFF:
                         raise CaseError(f"port {p:#x} is not in {what}'s range "
                                         f"{lo:#x}-{lo + 0x7FFF:#x}")
@@ -706,24 +699,8 @@ class CaseRunner:
         return out
 
     def _memory(self, memory) -> list[tuple[int, bytes]]:
-        if memory is None:
-            return []
-        if not isinstance(memory, Mapping):
-            raise CaseError(f"memory maps physical addresses to bytes, not {type(memory).__name__}")
-        out = []
-        size = self.machine.mem.size
-        for pa, blob in memory.items():
-            _check_int("memory address", pa)
-            if not isinstance(blob, (bytes, bytearray, memoryview)):
-                raise CaseError(f"memory at {pa:#x}: expected bytes, not {type(blob).__name__}")
-            blob = bytes(blob)
-            if pa + len(blob) > size:
-                raise CaseError(f"memory at {pa:#x}+{len(blob):#x} is outside the {size >> 20} MiB of RAM")
-            if pa < RESERVED_END and pa + len(blob) > VMCS_PA:
-                raise CaseError(f"memory at {pa:#x}+{len(blob):#x} overlaps the VMCS and bitmaps "
-                                f"({VMCS_PA:#x}-{RESERVED_END:#x}): use vmcs= and the bitmap arguments")
-            out.append((pa, blob))
-        return out
+        return case_memory(memory, self.machine.mem.size, (VMCS_PA, RESERVED_END), "the VMCS and bitmaps",
+                           "use vmcs= and the bitmap arguments")
 
     @staticmethod
     def _registers(regs, fields: dict[str, int]) -> dict[str, int]:
@@ -733,7 +710,7 @@ class CaseRunner:
             raise CaseError(f"regs is a mapping of register names to values, not {type(regs).__name__}")
         core_regs = {}
         for name, value in regs.items():
-            _check_int(f"register {name!r}", value)
+            check_int(f"register {name!r}", value)
             if value > _U64:
                 raise CaseError(f"register {name!r}: {value:#x} does not fit 64 bits")
             if name in _REG_FIELDS:
