@@ -573,10 +573,8 @@ class KvmL0(KvmCommon, MachineHypervisor):
             # the forced failure of take_back: the core is the host's now
             self.taking_back.discard(i)
             self.taken_back.add(i)
-            vcpu.blocked = vcpu.parked = True
-            vcpu.core.state = State.HALTED
-            if vcpu.core.in_run:
-                vcpu.core.request_stop("halt")
+            vcpu.parked = True
+            self.block(vcpu, State.HALTED)
             return
         self.machine.guest_error(f"core {vcpu.core.index}: VM entry failed: {failure}")
         vcpu.core.request_stop("exit") if vcpu.core.in_run else None
@@ -675,11 +673,7 @@ class KvmL0(KvmCommon, MachineHypervisor):
         """The guest can take interrupts again: prepare_entry injects the queued one."""
 
     def h_triple_fault(self, vcpu):
-        self.machine.shutdown(vcpu.core, "triple fault (VM exit)")
-        vcpu.blocked = True
-        vcpu.core.state = State.SHUTDOWN
-        if vcpu.core.in_run:
-            vcpu.core.request_stop("shutdown")
+        self.shut_down(vcpu, "triple fault (VM exit)")
 
     def h_init(self, vcpu):
         """INIT: the vCPU is reset and waits for SIPI (kvm_vcpu_reset)."""

@@ -142,14 +142,25 @@ class KvmCommon:
         vcpu.skip_instruction()
         if self.has_pending(vcpu):
             return                                # something to inject: re-enter at once
-        vcpu.blocked = True
-        vcpu.core.state = State.HALTED
-        if vcpu.core.in_run:
-            vcpu.core.request_stop("halt")
+        self.block(vcpu, State.HALTED)
 
     def h_native(self, vcpu):
         """I/O (and, under VMX, MOV DR): the platform executes the instruction."""
         vcpu.emulate_on_platform()
+
+    def block(self, vcpu, state: State) -> None:
+        """The vCPU leaves guest mode for the host's ``state`` (HALTED, WAIT_SIPI,
+        SHUTDOWN) until the L0 unblocks it; a running engine stops."""
+        vcpu.blocked = True
+        core = vcpu.core
+        core.state = state
+        if core.in_run:
+            core.request_stop("shutdown" if state is State.SHUTDOWN else "halt")
+
+    def shut_down(self, vcpu, message: str) -> None:
+        """A triple fault: the machine records it and the vCPU is shut down."""
+        self.machine.shutdown(vcpu.core, message)
+        self.block(vcpu, State.SHUTDOWN)
 
     def _fatal(self, vcpu, message: str) -> None:
         self.machine.guest_error(f"core {vcpu.core.index}: {message}")

@@ -284,11 +284,7 @@ class KvmSvmL0(KvmCommon, MachineHypervisor):
             self.take_for_guest(vcpu, vec)
 
     def h_shutdown(self, vcpu):
-        self.machine.shutdown(vcpu.core, "triple fault (#VMEXIT SHUTDOWN)")
-        vcpu.blocked = True
-        vcpu.core.state = State.SHUTDOWN
-        if vcpu.core.in_run:
-            vcpu.core.request_stop("shutdown")
+        self.shut_down(vcpu, "triple fault (#VMEXIT SHUTDOWN)")
 
     def h_exception(self, vcpu):
         """An intercepted exception is reflected into the guest (a #PF with its
@@ -464,10 +460,7 @@ class KvmSvmL0(KvmCommon, MachineHypervisor):
         if i in self.devirtualized:
             self.devirtualized.discard(i)
             self.load_config(vcpu, SVM_BOOT_CONFIG[self.config_name])
-        vcpu.blocked = True
-        core.state = State.WAIT_SIPI
-        if core.in_run:
-            core.request_stop("halt")
+        self.block(vcpu, State.WAIT_SIPI)
 
     def _start_at_sipi(self, vcpu: SvmVcpu, vector: int) -> None:
         v = vcpu.vmcb
