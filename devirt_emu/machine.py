@@ -511,7 +511,7 @@ class Machine:
                     raise ValueError(f"physical page {ppage:#x} holds code the guest runs: a "
                                      f"physical watchpoint there is not supported")
                 for c in self.cores:
-                    if ppage in c.watched_pages() and ppage not in self._phys_watch_pages:
+                    if c.watches(ppage, 1) and ppage not in self._phys_watch_pages:
                         raise ValueError(f"physical page {ppage:#x} is watched by the "
                                          f"virtualization layer already")
         ident = self._new_id()
@@ -548,10 +548,6 @@ class Machine:
         """An access to a page with a physical watchpoint (see watch_page): an
         instruction's runs at once (step_watched); one that touches a watched range
         of its kind records the hit and stops the run after it."""
-        kind = "w" if access.access == "write" else "r"
-        first, last = access.pa, access.pa + max(access.size, 1) - 1
-        hit = next((i for i, (a, n, acc, phys) in self._watchpoints.items()
-                    if phys and kind in acc and first < a + n and a <= last), None)
         if access.access == "fetch":
             ppage = access.pa & ~0xFFF
             hit = next((i for i, (a, n, _, phys) in self._watchpoints.items()
@@ -561,6 +557,10 @@ class Machine:
             c.watch_hit = (hit, access.pa, "fetch")
             c.request_stop("watch")
             return None
+        kind = "w" if access.access == "write" else "r"
+        first, last = access.pa, access.pa + max(access.size, 1) - 1
+        hit = next((i for i, (a, n, acc, phys) in self._watchpoints.items()
+                    if phys and kind in acc and first < a + n and a <= last), None)
         if hit is not None and c.watch_hit is None:
             c.watch_hit = (hit, access.pa, "write" if kind == "w" else "read")
             c.request_stop("watch")
